@@ -1,0 +1,1 @@
+"""Finding and describing the model folders omlx serves."""

@@ -1,0 +1,15 @@
+"""The engine core: requests in, tokens out, many sequences batched per step."""
+
+from .engine import AsyncEngine, EngineConfig, LLMEngine, RequestRejected
+from .request import FinishReason, GenerationRequest, SamplingParams, TokenEvent
+
+__all__ = [
+    "AsyncEngine",
+    "EngineConfig",
+    "FinishReason",
+    "GenerationRequest",
+    "LLMEngine",
+    "RequestRejected",
+    "SamplingParams",
+    "TokenEvent",
+]

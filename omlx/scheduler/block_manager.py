@@ -1,0 +1,172 @@
+"""Which KV blocks belong to whom: allocation, ref counts and hash-chained prefix reuse.
+
+The KV pool is cut into fixed-size blocks; each sequence owns a block table.  A block that
+is full gets a hash chained over the whole prefix up to its end (and scoped to the model),
+so two requests that start with the same tokens map their leading blocks to the same
+physical blocks.  When a block's last user leaves, it stays in the pool with its hash as a
+cached prefix, in LRU order, until allocation needs the space.
+
+Block 0 is never handed out: padded positions in a batch read and write it harmlessly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+
+import numpy as np
+
+from .sequence import Sequence
+
+SCRATCH_BLOCK = 0
+
+
+def hash_block(parent: bytes, token_ids: list[int]) -> bytes:
+    digest = hashlib.blake2b(parent, digest_size=16)
+    digest.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+    return digest.digest()
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, scope: bytes = b"omlx"):
+        if num_blocks < 2:
+            raise ValueError("the KV pool needs at least two blocks")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        # The root of every hash chain: blocks of different models never collide.
+        self.scope = hashlib.blake2b(scope, digest_size=16).digest()
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[bytes | None] = [None] * num_blocks
+        self.hash_to_block: dict[bytes, int] = {}
+        # Unreferenced blocks, the next to be reused first.  Blocks holding a cached prefix
+        # join at the back (most recently used); blocks with nothing worth keeping at the front.
+        self.free_blocks: OrderedDict[int, None] = OrderedDict(
+            (b, None) for b in range(1, num_blocks)
+        )
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of those, tokens served from it
+
+    # ------------------------------------------------------------------ capacity
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks that allocation may take (truly free or holding an evictable prefix)."""
+        return len(self.free_blocks)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self.hash_to_block)
+
+    @property
+    def usable_blocks(self) -> int:
+        return self.num_blocks - 1
+
+    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        total = seq.num_computed_tokens + num_new_tokens
+        return max(0, -(-total // self.block_size) - len(seq.block_table))
+
+    # ------------------------------------------------------------------ prefix cache
+    def match_prefix(self, seq: Sequence) -> int:
+        """Give a fresh sequence the cached blocks its tokens start with; returns tokens reused.
+
+        At least one token is always left to compute, because the model must see the last
+        prompt token to produce the first output token.
+        """
+        assert not seq.block_table
+        bs = self.block_size
+        max_blocks = (seq.num_tokens - 1) // bs
+        parent = self.scope
+        hits = 0
+        hashes: list[bytes] = []
+        for i in range(max_blocks):
+            h = hash_block(parent, seq.token_ids[i * bs : (i + 1) * bs])
+            block = self.hash_to_block.get(h)
+            if block is None:
+                break
+            self._acquire(block)
+            seq.block_table.append(block)
+            hashes.append(h)
+            parent = h
+            hits += 1
+        seq.block_hashes = hashes
+        seq.num_hashed_blocks = hits
+        seq.num_computed_tokens = hits * bs
+        if seq.num_output_tokens == 0:
+            self.prefix_queries += seq.num_tokens
+            self.prefix_hits += hits * bs
+        return hits * bs
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Publish the sequence's newly completed blocks in the prefix cache."""
+        bs = self.block_size
+        num_full = min(seq.num_computed_tokens // bs, len(seq.block_table))
+        parent = seq.block_hashes[-1] if seq.block_hashes else self.scope
+        for i in range(seq.num_hashed_blocks, num_full):
+            h = hash_block(parent, seq.token_ids[i * bs : (i + 1) * bs])
+            seq.block_hashes.append(h)
+            block = seq.block_table[i]
+            # Another sequence may have computed the same prefix concurrently; the first
+            # copy stays the canonical one and this block is simply not shared.
+            if h not in self.hash_to_block and self.block_hash[block] is None:
+                self.hash_to_block[h] = block
+                self.block_hash[block] = h
+            parent = h
+        seq.num_hashed_blocks = max(seq.num_hashed_blocks, num_full)
+
+    # ------------------------------------------------------------------ allocation
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Grow the block table to hold `num_new_tokens` more tokens; False if out of blocks."""
+        needed = self.blocks_needed(seq, num_new_tokens)
+        if needed > len(self.free_blocks):
+            return False
+        for _ in range(needed):
+            block, _ = self.free_blocks.popitem(last=False)
+            self._evict(block)
+            self.ref_counts[block] = 1
+            seq.block_table.append(block)
+        return True
+
+    def free(self, seq: Sequence) -> None:
+        """Release the sequence's blocks; its full blocks stay cached for later reuse."""
+        # Tail blocks are released first so that they are also evicted first: a prefix is
+        # only useful from its beginning.
+        for block in reversed(seq.block_table):
+            self.ref_counts[block] -= 1
+            assert self.ref_counts[block] >= 0, "block freed twice"
+            if self.ref_counts[block] == 0:
+                self.free_blocks[block] = None
+                if self.block_hash[block] is None:
+                    self.free_blocks.move_to_end(block, last=False)
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_hashed_blocks = 0
+
+    def _acquire(self, block: int) -> None:
+        if self.ref_counts[block] == 0:
+            del self.free_blocks[block]
+        self.ref_counts[block] += 1
+
+    def _evict(self, block: int) -> None:
+        h = self.block_hash[block]
+        if h is not None:
+            if self.hash_to_block.get(h) == block:
+                del self.hash_to_block[h]
+            self.block_hash[block] = None
+
+    # ------------------------------------------------------------------ checks
+    def leaked_blocks(self) -> list[int]:
+        """Blocks still referenced; empty once every sequence has been freed."""
+        return [b for b in range(1, self.num_blocks) if self.ref_counts[b] != 0]
+
+    def stats(self) -> dict:
+        return {
+            "block_size": self.block_size,
+            "total_blocks": self.usable_blocks,
+            "free_blocks": self.num_free_blocks,
+            "used_blocks": self.usable_blocks - self.num_free_blocks,
+            "cached_blocks": self.num_cached_blocks,
+            "prefix_cache_query_tokens": self.prefix_queries,
+            "prefix_cache_hit_tokens": self.prefix_hits,
+            "prefix_cache_hit_rate": (
+                self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+            ),
+        }

@@ -1,0 +1,275 @@
+"""One model's engine: the synchronous step loop, and the asyncio bridge in front of it.
+
+`LLMEngine.step()` runs one scheduler iteration (a batched prefill pass for this step's
+prompt chunks and a batched decode pass for every running sequence) and returns each
+request's new token.  `AsyncEngine` runs those steps on a dedicated thread, so MLX never
+blocks the event loop, and hands tokens back to each request's asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from .block_manager import BlockManager
+from .kv_cache import KVLayout, PagedKVStorage
+from .request import FinishReason, GenerationRequest, TokenEvent
+from .runner import ModelRunner
+from .sampler import Sampler
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import Sequence, SequenceStatus
+
+log = logging.getLogger("omlx.engine")
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 32
+    kv_cache_bytes: int = 2 << 30
+    num_blocks: int | None = None  # overrides kv_cache_bytes when set (tests)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None  # default: the model's own context window
+
+
+class RequestRejected(ValueError):
+    """A request that can never run (too long for the context or the KV pool)."""
+
+
+class LLMEngine:
+    def __init__(self, model, config: EngineConfig, context_window: int, scope: bytes = b""):
+        self.model = model
+        self.config = config
+        layout = KVLayout.probe(model)
+        block_size = config.block_size
+        num_blocks = config.num_blocks or PagedKVStorage.blocks_for_budget(
+            layout, block_size, config.kv_cache_bytes
+        )
+        self.storage = PagedKVStorage(layout, num_blocks, block_size)
+        self.blocks = BlockManager(num_blocks, block_size, scope=scope or b"omlx")
+        self.max_model_len = min(config.max_model_len or context_window, context_window)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+            ),
+            self.blocks,
+        )
+        self.runner = ModelRunner(model, self.storage)
+        self.sampler = Sampler()
+        self.sequences: dict[str, Sequence] = {}
+        self.stats = EngineStats()
+        log.info(
+            "KV pool: %d blocks x %d tokens (%.1f MiB), %d layers, %s",
+            num_blocks, block_size, self.storage.nbytes / 2**20, layout.num_layers, layout.dtype,
+        )
+
+    # ------------------------------------------------------------------ requests
+    def check(self, request: GenerationRequest) -> None:
+        """Raise RequestRejected if the request could never be served."""
+        n = len(request.prompt_token_ids)
+        if n == 0:
+            raise RequestRejected("the prompt is empty")
+        if n >= self.max_model_len:
+            raise RequestRejected(
+                f"the prompt has {n} tokens, but this model's context window is "
+                f"{self.max_model_len} tokens (and at least one must be left to generate)"
+            )
+        total_blocks = -(-min(n + request.max_tokens, self.max_model_len) // self.blocks.block_size)
+        if total_blocks > self.blocks.usable_blocks:
+            raise RequestRejected(
+                f"the request needs {total_blocks} KV blocks, more than the whole KV cache "
+                f"({self.blocks.usable_blocks} blocks of {self.blocks.block_size} tokens)"
+            )
+
+    def add_request(self, request: GenerationRequest) -> None:
+        self.check(request)
+        if request.request_id in self.sequences:
+            raise RequestRejected(f"duplicate request id {request.request_id!r}")
+        seq = Sequence(request)
+        self.sequences[request.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> TokenEvent | None:
+        seq = self.sequences.pop(request_id, None)
+        if seq is None or seq.status is SequenceStatus.FINISHED:
+            return None
+        self.scheduler.finish(seq, FinishReason.ABORT)
+        return TokenEvent(token_id=None, finish_reason=FinishReason.ABORT)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[tuple[str, TokenEvent]]:
+        batch = self.scheduler.schedule()
+        if batch.empty:
+            return []
+        events: list[tuple[Sequence, TokenEvent]] = []
+        if batch.prefills:
+            seqs = [s for s, _ in batch.prefills]
+            counts = [n for _, n in batch.prefills]
+            finishing = [s.num_computed_tokens + n == s.num_tokens for s, n in batch.prefills]
+            events += self._run(seqs, counts, finishing)
+            self.stats.prefill_tokens += sum(counts)
+        if batch.decodes:
+            n = len(batch.decodes)
+            events += self._run(batch.decodes, [1] * n, [True] * n)
+        self.stats.steps += 1
+        out = []
+        for seq, event in events:
+            if event.token_id is not None:
+                self.stats.generated_tokens += 1
+            if event.finish_reason is not None:
+                self.sequences.pop(seq.request_id, None)
+            out.append((seq.request_id, event))
+        return out
+
+    def _run(self, seqs: list[Sequence], counts: list[int], want: list[bool]):
+        logits = self.runner.forward(seqs, counts, want)
+        sampled: dict[int, int] = {}
+        if logits is not None:
+            rows = [i for i, w in enumerate(want) if w]
+            tokens = self.sampler(logits, [seqs[i] for i in rows])
+            sampled = dict(zip(rows, tokens))
+        return self.scheduler.postprocess(seqs, counts, sampled)
+
+    def fail_all(self, message: str) -> list[tuple[str, TokenEvent]]:
+        """After an internal error: end every request with an error, releasing its blocks."""
+        out = []
+        for request_id, seq in list(self.sequences.items()):
+            self.scheduler.finish(seq, FinishReason.ERROR)
+            out.append((request_id, TokenEvent(None, FinishReason.ERROR, error=message)))
+        self.sequences.clear()
+        return out
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prefill_tokens: int = 0
+    generated_tokens: int = 0
+
+
+_ADD, _ABORT, _STOP = "add", "abort", "stop"
+
+
+class AsyncEngine:
+    """Runs an LLMEngine on its own thread; many asyncio clients submit and stream from it."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()  # guards _streams between the loop and the thread
+        self._thread = threading.Thread(target=self._loop, name="omlx-engine", daemon=True)
+        self._stopped = False
+        self.busy_since: float | None = None
+        self._thread.start()
+
+    # ------------------------------------------------------------------ client side
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Yield the request's TokenEvents; leaving early (a disconnect) aborts it at once."""
+        self.engine.check(request)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            self._streams[request.request_id] = (loop, events)
+        self._send(_ADD, request)
+        finished = False
+        try:
+            while True:
+                event = await events.get()
+                finished = event.finish_reason is not None
+                yield event
+                if finished:
+                    return
+        finally:
+            with self._lock:
+                self._streams.pop(request.request_id, None)
+            if not finished:
+                self._send(_ABORT, request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._send(_ABORT, request_id)
+
+    def shutdown(self) -> None:
+        self._send(_STOP, None)
+        self._thread.join(timeout=10)
+
+    def _send(self, kind: str, payload) -> None:
+        self._inbox.put((kind, payload))
+        self._wake.set()
+
+    # ------------------------------------------------------------------ engine thread
+    def _loop(self) -> None:
+        engine = self.engine
+        while True:
+            self._wake.clear()
+            events = self._drain_inbox()
+            if self._stopped:
+                for request_id in list(engine.sequences):
+                    engine.abort(request_id)
+                return
+            if not engine.has_work:
+                self.busy_since = None
+                self._deliver(events)
+                self._wake.wait()
+                continue
+            if self.busy_since is None:
+                self.busy_since = time.monotonic()
+            try:
+                events += engine.step()
+            except Exception as exc:  # keep serving: fail what was in flight, stay alive
+                log.exception("engine step failed")
+                events += engine.fail_all(f"internal engine error: {exc}")
+            self._deliver(events)
+
+    def _drain_inbox(self) -> list[tuple[str, TokenEvent]]:
+        events = []
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return events
+            if kind == _ADD:
+                try:
+                    self.engine.add_request(payload)
+                except Exception as exc:
+                    events.append(
+                        (payload.request_id, TokenEvent(None, FinishReason.ERROR, error=str(exc)))
+                    )
+            elif kind == _ABORT:
+                event = self.engine.abort(payload)
+                if event is not None:
+                    events.append((payload, event))
+            elif kind == _STOP:
+                self._stopped = True
+
+    def _deliver(self, events: list[tuple[str, TokenEvent]]) -> None:
+        if not events:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        with self._lock:
+            for request_id, event in events:
+                target = self._streams.get(request_id)
+                if target is not None:
+                    by_loop.setdefault(target[0], []).append((target[1], event))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the loop has closed; nobody is listening any more
+                pass
+
+
+def _put_all(items) -> None:
+    for events, event in items:
+        events.put_nowait(event)

@@ -1,0 +1,61 @@
+"""What the API layer hands the engine, and what the engine hands back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling settings; the defaults mean plain greedy decoding."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables
+    min_p: float = 0.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    # Token ids that end generation (the model's EOS set); the token itself is not output.
+    stop_token_ids: frozenset[int] = frozenset()
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # an EOS / stop token or a stop string
+    LENGTH = "length"  # max_tokens or the context window
+    ABORT = "abort"  # cancelled by the client or the server
+    ERROR = "error"
+
+
+@dataclass(slots=True)
+class TokenEvent:
+    """One step's result for one request: a new token and/or the end of the request."""
+
+    token_id: int | None
+    finish_reason: FinishReason | None = None
+    # Set on the first event: how many prompt tokens were served from the prefix cache.
+    cached_prompt_tokens: int | None = None
+    error: str | None = None

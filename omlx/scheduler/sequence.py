@@ -1,0 +1,89 @@
+"""A request's state as the scheduler sees it."""
+
+from __future__ import annotations
+
+import itertools
+from enum import Enum, auto
+
+from .request import FinishReason, GenerationRequest
+
+_arrival_counter = itertools.count()
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    """Token ids (prompt + output so far), how many of them have KV in the cache, and the
+    blocks that hold that KV.
+
+    `num_computed_tokens` counts tokens whose keys/values are stored; a step feeds the model
+    `token_ids[num_computed_tokens:]` (a prefill chunk, or the one newly sampled token).
+    """
+
+    __slots__ = (
+        "request",
+        "token_ids",
+        "num_prompt_tokens",
+        "num_computed_tokens",
+        "block_table",
+        "num_hashed_blocks",
+        "block_hashes",
+        "status",
+        "finish_reason",
+        "cached_prompt_tokens",
+        "arrival",
+        "rng",
+        "reported_cache_hit",
+    )
+
+    def __init__(self, request: GenerationRequest):
+        self.request = request
+        self.token_ids: list[int] = list(request.prompt_token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        # Prefix hashes of this sequence's full blocks, in order (chain of the whole prefix).
+        self.block_hashes: list[bytes] = []
+        self.num_hashed_blocks = 0
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.cached_prompt_tokens = 0
+        self.reported_cache_hit = False
+        self.arrival = next(_arrival_counter)
+        self.rng = None  # numpy Generator for seeded sampling, set by the sampler
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_pending_tokens(self) -> int:
+        """Tokens still to be fed to the model before the next token can be sampled."""
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_pending_tokens > 1
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id!r}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, blocks={len(self.block_table)}, "
+            f"{self.status.name})"
+        )

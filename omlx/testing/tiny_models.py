@@ -1,0 +1,236 @@
+"""Build small but real MLX chat models on the spot.
+
+Nothing can be downloaded on the machines omlx is developed and tested on, so tests,
+benchmarks and the demo model all come from here: a real mlx-lm architecture (qwen3 or
+llama) with random weights saved as safetensors, and a byte-level BPE tokenizer trained on
+a built-in corpus with a ChatML chat template.  `mlx_lm.load(path)` loads the result
+exactly like a model from the hub.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+CHAT_TEMPLATE = (
+    "{% if tools %}"
+    "<|im_start|>system\n"
+    "{% if messages[0].role == 'system' %}{{ messages[0].content }}\n\n{% endif %}"
+    "# Tools\n<tools>\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>"
+    "<|im_end|>\n"
+    "{% elif messages[0].role == 'system' %}"
+    "<|im_start|>system\n{{ messages[0].content }}<|im_end|>\n"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{% if message.role != 'system' %}"
+    "<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}"
+    "<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+_WORDS = (
+    "the a an of to in is it that for on with as was are be this by at from or have "
+    "model server token request batch cache block prefix prompt stream client agent "
+    "code function return value error test python json data memory fast slow queue "
+    "hello world please write explain summarize list tell me about how what why when "
+    "system user assistant tool call result answer question think reason step plan "
+    "one two three four five six seven eight nine ten red green blue cat dog bird tree "
+    "river mountain city house car road book paper music light dark time day night"
+).split()
+
+
+def _training_corpus(n_lines: int = 3000, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        n = rng.randint(3, 18)
+        line = " ".join(rng.choice(_WORDS) for _ in range(n))
+        if rng.random() < 0.3:
+            line = line.capitalize() + rng.choice([".", "?", "!", ",", ":"])
+        if rng.random() < 0.1:
+            line += " " + str(rng.randint(0, 10_000))
+        lines.append(line)
+    lines.append("{\"key\": [1, 2.5, true, null], \"name\": \"x_y-z\"} <>/\\'`~@#$%^&*()+=|;")
+    return lines
+
+
+def build_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer (GPT-2 style, like Qwen's) trained on a fixed corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_training_corpus(), trainer=trainer)
+    return tokenizer
+
+
+@dataclass
+class TinyModelSpec:
+    """Shape of a generated model.  Defaults give a ~1M-parameter qwen3 that runs fast on CPU."""
+
+    model_type: str = "qwen3"
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    intermediate_size: int = 128
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 16
+    vocab_size: int = 512
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    seed: int = 0
+    # Random weights give nearly flat logits; scaling the output head spreads them so greedy
+    # choices are well separated and token-exact comparisons test the engine, not float
+    # rounding luck.  (Untied heads, since a tied random head just repeats its input token.)
+    logit_scale: float = 8.0
+    extra_config: dict = field(default_factory=dict)
+
+    def config(self) -> dict:
+        cfg = {
+            "model_type": self.model_type,
+            "architectures": [
+                "Qwen3ForCausalLM" if self.model_type == "qwen3" else "LlamaForCausalLM"
+            ],
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "intermediate_size": self.intermediate_size,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "torch_dtype": "float32",
+            "bos_token_id": None,
+            "eos_token_id": 2,
+        }
+        cfg.update(self.extra_config)
+        return cfg
+
+
+# A ~200M-parameter qwen3 for benchmarks (float32 is the fast dtype on Linux CPU).
+BENCH_200M = TinyModelSpec(
+    hidden_size=1024,
+    num_hidden_layers=12,
+    intermediate_size=3072,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=64,
+    vocab_size=32000,
+    tie_word_embeddings=False,
+    logit_scale=1.0,
+    max_position_embeddings=8192,
+)
+
+# The model created on first start when the model dir is empty: small enough to build in
+# seconds, big enough to look like a model.
+DEMO = TinyModelSpec(
+    hidden_size=256,
+    num_hidden_layers=4,
+    intermediate_size=768,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=32,
+    vocab_size=2048,
+    logit_scale=4.0,
+)
+
+
+def _model_class(model_type: str):
+    if model_type == "qwen3":
+        from mlx_lm.models import qwen3 as module
+    elif model_type == "llama":
+        from mlx_lm.models import llama as module
+    else:
+        raise ValueError(f"unsupported tiny model type {model_type!r}")
+    return module
+
+
+def build_model(path: str | Path, spec: TinyModelSpec | None = None) -> Path:
+    """Write config.json, model.safetensors and tokenizer files for `spec` into `path`."""
+    spec = spec or TinyModelSpec()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = build_tokenizer(spec.vocab_size)
+    # The trained vocabulary can be smaller than asked; the embedding keeps the full size
+    # (as real models pad theirs), so ids never fall outside it.
+    config = spec.config()
+    eos_id = tokenizer.token_to_id("<|im_end|>")
+    config["eos_token_id"] = eos_id
+
+    module = _model_class(spec.model_type)
+    mx.random.seed(spec.seed)
+    model = module.Model(module.ModelArgs.from_dict(config))
+    if not spec.tie_word_embeddings:
+        model.lm_head.weight = model.lm_head.weight * spec.logit_scale
+    weights = dict(tree_flatten(model.parameters()))
+    weights = {k: v.astype(mx.float32) for k, v in weights.items()}
+    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
+
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save(str(path / "tokenizer.json"))
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "model_max_length": spec.max_position_embeddings,
+        "chat_template": CHAT_TEMPLATE,
+        "added_tokens_decoder": {
+            str(tokenizer.token_to_id(t)): {
+                "content": t,
+                "special": t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "single_word": False,
+            }
+            for t in SPECIAL_TOKENS
+        },
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    (path / "special_tokens_map.json").write_text(
+        json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+    )
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos_id]}))
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build a tiny random MLX model folder.")
+    parser.add_argument("path")
+    parser.add_argument("--preset", choices=["tiny", "demo", "bench-200m"], default="tiny")
+    parser.add_argument("--model-type", choices=["qwen3", "llama"], default=None)
+    args = parser.parse_args(argv)
+    spec = {"tiny": TinyModelSpec(), "demo": DEMO, "bench-200m": BENCH_200M}[args.preset]
+    if args.model_type:
+        spec = TinyModelSpec(**{**spec.__dict__, "model_type": args.model_type})
+    print(build_model(args.path, spec))
+
+
+if __name__ == "__main__":
+    main()
