@@ -1,0 +1,3 @@
+"""omlx: a local LLM inference server on MLX."""
+
+__version__ = "0.1.0"
