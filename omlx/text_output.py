@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 
+from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
+
 
 def new_detokenizer(tokenizer):
     """A fresh streaming detokenizer of the kind mlx-lm chose for this tokenizer.
@@ -18,7 +20,16 @@ def new_detokenizer(tokenizer):
     """
     detokenizer = copy.copy(tokenizer._detokenizer)
     detokenizer.reset()
+    if isinstance(detokenizer, BPEStreamingDetokenizer):
+        # mlx-lm's BPE detokenizer drops one leading space from the first text it flushes,
+        # but in byte-level BPE that space is real text, which tokenizer.decode keeps: a
+        # completion of "The capital of France is" must be " Paris", not "Paris".
+        detokenizer._maybe_trim_space = _keep_text
     return detokenizer
+
+
+def _keep_text(text: str) -> str:
+    return text
 
 
 class TextStream:

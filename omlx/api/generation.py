@@ -48,6 +48,7 @@ def build_request(
     sampling: SamplingParams,
     prefix: str,
     max_tokens_param: str = "max_tokens",
+    prompt_param: str = "messages",
 ) -> GenerationRequest:
     """Check lengths against the model's context window and make the engine request."""
     window = loaded.context_window
@@ -61,7 +62,7 @@ def build_request(
         raise invalid(
             f"This model's maximum context length is {window} tokens, but the prompt has "
             f"{len(prompt_ids)} tokens. Shorten the prompt.",
-            "messages",
+            prompt_param,
             "context_length_exceeded",
         )
     room = window - len(prompt_ids)

@@ -179,7 +179,8 @@ class OpenAIRoutes:
 
     def _start(self, loaded, prompt_ids, options: CommonOptions, prefix: str) -> GenerationStream:
         request = build_request(
-            loaded, prompt_ids, options.max_tokens, options.sampling, prefix, options.max_tokens_param
+            loaded, prompt_ids, options.max_tokens, options.sampling, prefix, options.max_tokens_param,
+            prompt_param="prompt" if prefix == "cmpl" else "messages",
         )
         return GenerationStream(loaded, request, options.stop)
 

@@ -90,10 +90,11 @@ class BlockManager:
         seq.block_hashes = hashes
         seq.num_hashed_blocks = hits
         seq.num_computed_tokens = hits * bs
-        if seq.num_output_tokens == 0:
-            self.prefix_queries += seq.num_tokens
-            self.prefix_hits += hits * bs
         return hits * bs
+
+    def record_prefix_lookup(self, prompt_tokens: int, hit_tokens: int) -> None:
+        self.prefix_queries += prompt_tokens
+        self.prefix_hits += hit_tokens
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Publish the sequence's newly completed blocks in the prefix cache."""

@@ -90,13 +90,17 @@ class Scheduler:
         # Admit new sequences while budget, slots and blocks last.
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table:
-                self.blocks.match_prefix(seq)
-                if not seq.reported_cache_hit:
-                    seq.cached_prompt_tokens = seq.num_computed_tokens
+            hit = self.blocks.match_prefix(seq)
             n = self._prefill_chunk(seq, budget)
             if n == 0:
+                # Waiting sequences hold no blocks: two of them each holding part of what
+                # the other needs would wait forever.  The prefix stays cached.
+                self.blocks.free(seq)
+                seq.num_computed_tokens = 0
                 break
+            if not seq.reported_cache_hit:
+                seq.cached_prompt_tokens = hit
+                self.blocks.record_prefix_lookup(seq.num_prompt_tokens, hit)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

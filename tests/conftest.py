@@ -1,0 +1,208 @@
+"""Shared fixtures: tiny model folders, a running `omlx serve`, OpenAI clients, and an
+in-process mlx-lm greedy reference to compare the server's tokens against."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from omlx.testing.tiny_models import TinyModelSpec, build_model
+
+MODELS = {
+    "tiny": TinyModelSpec(),
+    "tiny-llama": TinyModelSpec(model_type="llama", seed=1),
+}
+BLOCK_SIZE = 16
+CONTEXT_WINDOW = 4096  # TinyModelSpec.max_position_embeddings
+SERVER_START_TIMEOUT_S = 60.0
+
+
+# ---------------------------------------------------------------------------- models
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    for name, spec in MODELS.items():
+        build_model(root / name, spec)
+    return root
+
+
+# ---------------------------------------------------------------------------- server
+
+
+@dataclass
+class RunningServer:
+    root: str  # http://127.0.0.1:PORT
+    base_url: str  # http://127.0.0.1:PORT/v1
+    log_path: Path
+    model_dir: Path
+    process: subprocess.Popen
+
+    def model_path(self, model: str) -> Path:
+        return self.model_dir / model
+
+    def health(self) -> dict:
+        with urllib.request.urlopen(self.root + "/health", timeout=10) as response:
+            return json.loads(response.read())
+
+    def log_tail(self, lines: int = 80) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(model_dir, tmp_path_factory):
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("server") / "omlx.log"
+    cmd = [
+        sys.executable, "-m", "omlx", "serve",
+        "--model-dir", str(model_dir),
+        "--port", str(port),
+        "--no-demo",
+        "--kv-cache-gb", "0.05",
+        "--block-size", str(BLOCK_SIZE),
+        "--max-num-batched-tokens", "64",
+    ]
+    # OMLX_* settings from the environment would change what is being tested.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMLX_")}
+    log_file = open(log_path, "wb")
+    process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    root = f"http://127.0.0.1:{port}"
+    running = RunningServer(root, root + "/v1", log_path, model_dir, process)
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"omlx serve exited with {process.returncode}; log tail:\n{running.log_tail()}")
+            try:
+                running.health()
+                break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"omlx serve did not answer /health within {SERVER_START_TIMEOUT_S}s; "
+                    f"log tail:\n{running.log_tail()}"
+                )
+            time.sleep(0.2)
+        yield running
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log_file.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Attach the server log tail to every failing test that used the server."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        running = getattr(item, "funcargs", {}).get("server")
+        if isinstance(running, RunningServer):
+            report.sections.append(("omlx server log (tail)", running.log_tail()))
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    import openai
+
+    with openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120) as c:
+        yield c
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def async_client(server):
+    import openai
+
+    c = openai.AsyncOpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+# ---------------------------------------------------------------------------- reference
+
+_loaded: dict[str, tuple] = {}
+_greedy_cache: dict[tuple, tuple[list[int], bool]] = {}
+
+
+def load_reference(model_path: str | Path):
+    """(model, tokenizer) loaded in-process with mlx-lm, cached per path."""
+    key = str(model_path)
+    if key not in _loaded:
+        from mlx_lm import load
+
+        _loaded[key] = load(key)
+    return _loaded[key]
+
+
+def reference_greedy(model_path: str | Path, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], bool]:
+    """The greedy tokens mlx-lm generates for `prompt_ids`: `(tokens, hit_eos)`.
+
+    Generation stops at an EOS token, which is not included in `tokens`.  Greedy output for
+    a smaller max_tokens is a prefix of that for a larger one, so results are cached per
+    prompt and sliced.
+    """
+    key = (str(model_path), tuple(prompt_ids))
+    cached = _greedy_cache.get(key)
+    if cached is not None:
+        tokens, eos = cached
+        if len(tokens) >= max_tokens:
+            return tokens[:max_tokens], False
+        if eos:
+            return list(tokens), True
+
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    model, tokenizer = load_reference(model_path)
+    stop = set(tokenizer.eos_token_ids)
+    tokens: list[int] = []
+    eos = False
+    for token, _ in generate_step(mx.array(prompt_ids), model, max_tokens=max_tokens):
+        token = int(token)
+        if token in stop:
+            eos = True
+            break
+        tokens.append(token)
+    _greedy_cache[key] = (list(tokens), eos)
+    return tokens, eos
+
+
+def tokenizer_of(model_path: str | Path):
+    return load_reference(model_path)[1]
+
+
+def chat_prompt_ids(model_path: str | Path, messages: list[dict]) -> list[int]:
+    """The prompt ids the server renders for these messages (the same template call)."""
+    return list(tokenizer_of(model_path).apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+
+
+def decode(model_path: str | Path, tokens: list[int]) -> str:
+    return tokenizer_of(model_path).decode(tokens)
