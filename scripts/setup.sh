@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up omlx in ./.venv: system BLAS (Linux), then the package with its test extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(uname -s)" = "Linux" ]; then
+    # MLX's Linux CPU wheel bundles a reference BLAS ~35x slower than OpenBLAS; omlx preloads
+    # Debian's OpenBLAS in its place at start-up when it is installed.
+    if ! [ -e /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 ] \
+        && ! [ -e /usr/lib/aarch64-linux-gnu/openblas-pthread/libblas.so.3 ]; then
+        if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+            export DEBIAN_FRONTEND=noninteractive
+            apt-get update -qq
+            apt-get install -y -qq libopenblas0-pthread >/dev/null
+        else
+            echo "note: install libopenblas0-pthread (apt) for fast CPU matmul" >&2
+        fi
+    fi
+    MLX_EXTRA="cpu,"
+else
+    MLX_EXTRA=""
+fi
+
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[${MLX_EXTRA}test]"
+echo "omlx is set up in .venv"
