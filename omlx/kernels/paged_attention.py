@@ -1,11 +1,12 @@
 """Portable (pure MLX ops) attention inputs over a paged KV pool.
 
-The pool of one layer is a flat array of token slots, `(num_blocks * block_size, heads,
-head_dim)`.  For a batch, every row's block table is gathered into a contiguous
-`(batch, heads, blocks * block_size, head_dim)` view, and a boolean mask hides positions a
-row's queries must not see; the model then runs `mx.fast.scaled_dot_product_attention` on
-the result unchanged.  Fused kernels (Metal / CUDA) that read blocks in place would replace
-the gather and must agree with this path.
+Each layer's pool is stored head-major inside a block: `(num_blocks, heads, block_size,
+dim)`, kept flat as `(num_blocks * heads * block_size, dim)` rows.  Gathering a batch's block
+tables then yields `(batch, heads, tokens, dim)` that is already contiguous, which matters on
+the CPU: MLX's attention on a strided (transposed) view runs several times slower.  A boolean
+mask hides positions a row's queries must not see, and the model runs
+`mx.fast.scaled_dot_product_attention` on the result unchanged.  Fused kernels (Metal / CUDA)
+that read blocks in place would replace the gather and must agree with this path.
 """
 
 from __future__ import annotations
@@ -13,15 +14,26 @@ from __future__ import annotations
 import mlx.core as mx
 
 
-def gather_blocks(pool: mx.array, block_tables: mx.array, block_size: int) -> mx.array:
-    """`pool[(blocks*block_size), H, D]`, `block_tables[B, nb]` -> `[B, H, nb*block_size, D]`."""
-    _, heads, head_dim = pool.shape
-    batch, num_blocks = block_tables.shape
-    blocks = pool.reshape(-1, block_size, heads, head_dim)
-    gathered = blocks[block_tables]  # (B, nb, block_size, H, D)
-    return gathered.reshape(batch, num_blocks * block_size, heads, head_dim).transpose(
-        0, 2, 1, 3
-    )
+def write_indices(blocks: mx.array, offsets: mx.array, num_heads: int, block_size: int) -> mx.array:
+    """Flat pool rows for new tokens `[B, L]` (their block and offset in it) -> `[B*H*L]`,
+    ordered like `keys.reshape(-1, dim)` for keys shaped `[B, H, L, dim]`."""
+    heads = mx.arange(num_heads, dtype=mx.int32)[None, :, None]
+    rows = (blocks[:, None, :] * num_heads + heads) * block_size + offsets[:, None, :]
+    return rows.reshape(-1)
+
+
+def gather_indices(block_tables: mx.array, num_heads: int) -> mx.array:
+    """`[B, nb]` block tables -> `[B, H, nb]` indices of (block, head) tiles in the pool."""
+    heads = mx.arange(num_heads, dtype=mx.int32)[None, :, None]
+    return block_tables[:, None, :] * num_heads + heads
+
+
+def gather_blocks(pool: mx.array, tiles: mx.array, block_size: int) -> mx.array:
+    """Pool rows + `[B, H, nb]` tile indices -> contiguous `[B, H, nb * block_size, dim]`."""
+    batch, heads, num_blocks = tiles.shape
+    dim = pool.shape[-1]
+    gathered = pool.reshape(-1, block_size, dim)[tiles]  # (B, H, nb, block_size, dim)
+    return gathered.reshape(batch, heads, num_blocks * block_size, dim)
 
 
 def causal_paged_mask(offsets: mx.array, query_len: int, key_len: int) -> mx.array:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-from omlx.kernels import causal_paged_mask, gather_blocks
+from omlx.kernels import causal_paged_mask, gather_blocks, gather_indices, write_indices
 
 
 @dataclass(frozen=True)
@@ -58,17 +58,15 @@ class KVLayout:
 
 
 class PagedKVStorage:
-    """Per-layer key and value pools, `(num_blocks * block_size, kv_heads, dim)` each."""
+    """Per-layer key and value pools, block-major then head-major (see omlx.kernels)."""
 
     def __init__(self, layout: KVLayout, num_blocks: int, block_size: int):
         self.layout = layout
         self.num_blocks = num_blocks
         self.block_size = block_size
-        slots = num_blocks * block_size
-        shape_k = (slots, layout.num_kv_heads, layout.key_dim)
-        shape_v = (slots, layout.num_kv_heads, layout.value_dim)
-        self.keys = [mx.zeros(shape_k, layout.dtype) for _ in range(layout.num_layers)]
-        self.values = [mx.zeros(shape_v, layout.dtype) for _ in range(layout.num_layers)]
+        rows = num_blocks * layout.num_kv_heads * block_size
+        self.keys = [mx.zeros((rows, layout.key_dim), layout.dtype) for _ in range(layout.num_layers)]
+        self.values = [mx.zeros((rows, layout.value_dim), layout.dtype) for _ in range(layout.num_layers)]
         mx.eval(self.keys, self.values)
 
     @property
@@ -83,15 +81,12 @@ class PagedKVStorage:
     def blocks_for_budget(layout: KVLayout, block_size: int, budget_bytes: int) -> int:
         return max(2, budget_bytes // (layout.bytes_per_token * block_size))
 
-    def write(self, layer: int, keys: mx.array, values: mx.array, slots: mx.array) -> None:
-        """Store `[B, H, L, D]` keys/values at the flat slot of each (row, position)."""
-        batch, heads, length, _ = keys.shape
-        flat_k = keys.transpose(0, 2, 1, 3).reshape(batch * length, heads, -1)
-        flat_v = values.transpose(0, 2, 1, 3).reshape(batch * length, heads, -1)
+    def write(self, layer: int, keys: mx.array, values: mx.array, rows: mx.array) -> None:
+        """Store `[B, H, L, D]` keys/values at their pool rows (see `write_indices`)."""
         # In-place scatter: the previous pool array has no other reference, so MLX reuses
         # its buffer instead of copying the pool.
-        self.keys[layer][slots] = flat_k
-        self.values[layer][slots] = flat_v
+        self.keys[layer][rows] = keys.reshape(-1, keys.shape[-1])
+        self.values[layer][rows] = values.reshape(-1, values.shape[-1])
 
     def arrays(self) -> list[mx.array]:
         return self.keys + self.values
@@ -102,20 +97,24 @@ class BatchLayout:
     """Everything the layer caches need for one forward pass over `B` rows of `L` tokens."""
 
     offsets: mx.array  # (B,) position of each row's first new token
-    slots: mx.array  # (B * L,) flat pool slot for each new token (scratch for padding)
-    block_tables: mx.array  # (B, nb) padded with the scratch block
+    write_rows: mx.array  # (B * H * L,) pool row of each new token's key/value per head
+    tiles: mx.array  # (B, H, nb) pool tiles of each row's blocks (scratch block for padding)
     mask: mx.array  # (B, 1, L, nb * block_size)
 
     @classmethod
-    def build(cls, offsets, slots, block_tables, query_len: int, block_size: int):
+    def build(cls, offsets, token_blocks, token_offsets, block_tables, num_heads: int, block_size: int):
+        """numpy inputs: offsets (B,), token_blocks / token_offsets (B, L), block_tables (B, nb)."""
         offsets = mx.array(offsets, dtype=mx.int32)
         block_tables = mx.array(block_tables, dtype=mx.int32)
-        key_len = block_tables.shape[1] * block_size
+        query_len = token_blocks.shape[1]
         return cls(
             offsets=offsets,
-            slots=mx.array(slots, dtype=mx.int32),
-            block_tables=block_tables,
-            mask=causal_paged_mask(offsets, query_len, key_len),
+            write_rows=write_indices(
+                mx.array(token_blocks, dtype=mx.int32), mx.array(token_offsets, dtype=mx.int32),
+                num_heads, block_size,
+            ),
+            tiles=gather_indices(block_tables, num_heads),
+            mask=causal_paged_mask(offsets, query_len, block_tables.shape[1] * block_size),
         )
 
 
@@ -138,9 +137,9 @@ class PagedLayerCache:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         storage, batch = self.storage, self.batch
-        storage.write(self.layer, keys, values, batch.slots)
+        storage.write(self.layer, keys, values, batch.write_rows)
         bs = storage.block_size
         return (
-            gather_blocks(storage.keys[self.layer], batch.block_tables, bs),
-            gather_blocks(storage.values[self.layer], batch.block_tables, bs),
+            gather_blocks(storage.keys[self.layer], batch.tiles, bs),
+            gather_blocks(storage.values[self.layer], batch.tiles, bs),
         )

@@ -64,9 +64,11 @@ class ModelRunner:
         batch = len(seqs)
         length = max(num_new_tokens)
         tokens = np.zeros((batch, length), dtype=np.int32)
-        slots = np.full((batch, length), SCRATCH_BLOCK * bs, dtype=np.int32)
+        # Padded positions write to the scratch block.
+        token_blocks = np.full((batch, length), SCRATCH_BLOCK, dtype=np.int32)
+        token_offsets = np.zeros((batch, length), dtype=np.int32)
         offsets = np.zeros(batch, dtype=np.int32)
-        num_table_blocks = max(-(-(s.num_computed_tokens + n) // bs) for s, n in zip(seqs, num_new_tokens))
+        num_table_blocks = max(len(s.block_table) for s in seqs)
         tables = np.full((batch, num_table_blocks), SCRATCH_BLOCK, dtype=np.int32)
         for row, (seq, n) in enumerate(zip(seqs, num_new_tokens)):
             start = seq.num_computed_tokens
@@ -75,9 +77,11 @@ class ModelRunner:
             table = seq.block_table
             tables[row, : len(table)] = table
             positions = np.arange(start, start + n)
-            slots[row, :n] = np.asarray(table, dtype=np.int32)[positions // bs] * bs + positions % bs
+            token_blocks[row, :n] = tables[row, positions // bs]
+            token_offsets[row, :n] = positions % bs
 
-        layout = BatchLayout.build(offsets, slots.reshape(-1), tables, length, bs)
+        heads = self.storage.layout.num_kv_heads
+        layout = BatchLayout.build(offsets, token_blocks, token_offsets, tables, heads, bs)
         caches = [PagedLayerCache(self.storage, i, layout) for i in range(self.storage.layout.num_layers)]
         inputs = mx.array(tokens)
         rows = [r for r, want in enumerate(want_logits) if want]
