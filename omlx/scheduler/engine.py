@@ -113,10 +113,10 @@ class LLMEngine:
         if batch.empty:
             return []
         events: list[tuple[Sequence, TokenEvent]] = []
-        if batch.prefills:
-            seqs = [s for s, _ in batch.prefills]
-            counts = [n for _, n in batch.prefills]
-            finishing = [s.num_computed_tokens + n == s.num_tokens for s, n in batch.prefills]
+        for group in prefill_groups(batch.prefills):
+            seqs = [s for s, _ in group]
+            counts = [n for _, n in group]
+            finishing = [s.num_computed_tokens + n == s.num_tokens for s, n in group]
             events += self._run(seqs, counts, finishing)
             self.stats.prefill_tokens += sum(counts)
         if batch.decodes:
@@ -149,6 +149,28 @@ class LLMEngine:
             out.append((request_id, TokenEvent(None, FinishReason.ERROR, error=message)))
         self.sequences.clear()
         return out
+
+
+def prefill_groups(prefills: list[tuple[Sequence, int]], max_padding: float = 0.25):
+    """Split prefill chunks into forward passes whose rows have similar lengths.
+
+    Rows of one pass are padded to its longest chunk; a 500-token chunk next to a 12-token
+    one would nearly double the work, while one pass per chunk would re-read the weights for
+    each.  Chunks are grouped, longest first, while padding stays under `max_padding`.
+    """
+    groups: list[list[tuple[Sequence, int]]] = []
+    real = 0
+    for seq, n in sorted(prefills, key=lambda p: p[1], reverse=True):
+        if groups:
+            group = groups[-1]
+            longest = group[0][1]
+            if longest * (len(group) + 1) <= (1 + max_padding) * (real + n):
+                group.append((seq, n))
+                real += n
+                continue
+        groups.append([(seq, n)])
+        real = n
+    return groups
 
 
 @dataclass
