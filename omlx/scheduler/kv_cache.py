@@ -8,12 +8,23 @@ the models themselves stay unmodified.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-from omlx.kernels import causal_paged_mask, gather_blocks, gather_indices, write_indices
+from omlx.kernels.paged_attention import (
+    CascadePlan,
+    SharedPrefix,
+    cascade_decode_attention,
+    causal_paged_mask,
+    gather_blocks,
+    gather_indices,
+    gathered_attention,
+    write_indices,
+)
 
 
 @dataclass(frozen=True)
@@ -100,22 +111,107 @@ class BatchLayout:
     write_rows: mx.array  # (B * H * L,) pool row of each new token's key/value per head
     tiles: mx.array  # (B, H, nb) pool tiles of each row's blocks (scratch block for padding)
     mask: mx.array  # (B, 1, L, nb * block_size)
+    cascade: CascadePlan | None = None  # decode rows sharing prefixes (see omlx.kernels)
+    # Whether the model's attention calls come to `PagedLayerCache.attention`; if not, the
+    # cache hands the model gathered keys/values and mlx-lm's own attention runs on them.
+    hooked: bool = False
 
     @classmethod
-    def build(cls, offsets, token_blocks, token_offsets, block_tables, num_heads: int, block_size: int):
-        """numpy inputs: offsets (B,), token_blocks / token_offsets (B, L), block_tables (B, nb)."""
-        offsets = mx.array(offsets, dtype=mx.int32)
-        block_tables = mx.array(block_tables, dtype=mx.int32)
+    def build(cls, offsets, token_blocks, token_offsets, tables, num_heads: int, block_size: int, hooked: bool):
+        """numpy inputs: offsets (B,), token_blocks / token_offsets (B, L), tables (B, nb)."""
         query_len = token_blocks.shape[1]
+        cascade = plan_cascade(tables, offsets, num_heads, block_size) if query_len == 1 and hooked else None
+        offsets_mx = mx.array(offsets, dtype=mx.int32)
+        block_tables = mx.array(tables, dtype=mx.int32)
         return cls(
-            offsets=offsets,
+            offsets=offsets_mx,
             write_rows=write_indices(
                 mx.array(token_blocks, dtype=mx.int32), mx.array(token_offsets, dtype=mx.int32),
                 num_heads, block_size,
             ),
             tiles=gather_indices(block_tables, num_heads),
-            mask=causal_paged_mask(offsets, query_len, block_tables.shape[1] * block_size),
+            mask=causal_paged_mask(offsets_mx, query_len, block_tables.shape[1] * block_size),
+            cascade=cascade,
+            hooked=hooked,
         )
+
+
+def plan_cascade(tables: np.ndarray, positions: np.ndarray, num_heads: int, block_size: int) -> CascadePlan | None:
+    """Group decode rows by the blocks their tables share at the start.
+
+    Rows can only share a block through the prefix cache, so a shared block is full and
+    never written again; each row's current token lies past its shared prefix.
+    """
+    by_first_block: dict[int, list[int]] = {}
+    for row in range(tables.shape[0]):
+        by_first_block.setdefault(int(tables[row, 0]), []).append(row)
+    grouped: list[tuple[list[int], int]] = []  # (rows, shared blocks)
+    for rows in by_first_block.values():
+        if len(rows) < 2:
+            continue
+        sub = tables[rows]
+        same = (sub == sub[:1]).all(axis=0)
+        shared = sub.shape[1] if same.all() else int(same.argmin())
+        # Never past any row's current position (its own block is written this step).
+        shared = min(shared, int(positions[rows].min()) // block_size)
+        if shared:
+            grouped.append((rows, shared))
+    if not grouped:
+        return None
+
+    grouped_rows = [r for rows, _ in grouped for r in rows]
+    ungrouped = sorted(set(range(tables.shape[0])) - set(grouped_rows))
+    order = np.empty(tables.shape[0], dtype=np.int32)
+    order[grouped_rows + ungrouped] = np.arange(tables.shape[0], dtype=np.int32)
+
+    groups, rests, starts, member = [], [], [], 0
+    for rows, shared in grouped:
+        groups.append(
+            SharedPrefix(
+                members=mx.arange(member, member + len(rows), dtype=mx.int32),
+                tiles=gather_indices(mx.array(tables[rows[0], :shared], dtype=mx.int32), num_heads),
+            )
+        )
+        member += len(rows)
+        for r in rows:
+            rests.append(_trimmed(tables[r, shared:]))
+            starts.append(shared * block_size)
+    rest_tiles, rest_mask = _tiles_and_mask(rests, positions[grouped_rows], starts, num_heads, block_size)
+    plan = CascadePlan(
+        grouped_rows=mx.array(grouped_rows, dtype=mx.int32),
+        groups=groups,
+        rest_tiles=rest_tiles,
+        rest_mask=rest_mask,
+        ungrouped_rows=None,
+        ungrouped_tiles=None,
+        ungrouped_mask=None,
+        order=mx.array(order),
+    )
+    if ungrouped:
+        plan.ungrouped_rows = mx.array(ungrouped, dtype=mx.int32)
+        plan.ungrouped_tiles, plan.ungrouped_mask = _tiles_and_mask(
+            [_trimmed(tables[r]) for r in ungrouped], positions[ungrouped], [0] * len(ungrouped),
+            num_heads, block_size,
+        )
+    return plan
+
+
+def _trimmed(table: np.ndarray) -> np.ndarray:
+    """A padded block-table row without its trailing scratch-block padding."""
+    used = np.flatnonzero(table != 0)
+    return table[: used[-1] + 1] if used.size else table[:1]
+
+
+def _tiles_and_mask(tables, positions, key_starts, num_heads: int, block_size: int):
+    width = max(len(t) for t in tables)
+    padded = np.zeros((len(tables), width), dtype=np.int32)  # scratch block padding
+    for i, t in enumerate(tables):
+        padded[i, : len(t)] = t
+    mask = causal_paged_mask(
+        mx.array(np.asarray(positions), dtype=mx.int32), 1, width * block_size,
+        key_start=mx.array(np.asarray(key_starts, dtype=np.int32)),
+    )
+    return gather_indices(mx.array(padded), num_heads), mask
 
 
 class PagedLayerCache:
@@ -133,13 +229,54 @@ class PagedLayerCache:
     def make_mask(self, N: int, return_array: bool = False, window_size=None):
         if window_size is not None:
             raise ValueError("sliding-window attention is not supported by the paged cache")
-        return self.batch.mask
+        return None if self.batch.hooked else self.batch.mask
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         storage, batch = self.storage, self.batch
         storage.write(self.layer, keys, values, batch.write_rows)
+        if batch.hooked:
+            return keys, values  # attention reads the pool itself, in `attention`
         bs = storage.block_size
         return (
             gather_blocks(storage.keys[self.layer], batch.tiles, bs),
             gather_blocks(storage.values[self.layer], batch.tiles, bs),
         )
+
+    def attention(self, queries: mx.array, scale: float) -> mx.array:
+        storage, batch = self.storage, self.batch
+        pool_k, pool_v = storage.keys[self.layer], storage.values[self.layer]
+        if batch.cascade is not None:
+            return cascade_decode_attention(queries, pool_k, pool_v, batch.cascade, storage.block_size, scale)
+        return gathered_attention(queries, pool_k, pool_v, batch.tiles, batch.mask, storage.block_size, scale)
+
+
+def install_attention_hook(model) -> bool:
+    """Route the attention of the model's layers to `PagedLayerCache.attention` when their
+    cache is paged, leaving every other use of the model (mlx-lm's own caches) untouched.
+
+    mlx-lm model modules import `scaled_dot_product_attention` from `models.base` by name;
+    replacing that name in each module the model is built from is the one seam through
+    which paged attention can run without modifying the models.  Returns whether any
+    module was hooked.
+    """
+    hooked = False
+    for name in {type(m).__module__ for m in model.modules()}:
+        module = sys.modules.get(name)
+        original = getattr(module, "scaled_dot_product_attention", None)
+        if original is None:
+            continue
+        if getattr(original, "_omlx_paged", False):
+            hooked = True
+            continue
+
+        def routed(queries, keys, values, cache, scale, mask, sinks=None, _original=original):
+            if isinstance(cache, PagedLayerCache):
+                if sinks is not None:
+                    raise ValueError("attention sinks are not supported by the paged cache")
+                return cache.attention(queries, scale)
+            return _original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+
+        routed._omlx_paged = True
+        module.scaled_dot_product_attention = routed
+        hooked = True
+    return hooked

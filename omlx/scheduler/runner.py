@@ -9,7 +9,7 @@ import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
 from .block_manager import SCRATCH_BLOCK
-from .kv_cache import BatchLayout, PagedKVStorage, PagedLayerCache
+from .kv_cache import BatchLayout, PagedKVStorage, PagedLayerCache, install_attention_hook
 from .sequence import Sequence
 
 log = logging.getLogger("omlx.runner")
@@ -51,6 +51,7 @@ class ModelRunner:
         self.storage = storage
         self.block_size = storage.block_size
         self.split = _split_head(model)
+        self.hooked = install_attention_hook(model)
 
     def forward(
         self, seqs: list[Sequence], num_new_tokens: list[int], want_logits: list[bool]
@@ -81,7 +82,7 @@ class ModelRunner:
             token_offsets[row, :n] = positions % bs
 
         heads = self.storage.layout.num_kv_heads
-        layout = BatchLayout.build(offsets, token_blocks, token_offsets, tables, heads, bs)
+        layout = BatchLayout.build(offsets, token_blocks, token_offsets, tables, heads, bs, self.hooked)
         caches = [PagedLayerCache(self.storage, i, layout) for i in range(self.storage.layout.num_layers)]
         inputs = mx.array(tokens)
         rows = [r for r, want in enumerate(want_logits) if want]
