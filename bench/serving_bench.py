@@ -561,6 +561,27 @@ def run_round(kind: str, workload: Workload, args, factory: PromptFactory, log_d
     return row
 
 
+def _other_load(row: dict) -> float:
+    return (row.get("cpu") or {}).get("other_cores", 0.0)
+
+
+def run_round_retrying(kind: str, workload: Workload, args, factory, log_dir: Path, index: int) -> dict:
+    """Run a round; if other processes took a noticeable share of the CPU during it (this box
+    is shared), run it again on a fresh server and keep the attempt that was disturbed least.
+    Long rounds are not repeated, to bound the total time."""
+    row = run_round(kind, workload, args, factory, log_dir, index)
+    attempts = [row]
+    while (not row.get("failed") and _other_load(row) > args.noisy_threshold
+           and len(attempts) <= args.noisy_retries and row.get("wall_s", 1e9) <= args.retry_max_wall):
+        log(f"  other processes used {_other_load(row):.2f} cores during the round: running it again")
+        row = run_round(kind, workload, args, factory, log_dir, index)
+        attempts.append(row)
+    best = min((r for r in attempts if not r.get("failed")), key=_other_load, default=attempts[-1])
+    best["attempts"] = len(attempts)
+    best["other_load_per_attempt"] = [round(_other_load(r), 2) for r in attempts]
+    return best
+
+
 # ----------------------------------------------------------------------------- baseline
 
 
@@ -724,7 +745,7 @@ def ratios(rows: list[dict]) -> str:
 def notes(rows: list[dict]) -> str:
     out = []
     for r in rows:
-        bits = []
+        bits = [f"{r['max_tokens']} max tokens"] if r.get("max_tokens") else []
         if r.get("prompt_tokens_mean") is not None:
             bits.append(f"mean prompt {r['prompt_tokens_mean']:.0f} tok")
         if r.get("output_tokens") is not None:
@@ -744,6 +765,9 @@ def notes(rows: list[dict]) -> str:
             c = r["cpu"]
             bits.append(f"CPU cores used: server {c['server_cores']:.2f}, bench client {c['bench_client_cores']:.2f},"
                         f" other processes {c['other_cores']:.2f}")
+        if r.get("attempts", 1) > 1:
+            bits.append(f"{r['attempts']} attempts (other-process load {r['other_load_per_attempt']} cores;"
+                        " the least disturbed is shown)")
         if r.get("ready_s") is not None:
             bits.append(f"ready+warm-up {r['ready_s']}s")
         if "blas_mapped" in r and not r["blas_mapped"]:
@@ -813,8 +837,14 @@ def parse_args(argv=None):
     p.add_argument("--skip-mlx-lm", action="store_true", help="run omlx only")
     p.add_argument("--quick", action="store_true", help="small settings for a smoke run (~2 minutes)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet-wait", type=float, default=60.0,
-                   help="before each round, wait up to this many seconds for other processes to go idle")
+    p.add_argument("--quiet-wait", type=float, default=None,
+                   help="before each round, wait up to this many seconds for other processes to go idle"
+                        " (default 30; 5 with --quick)")
+    p.add_argument("--noisy-threshold", type=float, default=0.3,
+                   help="a round during which other processes used more CPU cores than this is repeated")
+    p.add_argument("--noisy-retries", type=int, default=1, help="how often a disturbed round is repeated")
+    p.add_argument("--retry-max-wall", type=float, default=120.0,
+                   help="rounds longer than this many seconds are never repeated")
     p.add_argument("--request-timeout", type=float, default=900.0, help="seconds per request (and baseline)")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
     p.add_argument("--blas-library", default=DEFAULT_BLAS,
@@ -834,6 +864,7 @@ def parse_args(argv=None):
         "shared_clients": 4 if quick else 32,
         "shared_system_tokens": 300 if quick else 1500,
         "shared_user_tokens": 16 if quick else 24,
+        "quiet_wait": 5.0 if quick else 30.0,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -902,7 +933,7 @@ def main(argv=None) -> int:
             for kind in order:
                 index += 1
                 log(f"=== round {index}/{n_rounds}: {wl.name} {wl.variant} c={wl.concurrency} on {kind}")
-                rows.append(run_round(kind, wl, args, factory, log_dir, index))
+                rows.append(run_round_retrying(kind, wl, args, factory, log_dir, index))
         if not args.skip_baseline:
             c1 = next((wl for wl, _ in plan if wl.name == "chat" and wl.concurrency == 1), None)
             if c1 is None:

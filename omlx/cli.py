@@ -1,4 +1,4 @@
-"""`omlx serve` and `omlx models`."""
+"""`omlx serve`, `omlx models` and `omlx pull`."""
 
 from __future__ import annotations
 
@@ -8,69 +8,113 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_HOME = Path(os.environ.get("OMLX_HOME", "~/.omlx")).expanduser()
-DEFAULT_MODEL_DIR = DEFAULT_HOME / "models"
 DEMO_MODEL_ID = "omlx-demo-chat"
 
 log = logging.getLogger("omlx")
 
 
-def _env(name: str, default):
-    return os.environ.get(f"OMLX_{name}", default)
-
-
 def _default_kv_cache_gib() -> float:
     """A quarter of physical memory, at most 4 GiB, per loaded model."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 2.0
-    return round(min(4.0, total / 4 / 2**30), 2)
+    from omlx.settings import physical_memory_bytes
+
+    total = physical_memory_bytes()
+    return 2.0 if total is None else round(min(4.0, total / 4 / 2**30), 2)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Flags default to None so that "not given" falls through to OMLX_* env vars, then
+    # settings.json, then the built-in defaults (omlx.settings.SERVER_OPTIONS).
     parser = argparse.ArgumentParser(prog="omlx", description="A local LLM inference server on MLX.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve every model found in the model dirs")
-    _add_model_dirs(serve)
-    serve.add_argument("--host", default=_env("HOST", "127.0.0.1"))
-    serve.add_argument("--port", type=int, default=int(_env("PORT", 8000)))
-    serve.add_argument(
-        "--kv-cache-gb", type=float, default=float(_env("KV_CACHE_GB", _default_kv_cache_gib())),
-        help="KV cache memory per loaded model, in GiB (sets the block pool size)",
-    )
-    serve.add_argument("--block-size", type=int, default=int(_env("BLOCK_SIZE", 32)), help="tokens per KV block")
-    serve.add_argument("--max-num-seqs", type=int, default=int(_env("MAX_NUM_SEQS", 64)),
-                       help="sequences decoded together per step")
-    serve.add_argument(
-        "--max-num-batched-tokens", type=int,
-        default=int(_env("MAX_NUM_BATCHED_TOKENS", os.environ.get("PREFILL_STEP_SIZE", 512))),
-        help="tokens fed to the model per step (decodes plus prefill chunks)",
-    )
-    serve.add_argument("--max-model-len", type=int, default=None,
-                       help="cap on context length (default: each model's own)")
+    _add_discovery_flags(serve)
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--api-key", help="require this key (Authorization: Bearer or x-api-key) "
+                                         "on every route but /health; named extra keys go in settings.json")
+    serve.add_argument("--max-model-memory", type=_size,
+                       help="memory for all resident models' weights + KV caches, e.g. 16GB "
+                            "(default: 3/4 of physical memory); idle models are evicted to fit")
+    serve.add_argument("--kv-cache-gb", type=float,
+                       help="KV cache memory per loaded model, in GiB (sets the block pool size)")
+    serve.add_argument("--block-size", type=int, help="tokens per KV block (32)")
+    serve.add_argument("--max-num-seqs", type=int, help="sequences decoded together per step (64)")
+    serve.add_argument("--max-num-batched-tokens", type=int,
+                       help="tokens fed to the model per step: decodes plus prefill chunks (512)")
+    serve.add_argument("--max-model-len", type=int, help="cap on context length (default: each model's own)")
+    serve.add_argument("--max-tokens", type=int, help="default max_tokens of a request that sets none")
+    serve.add_argument("--ttl", type=float, help="unload a model idle this many seconds (default: never)")
+    serve.add_argument("--pin", action="append", metavar="MODEL",
+                       help="load MODEL at startup and never evict it (repeatable)")
+    serve.add_argument("--preload", action="append", metavar="MODEL",
+                       help="load MODEL at startup (repeatable; env PRELOAD_MODEL)")
+    serve.add_argument("--trust-remote-code", action="store_true", default=None,
+                       help="let models run code from their folders (default off)")
     serve.add_argument("--no-demo", action="store_true",
                        help="do not create the demo model when the default model dir is empty")
-    serve.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
+    serve.add_argument("--log-level")
 
     models = commands.add_parser("models", help="list the models the server would serve")
-    _add_model_dirs(models)
+    _add_discovery_flags(models)
+
+    pull = commands.add_parser("pull", help="download a model repo from the Hugging Face hub (honours HF_ENDPOINT)")
+    pull.add_argument("repo", help="hub repo id, e.g. mlx-community/Qwen3-0.6B-4bit")
+    pull.add_argument("--model-dir", type=Path, dest="model_dirs", action="append",
+                      help="download into this model dir (default: the first configured one)")
+    pull.add_argument("--revision", help="branch, tag or commit (default main)")
     return parser
 
 
-def _add_model_dirs(parser: argparse.ArgumentParser) -> None:
+def _size(text: str) -> int:
+    from omlx.settings import SettingsError, parse_bytes
+
+    try:
+        return parse_bytes(text, "--max-model-memory")
+    except SettingsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_discovery_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model-dir", action="append", type=Path, dest="model_dirs",
-        help=f"a directory of MLX model folders (repeatable; default {DEFAULT_MODEL_DIR})",
+        help="a directory of MLX model folders (repeatable; default $OMLX_HOME/models)",
     )
+    parser.add_argument("--no-hf-cache", dest="hf_cache", action="store_false", default=None,
+                        help="do not serve MLX models from the Hugging Face cache (~/.cache/huggingface/hub)")
+
+
+def resolve_options(args) -> dict:
+    """Every server option after precedence: flag > env > settings.json > default."""
+    from omlx.settings import SettingsStore, resolve_server_options
+
+    cli = {k: v for k, v in vars(args).items() if v is not None}
+    if "pin" in cli:
+        cli["pinned"] = cli.pop("pin")
+    store = SettingsStore(omlx_home())
+    options = resolve_server_options(cli, os.environ, store.global_settings())
+    options["pinned"] = cli.get("pinned", [])
+    if cli.get("preload"):
+        options["preload"] = cli["preload"]
+    dirs = options.get("model_dirs")
+    options["model_dirs"] = [Path(d).expanduser() for d in dirs] if dirs else [default_model_dir()]
+    if options.get("kv_cache_gb") is None:
+        options["kv_cache_gb"] = _default_kv_cache_gib()
+    return options
+
+
+def omlx_home() -> Path:
+    from omlx.settings import omlx_home as home
+
+    return home()
+
+
+def default_model_dir() -> Path:
+    return omlx_home() / "models"
 
 
 def _model_dirs(args) -> list[Path]:
-    if args.model_dirs:
-        return [p.expanduser() for p in args.model_dirs]
-    env = os.environ.get("OMLX_MODEL_DIR")
-    return [Path(p).expanduser() for p in env.split(os.pathsep)] if env else [DEFAULT_MODEL_DIR]
+    return resolve_options(args)["model_dirs"]
 
 
 def ensure_demo_model(model_dirs: list[Path]) -> str | None:
@@ -78,21 +122,28 @@ def ensure_demo_model(model_dirs: list[Path]) -> str | None:
     so a fresh install answers a chat completion with nothing downloaded."""
     from omlx.models.discovery import discover_models
 
-    if model_dirs != [DEFAULT_MODEL_DIR]:
+    default_dir = default_model_dir()
+    if model_dirs != [default_dir]:
         return None
-    demo_path = DEFAULT_MODEL_DIR / DEMO_MODEL_ID
+    demo_path = default_dir / DEMO_MODEL_ID
     found, _ = discover_models(model_dirs)
     if any(m.model_type == "llm" for m in found):
         return DEMO_MODEL_ID if any(m.model_id == DEMO_MODEL_ID for m in found) else None
     from omlx.testing.tiny_models import DEMO, build_model
 
     log.info("no models in %s: creating the demo model %s (random weights, for trying the API)",
-             DEFAULT_MODEL_DIR, DEMO_MODEL_ID)
+             default_dir, DEMO_MODEL_ID)
     build_model(demo_path, DEMO)
     return DEMO_MODEL_ID
 
 
-def serve(args) -> None:
+def _hf_cache_dirs(options: dict) -> list[Path]:
+    from omlx.models.discovery import default_hf_cache_dir
+
+    return [default_hf_cache_dir()] if options.get("hf_cache", True) else []
+
+
+def serve(args, options: dict) -> None:
     from omlx.blas import ensure_optimized_blas
 
     # Before MLX is imported: re-exec with an optimized BLAS preloaded (Linux CPU).
@@ -102,41 +153,88 @@ def serve(args) -> None:
     from omlx.scheduler import EngineConfig
     from omlx.server import ServerConfig, run
 
-    model_dirs = _model_dirs(args)
-    for d in model_dirs:
-        if d == DEFAULT_MODEL_DIR:
-            d.mkdir(parents=True, exist_ok=True)
+    model_dirs = options["model_dirs"]
+    if default_model_dir() in model_dirs:
+        default_model_dir().mkdir(parents=True, exist_ok=True)
     demo = None if args.no_demo else ensure_demo_model(model_dirs)
     engine = EngineConfig(
-        block_size=args.block_size,
-        kv_cache_bytes=int(args.kv_cache_gb * 2**30),
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
+        block_size=options["block_size"],
+        kv_cache_bytes=int(options["kv_cache_gb"] * 2**30),
+        max_num_seqs=options["max_num_seqs"],
+        max_num_batched_tokens=options["max_num_batched_tokens"],
+        max_model_len=options["max_model_len"],
     )
+    if options.get("preload_adapter"):
+        log.warning("PRELOAD_ADAPTER is ignored: set adapter_path in the model's settings "
+                    "(model_settings.json or PUT /v1/models/{id}/settings) instead")
     info = blas_info()
     log.info("compute: %s, BLAS: %s%s", info["backend"], info["blas"],
              f" ({info['blas_library']})" if info.get("blas_library") else "")
-    log.info("serving on http://%s:%d/v1 (models from %s)", args.host, args.port,
-             ", ".join(str(d) for d in model_dirs))
-    run(ServerConfig(model_dirs=model_dirs, host=args.host, port=args.port, engine=engine, demo_model_id=demo))
+    log.info("serving on http://%s:%d/v1 (models from %s)%s", options["host"], options["port"],
+             ", ".join(str(d) for d in model_dirs), "; API key required" if options.get("api_key") else "")
+    config = ServerConfig(
+        model_dirs=model_dirs, host=options["host"], port=options["port"], engine=engine, demo_model_id=demo,
+        memory_budget=options.get("max_model_memory"), settings_home=omlx_home(),
+        hf_cache_dirs=_hf_cache_dirs(options), pinned=options.get("pinned") or [],
+        preload=options.get("preload") or [], api_key=options.get("api_key"),
+        settings_overrides={k: options[k] for k in ("max_tokens", "ttl", "trust_remote_code")
+                            if options.get(k) is not None},
+    )
+    run(config)
 
 
-def list_models(args) -> None:
-    from omlx.models.discovery import discover_models
+def list_models(args, options: dict) -> None:
+    """What `omlx serve` with the same flags would serve, and what it would refuse and why."""
+    from omlx.embeddings.packaged import packaged_models
+    from omlx.models.pool import ModelPool
+    from omlx.scheduler import EngineConfig
+    from omlx.settings import SettingsStore
 
-    found, skipped = discover_models(_model_dirs(args))
-    for m in found:
-        print(f"{m.model_id:40s} {m.model_type:10s} {m.architecture or '?':28s} {m.size_bytes / 2**20:9.1f} MiB")
-    for s in skipped:
-        print(f"{'(skipped) ' + str(s.path):40s} {s.reason}")
+    pool = ModelPool(options["model_dirs"], EngineConfig(), memory_budget=1,
+                     settings=SettingsStore(omlx_home()), hf_cache_dirs=_hf_cache_dirs(options),
+                     extra_models=packaged_models())
+    for m in pool.available:
+        alias = pool.settings.model(m.model_id).get("alias")
+        print(f"{m.model_id:40s} {m.model_type:10s} {m.architecture or '?':28s} "
+              f"{m.size_bytes / 2**20:9.1f} MiB  {m.path}{f'  (alias {alias})' if alias else ''}")
+    for s in pool.skipped:
+        print(f"{'(unavailable) ' + str(s.path):40s} {s.reason}")
+
+
+def pull(args, options: dict) -> int:
+    from omlx.hub import PullError
+    from omlx.hub import pull as download
+
+    target = options["model_dirs"][0]
+    try:
+        folder = download(args.repo, target, revision=args.revision, token=os.environ.get("HF_TOKEN"))
+    except PullError as exc:
+        print(f"omlx pull: {exc}", file=sys.stderr)
+        return 1
+    from omlx.models.discovery import DiscoveredModel, inspect_model_folder
+
+    result = inspect_model_folder(args.repo, folder)
+    if isinstance(result, DiscoveredModel):
+        print(f"{args.repo}: {result.model_type} model, {result.size_bytes / 2**20:.1f} MiB in {folder}")
+        return 0
+    print(f"omlx pull: downloaded into {folder}, but it cannot be served: {result.reason}", file=sys.stderr)
+    return 1
 
 
 def main(argv: list[str] | None = None) -> None:
+    from omlx.settings import SettingsError
+
     args = build_parser().parse_args(argv)
-    level = getattr(args, "log_level", "info").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        options = resolve_options(args)
+    except SettingsError as exc:
+        print(f"omlx: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    logging.basicConfig(level=str(options.get("log_level") or "info").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
-        serve(args)
+        serve(args, options)
     elif args.command == "models":
-        list_models(args)
+        list_models(args, options)
+    elif args.command == "pull":
+        raise SystemExit(pull(args, options))

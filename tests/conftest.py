@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from omlx.testing.tiny_models import TinyModelSpec, build_model
+from omlx.testing.tiny_models import TinyModelSpec, build_model, build_scripted_model
 
 MODELS = {
     "tiny": TinyModelSpec(),
@@ -26,6 +26,16 @@ MODELS = {
 BLOCK_SIZE = 16
 CONTEXT_WINDOW = 4096  # TinyModelSpec.max_position_embeddings
 SERVER_START_TIMEOUT_S = 60.0
+
+# A model whose greedy answer to any chat prompt is this reply (see build_scripted_model):
+# reasoning, visible text and a Hermes-style tool call, so that tests can check how each API
+# splits and formats them against output known in advance.
+SCRIPTED = "tiny-scripted"
+SCRIPTED_REPLY = [
+    "<think>", "I should look it up.", "</think>",
+    "Checking the weather now.",
+    "<tool_call>", '\n{"name": "get_weather", ', '"arguments": {"city": "Paris", "days": 2}}\n', "</tool_call>",
+]
 
 
 # ---------------------------------------------------------------------------- models
@@ -36,6 +46,7 @@ def model_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("models")
     for name, spec in MODELS.items():
         build_model(root / name, spec)
+    build_scripted_model(root / SCRIPTED, SCRIPTED_REPLY)
     return root
 
 
@@ -85,6 +96,8 @@ def server(model_dir, tmp_path_factory):
     ]
     # OMLX_* settings from the environment would change what is being tested.
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMLX_")}
+    # So would the user's ~/.omlx/settings.json (an api_key there would fail every request).
+    env["OMLX_HOME"] = str(tmp_path_factory.mktemp("omlx-home"))
     log_file = open(log_path, "wb")
     process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     root = f"http://127.0.0.1:{port}"
@@ -206,3 +219,11 @@ def chat_prompt_ids(model_path: str | Path, messages: list[dict]) -> list[int]:
 
 def decode(model_path: str | Path, tokens: list[int]) -> str:
     return tokenizer_of(model_path).decode(tokens)
+
+
+@pytest.fixture(scope="session")
+def anthropic_client(server):
+    import anthropic
+
+    with anthropic.Anthropic(base_url=server.root, api_key="unused", max_retries=0, timeout=120) as c:
+        yield c

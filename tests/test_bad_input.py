@@ -84,8 +84,8 @@ CASES = [
     ("logit-bias-not-object", "POST", CHAT, chat(logit_bias=[5]), 400, "logit_bias", "invalid_type"),
     ("top-p-too-big", "POST", CHAT, chat(top_p=1.5), 400, "top_p", "invalid_value"),
     ("seed-string", "POST", CHAT, chat(seed="abc"), 400, "seed", "invalid_type"),
-    ("n-2", "POST", CHAT, chat(n=2), 400, "n", "unsupported_value"),
-    ("n-2-completions", "POST", COMPLETIONS, completion(n=2), 400, "n", "unsupported_value"),
+    ("n-too-many", "POST", CHAT, chat(n=17), 400, "n", "invalid_value"),
+    ("n-zero-completions", "POST", COMPLETIONS, completion(n=0), 400, "n", "invalid_value"),
     ("prompt-missing", "POST", COMPLETIONS, without(completion(), "prompt"), 400, "prompt", ANY),
     ("prompt-empty", "POST", COMPLETIONS, completion(prompt=""), 400, "prompt", ANY),
     ("prompt-negative-token", "POST", COMPLETIONS, completion(prompt=[1, -2, 3]), 400, "prompt", ANY),
@@ -226,7 +226,7 @@ def test_sdk_raises_typed_errors(client):
         client.completions.create(model="no-such-model", prompt="hi", stream=True)
 
     with pytest.raises(openai.BadRequestError) as exc:
-        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], n=2)
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], n=17)
     assert exc.value.status_code == 400 and exc.value.param == "n"
 
     with pytest.raises(openai.BadRequestError) as exc:

@@ -11,7 +11,7 @@ import itertools
 import time
 import uuid
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from omlx.models.pool import LoadedModel
 from omlx.scheduler import FinishReason, GenerationRequest, RequestRejected, SamplingParams
@@ -49,6 +49,10 @@ def build_request(
     prefix: str,
     max_tokens_param: str = "max_tokens",
     prompt_param: str = "messages",
+    *,
+    logprobs: int | None = None,
+    constraint=None,
+    n: int = 1,
 ) -> GenerationRequest:
     """Check lengths against the model's context window and make the engine request."""
     window = loaded.context_window
@@ -72,6 +76,9 @@ def build_request(
         max_tokens=min(max_tokens or room, room),
         sampling=sampling,
         stop_token_ids=loaded.stop_token_ids,
+        logprobs=logprobs,
+        constraint=constraint,
+        n=n,
     )
     try:
         loaded.engine.engine.check(request)
@@ -80,43 +87,102 @@ def build_request(
     return request
 
 
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class Choice:
+    """One of a request's `n` completions as it streams: its text, finish reason, logprobs."""
+
+    index: int
+    text: TextStream
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    _logprobs_sent: int = 0
+
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """Logprobs of the tokens not yet handed out (for the next streamed chunk)."""
+        new = self.logprobs[self._logprobs_sent :]
+        self._logprobs_sent = len(self.logprobs)
+        return new
+
+
 class GenerationStream:
-    """Async iterator of text deltas for one request; usage and finish_reason fill in as it goes."""
+    """Async iterator of text deltas for one request; usage and finish_reason fill in as it goes.
+
+    Iterating it gives choice 0's text deltas (the common n=1 case); `choice_deltas()` gives
+    `(choice, delta)` for every choice of an n > 1 request, in the order tokens arrive.
+    """
 
     def __init__(self, loaded: LoadedModel, request: GenerationRequest, stop: list[str]):
         self.loaded = loaded
         self.request = request
-        self.text = TextStream(loaded.tokenizer, stop)
+        self.choices = [Choice(i, TextStream(loaded.tokenizer, stop)) for i in range(request.n)]
         self.usage = Usage(prompt_tokens=len(request.prompt_token_ids))
-        self.finish_reason: str | None = None
         self.created = int(time.time())
 
+    @property
+    def text(self) -> TextStream:
+        return self.choices[0].text
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.choices[0].finish_reason
+
     async def __aiter__(self):
+        async for _, delta in self.choice_deltas():
+            if delta:
+                yield delta
+
+    async def choice_deltas(self):
+        """Yield `(choice, delta)`: new text of a choice, and once more (possibly with "") when
+        that choice finishes.  Ends when every choice has finished."""
+        unfinished = len(self.choices)
         async with aclosing(self.loaded.engine.generate(self.request)) as events:
             async for event in events:
                 if event.cached_prompt_tokens is not None:
                     self.usage.cached_tokens = event.cached_prompt_tokens
                 if event.error is not None:
                     raise EngineFailure(event.error)
+                choice = self.choices[event.index]
+                if choice.finish_reason is not None:
+                    continue  # a stop string ended this choice; its later tokens are dropped
                 delta = ""
                 if event.token_id is not None:
                     self.usage.completion_tokens += 1
-                    delta = self.text.add_token(event.token_id)
+                    if event.logprob is not None:
+                        choice.logprobs.append(TokenLogprob(event.token_id, event.logprob, event.top_logprobs or []))
+                    delta = choice.text.add_token(event.token_id)
                 elif event.finish_reason is FinishReason.STOP:
                     self.usage.completion_tokens += 1  # the end-of-sequence token
-                if self.text.stopped:
-                    self.finish_reason = "stop"
+                if choice.text.stopped:
+                    choice.finish_reason = "stop"
                 elif event.finish_reason is not None:
-                    delta += self.text.finish()
-                    self.finish_reason = "length" if event.finish_reason is FinishReason.LENGTH else "stop"
-                if delta:
-                    yield delta
-                if self.finish_reason is not None:
-                    return
+                    delta += choice.text.finish()
+                    choice.finish_reason = "length" if event.finish_reason is FinishReason.LENGTH else "stop"
+                if delta or choice.finish_reason is not None:
+                    yield choice, delta
+                if choice.finish_reason is not None:
+                    unfinished -= 1
+                    if unfinished == 0:
+                        return
 
 
 async def collect(stream: GenerationStream) -> str:
     try:
         return "".join([delta async for delta in stream])
+    except EngineFailure as exc:
+        raise APIError(str(exc), 500, "server_error", None, "engine_error") from None
+
+
+async def collect_choices(stream: GenerationStream) -> None:
+    """Run the request to the end; each choice's text and finish reason are then complete."""
+    try:
+        async for _ in stream.choice_deltas():
+            pass
     except EngineFailure as exc:
         raise APIError(str(exc), 500, "server_error", None, "engine_error") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import orjson
@@ -10,9 +11,15 @@ from aiohttp import web
 from omlx.models.pool import LoadedModel, ModelNotFound, ModelPool
 
 from . import sse
+from . import chat_tools
+from .assistant_turn import AssistantTurn
+from .conversation import render_prompt
 from .errors import APIError, invalid, model_not_found
-from .generation import EngineFailure, GenerationStream, build_request, collect
+from .model_access import lease_for_request
+from .generation import EngineFailure, GenerationStream, build_request, collect, collect_choices
+from .logprobs import chat_logprobs, completion_logprobs
 from .openai_protocol import CommonOptions, parse_chat, parse_completion
+from .turn_options import decoding_constraint, tool_parser_of
 
 log = logging.getLogger("omlx.api.openai")
 
@@ -47,11 +54,9 @@ class OpenAIRoutes:
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model_id:.+}", self.get_model)
 
-    async def _loaded(self, model_id: str) -> LoadedModel:
-        try:
-            return await self.pool.get(model_id)
-        except ModelNotFound:
-            raise model_not_found(model_id) from None
+    async def _loaded(self, request: web.Request, model_id: str) -> LoadedModel:
+        # Leased until the handler returns (streaming included): never evicted mid-request.
+        return await lease_for_request(request, self.pool, model_id)
 
     # ------------------------------------------------------------------ models
     def _model_card(self, info) -> dict:
@@ -74,18 +79,23 @@ class OpenAIRoutes:
 
     # ------------------------------------------------------------------ chat
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        parsed = parse_chat(await read_json(request))
-        loaded = await self._loaded(parsed.options.model)
-        try:
-            prompt_ids = loaded.tokenizer.apply_chat_template(
-                parsed.messages, add_generation_prompt=True, tokenize=True, **parsed.chat_template_kwargs
-            )
-        except Exception as exc:  # the model's own template rejected these messages
-            raise invalid(f"the chat template could not render these messages: {exc}", "messages") from None
-        stream = self._start(loaded, prompt_ids, parsed.options, "chatcmpl")
+        parsed = parse_chat(self.pool.apply_request_defaults(await read_json(request)))
+        loaded = await self._loaded(request, parsed.options.model)
+        conversation = parsed.conversation()
+        prompt_ids = render_prompt(loaded.tokenizer, conversation)
+        # Grammar compilation (and, once per model, the grammar engine's tokenizer) runs off
+        # the event loop.
+        constraint = await asyncio.to_thread(
+            decoding_constraint, loaded, conversation, parsed.response_format, parsed.thinking_budget,
+            prompt_ids, tool_parser_of(self.pool, loaded),
+        )
+        stream = self._start(loaded, prompt_ids, parsed.options, "chatcmpl", constraint)
+        # Reasoning and tool calls are parsed out of each choice's text.
+        turn = AssistantTurn(stream, prompt_ids, conversation, tool_parser_of(self.pool, loaded))
         if parsed.options.stream:
-            return await self._stream_chat(request, stream, parsed.options)
-        text = await collect(stream)
+            return await self._stream_chat(request, stream, parsed.options, turn)
+        await collect_choices(stream)
+        logprobs = parsed.options.logprobs is not None
         return web.json_response(
             {
                 "id": stream.request.request_id,
@@ -94,33 +104,47 @@ class OpenAIRoutes:
                 "model": loaded.model_id,
                 "choices": [
                     {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "logprobs": None,
-                        "finish_reason": stream.finish_reason,
+                        "index": c.index,
+                        "message": chat_tools.message(turn, c),
+                        "logprobs": chat_logprobs(loaded.tokenizer, c.logprobs) if logprobs else None,
+                        "finish_reason": turn.finish_reason(c.index),
                     }
+                    for c in stream.choices
                 ],
                 "usage": _usage_dict(stream),
             },
             dumps=_dumps,
         )
 
-    async def _stream_chat(self, request, stream: GenerationStream, options: CommonOptions):
-        def chunk(delta: dict, finish_reason=None) -> dict:
+    async def _stream_chat(self, request, stream: GenerationStream, options: CommonOptions, turn: AssistantTurn):
+        tokenizer = stream.loaded.tokenizer
+
+        def chunk(delta: dict, finish_reason=None, index: int = 0, logprobs=None) -> dict:
             return {
                 "id": stream.request.request_id,
                 "object": "chat.completion.chunk",
                 "created": stream.created,
                 "model": stream.loaded.model_id,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
             }
 
         response = await sse.open_stream(request)
-        await response.write(sse.data_event(chunk({"role": "assistant", "content": ""})))
-        async for delta in _guarded(stream, response):
-            await response.write(sse.data_event(chunk({"content": delta})))
-        if stream.finish_reason is not None:
-            await response.write(sse.data_event(chunk({}, stream.finish_reason)))
+        for c in stream.choices:
+            await response.write(sse.data_event(chunk({"role": "assistant", "content": ""}, index=c.index)))
+        # Choices interleave in the order their tokens come out of the engine.
+        async for c, delta in _guarded_choices(stream, response):
+            logprobs = None
+            if options.logprobs is not None:
+                entries = c.take_logprobs()
+                logprobs = chat_logprobs(tokenizer, entries) if entries else None
+            deltas = chat_tools.stream_deltas(turn, c, delta)
+            if logprobs and not deltas:
+                deltas = [{"content": ""}]  # text held back by the output parser; logprobs go now
+            for i, out in enumerate(deltas):
+                await response.write(sse.data_event(chunk(out, None, c.index, logprobs if i == 0 else None)))
+            if c.finish_reason is not None:
+                await response.write(sse.data_event(chunk({}, turn.finish_reason(c.index), c.index)))
+        if all(c.finish_reason is not None for c in stream.choices):
             if options.include_usage:
                 final = chunk({})
                 final["choices"] = []
@@ -131,8 +155,8 @@ class OpenAIRoutes:
 
     # ------------------------------------------------------------------ completions
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        parsed = parse_completion(await read_json(request))
-        loaded = await self._loaded(parsed.options.model)
+        parsed = parse_completion(self.pool.apply_request_defaults(await read_json(request)))
+        loaded = await self._loaded(request, parsed.options.model)
         if isinstance(parsed.prompt, str):
             prompt_ids = loaded.tokenizer.encode(parsed.prompt)
             prompt_text = parsed.prompt
@@ -145,8 +169,11 @@ class OpenAIRoutes:
         stream = self._start(loaded, prompt_ids, parsed.options, "cmpl")
         echo = prompt_text if parsed.echo else ""
 
-        def choice(text: str, finish_reason=None) -> dict:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        logprobs = parsed.options.logprobs is not None
+
+        def choice(text: str, finish_reason=None, index: int = 0, entries=None, offset: int = 0) -> dict:
+            lp = completion_logprobs(loaded.tokenizer, entries, offset) if logprobs and entries is not None else None
+            return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}
 
         def body(choices: list) -> dict:
             return {
@@ -158,18 +185,26 @@ class OpenAIRoutes:
             }
 
         if not parsed.options.stream:
-            text = await collect(stream)
-            result = body([choice(echo + text, stream.finish_reason)])
+            await collect_choices(stream)
+            result = body(
+                [choice(echo + c.text.text, c.finish_reason, c.index, c.logprobs, len(echo)) for c in stream.choices]
+            )
             result["usage"] = _usage_dict(stream)
             return web.json_response(result, dumps=_dumps)
 
         response = await sse.open_stream(request)
         if echo:
-            await response.write(sse.data_event(body([choice(echo)])))
-        async for delta in _guarded(stream, response):
-            await response.write(sse.data_event(body([choice(delta)])))
-        if stream.finish_reason is not None:
-            await response.write(sse.data_event(body([choice("", stream.finish_reason)])))
+            for c in stream.choices:
+                await response.write(sse.data_event(body([choice(echo, index=c.index)])))
+        offsets = [len(echo)] * len(stream.choices)
+        async for c, delta in _guarded_choices(stream, response):
+            entries = c.take_logprobs() if logprobs else None
+            if delta or entries:
+                await response.write(sse.data_event(body([choice(delta, None, c.index, entries, offsets[c.index])])))
+                offsets[c.index] += len(delta)
+            if c.finish_reason is not None:
+                await response.write(sse.data_event(body([choice("", c.finish_reason, c.index)])))
+        if all(c.finish_reason is not None for c in stream.choices):
             if parsed.options.include_usage:
                 final = body([])
                 final["usage"] = _usage_dict(stream)
@@ -177,10 +212,11 @@ class OpenAIRoutes:
             await response.write(sse.DONE)
         return response
 
-    def _start(self, loaded, prompt_ids, options: CommonOptions, prefix: str) -> GenerationStream:
+    def _start(self, loaded, prompt_ids, options: CommonOptions, prefix: str, constraint=None) -> GenerationStream:
         request = build_request(
             loaded, prompt_ids, options.max_tokens, options.sampling, prefix, options.max_tokens_param,
             prompt_param="prompt" if prefix == "cmpl" else "messages",
+            logprobs=options.logprobs, n=options.n, constraint=constraint,
         )
         return GenerationStream(loaded, request, options.stop)
 
@@ -191,6 +227,16 @@ async def _guarded(stream: GenerationStream, response: web.StreamResponse):
     try:
         async for delta in stream:
             yield delta
+    except EngineFailure as exc:
+        error = APIError(str(exc), 500, "server_error", None, "engine_error")
+        await response.write(sse.data_event(error.body()))
+
+
+async def _guarded_choices(stream: GenerationStream, response: web.StreamResponse):
+    """`_guarded` for `(choice, delta)` pairs of every choice."""
+    try:
+        async for item in stream.choice_deltas():
+            yield item
     except EngineFailure as exc:
         error = APIError(str(exc), 500, "server_error", None, "engine_error")
         await response.write(sse.data_event(error.body()))

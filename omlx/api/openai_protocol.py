@@ -11,6 +11,8 @@ from typing import Any
 
 from omlx.scheduler import SamplingParams
 
+from .chat_tools import message_tool_fields, parse_tools
+from .conversation import Conversation, ToolChoice, template_kwargs
 from .errors import invalid
 
 MAX_STOP_STRINGS = 4
@@ -103,6 +105,21 @@ class CommonOptions:
     stream: bool
     include_usage: bool
     max_tokens_param: str = "max_tokens"  # the name the client used, for error messages
+    logprobs: int | None = None  # None: off; k: the sampled token's logprob and k alternatives
+    n: int = 1  # completions of the same prompt
+
+
+MAX_TOP_LOGPROBS = 20
+MAX_N = 16  # completions per request; each is a sequence in the batch
+
+
+def _chat_logprobs(body: dict) -> int | None:
+    """Chat's `logprobs: true` + `top_logprobs: k` as one number (None when off)."""
+    wanted = _bool(body, "logprobs")
+    top = _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, None, integer=True)
+    if top is not None and not wanted:
+        raise invalid("'top_logprobs' requires 'logprobs' to be true", "top_logprobs", "invalid_value")
+    return (top or 0) if wanted else None
 
 
 def parse_common(body: Any) -> CommonOptions:
@@ -113,16 +130,14 @@ def parse_common(body: Any) -> CommonOptions:
         raise invalid("'model' is required and must be a string", "model", "missing_required_parameter")
     max_tokens_param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _number(body, max_tokens_param, 1, 2**31 - 1, None, integer=True)
-    n = _number(body, "n", 1, 128, 1, integer=True)
-    if n != 1:
-        raise invalid("only n=1 is supported", "n", "unsupported_value")
+    n = _number(body, "n", 1, MAX_N, 1, integer=True)
     stream = _bool(body, "stream")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise invalid("'stream_options' must be an object", "stream_options", "invalid_type")
     include_usage = bool(options and options.get("include_usage"))
     return CommonOptions(
-        model, max_tokens, parse_sampling(body), _stop(body), stream, include_usage, max_tokens_param
+        model, max_tokens, parse_sampling(body), _stop(body), stream, include_usage, max_tokens_param, n=n
     )
 
 
@@ -164,6 +179,16 @@ class ChatCompletionRequest:
     options: CommonOptions
     messages: list[dict]
     chat_template_kwargs: dict = field(default_factory=dict)
+    tools: list[dict] = field(default_factory=list)
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
+    parallel_tool_calls: bool = True
+    response_format: dict | None = None  # json_object / json_schema; None for plain text
+    thinking_budget: int | None = None  # most tokens inside a thinking block
+
+    def conversation(self) -> Conversation:
+        return Conversation(
+            self.messages, self.tools, self.tool_choice, self.parallel_tool_calls, self.chat_template_kwargs
+        )
 
 
 def parse_chat(body: Any) -> ChatCompletionRequest:
@@ -181,11 +206,42 @@ def parse_chat(body: Any) -> ChatCompletionRequest:
         out = {"role": "system" if role == "developer" else role, "content": _message_text(message.get("content"), i)}
         if message.get("name") is not None:
             out["name"] = message["name"]
+        message_tool_fields(message, i, out)
         rendered.append(out)
-    kwargs = body.get("chat_template_kwargs") or {}
-    if not isinstance(kwargs, dict):
-        raise invalid("'chat_template_kwargs' must be an object", "chat_template_kwargs", "invalid_type")
-    return ChatCompletionRequest(options, rendered, dict(kwargs))
+    kwargs = template_kwargs(body.get("chat_template_kwargs"))
+    tools, tool_choice, parallel_tool_calls = parse_tools(body)
+    options.logprobs = _chat_logprobs(body)
+    return ChatCompletionRequest(
+        options, rendered, kwargs, tools, tool_choice, parallel_tool_calls,
+        _response_format(body.get("response_format")),
+        _number(body, "thinking_budget", 0, 2**31 - 1, None, integer=True),
+    )
+
+
+def _response_format(raw: Any) -> dict | None:
+    """`response_format`: text (None), json_object, or json_schema with its schema object."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise invalid("'response_format' must be an object", "response_format", "invalid_type")
+    kind = raw.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind != "json_schema":
+        raise invalid(
+            "response_format.type must be 'text', 'json_object' or 'json_schema'", "response_format", "invalid_value"
+        )
+    spec = raw.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise invalid(
+            "response_format.json_schema.schema must be a JSON schema object", "response_format", "invalid_value"
+        )
+    name = spec.get("name")
+    if name is not None and not isinstance(name, str):
+        raise invalid("response_format.json_schema.name must be a string", "response_format", "invalid_type")
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": spec["schema"], "strict": spec.get("strict")}}
 
 
 # ---------------------------------------------------------------------------- completions
@@ -214,4 +270,9 @@ def parse_completion(body: Any) -> CompletionRequest:
         raise invalid("'prompt' must be a non-empty string or a list of token ids", "prompt", "invalid_value")
     if body.get("suffix"):
         raise invalid("'suffix' is not supported", "suffix", "unsupported_value")
-    return CompletionRequest(options, prompt, _bool(body, "echo"))
+    options.logprobs = _number(body, "logprobs", 0, MAX_TOP_LOGPROBS, None, integer=True)
+    echo = _bool(body, "echo")
+    if echo and options.logprobs is not None:
+        # The prompt's own log-probabilities would need logits at every prompt position.
+        raise invalid("'logprobs' together with 'echo' is not supported", "logprobs", "unsupported_value")
+    return CompletionRequest(options, prompt, echo)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ _HEAD_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "For
 class DiscoveredModel:
     model_id: str
     path: Path
-    model_type: str  # "llm", "vlm", "embedding" or "reranker"
+    model_type: str  # "llm", "vlm", "ocr", "embedding" or "reranker"
     architecture: str | None
     # Excluded from comparison and hashing: dicts are unhashable, and the id and path
     # already identify the model.
@@ -49,6 +50,9 @@ class DiscoveredModel:
 class SkippedModel:
     path: Path
     reason: str
+
+
+_reported: set[tuple[Path, str]] = set()
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,10 @@ def discover_models(
     skipped: list[SkippedModel] = []
 
     def skip(path: Path, reason: str) -> None:
-        logger.warning("skipping model folder %s: %s", path, reason)
+        # The server rescans on every model listing; say each problem once, not each time.
+        level = logging.DEBUG if (path, reason) in _reported else logging.WARNING
+        _reported.add((path, reason))
+        logger.log(level, "skipping model folder %s: %s", path, reason)
         skipped.append(SkippedModel(path=path, reason=reason))
 
     for raw_dir in model_dirs:
@@ -144,6 +151,11 @@ def _scan_model_dir(model_dir: Path) -> Iterator[_Candidate | SkippedModel]:
                 yield SkippedModel(path=grandchild, reason=GGUF_REASON)
 
 
+def inspect_model_folder(model_id: str, path: Path) -> DiscoveredModel | SkippedModel:
+    """One folder as model `model_id` (for folders found outside the model dirs)."""
+    return _inspect(_Candidate(model_id=model_id, path=Path(path)))
+
+
 def _inspect(candidate: _Candidate) -> DiscoveredModel | SkippedModel:
     path = candidate.path
     config = _read_config(path / CONFIG_FILE)
@@ -214,7 +226,7 @@ def _architecture(config: dict) -> str | None:
 
 
 def detect_model_type(config: dict, path: Path | None = None) -> str:
-    """Classify a model as "reranker", "embedding", "vlm" or (by default) "llm"."""
+    """Classify a model as "reranker", "embedding", "ocr", "vlm" or (by default) "llm"."""
     architectures = _architectures(config)
     if any(name.endswith("ForSequenceClassification") for name in architectures):
         return "reranker"
@@ -222,6 +234,11 @@ def detect_model_type(config: dict, path: Path | None = None) -> str:
     # be pooled into embeddings, whatever the backbone.
     if path is not None and (path / "modules.json").is_file():
         return "embedding"
+    # OCR models (GOT-OCR2, DeepSeek-OCR, PaddleOCR-VL, ...) are vision models trained to
+    # transcribe; their names say so, which is all the config tells them apart by.
+    names = [*architectures, str(config.get("model_type") or "")]
+    if any("ocr" in name.lower() for name in names):
+        return "ocr"
     if "vision_config" in config:
         return "vlm"
     if _is_bare_encoder(config, architectures):
@@ -236,3 +253,91 @@ def _is_bare_encoder(config: dict, architectures: list[str]) -> bool:
         # "BertModel", "XLMRobertaModel": a backbone with no head at all.
         return all(name.endswith("Model") for name in architectures)
     return config.get("model_type") in _ENCODER_MODEL_TYPES
+
+
+# ---------------------------------------------------------------------------- HF cache
+
+HF_CACHE_DIR = Path("~/.cache/huggingface/hub")
+
+
+def default_hf_cache_dir() -> Path:
+    """Where huggingface_hub keeps its downloads (HF_HUB_CACHE / HF_HOME honoured)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return HF_CACHE_DIR.expanduser()
+
+
+def discover_hf_cache(cache_dir: Path | str) -> tuple[list[DiscoveredModel], list[SkippedModel]]:
+    """MLX-format model repos in a Hugging Face hub cache (`models--org--name/snapshots/REV`).
+
+    The cache also holds PyTorch checkpoints, datasets and half-finished downloads that were
+    never meant for this server, so anything that is not an MLX repo is passed over quietly
+    (debug log), not reported as skipped.
+    """
+    cache_dir = Path(cache_dir).expanduser()
+    found: list[DiscoveredModel] = []
+    skipped: list[SkippedModel] = []
+    try:
+        repos = sorted(p for p in cache_dir.iterdir() if p.name.startswith("models--") and p.is_dir())
+    except OSError:
+        return found, skipped
+    for repo in repos:
+        repo_id = "/".join(repo.name.split("--")[1:])
+        snapshot = _current_snapshot(repo)
+        if snapshot is None or not (snapshot / CONFIG_FILE).is_file():
+            logger.debug("HF cache: %s has no complete snapshot; passing over it", repo_id)
+            continue
+        if not is_mlx_repo(repo_id, snapshot):
+            logger.debug("HF cache: %s is not an MLX repo; passing over it", repo_id)
+            continue
+        result = _inspect(_Candidate(model_id=repo_id, path=snapshot))
+        (skipped if isinstance(result, SkippedModel) else found).append(result)
+    return found, skipped
+
+
+def _current_snapshot(repo: Path) -> Path | None:
+    """The snapshot `refs/main` points at, else the newest one."""
+    snapshots = repo / "snapshots"
+    try:
+        ref = (repo / "refs" / "main").read_text().strip()
+        if ref and (snapshots / ref).is_dir():
+            return snapshots / ref
+    except OSError:
+        pass
+    try:
+        candidates = [p for p in snapshots.iterdir() if p.is_dir()]
+    except OSError:
+        return None
+    return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def is_mlx_repo(repo_id: str, folder: Path) -> bool:
+    """Whether a downloaded repo holds MLX weights: mlx-community's, MLX-quantized
+    (`quantization` in config.json), or safetensors written by MLX (`format: mlx`)."""
+    if repo_id.split("/")[0].lower() == "mlx-community":
+        return True
+    config = _read_config(folder / CONFIG_FILE)
+    if isinstance(config, dict) and isinstance(config.get("quantization"), dict):
+        return True
+    weights = _files_with_suffix(folder, ".safetensors")
+    return bool(weights) and safetensors_metadata(weights[0]).get("format") == "mlx"
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file (tensor dtypes, shapes, `__metadata__`), or {}."""
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if not 0 < length < 100 << 20:
+                return {}
+            header = json.loads(f.read(length))
+    except (OSError, ValueError):
+        return {}
+    return header if isinstance(header, dict) else {}
+
+
+def safetensors_metadata(path: Path) -> dict:
+    metadata = safetensors_header(path).get("__metadata__")
+    return metadata if isinstance(metadata, dict) else {}

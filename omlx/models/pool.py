@@ -1,26 +1,40 @@
-"""Models the server knows about, loaded on first use, each with its own engine.
+"""The models the server knows about, and the ones resident in memory under a budget.
 
-Loading runs in a worker thread so the event loop keeps serving; concurrent first requests
-for the same model share one load.  (Memory-budgeted eviction is not here yet: a model
-stays resident once loaded.)
+A model loads on first use (in a worker thread, so the event loop keeps serving; concurrent
+first requests share one load) and stays until it is evicted, unloaded, or idle past its TTL.
+
+Memory: every resident model counts its weights plus its KV pool against `memory_budget`.
+Before a load, the pool reserves an estimate (file size + KV pool size) and makes room by
+unloading the least recently used model that is idle (no lease) and not pinned.  If nothing
+can go, the load fails with InsufficientMemory rather than overcommitting the machine.
+
+Leases: a request holds `async with pool.lease(model_id) as model:` for as long as it uses
+the model (streaming included).  A leased model is never evicted and never unloaded by TTL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import gc
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omlx.scheduler import AsyncEngine, EngineConfig, LLMEngine
+from omlx.settings import SettingsStore, apply_request_defaults
 
-from .discovery import DiscoveredModel, SkippedModel, discover_models, find_model
+from .discovery import DiscoveredModel, SkippedModel, discover_hf_cache, discover_models, find_model
 
 log = logging.getLogger("omlx.pool")
 
 _CONTEXT_KEYS = ("max_position_embeddings", "max_sequence_length", "seq_length", "n_ctx", "n_positions")
 DEFAULT_CONTEXT_WINDOW = 4096
+SERVABLE_TYPES = ("llm", "embedding")
+TTL_CHECK_INTERVAL_S = 1.0
 
 
 def context_window_of(config: dict) -> int:
@@ -32,6 +46,12 @@ def context_window_of(config: dict) -> int:
     return DEFAULT_CONTEXT_WINDOW
 
 
+def parameter_bytes(model) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
 @dataclass
 class LoadedModel:
     info: DiscoveredModel
@@ -39,6 +59,7 @@ class LoadedModel:
     engine: AsyncEngine
     context_window: int
     loaded_at: float
+    weights_bytes: int = 0
 
     @property
     def model_id(self) -> str:
@@ -48,9 +69,67 @@ class LoadedModel:
     def stop_token_ids(self) -> frozenset[int]:
         return frozenset(self.tokenizer.eos_token_ids)
 
+    @property
+    def memory_bytes(self) -> int:
+        return self.weights_bytes + self.engine.engine.storage.nbytes
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+# ---------------------------------------------------------------------------- errors
+
 
 class ModelNotFound(KeyError):
     pass
+
+
+class ModelUnavailable(Exception):
+    """The model exists but this server cannot serve it (its type, or for this route)."""
+
+
+class InsufficientMemory(Exception):
+    """The model does not fit in the memory budget and nothing idle can be evicted."""
+
+
+class ModelBusy(Exception):
+    """An explicit unload of a model that is serving requests."""
+
+
+class ModelLoadFailed(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------- residency
+
+
+@dataclass
+class Resident:
+    """A loaded model and its bookkeeping: bytes counted against the budget, leases held."""
+
+    model: object  # LoadedModel or omlx.embeddings.LoadedEmbedder
+    memory_bytes: int
+    loaded_at: float = field(default_factory=time.time)
+    leases: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def idle_s(self) -> float:
+        return time.monotonic() - self.last_used
+
+
+def estimate_kv_bytes(config: dict, engine: EngineConfig) -> int:
+    """The KV pool an engine will allocate for this model, from its config alone."""
+    if engine.num_blocks is None:
+        return engine.kv_cache_bytes  # the pool is sized to fit this budget
+    source = config.get("text_config") or config
+    heads = source.get("num_attention_heads") or 1
+    kv_heads = source.get("num_key_value_heads") or heads
+    head_dim = source.get("head_dim") or (source.get("hidden_size") or 0) // heads
+    layers = source.get("num_hidden_layers") or 0
+    dtype = str(config.get("torch_dtype") or source.get("torch_dtype") or "bfloat16")
+    itemsize = 4 if "32" in dtype else 2
+    return engine.num_blocks * engine.block_size * layers * kv_heads * head_dim * 2 * itemsize
 
 
 class ModelPool:
@@ -59,59 +138,351 @@ class ModelPool:
         model_dirs: list[Path],
         engine_config: EngineConfig,
         demo_model_id: str | None = None,
+        *,
+        memory_budget: int | None = None,
+        settings: SettingsStore | None = None,
+        hf_cache_dirs: Iterable[Path] = (),
+        extra_models: Iterable[DiscoveredModel] = (),
+        pinned: Iterable[str] = (),
+        preload: Iterable[str] = (),
     ):
-        self.model_dirs = model_dirs
+        from omlx.settings import default_model_memory_bytes
+
+        self.model_dirs = list(model_dirs)
         self.engine_config = engine_config
         self.demo_model_id = demo_model_id
+        self.memory_budget = memory_budget or default_model_memory_bytes()
+        self.settings = settings if settings is not None else SettingsStore()
+        self.hf_cache_dirs = list(hf_cache_dirs)
+        self.extra_models = list(extra_models)  # e.g. the embedding model shipped in a package
+        self.cli_pinned = set(pinned)
+        self.preload = list(preload)
         self.available: list[DiscoveredModel] = []
         self.skipped: list[SkippedModel] = []
-        self.loaded: dict[str, LoadedModel] = {}
+        self._residents: dict[str, Resident] = {}
         self._loading: dict[str, asyncio.Task] = {}
+        self._reserved: dict[str, int] = {}  # bytes of loads and unloads still in progress
+        self._admission: asyncio.Lock | None = None
+        self._ttl_task: asyncio.Task | None = None
+        self.evictions = 0
         self.rescan()
 
+    # ------------------------------------------------------------------ discovery
     def rescan(self) -> None:
-        self.available, self.skipped = discover_models(self.model_dirs)
-        llms = [m for m in self.available if m.model_type == "llm"]
-        log.debug("found %d model(s): %s", len(llms), ", ".join(m.model_id for m in llms) or "none")
+        models, skipped = discover_models(self.model_dirs)
+        seen = {m.model_id for m in models}
+        for extra in self._hf_cache_models(skipped) + self.extra_models:
+            if extra.model_id not in seen:
+                models.append(extra)
+                seen.add(extra.model_id)
+        overrides = self.settings.all_models()
+        self.available = sorted(
+            (self._with_type_override(m, overrides.get(m.model_id, {})) for m in models),
+            key=lambda m: m.model_id,
+        )
+        self.skipped = skipped
+        log.debug("found %d model(s): %s", len(self.available),
+                  ", ".join(m.model_id for m in self.available) or "none")
 
-    def servable(self) -> list[DiscoveredModel]:
-        return [m for m in self.available if m.model_type == "llm"]
+    def _hf_cache_models(self, skipped: list[SkippedModel]) -> list[DiscoveredModel]:
+        found: list[DiscoveredModel] = []
+        for cache in self.hf_cache_dirs:
+            models, bad = discover_hf_cache(cache)
+            found += models
+            skipped += bad
+        return found
 
-    def resolve(self, model_id: str) -> DiscoveredModel:
-        info = find_model(self.servable(), model_id)
-        if info is None:
-            self.rescan()  # a folder may have been dropped in since start
-            info = find_model(self.servable(), model_id)
-        if info is None:
-            raise ModelNotFound(model_id)
+    @staticmethod
+    def _with_type_override(info: DiscoveredModel, settings: dict) -> DiscoveredModel:
+        override = settings.get("model_type")
+        if override and override != info.model_type:
+            return dataclasses.replace(info, model_type=override)
         return info
 
-    async def get(self, model_id: str) -> LoadedModel:
-        info = self.resolve(model_id)
-        loaded = self.loaded.get(info.model_id)
-        if loaded is not None:
-            return loaded
+    def servable(self, model_type: str | None = None) -> list[DiscoveredModel]:
+        types = SERVABLE_TYPES if model_type is None else (model_type,)
+        return [m for m in self.available if m.model_type in types]
+
+    def resolve(self, name: str) -> DiscoveredModel:
+        """A model by id, alias, or (for `org/name` ids) bare folder name; any type."""
+        info = self._lookup(name)
+        if info is None:
+            self.rescan()  # a folder may have been dropped in, or an alias set, since
+            info = self._lookup(name)
+        if info is None:
+            raise ModelNotFound(name)
+        return info
+
+    def _lookup(self, name: str) -> DiscoveredModel | None:
+        info = find_model(self.available, name)
+        if info is None:
+            target = self.settings.alias_target(name)
+            info = find_model(self.available, target) if target else None
+        if info is None and "/" not in name:
+            matches = [m for m in self.available if m.model_id.rsplit("/", 1)[-1] == name]
+            info = matches[0] if len(matches) == 1 else None
+        return info
+
+    def apply_request_defaults(self, body):
+        """The request body with the model's and the global defaults filled in under it
+        (sampling, max_tokens, chat_template_kwargs); see omlx.settings for precedence."""
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            return body
+        info = self._lookup(body["model"])
+        model_id = info.model_id if info else body["model"]
+        return apply_request_defaults(body, self.settings.request_defaults(model_id))
+
+    # ------------------------------------------------------------------ state
+    @property
+    def loaded(self) -> dict[str, object]:
+        """Resident models by id (LoadedModel for LLMs, LoadedEmbedder for embeddings)."""
+        return {model_id: r.model for model_id, r in self._residents.items()}
+
+    def resident(self, model_id: str) -> Resident | None:
+        return self._residents.get(model_id)
+
+    def is_loading(self, model_id: str) -> bool:
+        return model_id in self._loading
+
+    def is_pinned(self, model_id: str) -> bool:
+        return model_id in self.cli_pinned or self.settings.pinned(model_id)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(r.memory_bytes for r in self._residents.values()) + sum(self._reserved.values())
+
+    # ------------------------------------------------------------------ leases
+    @contextlib.asynccontextmanager
+    async def lease(self, name: str, model_type: str | None = "llm") -> AsyncIterator[object]:
+        """Hold a loaded model for the duration of a request; it cannot be evicted meanwhile.
+
+        Raises ModelNotFound, ModelUnavailable (wrong or unsupported type),
+        InsufficientMemory or ModelLoadFailed.
+        """
+        resident = await self._acquire(name, model_type)
+        try:
+            yield resident.model
+        finally:
+            resident.leases -= 1
+            resident.last_used = time.monotonic()
+
+    async def _acquire(self, name: str, model_type: str | None) -> Resident:
+        info = self.resolve(name)
+        self._check_type(info, model_type)
+        while True:
+            resident = self._residents.get(info.model_id)
+            if resident is not None:
+                resident.leases += 1  # no await since the lookup: it cannot be evicted in between
+                resident.last_used = time.monotonic()
+                return resident
+            await asyncio.shield(self._load_task(info))
+
+    @staticmethod
+    def _check_type(info: DiscoveredModel, wanted: str | None) -> None:
+        if info.model_type not in SERVABLE_TYPES:
+            raise ModelUnavailable(
+                f"'{info.model_id}' is a {info.model_type} model; this server serves "
+                f"{' and '.join(SERVABLE_TYPES)} models only so far"
+            )
+        if wanted is not None and info.model_type != wanted:
+            raise ModelUnavailable(
+                f"'{info.model_id}' is a{'n' if info.model_type[0] in 'aeiou' else ''} "
+                f"{info.model_type} model and cannot serve this {wanted} request"
+            )
+
+    # ------------------------------------------------------------------ load / unload
+    async def load(self, name: str) -> Resident:
+        """Load a model (if it is not resident yet) without holding a lease on it."""
+        info = self.resolve(name)
+        self._check_type(info, None)
+        while info.model_id not in self._residents:
+            await asyncio.shield(self._load_task(info))
+        resident = self._residents[info.model_id]
+        resident.last_used = time.monotonic()  # asking for it is a use: it is wanted now
+        return resident
+
+    def _load_task(self, info: DiscoveredModel) -> asyncio.Task:
         task = self._loading.get(info.model_id)
         if task is None:
-            task = asyncio.ensure_future(asyncio.to_thread(self._load, info))
+            task = asyncio.ensure_future(self._load(info))
             self._loading[info.model_id] = task
-            task.add_done_callback(lambda _: self._loading.pop(info.model_id, None))
-        loaded = await asyncio.shield(task)
-        self.loaded[info.model_id] = loaded
-        return loaded
+            task.add_done_callback(lambda t: self._load_done(info.model_id, t))
+        return task
 
-    def _load(self, info: DiscoveredModel) -> LoadedModel:
+    def _load_done(self, model_id: str, task: asyncio.Task) -> None:
+        self._loading.pop(model_id, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here, so a load nobody waits for any more is not "never retrieved"
+
+    async def _load(self, info: DiscoveredModel) -> None:
+        estimate = info.size_bytes + (estimate_kv_bytes(info.config, self.engine_config)
+                                      if info.model_type == "llm" else 0)
+        key = f"load:{info.model_id}"
+        async with self._admission_lock():
+            await self._make_room(estimate, info.model_id)
+            self._reserved[key] = estimate
+        try:
+            model = await asyncio.to_thread(self._load_sync, info)
+        except (InsufficientMemory, ModelUnavailable):
+            raise
+        except Exception as exc:
+            log.exception("loading %s failed", info.model_id)
+            raise ModelLoadFailed(f"loading '{info.model_id}' failed: {exc}") from exc
+        finally:
+            self._reserved.pop(key, None)
+        self._residents[info.model_id] = Resident(model, model.memory_bytes)
+        log.info("%s resident: %.1f MiB (pool %.1f / %.1f MiB)", info.model_id,
+                 model.memory_bytes / 2**20, self.used_bytes / 2**20, self.memory_budget / 2**20)
+        # The estimate can fall short of what was really allocated; settle the difference.
+        async with self._admission_lock():
+            with contextlib.suppress(InsufficientMemory):
+                await self._make_room(0, info.model_id)
+
+    def _load_sync(self, info: DiscoveredModel):
+        if info.model_type == "embedding":
+            from omlx.embeddings import load_embedder
+
+            return load_embedder(info)
+        return self._load_llm(info)
+
+    def _load_llm(self, info: DiscoveredModel) -> LoadedModel:
         from mlx_lm import load
 
         started = time.monotonic()
-        model, tokenizer = load(str(info.path))
+        settings = self.settings.model(info.model_id)
+        trust = self.settings.trust_remote_code(info.model_id)
+        model, tokenizer = load(
+            str(info.path),
+            tokenizer_config={"trust_remote_code": True} if trust else None,
+            adapter_path=settings.get("adapter_path"),
+        )
         window = context_window_of(info.config)
-        scope = f"{info.model_id}:{info.path}:{info.size_bytes}".encode()
+        scope = f"{info.model_id}:{info.path}:{info.size_bytes}:{settings.get('adapter_path')}".encode()
         engine = LLMEngine(model, self.engine_config, context_window=window, scope=scope)
         log.info("loaded %s in %.1fs (context %d)", info.model_id, time.monotonic() - started, window)
-        return LoadedModel(info, tokenizer, AsyncEngine(engine), engine.max_model_len, time.time())
+        return LoadedModel(info, tokenizer, AsyncEngine(engine), engine.max_model_len, time.time(),
+                           weights_bytes=parameter_bytes(model))
+
+    async def _make_room(self, needed: int, for_model: str) -> None:
+        """Unload idle, unpinned models, least recently used first, until `needed` more bytes
+        fit in the budget.  Call with the admission lock held."""
+        if needed > self.memory_budget:
+            raise InsufficientMemory(
+                f"'{for_model}' needs about {_gib(needed)} of memory, more than the whole model "
+                f"memory budget of {_gib(self.memory_budget)} (--max-model-memory)"
+            )
+        while self.used_bytes + needed > self.memory_budget:
+            idle = [(r.last_used, model_id) for model_id, r in self._residents.items()
+                    if r.leases == 0 and model_id != for_model and not self.is_pinned(model_id)]
+            if not idle:
+                busy = [f"{m} ({'pinned' if self.is_pinned(m) else f'{r.leases} request(s)'})"
+                        for m, r in sorted(self._residents.items()) if m != for_model]
+                raise InsufficientMemory(
+                    f"'{for_model}' needs about {_gib(needed)} of memory but only "
+                    f"{_gib(max(0, self.memory_budget - self.used_bytes))} of the "
+                    f"{_gib(self.memory_budget)} budget is free, and every resident model is in "
+                    f"use or pinned: {', '.join(busy) or 'none (other loads are in progress)'}. "
+                    "Retry when a request finishes, or raise --max-model-memory."
+                )
+            _, victim = min(idle)
+            log.info("evicting %s (least recently used, idle) to make room for %s", victim, for_model)
+            self.evictions += 1
+            await self._unload(victim)
+
+    async def unload(self, name: str) -> bool:
+        """Unload a resident model now; False if it was not loaded.  Raises ModelBusy while
+        requests are using it."""
+        info = self.resolve(name)
+        resident = self._residents.get(info.model_id)
+        if resident is None:
+            return False
+        if resident.leases:
+            raise ModelBusy(f"'{info.model_id}' is serving {resident.leases} request(s); unload it when they finish")
+        await self._unload(info.model_id)
+        return True
+
+    async def _unload(self, model_id: str) -> None:
+        resident = self._residents.pop(model_id)
+        key = f"unload:{model_id}"
+        # Its memory counts until the engine thread has stopped and the arrays are freed.
+        self._reserved[key] = resident.memory_bytes
+        try:
+            await asyncio.to_thread(_release, resident)
+        finally:
+            self._reserved.pop(key, None)
+        log.info("unloaded %s", model_id)
+
+    def _admission_lock(self) -> asyncio.Lock:
+        if self._admission is None:
+            self._admission = asyncio.Lock()
+        return self._admission
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Load pinned and preloaded models, then watch TTLs."""
+        wanted = list(dict.fromkeys(
+            [*self.cli_pinned, *(m for m, s in self.settings.all_models().items() if s.get("pinned")),
+             *self.preload]
+        ))
+        for name in wanted:
+            try:
+                await self.load(name)
+            except Exception as exc:  # the server still serves everything else
+                log.error("could not load %s at startup: %s", name, exc)
+        if self._ttl_task is None:
+            self._ttl_task = asyncio.ensure_future(self._expire_idle_forever())
+
+    async def expire_idle(self) -> list[str]:
+        """Unload every idle, unpinned model whose TTL has passed; returns their ids."""
+        expired = []
+        for model_id, resident in list(self._residents.items()):
+            ttl = self.settings.ttl(model_id)
+            if (ttl is not None and resident.leases == 0 and resident.idle_s >= ttl
+                    and not self.is_pinned(model_id) and self._residents.get(model_id) is resident):
+                log.info("unloading %s: idle for %.0fs (ttl %gs)", model_id, resident.idle_s, ttl)
+                async with self._admission_lock():
+                    if self._residents.get(model_id) is resident and resident.leases == 0:
+                        await self._unload(model_id)
+                        expired.append(model_id)
+        return expired
+
+    async def _expire_idle_forever(self) -> None:
+        while True:
+            await asyncio.sleep(TTL_CHECK_INTERVAL_S)
+            try:
+                await self.expire_idle()
+            except Exception:
+                log.exception("TTL check failed")
+
+    async def close(self) -> None:
+        if self._ttl_task is not None:
+            self._ttl_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ttl_task
+            self._ttl_task = None
+        for model_id in list(self._residents):
+            await self._unload(model_id)
 
     def shutdown(self) -> None:
-        for loaded in self.loaded.values():
-            loaded.engine.shutdown()
-        self.loaded.clear()
+        """Synchronous last resort at exit: stop every engine thread."""
+        for resident in self._residents.values():
+            resident.model.shutdown()
+        self._residents.clear()
+
+
+def _release(resident: Resident) -> None:
+    """Stop the model's engine thread and give its arrays back to the allocator."""
+    resident.model.shutdown()
+    resident.model = None
+    gc.collect()
+    try:
+        import mlx.core as mx
+
+        mx.clear_cache()
+    except Exception:  # an allocator without a cache to clear
+        pass
+
+
+def _gib(n: int) -> str:
+    """A byte count for people: GiB for model-sized numbers, MiB below that."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"

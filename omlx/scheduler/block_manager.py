@@ -126,6 +126,20 @@ class BlockManager:
             seq.block_table.append(block)
         return True
 
+    def fork(self, parent: Sequence, child: Sequence, num_computed: int) -> None:
+        """Give a fresh `child` the parent's full blocks among its first `num_computed` tokens
+        (n > 1 completions of one prompt).  Only full blocks are shared: the partial last one
+        is where each child writes its own tokens, so the child recomputes that tail.
+        """
+        assert not child.block_table
+        n = min(num_computed // self.block_size, len(parent.block_table))
+        for block in parent.block_table[:n]:
+            self._acquire(block)
+        child.block_table = parent.block_table[:n]
+        child.block_hashes = parent.block_hashes[:n]
+        child.num_hashed_blocks = min(parent.num_hashed_blocks, n)
+        child.num_computed_tokens = n * self.block_size
+
     def free(self, seq: Sequence) -> None:
         """Release the sequence's blocks; its full blocks stay cached for later reuse."""
         # Tail blocks are released first so that they are also evicted first: a prefix is

@@ -20,6 +20,7 @@ from .block_manager import BlockManager
 from .kv_cache import KVLayout, PagedKVStorage
 from .request import FinishReason, GenerationRequest, TokenEvent
 from .runner import ModelRunner
+from .parallel_sampling import fork_siblings, request_finished, request_sequences
 from .sampler import Sampler
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence, SequenceStatus
@@ -98,9 +99,10 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> TokenEvent | None:
         seq = self.sequences.pop(request_id, None)
-        if seq is None or seq.status is SequenceStatus.FINISHED:
+        if seq is None or request_finished(seq):
             return None
-        self.scheduler.finish(seq, FinishReason.ABORT)
+        for member in request_sequences(seq):  # every completion of an n > 1 request
+            self.scheduler.finish(member, FinishReason.ABORT)
         return TokenEvent(token_id=None, finish_reason=FinishReason.ABORT)
 
     @property
@@ -127,7 +129,7 @@ class LLMEngine:
         for seq, event in events:
             if event.token_id is not None:
                 self.stats.generated_tokens += 1
-            if event.finish_reason is not None:
+            if event.finish_reason is not None and request_finished(seq):
                 self.sequences.pop(seq.request_id, None)
             out.append((seq.request_id, event))
         return out
@@ -135,17 +137,25 @@ class LLMEngine:
     def _run(self, seqs: list[Sequence], counts: list[int], want: list[bool]):
         logits = self.runner.forward(seqs, counts, want)
         sampled: dict[int, int] = {}
+        siblings: list[Sequence] = []
         if logits is not None:
             rows = [i for i, w in enumerate(want) if w]
-            tokens = self.sampler(logits, [seqs[i] for i in rows])
+            sampling = [seqs[i] for i in rows]
+            # n > 1: a request sampling its first token forks; its siblings share the row.
+            logits, siblings = fork_siblings(self.scheduler, logits, sampling, [counts[i] for i in rows])
+            tokens = self.sampler(logits, sampling + siblings)
             sampled = dict(zip(rows, tokens))
-        return self.scheduler.postprocess(seqs, counts, sampled)
+        events = self.scheduler.postprocess(seqs, counts, sampled)
+        for sibling, token in zip(siblings, tokens[len(rows) :] if siblings else ()):
+            events += self.scheduler.postprocess([sibling], [0], {0: token})
+        return events
 
     def fail_all(self, message: str) -> list[tuple[str, TokenEvent]]:
         """After an internal error: end every request with an error, releasing its blocks."""
         out = []
         for request_id, seq in list(self.sequences.items()):
-            self.scheduler.finish(seq, FinishReason.ERROR)
+            for member in request_sequences(seq):
+                self.scheduler.finish(member, FinishReason.ERROR)
             out.append((request_id, TokenEvent(None, FinishReason.ERROR, error=message)))
         self.sequences.clear()
         return out
@@ -207,10 +217,13 @@ class AsyncEngine:
             self._streams[request.request_id] = (loop, events)
         self._send(_ADD, request)
         finished = False
+        unfinished = request.n  # an n > 1 request ends when its last completion does
         try:
             while True:
                 event = await events.get()
-                finished = event.finish_reason is not None
+                if event.finish_reason is not None:
+                    unfinished -= 1
+                finished = unfinished == 0 or event.error is not None or event.finish_reason is FinishReason.ABORT
                 yield event
                 if finished:
                     return

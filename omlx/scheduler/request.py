@@ -41,6 +41,17 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     # Token ids that end generation (the model's EOS set); the token itself is not output.
     stop_token_ids: frozenset[int] = frozenset()
+    # None: no log-probabilities. k >= 0: every token event carries the sampled token's
+    # log-probability and the k most likely alternatives.
+    logprobs: int | None = None
+    # Restricts which tokens may be sampled (a grammar, a thinking budget): a factory with
+    # `new_state(max_tokens)` returning an omlx.constrained.TokenConstraint, made once per sequence.
+    # Built (and validated) by the API layer, so grammar compilation never runs on the
+    # engine thread.
+    constraint: object | None = None
+    # Independent completions of the same prompt; they share its KV blocks (see
+    # BlockManager.fork) and each samples with its own stream (seed + index).
+    n: int = 1
 
 
 class FinishReason(str, Enum):
@@ -59,3 +70,9 @@ class TokenEvent:
     # Set on the first event: how many prompt tokens were served from the prefix cache.
     cached_prompt_tokens: int | None = None
     error: str | None = None
+    # With `logprobs`: the sampled token's log-probability and the top alternatives
+    # as (token_id, logprob), most likely first.
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    # Which of the request's `n` completions this event belongs to.
+    index: int = 0

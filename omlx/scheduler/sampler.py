@@ -6,16 +6,26 @@ depends only on that row, so a request's tokens do not change with what it is ba
 
 Randomness comes from one uniform number per row per step, drawn from the request's own
 generator when it has a seed (otherwise from the engine's), and turned into a token by
-inverse-CDF lookup in the filtered distribution: seeded requests replay exactly.
+inverse-CDF lookup in the filtered distribution: seeded requests replay exactly.  The n
+completions of one request draw from streams seeded with seed + index.
+
+Two features cost nothing for rows that do not ask for them:
+- token constraints (grammars, thinking budgets): the rows that have one get an allowed-token
+  mask, applied to the whole batch with one `where`; free rows in the same batch are untouched;
+- log-probabilities: computed only for the rows that ask, from the same adjusted logits.
 """
 
 from __future__ import annotations
+
+import logging
 
 import mlx.core as mx
 import numpy as np
 
 from .request import SamplingParams
 from .sequence import Sequence
+
+log = logging.getLogger("omlx.sampler")
 
 
 def _adjust_logits(logits: mx.array, seqs: list[Sequence]) -> mx.array:
@@ -57,11 +67,14 @@ class Sampler:
         if seed is None:
             return float(self._rng.random())
         if seq.rng is None:
-            seq.rng = np.random.default_rng(seed)
+            seq.rng = np.random.default_rng(seed + seq.index)
         return float(seq.rng.random())
 
     def __call__(self, logits: mx.array, seqs: list[Sequence]) -> list[int]:
         logits = _adjust_logits(logits, seqs)
+        constrained_rows = [r for r, s in enumerate(seqs) if s.constraint is not None]
+        if constrained_rows:
+            logits = _apply_constraints(logits, seqs, constrained_rows)
         greedy_rows = [r for r, s in enumerate(seqs) if s.request.sampling.greedy]
         random_rows = [r for r, s in enumerate(seqs) if not s.request.sampling.greedy]
         tokens = [0] * len(seqs)
@@ -74,11 +87,62 @@ class Sampler:
             uniforms = [self._uniform(seqs[r]) for r in random_rows]
             picked = logits if len(random_rows) == len(seqs) else logits[mx.array(random_rows)]
             pending.append((random_rows, _sample_rows(picked, params, uniforms)))
-        mx.eval([ids for _, ids in pending])
+        logprob_rows = [r for r, s in enumerate(seqs) if s.request.logprobs is not None]
+        logprobs = _log_softmax_rows(logits, logprob_rows, len(seqs)) if logprob_rows else None
+        mx.eval([ids for _, ids in pending] + ([logprobs] if logprobs is not None else []))
         for rows, ids in pending:
             for r, t in zip(rows, ids.tolist()):
                 tokens[r] = t
+        if logprobs is not None:
+            _record_logprobs(np.asarray(logprobs), logprob_rows, seqs, tokens)
+        for r in constrained_rows:
+            seqs[r].constraint.accept(tokens[r])
         return tokens
+
+
+def _apply_constraints(logits: mx.array, seqs: list[Sequence], rows: list[int]) -> mx.array:
+    """Forbid, in the constrained rows, every token their constraint does not allow now."""
+    from omlx.constrained import allowed_tokens
+
+    vocab = logits.shape[1]
+    active = [r for r in rows if seqs[r].constraint.active]
+    if not active:  # e.g. a thinking budget not yet spent: nothing to forbid this step
+        return logits
+    allowed = np.ones((len(seqs), vocab), dtype=bool)
+    allowed[active] = allowed_tokens([seqs[r].constraint for r in active], vocab)
+    for r in active:
+        if not allowed[r].any():
+            # A constraint that allows nothing (a grammar in an error state) must not leave
+            # the row without a token: let it end the request instead.
+            log.warning("request %s: constraint allows no token; ending it", seqs[r].request_id)
+            stop = [t for t in seqs[r].request.stop_token_ids if t < vocab]
+            allowed[r, stop or [0]] = True
+    return mx.where(mx.array(allowed), logits, -mx.inf)
+
+
+def _log_softmax_rows(logits: mx.array, rows: list[int], num_rows: int) -> mx.array:
+    """Log-probabilities of the rows that asked for them.
+
+    They describe the distribution after logit_bias, penalties and any constraint mask (what
+    the request's own settings made of the model's output; a forbidden token has
+    probability 0) but before temperature and top-k / top-p / min-p truncation, so they are
+    the model's log-probabilities whatever sampling settings are used, as OpenAI reports them.
+    """
+    picked = logits if len(rows) == num_rows else logits[mx.array(rows)]
+    return picked - mx.logsumexp(picked, axis=-1, keepdims=True)
+
+
+def _record_logprobs(logprobs: np.ndarray, rows: list[int], seqs: list[Sequence], tokens: list[int]) -> None:
+    for i, r in enumerate(rows):
+        row = logprobs[i]
+        k = min(seqs[r].request.logprobs, row.shape[0])
+        top: list[tuple[int, float]] = []
+        if k > 0:
+            ids = np.argpartition(-row, k - 1)[:k]
+            # Most likely first; equal values by token id, so the order is deterministic.
+            ids = ids[np.lexsort((ids, -row[ids]))]
+            top = [(int(t), float(row[t])) for t in ids if np.isfinite(row[t])]
+        seqs[r].step_logprobs = (float(row[tokens[r]]), top)
 
 
 def _sample_rows(logits: mx.array, params: list[SamplingParams], uniforms: list[float]) -> mx.array:

@@ -148,7 +148,10 @@ class Scheduler:
             token = sampled.get(i)
             if token is None:
                 continue
-            event = TokenEvent(token_id=token)
+            event = TokenEvent(token_id=token, index=seq.index)
+            if seq.step_logprobs is not None:
+                event.logprob, event.top_logprobs = seq.step_logprobs
+                seq.step_logprobs = None
             if not seq.reported_cache_hit:
                 event.cached_prompt_tokens = seq.cached_prompt_tokens
                 seq.reported_cache_hit = True
@@ -158,7 +161,9 @@ class Scheduler:
                 event.finish_reason = FinishReason.STOP
             else:
                 seq.token_ids.append(token)
-                if seq.num_output_tokens >= request.max_tokens or seq.num_tokens >= self.config.max_model_len:
+                if seq.constraint is not None and seq.constraint.finished:
+                    event.finish_reason = FinishReason.STOP  # its grammar is complete
+                elif seq.num_output_tokens >= request.max_tokens or seq.num_tokens >= self.config.max_model_len:
                     event.finish_reason = FinishReason.LENGTH
             if event.finish_reason is not None:
                 self.finish(seq, event.finish_reason)

@@ -38,9 +38,13 @@ class Sequence:
         "arrival",
         "rng",
         "reported_cache_hit",
+        "index",
+        "constraint",
+        "step_logprobs",
+        "group",
     )
 
-    def __init__(self, request: GenerationRequest):
+    def __init__(self, request: GenerationRequest, index: int = 0, constraint=None):
         self.request = request
         self.token_ids: list[int] = list(request.prompt_token_ids)
         self.num_prompt_tokens = len(self.token_ids)
@@ -55,6 +59,18 @@ class Sequence:
         self.reported_cache_hit = False
         self.arrival = next(_arrival_counter)
         self.rng = None  # numpy Generator for seeded sampling, set by the sampler
+        self.index = index  # which of the request's n completions this is
+        # This sequence's own state of the request's token constraint (grammar, thinking
+        # budget), advanced by the sampler with every token it picks.
+        if constraint is None and request.constraint is not None:
+            constraint = request.constraint.new_state(request.max_tokens)
+        self.constraint = constraint
+        # (logprob, top alternatives) of the token the sampler just picked, when the request
+        # asks for logprobs; postprocess moves it into the TokenEvent.  It rides on the
+        # sequence so that neither the engine nor postprocess change shape for it.
+        self.step_logprobs: tuple[float, list[tuple[int, float]]] | None = None
+        # The n sequences of an n > 1 request (a list they share), once they have forked.
+        self.group: list[Sequence] | None = None
 
     @property
     def request_id(self) -> str:

@@ -17,27 +17,60 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+# A ChatML template in the Qwen / Hermes style: tools listed in the system turn, calls as
+# `<tool_call>{"name": ..., "arguments": ...}</tool_call>` in assistant turns, results as
+# `<tool_response>` in a user turn, reasoning as `<think>...</think>`.  mlx-lm infers its
+# `json_tools` parser from the `<tool_call>` and `tool_call.name` it finds here, so the
+# tokenizer reports tool calling the way it does for real Qwen checkpoints.
 CHAT_TEMPLATE = (
-    "{% if tools %}"
-    "<|im_start|>system\n"
-    "{% if messages[0].role == 'system' %}{{ messages[0].content }}\n\n{% endif %}"
-    "# Tools\n<tools>\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>"
-    "<|im_end|>\n"
-    "{% elif messages[0].role == 'system' %}"
-    "<|im_start|>system\n{{ messages[0].content }}<|im_end|>\n"
-    "{% endif %}"
-    "{% for message in messages %}"
-    "{% if message.role != 'system' %}"
-    "<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if enable_thinking is defined and enable_thinking is false %}"
-    "<think>\n\n</think>\n\n{% endif %}"
-    "{% endif %}"
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n\\nYou may call one or more functions. Their signatures:\\n<tools>\\n' }}"
+    "{%- for tool in tools %}{{- tool | tojson }}{{- '\\n' }}{%- endfor %}"
+    "{{- '</tools>\\n\\nTo call a function, answer with its name and arguments as JSON:\\n"
+    "<tool_call>\\n{\"name\": <function-name>, \"arguments\": <arguments-object>}\\n</tool_call>"
+    "<|im_end|>\\n' }}"
+    "{%- elif messages[0].role == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'system' %}"
+    "{%- if not loop.first %}{{- '<|im_start|>system\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- elif message.role == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if message.reasoning_content %}"
+    "{{- '<think>\\n' + message.reasoning_content + '\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{{- message.content or '' }}"
+    "{%- for tool_call in message.tool_calls or [] %}"
+    "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
+    "{%- if message.content or not loop.first %}{{- '\\n' }}{%- endif %}"
+    "{{- '<tool_call>\\n{\"name\": \"' + tool_call.name + '\", \"arguments\": ' }}"
+    "{{- tool_call.arguments | tojson }}{{- '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
 )
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+# Control tokens (special: dropped by decode(skip_special_tokens)) and markup tokens that are
+# single tokens in Qwen-style vocabularies but part of the visible text.
+CONTROL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MARKUP_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+SPECIAL_TOKENS = CONTROL_TOKENS + MARKUP_TOKENS
 
 _WORDS = (
     "the a an of to in is it that for on with as was are be this by at from or have "
@@ -169,21 +202,107 @@ def _model_class(model_type: str):
 def build_model(path: str | Path, spec: TinyModelSpec | None = None) -> Path:
     """Write config.json, model.safetensors and tokenizer files for `spec` into `path`."""
     spec = spec or TinyModelSpec()
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-
     tokenizer = build_tokenizer(spec.vocab_size)
+    model, config = _random_model(spec, tokenizer)
+    if not spec.tie_word_embeddings:
+        model.lm_head.weight = model.lm_head.weight * spec.logit_scale
+        _discourage_markup(model, tokenizer)
+    return _write_folder(Path(path), spec, config, model, tokenizer)
+
+
+MARKUP_PENALTY = 30.0
+
+
+def _discourage_markup(model, tokenizer) -> None:
+    """Make the random model babble without ever writing markup (<think>, <tool_call>, ...),
+    as a real model only writes it when it means to; otherwise replies would turn into
+    reasoning or tool calls by chance, and a grammar that allows a thinking block before a
+    forced tool call would see the model think forever.
+
+    The classic bias trick, since the output head has no bias: hidden dimension 0 holds the
+    same positive value at every position (every embedding has it, and no attention or MLP
+    output writes to it), so a markup token's output row reading only that dimension, with a
+    negative weight, gives it a large negative logit whatever the context.  Constrained
+    decoding can still force markup where its grammar requires it.
+    """
+    inner = model.model
+    embedding = inner.embed_tokens.weight
+    embedding[:, 0] = 1.0  # ~8x the random entries: dimension 0 stays positive after the norm
+    inner.embed_tokens.weight = embedding
+    for layer in inner.layers:
+        for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            weight = proj.weight
+            weight[0, :] = 0.0
+            proj.weight = weight
+    head = model.lm_head.weight
+    for token in MARKUP_TOKENS:
+        row = mx.zeros((head.shape[1],))
+        row[0] = -MARKUP_PENALTY
+        head[tokenizer.token_to_id(token)] = row
+    model.lm_head.weight = head
+
+
+def build_scripted_model(path: str | Path, reply: list[str], spec: TinyModelSpec | None = None) -> Path:
+    """A real model (random weights, then rewired) whose greedy answer to any chat prompt is
+    `reply`, piece by piece, followed by end-of-turn.
+
+    Output that tests can predict exactly, through the real engine and detokenizer, is what
+    end-to-end tests of tool-call and reasoning parsing need; a random model only babbles.
+    The rewiring: every attention and MLP output projection is zeroed, so the residual stream
+    at each position is just the current token's embedding and the model becomes a bigram
+    table.  Each token of the reply gets an orthogonal embedding and the output head maps it
+    to the next one.  So each piece must be one token (pieces that are not get added to the
+    vocabulary, as markup tokens are in real tokenizers) and no token may repeat.
+    """
+    spec = spec or TinyModelSpec(model_type="llama", seed=3)
+    tokenizer = build_tokenizer(spec.vocab_size)
+    from tokenizers import AddedToken
+
+    new_pieces = [p for p in reply if tokenizer.token_to_id(p) is None]
+    tokenizer.add_tokens([AddedToken(p, normalized=False, special=False) for p in new_pieces])
+    model, config = _random_model(spec, tokenizer)
+
+    # The generation prompt ends with "<|im_start|>assistant\n": its last token starts the chain.
+    start = tokenizer.encode("<|im_start|>assistant\n").ids[-1]
+    chain = [start] + [tokenizer.token_to_id(p) for p in reply] + [config["eos_token_id"]]
+    if len(set(chain[:-1])) != len(chain) - 1:
+        raise ValueError(f"a scripted reply may not repeat a token: {reply!r}")
+    hidden = spec.hidden_size
+    if len(chain) - 1 > hidden:
+        raise ValueError(f"a reply of {len(reply)} pieces needs hidden_size > {len(reply)}")
+
+    weights = dict(tree_flatten(model.parameters()))
+    for name in weights:
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            weights[name] = mx.zeros_like(weights[name])
+    embed, head = "model.embed_tokens.weight", "lm_head.weight"
+    embedding = weights[embed]
+    lm_head = mx.zeros_like(weights[head])
+    margin = 30.0  # logit of the scripted next token; every other logit is 0
+    for k, (token, following) in enumerate(zip(chain, chain[1:])):
+        basis = mx.zeros((hidden,)).at[k].add(1.0)
+        # RMSNorm leaves a vector of RMS 1 unchanged, so the head sees sqrt(hidden) * basis.
+        embedding[token] = basis * hidden**0.5
+        lm_head[following] = basis * (margin / hidden**0.5)
+    weights[embed], weights[head] = embedding, lm_head
+    model.load_weights(list(weights.items()))
+    return _write_folder(Path(path), spec, config, model, tokenizer, markup=SPECIAL_TOKENS + new_pieces)
+
+
+def _random_model(spec: TinyModelSpec, tokenizer):
     # The trained vocabulary can be smaller than asked; the embedding keeps the full size
     # (as real models pad theirs), so ids never fall outside it.
     config = spec.config()
-    eos_id = tokenizer.token_to_id("<|im_end|>")
-    config["eos_token_id"] = eos_id
-
+    config["vocab_size"] = max(spec.vocab_size, tokenizer.get_vocab_size())
+    config["eos_token_id"] = tokenizer.token_to_id("<|im_end|>")
     module = _model_class(spec.model_type)
     mx.random.seed(spec.seed)
-    model = module.Model(module.ModelArgs.from_dict(config))
-    if not spec.tie_word_embeddings:
-        model.lm_head.weight = model.lm_head.weight * spec.logit_scale
+    return module.Model(module.ModelArgs.from_dict(config)), config
+
+
+def _write_folder(path: Path, spec: TinyModelSpec, config: dict, model, tokenizer, markup=SPECIAL_TOKENS) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    eos_id = config["eos_token_id"]
     weights = dict(tree_flatten(model.parameters()))
     weights = {k: v.astype(mx.float32) for k, v in weights.items()}
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
@@ -201,13 +320,13 @@ def build_model(path: str | Path, spec: TinyModelSpec | None = None) -> Path:
         "added_tokens_decoder": {
             str(tokenizer.token_to_id(t)): {
                 "content": t,
-                "special": t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+                "special": t in CONTROL_TOKENS,
                 "lstrip": False,
                 "rstrip": False,
                 "normalized": False,
                 "single_word": False,
             }
-            for t in SPECIAL_TOKENS
+            for t in markup
         },
     }
     (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))

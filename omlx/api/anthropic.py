@@ -1,0 +1,192 @@
+"""Anthropic Messages API: POST /v1/messages and /v1/messages/count_tokens.
+
+What Claude Code and the Anthropic SDKs need: the exact streaming event sequence
+(message_start, ping, content_block_start / _delta / _stop per block, message_delta with the
+stop reason and usage, message_stop), thinking / text / tool_use blocks, stop_reason
+end_turn / max_tokens / stop_sequence / tool_use.  Errors on these routes are rendered in
+Anthropic's shape by the server's middleware (see errors.is_anthropic_route).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import orjson
+from aiohttp import web
+
+from omlx.models.pool import LoadedModel, ModelPool
+
+from . import sse
+from .anthropic_protocol import MessagesRequest, parse_conversation, parse_messages
+from .assistant_turn import AssistantTurn, collect_turn
+from .conversation import render_prompt
+from .errors import APIError
+from .generation import EngineFailure, GenerationStream, build_request
+from .model_access import lease_for_request
+from .openai import read_json
+from .output_parser import Reasoning, Text, ToolCallEvent
+from .turn_options import decoding_constraint, output_room, tool_parser_of
+
+log = logging.getLogger("omlx.api.anthropic")
+
+KEEPALIVE_S = 10.0
+_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+
+
+def _message_id() -> str:
+    return f"msg_{uuid.uuid4().hex[:24]}"
+
+
+class AnthropicRoutes:
+    def __init__(self, pool: ModelPool):
+        self.pool = pool
+
+    def register(self, app: web.Application) -> None:
+        app.router.add_post("/v1/messages", self.messages)
+        app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
+
+    async def count_tokens(self, request: web.Request) -> web.Response:
+        model, conversation, _ = parse_conversation(await read_json(request))
+        loaded: LoadedModel = await lease_for_request(request, self.pool, model)
+        prompt_ids = render_prompt(loaded.tokenizer, conversation)
+        return web.json_response({"input_tokens": len(prompt_ids)})
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        parsed = parse_messages(self.pool.apply_request_defaults(await read_json(request)))
+        loaded: LoadedModel = await lease_for_request(request, self.pool, parsed.model)
+        conversation = parsed.conversation
+        prompt_ids = render_prompt(loaded.tokenizer, conversation)
+        # Anthropic clients cannot adjust max_tokens to a small local context (Claude Code
+        # always asks for 32000): cap it at the room the context leaves instead of refusing.
+        max_tokens = min(parsed.max_tokens, max(1, output_room(loaded, len(prompt_ids))))
+        tool_parser = tool_parser_of(self.pool, loaded)
+        constraint = await asyncio.to_thread(
+            decoding_constraint, loaded, conversation, None, parsed.thinking_budget, prompt_ids, tool_parser
+        )
+        engine_request = build_request(loaded, prompt_ids, max_tokens, parsed.sampling, "msg", constraint=constraint)
+        stream = GenerationStream(loaded, engine_request, parsed.stop_sequences)
+        turn = AssistantTurn(stream, prompt_ids, conversation, tool_parser, call_id_prefix="toolu")
+        message_id = _message_id()
+        if parsed.stream:
+            return await self._stream(request, turn, parsed, message_id)
+        try:
+            events = await collect_turn(turn)
+        except EngineFailure as exc:
+            raise APIError(str(exc), 500, "api_error") from None
+        content = []
+        for event in events:
+            if isinstance(event, Reasoning):
+                content.append({"type": "thinking", "thinking": event.text, "signature": ""})
+            elif isinstance(event, Text):
+                content.append({"type": "text", "text": event.text})
+            else:
+                call = event.call
+                content.append({"type": "tool_use", "id": call.id, "name": call.name, "input": call.arguments_object()})
+        return web.json_response(
+            {
+                "id": message_id,
+                "type": "message",
+                "role": "assistant",
+                "model": parsed.model,
+                "content": content,
+                "stop_reason": _stop_reason(turn),
+                "stop_sequence": turn.matched_stop(),
+                "usage": _usage(turn),
+            },
+            dumps=_dumps,
+        )
+
+    async def _stream(self, request, turn: AssistantTurn, parsed: MessagesRequest, message_id: str):
+        response = await sse.open_stream(request)
+
+        async def send(kind: str, payload: dict) -> None:
+            await response.write(sse.named_event(kind, {"type": kind, **payload}))
+
+        start_usage = _usage(turn)
+        start_usage["output_tokens"] = 0
+        await send(
+            "message_start",
+            {
+                "message": {
+                    "id": message_id,
+                    "type": "message",
+                    "role": "assistant",
+                    "model": parsed.model,
+                    "content": [],
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": start_usage,
+                }
+            },
+        )
+        await send("ping", {})
+        index = -1
+        open_kind = None  # the kind of the content block being streamed, if one is open
+
+        async def close_block() -> None:
+            nonlocal open_kind
+            if open_kind == "thinking":
+                # Anthropic ends a thinking block with its signature; a local model has none.
+                await send("content_block_delta", {"index": index, "delta": {"type": "signature_delta", "signature": ""}})
+            if open_kind is not None:
+                await send("content_block_stop", {"index": index})
+            open_kind = None
+
+        async def open_block(block: dict) -> None:
+            nonlocal index, open_kind
+            await close_block()
+            index += 1
+            open_kind = block["type"]
+            await send("content_block_start", {"index": index, "content_block": block})
+
+        try:
+            async for event in sse.with_keepalive(turn.events(), KEEPALIVE_S):
+                if event is None:
+                    await send("ping", {})
+                elif isinstance(event, Reasoning):
+                    if open_kind != "thinking":
+                        await open_block({"type": "thinking", "thinking": "", "signature": ""})
+                    await send("content_block_delta", {"index": index, "delta": {"type": "thinking_delta", "thinking": event.text}})
+                elif isinstance(event, Text):
+                    if open_kind != "text":
+                        await open_block({"type": "text", "text": ""})
+                    await send("content_block_delta", {"index": index, "delta": {"type": "text_delta", "text": event.text}})
+                elif isinstance(event, ToolCallEvent):
+                    call = event.call
+                    await open_block({"type": "tool_use", "id": call.id, "name": call.name, "input": {}})
+                    await send("content_block_delta", {"index": index, "delta": {"type": "input_json_delta", "partial_json": call.arguments}})
+        except EngineFailure as exc:
+            error = APIError(str(exc), 500, "api_error")
+            await response.write(sse.named_event("error", error.anthropic_body()))
+            return response
+        await close_block()
+        usage = _usage(turn)
+        await send(
+            "message_delta",
+            {"delta": {"stop_reason": _stop_reason(turn), "stop_sequence": turn.matched_stop()}, "usage": usage},
+        )
+        await send("message_stop", {})
+        return response
+
+
+def _stop_reason(turn: AssistantTurn) -> str:
+    if turn.matched_stop() is not None:
+        return "stop_sequence"
+    return _STOP_REASONS[turn.finish_reason()]
+
+
+def _usage(turn: AssistantTurn) -> dict:
+    usage = turn.usage
+    # Anthropic counts cached prompt tokens apart from the rest of the input.
+    return {
+        "input_tokens": usage.prompt_tokens - usage.cached_tokens,
+        "cache_read_input_tokens": usage.cached_tokens,
+        "cache_creation_input_tokens": 0,
+        "output_tokens": usage.completion_tokens,
+    }
+
+
+def _dumps(obj) -> str:
+    return orjson.dumps(obj).decode()

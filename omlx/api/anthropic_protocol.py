@@ -1,0 +1,275 @@
+"""Typed, validated Anthropic Messages request bodies, translated into a Conversation.
+
+Claude Code and the Anthropic SDKs send many fields a local model has no use for
+(`metadata`, `cache_control`, `output_config`, `context_management`, `anthropic-beta`
+features): they are accepted and ignored.  Fields that change meaning are validated and a
+bad value raises an APIError naming it (rendered in Anthropic's error shape by the server).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omlx.scheduler import SamplingParams
+
+from .conversation import (
+    Conversation,
+    ToolChoice,
+    arguments_object,
+    assistant_tool_call,
+    check_tool_choice,
+    function_tool,
+    template_kwargs,
+)
+from .errors import invalid
+from .openai_protocol import _bool, _number
+
+MAX_STOP_SEQUENCES = 64
+# Block types that carry nothing a local model can use; accepted so replayed histories work.
+_IGNORED_BLOCKS = {"redacted_thinking", "server_tool_use", "web_search_tool_result", "container_upload"}
+
+
+@dataclass
+class MessagesRequest:
+    model: str
+    conversation: Conversation
+    max_tokens: int | None
+    sampling: SamplingParams
+    stop_sequences: list[str] = field(default_factory=list)
+    stream: bool = False
+    thinking_budget: int | None = None  # thinking.budget_tokens when thinking is enabled
+
+
+def _text_of(block: dict, where: str) -> str:
+    text = block.get("text")
+    if not isinstance(text, str):
+        raise invalid(f"{where}.text must be a string", where)
+    return text
+
+
+def _blocks(content: Any, where: str) -> list[dict]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise invalid(f"{where} must be a string or a list of content blocks", where)
+    for i, block in enumerate(content):
+        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+            raise invalid(f"{where}[{i}] must be a content block object with a 'type'", f"{where}[{i}]")
+    return content
+
+
+def _no_media(block: dict, where: str) -> None:
+    if block["type"] in ("image", "document"):
+        raise invalid(
+            f"{where} is an '{block['type']}' block, but this model accepts text only", where
+        )
+
+
+def _tool_result_text(block: dict, where: str) -> str:
+    content = block.get("content")
+    if content is None:
+        return ""
+    parts = []
+    for i, part in enumerate(_blocks(content, f"{where}.content")):
+        _no_media(part, f"{where}.content[{i}]")
+        if part["type"] != "text":
+            raise invalid(f"{where}.content[{i}] has unsupported type {part['type']!r}", f"{where}.content[{i}]")
+        parts.append(_text_of(part, f"{where}.content[{i}]"))
+    text = "".join(parts)
+    return f"Error: {text}" if block.get("is_error") is True else text
+
+
+def _user_messages(content: Any, where: str) -> list[dict]:
+    """A user turn: its tool results become tool messages (first, as they answer the previous
+    assistant turn's calls), the rest one user message."""
+    tool_messages, texts = [], []
+    for i, block in enumerate(_blocks(content, where)):
+        at = f"{where}[{i}]"
+        kind = block["type"]
+        _no_media(block, at)
+        if kind == "text":
+            texts.append(_text_of(block, at))
+        elif kind == "tool_result":
+            tool_use_id = block.get("tool_use_id")
+            if not isinstance(tool_use_id, str) or not tool_use_id:
+                raise invalid(f"{at}.tool_use_id must be a non-empty string", at)
+            tool_messages.append({"role": "tool", "tool_call_id": tool_use_id, "content": _tool_result_text(block, at)})
+        elif kind not in _IGNORED_BLOCKS:
+            raise invalid(f"{at} has type {kind!r}, which a user message cannot hold", at)
+    out = tool_messages
+    if texts or not tool_messages:
+        out.append({"role": "user", "content": "".join(texts)})
+    return out
+
+
+def _assistant_message(content: Any, where: str) -> dict:
+    texts, thoughts, calls = [], [], []
+    for i, block in enumerate(_blocks(content, where)):
+        at = f"{where}[{i}]"
+        kind = block["type"]
+        if kind == "text":
+            texts.append(_text_of(block, at))
+        elif kind == "thinking":
+            thinking = block.get("thinking")
+            if not isinstance(thinking, str):
+                raise invalid(f"{at}.thinking must be a string", at)
+            thoughts.append(thinking)
+        elif kind == "tool_use":
+            call_id, name = block.get("id"), block.get("name")
+            if not isinstance(call_id, str) or not call_id or not isinstance(name, str) or not name:
+                raise invalid(f"{at} needs a string 'id' and 'name'", at)
+            calls.append(assistant_tool_call(call_id, name, arguments_object(block.get("input"), f"{at}.input")))
+        elif kind not in _IGNORED_BLOCKS:
+            _no_media(block, at)
+            raise invalid(f"{at} has type {kind!r}, which an assistant message cannot hold", at)
+    message: dict = {"role": "assistant", "content": "".join(texts)}
+    if thoughts:
+        message["reasoning_content"] = "\n\n".join(thoughts)
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def _system_text(system: Any) -> str:
+    if system is None:
+        return ""
+    if isinstance(system, str):
+        return system
+    if isinstance(system, list):
+        texts = []
+        for i, block in enumerate(system):
+            if not isinstance(block, dict) or block.get("type") != "text":
+                raise invalid(f"system[{i}] must be a text block", "system")
+            texts.append(_text_of(block, f"system[{i}]"))
+        return "\n\n".join(texts)
+    raise invalid("'system' must be a string or a list of text blocks", "system")
+
+
+def _tools(raw: Any) -> list[dict]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise invalid("'tools' must be a list", "tools")
+    tools = []
+    for i, tool in enumerate(raw):
+        if not isinstance(tool, dict):
+            raise invalid(f"tools[{i}] must be an object", f"tools[{i}]")
+        kind = tool.get("type")
+        if kind not in (None, "custom"):
+            continue  # a server tool (web search, code execution...) that Anthropic itself runs
+        tools.append(function_tool(tool.get("name"), tool.get("description"), tool.get("input_schema"), f"tools[{i}]"))
+    return tools
+
+
+def _tool_choice(raw: Any, tools: list[dict]) -> tuple[ToolChoice, bool]:
+    """(choice, parallel tool calls allowed)."""
+    if raw is None:
+        return ToolChoice(), True
+    if not isinstance(raw, dict):
+        raise invalid("'tool_choice' must be an object", "tool_choice")
+    parallel = not raw.get("disable_parallel_tool_use", False)
+    kind = raw.get("type")
+    if kind == "auto":
+        choice = ToolChoice("auto")
+    elif kind == "none":
+        choice = ToolChoice("none")
+    elif kind == "any":
+        choice = ToolChoice("required")
+    elif kind == "tool":
+        name = raw.get("name")
+        if not isinstance(name, str) or not name:
+            raise invalid("tool_choice of type 'tool' needs a 'name'", "tool_choice")
+        choice = ToolChoice("function", name)
+    else:
+        raise invalid(f"tool_choice.type must be one of auto, any, tool, none; got {kind!r}", "tool_choice")
+    return check_tool_choice(choice, tools, "tool_choice"), parallel
+
+
+def _thinking(raw: Any) -> tuple[dict, int | None]:
+    """(chat template kwargs, thinking budget) for the `thinking` field."""
+    if raw is None:
+        return {}, None  # the model's own default
+    if not isinstance(raw, dict):
+        raise invalid("'thinking' must be an object", "thinking")
+    kind = raw.get("type")
+    if kind == "disabled":
+        return {"enable_thinking": False}, None
+    if kind == "adaptive":
+        return {"enable_thinking": True}, None
+    if kind == "enabled":
+        budget = _number(raw, "budget_tokens", 1, 2**31 - 1, None, integer=True)
+        return {"enable_thinking": True}, budget
+    raise invalid(f"thinking.type must be enabled, disabled or adaptive; got {kind!r}", "thinking")
+
+
+def _stop_sequences(body: dict) -> list[str]:
+    raw = body.get("stop_sequences")
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not all(isinstance(s, str) for s in raw):
+        raise invalid("'stop_sequences' must be a list of strings", "stop_sequences")
+    if len(raw) > MAX_STOP_SEQUENCES:
+        raise invalid(f"'stop_sequences' accepts at most {MAX_STOP_SEQUENCES} strings", "stop_sequences")
+    return [s for s in raw if s]
+
+
+def parse_conversation(body: Any) -> tuple[str, Conversation, int | None]:
+    """The parts shared by /v1/messages and /v1/messages/count_tokens."""
+    if not isinstance(body, dict):
+        raise invalid("the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise invalid("'model' is required and must be a string", "model")
+    raw_messages = body.get("messages")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise invalid("'messages' must be a non-empty list", "messages")
+    system_parts = [_system_text(body.get("system"))]
+    messages: list[dict] = []
+    for i, message in enumerate(raw_messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise invalid(f"{where} must be an object", where)
+        role, content = message.get("role"), message.get("content")
+        if content is None:
+            raise invalid(f"{where}.content is required", f"{where}.content")
+        if role == "user":
+            messages.extend(_user_messages(content, f"{where}.content"))
+        elif role == "assistant":
+            messages.append(_assistant_message(content, f"{where}.content"))
+        elif role == "system":  # Claude Code sometimes sends one: it joins the system prompt
+            system_parts.append(_system_text(content))
+        else:
+            raise invalid(f"{where}.role must be 'user' or 'assistant', got {role!r}", f"{where}.role")
+    system = "\n\n".join(p for p in system_parts if p)
+    if system:
+        messages.insert(0, {"role": "system", "content": system})
+    tools = _tools(body.get("tools"))
+    choice, parallel = _tool_choice(body.get("tool_choice"), tools)
+    thinking_kwargs, budget = _thinking(body.get("thinking"))
+    # chat_template_kwargs: not Anthropic's, but per-model settings put their defaults there.
+    kwargs = {**template_kwargs(body.get("chat_template_kwargs")), **thinking_kwargs}
+    return model, Conversation(messages, tools, choice, parallel, kwargs), budget
+
+
+def parse_messages(body: Any) -> MessagesRequest:
+    model, conversation, budget = parse_conversation(body)
+    if body.get("max_tokens") is None:
+        raise invalid("'max_tokens' is required", "max_tokens")
+    max_tokens = _number(body, "max_tokens", 1, 2**31 - 1, None, integer=True)
+    temperature = _number(body, "temperature", 0.0, 1.0, 1.0)
+    top_k = _number(body, "top_k", 0, 2**31 - 1, 0, integer=True)
+    sampling = SamplingParams(
+        temperature=float(temperature),
+        top_p=float(_number(body, "top_p", 0.0, 1.0, 1.0)),
+        top_k=top_k,
+    )
+    return MessagesRequest(
+        model=model,
+        conversation=conversation,
+        max_tokens=max_tokens,
+        sampling=sampling,
+        stop_sequences=_stop_sequences(body),
+        stream=_bool(body, "stream"),
+        thinking_budget=budget,
+    )

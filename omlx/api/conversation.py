@@ -1,0 +1,118 @@
+"""The conversation every API family is translated into, and its rendering into a prompt.
+
+Chat completions, Anthropic messages and Responses each parse their own wire format into a
+`Conversation`: chat-template messages in the Hugging Face convention (roles system / user /
+assistant / tool; assistant `tool_calls` with `arguments` as an object; tool results with
+`tool_call_id`; earlier reasoning as `reasoning_content`), tools as OpenAI function tools
+(what chat templates and mlx-lm's tool parsers expect), and how the model may use them.  The
+model's own chat template then renders it, tools included.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from .errors import invalid
+
+# Keys the server sets itself; a client's chat_template_kwargs may not override them.
+_RESERVED_TEMPLATE_KWARGS = {"tools", "add_generation_prompt", "tokenize", "conversation", "messages"}
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    """How the model may use the offered tools, the same for every API family.
+
+    mode: "auto" (the model decides), "none" (no calls: tools are not offered), "required"
+    (at least one call, any tool) or "function" (a call to `name`).
+    """
+
+    mode: str = "auto"
+    name: str | None = None
+
+    @property
+    def forces_call(self) -> bool:
+        return self.mode in ("required", "function")
+
+
+@dataclass
+class Conversation:
+    messages: list[dict]
+    tools: list[dict] = field(default_factory=list)  # OpenAI function tools
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
+    parallel_tool_calls: bool = True
+    template_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def offered_tools(self) -> list[dict]:
+        """The tools the model sees: none when tool_choice is "none"."""
+        return [] if self.tool_choice.mode == "none" else self.tools
+
+    def tool_named(self, name: str) -> dict | None:
+        return next((t for t in self.tools if t["function"]["name"] == name), None)
+
+
+def function_tool(name, description, parameters, where: str) -> dict:
+    """Validate one function tool and put it in the OpenAI chat shape templates expect."""
+    if not isinstance(name, str) or not name:
+        raise invalid(f"{where}.name must be a non-empty string", f"{where}.name")
+    if description is not None and not isinstance(description, str):
+        raise invalid(f"{where}.description must be a string", f"{where}.description")
+    if parameters is None:
+        parameters = {"type": "object", "properties": {}}
+    if not isinstance(parameters, dict):
+        raise invalid(f"{where} parameters must be a JSON schema object", where)
+    function = {"name": name, "description": description, "parameters": parameters}
+    if not description:
+        del function["description"]
+    return {"type": "function", "function": function}
+
+
+def check_tool_choice(choice: ToolChoice, tools: list[dict], param: str) -> ToolChoice:
+    if choice.mode in ("required", "function") and not tools:
+        raise invalid(f"'{param}' requires a tool call, but no tools were given", param)
+    if choice.mode == "function" and not any(t["function"]["name"] == choice.name for t in tools):
+        raise invalid(f"'{param}' names the tool {choice.name!r}, which is not among the tools given", param)
+    return choice
+
+
+def arguments_object(arguments, where: str) -> dict:
+    """Tool-call arguments as the object chat templates render: from a JSON string or a dict."""
+    if arguments is None or arguments == "":
+        return {}
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            raise invalid(f"{where} must be a JSON object encoded as a string", where) from None
+    if not isinstance(arguments, dict):
+        raise invalid(f"{where} must be a JSON object", where)
+    return arguments
+
+
+def assistant_tool_call(call_id: str, name: str, arguments: dict) -> dict:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def template_kwargs(raw, param: str = "chat_template_kwargs") -> dict:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise invalid(f"'{param}' must be an object", param, "invalid_type")
+    return {k: v for k, v in raw.items() if k not in _RESERVED_TEMPLATE_KWARGS}
+
+
+def render_prompt(tokenizer, conversation: Conversation, param: str = "messages") -> list[int]:
+    """Prompt token ids from the model's chat template, with the tools it is offered."""
+    kwargs = dict(conversation.template_kwargs)
+    if conversation.offered_tools:
+        kwargs["tools"] = conversation.offered_tools
+    try:
+        ids = tokenizer.apply_chat_template(
+            conversation.messages, add_generation_prompt=True, tokenize=True, **kwargs
+        )
+    except Exception as exc:  # the model's own template rejected these messages
+        raise invalid(f"the chat template could not render these messages: {exc}", param) from None
+    if isinstance(ids, dict):  # some tokenizers return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)

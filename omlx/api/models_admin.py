@@ -1,0 +1,145 @@
+"""Model management routes: status, load, unload and per-model settings.
+
+    GET  /v1/models/status            every known model: type, loaded, context, memory
+    POST /v1/models/{id}/load         load now (evicting idle models if needed)
+    POST /v1/models/{id}/unload       unload now (409 while it serves requests)
+    GET  /v1/models/{id}/settings     the model's settings from model_settings.json
+    PUT  /v1/models/{id}/settings     update them (validated, persisted atomically, applied now)
+
+Register these before the OpenAI routes: `GET /v1/models/{id}` would otherwise match
+`/v1/models/status` and `/v1/models/{id}/settings`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import orjson
+from aiohttp import web
+
+from omlx.models.discovery import DiscoveredModel
+from omlx.models.pool import ModelPool, context_window_of
+from omlx.settings import SettingsError
+
+from .errors import APIError, invalid
+from .model_access import POOL_ERRORS, pool_error
+
+log = logging.getLogger("omlx.api.models")
+
+
+def json_response(body, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+def context_window(pool: ModelPool, info: DiscoveredModel) -> int:
+    """What a request to this model can use: the loaded engine's window, else the config's,
+    capped like the engine caps it."""
+    loaded = pool.loaded.get(info.model_id)
+    if loaded is not None and hasattr(loaded, "context_window"):
+        return loaded.context_window
+    window = context_window_of(info.config)
+    cap = pool.engine_config.max_model_len
+    return min(window, cap) if cap else window
+
+
+def model_status(pool: ModelPool, info: DiscoveredModel) -> dict:
+    resident = pool.resident(info.model_id)
+    settings = pool.settings.model(info.model_id)
+    window = context_window(pool, info)
+    max_tokens = settings.get("max_tokens") or pool.settings.global_settings().get("max_tokens") or window
+    return {
+        "id": info.model_id,
+        "object": "model.status",
+        "model_type": info.model_type,
+        "alias": settings.get("alias"),
+        "loaded": resident is not None,
+        "loading": pool.is_loading(info.model_id),
+        "pinned": pool.is_pinned(info.model_id),
+        "max_context_window": window,
+        "max_tokens": min(max_tokens, window),
+        "memory_bytes": resident.memory_bytes if resident else 0,
+        "size_bytes": info.size_bytes,
+        "active_requests": resident.leases if resident else 0,
+        "idle_seconds": round(resident.idle_s, 1) if resident and not resident.leases else 0.0,
+        "ttl": pool.settings.ttl(info.model_id),
+        "path": str(info.path),
+    }
+
+
+class ModelAdminRoutes:
+    def __init__(self, pool: ModelPool):
+        self.pool = pool
+
+    def register(self, app: web.Application) -> None:
+        app.router.add_get("/v1/models/status", self.status)
+        app.router.add_post("/v1/models/{model_id:.+}/load", self.load)
+        app.router.add_post("/v1/models/{model_id:.+}/unload", self.unload)
+        app.router.add_get("/v1/models/{model_id:.+}/settings", self.get_settings)
+        app.router.add_put("/v1/models/{model_id:.+}/settings", self.put_settings)
+
+    def _resolve(self, name: str) -> DiscoveredModel:
+        try:
+            return self.pool.resolve(name)
+        except POOL_ERRORS as exc:
+            raise pool_error(exc) from None
+
+    async def status(self, request: web.Request) -> web.Response:
+        self.pool.rescan()
+        pool = self.pool
+        return json_response({
+            "object": "list",
+            "data": [model_status(pool, info) for info in pool.available],
+            "unavailable": [{"path": str(s.path), "reason": s.reason} for s in pool.skipped],
+            "memory": {"budget_bytes": pool.memory_budget, "used_bytes": pool.used_bytes,
+                       "evictions": pool.evictions},
+        })
+
+    async def load(self, request: web.Request) -> web.Response:
+        info = self._resolve(request.match_info["model_id"])
+        try:
+            await self.pool.load(info.model_id)
+        except POOL_ERRORS as exc:
+            raise pool_error(exc) from None
+        return json_response(model_status(self.pool, info))
+
+    async def unload(self, request: web.Request) -> web.Response:
+        info = self._resolve(request.match_info["model_id"])
+        try:
+            was_loaded = await self.pool.unload(info.model_id)
+        except POOL_ERRORS as exc:
+            raise pool_error(exc) from None
+        return json_response({**model_status(self.pool, info), "unloaded": was_loaded})
+
+    async def get_settings(self, request: web.Request) -> web.Response:
+        info = self._resolve(request.match_info["model_id"])
+        return json_response({"id": info.model_id, "settings": self.pool.settings.model(info.model_id)})
+
+    async def put_settings(self, request: web.Request) -> web.Response:
+        """Merge the body into the model's settings; `null` removes a key.  Applies at once:
+        aliases and sampling defaults on the next request, a type override on the next scan,
+        `pinned: true` loads the model now; load-time settings (adapter_path,
+        trust_remote_code) on the next load."""
+        info = self._resolve(request.match_info["model_id"])
+        raw = await request.read()
+        try:
+            patch = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError as exc:
+            raise invalid(f"the request body is not valid JSON: {exc}") from None
+        try:
+            settings = await asyncio.to_thread(self.pool.settings.update_model, info.model_id, patch)
+        except SettingsError as exc:
+            raise invalid(str(exc), exc.field, "invalid_value") from None
+        except OSError as exc:
+            log.error("cannot write %s: %s", self.pool.settings.models_path, exc)
+            raise APIError(f"the settings could not be saved: {exc}", 500, "server_error") from None
+        self.pool.rescan()
+        body = {"id": info.model_id, "settings": settings}
+        if settings.get("pinned") and self.pool.resident(info.model_id) is None:
+            try:
+                await self.pool.load(info.model_id)
+            except POOL_ERRORS as exc:
+                # The setting is saved either way; say why the model is not resident yet.
+                body["load_error"] = pool_error(exc).message
+        body["status"] = model_status(self.pool, self.pool.resolve(info.model_id))
+        return json_response(body)

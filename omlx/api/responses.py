@@ -1,0 +1,309 @@
+"""OpenAI Responses API: POST /v1/responses, GET and DELETE /v1/responses/{id}.
+
+A response's output is a list of items (reasoning, message, function_call) built from the
+assistant turn's events.  Streaming emits the sequence the OpenAI SDK and Codex expect:
+response.created, response.in_progress, then per item output_item.added, its content
+(content_part.added + output_text / reasoning_text deltas and done + content_part.done, or
+function_call_arguments delta and done), output_item.done, and finally response.completed
+(or response.incomplete when max_output_tokens cut it short), each with a sequence_number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import time
+import uuid
+from contextlib import aclosing
+
+import orjson
+from aiohttp import web
+
+from omlx.models.pool import LoadedModel, ModelPool
+
+from . import sse
+from .assistant_turn import AssistantTurn
+from .conversation import render_prompt
+from .errors import APIError, invalid
+from .generation import EngineFailure, GenerationStream, build_request
+from .model_access import lease_for_request
+from .openai import read_json
+from .output_parser import Reasoning, Text, ToolCallEvent
+from .response_store import ResponseStore
+from .responses_protocol import ResponsesRequest, parse_responses
+from .turn_options import decoding_constraint, output_room, tool_parser_of
+
+log = logging.getLogger("omlx.api.responses")
+
+KEEPALIVE_S = 10.0
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+class OutputItems:
+    """The response's output items, built event by event.  `add` and `close` return the
+    stream events (without sequence numbers) that each step implies."""
+
+    def __init__(self):
+        self.items: list[dict] = []
+        self._open: dict | None = None  # the reasoning or message item still receiving text
+
+    def add(self, event) -> list[dict]:
+        if isinstance(event, ToolCallEvent):
+            out = self.close()
+            call = event.call
+            item = {
+                "id": _new_id("fc"), "type": "function_call", "status": "in_progress",
+                "call_id": call.id, "name": call.name, "arguments": "",
+            }
+            index = len(self.items)
+            self.items.append(item)
+            out.append({"type": "response.output_item.added", "output_index": index, "item": dict(item)})
+            out.append({"type": "response.function_call_arguments.delta", "item_id": item["id"], "output_index": index, "delta": call.arguments})
+            item["arguments"] = call.arguments
+            item["status"] = "completed"
+            out.append({"type": "response.function_call_arguments.done", "item_id": item["id"], "output_index": index,
+                        "name": call.name, "arguments": call.arguments})
+            out.append({"type": "response.output_item.done", "output_index": index, "item": dict(item)})
+            return out
+        kind = "reasoning" if isinstance(event, Reasoning) else "message"
+        out = []
+        if self._open is None or self._open["type"] != kind:
+            out = self.close() + self._start(kind)
+        item, index = self._open, len(self.items) - 1
+        part = item["content"][0]
+        part["text"] += event.text
+        delta_type = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
+        delta = {"type": delta_type, "item_id": item["id"], "output_index": index, "content_index": 0, "delta": event.text}
+        if kind == "message":
+            delta["logprobs"] = []
+        out.append(delta)
+        return out
+
+    def _start(self, kind: str) -> list[dict]:
+        if kind == "reasoning":
+            item = {"id": _new_id("rs"), "type": "reasoning", "status": "in_progress", "summary": [], "content": []}
+            part = {"type": "reasoning_text", "text": ""}
+        else:
+            item = {"id": _new_id("msg"), "type": "message", "status": "in_progress", "role": "assistant", "content": []}
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        index = len(self.items)
+        added = {"type": "response.output_item.added", "output_index": index, "item": copy.deepcopy(item)}
+        item["content"].append(part)
+        self.items.append(item)
+        self._open = item
+        return [
+            added,
+            {"type": "response.content_part.added", "item_id": item["id"], "output_index": index, "content_index": 0,
+             "part": {**part, "text": ""}},
+        ]
+
+    def close(self) -> list[dict]:
+        item, self._open = self._open, None
+        if item is None:
+            return []
+        index = self.items.index(item)
+        part = item["content"][0]
+        item["status"] = "completed"
+        done_type = "response.reasoning_text.done" if item["type"] == "reasoning" else "response.output_text.done"
+        done = {"type": done_type, "item_id": item["id"], "output_index": index, "content_index": 0, "text": part["text"]}
+        if item["type"] == "message":
+            done["logprobs"] = []
+        return [
+            done,
+            {"type": "response.content_part.done", "item_id": item["id"], "output_index": index, "content_index": 0,
+             "part": dict(part)},
+            {"type": "response.output_item.done", "output_index": index, "item": copy.deepcopy(item)},
+        ]
+
+    def assistant_message(self) -> dict:
+        """The output as a canonical assistant message, for the stored conversation."""
+        message: dict = {"role": "assistant", "content": ""}
+        for item in self.items:
+            if item["type"] == "message":
+                message["content"] += item["content"][0]["text"]
+            elif item["type"] == "reasoning":
+                message["reasoning_content"] = item["content"][0]["text"]
+            else:
+                arguments = orjson.loads(item["arguments"])
+                message.setdefault("tool_calls", []).append(
+                    {"id": item["call_id"], "type": "function", "function": {"name": item["name"], "arguments": arguments}}
+                )
+        return message
+
+    def reasoning_text(self) -> str:
+        return "".join(i["content"][0]["text"] for i in self.items if i["type"] == "reasoning")
+
+
+class ResponsesRoutes:
+    def __init__(self, pool: ModelPool, store: ResponseStore):
+        self.pool = pool
+        self.store = store
+
+    def register(self, app: web.Application) -> None:
+        app.router.add_post("/v1/responses", self.create)
+        app.router.add_get("/v1/responses/{response_id}", self.retrieve)
+        app.router.add_delete("/v1/responses/{response_id}", self.delete)
+
+    async def retrieve(self, request: web.Request) -> web.Response:
+        response_id = request.match_info["response_id"]
+        stored = await asyncio.to_thread(self.store.get, response_id)
+        if stored is None:
+            raise _not_found(response_id)
+        return web.json_response(stored["response"], dumps=_dumps)
+
+    async def delete(self, request: web.Request) -> web.Response:
+        response_id = request.match_info["response_id"]
+        if not await asyncio.to_thread(self.store.delete, response_id):
+            raise _not_found(response_id)
+        return web.json_response({"id": response_id, "object": "response.deleted", "deleted": True})
+
+    async def create(self, request: web.Request) -> web.StreamResponse:
+        parsed = parse_responses(self.pool.apply_request_defaults(await read_json(request)))
+        history: list[dict] = []
+        if parsed.previous_response_id:
+            stored = await asyncio.to_thread(self.store.get, parsed.previous_response_id)
+            if stored is None:
+                raise invalid(
+                    f"Previous response with id '{parsed.previous_response_id}' not found.",
+                    "previous_response_id", "previous_response_not_found",
+                )
+            history = stored["messages"]
+        loaded: LoadedModel = await lease_for_request(request, self.pool, parsed.model)
+        conversation = parsed.conversation(history)
+        prompt_ids = render_prompt(loaded.tokenizer, conversation, "input")
+        max_tokens = parsed.max_output_tokens
+        if max_tokens is not None:  # like Anthropic's: capped at what the context leaves
+            max_tokens = min(max_tokens, max(1, output_room(loaded, len(prompt_ids))))
+        tool_parser = tool_parser_of(self.pool, loaded)
+        constraint = await asyncio.to_thread(
+            decoding_constraint, loaded, conversation, parsed.text_format, parsed.thinking_budget, prompt_ids,
+            tool_parser, "text.format",
+        )
+        engine_request = build_request(
+            loaded, prompt_ids, max_tokens, parsed.sampling, "resp", "max_output_tokens", "input", constraint=constraint
+        )
+        turn = AssistantTurn(GenerationStream(loaded, engine_request, []), prompt_ids, conversation, tool_parser)
+        run = _Run(parsed, loaded, turn, history)
+        if parsed.stream:
+            return await self._stream(request, run)
+        try:
+            async with aclosing(turn.events()) as events:
+                async for event in events:
+                    run.output.add(event)
+        except EngineFailure as exc:
+            raise APIError(str(exc), 500, "server_error", None, "engine_error") from None
+        run.output.close()
+        body = run.response_object(final=True)
+        await self._save(run, body)
+        return web.json_response(body, dumps=_dumps)
+
+    async def _stream(self, request: web.Request, run: "_Run") -> web.StreamResponse:
+        response = await sse.open_stream(request)
+        sequence = 0
+
+        async def send(payload: dict) -> None:
+            nonlocal sequence
+            payload["sequence_number"] = sequence
+            sequence += 1
+            await response.write(sse.named_event(payload["type"], payload))
+
+        await send({"type": "response.created", "response": run.response_object(final=False)})
+        await send({"type": "response.in_progress", "response": run.response_object(final=False)})
+        try:
+            async for event in sse.with_keepalive(run.turn.events(), KEEPALIVE_S):
+                if event is None:
+                    await response.write(sse.KEEPALIVE)
+                    continue
+                for payload in run.output.add(event):
+                    await send(payload)
+        except EngineFailure as exc:
+            await send({"type": "error", "code": "engine_error", "message": str(exc), "param": None})
+            return response
+        for payload in run.output.close():
+            await send(payload)
+        body = run.response_object(final=True)
+        await self._save(run, body)
+        kind = "response.completed" if body["status"] == "completed" else "response.incomplete"
+        await send({"type": kind, "response": body})
+        return response
+
+    async def _save(self, run: "_Run", body: dict) -> None:
+        if not run.parsed.store:
+            return
+        messages = run.history + run.parsed.input_messages + [run.output.assistant_message()]
+        await asyncio.to_thread(self.store.put, body, messages)
+
+
+class _Run:
+    """One /v1/responses request in progress: what was asked and what is coming out."""
+
+    def __init__(self, parsed: ResponsesRequest, loaded: LoadedModel, turn: AssistantTurn, history: list[dict]):
+        self.parsed = parsed
+        self.loaded = loaded
+        self.turn = turn
+        self.history = history
+        self.output = OutputItems()
+        self.id = _new_id("resp")
+        self.created_at = int(time.time())
+
+    def response_object(self, final: bool) -> dict:
+        parsed = self.parsed
+        status, incomplete = "in_progress", None
+        if final:
+            status = "completed"
+            if self.turn.finish_reason() == "length":
+                status, incomplete = "incomplete", {"reason": "max_output_tokens"}
+        text_format = {"type": "text"}
+        if parsed.text_format is not None:
+            schema = parsed.text_format.get("json_schema")
+            text_format = {"type": "json_object"} if schema is None else {
+                "type": "json_schema", "name": schema["name"], "schema": schema["schema"], "strict": schema["strict"],
+            }
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "model": self.loaded.model_id,
+            "output": copy.deepcopy(self.output.items) if final else [],
+            "usage": self._usage() if final else None,
+            "error": None,
+            "incomplete_details": incomplete,
+            "instructions": parsed.instructions,
+            "tools": parsed.raw_tools,
+            "tool_choice": parsed.raw_tool_choice,
+            "parallel_tool_calls": parsed.parallel_tool_calls,
+            "previous_response_id": parsed.previous_response_id,
+            "max_output_tokens": parsed.max_output_tokens,
+            "temperature": parsed.sampling.temperature,
+            "top_p": parsed.sampling.top_p,
+            "reasoning": parsed.reasoning,
+            "text": {"format": text_format},
+            "store": parsed.store,
+            "truncation": "disabled",
+            "metadata": parsed.metadata or {},
+        }
+
+    def _usage(self) -> dict:
+        usage = self.turn.usage
+        reasoning = self.output.reasoning_text()
+        reasoning_tokens = len(self.loaded.tokenizer.encode(reasoning, add_special_tokens=False)) if reasoning else 0
+        return {
+            "input_tokens": usage.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": usage.cached_tokens},
+            "output_tokens": usage.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": min(reasoning_tokens, usage.completion_tokens)},
+            "total_tokens": usage.total_tokens,
+        }
+
+
+def _not_found(response_id: str) -> APIError:
+    return APIError(f"No response found with id '{response_id}'.", 404, "invalid_request_error", None, "not_found")
+
+
+def _dumps(obj) -> str:
+    return orjson.dumps(obj).decode()

@@ -1,0 +1,482 @@
+"""User settings: `$OMLX_HOME/settings.json` (global) and `$OMLX_HOME/model_settings.json`.
+
+Two precedence chains meet here:
+
+- the server's own options: CLI flag > `OMLX_*` env var (and the mlx-vlm server's env names)
+  > settings.json > built-in default (`resolve_server_options`);
+- what a request gets: the request body > the model's settings > the global settings >
+  built-in defaults (`SettingsStore.request_defaults`, merged *under* the body).
+
+Both files are plain JSON a user can edit by hand.  The server re-reads a file when its mtime
+changes, and edits made through the API are written atomically (temp file + os.replace), so
+a crash mid-write never leaves a half-written file and changes apply without a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger("omlx.settings")
+
+GLOBAL_FILE = "settings.json"
+MODELS_FILE = "model_settings.json"
+MODEL_TYPES = ("llm", "vlm", "ocr", "embedding", "reranker")
+
+# Request-body keys a user may give defaults for, and the type check each default must pass
+# (the range checks stay in the API's own request parser, which sees the merged body).
+_NUMBER = (int, float)
+SAMPLING_KEYS: dict[str, tuple] = {
+    "temperature": _NUMBER,
+    "top_p": _NUMBER,
+    "top_k": (int,),
+    "min_p": _NUMBER,
+    "repetition_penalty": _NUMBER,
+    "presence_penalty": _NUMBER,
+    "frequency_penalty": _NUMBER,
+    "seed": (int,),
+    "stop": (str, list),
+}
+
+
+def omlx_home() -> Path:
+    return Path(os.environ.get("OMLX_HOME") or "~/.omlx").expanduser()
+
+
+class SettingsError(ValueError):
+    """A settings value that cannot be used; `field` names it for the API's error."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+# ---------------------------------------------------------------------------- sizes
+
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_bytes(value: Any, field: str = "size") -> int:
+    """`8GB`, `8 GiB`, `512M`, `1.5g` or a plain number of bytes -> bytes (binary units)."""
+    if isinstance(value, bool):
+        raise SettingsError(f"{field} must be a size like '8GB', got {value!r}", field)
+    if isinstance(value, (int, float)):
+        if value <= 0:
+            raise SettingsError(f"{field} must be positive, got {value}", field)
+        return int(value)
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if match:
+            number, unit = match.groups()
+            size = float(number) * _UNITS[(unit or "").lower()[:1]]
+            if size > 0:
+                return int(size)
+    raise SettingsError(f"{field} must be a size like '8GB' or a number of bytes, got {value!r}", field)
+
+
+def physical_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def default_model_memory_bytes() -> int:
+    """Three quarters of physical memory: room for the models, leaving the OS and the server
+    process itself the rest (on Apple Silicon the same memory is the GPU's)."""
+    total = physical_memory_bytes()
+    return int(total * 0.75) if total else 8 << 30
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _check_type(value, types: tuple, field: str) -> None:
+    if isinstance(value, bool) and bool not in types:
+        raise SettingsError(f"'{field}' must be {_type_names(types)}, got a boolean", field)
+    if not isinstance(value, types):
+        raise SettingsError(f"'{field}' must be {_type_names(types)}, got {type(value).__name__}", field)
+
+
+def _type_names(types: tuple) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", list: "a list",
+             dict: "an object", bool: "a boolean"}
+    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
+
+
+def validate_sampling(sampling: Any, field: str = "sampling") -> dict:
+    _check_type(sampling, (dict,), field)
+    for key, value in sampling.items():
+        if key not in SAMPLING_KEYS:
+            raise SettingsError(
+                f"'{field}.{key}' is not a sampling setting (known: {', '.join(SAMPLING_KEYS)})",
+                f"{field}.{key}",
+            )
+        if value is not None:
+            _check_type(value, SAMPLING_KEYS[key], f"{field}.{key}")
+    return dict(sampling)
+
+
+def _optional_positive(value, field: str, types=_NUMBER):
+    if value is None:
+        return None
+    _check_type(value, types, field)
+    if value <= 0:
+        raise SettingsError(f"'{field}' must be positive, got {value}", field)
+    return value
+
+
+def _model_type(value, field="model_type"):
+    if value is not None and value not in MODEL_TYPES:
+        raise SettingsError(f"'{field}' must be one of {', '.join(MODEL_TYPES)}, got {value!r}", field)
+    return value
+
+
+def _typed(*types) -> Callable:
+    def check(value, field):
+        if value is not None:
+            _check_type(value, types, field)
+        return value
+    return check
+
+
+# Per-model keys and how each is checked.  None always means "not set" (and, in an update,
+# "remove this key").
+MODEL_KEYS: dict[str, Callable] = {
+    "alias": _typed(str),
+    "model_type": _model_type,
+    "sampling": lambda v, f: None if v is None else validate_sampling(v, f),
+    "max_tokens": lambda v, f: _optional_positive(v, f, (int,)),
+    "ttl": _optional_positive,
+    "pinned": _typed(bool),
+    "trust_remote_code": _typed(bool),
+    "chat_template_kwargs": _typed(dict),
+    "tool_parser": _typed(str),
+    "adapter_path": _typed(str),
+}
+
+GLOBAL_KEYS: dict[str, Callable] = {
+    "host": _typed(str),
+    "port": _typed(int),
+    "model_dirs": _typed(list, str),
+    "api_key": _typed(str),
+    "api_keys": _typed(dict),
+    "max_model_memory": lambda v, f: None if v is None else parse_bytes(v, f),
+    "kv_cache_gb": _optional_positive,
+    "sampling": lambda v, f: None if v is None else validate_sampling(v, f),
+    "max_tokens": lambda v, f: _optional_positive(v, f, (int,)),
+    "max_num_seqs": lambda v, f: _optional_positive(v, f, (int,)),
+    "max_num_batched_tokens": lambda v, f: _optional_positive(v, f, (int,)),
+    "block_size": lambda v, f: _optional_positive(v, f, (int,)),
+    "max_model_len": lambda v, f: _optional_positive(v, f, (int,)),
+    "ttl": _optional_positive,
+    "hf_cache": _typed(bool),
+    "trust_remote_code": _typed(bool),
+    "chat_template_kwargs": _typed(dict),
+    "log_level": _typed(str),
+}
+
+
+def validate_model_settings(patch: Any) -> dict:
+    """Check an update for one model's settings; raise SettingsError naming the bad field."""
+    if not isinstance(patch, dict):
+        raise SettingsError("model settings must be a JSON object")
+    out = {}
+    for key, value in patch.items():
+        check = MODEL_KEYS.get(key)
+        if check is None:
+            raise SettingsError(f"'{key}' is not a model setting (known: {', '.join(MODEL_KEYS)})", key)
+        out[key] = check(value, key)
+    alias = out.get("alias")
+    if alias is not None and not alias.strip():
+        raise SettingsError("'alias' must not be empty", "alias")
+    return out
+
+
+def _lenient(raw: Any, checks: Mapping[str, Callable], where: str) -> dict:
+    """The valid part of a hand-edited settings object; bad entries are logged and dropped, so
+    one typo does not keep the server from starting."""
+    if not isinstance(raw, dict):
+        log.warning("%s: expected a JSON object; ignoring it", where)
+        return {}
+    out = {}
+    for key, value in raw.items():
+        check = checks.get(key)
+        if check is None:
+            log.warning("%s: unknown setting %r ignored", where, key)
+            continue
+        try:
+            value = check(value, key)
+        except SettingsError as exc:
+            log.warning("%s: %s; ignoring it", where, exc)
+            continue
+        if value is not None:
+            out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        log.warning("cannot read %s: %s; using defaults", path, exc)
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        log.warning("%s is not valid JSON (%s); using defaults", path, exc)
+        return None
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write `data` so that readers see either the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+class _WatchedFile:
+    """A JSON file re-read whenever its mtime (or size) changes."""
+
+    def __init__(self, path: Path, parse: Callable[[Any], Any]):
+        self.path = path
+        self._parse = parse
+        self._stamp: tuple | None = None
+        self._value = parse(None)
+
+    def value(self):
+        try:
+            st = self.path.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None
+        if stamp != self._stamp:
+            self._stamp = stamp
+            self._value = self._parse(_read_json(self.path) if stamp else None)
+        return self._value
+
+
+class SettingsStore:
+    """Both settings files of one omlx home, read on demand, written atomically."""
+
+    def __init__(self, home: Path | None = None):
+        self.home = Path(home) if home is not None else omlx_home()
+        self._lock = threading.Lock()
+        self._global = _WatchedFile(self.home / GLOBAL_FILE, self._parse_global)
+        self._models = _WatchedFile(self.home / MODELS_FILE, self._parse_models)
+        # Overrides from the command line / environment for the global file's request-level
+        # keys (e.g. `--max-tokens`); they win over the file.
+        self.overrides: dict = {}
+
+    @property
+    def global_path(self) -> Path:
+        return self._global.path
+
+    @property
+    def models_path(self) -> Path:
+        return self._models.path
+
+    def _parse_global(self, raw) -> dict:
+        return {} if raw is None else _lenient(raw, GLOBAL_KEYS, str(self.home / GLOBAL_FILE))
+
+    def _parse_models(self, raw) -> dict[str, dict]:
+        if raw is None:
+            return {}
+        where = str(self.home / MODELS_FILE)
+        if not isinstance(raw, dict):
+            log.warning("%s: expected an object mapping model ids to settings; ignoring it", where)
+            return {}
+        return {model_id: _lenient(entry, MODEL_KEYS, f"{where} [{model_id}]")
+                for model_id, entry in raw.items() if isinstance(model_id, str)}
+
+    # ------------------------------------------------------------------ reading
+    def global_settings(self) -> dict:
+        return {**self._global.value(), **self.overrides}
+
+    def all_models(self) -> dict[str, dict]:
+        return {k: dict(v) for k, v in self._models.value().items()}
+
+    def model(self, model_id: str) -> dict:
+        return dict(self._models.value().get(model_id, {}))
+
+    def alias_target(self, name: str) -> str | None:
+        """The model id whose alias is `name`, if any."""
+        for model_id, entry in self._models.value().items():
+            if entry.get("alias") == name:
+                return model_id
+        return None
+
+    def ttl(self, model_id: str) -> float | None:
+        """Seconds an idle model stays loaded; None means until evicted."""
+        value = self.model(model_id).get("ttl")
+        return value if value is not None else self.global_settings().get("ttl")
+
+    def pinned(self, model_id: str) -> bool:
+        return bool(self.model(model_id).get("pinned"))
+
+    def trust_remote_code(self, model_id: str) -> bool:
+        value = self.model(model_id).get("trust_remote_code")
+        return bool(value if value is not None else self.global_settings().get("trust_remote_code", False))
+
+    def request_defaults(self, model_id: str) -> dict:
+        """Body keys a request for `model_id` gets when it does not set them itself."""
+        glob, model = self.global_settings(), self.model(model_id)
+        out = {**glob.get("sampling", {}), **model.get("sampling", {})}
+        out = {k: v for k, v in out.items() if v is not None}
+        max_tokens = model.get("max_tokens", glob.get("max_tokens"))
+        if max_tokens is not None:
+            out["max_tokens"] = max_tokens
+        template = {**glob.get("chat_template_kwargs", {}), **model.get("chat_template_kwargs", {})}
+        if template:
+            out["chat_template_kwargs"] = template
+        return out
+
+    # ------------------------------------------------------------------ writing
+    def update_model(self, model_id: str, patch: dict) -> dict:
+        """Merge a validated update into one model's settings (None removes a key) and persist
+        both files' model part atomically.  Returns the model's new settings."""
+        patch = validate_model_settings(patch)
+        alias = patch.get("alias")
+        with self._lock:
+            models = {k: dict(v) for k, v in self._models.value().items()}
+            if alias is not None:
+                owner = next((m for m, e in models.items() if e.get("alias") == alias and m != model_id), None)
+                if owner is not None:
+                    raise SettingsError(f"alias {alias!r} is already used by {owner!r}", "alias")
+            entry = models.get(model_id, {})
+            for key, value in patch.items():
+                if value is None:
+                    entry.pop(key, None)
+                else:
+                    entry[key] = value
+            if entry:
+                models[model_id] = entry
+            else:
+                models.pop(model_id, None)
+            write_json_atomic(self.models_path, models)
+            return dict(entry)
+
+
+def apply_request_defaults(body: Any, defaults: Mapping[str, Any]) -> Any:
+    """`body` with `defaults` filled in under it: a key the request sets (to anything but
+    null) wins; `chat_template_kwargs` merge key by key."""
+    if not isinstance(body, dict) or not defaults:
+        return body
+    merged = dict(body)
+    for key, value in defaults.items():
+        if key == "chat_template_kwargs" and isinstance(body.get(key), dict):
+            merged[key] = {**value, **body[key]}
+        elif key == "max_tokens" and body.get("max_completion_tokens") is not None:
+            continue  # the request chose its own limit under the newer name
+        elif body.get(key) is None:
+            merged[key] = value
+    return merged
+
+
+# ---------------------------------------------------------------------------- server options
+
+
+@dataclass(frozen=True)
+class Option:
+    """One server option: its settings.json key, env names (first wins) and how to parse text."""
+
+    key: str
+    env: tuple[str, ...]
+    parse: Callable[[str], Any]
+    default: Any = None
+
+
+def _bool_text(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true/false, got {text!r}")
+
+
+def _dirs_text(text: str) -> list[str]:
+    return [part for part in text.split(os.pathsep) if part]
+
+
+SERVER_OPTIONS: tuple[Option, ...] = (
+    Option("host", ("OMLX_HOST",), str, "127.0.0.1"),
+    Option("port", ("OMLX_PORT",), int, 8000),
+    Option("model_dirs", ("OMLX_MODEL_DIR", "OMLX_MODEL_DIRS"), _dirs_text),
+    Option("api_key", ("OMLX_API_KEY",), str),
+    Option("max_model_memory", ("OMLX_MAX_MODEL_MEMORY",), parse_bytes),
+    Option("kv_cache_gb", ("OMLX_KV_CACHE_GB",), float),
+    Option("block_size", ("OMLX_BLOCK_SIZE",), int, 32),
+    Option("max_num_seqs", ("OMLX_MAX_NUM_SEQS",), int, 64),
+    # PREFILL_STEP_SIZE is the mlx-vlm server's name for how many prompt tokens go per step.
+    Option("max_num_batched_tokens", ("OMLX_MAX_NUM_BATCHED_TOKENS", "PREFILL_STEP_SIZE"), int, 512),
+    # MAX_KV_SIZE (mlx-vlm): the most tokens one sequence keeps in its KV cache.
+    Option("max_model_len", ("OMLX_MAX_MODEL_LEN", "MAX_KV_SIZE"), int),
+    Option("max_tokens", ("OMLX_MAX_TOKENS",), int),
+    Option("ttl", ("OMLX_TTL",), float),
+    Option("hf_cache", ("OMLX_HF_CACHE",), _bool_text, True),
+    Option("trust_remote_code", ("OMLX_TRUST_REMOTE_CODE", "MLX_TRUST_REMOTE_CODE"), _bool_text, False),
+    Option("log_level", ("OMLX_LOG_LEVEL",), str, "info"),
+    Option("preload", ("OMLX_PRELOAD_MODEL", "PRELOAD_MODEL"), lambda t: [m for m in t.split(",") if m]),
+    Option("preload_adapter", ("OMLX_PRELOAD_ADAPTER", "PRELOAD_ADAPTER"), str),
+)
+
+# mlx-vlm's quantized-KV env names: accepted so scripts written for it keep working, but this
+# server does not quantize its KV cache yet, and says so instead of pretending.
+UNIMPLEMENTED_ENV = ("KV_BITS", "KV_GROUP_SIZE", "QUANTIZED_KV_START")
+
+
+def resolve_server_options(cli: Mapping[str, Any], env: Mapping[str, str], file: Mapping[str, Any]) -> dict:
+    """CLI value (when given) > env var > settings.json > default, for every server option.
+
+    A malformed env value is an error the user must fix (it was set on purpose); values from
+    the file were already checked when it was read.
+    """
+    resolved: dict[str, Any] = {}
+    for option in SERVER_OPTIONS:
+        if cli.get(option.key) is not None:
+            resolved[option.key] = cli[option.key]
+            continue
+        name = next((n for n in option.env if env.get(n) not in (None, "")), None)
+        if name is not None:
+            try:
+                resolved[option.key] = option.parse(env[name])
+            except (ValueError, SettingsError) as exc:
+                raise SettingsError(f"environment variable {name}={env[name]!r}: {exc}", name) from None
+            continue
+        if file.get(option.key) is not None:
+            resolved[option.key] = file[option.key]
+            continue
+        resolved[option.key] = option.default
+    for name in UNIMPLEMENTED_ENV:
+        if env.get(name):
+            log.warning("%s=%s is accepted but ignored: quantized KV cache is not implemented yet "
+                        "(the KV cache stays in the model's dtype)", name, env[name])
+    return resolved

@@ -1,0 +1,67 @@
+"""Start a real `omlx serve` subprocess with chosen flags, env and OMLX_HOME, for tests that
+need a server configured differently from the session-wide one in conftest."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from conftest import SERVER_START_TIMEOUT_S, RunningServer, _free_port
+
+
+@contextlib.contextmanager
+def omlx_server(model_dir: Path, workdir: Path, *args: str, env: dict | None = None):
+    """Yield a RunningServer serving `model_dir`, with OMLX_HOME=`workdir/home`."""
+    port = _free_port()
+    home = workdir / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "omlx.log"
+    cmd = [sys.executable, "-m", "omlx", "serve", "--model-dir", str(model_dir), "--port", str(port),
+           "--no-demo", "--no-hf-cache", "--block-size", "16", *args]
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("OMLX_")}
+    full_env["OMLX_HOME"] = str(home)
+    full_env.update(env or {})
+    root = f"http://127.0.0.1:{port}"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=full_env)
+        running = RunningServer(root, root + "/v1", log_path, model_dir, process)
+        try:
+            deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"omlx serve exited with {process.returncode}:\n{running.log_tail()}")
+                try:
+                    running.health()
+                    break
+                except (urllib.error.URLError, OSError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"omlx serve did not start:\n{running.log_tail()}")
+                time.sleep(0.2)
+            yield running
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def call(server: RunningServer, method: str, path: str, body=None, headers: dict | None = None) -> tuple[int, dict]:
+    """(status, JSON body) of one request; error statuses are returned, not raised."""
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    request = urllib.request.Request(server.root + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")

@@ -1,0 +1,192 @@
+"""Settings files and precedence, in-process: server options (flag > env > file > default),
+request defaults (request > model > global), validation, and atomic persistence."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from omlx.settings import (
+    SettingsError,
+    SettingsStore,
+    apply_request_defaults,
+    parse_bytes,
+    resolve_server_options,
+    write_json_atomic,
+)
+
+
+def test_server_options_flag_beats_env_beats_file_beats_default():
+    file = {"port": 9000, "host": "0.0.0.0", "max_num_seqs": 4, "block_size": 64}
+    env = {"OMLX_PORT": "9100", "OMLX_MAX_NUM_SEQS": "12"}
+    cli = {"port": 9200}
+
+    options = resolve_server_options(cli, env, file)
+
+    assert options["port"] == 9200  # flag
+    assert options["max_num_seqs"] == 12  # env over file
+    assert options["host"] == "0.0.0.0"  # file over default
+    assert options["block_size"] == 64
+    assert options["max_num_batched_tokens"] == 512  # built-in default
+    assert options["trust_remote_code"] is False
+
+
+def test_mlx_vlm_env_names_are_honoured(caplog):
+    env = {"PREFILL_STEP_SIZE": "48", "MAX_KV_SIZE": "1024", "MLX_TRUST_REMOTE_CODE": "true",
+           "PRELOAD_MODEL": "org/m,other", "KV_BITS": "4", "KV_GROUP_SIZE": "64"}
+    with caplog.at_level(logging.WARNING, logger="omlx.settings"):
+        options = resolve_server_options({}, env, {"max_num_batched_tokens": 100})
+
+    assert options["max_num_batched_tokens"] == 48
+    assert options["max_model_len"] == 1024
+    assert options["trust_remote_code"] is True
+    assert options["preload"] == ["org/m", "other"]
+    # Quantized KV is another feature: accepted, said to be ignored, never faked.
+    assert "KV_BITS=4 is accepted but ignored" in caplog.text
+    assert "KV_GROUP_SIZE=64" in caplog.text
+
+
+def test_omlx_env_name_wins_over_the_mlx_vlm_one():
+    options = resolve_server_options({}, {"OMLX_MAX_NUM_BATCHED_TOKENS": "96", "PREFILL_STEP_SIZE": "48"}, {})
+    assert options["max_num_batched_tokens"] == 96
+
+
+def test_a_malformed_env_value_is_an_error_naming_it():
+    with pytest.raises(SettingsError, match="OMLX_PORT='eighty'"):
+        resolve_server_options({}, {"OMLX_PORT": "eighty"}, {})
+
+
+def test_cli_reports_a_bad_env_value_and_exits_2(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "omlx", "models", "--model-dir", str(tmp_path)],
+        env={"PATH": "/usr/bin:/bin", "OMLX_HOME": str(tmp_path), "OMLX_MAX_MODEL_MEMORY": "lots"},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "OMLX_MAX_MODEL_MEMORY='lots'" in result.stderr
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("8GB", 8 << 30), ("8 GiB", 8 << 30), ("512M", 512 << 20), ("1.5g", int(1.5 * 2**30)),
+    ("4096", 4096), (1000, 1000),
+])
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["", "lots", "-1GB", 0, True, "8XB"])
+def test_parse_bytes_rejects(bad):
+    with pytest.raises(SettingsError):
+        parse_bytes(bad)
+
+
+def test_hand_edited_files_keep_their_valid_part(tmp_path, caplog):
+    (tmp_path / "settings.json").write_text(json.dumps(
+        {"port": "not-a-port", "max_tokens": 64, "colour": "blue", "sampling": {"temperature": 0.2}}))
+    (tmp_path / "model_settings.json").write_text(json.dumps(
+        {"m": {"alias": "mm", "ttl": -5, "pinned": True}, "n": "not an object"}))
+    with caplog.at_level(logging.WARNING, logger="omlx.settings"):
+        store = SettingsStore(tmp_path)
+        assert store.global_settings() == {"max_tokens": 64, "sampling": {"temperature": 0.2}}
+        assert store.model("m") == {"alias": "mm", "pinned": True}
+        assert store.model("n") == {}
+    assert "unknown setting 'colour'" in caplog.text
+    assert "'ttl' must be positive" in caplog.text
+
+
+def test_broken_json_falls_back_to_defaults(tmp_path, caplog):
+    (tmp_path / "settings.json").write_text("{oops")
+    with caplog.at_level(logging.WARNING, logger="omlx.settings"):
+        assert SettingsStore(tmp_path).global_settings() == {}
+    assert "not valid JSON" in caplog.text
+
+
+def test_request_defaults_precedence(tmp_path):
+    (tmp_path / "settings.json").write_text(json.dumps({
+        "sampling": {"temperature": 0.5, "top_p": 0.9}, "max_tokens": 100,
+        "chat_template_kwargs": {"enable_thinking": False, "style": "global"},
+    }))
+    (tmp_path / "model_settings.json").write_text(json.dumps({
+        "m": {"sampling": {"temperature": 0.1}, "max_tokens": 20, "chat_template_kwargs": {"style": "model"}},
+    }))
+    store = SettingsStore(tmp_path)
+
+    defaults = store.request_defaults("m")
+    assert defaults == {"temperature": 0.1, "top_p": 0.9, "max_tokens": 20,
+                        "chat_template_kwargs": {"enable_thinking": False, "style": "model"}}
+    assert store.request_defaults("other")["temperature"] == 0.5
+
+    body = {"model": "m", "temperature": 0.7, "top_p": None, "chat_template_kwargs": {"enable_thinking": True}}
+    merged = apply_request_defaults(body, defaults)
+    assert merged["temperature"] == 0.7  # the request wins
+    assert merged["top_p"] == 0.9  # null means unset
+    assert merged["max_tokens"] == 20
+    assert merged["chat_template_kwargs"] == {"enable_thinking": True, "style": "model"}
+    assert body == {"model": "m", "temperature": 0.7, "top_p": None,
+                    "chat_template_kwargs": {"enable_thinking": True}}  # not mutated
+    # A request that chose max_completion_tokens keeps it as its only limit.
+    assert "max_tokens" not in apply_request_defaults({"max_completion_tokens": 5}, defaults)
+    assert apply_request_defaults("not a dict", defaults) == "not a dict"
+
+
+def test_cli_overrides_apply_over_the_file(tmp_path):
+    (tmp_path / "settings.json").write_text(json.dumps({"max_tokens": 100, "ttl": 60}))
+    store = SettingsStore(tmp_path)
+    store.overrides.update({"max_tokens": 8})
+    assert store.request_defaults("x")["max_tokens"] == 8
+    assert store.ttl("x") == 60
+
+
+def test_update_model_validates_persists_and_removes_with_null(tmp_path):
+    store = SettingsStore(tmp_path)
+    saved = store.update_model("org/m", {"alias": "fast", "ttl": 30, "sampling": {"temperature": 0.2}})
+    assert saved == {"alias": "fast", "ttl": 30, "sampling": {"temperature": 0.2}}
+    on_disk = json.loads((tmp_path / "model_settings.json").read_text())
+    assert on_disk == {"org/m": saved}
+    assert store.alias_target("fast") == "org/m"
+
+    assert store.update_model("org/m", {"ttl": None}) == {"alias": "fast", "sampling": {"temperature": 0.2}}
+    assert SettingsStore(tmp_path).model("org/m") == {"alias": "fast", "sampling": {"temperature": 0.2}}
+
+    for bad, field in [({"ttl": "soon"}, "ttl"), ({"colour": 1}, "colour"),
+                       ({"sampling": {"temprature": 1}}, "sampling.temprature"),
+                       ({"model_type": "robot"}, "model_type"), ({"pinned": "yes"}, "pinned")]:
+        with pytest.raises(SettingsError) as info:
+            store.update_model("org/m", bad)
+        assert info.value.field == field
+    store.update_model("other", {"alias": "x"})
+    with pytest.raises(SettingsError, match="already used by 'org/m'"):
+        store.update_model("other", {"alias": "fast"})
+
+
+def test_files_edited_on_disk_are_picked_up_without_restart(tmp_path):
+    store = SettingsStore(tmp_path)
+    assert store.model("m") == {}
+    (tmp_path / "model_settings.json").write_text(json.dumps({"m": {"max_tokens": 9}}))
+    assert store.model("m") == {"max_tokens": 9}
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    target = tmp_path / "model_settings.json"
+    write_json_atomic(target, {"old": True})
+
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("omlx.settings.json.dump", explode)
+    with pytest.raises(OSError, match="disk full"):
+        write_json_atomic(target, {"new": True})
+    assert json.loads(target.read_text()) == {"old": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["model_settings.json"]  # no temp file left
+
+
+def test_omlx_home_env_moves_both_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMLX_HOME", str(tmp_path / "elsewhere"))
+    store = SettingsStore()
+    assert store.global_path == tmp_path / "elsewhere" / "settings.json"
+    assert store.models_path == Path(tmp_path / "elsewhere" / "model_settings.json")
