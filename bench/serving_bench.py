@@ -517,13 +517,31 @@ class Server:
         self.proc = None
 
 
-def run_round(kind: str, workload: Workload, args, factory: PromptFactory, log_dir: Path, index: int) -> dict:
+def omlx_fingerprint() -> str:
+    """Hash of the omlx sources: other people edit them while the bench runs, so each row
+    records which code it measured."""
+    import hashlib
+
+    import omlx
+
+    digest = hashlib.sha1()
+    root = Path(omlx.__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def run_round(kind: str, workload: Workload, args, factory: PromptFactory, log_dir: Path, index: int,
+              attempt: int = 1) -> dict:
     label = workload.name + (f" ({workload.variant})" if workload.variant else "")
     tag = f"{index:02d}-{kind.replace('.', '_')}-{workload.name}-c{workload.concurrency}" + (
-        "-distinct" if "distinct" in workload.variant else "")
+        "-distinct" if "distinct" in workload.variant else "") + (f"-attempt{attempt}" if attempt > 1 else "")
     server = Server(kind, args, log_dir, tag)
     row = {"workload": label, "concurrency": workload.concurrency, "server": kind,
            "requests": workload.num_requests, "max_tokens": workload.max_tokens, "log": str(server.log_path)}
+    if kind == OMLX:
+        row["omlx_source"] = omlx_fingerprint()
     try:
         server.start()
         server.wait_ready()
@@ -574,7 +592,7 @@ def run_round_retrying(kind: str, workload: Workload, args, factory, log_dir: Pa
     while (not row.get("failed") and _other_load(row) > args.noisy_threshold
            and len(attempts) <= args.noisy_retries and row.get("wall_s", 1e9) <= args.retry_max_wall):
         log(f"  other processes used {_other_load(row):.2f} cores during the round: running it again")
-        row = run_round(kind, workload, args, factory, log_dir, index)
+        row = run_round(kind, workload, args, factory, log_dir, index, attempt=len(attempts) + 1)
         attempts.append(row)
     best = min((r for r in attempts if not r.get("failed")), key=_other_load, default=attempts[-1])
     best["attempts"] = len(attempts)
@@ -744,6 +762,10 @@ def ratios(rows: list[dict]) -> str:
 
 def notes(rows: list[dict]) -> str:
     out = []
+    sources = sorted({r["omlx_source"] for r in rows if r.get("omlx_source")})
+    if len(sources) > 1:
+        out.append(f"- WARNING: the omlx sources changed during the run ({len(sources)} versions: {', '.join(sources)});"
+                   " rows name the one they measured")
     for r in rows:
         bits = [f"{r['max_tokens']} max tokens"] if r.get("max_tokens") else []
         if r.get("prompt_tokens_mean") is not None:
@@ -761,9 +783,12 @@ def notes(rows: list[dict]) -> str:
             kv = h.get("kv_cache", {})
             bits.append(f"omlx preemptions {h.get('preemptions')}, prefix-cache hit rate "
                         f"{kv.get('prefix_cache_hit_rate', 0):.2f}, KV pool {kv.get('bytes', 0) / 2**20:.0f} MiB")
+        if r.get("omlx_source"):
+            bits.append(f"omlx sources {r['omlx_source']}")
         if r.get("cpu"):
             c = r["cpu"]
-            bits.append(f"CPU cores used: server {c['server_cores']:.2f}, bench client {c['bench_client_cores']:.2f},"
+            who = "process" if r["server"] == BASELINE else "server"
+            bits.append(f"CPU cores used: {who} {c['server_cores']:.2f}, bench client {c['bench_client_cores']:.2f},"
                         f" other processes {c['other_cores']:.2f}")
         if r.get("attempts", 1) > 1:
             bits.append(f"{r['attempts']} attempts (other-process load {r['other_load_per_attempt']} cores;"
@@ -798,7 +823,7 @@ def report(rows: list[dict], meta: dict) -> str:
         " decode tok/s/stream = median over requests of (tokens - 1) / (last - first content chunk)",
         "- 'distinct prefixes, cache defeated': omlx has no switch to turn prefix caching off, so every client's"
         " system prompt starts with different words (same length); no prefix block can be shared.",
-        f"- total bench time: {meta['total_s']:.0f}s",
+        f"- total bench time: {meta['total_s']:.0f}s; server logs in {meta['log_dir']}",
         "",
         "## Results",
         "",
@@ -842,7 +867,8 @@ def parse_args(argv=None):
                         " (default 30; 5 with --quick)")
     p.add_argument("--noisy-threshold", type=float, default=0.3,
                    help="a round during which other processes used more CPU cores than this is repeated")
-    p.add_argument("--noisy-retries", type=int, default=1, help="how often a disturbed round is repeated")
+    p.add_argument("--noisy-retries", type=int, default=None,
+                   help="how often a disturbed round is repeated (default 1; 0 with --quick)")
     p.add_argument("--retry-max-wall", type=float, default=120.0,
                    help="rounds longer than this many seconds are never repeated")
     p.add_argument("--request-timeout", type=float, default=900.0, help="seconds per request (and baseline)")
@@ -865,6 +891,7 @@ def parse_args(argv=None):
         "shared_system_tokens": 300 if quick else 1500,
         "shared_user_tokens": 16 if quick else 24,
         "quiet_wait": 5.0 if quick else 30.0,
+        "noisy_retries": 0 if quick else 1,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -904,8 +931,9 @@ def main(argv=None) -> int:
 
     started = time.monotonic()
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    log_dir = args.out_dir / "logs"
-    log_dir.mkdir(exist_ok=True)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    log_dir = args.out_dir / "logs" / stamp
+    log_dir.mkdir(parents=True, exist_ok=True)
     ensure_model(args.model_path)
     factory = PromptFactory(args.model_path, args.seed)
     servers = [OMLX] if args.skip_mlx_lm else [OMLX, MLX_LM]
@@ -960,11 +988,15 @@ def main(argv=None) -> int:
         "omlx_args": " ".join(args.omlx_arg),
         "mlx_lm_args": " ".join(args.mlx_lm_arg),
         "total_s": time.monotonic() - started,
+        "log_dir": str(log_dir),
         "argv": sys.argv,
     }
     md = report(rows, meta)
     (args.out_dir / "latest.md").write_text(md)
     (args.out_dir / "latest.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    # A copy per run, so a later (e.g. --quick) run does not overwrite this one.
+    (args.out_dir / f"run-{stamp}.md").write_text(md)
+    (args.out_dir / f"run-{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print()
     print(md)
     log(f"wrote {args.out_dir / 'latest.md'} and latest.json")

@@ -329,3 +329,74 @@ def test_sdk_raises_typed_errors_and_the_server_keeps_serving(anthropic_client, 
     assert r.usage.output_tokens >= 1
     for name, m in server.health()["models_loaded"].items():
         assert m.get("running", 0) == 0
+
+
+# ---------------------------------------------------------------------------- long streams
+
+
+async def test_keepalive_pings_while_waiting_and_closes_the_source():
+    import asyncio
+    from contextlib import aclosing
+
+    from omlx.api.sse import with_keepalive
+
+    closed = []
+
+    async def slow():
+        try:
+            await asyncio.sleep(0.25)
+            yield "first"
+            await asyncio.sleep(10)
+            yield "never"
+        finally:
+            closed.append(True)
+
+    got = []
+    async with aclosing(with_keepalive(slow(), 0.05)) as items:
+        async for item in items:
+            got.append(item)
+            if item == "first":
+                break
+    assert got[-1] == "first" and got.count(None) >= 3 and set(got[:-1]) == {None}
+    assert closed == [True]  # leaving early closed the generation it wrapped
+
+
+@pytest.mark.parametrize("route", ["messages", "responses"])
+async def test_client_disconnect_mid_stream_frees_blocks(server, route):
+    import asyncio
+    import time
+
+    import aiohttp
+
+    model, max_tokens = "tiny-llama", 1500
+    path = server.model_path(model)
+    for i in range(20):
+        messages = [{"role": "user", "content": f"write a long story about the river, part {i}"}]
+        if not reference_greedy(path, chat_prompt_ids(path, messages), max_tokens)[1]:
+            break
+    else:
+        pytest.fail("no prompt runs to max_tokens without EOS")
+    if route == "messages":
+        url, body = server.root + "/v1/messages", {"model": model, "max_tokens": max_tokens, "messages": messages}
+    else:
+        url, body = server.base_url + "/responses", {"model": model, "max_output_tokens": max_tokens, "input": messages}
+    body.update(stream=True, temperature=0)
+    before = server.health()["models_loaded"].get(model, {}).get("generated_tokens", 0)  # 0 until loaded
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(url, json=body)
+        assert response.status == 200
+        deltas = 0
+        async for line in response.content:
+            deltas += b"_delta" in line or b".delta" in line
+            if deltas >= 3:
+                break
+        assert server.health()["models_loaded"][model]["running"] == 1
+        response.close()
+    deadline = time.monotonic() + 10
+    while True:
+        health = server.health()["models_loaded"][model]
+        if health["running"] == 0 and health["kv_cache"]["used_blocks"] == 0:
+            break
+        assert time.monotonic() < deadline, health
+        await asyncio.sleep(0.05)
+    assert health["generated_tokens"] - before < max_tokens // 2

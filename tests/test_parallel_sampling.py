@@ -4,6 +4,8 @@ and every block comes back, whether they finish, are preempted or are aborted.""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from conftest import load_reference
 
@@ -131,3 +133,36 @@ def test_completions_n_with_logprobs(client):
         alone = client.completions.create(model="tiny", prompt="the river and", temperature=1.0, seed=11 + i, max_tokens=8, logprobs=2)
         assert choice.text == alone.choices[0].text
         assert choice.logprobs.token_logprobs == pytest.approx(alone.choices[0].logprobs.token_logprobs, abs=1e-5)
+
+
+async def test_disconnect_mid_stream_frees_every_completion(server):
+    """A client that leaves an n > 1 stream aborts all n completions and frees their blocks."""
+    import json
+    import time
+
+    import aiohttp
+
+    eos = sorted(load_reference(server.model_path("tiny"))[1].eos_token_ids)[0]
+    body = {
+        "model": "tiny", "messages": MESSAGES, "n": 3, "max_tokens": 3000, "temperature": 1.0, "stream": True,
+        "logit_bias": {str(eos): -100},  # none of them can end by itself
+    }
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(server.base_url + "/chat/completions", json=body)
+        assert response.status == 200
+        seen = set()
+        async for line in response.content:
+            if line.startswith(b"data: {"):
+                seen.update(c["index"] for c in json.loads(line[6:])["choices"] if c["delta"].get("content"))
+                if seen == {0, 1, 2}:
+                    break
+        tiny = server.health()["models_loaded"]["tiny"]
+        assert tiny["running"] == 3
+        response.close()
+    deadline = time.monotonic() + 10
+    while True:
+        tiny = server.health()["models_loaded"]["tiny"]
+        if tiny["running"] == 0 and tiny["kv_cache"]["used_blocks"] == 0:
+            break
+        assert time.monotonic() < deadline, tiny
+        await asyncio.sleep(0.05)

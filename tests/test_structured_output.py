@@ -246,6 +246,8 @@ async def test_constrained_requests_do_not_change_free_ones(async_client, server
         {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frobnicate"}}},
         {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/missing"}}},
         {"type": "json_schema", "json_schema": {"name": 5, "schema": {"type": "object"}}},
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {  # unsatisfiable
+            "type": "object", "properties": {"a": {"type": "integer", "minimum": 5, "maximum": 2}}, "required": ["a"]}}},
     ],
 )
 def test_bad_response_format_is_400(client, response_format):

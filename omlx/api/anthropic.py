@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from contextlib import aclosing
 
 import orjson
 from aiohttp import web
@@ -142,21 +143,24 @@ class AnthropicRoutes:
             await send("content_block_start", {"index": index, "content_block": block})
 
         try:
-            async for event in sse.with_keepalive(turn.events(), KEEPALIVE_S):
-                if event is None:
-                    await send("ping", {})
-                elif isinstance(event, Reasoning):
-                    if open_kind != "thinking":
-                        await open_block({"type": "thinking", "thinking": "", "signature": ""})
-                    await send("content_block_delta", {"index": index, "delta": {"type": "thinking_delta", "thinking": event.text}})
-                elif isinstance(event, Text):
-                    if open_kind != "text":
-                        await open_block({"type": "text", "text": ""})
-                    await send("content_block_delta", {"index": index, "delta": {"type": "text_delta", "text": event.text}})
-                elif isinstance(event, ToolCallEvent):
-                    call = event.call
-                    await open_block({"type": "tool_use", "id": call.id, "name": call.name, "input": {}})
-                    await send("content_block_delta", {"index": index, "delta": {"type": "input_json_delta", "partial_json": call.arguments}})
+            async with aclosing(sse.with_keepalive(turn.events(), KEEPALIVE_S)) as events:
+                async for event in events:
+                    if event is None:  # nothing for a while (a long prefill): show we are alive
+                        await send("ping", {})
+                    elif isinstance(event, Reasoning):
+                        if open_kind != "thinking":
+                            await open_block({"type": "thinking", "thinking": "", "signature": ""})
+                        await send("content_block_delta",
+                                   {"index": index, "delta": {"type": "thinking_delta", "thinking": event.text}})
+                    elif isinstance(event, Text):
+                        if open_kind != "text":
+                            await open_block({"type": "text", "text": ""})
+                        await send("content_block_delta", {"index": index, "delta": {"type": "text_delta", "text": event.text}})
+                    elif isinstance(event, ToolCallEvent):
+                        call = event.call
+                        await open_block({"type": "tool_use", "id": call.id, "name": call.name, "input": {}})
+                        await send("content_block_delta",
+                                   {"index": index, "delta": {"type": "input_json_delta", "partial_json": call.arguments}})
         except EngineFailure as exc:
             error = APIError(str(exc), 500, "api_error")
             await response.write(sse.named_event("error", error.anthropic_body()))

@@ -29,7 +29,7 @@ from .errors import APIError, invalid
 from .generation import EngineFailure, GenerationStream, build_request
 from .model_access import lease_for_request
 from .openai import read_json
-from .output_parser import Reasoning, Text, ToolCallEvent
+from .output_parser import Reasoning, ToolCallEvent
 from .response_store import ResponseStore
 from .responses_protocol import ResponsesRequest, parse_responses
 from .turn_options import decoding_constraint, output_room, tool_parser_of
@@ -214,12 +214,13 @@ class ResponsesRoutes:
         await send({"type": "response.created", "response": run.response_object(final=False)})
         await send({"type": "response.in_progress", "response": run.response_object(final=False)})
         try:
-            async for event in sse.with_keepalive(run.turn.events(), KEEPALIVE_S):
-                if event is None:
-                    await response.write(sse.KEEPALIVE)
-                    continue
-                for payload in run.output.add(event):
-                    await send(payload)
+            async with aclosing(sse.with_keepalive(run.turn.events(), KEEPALIVE_S)) as events:
+                async for event in events:
+                    if event is None:  # nothing for a while (a long prefill): show we are alive
+                        await response.write(sse.KEEPALIVE)
+                        continue
+                    for payload in run.output.add(event):
+                        await send(payload)
         except EngineFailure as exc:
             await send({"type": "error", "code": "engine_error", "message": str(exc), "param": None})
             return response

@@ -14,7 +14,6 @@ from .errors import invalid
 from .output_parser import tool_call_format
 
 log = logging.getLogger("omlx.api.turn_options")
-from .errors import invalid
 
 
 def output_room(loaded: LoadedModel, prompt_tokens: int) -> int:

@@ -206,39 +206,21 @@ def build_model(path: str | Path, spec: TinyModelSpec | None = None) -> Path:
     model, config = _random_model(spec, tokenizer)
     if not spec.tie_word_embeddings:
         model.lm_head.weight = model.lm_head.weight * spec.logit_scale
-        _discourage_markup(model, tokenizer)
+        _discourage_thinking(model, tokenizer)
     return _write_folder(Path(path), spec, config, model, tokenizer)
 
 
-MARKUP_PENALTY = 30.0
-
-
-def _discourage_markup(model, tokenizer) -> None:
-    """Make the random model babble without ever writing markup (<think>, <tool_call>, ...),
-    as a real model only writes it when it means to; otherwise replies would turn into
-    reasoning or tool calls by chance, and a grammar that allows a thinking block before a
-    forced tool call would see the model think forever.
-
-    The classic bias trick, since the output head has no bias: hidden dimension 0 holds the
-    same positive value at every position (every embedding has it, and no attention or MLP
-    output writes to it), so a markup token's output row reading only that dimension, with a
-    negative weight, gives it a large negative logit whatever the context.  Constrained
-    decoding can still force markup where its grammar requires it.
+def _discourage_thinking(model, tokenizer) -> None:
+    """Keep the random model from opening or closing a thinking block by chance: it is not
+    a reasoning model, and a stray `<think>` would turn the rest of a babbled reply into
+    reasoning.  With a zero output row a think token's logit is 0, below the largest of
+    hundreds of random logits, so greedy decoding never picks it; a logit_bias or a grammar
+    can still force it.  (Tool-call markup keeps its random row: it is only parsed when a
+    request offers tools.)
     """
-    inner = model.model
-    embedding = inner.embed_tokens.weight
-    embedding[:, 0] = 1.0  # ~8x the random entries: dimension 0 stays positive after the norm
-    inner.embed_tokens.weight = embedding
-    for layer in inner.layers:
-        for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
-            weight = proj.weight
-            weight[0, :] = 0.0
-            proj.weight = weight
     head = model.lm_head.weight
-    for token in MARKUP_TOKENS:
-        row = mx.zeros((head.shape[1],))
-        row[0] = -MARKUP_PENALTY
-        head[tokenizer.token_to_id(token)] = row
+    for token in ("<think>", "</think>"):
+        head[tokenizer.token_to_id(token)] = 0.0
     model.lm_head.weight = head
 
 
