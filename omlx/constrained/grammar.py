@@ -9,8 +9,9 @@ schema (nested object, array, enum), along a 134-token valid document:
     xgrammar 0.2.8       7.4 ms      2.7 us / 2.1 us / 8 us
     outlines-core 0.2.14 40-77 ms   199 us / 324 us / 552 us
 
-xgrammar computes a mask faster, but both it and llguidance cost well under 0.1% of a decode
-step of the 200M benchmark model, even at 16 constrained clients.  What differs per request
+xgrammar computes a mask faster, but for both the mask is a fraction of a percent of a decode
+step of the 200M benchmark model, even at 16 constrained clients (16 x 15 us = 0.24 ms of a
+~116 ms step).  What differs per request
 is compilation, paid before the first token: llguidance compiles 6.5x faster, so it costs
 less in total for any output shorter than ~500 tokens, which is most structured output.
 xgrammar also requires torch (pip pulls the CUDA build, gigabytes, on Linux), which nothing
@@ -21,10 +22,10 @@ tool-call grammar needs (`omlx.constrained.tool_calls`), and fills a batch's mas
 
 Through the engine (`python bench/constrained_overhead.py engine`: the 200M benchmark model,
 32000-token vocabulary, temperature 1) the whole cost is in the sampler: with 16 greedy rows
-it takes 1.07 ms per step constrained vs 0.51 ms free (0.46 vs 0.26 ms with one row; the
-mask alone, 16 rows: 0.55 ms), against decode steps of ~175 ms (1 client) and ~420 ms (16
-clients), where constrained and free steps measure the same within noise (p50 174.2 vs
-174.1 ms; 416 vs 428 ms).
+it takes 1.32 ms per step constrained vs 0.52 ms free (0.10 vs 0.05 ms with one row; the
+mask alone, 16 rows: 0.8-1.1 ms), against decode steps of ~56 ms (1 client) and ~116 ms
+(16 clients), where constrained and free steps measure the same within noise (p50 56.7 vs
+56.3 ms; 112.7 vs 116.0 ms): under 1% even when all 16 rows are constrained.
 
 Structured output must also parse when `max_tokens` runs out first: near the end of its
 budget a state plans a short way to finish its grammar and forces it in time (see

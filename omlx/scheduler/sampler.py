@@ -1,8 +1,11 @@
 """Per-request sampling over a batch of logits.
 
 Every row carries its own settings; rows are processed together where the math allows
-(one argmax for all greedy rows, one sort for all sampled rows) and every row's result
+(one argmax for all greedy rows, one pass for all sampled rows) and every row's result
 depends only on that row, so a request's tokens do not change with what it is batched with.
+No row sorts the whole vocabulary unless it must: rows without top-k / top-p / min-p read
+their token off the CDF in vocabulary order, filtered rows sort only their most likely
+candidates (see CANDIDATES).
 
 Randomness comes from one uniform number per row per step, drawn from the request's own
 generator when it has a seed (otherwise from the engine's), and turned into a token by
