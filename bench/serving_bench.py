@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from omlx.testing.tiny_models import WORDS as FIXTURE_WORDS
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEFAULT_MODEL = HERE / "models" / "bench-200m"
@@ -40,15 +42,7 @@ BASELINE = "mlx_lm.stream_generate (in-process)"
 
 # Prompt text is random words; most of these are single tokens in the fixture tokenizer, so
 # token counts track word counts closely (the exact count is measured, not assumed).
-WORDS = (
-    "the a an of to in is it that for on with as was are be this by at from or have "
-    "model server token request batch cache block prefix prompt stream client agent "
-    "code function return value error test python json data memory fast slow queue "
-    "hello world please write explain summarize list tell me about how what why when "
-    "system user assistant tool call result answer question think reason step plan "
-    "one two three four five six seven eight nine ten red green blue cat dog bird tree "
-    "river mountain city house car road book paper music light dark time day night"
-).split()
+WORDS = FIXTURE_WORDS
 
 _T0 = time.monotonic()
 

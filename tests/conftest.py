@@ -3,20 +3,13 @@ in-process mlx-lm greedy reference to compare the server's tokens against."""
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
+from omlx_process import RunningServer, omlx_server  # noqa: F401  (RunningServer: for tests)
+from omlx.testing.reference import greedy_reference
 from omlx.testing.tiny_models import TinyModelSpec, build_model, build_scripted_model
 
 MODELS = {
@@ -25,7 +18,6 @@ MODELS = {
 }
 BLOCK_SIZE = 16
 CONTEXT_WINDOW = 4096  # TinyModelSpec.max_position_embeddings
-SERVER_START_TIMEOUT_S = 60.0
 
 # A model whose greedy answer to any chat prompt is this reply (see build_scripted_model):
 # reasoning, visible text and a Hermes-style tool call, so that tests can check how each API
@@ -53,80 +45,16 @@ def model_dir(tmp_path_factory) -> Path:
 # ---------------------------------------------------------------------------- server
 
 
-@dataclass
-class RunningServer:
-    root: str  # http://127.0.0.1:PORT
-    base_url: str  # http://127.0.0.1:PORT/v1
-    log_path: Path
-    model_dir: Path
-    process: subprocess.Popen
-
-    def model_path(self, model: str) -> Path:
-        return self.model_dir / model
-
-    def health(self) -> dict:
-        with urllib.request.urlopen(self.root + "/health", timeout=10) as response:
-            return json.loads(response.read())
-
-    def log_tail(self, lines: int = 80) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def server(model_dir, tmp_path_factory):
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("server") / "omlx.log"
-    cmd = [
-        sys.executable, "-m", "omlx", "serve",
-        "--model-dir", str(model_dir),
-        "--port", str(port),
-        "--no-demo",
-        "--kv-cache-gb", "0.05",
-        "--block-size", str(BLOCK_SIZE),
-        "--max-num-batched-tokens", "64",
-    ]
-    # OMLX_* settings from the environment would change what is being tested.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OMLX_")}
-    # So would the user's ~/.omlx/settings.json (an api_key there would fail every request).
-    env["OMLX_HOME"] = str(tmp_path_factory.mktemp("omlx-home"))
-    log_file = open(log_path, "wb")
-    process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    root = f"http://127.0.0.1:{port}"
-    running = RunningServer(root, root + "/v1", log_path, model_dir, process)
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"omlx serve exited with {process.returncode}; log tail:\n{running.log_tail()}")
-            try:
-                running.health()
-                break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"omlx serve did not answer /health within {SERVER_START_TIMEOUT_S}s; "
-                    f"log tail:\n{running.log_tail()}"
-                )
-            time.sleep(0.2)
+    # A fresh OMLX_HOME: the user's ~/.omlx/settings.json (an api_key there) and OMLX_* env
+    # settings would change what is being tested.
+    with omlx_server(
+        model_dir, tmp_path_factory.mktemp("server"),
+        "--kv-cache-gb", "0.05", "--max-num-batched-tokens", "64",
+        block_size=BLOCK_SIZE, failure=pytest.fail,
+    ) as running:
         yield running
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log_file.close()
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -191,19 +119,9 @@ def reference_greedy(model_path: str | Path, prompt_ids: list[int], max_tokens: 
         if eos:
             return list(tokens), True
 
-    import mlx.core as mx
-    from mlx_lm.generate import generate_step
-
     model, tokenizer = load_reference(model_path)
-    stop = set(tokenizer.eos_token_ids)
-    tokens: list[int] = []
-    eos = False
-    for token, _ in generate_step(mx.array(prompt_ids), model, max_tokens=max_tokens):
-        token = int(token)
-        if token in stop:
-            eos = True
-            break
-        tokens.append(token)
+    tokens = greedy_reference(model, prompt_ids, max_tokens, set(tokenizer.eos_token_ids))
+    eos = len(tokens) < max_tokens  # it stopped early, so on an EOS token
     _greedy_cache[key] = (list(tokens), eos)
     return tokens, eos
 

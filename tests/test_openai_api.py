@@ -12,14 +12,14 @@ import aiohttp
 import pytest
 from conftest import BLOCK_SIZE, chat_prompt_ids, decode, reference_greedy, tokenizer_of
 
-from omlx.testing.tiny_models import _WORDS
+from omlx.testing.tiny_models import WORDS
 
 MODEL_NAMES = ["tiny", "tiny-llama"]
 
 
 def words(seed: int, n: int) -> str:
     rng = random.Random(seed)
-    return " ".join(rng.choice(_WORDS) for _ in range(n))
+    return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
 # ~120 tokens shared by several requests, so that they share prefix-cache blocks.

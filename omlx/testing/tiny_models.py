@@ -72,7 +72,9 @@ CONTROL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MARKUP_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
 SPECIAL_TOKENS = CONTROL_TOKENS + MARKUP_TOKENS
 
-_WORDS = (
+# The tokenizer's training vocabulary; benchmarks draw prompts from it too, so that most
+# words are single tokens.
+WORDS = (
     "the a an of to in is it that for on with as was are be this by at from or have "
     "model server token request batch cache block prefix prompt stream client agent "
     "code function return value error test python json data memory fast slow queue "
@@ -88,7 +90,7 @@ def _training_corpus(n_lines: int = 3000, seed: int = 0) -> list[str]:
     lines = []
     for _ in range(n_lines):
         n = rng.randint(3, 18)
-        line = " ".join(rng.choice(_WORDS) for _ in range(n))
+        line = " ".join(rng.choice(WORDS) for _ in range(n))
         if rng.random() < 0.3:
             line = line.capitalize() + rng.choice([".", "?", "!", ",", ":"])
         if rng.random() < 0.1:
