@@ -29,6 +29,8 @@ from omlx.settings import SettingsStore, omlx_home
 log = logging.getLogger("omlx.server")
 
 MAX_BODY_BYTES = 64 << 20
+POOL = web.AppKey("pool", ModelPool)
+STARTED = web.AppKey("started", float)
 
 
 @dataclass
@@ -83,8 +85,8 @@ def create_app(config: ServerConfig) -> web.Application:
         extra_models=packaged_models() if config.packaged_models else (),
         pinned=config.pinned, preload=config.preload,
     )
-    app["pool"] = pool
-    app["started"] = time.time()
+    app[POOL] = pool
+    app[STARTED] = time.time()
     # Before the OpenAI routes: their GET /v1/models/{id} would match /v1/models/status.
     ModelAdminRoutes(pool).register(app)
     LMStudioRoutes(pool).register(app)
@@ -117,7 +119,7 @@ async def root(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    pool: ModelPool = request.app["pool"]
+    pool: ModelPool = request.app[POOL]
     models, embedders = {}, {}
     for model_id, loaded in pool.loaded.items():
         if not hasattr(loaded, "engine"):  # an embedding model: no generation engine
@@ -138,7 +140,7 @@ async def health(request: web.Request) -> web.Response:
     body = {
         "status": "ok",
         "version": __version__,
-        "uptime_s": round(time.time() - request.app["started"], 1),
+        "uptime_s": round(time.time() - request.app[STARTED], 1),
         "compute": blas_info(),
         "models_available": [m.model_id for m in pool.servable()],
         "models_loaded": models,
