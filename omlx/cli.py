@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-cache-gb", type=float,
                        help="KV cache memory per loaded model, in GiB (sets the block pool size)")
     serve.add_argument("--block-size", type=int, help="tokens per KV block (32)")
+    serve.add_argument("--kv-bits", type=int, choices=(4, 8),
+                       help="store KV blocks quantized to 4 or 8 bits (default: the model's dtype)")
+    serve.add_argument("--kv-group-size", type=int, choices=(32, 64, 128),
+                       help="values per quantization scale/bias in KV blocks (64)")
     serve.add_argument("--max-num-seqs", type=int, help="sequences decoded together per step (64)")
     serve.add_argument("--max-num-batched-tokens", type=int,
                        help="tokens fed to the model per step: decodes plus prefill chunks (512)")
@@ -163,6 +167,8 @@ def serve(args, options: dict) -> None:
         max_num_seqs=options["max_num_seqs"],
         max_num_batched_tokens=options["max_num_batched_tokens"],
         max_model_len=options["max_model_len"],
+        kv_bits=options["kv_bits"],
+        kv_group_size=options["kv_group_size"],
     )
     if options.get("preload_adapter"):
         log.warning("PRELOAD_ADAPTER is ignored: set adapter_path in the model's settings "

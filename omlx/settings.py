@@ -178,6 +178,8 @@ GLOBAL_KEYS: dict[str, Callable] = {
     "max_num_seqs": lambda v, f: _optional_positive(v, f, (int,)),
     "max_num_batched_tokens": lambda v, f: _optional_positive(v, f, (int,)),
     "block_size": lambda v, f: _optional_positive(v, f, (int,)),
+    "kv_bits": lambda v, f: _optional_positive(v, f, (int,)),
+    "kv_group_size": lambda v, f: _optional_positive(v, f, (int,)),
     "max_model_len": lambda v, f: _optional_positive(v, f, (int,)),
     "ttl": _optional_positive,
     "hf_cache": _typed(bool),
@@ -439,6 +441,9 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     Option("max_num_batched_tokens", ("OMLX_MAX_NUM_BATCHED_TOKENS", "PREFILL_STEP_SIZE"), int, 512),
     # MAX_KV_SIZE (mlx-vlm): the most tokens one sequence keeps in its KV cache.
     Option("max_model_len", ("OMLX_MAX_MODEL_LEN", "MAX_KV_SIZE"), int),
+    # KV_BITS / KV_GROUP_SIZE (mlx-vlm): store KV blocks quantized.
+    Option("kv_bits", ("OMLX_KV_BITS", "KV_BITS"), int),
+    Option("kv_group_size", ("OMLX_KV_GROUP_SIZE", "KV_GROUP_SIZE"), int, 64),
     Option("max_tokens", ("OMLX_MAX_TOKENS",), int),
     Option("ttl", ("OMLX_TTL",), float),
     Option("hf_cache", ("OMLX_HF_CACHE",), _bool_text, True),
@@ -448,9 +453,10 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     Option("preload_adapter", ("OMLX_PRELOAD_ADAPTER", "PRELOAD_ADAPTER"), str),
 )
 
-# mlx-vlm's quantized-KV env names: accepted so scripts written for it keep working, but this
-# server does not quantize its KV cache yet, and says so instead of pretending.
-UNIMPLEMENTED_ENV = ("KV_BITS", "KV_GROUP_SIZE", "QUANTIZED_KV_START")
+# mlx-vlm env names with no meaning here: accepted so scripts written for it keep working,
+# and said to be ignored instead of pretending.  (Paged blocks are quantized from the first
+# token, so there is no start threshold.)
+UNIMPLEMENTED_ENV = ("QUANTIZED_KV_START",)
 
 
 def resolve_server_options(cli: Mapping[str, Any], env: Mapping[str, str], file: Mapping[str, Any]) -> dict:
@@ -477,6 +483,6 @@ def resolve_server_options(cli: Mapping[str, Any], env: Mapping[str, str], file:
         resolved[option.key] = option.default
     for name in UNIMPLEMENTED_ENV:
         if env.get(name):
-            log.warning("%s=%s is accepted but ignored: quantized KV cache is not implemented yet "
-                        "(the KV cache stays in the model's dtype)", name, env[name])
+            log.warning("%s=%s is accepted but ignored: with --kv-bits, KV blocks are quantized "
+                        "from the first token", name, env[name])
     return resolved

@@ -46,9 +46,8 @@ def test_mlx_vlm_env_names_are_honoured(caplog):
     assert options["max_model_len"] == 1024
     assert options["trust_remote_code"] is True
     assert options["preload"] == ["org/m", "other"]
-    # Quantized KV is another feature: accepted, said to be ignored, never faked.
-    assert "KV_BITS=4 is accepted but ignored" in caplog.text
-    assert "KV_GROUP_SIZE=64" in caplog.text
+    assert options["kv_bits"] == 4
+    assert options["kv_group_size"] == 64
 
 
 def test_omlx_env_name_wins_over_the_mlx_vlm_one():

@@ -64,7 +64,9 @@ def test_env_flags_and_files_shape_the_engine(server):
     assert config["context_length"] == 1024
     assert config["eval_batch_size"] == 48
     assert config["max_concurrent_predictions"] == 8
-    assert "KV_BITS=4 is accepted but ignored" in server.log_path.read_text()
+    # KV_BITS reached the engine; the tiny models' 16-wide heads cannot be quantized, which
+    # the log says instead of failing the load.
+    assert "KV quantization needs a head dim divisible by 32" in server.log_path.read_text()
 
 
 def test_model_and_global_defaults_apply_under_the_request(server, client, model_dir):

@@ -42,12 +42,38 @@ def gather_indices(block_tables: mx.array, num_heads: int) -> mx.array:
     return block_tables[..., None, :] * num_heads + heads
 
 
-def gather_blocks(pool: mx.array, tiles: mx.array, block_size: int) -> mx.array:
-    """Pool rows + `[..., H, nb]` tile indices -> contiguous `[..., H, nb * block_size, dim]`."""
+@dataclass
+class QuantizedRows:
+    """A pool kept in MLX's quantized layout (`mx.quantize` along the head dim): packed
+    values, scales and biases per group, each indexed by the same pool rows."""
+
+    packed: mx.array
+    scales: mx.array
+    biases: mx.array
+    group_size: int
+    bits: int
+
+    def parts(self) -> list[mx.array]:
+        return [self.packed, self.scales, self.biases]
+
+
+def gather_blocks(pool, tiles: mx.array, block_size: int) -> mx.array:
+    """Pool rows + `[..., H, nb]` tile indices -> contiguous `[..., H, nb * block_size, dim]`.
+
+    A quantized pool is dequantized after the gather, so only the blocks a batch reads are
+    expanded, and attention itself runs as for a float pool.
+    """
+    if isinstance(pool, QuantizedRows):
+        parts = [_gather_rows(part, tiles, block_size) for part in pool.parts()]
+        return mx.dequantize(*parts, group_size=pool.group_size, bits=pool.bits)
+    return _gather_rows(pool, tiles, block_size)
+
+
+def _gather_rows(rows: mx.array, tiles: mx.array, block_size: int) -> mx.array:
     *lead, num_blocks = tiles.shape
-    dim = pool.shape[-1]
-    gathered = pool.reshape(-1, block_size, dim)[tiles]  # (..., H, nb, block_size, dim)
-    return gathered.reshape(*lead, num_blocks * block_size, dim)
+    width = rows.shape[-1]
+    gathered = rows.reshape(-1, block_size, width)[tiles]  # (..., H, nb, block_size, width)
+    return gathered.reshape(*lead, num_blocks * block_size, width)
 
 
 def causal_paged_mask(offsets: mx.array, query_len: int, key_len: int, key_start: int | mx.array = 0) -> mx.array:

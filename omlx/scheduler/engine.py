@@ -36,6 +36,8 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None  # default: the model's own context window
+    kv_bits: int | None = None  # 4 or 8: store KV blocks quantized (mx.quantize layout)
+    kv_group_size: int = 64
 
 
 class RequestRejected(ValueError):
@@ -48,10 +50,11 @@ class LLMEngine:
         self.config = config
         layout = KVLayout.probe(model)
         block_size = config.block_size
+        kv_bits, group_size = quantization_for(layout, config.kv_bits, config.kv_group_size)
         num_blocks = config.num_blocks or PagedKVStorage.blocks_for_budget(
-            layout, block_size, config.kv_cache_bytes
+            layout, block_size, config.kv_cache_bytes, kv_bits, group_size
         )
-        self.storage = PagedKVStorage(layout, num_blocks, block_size)
+        self.storage = PagedKVStorage(layout, num_blocks, block_size, kv_bits, group_size)
         self.blocks = BlockManager(num_blocks, block_size, scope=scope or b"omlx")
         self.max_model_len = min(config.max_model_len or context_window, context_window)
         self.scheduler = Scheduler(
@@ -67,8 +70,9 @@ class LLMEngine:
         self.sequences: dict[str, Sequence] = {}
         self.stats = EngineStats()
         log.info(
-            "KV pool: %d blocks x %d tokens (%.1f MiB), %d layers, %s",
+            "KV pool: %d blocks x %d tokens (%.1f MiB), %d layers, %s%s",
             num_blocks, block_size, self.storage.nbytes / 2**20, layout.num_layers, layout.dtype,
+            f", quantized to {kv_bits} bits (groups of {group_size})" if kv_bits else "",
         )
 
     # ------------------------------------------------------------------ requests
@@ -159,6 +163,23 @@ class LLMEngine:
             out.append((request_id, TokenEvent(None, FinishReason.ERROR, error=message)))
         self.sequences.clear()
         return out
+
+
+def quantization_for(layout: KVLayout, kv_bits: int | None, group_size: int) -> tuple[int | None, int]:
+    """The KV quantization a model can take: the asked group size, else a smaller one that
+    divides its head dim; a model that takes none keeps a float pool, said in the log."""
+    if kv_bits is None:
+        return None, group_size
+    if kv_bits not in (4, 8):
+        raise ValueError(f"kv_bits must be 4 or 8, got {kv_bits}")
+    for size in (group_size, 64, 32):
+        if size <= group_size and layout.key_dim % size == 0 and layout.value_dim % size == 0:
+            return kv_bits, size
+    log.warning(
+        "KV quantization needs a head dim divisible by 32; this model's is %d, so its KV "
+        "cache stays in %s", layout.key_dim, layout.dtype,
+    )
+    return None, group_size
 
 
 def prefill_groups(prefills: list[tuple[Sequence, int]], max_padding: float = 0.25):

@@ -17,6 +17,7 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from omlx.kernels.paged_attention import (
     CascadePlan,
+    QuantizedRows,
     SharedPrefix,
     cascade_decode_attention,
     causal_paged_mask,
@@ -69,38 +70,97 @@ class KVLayout:
 
 
 class PagedKVStorage:
-    """Per-layer key and value pools, block-major then head-major (see omlx.kernels)."""
+    """Per-layer key and value pools, block-major then head-major (see omlx.kernels).
 
-    def __init__(self, layout: KVLayout, num_blocks: int, block_size: int):
+    With `kv_bits` (4 or 8) every row is stored quantized (`mx.quantize` layout, groups of
+    `group_size` along the head dim) and dequantized when a batch gathers it.
+    """
+
+    def __init__(
+        self, layout: KVLayout, num_blocks: int, block_size: int,
+        kv_bits: int | None = None, group_size: int = 64,
+    ):
         self.layout = layout
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.kv_bits = kv_bits
+        self.group_size = group_size
+        if kv_bits is not None:
+            check_quantizable(layout, kv_bits, group_size)
         rows = num_blocks * layout.num_kv_heads * block_size
-        self.keys = [mx.zeros((rows, layout.key_dim), layout.dtype) for _ in range(layout.num_layers)]
-        self.values = [mx.zeros((rows, layout.value_dim), layout.dtype) for _ in range(layout.num_layers)]
-        mx.eval(self.keys, self.values)
+        self.keys = [self._empty(rows, layout.key_dim) for _ in range(layout.num_layers)]
+        self.values = [self._empty(rows, layout.value_dim) for _ in range(layout.num_layers)]
+        mx.eval(self.arrays())
+
+    def _empty(self, rows: int, dim: int):
+        dtype = self.layout.dtype
+        if self.kv_bits is None:
+            return mx.zeros((rows, dim), dtype)
+        groups = dim // self.group_size
+        return QuantizedRows(
+            packed=mx.zeros((rows, dim * self.kv_bits // 32), mx.uint32),
+            scales=mx.zeros((rows, groups), dtype),
+            biases=mx.zeros((rows, groups), dtype),
+            group_size=self.group_size,
+            bits=self.kv_bits,
+        )
 
     @property
     def bytes_per_block(self) -> int:
-        return self.layout.bytes_per_token * self.block_size
+        return self.bytes_per_token(self.layout, self.kv_bits, self.group_size) * self.block_size
 
     @property
     def nbytes(self) -> int:
         return self.bytes_per_block * self.num_blocks
 
     @staticmethod
-    def blocks_for_budget(layout: KVLayout, block_size: int, budget_bytes: int) -> int:
-        return max(2, budget_bytes // (layout.bytes_per_token * block_size))
+    def bytes_per_token(layout: KVLayout, kv_bits: int | None = None, group_size: int = 64) -> int:
+        if kv_bits is None:
+            return layout.bytes_per_token
+        dims = layout.key_dim + layout.value_dim
+        # Packed values plus one scale and one bias per group, in the model's dtype.
+        per_head = dims * kv_bits // 8 + 2 * (dims // group_size) * layout.dtype.size
+        return per_head * layout.num_kv_heads * layout.num_layers
+
+    @staticmethod
+    def blocks_for_budget(
+        layout: KVLayout, block_size: int, budget_bytes: int, kv_bits: int | None = None, group_size: int = 64
+    ) -> int:
+        per_block = PagedKVStorage.bytes_per_token(layout, kv_bits, group_size) * block_size
+        return max(2, budget_bytes // per_block)
 
     def write(self, layer: int, keys: mx.array, values: mx.array, rows: mx.array) -> None:
         """Store `[B, H, L, D]` keys/values at their pool rows (see `write_indices`)."""
         # In-place scatter: the previous pool array has no other reference, so MLX reuses
         # its buffer instead of copying the pool.
-        self.keys[layer][rows] = keys.reshape(-1, keys.shape[-1])
-        self.values[layer][rows] = values.reshape(-1, values.shape[-1])
+        for pool, new in ((self.keys[layer], keys), (self.values[layer], values)):
+            flat = new.reshape(-1, new.shape[-1])
+            if self.kv_bits is None:
+                pool[rows] = flat
+            else:
+                packed, scales, biases = mx.quantize(flat, group_size=self.group_size, bits=self.kv_bits)
+                pool.packed[rows] = packed
+                pool.scales[rows] = scales
+                pool.biases[rows] = biases
 
     def arrays(self) -> list[mx.array]:
-        return self.keys + self.values
+        pools = self.keys + self.values
+        if self.kv_bits is None:
+            return pools
+        return [part for pool in pools for part in pool.parts()]
+
+
+def check_quantizable(layout: KVLayout, kv_bits: int, group_size: int) -> None:
+    if kv_bits not in (4, 8):
+        raise ValueError(f"kv_bits must be 4 or 8, got {kv_bits}")
+    if group_size not in (32, 64, 128):
+        raise ValueError(f"kv group size must be 32, 64 or 128, got {group_size}")
+    for dim in (layout.key_dim, layout.value_dim):
+        if dim % group_size:
+            raise ValueError(
+                f"this model's head dim ({dim}) is not a multiple of the KV quantization "
+                f"group size ({group_size}); use --kv-group-size 32 or no quantized KV"
+            )
 
 
 @dataclass
