@@ -113,6 +113,27 @@ def test_tight_max_tokens_still_closes_the_json(tiny, schema, max_tokens):
         assert finish == "stop"
 
 
+def test_model_vocabulary_wider_than_its_tokenizer(tmp_path):
+    """Real checkpoints pad their embeddings past the tokenizer (the demo model does too):
+    masks span the model's logits, and tokens past the tokenizer are never allowed."""
+    from mlx_lm import load
+
+    from omlx.testing.tiny_models import TinyModelSpec, build_model
+
+    model, tokenizer = load(str(build_model(tmp_path / "wide", TinyModelSpec(vocab_size=2048, seed=9))))
+    assert len(tokenizer) < 2048
+    engine = LLMEngine(model, EngineConfig(block_size=16, num_blocks=200, max_num_batched_tokens=64), 4096)
+    eos = frozenset(tokenizer.eos_token_ids)
+    constraint = for_request(tokenizer, response_format=json_format(SMALL))
+    requests = [
+        GenerationRequest(f"w{i}", [5 + i, 6, 7], 40, SamplingParams(temperature=1.0, seed=i), eos, constraint=constraint)
+        for i in range(3)
+    ]
+    for tokens, finish in run(engine, requests).values():
+        assert finish == "stop" and max(tokens) < len(tokenizer)
+        jsonschema.validate(answer_json(tokenizer.decode(tokens)), SMALL)
+
+
 def test_json_object_mode(tiny):
     _, tokenizer, engine = tiny
     eos = frozenset(tokenizer.eos_token_ids)
@@ -257,3 +278,40 @@ def test_bad_response_format_is_400(client, response_format):
     assert info.value.body["param"] == "response_format"
     # The server is fine afterwards.
     assert client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2).choices
+
+
+class _BrokenConstraint:
+    """A constraint whose grammar engine fails mid-request."""
+
+    num_words = 0
+    active = True
+    finished = False
+
+    def fill_bitmask(self, row):
+        raise RuntimeError("grammar engine failure")
+
+    @classmethod
+    def fill_bitmasks(cls, states, bitmask, rows):
+        for state, row in zip(states, rows):
+            state.fill_bitmask(bitmask[row])
+
+    def accept(self, token):
+        raise RuntimeError("grammar engine failure")
+
+
+class _BrokenFactory:
+    def new_state(self, max_tokens):
+        return _BrokenConstraint()
+
+
+def test_a_failing_constraint_ends_only_its_own_request(tiny):
+    model, tokenizer, engine = tiny
+    eos = frozenset(tokenizer.eos_token_ids)
+    prompt = [21, 22, 23, 24]
+    requests = [
+        GenerationRequest("broken", prompt, 20, stop_token_ids=eos, constraint=_BrokenFactory()),
+        GenerationRequest("free", prompt[:3], 20, stop_token_ids=eos),
+    ]
+    results = run(engine, requests)
+    assert results["broken"][0] == []  # ended at once, without output
+    assert results["free"][0] == greedy_reference(model, prompt[:3], 20, eos)

@@ -213,7 +213,12 @@ class GrammarState(TokenConstraint):
             return
         self.matcher.unsafe_compute_mask_ptr(row.ctypes.data, self.num_words * 4)
         if remaining is not None and remaining <= self.last_plan + 2 * CLOSING_MARGIN:
-            safe = row & _closing_tokens(self.tokenizer).safe[: row.shape[0]]
+            # The model's vocabulary can be wider than its tokenizer's (padded embeddings);
+            # tokens past the tokenizer's are never safe.
+            safe_words = _closing_tokens(self.tokenizer).safe
+            width = min(row.shape[0], safe_words.shape[0])
+            safe = np.zeros_like(row)
+            safe[:width] = row[:width] & safe_words[:width]
             if safe.any():
                 row[:] = safe
 

@@ -99,7 +99,10 @@ class Sampler:
         if logprobs is not None:
             _record_logprobs(np.asarray(logprobs), logprob_rows, seqs, tokens)
         for r in constrained_rows:
-            seqs[r].constraint.accept(tokens[r])
+            try:
+                seqs[r].constraint.accept(tokens[r])
+            except Exception:  # its next mask fails too, which ends just this request
+                log.exception("request %s: its constraint rejected token %d", seqs[r].request_id, tokens[r])
         return tokens
 
 
@@ -112,7 +115,18 @@ def _apply_constraints(logits: mx.array, seqs: list[Sequence], rows: list[int]) 
     if not active:  # e.g. a thinking budget not yet spent: nothing to forbid this step
         return logits
     allowed = np.ones((len(seqs), vocab), dtype=bool)
-    allowed[active] = allowed_tokens([seqs[r].constraint for r in active], vocab)
+    try:
+        allowed[active] = allowed_tokens([seqs[r].constraint for r in active], vocab)
+    except Exception:
+        # One request's broken constraint must not take the batch down: redo the rows one
+        # by one, and a row that still fails allows nothing (so it ends below).
+        log.exception("constraint masks failed for the batch; retrying row by row")
+        for r in active:
+            try:
+                allowed[r] = allowed_tokens([seqs[r].constraint], vocab)[0]
+            except Exception:
+                log.exception("request %s: its constraint failed", seqs[r].request_id)
+                allowed[r] = False
     for r in active:
         if not allowed[r].any():
             # A constraint that allows nothing (a grammar in an error state) must not leave
