@@ -419,6 +419,9 @@ class Server:
             cmd = [sys.executable, "-m", "omlx", "serve", "--model-dir", str(self.model_path.parent),
                    "--host", "127.0.0.1", "--port", str(self.port), "--no-demo", *self.args.omlx_arg]
             # omlx re-execs itself with the optimized BLAS preloaded; leave LD_PRELOAD alone.
+            # Rounds must not hit KV blocks an earlier round or run left on disk (mlx_lm.server
+            # has no such tier); OMLX_KV_DISK=1 in the environment turns it back on.
+            env.setdefault("OMLX_KV_DISK", "0")
         else:
             cmd = [sys.executable, "-m", "mlx_lm.server", "--model", str(self.model_path),
                    "--host", "127.0.0.1", "--port", str(self.port), *self.args.mlx_lm_arg]

@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="store KV blocks quantized to 4 or 8 bits (default: the model's dtype)")
     serve.add_argument("--kv-group-size", type=int, choices=(32, 64, 128),
                        help="values per quantization scale/bias in KV blocks (64)")
+    serve.add_argument("--kv-cache-dir", help="the prefix cache's disk tier: full KV blocks are "
+                       "written here and reloaded by later requests, also after a restart "
+                       "(default $OMLX_HOME/cache)")
+    serve.add_argument("--kv-disk-gb", type=float, help="size cap of each model's disk tier, in GiB (10)")
+    serve.add_argument("--no-kv-disk", dest="kv_disk", action="store_false", default=None,
+                       help="keep the prefix cache in memory only")
     serve.add_argument("--max-num-seqs", type=int, help="sequences decoded together per step (64)")
     serve.add_argument("--max-num-batched-tokens", type=int,
                        help="tokens fed to the model per step: decodes plus prefill chunks (512)")
@@ -169,6 +175,9 @@ def serve(args, options: dict) -> None:
         max_model_len=options["max_model_len"],
         kv_bits=options["kv_bits"],
         kv_group_size=options["kv_group_size"],
+        kv_cache_dir=(str(Path(options["kv_cache_dir"] or omlx_home() / "cache").expanduser())
+                      if options["kv_disk"] else None),
+        kv_disk_bytes=int(options["kv_disk_gb"] * 2**30),
     )
     if options.get("preload_adapter"):
         log.warning("PRELOAD_ADAPTER is ignored: set adapter_path in the model's settings "

@@ -180,6 +180,9 @@ GLOBAL_KEYS: dict[str, Callable] = {
     "block_size": lambda v, f: _optional_positive(v, f, (int,)),
     "kv_bits": lambda v, f: _optional_positive(v, f, (int,)),
     "kv_group_size": lambda v, f: _optional_positive(v, f, (int,)),
+    "kv_cache_dir": _typed(str),
+    "kv_disk_gb": _optional_positive,
+    "kv_disk": _typed(bool),
     "max_model_len": lambda v, f: _optional_positive(v, f, (int,)),
     "ttl": _optional_positive,
     "hf_cache": _typed(bool),
@@ -444,6 +447,10 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     # KV_BITS / KV_GROUP_SIZE (mlx-vlm): store KV blocks quantized.
     Option("kv_bits", ("OMLX_KV_BITS", "KV_BITS"), int),
     Option("kv_group_size", ("OMLX_KV_GROUP_SIZE", "KV_GROUP_SIZE"), int, 64),
+    # The prefix cache's disk tier (default $OMLX_HOME/cache), its size cap, and its switch.
+    Option("kv_cache_dir", ("OMLX_KV_CACHE_DIR",), str),
+    Option("kv_disk_gb", ("OMLX_KV_DISK_GB",), float, 10.0),
+    Option("kv_disk", ("OMLX_KV_DISK",), _bool_text, True),
     Option("max_tokens", ("OMLX_MAX_TOKENS",), int),
     Option("ttl", ("OMLX_TTL",), float),
     Option("hf_cache", ("OMLX_HF_CACHE",), _bool_text, True),

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -358,6 +359,9 @@ class ModelPool:
         )
         window = context_window_of(info.config)
         scope = f"{info.model_id}:{info.path}:{info.size_bytes}:{settings.get('adapter_path')}".encode()
+        # The files' names, sizes and mtimes too: KV blocks the disk tier kept for earlier
+        # weights (a folder overwritten in place) must never be read back for new ones.
+        scope += b":" + files_fingerprint(info.path, settings.get("adapter_path"))
         engine = LLMEngine(model, self.engine_config, context_window=window, scope=scope)
         log.info("loaded %s in %.1fs (context %d)", info.model_id, time.monotonic() - started, window)
         return LoadedModel(info, tokenizer, AsyncEngine(engine), engine.max_model_len, time.time(),
@@ -468,6 +472,26 @@ class ModelPool:
         for resident in self._residents.values():
             resident.model.shutdown()
         self._residents.clear()
+
+
+def files_fingerprint(*folders) -> bytes:
+    """Names, sizes and mtimes of the weight and config files in `folders`, hashed."""
+    digest = hashlib.blake2b(digest_size=16)
+    for folder in folders:
+        if not folder:
+            continue
+        root = Path(folder).expanduser()
+        try:
+            files = sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".json"))
+        except OSError:
+            continue
+        for path in files:
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            digest.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return digest.hexdigest().encode()
 
 
 def _release(resident: Resident) -> None:

@@ -45,6 +45,9 @@ class BlockManager:
         )
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of those, tokens served from it
+        # The disk tier (omlx.scheduler.disk_cache.DiskKVCache), when the engine has one:
+        # published blocks are written behind, and prefixes continue from it past memory.
+        self.disk = None
 
     # ------------------------------------------------------------------ capacity
     @property
@@ -80,9 +83,13 @@ class BlockManager:
         for i in range(max_blocks):
             h = hash_block(parent, seq.token_ids[i * bs : (i + 1) * bs])
             block = self.hash_to_block.get(h)
-            if block is None:
-                break
-            self._acquire(block)
+            if block is not None:
+                self._acquire(block)
+            else:
+                # Past memory, the chain may go on in the disk tier.
+                block = self._load_from_disk(h)
+                if block is None:
+                    break
             seq.block_table.append(block)
             hashes.append(h)
             parent = h
@@ -91,6 +98,22 @@ class BlockManager:
         seq.num_hashed_blocks = hits
         seq.num_computed_tokens = hits * bs
         return hits * bs
+
+    def _load_from_disk(self, h: bytes) -> int | None:
+        """A free pool block holding the disk tier's copy of block `h`, registered in the
+        prefix cache and held once; None if the disk has no good copy (or no block is free)."""
+        if self.disk is None or not self.free_blocks or h not in self.disk:
+            return None
+        block, _ = self.free_blocks.popitem(last=False)
+        self._evict(block)
+        if not self.disk.load(h, block):
+            self.free_blocks[block] = None
+            self.free_blocks.move_to_end(block, last=False)
+            return None
+        self.ref_counts[block] = 1
+        self.hash_to_block[h] = block
+        self.block_hash[block] = h
+        return block
 
     def record_prefix_lookup(self, prompt_tokens: int, hit_tokens: int) -> None:
         self.prefix_queries += prompt_tokens
@@ -110,6 +133,8 @@ class BlockManager:
             if h not in self.hash_to_block and self.block_hash[block] is None:
                 self.hash_to_block[h] = block
                 self.block_hash[block] = h
+                if self.disk is not None:
+                    self.disk.publish(h, block)
             parent = h
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, num_full)
 
@@ -173,7 +198,7 @@ class BlockManager:
         return [b for b in range(1, self.num_blocks) if self.ref_counts[b] != 0]
 
     def stats(self) -> dict:
-        return {
+        out = {
             "block_size": self.block_size,
             "total_blocks": self.usable_blocks,
             "free_blocks": self.num_free_blocks,
@@ -185,3 +210,6 @@ class BlockManager:
                 self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
             ),
         }
+        if self.disk is not None:
+            out["disk"] = self.disk.stats()
+        return out

@@ -9,6 +9,7 @@ blocks the event loop, and hands tokens back to each request's asyncio queue.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import queue
 import threading
@@ -16,7 +17,11 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+import mlx.core as mx
+import numpy as np
+
 from .block_manager import BlockManager
+from .disk_cache import DiskKVCache
 from .kv_cache import KVLayout, PagedKVStorage
 from .request import FinishReason, GenerationRequest, TokenEvent
 from .runner import ModelRunner
@@ -38,6 +43,11 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's own context window
     kv_bits: int | None = None  # 4 or 8: store KV blocks quantized (mx.quantize layout)
     kv_group_size: int = 64
+    # The prefix cache's disk tier: full blocks are also written under this directory
+    # (one subdirectory per model identity) and loaded back by later requests, also after a
+    # restart.  None turns it off.
+    kv_cache_dir: str | None = None
+    kv_disk_bytes: int = 10 << 30  # size cap of one model's disk tier; LRU files go first
 
 
 class RequestRejected(ValueError):
@@ -56,6 +66,18 @@ class LLMEngine:
         )
         self.storage = PagedKVStorage(layout, num_blocks, block_size, kv_bits, group_size)
         self.blocks = BlockManager(num_blocks, block_size, scope=scope or b"omlx")
+        self.disk = None
+        if config.kv_cache_dir:
+            try:
+                self.disk = DiskKVCache(
+                    config.kv_cache_dir, scope or weights_fingerprint(model), self.storage, config.kv_disk_bytes
+                )
+            except OSError as exc:
+                log.warning("KV disk cache disabled: %s", exc)
+            else:
+                self.blocks.disk = self.disk
+                log.info("KV disk cache: %s (%d blocks, cap %.1f GiB)", self.disk.dir,
+                         self.disk.num_blocks, config.kv_disk_bytes / 2**30)
         self.max_model_len = min(config.max_model_len or context_window, context_window)
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -154,6 +176,11 @@ class LLMEngine:
             events += self.scheduler.postprocess([sibling], [0], {0: token})
         return events
 
+    def close(self) -> None:
+        """Flush the disk tier's pending writes (graceful shutdown)."""
+        if self.disk is not None:
+            self.disk.close()
+
     def fail_all(self, message: str) -> list[tuple[str, TokenEvent]]:
         """After an internal error: end every request with an error, releasing its blocks."""
         out = []
@@ -163,6 +190,21 @@ class LLMEngine:
             out.append((request_id, TokenEvent(None, FinishReason.ERROR, error=message)))
         self.sequences.clear()
         return out
+
+
+def weights_fingerprint(model) -> bytes:
+    """Identity of a model's weights for engines built without a scope (tests): parameter
+    names, shapes, dtypes and a sample of each tensor's values."""
+    from mlx.utils import tree_flatten
+
+    digest = hashlib.blake2b(digest_size=16)
+    for name, value in tree_flatten(model.parameters()):
+        digest.update(f"{name}:{value.shape}:{value.dtype}".encode())
+        sample = value.reshape(-1)[:64]
+        if sample.dtype == mx.bfloat16:
+            sample = sample.astype(mx.float32)
+        digest.update(np.array(sample).tobytes())
+    return b"weights:" + digest.digest()
 
 
 def quantization_for(layout: KVLayout, kv_bits: int | None, group_size: int) -> tuple[int | None, int]:
@@ -260,6 +302,7 @@ class AsyncEngine:
     def shutdown(self) -> None:
         self._send(_STOP, None)
         self._thread.join(timeout=10)
+        self.engine.close()  # pending disk-tier writes land before the process goes
 
     def _send(self, kind: str, payload) -> None:
         self._inbox.put((kind, payload))
