@@ -172,13 +172,6 @@ class GenerationStream:
                         return
 
 
-async def collect(stream: GenerationStream) -> str:
-    try:
-        return "".join([delta async for delta in stream])
-    except EngineFailure as exc:
-        raise APIError(str(exc), 500, "server_error", None, "engine_error") from None
-
-
 async def collect_choices(stream: GenerationStream) -> None:
     """Run the request to the end; each choice's text and finish reason are then complete."""
     try:

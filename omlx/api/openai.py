@@ -16,7 +16,7 @@ from .assistant_turn import AssistantTurn
 from .conversation import render_prompt
 from .errors import APIError, invalid, model_not_found
 from .model_access import lease_for_request
-from .generation import EngineFailure, GenerationStream, build_request, collect, collect_choices
+from .generation import EngineFailure, GenerationStream, build_request, collect_choices
 from .logprobs import chat_logprobs, completion_logprobs
 from .openai_protocol import CommonOptions, parse_chat, parse_completion
 from .turn_options import decoding_constraint, tool_parser_of

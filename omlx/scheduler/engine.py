@@ -28,7 +28,7 @@ from .runner import ModelRunner
 from .parallel_sampling import fork_siblings, request_finished, request_sequences
 from .sampler import Sampler
 from .scheduler import Scheduler, SchedulerConfig
-from .sequence import Sequence, SequenceStatus
+from .sequence import Sequence
 
 log = logging.getLogger("omlx.engine")
 
