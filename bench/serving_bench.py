@@ -156,6 +156,7 @@ class RequestResult:
     first_token_at: float | None = None
     last_token_at: float | None = None
     error: str | None = None
+    text: str = ""  # the streamed content (multi-turn workloads send it back)
 
     @property
     def tokens(self) -> int:
@@ -249,6 +250,7 @@ async def stream_chat(session, url: str, model: str, messages: list[dict], max_t
                 for choice in event.get("choices") or []:
                     delta = choice.get("delta") or {}
                     if delta.get("content"):
+                        result.text += delta["content"]
                         result.content_chunks += 1
                         if last is None:
                             result.ttft = now - result.start

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-disk-gb", type=float, help="size cap of each model's disk tier, in GiB (10)")
     serve.add_argument("--no-kv-disk", dest="kv_disk", action="store_false", default=None,
                        help="keep the prefix cache in memory only")
+    serve.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=None,
+                       help="recompute every prompt from scratch (for measuring what the cache saves)")
     serve.add_argument("--max-num-seqs", type=int, help="sequences decoded together per step (64)")
     serve.add_argument("--max-num-batched-tokens", type=int,
                        help="tokens fed to the model per step: decodes plus prefill chunks (512)")
@@ -176,8 +178,9 @@ def serve(args, options: dict) -> None:
         kv_bits=options["kv_bits"],
         kv_group_size=options["kv_group_size"],
         kv_cache_dir=(str(Path(options["kv_cache_dir"] or omlx_home() / "cache").expanduser())
-                      if options["kv_disk"] else None),
+                      if options["kv_disk"] and options["prefix_cache"] else None),
         kv_disk_bytes=int(options["kv_disk_gb"] * 2**30),
+        prefix_cache=options["prefix_cache"],
     )
     if options.get("preload_adapter"):
         log.warning("PRELOAD_ADAPTER is ignored: set adapter_path in the model's settings "

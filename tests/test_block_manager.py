@@ -122,3 +122,14 @@ def test_random_workload_never_leaks_and_shares_only_equal_prefixes(prompts, num
         bm.free(seq)
     assert bm.leaked_blocks() == []
     assert bm.num_free_blocks == bm.usable_blocks
+
+
+def test_prefix_cache_off_reuses_nothing():
+    bm = BlockManager(num_blocks=16, block_size=4, prefix_cache=False)
+    a = make_seq(range(10), "a")
+    bm.match_prefix(a)
+    run_prefill(bm, a)
+    bm.free(a)
+    b = make_seq(range(10), "b")
+    assert bm.match_prefix(b) == 0
+    assert b.num_pending_tokens == 10

@@ -28,7 +28,7 @@ def hash_block(parent: bytes, token_ids: list[int]) -> bytes:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, scope: bytes = b"omlx"):
+    def __init__(self, num_blocks: int, block_size: int, scope: bytes = b"omlx", prefix_cache: bool = True):
         if num_blocks < 2:
             raise ValueError("the KV pool needs at least two blocks")
         self.num_blocks = num_blocks
@@ -43,6 +43,7 @@ class BlockManager:
         self.free_blocks: OrderedDict[int, None] = OrderedDict(
             (b, None) for b in range(1, num_blocks)
         )
+        self.prefix_cache = prefix_cache  # off: nothing is looked up, so nothing is reused
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of those, tokens served from it
         # The disk tier (omlx.scheduler.disk_cache.DiskKVCache), when the engine has one:
@@ -76,7 +77,7 @@ class BlockManager:
         """
         assert not seq.block_table
         bs = self.block_size
-        max_blocks = (seq.num_tokens - 1) // bs
+        max_blocks = (seq.num_tokens - 1) // bs if self.prefix_cache else 0
         parent = self.scope
         hits = 0
         hashes: list[bytes] = []

@@ -48,6 +48,7 @@ class EngineConfig:
     # restart.  None turns it off.
     kv_cache_dir: str | None = None
     kv_disk_bytes: int = 10 << 30  # size cap of one model's disk tier; LRU files go first
+    prefix_cache: bool = True  # False: every prompt is computed from scratch (measurements)
 
 
 class RequestRejected(ValueError):
@@ -65,7 +66,7 @@ class LLMEngine:
             layout, block_size, config.kv_cache_bytes, kv_bits, group_size
         )
         self.storage = PagedKVStorage(layout, num_blocks, block_size, kv_bits, group_size)
-        self.blocks = BlockManager(num_blocks, block_size, scope=scope or b"omlx")
+        self.blocks = BlockManager(num_blocks, block_size, scope=scope or b"omlx", prefix_cache=config.prefix_cache)
         self.disk = None
         if config.kv_cache_dir:
             try:
