@@ -163,7 +163,17 @@ MODEL_KEYS: dict[str, Callable] = {
     "chat_template_kwargs": _typed(dict),
     "tool_parser": _typed(str),
     "adapter_path": _typed(str),
+    # Quantized KV for this model's pool (4 or 8; 0 keeps it in the model's dtype), applied
+    # on its next load.
+    "kv_bits": lambda v, f: _kv_bits(v, f),
+    "kv_group_size": lambda v, f: _optional_positive(v, f, (int,)),
 }
+
+
+def _kv_bits(value, field: str):
+    if value is not None and value not in (0, 4, 8):
+        raise SettingsError(f"'{field}' must be 4, 8 or 0 (unquantized), got {value!r}", field)
+    return value
 
 GLOBAL_KEYS: dict[str, Callable] = {
     "host": _typed(str),

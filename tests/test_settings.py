@@ -189,3 +189,16 @@ def test_omlx_home_env_moves_both_files(tmp_path, monkeypatch):
     store = SettingsStore()
     assert store.global_path == tmp_path / "elsewhere" / "settings.json"
     assert store.models_path == Path(tmp_path / "elsewhere" / "model_settings.json")
+
+
+def test_model_kv_quantization_overrides_the_server_default():
+    from omlx.models.pool import engine_config_for
+    from omlx.scheduler import EngineConfig
+    from omlx.settings import validate_model_settings
+
+    base = EngineConfig(kv_bits=8)
+    assert engine_config_for(base, {}) is base
+    assert engine_config_for(base, validate_model_settings({"kv_bits": 4, "kv_group_size": 32})).kv_bits == 4
+    assert engine_config_for(base, {"kv_bits": 0}).kv_bits is None  # 0: this model stays unquantized
+    with pytest.raises(SettingsError):
+        validate_model_settings({"kv_bits": 3})

@@ -133,6 +133,16 @@ def estimate_kv_bytes(config: dict, engine: EngineConfig) -> int:
     return engine.num_blocks * engine.block_size * layers * kv_heads * head_dim * 2 * itemsize
 
 
+def engine_config_for(base: EngineConfig, settings: dict) -> EngineConfig:
+    """The server's engine settings with this model's own KV quantization, if it sets one."""
+    overrides = {}
+    if settings.get("kv_bits") is not None:
+        overrides["kv_bits"] = settings["kv_bits"] or None
+    if settings.get("kv_group_size") is not None:
+        overrides["kv_group_size"] = settings["kv_group_size"]
+    return dataclasses.replace(base, **overrides) if overrides else base
+
+
 class ModelPool:
     def __init__(
         self,
@@ -362,7 +372,7 @@ class ModelPool:
         # The files' names, sizes and mtimes too: KV blocks the disk tier kept for earlier
         # weights (a folder overwritten in place) must never be read back for new ones.
         scope += b":" + files_fingerprint(info.path, settings.get("adapter_path"))
-        engine = LLMEngine(model, self.engine_config, context_window=window, scope=scope)
+        engine = LLMEngine(model, engine_config_for(self.engine_config, settings), context_window=window, scope=scope)
         log.info("loaded %s in %.1fs (context %d)", info.model_id, time.monotonic() - started, window)
         return LoadedModel(info, tokenizer, AsyncEngine(engine), engine.max_model_len, time.time(),
                            weights_bytes=parameter_bytes(model))
