@@ -81,10 +81,8 @@ async def run_sessions(server: Server, args, script: list[list[list[dict]]] | No
 def start(args, home: Path, tag: str, *extra: str) -> Server:
     args.omlx_arg = [*extra]
     server = Server(OMLX, args, args.out_dir, tag)
-    cmd, env = server.command()
-    env["OMLX_HOME"] = str(home)
-    env.pop("OMLX_KV_DISK", None)  # this bench chooses the tier per mode, by flag
-    server.command = lambda: (cmd, env)
+    # Each mode gets its own home; the disk tier is chosen per mode by flag, not by env.
+    server.env_overrides = {"OMLX_HOME": str(home), "OMLX_KV_DISK": None}
     server.start()
     server.wait_ready()
     return server

@@ -407,6 +407,7 @@ class Server:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"{tag}.log"
         self.proc: subprocess.Popen | None = None
+        self.env_overrides: dict[str, str | None] = {}  # applied last; None removes a variable
         self.model_path = args.model_path.resolve()
         if kind == OMLX:
             self.model_id = self.model_path.name
@@ -433,6 +434,11 @@ class Server:
             hf_cache = self.args.out_dir / "empty-hf-cache"
             hf_cache.mkdir(parents=True, exist_ok=True)
             env["HF_HUB_CACHE"] = str(hf_cache)
+        for name, value in self.env_overrides.items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
         return cmd, env
 
     def start(self) -> None:
