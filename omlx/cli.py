@@ -13,14 +13,6 @@ DEMO_MODEL_ID = "omlx-demo-chat"
 log = logging.getLogger("omlx")
 
 
-def _default_kv_cache_gib() -> float:
-    """A quarter of physical memory, at most 4 GiB, per loaded model."""
-    from omlx.settings import physical_memory_bytes
-
-    total = physical_memory_bytes()
-    return 2.0 if total is None else round(min(4.0, total / 4 / 2**30), 2)
-
-
 def build_parser() -> argparse.ArgumentParser:
     # Flags default to None so that "not given" falls through to OMLX_* env vars, then
     # settings.json, then the built-in defaults (omlx.settings.SERVER_OPTIONS).
@@ -37,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="memory for all resident models' weights + KV caches, e.g. 16GB "
                             "(default: 3/4 of physical memory); idle models are evicted to fit")
     serve.add_argument("--kv-cache-gb", type=float,
-                       help="KV cache memory per loaded model, in GiB (sets the block pool size)")
+                       help="the most KV cache memory one loaded model may use, in GiB (default: what "
+                            "--max-model-memory leaves after its weights, less a margin); the block "
+                            "pool starts small and grows to this as requests need it")
     serve.add_argument("--block-size", type=int, help="tokens per KV block (32)")
     serve.add_argument("--kv-bits", type=int, choices=(4, 8),
                        help="store KV blocks quantized to 4 or 8 bits (default: the model's dtype)")
@@ -110,8 +104,6 @@ def resolve_options(args) -> dict:
         options["preload"] = cli["preload"]
     dirs = options.get("model_dirs")
     options["model_dirs"] = [Path(d).expanduser() for d in dirs] if dirs else [default_model_dir()]
-    if options.get("kv_cache_gb") is None:
-        options["kv_cache_gb"] = _default_kv_cache_gib()
     return options
 
 
@@ -171,7 +163,7 @@ def serve(args, options: dict) -> None:
     demo = None if args.no_demo else ensure_demo_model(model_dirs)
     engine = EngineConfig(
         block_size=options["block_size"],
-        kv_cache_bytes=int(options["kv_cache_gb"] * 2**30),
+        kv_cache_bytes=int(options["kv_cache_gb"] * 2**30) if options.get("kv_cache_gb") else None,
         max_num_seqs=options["max_num_seqs"],
         max_num_batched_tokens=options["max_num_batched_tokens"],
         max_model_len=options["max_model_len"],

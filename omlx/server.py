@@ -135,7 +135,7 @@ async def health(request: web.Request) -> web.Response:
             "steps": engine.stats.steps,
             "prefill_tokens": engine.stats.prefill_tokens,
             "generated_tokens": engine.stats.generated_tokens,
-            "kv_cache": {**engine.blocks.stats(), "bytes": engine.storage.nbytes},
+            "kv_cache": engine.kv_stats(),
         }
     body = {
         "status": "ok",

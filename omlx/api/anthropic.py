@@ -23,7 +23,6 @@ from . import sse
 from .anthropic_protocol import MessagesRequest, parse_conversation, parse_messages
 from .assistant_turn import AssistantTurn, collect_turn
 from .conversation import render_prompt
-from .errors import APIError
 from .generation import EngineFailure, GenerationStream, build_request
 from .model_access import lease_for_request
 from .openai import read_json
@@ -75,7 +74,7 @@ class AnthropicRoutes:
         try:
             events = await collect_turn(turn)
         except EngineFailure as exc:
-            raise APIError(str(exc), 500, "api_error") from None
+            raise exc.api_error() from None
         content = []
         for event in events:
             if isinstance(event, Reasoning):
@@ -162,7 +161,7 @@ class AnthropicRoutes:
                         await send("content_block_delta",
                                    {"index": index, "delta": {"type": "input_json_delta", "partial_json": call.arguments}})
         except EngineFailure as exc:
-            error = APIError(str(exc), 500, "api_error")
+            error = exc.api_error()
             await response.write(sse.named_event("error", error.anthropic_body()))
             return response
         await close_block()

@@ -27,7 +27,16 @@ def new_request_id(prefix: str) -> str:
 
 
 class EngineFailure(Exception):
-    pass
+    """The engine ended a request with an error (see TokenEvent.error / error_code)."""
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code
+
+    def api_error(self) -> APIError:
+        if self.code == "kv_cache_exhausted":  # capacity, not a bug: retry later
+            return APIError(str(self), 503, "server_error", None, self.code)
+        return APIError(str(self), 500, "server_error", None, "engine_error")
 
 
 @dataclass
@@ -147,7 +156,7 @@ class GenerationStream:
                 if event.cached_prompt_tokens is not None:
                     self.usage.cached_tokens = event.cached_prompt_tokens
                 if event.error is not None:
-                    raise EngineFailure(event.error)
+                    raise EngineFailure(event.error, event.error_code)
                 choice = self.choices[event.index]
                 if choice.finish_reason is not None:
                     continue  # a stop string ended this choice; its later tokens are dropped
@@ -178,4 +187,4 @@ async def collect_choices(stream: GenerationStream) -> None:
         async for _ in stream.choice_deltas():
             pass
     except EngineFailure as exc:
-        raise APIError(str(exc), 500, "server_error", None, "engine_error") from None
+        raise exc.api_error() from None

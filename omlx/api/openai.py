@@ -14,7 +14,7 @@ from . import sse
 from . import chat_tools
 from .assistant_turn import AssistantTurn
 from .conversation import render_prompt
-from .errors import APIError, invalid, model_not_found
+from .errors import invalid, model_not_found
 from .model_access import lease_for_request
 from .generation import EngineFailure, GenerationStream, build_request, collect_choices
 from .logprobs import chat_logprobs, completion_logprobs
@@ -228,7 +228,7 @@ async def _guarded(stream: GenerationStream, response: web.StreamResponse):
         async for delta in stream:
             yield delta
     except EngineFailure as exc:
-        error = APIError(str(exc), 500, "server_error", None, "engine_error")
+        error = exc.api_error()
         await response.write(sse.data_event(error.body()))
 
 
@@ -238,7 +238,7 @@ async def _guarded_choices(stream: GenerationStream, response: web.StreamRespons
         async for item in stream.choice_deltas():
             yield item
     except EngineFailure as exc:
-        error = APIError(str(exc), 500, "server_error", None, "engine_error")
+        error = exc.api_error()
         await response.write(sse.data_event(error.body()))
 
 

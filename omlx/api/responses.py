@@ -195,7 +195,7 @@ class ResponsesRoutes:
                 async for event in events:
                     run.output.add(event)
         except EngineFailure as exc:
-            raise APIError(str(exc), 500, "server_error", None, "engine_error") from None
+            raise exc.api_error() from None
         run.output.close()
         body = run.response_object(final=True)
         await self._save(run, body)
@@ -222,7 +222,7 @@ class ResponsesRoutes:
                     for payload in run.output.add(event):
                         await send(payload)
         except EngineFailure as exc:
-            await send({"type": "error", "code": "engine_error", "message": str(exc), "param": None})
+            await send({"type": "error", "code": exc.api_error().code, "message": str(exc), "param": None})
             return response
         for payload in run.output.close():
             await send(payload)

@@ -20,7 +20,7 @@ def output_room(loaded: LoadedModel, prompt_tokens: int) -> int:
     """Tokens that can still be generated after a prompt of `prompt_tokens`: what the context
     window leaves, and what the KV pool could ever hold."""
     engine = loaded.engine.engine
-    kv_tokens = engine.blocks.usable_blocks * engine.blocks.block_size
+    kv_tokens = engine.blocks.max_usable_blocks * engine.blocks.block_size
     return min(loaded.context_window, kv_tokens) - prompt_tokens
 
 

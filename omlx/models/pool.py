@@ -3,10 +3,13 @@
 A model loads on first use (in a worker thread, so the event loop keeps serving; concurrent
 first requests share one load) and stays until it is evicted, unloaded, or idle past its TTL.
 
-Memory: every resident model counts its weights plus its KV pool against `memory_budget`.
-Before a load, the pool reserves an estimate (file size + KV pool size) and makes room by
-unloading the least recently used model that is idle (no lease) and not pinned.  If nothing
-can go, the load fails with InsufficientMemory rather than overcommitting the machine.
+Memory: every resident model counts its weights plus its KV pool against `memory_budget`,
+in a ledger shared with the engine threads (omlx.models.memory_ledger).  Before a load, the
+pool reserves an estimate (file size + initial KV pool) and makes room by unloading the least
+recently used model that is idle (no lease) and not pinned.  If nothing can go, the load fails
+with InsufficientMemory rather than overcommitting the machine.  A KV pool grows later only
+while the ledger has room (its engine preempts, or finally fails a request, when it does not);
+without --kv-cache-gb its cap is what the budget leaves after the weights, with a margin.
 
 Leases: a request holds `async with pool.lease(model_id) as model:` for as long as it uses
 the model (streaming included).  A leased model is never evicted and never unloaded by TTL.
@@ -25,10 +28,12 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omlx.scheduler import AsyncEngine, EngineConfig, LLMEngine
+from omlx.scheduler import AsyncEngine, EngineConfig, LLMEngine, default_kv_cache_bytes
+from omlx.scheduler.engine import parameter_bytes
 from omlx.settings import SettingsStore, apply_request_defaults
 
 from .discovery import DiscoveredModel, SkippedModel, discover_hf_cache, discover_models, find_model
+from .memory_ledger import MemoryLedger
 
 log = logging.getLogger("omlx.pool")
 
@@ -45,12 +50,6 @@ def context_window_of(config: dict) -> int:
             if isinstance(value, int) and value > 0:
                 return value
     return DEFAULT_CONTEXT_WINDOW
-
-
-def parameter_bytes(model) -> int:
-    from mlx.utils import tree_flatten
-
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
 @dataclass
@@ -109,10 +108,15 @@ class Resident:
     """A loaded model and its bookkeeping: bytes counted against the budget, leases held."""
 
     model: object  # LoadedModel or omlx.embeddings.LoadedEmbedder
-    memory_bytes: int
     loaded_at: float = field(default_factory=time.time)
     leases: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    released_bytes: int = 0  # what it held when unloaded
+
+    @property
+    def memory_bytes(self) -> int:
+        """Weights plus the KV pool as it is now (pools grow while serving)."""
+        return self.model.memory_bytes if self.model is not None else self.released_bytes
 
     @property
     def idle_s(self) -> float:
@@ -120,9 +124,10 @@ class Resident:
 
 
 def estimate_kv_bytes(config: dict, engine: EngineConfig) -> int:
-    """The KV pool an engine will allocate for this model, from its config alone."""
+    """The KV pool an engine will allocate at load for this model, from its config alone
+    (a growable pool starts at its initial size; growing later is paid for then)."""
     if engine.num_blocks is None:
-        return engine.kv_cache_bytes  # the pool is sized to fit this budget
+        return min(engine.kv_cache_bytes or engine.initial_kv_bytes, engine.initial_kv_bytes)
     source = config.get("text_config") or config
     heads = source.get("num_attention_heads") or 1
     kv_heads = source.get("num_key_value_heads") or heads
@@ -163,6 +168,7 @@ class ModelPool:
         self.engine_config = engine_config
         self.demo_model_id = demo_model_id
         self.memory_budget = memory_budget or default_model_memory_bytes()
+        self.ledger = MemoryLedger(self.memory_budget)
         self.settings = settings if settings is not None else SettingsStore()
         self.hf_cache_dirs = list(hf_cache_dirs)
         self.extra_models = list(extra_models)  # e.g. the embedding model shipped in a package
@@ -172,7 +178,6 @@ class ModelPool:
         self.skipped: list[SkippedModel] = []
         self._residents: dict[str, Resident] = {}
         self._loading: dict[str, asyncio.Task] = {}
-        self._reserved: dict[str, int] = {}  # bytes of loads and unloads still in progress
         self._admission: asyncio.Lock | None = None
         self._ttl_task: asyncio.Task | None = None
         self.evictions = 0
@@ -260,7 +265,8 @@ class ModelPool:
 
     @property
     def used_bytes(self) -> int:
-        return sum(r.memory_bytes for r in self._residents.values()) + sum(self._reserved.values())
+        """Resident models' weights and KV pools, plus loads and unloads in progress."""
+        return self.ledger.used
 
     # ------------------------------------------------------------------ leases
     @contextlib.asynccontextmanager
@@ -331,7 +337,7 @@ class ModelPool:
         key = f"load:{info.model_id}"
         async with self._admission_lock():
             await self._make_room(estimate, info.model_id)
-            self._reserved[key] = estimate
+            self.ledger.set(key, estimate)
         try:
             model = await asyncio.to_thread(self._load_sync, info)
         except (InsufficientMemory, ModelUnavailable):
@@ -340,8 +346,9 @@ class ModelPool:
             log.exception("loading %s failed", info.model_id)
             raise ModelLoadFailed(f"loading '{info.model_id}' failed: {exc}") from exc
         finally:
-            self._reserved.pop(key, None)
-        self._residents[info.model_id] = Resident(model, model.memory_bytes)
+            self.ledger.release(key)
+        self.ledger.set(f"model:{info.model_id}", model.memory_bytes)
+        self._residents[info.model_id] = Resident(model)
         log.info("%s resident: %.1f MiB (pool %.1f / %.1f MiB)", info.model_id,
                  model.memory_bytes / 2**20, self.used_bytes / 2**20, self.memory_budget / 2**20)
         # The estimate can fall short of what was really allocated; settle the difference.
@@ -372,10 +379,16 @@ class ModelPool:
         # The files' names, sizes and mtimes too: KV blocks the disk tier kept for earlier
         # weights (a folder overwritten in place) must never be read back for new ones.
         scope += b":" + files_fingerprint(info.path, settings.get("adapter_path"))
-        engine = LLMEngine(model, engine_config_for(self.engine_config, settings), context_window=window, scope=scope)
+        config = engine_config_for(self.engine_config, settings)
+        weights = parameter_bytes(model)
+        if config.kv_cache_bytes is None and config.num_blocks is None:
+            config = dataclasses.replace(config, kv_cache_bytes=default_kv_cache_bytes(weights, self.memory_budget))
+        holder = f"model:{info.model_id}"
+        engine = LLMEngine(model, config, context_window=window, scope=scope,
+                           kv_budget=lambda nbytes: self.ledger.try_add(holder, nbytes))
         log.info("loaded %s in %.1fs (context %d)", info.model_id, time.monotonic() - started, window)
         return LoadedModel(info, tokenizer, AsyncEngine(engine), engine.max_model_len, time.time(),
-                           weights_bytes=parameter_bytes(model))
+                           weights_bytes=weights)
 
     async def _make_room(self, needed: int, for_model: str) -> None:
         """Unload idle, unpinned models, least recently used first, until `needed` more bytes
@@ -419,11 +432,12 @@ class ModelPool:
         resident = self._residents.pop(model_id)
         key = f"unload:{model_id}"
         # Its memory counts until the engine thread has stopped and the arrays are freed.
-        self._reserved[key] = resident.memory_bytes
+        resident.released_bytes = resident.memory_bytes
+        self.ledger.set(key, max(resident.released_bytes, self.ledger.release(f"model:{model_id}")))
         try:
             await asyncio.to_thread(_release, resident)
         finally:
-            self._reserved.pop(key, None)
+            self.ledger.release(key)
         log.info("unloaded %s", model_id)
 
     def _admission_lock(self) -> asyncio.Lock:

@@ -1,6 +1,6 @@
 """The engine core: requests in, tokens out, many sequences batched per step."""
 
-from .engine import AsyncEngine, EngineConfig, LLMEngine, RequestRejected
+from .engine import AsyncEngine, EngineConfig, LLMEngine, RequestRejected, default_kv_cache_bytes
 from .request import FinishReason, GenerationRequest, SamplingParams, TokenEvent
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "GenerationRequest",
     "LLMEngine",
     "RequestRejected",
+    "default_kv_cache_bytes",
     "SamplingParams",
     "TokenEvent",
 ]

@@ -12,7 +12,9 @@ Block 0 is never handed out: padded positions in a batch read and write it harml
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections import OrderedDict
+from collections.abc import Callable
 
 import numpy as np
 
@@ -28,10 +30,18 @@ def hash_block(parent: bytes, token_ids: list[int]) -> bytes:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, scope: bytes = b"omlx", prefix_cache: bool = True):
+    def __init__(
+        self, num_blocks: int, block_size: int, scope: bytes = b"omlx", prefix_cache: bool = True,
+        max_blocks: int | None = None,
+    ):
         if num_blocks < 2:
             raise ValueError("the KV pool needs at least two blocks")
         self.num_blocks = num_blocks
+        # The pool may grow up to `max_blocks` (see `grower`); a fixed pool when equal.
+        self.max_blocks = max(max_blocks or num_blocks, num_blocks)
+        # Set by the engine for a growable pool: grower(n) tries to add at least n blocks to
+        # the KV storage (memory permitting) and calls `add_blocks`; returns whether it did.
+        self.grower: Callable[[int], bool] | None = None
         self.block_size = block_size
         # The root of every hash chain: blocks of different models never collide.
         self.scope = hashlib.blake2b(scope, digest_size=16).digest()
@@ -62,7 +72,34 @@ class BlockManager:
 
     @property
     def usable_blocks(self) -> int:
+        """Blocks in the pool now (the scratch block aside)."""
         return self.num_blocks - 1
+
+    @property
+    def max_usable_blocks(self) -> int:
+        """Blocks the pool could ever hold: what decides whether a request can ever fit."""
+        return self.max_blocks - 1
+
+    def add_blocks(self, n: int) -> None:
+        """New, empty blocks at the end of the pool (the storage has grown)."""
+        start = self.num_blocks
+        self.num_blocks += n
+        self.max_blocks = max(self.max_blocks, self.num_blocks)
+        self.ref_counts += [0] * n
+        self.block_hash += [None] * n
+        for block in range(self.num_blocks - 1, start - 1, -1):
+            self.free_blocks[block] = None
+            self.free_blocks.move_to_end(block, last=False)  # empty: handed out first
+
+    def _make_free(self, needed: int) -> None:
+        """Grow the pool, if it can, rather than hand out fewer than `needed` blocks or evict
+        cached prefixes: memory the budget allows is better spent keeping them."""
+        if self.grower is None or self.num_blocks >= self.max_blocks or needed <= 0:
+            return
+        front = itertools.islice(self.free_blocks, needed)
+        if len(self.free_blocks) >= needed and all(self.block_hash[b] is None for b in front):
+            return  # enough empty blocks
+        self.grower(needed)
 
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         total = seq.num_computed_tokens + num_new_tokens
@@ -103,7 +140,10 @@ class BlockManager:
     def _load_from_disk(self, h: bytes) -> int | None:
         """A free pool block holding the disk tier's copy of block `h`, registered in the
         prefix cache and held once; None if the disk has no good copy (or no block is free)."""
-        if self.disk is None or not self.free_blocks or h not in self.disk:
+        if self.disk is None or h not in self.disk:
+            return None
+        self._make_free(1)
+        if not self.free_blocks:
             return None
         block, _ = self.free_blocks.popitem(last=False)
         self._evict(block)
@@ -143,6 +183,7 @@ class BlockManager:
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Grow the block table to hold `num_new_tokens` more tokens; False if out of blocks."""
         needed = self.blocks_needed(seq, num_new_tokens)
+        self._make_free(needed)
         if needed > len(self.free_blocks):
             return False
         for _ in range(needed):
@@ -202,6 +243,7 @@ class BlockManager:
         out = {
             "block_size": self.block_size,
             "total_blocks": self.usable_blocks,
+            "max_blocks": self.max_usable_blocks,
             "free_blocks": self.num_free_blocks,
             "used_blocks": self.usable_blocks - self.num_free_blocks,
             "cached_blocks": self.num_cached_blocks,

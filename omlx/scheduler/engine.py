@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import mlx.core as mx
 import numpy as np
@@ -33,11 +33,20 @@ from .sequence import Sequence
 log = logging.getLogger("omlx.engine")
 
 
+# A growable pool starts this big (or at its cap, if smaller) and doubles on demand.
+INITIAL_KV_BYTES = 256 << 20
+
+
 @dataclass
 class EngineConfig:
     block_size: int = 32
-    kv_cache_bytes: int = 2 << 30
-    num_blocks: int | None = None  # overrides kv_cache_bytes when set (tests)
+    # The most memory this model's KV pool may grow to.  None: what is left of the memory
+    # budget after the weights, with a margin (`default_kv_cache_bytes`).  The pool starts
+    # at `initial_kv_bytes` and grows as requests need blocks, each time only if the memory
+    # budget (`LLMEngine(kv_budget=...)`) has room.
+    kv_cache_bytes: int | None = None
+    initial_kv_bytes: int = INITIAL_KV_BYTES
+    num_blocks: int | None = None  # a fixed pool of exactly this many blocks (tests)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None  # default: the model's own context window
@@ -56,17 +65,33 @@ class RequestRejected(ValueError):
 
 
 class LLMEngine:
-    def __init__(self, model, config: EngineConfig, context_window: int, scope: bytes = b""):
+    def __init__(
+        self, model, config: EngineConfig, context_window: int, scope: bytes = b"",
+        kv_budget: Callable[[int], bool] | None = None,
+    ):
+        """`kv_budget(n)` is asked before the KV pool grows by `n` bytes and answers whether
+        the memory budget has room (and takes it); None: growth is bounded by the cap only."""
         self.model = model
         self.config = config
+        self.kv_budget = kv_budget
         layout = KVLayout.probe(model)
         block_size = config.block_size
         kv_bits, group_size = quantization_for(layout, config.kv_bits, config.kv_group_size)
-        num_blocks = config.num_blocks or PagedKVStorage.blocks_for_budget(
-            layout, block_size, config.kv_cache_bytes, kv_bits, group_size
-        )
+        if config.num_blocks:
+            num_blocks = max_blocks = config.num_blocks
+        else:
+            cap = config.kv_cache_bytes or default_kv_cache_bytes(parameter_bytes(model))
+            max_blocks = PagedKVStorage.blocks_for_budget(layout, block_size, cap, kv_bits, group_size)
+            num_blocks = min(max_blocks, PagedKVStorage.blocks_for_budget(
+                layout, block_size, config.initial_kv_bytes, kv_bits, group_size
+            ))
         self.storage = PagedKVStorage(layout, num_blocks, block_size, kv_bits, group_size)
-        self.blocks = BlockManager(num_blocks, block_size, scope=scope or b"omlx", prefix_cache=config.prefix_cache)
+        self.blocks = BlockManager(
+            num_blocks, block_size, scope=scope or b"omlx", prefix_cache=config.prefix_cache, max_blocks=max_blocks
+        )
+        if max_blocks > num_blocks:
+            self.blocks.grower = self._grow_pool
+        self.pool_growths = 0
         self.disk = None
         if config.kv_cache_dir:
             try:
@@ -93,10 +118,44 @@ class LLMEngine:
         self.sequences: dict[str, Sequence] = {}
         self.stats = EngineStats()
         log.info(
-            "KV pool: %d blocks x %d tokens (%.1f MiB), %d layers, %s%s",
-            num_blocks, block_size, self.storage.nbytes / 2**20, layout.num_layers, layout.dtype,
+            "KV pool: %d blocks x %d tokens (%.1f MiB%s), %d layers, %s%s",
+            num_blocks, block_size, self.storage.nbytes / 2**20,
+            f", may grow to {max_blocks} blocks / {self.max_kv_bytes / 2**20:.0f} MiB" if max_blocks > num_blocks else "",
+            layout.num_layers, layout.dtype,
             f", quantized to {kv_bits} bits (groups of {group_size})" if kv_bits else "",
         )
+
+    # ------------------------------------------------------------------ KV memory
+    @property
+    def max_kv_bytes(self) -> int:
+        return self.blocks.max_blocks * self.storage.bytes_per_block
+
+    def _grow_pool(self, needed: int) -> bool:
+        """Add at least `needed` blocks to the pool: double it if the budget allows, else
+        just what is needed.  Runs on the engine thread between steps."""
+        current = self.storage.num_blocks
+        room = self.blocks.max_blocks - current
+        if room <= 0:
+            return False
+        for extra in dict.fromkeys((min(room, max(current, needed)), min(room, needed))):
+            if self.kv_budget is not None and not self.kv_budget(extra * self.storage.bytes_per_block):
+                continue
+            started = time.perf_counter()
+            self.storage.grow(current + extra)
+            self.blocks.add_blocks(extra)
+            self.pool_growths += 1
+            log.info("KV pool grew %d -> %d blocks (%.0f MiB) in %.0f ms", current, current + extra,
+                     self.storage.nbytes / 2**20, (time.perf_counter() - started) * 1e3)
+            return True
+        return False
+
+    def kv_stats(self) -> dict:
+        return {
+            **self.blocks.stats(),
+            "bytes": self.storage.nbytes,
+            "max_bytes": self.max_kv_bytes,
+            "growths": self.pool_growths,
+        }
 
     # ------------------------------------------------------------------ requests
     def check(self, request: GenerationRequest) -> None:
@@ -110,10 +169,10 @@ class LLMEngine:
                 f"{self.max_model_len} tokens (and at least one must be left to generate)"
             )
         total_blocks = -(-min(n + request.max_tokens, self.max_model_len) // self.blocks.block_size)
-        if total_blocks > self.blocks.usable_blocks:
+        if total_blocks > self.blocks.max_usable_blocks:
             raise RequestRejected(
                 f"the request needs {total_blocks} KV blocks, more than the whole KV cache "
-                f"({self.blocks.usable_blocks} blocks of {self.blocks.block_size} tokens)"
+                f"({self.blocks.max_usable_blocks} blocks of {self.blocks.block_size} tokens)"
             )
 
     def add_request(self, request: GenerationRequest) -> None:
@@ -139,6 +198,8 @@ class LLMEngine:
     # ------------------------------------------------------------------ the step
     def step(self) -> list[tuple[str, TokenEvent]]:
         batch = self.scheduler.schedule()
+        if self.scheduler.out_of_memory:
+            return self._out_of_memory()
         if batch.empty:
             return []
         events: list[tuple[Sequence, TokenEvent]] = []
@@ -177,6 +238,26 @@ class LLMEngine:
             events += self.scheduler.postprocess([sibling], [0], {0: token})
         return events
 
+    def _out_of_memory(self) -> list[tuple[str, TokenEvent]]:
+        """End the requests the scheduler found can never get their KV blocks."""
+        out = []
+        pool = self.blocks
+        message = (
+            f"out of KV cache memory: the request needs more than the {pool.usable_blocks} blocks "
+            f"of {pool.block_size} tokens the pool holds, and the memory budget lets it grow no "
+            "further (other models hold the rest); retry later or lower max_tokens"
+        )
+        for seq in self.scheduler.out_of_memory:
+            if self.sequences.pop(seq.request_id, None) is None:
+                continue
+            for member in request_sequences(seq):
+                self.scheduler.finish(member, FinishReason.ERROR)
+            out.append((seq.request_id, TokenEvent(None, FinishReason.ERROR, error=message,
+                                                   error_code="kv_cache_exhausted")))
+        self.scheduler.out_of_memory.clear()
+        log.warning("%d request(s) ended: %s", len(out), message)
+        return out
+
     def close(self) -> None:
         """Flush the disk tier's pending writes (graceful shutdown)."""
         if self.disk is not None:
@@ -191,6 +272,23 @@ class LLMEngine:
             out.append((request_id, TokenEvent(None, FinishReason.ERROR, error=message)))
         self.sequences.clear()
         return out
+
+
+def parameter_bytes(model) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def default_kv_cache_bytes(weights_bytes: int, memory_budget: int | None = None) -> int:
+    """The KV cap when none is set: what the memory budget (by default 3/4 of physical
+    memory) leaves after the weights, less a safety margin (a tenth of the budget, at
+    least 1 GiB) for activations and the allocator's slack; never below the initial pool."""
+    from omlx.settings import default_model_memory_bytes
+
+    budget = memory_budget or default_model_memory_bytes()
+    margin = max(budget // 10, 1 << 30)
+    return max(INITIAL_KV_BYTES, budget - weights_bytes - margin)
 
 
 def weights_fingerprint(model) -> bytes:

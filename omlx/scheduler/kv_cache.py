@@ -92,6 +92,32 @@ class PagedKVStorage:
         self.values = [self._empty(rows, layout.value_dim) for _ in range(layout.num_layers)]
         mx.eval(self.arrays())
 
+    def grow(self, num_blocks: int) -> None:
+        """Append blocks to every layer's pool; existing blocks keep their rows and contents.
+
+        Layers are extended one at a time and the old array dropped before the next, so the
+        transient extra memory is about one layer's pool, not a second copy of all of them.
+        """
+        if num_blocks <= self.num_blocks:
+            return
+        extra = (num_blocks - self.num_blocks) * self.layout.num_kv_heads * self.block_size
+        for pools, dim in ((self.keys, self.layout.key_dim), (self.values, self.layout.value_dim)):
+            for i, pool in enumerate(pools):
+                pools[i] = self._extended(pool, self._empty(extra, dim))
+                mx.eval(pools[i].parts() if isinstance(pools[i], QuantizedRows) else pools[i])
+                del pool
+        self.num_blocks = num_blocks
+        mx.clear_cache()  # the old, smaller arrays' buffers go back to the system
+
+    @staticmethod
+    def _extended(pool, tail):
+        if isinstance(pool, QuantizedRows):
+            return QuantizedRows(
+                *(mx.concatenate([a, b]) for a, b in zip(pool.parts(), tail.parts())),
+                group_size=pool.group_size, bits=pool.bits,
+            )
+        return mx.concatenate([pool, tail])
+
     def _empty(self, rows: int, dim: int):
         dtype = self.layout.dtype
         if self.kv_bits is None:

@@ -70,6 +70,9 @@ class TokenEvent:
     # Set on the first event: how many prompt tokens were served from the prefix cache.
     cached_prompt_tokens: int | None = None
     error: str | None = None
+    # With `error`: "kv_cache_exhausted" when the request could not get KV memory (a
+    # capacity problem, worth retrying later), else None (an internal failure).
+    error_code: str | None = None
     # With `logprobs`: the sampled token's log-probability and the top alternatives
     # as (token_id, logprob), most likely first.
     logprob: float | None = None

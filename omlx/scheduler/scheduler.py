@@ -43,6 +43,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # Sequences ended because they can never get the KV blocks they need (see
+        # `_unstick`); the engine reports them and clears the list.
+        self.out_of_memory: list[Sequence] = []
 
     @property
     def has_work(self) -> bool:
@@ -50,11 +53,6 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
-
-    def max_tokens_fit(self, seq: Sequence) -> bool:
-        """Whether the sequence could ever run: its full length must fit the pool alone."""
-        total = min(seq.num_prompt_tokens + seq.request.max_tokens, self.config.max_model_len)
-        return -(-total // self.blocks.block_size) <= self.blocks.usable_blocks
 
     # ------------------------------------------------------------------ schedule
     def schedule(self) -> ScheduledBatch:
@@ -106,7 +104,21 @@ class Scheduler:
             self.running.append(seq)
             batch.prefills.append((seq, n))
             budget -= n
+        if batch.empty and self.has_work:
+            self._unstick()
         return batch
+
+    def _unstick(self) -> None:
+        """Work is pending but nothing could be scheduled: the blocks are all held by
+        sequences part-way through their prompts, or one sequence alone needs more blocks than
+        the pool has and the memory budget will not let it grow.  Preempting the newest lets
+        the others go on; a sequence that cannot progress alone never will, and ends."""
+        if len(self.running) > 1:
+            self._preempt(self.running[-1])
+            return
+        seq = self.running[0] if self.running else self.waiting[0]
+        self.finish(seq, FinishReason.ERROR)
+        self.out_of_memory.append(seq)
 
     def _prefill_chunk(self, seq: Sequence, budget: int) -> int:
         """Reserve blocks for the next prefill chunk (shrunk to what the free blocks hold);
