@@ -199,3 +199,14 @@ def test_default_cap_is_what_the_budget_leaves_after_weights():
     assert default_kv_cache_bytes(2 * gib, 20 * gib) == 20 * gib - 2 * gib - 2 * gib  # margin: a tenth
     assert default_kv_cache_bytes(1 * gib, 4 * gib) == 4 * gib - 1 * gib - 1 * gib  # margin: at least 1 GiB
     assert default_kv_cache_bytes(10 * gib, 8 * gib) == INITIAL_KV_BYTES  # weights fill it: the minimum
+
+
+def test_out_of_kv_memory_is_a_503_in_each_api_shape():
+    from omlx.api.generation import EngineFailure
+
+    error = EngineFailure("out of KV cache memory: ...", "kv_cache_exhausted").api_error()
+    assert error.status == 503
+    assert error.body()["error"]["code"] == "kv_cache_exhausted"
+    assert error.anthropic_body()["error"]["type"] == "overloaded_error"
+    internal = EngineFailure("boom").api_error()
+    assert internal.status == 500 and internal.body()["error"]["code"] == "engine_error"

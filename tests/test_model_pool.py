@@ -244,3 +244,41 @@ async def test_aliases_type_overrides_and_bare_folder_names_resolve(model_dir, t
             assert model.model_id == "a"
     finally:
         await pool.close()
+
+
+async def test_kv_pools_grow_inside_the_shared_budget(model_dir, tmp_path):
+    """Without a KV size, a model's pool starts small and grows into what the budget leaves
+    after the weights; growth is counted in the budget, and another model still loads within it."""
+    from omlx.scheduler import GenerationRequest, default_kv_cache_bytes
+
+    engine_config = EngineConfig(block_size=16, initial_kv_bytes=1, max_num_batched_tokens=64)
+    home = tmp_path / "home"
+    home.mkdir()
+    size = (model_dir / "a" / "model.safetensors").stat().st_size
+    budget = 8 * size
+    pool = ModelPool([model_dir], engine_config, memory_budget=budget, settings=SettingsStore(home))
+    try:
+        async with pool.lease("a") as a:
+            engine = a.engine.engine
+            assert engine.storage.num_blocks == 2
+            assert engine.max_kv_bytes <= default_kv_cache_bytes(a.weights_bytes, budget)
+            before = pool.used_bytes
+            streams = [a.engine.generate(GenerationRequest(f"r{i}", list(range(10 + i, 90 + i)), 8))
+                       for i in range(4)]
+
+            async def drain(stream):
+                return [event async for event in stream]
+
+            results = await asyncio.gather(*(drain(s) for s in streams))
+            assert all(r[-1].error is None and r[-1].finish_reason is not None for r in results)
+            assert engine.pool_growths > 0 and engine.storage.num_blocks > 2
+            grown = engine.storage.nbytes - 2 * engine.storage.bytes_per_block
+            assert pool.used_bytes == before + grown
+            assert pool.used_bytes == pool.resident("a").memory_bytes
+            assert pool.used_bytes <= budget
+        await use(pool, "b")
+        assert "b" in pool.loaded and pool.used_bytes <= budget
+        assert pool.used_bytes == sum(pool.resident(m).memory_bytes for m in pool.loaded)
+    finally:
+        await pool.close()
+    assert pool.used_bytes == 0
