@@ -37,6 +37,7 @@ from serving_bench import (  # noqa: E402  (the bench directory is not a package
     ensure_model,
     log,
     percentile,
+    proc_status,
     stream_chat,
 )
 
@@ -95,9 +96,23 @@ def measure(args, mode: str, home: Path, *extra: str, script=None):
         started = time.monotonic()
         ttfts, cached, sent = asyncio.run(run_sessions(server, args, script))
         log(f"{mode}: {time.monotonic() - started:.1f}s")
+        footprints[mode] = {"peak_rss_mib": proc_status(server.proc.pid).get("VmHWM"), **kv_pool_mib(server)}
         return ttfts, cached, sent
     finally:
         server.stop()
+
+
+footprints: dict[str, dict] = {}  # per mode: the server's peak RSS and its KV pool at the end
+
+
+def kv_pool_mib(server: Server) -> dict:
+    """The model's KV pool as /health reports it: allocated and the most it may grow to."""
+    import urllib.request
+
+    with urllib.request.urlopen(server.base_url + "/health", timeout=10) as reply:
+        models = json.loads(reply.read())["models"]
+    kv = next(iter(models.values()))["kv_cache"]
+    return {"kv_pool_mib": kv["bytes"] / 2**20, "kv_max_mib": kv["max_bytes"] / 2**20, "kv_growths": kv["growths"]}
 
 
 def main(argv=None) -> int:
@@ -108,14 +123,15 @@ def main(argv=None) -> int:
     p.add_argument("--system-tokens", type=int, default=200)
     p.add_argument("--user-words", type=int, default=24)
     p.add_argument("--max-tokens", type=int, default=24)
-    p.add_argument("--kv-cache-gb", type=float, default=1.0)
+    p.add_argument("--kv-cache-gb", type=float, default=1.0,
+                   help="KV cap per model; 0: the server's default (the budget left after the weights)")
     p.add_argument("--request-timeout", type=float, default=1800)
     p.add_argument("--out-dir", type=Path, default=REPO / "bench/results")
     args = p.parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     args.mlx_lm_arg, args.blas_library = [], None
     ensure_model(args.model_path)
-    kv = ("--kv-cache-gb", str(args.kv_cache_gb))
+    kv = ("--kv-cache-gb", str(args.kv_cache_gb)) if args.kv_cache_gb else ()
 
     with tempfile.TemporaryDirectory(prefix="omlx-multiturn-") as tmp:
         tmp = Path(tmp)
@@ -140,11 +156,16 @@ def main(argv=None) -> int:
             f"| {turn + 1} | " + " | ".join(f"{v * 1000:.0f} ms" for v in row)
             + " | " + " / ".join(f"{h:.0f}" for h in hits) + " |"
         )
+    lines += ["", "| mode | peak RSS | KV pool at the end (cap) | pool growths |", "|---|---|---|---|"]
+    for mode, m in footprints.items():
+        lines.append(f"| {mode} | {m['peak_rss_mib']:.0f} MiB | {m['kv_pool_mib']:.0f} MiB "
+                     f"({m['kv_max_mib']:.0f} MiB) | {m['kv_growths']} |")
     report = "\n".join(lines)
     print(report)
     (args.out_dir / "multiturn.md").write_text(report + "\n")
     (args.out_dir / "multiturn.json").write_text(json.dumps(
-        {"memory": memory, "disk": disk, "off": off, "cached": [memory_cached, disk_cached, off_cached]}
+        {"memory": memory, "disk": disk, "off": off, "cached": [memory_cached, disk_cached, off_cached],
+         "footprints": footprints}
     ))
     return 0
 
