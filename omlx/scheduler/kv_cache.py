@@ -101,22 +101,23 @@ class PagedKVStorage:
         if num_blocks <= self.num_blocks:
             return
         extra = (num_blocks - self.num_blocks) * self.layout.num_kv_heads * self.block_size
-        for pools, dim in ((self.keys, self.layout.key_dim), (self.values, self.layout.value_dim)):
+        for pools in (self.keys, self.values):
             for i, pool in enumerate(pools):
-                pools[i] = self._extended(pool, self._empty(extra, dim))
+                pools[i] = self._extended(pool, extra)
                 mx.eval(pools[i].parts() if isinstance(pools[i], QuantizedRows) else pools[i])
                 del pool
         self.num_blocks = num_blocks
         mx.clear_cache()  # the old, smaller arrays' buffers go back to the system
 
     @staticmethod
-    def _extended(pool, tail):
+    def _extended(pool, extra_rows: int):
+        # mx.pad measured ~2-5x faster than concatenating zeros here (one pass over memory).
+        def pad(a):
+            return mx.pad(a, [(0, extra_rows), (0, 0)])
+
         if isinstance(pool, QuantizedRows):
-            return QuantizedRows(
-                *(mx.concatenate([a, b]) for a, b in zip(pool.parts(), tail.parts())),
-                group_size=pool.group_size, bits=pool.bits,
-            )
-        return mx.concatenate([pool, tail])
+            return QuantizedRows(*(pad(a) for a in pool.parts()), group_size=pool.group_size, bits=pool.bits)
+        return pad(pool)
 
     def _empty(self, rows: int, dim: int):
         dtype = self.layout.dtype
