@@ -163,8 +163,9 @@ MODEL_KEYS: dict[str, Callable] = {
     "chat_template_kwargs": _typed(dict),
     "tool_parser": _typed(str),
     "adapter_path": _typed(str),
-    # Quantized KV for this model's pool (4 or 8; 0 keeps it in the model's dtype), applied
-    # on its next load.
+    # This model's KV pool cap in GiB, over the server's --kv-cache-gb; and quantized KV for
+    # its pool (4 or 8; 0 keeps it in the model's dtype).  Applied on its next load.
+    "kv_cache_gb": _optional_positive,
     "kv_bits": lambda v, f: _kv_bits(v, f),
     "kv_group_size": lambda v, f: _optional_positive(v, f, (int,)),
 }

@@ -202,3 +202,15 @@ def test_model_kv_quantization_overrides_the_server_default():
     assert engine_config_for(base, {"kv_bits": 0}).kv_bits is None  # 0: this model stays unquantized
     with pytest.raises(SettingsError):
         validate_model_settings({"kv_bits": 3})
+
+
+def test_model_kv_cache_gb_overrides_the_servers_cap():
+    from omlx.models.pool import engine_config_for
+    from omlx.scheduler import EngineConfig
+    from omlx.settings import validate_model_settings
+
+    base = EngineConfig(kv_cache_bytes=4 << 30)
+    assert engine_config_for(base, validate_model_settings({"kv_cache_gb": 0.5})).kv_cache_bytes == 1 << 29
+    assert engine_config_for(EngineConfig(), {}).kv_cache_bytes is None  # the default cap, decided at load
+    with pytest.raises(SettingsError):
+        validate_model_settings({"kv_cache_gb": -1})

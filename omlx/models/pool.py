@@ -145,6 +145,8 @@ def engine_config_for(base: EngineConfig, settings: dict) -> EngineConfig:
         overrides["kv_bits"] = settings["kv_bits"] or None
     if settings.get("kv_group_size") is not None:
         overrides["kv_group_size"] = settings["kv_group_size"]
+    if settings.get("kv_cache_gb") is not None:
+        overrides["kv_cache_bytes"] = int(settings["kv_cache_gb"] * 2**30)
     return dataclasses.replace(base, **overrides) if overrides else base
 
 
@@ -385,7 +387,8 @@ class ModelPool:
             config = dataclasses.replace(config, kv_cache_bytes=default_kv_cache_bytes(weights, self.memory_budget))
         holder = f"model:{info.model_id}"
         engine = LLMEngine(model, config, context_window=window, scope=scope,
-                           kv_budget=lambda nbytes: self.ledger.try_add(holder, nbytes))
+                           kv_budget=lambda nbytes: self.ledger.try_add(holder, nbytes),
+                           label=f"{info.model_id} ({info.path})")
         log.info("loaded %s in %.1fs (context %d)", info.model_id, time.monotonic() - started, window)
         return LoadedModel(info, tokenizer, AsyncEngine(engine), engine.max_model_len, time.time(),
                            weights_bytes=weights)

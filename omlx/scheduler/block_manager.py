@@ -135,7 +135,31 @@ class BlockManager:
         seq.block_hashes = hashes
         seq.num_hashed_blocks = hits
         seq.num_computed_tokens = hits * bs
+        if self.disk is not None:
+            self.disk.release(seq.arrival)  # what it read ahead and this did not take is dead
         return hits * bs
+
+    def prefetch(self, seq: Sequence) -> None:
+        """Have the disk tier read ahead (off the engine thread) the blocks `match_prefix`
+        will load from it for this new sequence: its chain past what memory holds."""
+        if self.disk is None or not self.prefix_cache or not self.disk.prefetch_enabled:
+            return
+        bs = self.block_size
+        parent = self.scope
+        wanted: list[bytes] = []
+        for i in range((seq.num_tokens - 1) // bs):
+            h = hash_block(parent, seq.token_ids[i * bs : (i + 1) * bs])
+            if h not in self.hash_to_block:
+                if h not in self.disk:
+                    break
+                wanted.append(h)
+            parent = h
+        if wanted:
+            self.disk.prefetch(wanted, seq.arrival)
+
+    def prefetching(self, seq: Sequence) -> bool:
+        """Whether the disk tier is still reading ahead for this waiting sequence."""
+        return self.disk is not None and self.disk.prefetching(seq.arrival)
 
     def _load_from_disk(self, h: bytes) -> int | None:
         """A free pool block holding the disk tier's copy of block `h`, registered in the
@@ -221,6 +245,8 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
         seq.num_hashed_blocks = 0
+        if self.disk is not None:
+            self.disk.release(seq.arrival)  # ended before admission: its read-ahead too
 
     def _acquire(self, block: int) -> None:
         if self.ref_counts[block] == 0:

@@ -67,10 +67,12 @@ class RequestRejected(ValueError):
 class LLMEngine:
     def __init__(
         self, model, config: EngineConfig, context_window: int, scope: bytes = b"",
-        kv_budget: Callable[[int], bool] | None = None,
+        kv_budget: Callable[[int], bool] | None = None, label: str | None = None,
     ):
         """`kv_budget(n)` is asked before the KV pool grows by `n` bytes and answers whether
-        the memory budget has room (and takes it); None: growth is bounded by the cap only."""
+        the memory budget has room (and takes it); None: growth is bounded by the cap only.
+        `label` names the model in the KV disk tier (default: from `scope`); when it opens,
+        directories kept for the same label under another identity are removed."""
         self.model = model
         self.config = config
         self.kv_budget = kv_budget
@@ -96,7 +98,8 @@ class LLMEngine:
         if config.kv_cache_dir:
             try:
                 self.disk = DiskKVCache(
-                    config.kv_cache_dir, scope or weights_fingerprint(model), self.storage, config.kv_disk_bytes
+                    config.kv_cache_dir, scope or weights_fingerprint(model), self.storage, config.kv_disk_bytes,
+                    label=label,  # the model's name in the disk tier: its older identities are removed
                 )
             except OSError as exc:
                 log.warning("KV disk cache disabled: %s", exc)
@@ -182,6 +185,7 @@ class LLMEngine:
         seq = Sequence(request)
         self.sequences[request.request_id] = seq
         self.scheduler.add(seq)
+        self.blocks.prefetch(seq)  # the disk tier reads its prefix ahead while it waits
 
     def abort(self, request_id: str) -> TokenEvent | None:
         seq = self.sequences.pop(request_id, None)
