@@ -9,6 +9,7 @@ import pytest
 from mlx_lm import load
 
 from omlx.scheduler import EngineConfig, GenerationRequest, LLMEngine
+from omlx.scheduler.block_manager import hash_block
 from omlx.scheduler.disk_cache import DiskKVCache
 from omlx.testing.reference import greedy_reference
 from omlx.testing.tiny_models import TinyModelSpec, build_model
@@ -27,10 +28,10 @@ def tiny(tmp_path_factory):
     return model, eos, greedy_reference(model, PROMPT, MAX_NEW, eos)
 
 
-def make_engine(model, cache_dir, scope=SCOPE, disk_bytes=1 << 30, **kw):
+def make_engine(model, cache_dir, scope=SCOPE, disk_bytes=1 << 30, label=None, **kw):
     config = EngineConfig(block_size=BLOCK, num_blocks=64, max_num_batched_tokens=64,
                           kv_cache_dir=str(cache_dir), kv_disk_bytes=disk_bytes, **kw)
-    return LLMEngine(model, config, context_window=4096, scope=scope)
+    return LLMEngine(model, config, context_window=4096, scope=scope, label=label)
 
 
 def run(engine, prompt, eos, rid="r"):
@@ -247,6 +248,7 @@ def test_server_restart_serves_a_long_prompt_from_disk(model_dir, tmp_path):
                 assert cached == (len(prompt) - 1) // 16 * 16
                 assert disk["hit_blocks"] == cached // 16
             assert disk["dir"].startswith(str(tmp_path / "home" / "cache"))
+            assert disk["label"].startswith("tiny (") and disk["removed_dirs"] == 0
     assert outputs[0] == outputs[1]
     assert len(list((tmp_path / "home" / "cache").glob("*/*.safetensors"))) == len(prompt) // 16
 
@@ -286,3 +288,287 @@ def test_cli_and_env_options(tmp_path, monkeypatch):
     assert options["kv_cache_dir"] == str(tmp_path / "kv") and options["kv_disk_gb"] == 2 and options["kv_disk"]
     options = resolve_options(build_parser().parse_args(["serve", "--no-kv-disk"]))
     assert options["kv_disk"] is False
+
+
+# ---------------------------------------------------------------------- identity directories
+
+
+def test_identity_metadata_is_written_and_kept(tiny, tmp_path):
+    model, eos, _ = tiny
+    a = make_engine(model, tmp_path, label="tiny")
+    meta = json.loads((a.disk.dir / "identity.json").read_text())
+    a.close()
+    assert meta["identity"] == a.disk.identity == a.disk.dir.name
+    assert meta["label"] == "tiny" and meta["scope"] == SCOPE.decode()
+    assert meta["layout"]["block_size"] == BLOCK and meta["layout"]["kv_bits"] is None
+    b = make_engine(model, tmp_path, label="tiny")  # the same identity: reopened, not removed
+    again = json.loads((b.disk.dir / "identity.json").read_text())
+    assert b.disk.dir == a.disk.dir and again["created"] == meta["created"]
+    assert again["last_used"] >= meta["last_used"] and b.disk.stats()["removed_dirs"] == 0
+    b.close()
+    # Without a label, a readable scope is the label.
+    c = make_engine(model, tmp_path)
+    assert c.disk.label == SCOPE.decode()
+    c.close()
+
+
+def test_changed_weights_remove_the_old_identity_dir(tiny, tmp_path):
+    import os
+    import time
+
+    model, eos, expected = tiny
+    old = make_engine(model, tmp_path, scope=b"tiny:weights-v1", label="tiny")
+    run(old, PROMPT, eos)
+    old.close()
+    other = make_engine(model, tmp_path, scope=b"other:weights", label="other")
+    run(other, PROMPT, eos)
+    other.close()
+    old_bytes = sum(f.stat().st_size for f in old.disk.dir.iterdir())
+    assert len(block_files(old)) == 9
+    # Not ours: a plain folder, an identity-named one with a foreign file in it, and a
+    # metadata-less identity dir (an older version's) still in recent use.
+    unrelated = tmp_path / "notes"
+    unrelated.mkdir()
+    (unrelated / "x.safetensors").write_bytes(b"keep")
+    foreign = tmp_path / ("ab" * 12)
+    foreign.mkdir()
+    (foreign / "readme.txt").write_text("keep")
+    recent = tmp_path / ("cd" * 12)
+    recent.mkdir()
+    (recent / (("0" * 32) + ".safetensors")).write_bytes(b"recent")
+    # ... and a metadata-less identity dir untouched for 60 days: garbage.
+    stale = tmp_path / ("ef" * 12)
+    stale.mkdir()
+    stale_file = stale / (("1" * 32) + ".safetensors")
+    stale_file.write_bytes(b"x" * 100)
+    long_ago = time.time() - 60 * 86400
+    os.utime(stale_file, (long_ago, long_ago))
+    os.utime(stale, (long_ago, long_ago))
+
+    new = make_engine(model, tmp_path, scope=b"tiny:weights-v2", label="tiny")  # weights changed
+    stats = new.disk.stats()
+    assert not old.disk.dir.exists() and not stale.exists()
+    assert stats["removed_dirs"] == 2 and stats["removed_bytes"] == old_bytes + 100
+    assert len(block_files(other)) == 9 and (other.disk.dir / "identity.json").exists()
+    assert (unrelated / "x.safetensors").exists() and (foreign / "readme.txt").exists()
+    assert (recent / (("0" * 32) + ".safetensors")).exists()
+    tokens, cached = run(new, PROMPT, eos)  # nothing stale is ever read
+    assert tokens == expected and cached == 0
+    new.close()
+
+
+def test_a_directory_in_use_is_never_removed(tiny, tmp_path):
+    model, eos, _ = tiny
+    a = make_engine(model, tmp_path, scope=b"tiny:v1", label="tiny")
+    run(a, PROMPT, eos)
+    a.disk.flush()
+    b = make_engine(model, tmp_path, scope=b"tiny:v2", label="tiny")
+    assert a.disk.dir.exists() and len(block_files(a)) == 9  # a still holds it
+    assert b.disk.stats()["removed_dirs"] == 0
+    a.close()
+    c = make_engine(model, tmp_path, scope=b"tiny:v3", label="tiny")
+    assert not a.disk.dir.exists() and b.disk.dir.exists()  # b is still open
+    assert c.disk.stats()["removed_dirs"] == 1
+    b.close()
+    c.close()
+
+
+# ---------------------------------------------------------------------- read-ahead
+
+
+def chain(engine, prompt):
+    parent, out = engine.blocks.scope, []
+    for i in range(len(prompt) // BLOCK):
+        parent = hash_block(parent, prompt[i * BLOCK : (i + 1) * BLOCK])
+        out.append(parent)
+    return out
+
+
+def stored(model, tmp_path, eos):
+    a = make_engine(model, tmp_path)
+    run(a, PROMPT, eos)
+    a.close()
+
+
+def block_rows(engine, blocks):
+    import numpy as np
+
+    rows = engine.disk.rows_per_block
+    return [np.array(arr[b * rows : (b + 1) * rows]) for b in blocks for arr in engine.storage.arrays()]
+
+
+def test_prefetched_blocks_match_the_synchronous_path(tiny, tmp_path):
+    import numpy as np
+
+    model, eos, expected = tiny
+    stored(model, tmp_path, eos)
+    tables = {}
+    for prefetch in (True, False):
+        e = make_engine(model, tmp_path)
+        e.disk.prefetch_enabled = prefetch
+        e.add_request(GenerationRequest("r", PROMPT, MAX_NEW, stop_token_ids=eos))
+        e.disk.wait_prefetch()
+        stats = e.disk.stats()
+        assert stats["staged_blocks"] == (9 if prefetch else 0)
+        assert (stats["staged_bytes"] > 0) == prefetch
+        e.scheduler.schedule()  # admission: loads the prefix (staged or read now)
+        seq = e.sequences["r"]
+        assert seq.num_computed_tokens == 9 * BLOCK
+        tables[prefetch] = block_rows(e, seq.block_table)
+        e.abort("r")
+        stats = e.disk.stats()
+        assert stats["hit_blocks"] == 9 and stats["prefetched_blocks"] == (9 if prefetch else 0)
+        assert stats["staged_blocks"] == 0 and stats["staged_bytes"] == 0
+        tokens, cached = run(e, PROMPT, eos, "again")  # from memory now
+        assert tokens == expected and cached == 9 * BLOCK
+        e.close()
+    assert all(np.array_equal(x, y) for x, y in zip(tables[True], tables[False], strict=True))
+
+    # And a whole run from staged blocks gives the computed run's tokens.
+    e = make_engine(model, tmp_path)
+    e.add_request(GenerationRequest("r", PROMPT, MAX_NEW, stop_token_ids=eos))
+    e.disk.wait_prefetch()
+    tokens, cached = [], None
+    while e.has_work:
+        for _, event in e.step():
+            cached = event.cached_prompt_tokens if cached is None else cached
+            if event.token_id is not None:
+                tokens.append(event.token_id)
+    assert tokens == expected and cached == 9 * BLOCK
+    assert e.disk.stats()["prefetched_blocks"] == 9 and e.disk.stats()["prefetch_read_blocks"] == 9
+    e.close()
+
+
+def test_prefetch_rejects_a_corrupt_file_like_a_load(tiny, tmp_path):
+    model, eos, expected = tiny
+    stored(model, tmp_path, eos)
+    e = make_engine(model, tmp_path)
+    hashes = chain(e, PROMPT)
+    path = e.disk._path(hashes[4])
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF  # one flipped bit of tensor data
+    path.write_bytes(bytes(data))
+    e.add_request(GenerationRequest("r", PROMPT, MAX_NEW, stop_token_ids=eos))
+    e.disk.wait_prefetch()
+    stats = e.disk.stats()
+    # Staged up to the bad file, which is gone and counted once; the chain stops there.
+    assert stats["staged_blocks"] == 4 and stats["rejected_files"] == 1 and not path.exists()
+    assert hashes[4] not in e.disk
+    tokens, cached = [], None
+    while e.has_work:
+        for _, event in e.step():
+            cached = event.cached_prompt_tokens if cached is None else cached
+            if event.token_id is not None:
+                tokens.append(event.token_id)
+    assert tokens == expected and cached == 4 * BLOCK
+    stats = e.disk.stats()
+    assert stats["prefetched_blocks"] == 4 and stats["hit_blocks"] == 4 and stats["rejected_files"] == 1
+    assert stats["staged_blocks"] == 0 and e.blocks.leaked_blocks() == []
+    e.close()
+
+
+def test_staged_memory_is_bounded_and_released(tiny, tmp_path):
+    model, eos, expected = tiny
+    stored(model, tmp_path, eos)
+    e = make_engine(model, tmp_path)
+    # A cap of three blocks: the rest are read at admission as before.
+    e.disk.staging_bytes = e.disk.stats()["bytes"] // 9 * 3
+    e.add_request(GenerationRequest("r", PROMPT, MAX_NEW, stop_token_ids=eos))
+    e.disk.wait_prefetch()
+    per_block = e.disk.stats()["staged_bytes"] // 3
+    assert e.disk.stats()["staged_blocks"] == 3
+    # Aborted before admission: its staged blocks go at once.
+    e.abort("r")
+    assert e.disk.stats()["staged_blocks"] == 0 and e.disk.stats()["staged_bytes"] == 0
+    e.disk.staging_bytes = 1 << 30
+    # Three requests sharing the prefix, one with another tail: staged once, shared; the
+    # first admitted takes them, the others find the blocks in memory.
+    other = PROMPT[:100] + [9] * 20
+    prompts = {"a": PROMPT, "b": PROMPT, "c": other}
+    for rid, prompt in prompts.items():
+        e.add_request(GenerationRequest(rid, prompt, MAX_NEW, stop_token_ids=eos))
+    e.disk.wait_prefetch()
+    assert e.disk.stats()["staged_blocks"] == 9
+    assert e.disk.stats()["staged_bytes"] == 9 * per_block
+    outputs = {rid: [] for rid in prompts}
+    while e.has_work:
+        for rid, event in e.step():
+            if event.token_id is not None:
+                outputs[rid].append(event.token_id)
+    assert outputs["a"] == outputs["b"] == expected
+    assert outputs["c"] == greedy_reference(model, other, MAX_NEW, eos)
+    stats = e.disk.stats()
+    assert stats["prefetched_blocks"] == 9 and stats["staged_blocks"] == 0 and stats["staged_bytes"] == 0
+    assert not e.disk._owners and not e.disk._reading_for and e.blocks.leaked_blocks() == []
+    e.close()
+
+
+def test_admission_waits_for_the_read_ahead_while_others_run(tiny, tmp_path):
+    """A request whose prefix is still being read ahead is admitted only once it is staged,
+    while running sequences go on decoding; both outputs are mlx-lm's own."""
+    import threading
+
+    model, eos, expected = tiny
+    stored(model, tmp_path, eos)
+    e = make_engine(model, tmp_path)
+    gate = threading.Event()
+    read_ahead = e.disk._read_ahead
+
+    def held(owner, hashes):
+        gate.wait(30)
+        read_ahead(owner, hashes)
+
+    e.disk._read_ahead = held
+    first = [random.Random(21).randrange(5, 500) for _ in range(20)]
+    e.add_request(GenerationRequest("first", first, 40, stop_token_ids=frozenset()))
+    outputs = {"first": [], "r": []}
+    cached = {}
+
+    def step():
+        for rid, event in e.step():
+            if event.cached_prompt_tokens is not None:
+                cached.setdefault(rid, event.cached_prompt_tokens)
+            if event.token_id is not None:
+                outputs[rid].append(event.token_id)
+
+    step()
+    e.add_request(GenerationRequest("r", PROMPT, MAX_NEW, stop_token_ids=eos))
+    for _ in range(4):
+        step()  # "first" decodes; "r" waits for its read-ahead
+    assert len(outputs["first"]) == 5 and not outputs["r"]
+    assert e.sequences["r"] in e.scheduler.waiting
+    gate.set()
+    e.disk.wait_prefetch()
+    while e.has_work:
+        step()
+    assert outputs["r"] == expected and cached["r"] == 9 * BLOCK
+    assert outputs["first"] == greedy_reference(model, first, 40, frozenset())
+    stats = e.disk.stats()
+    assert stats["prefetched_blocks"] == 9 and stats["staged_blocks"] == 0
+    e.close()
+
+
+def test_unclaimed_staged_blocks_expire(tiny, tmp_path, monkeypatch):
+    from omlx.scheduler import disk_cache
+
+    model, eos, expected = tiny
+    stored(model, tmp_path, eos)
+    e = make_engine(model, tmp_path)
+    e.add_request(GenerationRequest("r", PROMPT, MAX_NEW, stop_token_ids=eos))
+    e.disk.wait_prefetch()
+    assert e.disk.stats()["staged_blocks"] == 9
+    monkeypatch.setattr(disk_cache, "STAGING_TTL_S", 0.0)
+    e.disk.prefetch([bytes(16)], "late")  # any later read-ahead expires what waited too long
+    e.disk.wait_prefetch()
+    stats = e.disk.stats()
+    assert stats["staged_blocks"] == 0 and stats["staged_bytes"] == 0 and stats["prefetch_dropped_blocks"] == 9
+    e.disk.release("late")
+    tokens, cached = [], None
+    while e.has_work:
+        for _, event in e.step():
+            cached = event.cached_prompt_tokens if cached is None else cached
+            if event.token_id is not None:
+                tokens.append(event.token_id)
+    assert tokens == expected and cached == 9 * BLOCK  # read at admission instead
+    assert e.disk.stats()["prefetched_blocks"] == 0 and e.disk.stats()["hit_blocks"] == 9
+    e.close()

@@ -431,6 +431,7 @@ class DiskKVCache:
         if not self.prefetch_enabled or not hashes:
             return
         with self._lock:
+            self._expire_staged()
             self._owners.setdefault(owner, set())
             self._reading_for.add(owner)
         self._read_queue.put((owner, list(hashes)))

@@ -88,9 +88,9 @@ class Scheduler:
         # Admit new sequences while budget, slots and blocks last.
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if self.running and self.blocks.prefetching(seq):
+            if not batch.empty and self.blocks.prefetching(seq):
                 # Its prefix is still being read ahead from disk: admitting it now would
-                # stall every running sequence on those reads.  Next step, then.
+                # stall this step's other sequences on those reads.  A later step, then.
                 break
             hit = self.blocks.match_prefix(seq)
             n = self._prefill_chunk(seq, budget)
