@@ -210,3 +210,44 @@ def test_out_of_kv_memory_is_a_503_in_each_api_shape():
     assert error.anthropic_body()["error"]["type"] == "overloaded_error"
     internal = EngineFailure("boom").api_error()
     assert internal.status == 500 and internal.body()["error"]["code"] == "engine_error"
+
+
+@pytest.mark.parametrize("kv_bits", [None, 4])
+def test_storage_shrink_keeps_the_leading_blocks(kv_bits):
+    layout = KVLayout(num_layers=2, num_kv_heads=2, key_dim=64, value_dim=64, dtype=mx.float32)
+    storage = PagedKVStorage(layout, num_blocks=6, block_size=BLOCK, kv_bits=kv_bits)
+    rows = mx.arange(6 * layout.num_kv_heads * BLOCK)
+    for layer in range(layout.num_layers):
+        keys = mx.random.normal((1, layout.num_kv_heads, 6 * BLOCK, 64), key=mx.random.key(layer))
+        storage.write(layer, keys, -keys, rows)
+    before = [np.array(a) for a in storage.arrays()]
+    storage.shrink(2)
+    after = [np.array(a) for a in storage.arrays()]
+    assert storage.num_blocks == 2 and storage.nbytes == sum(a.nbytes for a in after)
+    for old, new in zip(before, after):
+        np.testing.assert_array_equal(new, old[: old.shape[0] // 3])
+
+
+def test_engine_gives_back_grown_memory_only_when_idle(tiny):
+    model, eos, reference, layout = tiny
+    per_block = block_bytes(layout)
+    engine = LLMEngine(
+        model, EngineConfig(block_size=BLOCK, kv_cache_bytes=64 * per_block, initial_kv_bytes=1), context_window=4096
+    )
+    prompts = [[9 + i] * 40 for i in range(4)]
+    requests = [GenerationRequest(str(i), p, 6, stop_token_ids=eos) for i, p in enumerate(prompts)]
+    run_to_end(engine, requests)
+    grown = engine.storage.num_blocks
+    assert grown > 2 and engine.blocks.num_cached_blocks > 0
+    busy = GenerationRequest("busy", prompts[0] + [3], 4, stop_token_ids=eos)
+    engine.add_request(busy)
+    assert engine.shrink_pool() == 0 and engine.storage.num_blocks == grown  # a request in flight
+    engine.abort("busy")
+    freed = engine.shrink_pool()
+    assert freed == (grown - 2) * per_block and engine.storage.num_blocks == 2
+    assert engine.blocks.num_blocks == 2 and all(b < 2 for b in engine.blocks.hash_to_block.values())
+    # It serves on, growing again as needed, with the same outputs.
+    outputs, _ = run_to_end(engine, [GenerationRequest(f"again{i}", p, 6, stop_token_ids=eos) for i, p in enumerate(prompts)])
+    for i, p in enumerate(prompts):
+        assert outputs[f"again{i}"] == reference(p, 6)
+    assert engine.blocks.leaked_blocks() == []

@@ -282,3 +282,29 @@ async def test_kv_pools_grow_inside_the_shared_budget(model_dir, tmp_path):
     finally:
         await pool.close()
     assert pool.used_bytes == 0
+
+
+async def test_an_idle_models_grown_kv_pool_shrinks_before_any_model_is_evicted(model_dir, tmp_path):
+    from omlx.scheduler import GenerationRequest
+
+    engine_config = EngineConfig(block_size=16, initial_kv_bytes=1, max_num_batched_tokens=64)
+    home = tmp_path / "home"
+    home.mkdir()
+    size = (model_dir / "a" / "model.safetensors").stat().st_size
+    pool = ModelPool([model_dir], engine_config, memory_budget=int(2.3 * size), settings=SettingsStore(home))
+    try:
+        async with pool.lease("a") as a:
+            engine = a.engine.engine
+            for i in range(3):  # distinct prompts: the pool grows to keep their prefixes cached
+                async for _ in a.engine.generate(GenerationRequest(f"r{i}", list(range(10 + 97 * i, 200 + 97 * i)), 4)):
+                    pass
+            grown = engine.storage.nbytes
+            assert engine.pool_growths > 0
+        assert pool.used_bytes + size > pool.memory_budget  # b does not fit beside a's grown pool
+        await use(pool, "b")
+        assert set(pool.loaded) == {"a", "b"} and pool.evictions == 0  # a shrank instead
+        assert engine.storage.num_blocks == engine.initial_blocks and engine.storage.nbytes < grown
+        assert pool.used_bytes == pool.resident("a").memory_bytes + pool.resident("b").memory_bytes
+        assert pool.used_bytes <= pool.memory_budget
+    finally:
+        await pool.close()

@@ -42,6 +42,11 @@ class MemoryLedger:
             self._held[holder] = self._held.get(holder, 0) + nbytes
             return True
 
+    def reduce(self, holder: str, nbytes: int) -> None:
+        """`holder` gave `nbytes` back."""
+        with self._lock:
+            self._held[holder] = max(0, self._held.get(holder, 0) - nbytes)
+
     def release(self, holder: str) -> int:
         """Forget `holder`; returns what it held."""
         with self._lock:

@@ -402,6 +402,8 @@ class ModelPool:
                 f"memory budget of {_gib(self.memory_budget)} (--max-model-memory)"
             )
         while self.used_bytes + needed > self.memory_budget:
+            if await self._shrink_an_idle_kv_pool(for_model):
+                continue  # cached prefixes go before whole models do
             idle = [(r.last_used, model_id) for model_id, r in self._residents.items()
                     if r.leases == 0 and model_id != for_model and not self.is_pinned(model_id)]
             if not idle:
@@ -418,6 +420,27 @@ class ModelPool:
             log.info("evicting %s (least recently used, idle) to make room for %s", victim, for_model)
             self.evictions += 1
             await self._unload(victim)
+
+    async def _shrink_an_idle_kv_pool(self, for_model: str) -> bool:
+        """Shrink the least recently used idle model's grown KV pool back to its initial size
+        (its blocks hold only cached prefixes then); False if no pool could give anything."""
+        candidates = sorted(
+            (r.last_used, model_id) for model_id, r in self._residents.items()
+            if r.leases == 0 and model_id != for_model and isinstance(r.model, LoadedModel)
+            and r.model.engine.engine.storage.num_blocks > r.model.engine.engine.initial_blocks
+        )
+        for _, model_id in candidates:
+            resident = self._residents[model_id]
+            try:
+                freed = await asyncio.wait_for(asyncio.wrap_future(resident.model.engine.shrink_pool()), 60)
+            except Exception as exc:  # a stopped engine, or one too busy to answer
+                log.warning("could not shrink %s's KV pool: %s", model_id, exc)
+                continue
+            if freed:
+                self.ledger.reduce(f"model:{model_id}", freed)
+                log.info("shrank idle %s's KV pool by %s to make room for %s", model_id, _gib(freed), for_model)
+                return True
+        return False
 
     async def unload(self, name: str) -> bool:
         """Unload a resident model now; False if it was not loaded.  Raises ModelBusy while

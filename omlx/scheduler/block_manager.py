@@ -91,6 +91,17 @@ class BlockManager:
             self.free_blocks[block] = None
             self.free_blocks.move_to_end(block, last=False)  # empty: handed out first
 
+    def truncate(self, num_blocks: int) -> None:
+        """Drop the blocks from `num_blocks` on (the pool shrinks): none may be in use; the
+        prefixes they cached are forgotten (the disk tier may still have them)."""
+        dropped = range(num_blocks, self.num_blocks)
+        assert all(self.ref_counts[b] == 0 for b in dropped), "truncating blocks in use"
+        for block in dropped:
+            del self.free_blocks[block]
+            self._evict(block)
+        del self.ref_counts[num_blocks:], self.block_hash[num_blocks:]
+        self.num_blocks = num_blocks
+
     def _make_free(self, needed: int) -> None:
         """Grow the pool, if it can, rather than hand out fewer than `needed` blocks or evict
         cached prefixes: memory the budget allows is better spent keeping them."""

@@ -9,6 +9,7 @@ blocks the event loop, and hands tokens back to each request's asyncio queue.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import logging
 import queue
@@ -93,6 +94,7 @@ class LLMEngine:
         )
         if max_blocks > num_blocks:
             self.blocks.grower = self._grow_pool
+        self.initial_blocks = num_blocks
         self.pool_growths = 0
         self.disk = None
         if config.kv_cache_dir:
@@ -151,6 +153,19 @@ class LLMEngine:
                      self.storage.nbytes / 2**20, (time.perf_counter() - started) * 1e3)
             return True
         return False
+
+    def shrink_pool(self) -> int:
+        """Give back what the pool grew beyond its initial size, if no request is in flight
+        (its blocks then hold only cached prefixes); returns the bytes freed.  Engine thread."""
+        target = self.initial_blocks
+        if self.sequences or self.scheduler.has_work or self.storage.num_blocks <= target:
+            return 0
+        before = self.storage.nbytes
+        self.blocks.truncate(target)
+        self.storage.shrink(target)
+        freed = before - self.storage.nbytes
+        log.info("KV pool shrank to %d blocks (%.0f MiB freed)", target, freed / 2**20)
+        return freed
 
     def kv_stats(self) -> dict:
         return {
@@ -356,7 +371,7 @@ class EngineStats:
     generated_tokens: int = 0
 
 
-_ADD, _ABORT, _STOP = "add", "abort", "stop"
+_ADD, _ABORT, _STOP, _SHRINK = "add", "abort", "stop", "shrink"
 
 
 class AsyncEngine:
@@ -407,6 +422,16 @@ class AsyncEngine:
         self._thread.join(timeout=10)
         self.engine.close()  # pending disk-tier writes land before the process goes
 
+    def shrink_pool(self) -> "concurrent.futures.Future[int]":
+        """Ask the engine thread to shrink an idle pool (see LLMEngine.shrink_pool); the
+        future holds the bytes freed (0 if requests were in flight)."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        if self._stopped or not self._thread.is_alive():
+            done.set_result(0)
+        else:
+            self._send(_SHRINK, done)
+        return done
+
     def _send(self, kind: str, payload) -> None:
         self._inbox.put((kind, payload))
         self._wake.set()
@@ -453,6 +478,12 @@ class AsyncEngine:
                 event = self.engine.abort(payload)
                 if event is not None:
                     events.append((payload, event))
+            elif kind == _SHRINK:
+                try:
+                    payload.set_result(self.engine.shrink_pool())
+                except Exception as exc:
+                    log.exception("shrinking the KV pool failed")
+                    payload.set_exception(exc)
             elif kind == _STOP:
                 self._stopped = True
 

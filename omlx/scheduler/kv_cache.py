@@ -109,6 +109,29 @@ class PagedKVStorage:
         self.num_blocks = num_blocks
         mx.clear_cache()  # the old, smaller arrays' buffers go back to the system
 
+    def shrink(self, num_blocks: int) -> None:
+        """Keep only the first `num_blocks` blocks (the caller made sure nothing past them is
+        in use); the rest of the memory goes back to the system."""
+        if num_blocks >= self.num_blocks:
+            return
+        rows = num_blocks * self.layout.num_kv_heads * self.block_size
+
+        def head(a):
+            return mx.contiguous(a[:rows])  # a copy: a slice would keep the big buffer alive
+
+        for pools in (self.keys, self.values):
+            for i, pool in enumerate(pools):
+                if isinstance(pool, QuantizedRows):
+                    pools[i] = QuantizedRows(*(head(a) for a in pool.parts()),
+                                             group_size=pool.group_size, bits=pool.bits)
+                    mx.eval(pools[i].parts())
+                else:
+                    pools[i] = head(pool)
+                    mx.eval(pools[i])
+                del pool
+        self.num_blocks = num_blocks
+        mx.clear_cache()
+
     @staticmethod
     def _extended(pool, extra_rows: int):
         # mx.pad measured ~2-5x faster than concatenating zeros here (one pass over memory).
