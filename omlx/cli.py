@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="store KV blocks quantized to 4 or 8 bits (default: the model's dtype)")
     serve.add_argument("--kv-group-size", type=int, choices=(32, 64, 128),
                        help="values per quantization scale/bias in KV blocks (64)")
+    serve.add_argument("--quantized-kv-start", type=_non_negative, metavar="TOKENS",
+                       help="with --kv-bits, keep each sequence's KV in the model's dtype until it "
+                            "holds this many tokens, then quantize it (0: from the first token)")
     serve.add_argument("--kv-cache-dir", help="the prefix cache's disk tier: full KV blocks are "
                        "written here and reloaded by later requests, also after a restart "
                        "(default $OMLX_HOME/cache)")
@@ -79,6 +82,16 @@ def _size(text: str) -> int:
         return parse_bytes(text, "--max-model-memory")
     except SettingsError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def _add_discovery_flags(parser: argparse.ArgumentParser) -> None:
@@ -169,6 +182,7 @@ def serve(args, options: dict) -> None:
         max_model_len=options["max_model_len"],
         kv_bits=options["kv_bits"],
         kv_group_size=options["kv_group_size"],
+        quantized_kv_start=options["quantized_kv_start"],
         kv_cache_dir=(str(Path(options["kv_cache_dir"] or omlx_home() / "cache").expanduser())
                       if options["kv_disk"] and options["prefix_cache"] else None),
         kv_disk_bytes=int(options["kv_disk_gb"] * 2**30),

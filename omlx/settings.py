@@ -136,6 +136,22 @@ def _optional_positive(value, field: str, types=_NUMBER):
     return value
 
 
+def _optional_non_negative_int(value, field: str):
+    if value is None:
+        return None
+    _check_type(value, (int,), field)
+    if value < 0:
+        raise SettingsError(f"'{field}' must be 0 or more, got {value}", field)
+    return value
+
+
+def _non_negative_int_text(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _model_type(value, field="model_type"):
     if value is not None and value not in MODEL_TYPES:
         raise SettingsError(f"'{field}' must be one of {', '.join(MODEL_TYPES)}, got {value!r}", field)
@@ -168,6 +184,8 @@ MODEL_KEYS: dict[str, Callable] = {
     "kv_cache_gb": _optional_positive,
     "kv_bits": lambda v, f: _kv_bits(v, f),
     "kv_group_size": lambda v, f: _optional_positive(v, f, (int,)),
+    # With kv_bits: tokens each sequence keeps in the model's dtype before its KV is quantized.
+    "quantized_kv_start": _optional_non_negative_int,
 }
 
 
@@ -191,6 +209,7 @@ GLOBAL_KEYS: dict[str, Callable] = {
     "block_size": lambda v, f: _optional_positive(v, f, (int,)),
     "kv_bits": lambda v, f: _optional_positive(v, f, (int,)),
     "kv_group_size": lambda v, f: _optional_positive(v, f, (int,)),
+    "quantized_kv_start": _optional_non_negative_int,
     "kv_cache_dir": _typed(str),
     "kv_disk_gb": _optional_positive,
     "kv_disk": _typed(bool),
@@ -459,6 +478,9 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     # KV_BITS / KV_GROUP_SIZE (mlx-vlm): store KV blocks quantized.
     Option("kv_bits", ("OMLX_KV_BITS", "KV_BITS"), int),
     Option("kv_group_size", ("OMLX_KV_GROUP_SIZE", "KV_GROUP_SIZE"), int, 64),
+    # QUANTIZED_KV_START (mlx-vlm / mlx-lm's --quantized-kv-start): with kv_bits, a sequence's
+    # KV stays in the model's dtype until it holds this many tokens (0: quantized from the first).
+    Option("quantized_kv_start", ("OMLX_QUANTIZED_KV_START", "QUANTIZED_KV_START"), _non_negative_int_text, 0),
     # The prefix cache's disk tier (default $OMLX_HOME/cache), its size cap, and its switch.
     Option("kv_cache_dir", ("OMLX_KV_CACHE_DIR",), str),
     Option("kv_disk_gb", ("OMLX_KV_DISK_GB",), float, 10.0),
@@ -472,12 +494,6 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     Option("preload", ("OMLX_PRELOAD_MODEL", "PRELOAD_MODEL"), lambda t: [m for m in t.split(",") if m]),
     Option("preload_adapter", ("OMLX_PRELOAD_ADAPTER", "PRELOAD_ADAPTER"), str),
 )
-
-# mlx-vlm env names with no meaning here: accepted so scripts written for it keep working,
-# and said to be ignored instead of pretending.  (Paged blocks are quantized from the first
-# token, so there is no start threshold.)
-UNIMPLEMENTED_ENV = ("QUANTIZED_KV_START",)
-
 
 def resolve_server_options(cli: Mapping[str, Any], env: Mapping[str, str], file: Mapping[str, Any]) -> dict:
     """CLI value (when given) > env var > settings.json > default, for every server option.
@@ -501,8 +517,4 @@ def resolve_server_options(cli: Mapping[str, Any], env: Mapping[str, str], file:
             resolved[option.key] = file[option.key]
             continue
         resolved[option.key] = option.default
-    for name in UNIMPLEMENTED_ENV:
-        if env.get(name):
-            log.warning("%s=%s is accepted but ignored: with --kv-bits, KV blocks are quantized "
-                        "from the first token", name, env[name])
     return resolved

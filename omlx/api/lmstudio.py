@@ -35,7 +35,7 @@ def lmstudio_model(pool: ModelPool, info: DiscoveredModel) -> dict:
             config.update({
                 "eval_batch_size": core.config.max_num_batched_tokens,
                 "max_concurrent_predictions": core.config.max_num_seqs,
-                "kv_cache_bytes": core.storage.nbytes,
+                "kv_cache_bytes": core.kv_bytes,
             })
         instances.append({"id": info.model_id, "config": config})
     return {

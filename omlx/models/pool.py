@@ -71,7 +71,7 @@ class LoadedModel:
 
     @property
     def memory_bytes(self) -> int:
-        return self.weights_bytes + self.engine.engine.storage.nbytes
+        return self.weights_bytes + self.engine.engine.kv_bytes
 
     def shutdown(self) -> None:
         self.engine.shutdown()
@@ -139,12 +139,15 @@ def estimate_kv_bytes(config: dict, engine: EngineConfig) -> int:
 
 
 def engine_config_for(base: EngineConfig, settings: dict) -> EngineConfig:
-    """The server's engine settings with this model's own KV quantization, if it sets one."""
+    """The server's engine settings with this model's own KV quantization (bits, group size,
+    quantized_kv_start) and KV cap, where it sets them."""
     overrides = {}
     if settings.get("kv_bits") is not None:
         overrides["kv_bits"] = settings["kv_bits"] or None
     if settings.get("kv_group_size") is not None:
         overrides["kv_group_size"] = settings["kv_group_size"]
+    if settings.get("quantized_kv_start") is not None:
+        overrides["quantized_kv_start"] = settings["quantized_kv_start"]
     if settings.get("kv_cache_gb") is not None:
         overrides["kv_cache_bytes"] = int(settings["kv_cache_gb"] * 2**30)
     return dataclasses.replace(base, **overrides) if overrides else base
@@ -427,7 +430,7 @@ class ModelPool:
         candidates = sorted(
             (r.last_used, model_id) for model_id, r in self._residents.items()
             if r.leases == 0 and model_id != for_model and isinstance(r.model, LoadedModel)
-            and r.model.engine.engine.storage.num_blocks > r.model.engine.engine.initial_blocks
+            and r.model.engine.engine.pool_grown
         )
         for _, model_id in candidates:
             resident = self._residents[model_id]

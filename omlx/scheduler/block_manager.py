@@ -228,6 +228,44 @@ class BlockManager:
             seq.block_table.append(block)
         return True
 
+    def adopt(self, token_ids: list[int], num_tokens: int) -> tuple[list[int], list[bytes], list[int]] | None:
+        """Blocks in this pool for the first `num_tokens` tokens of a sequence whose KV another
+        pool holds (`--quantized-kv-start`: a float sequence moving to the quantized pool).
+
+        Leading full blocks this pool already caches under the same prefix are shared; the
+        rest are fresh, for the caller to fill.  Returns (block table, hashes of the shared
+        blocks, indices in the table of the fresh blocks), or None - taking nothing - when the
+        pool cannot hold them.
+        """
+        bs = self.block_size
+        total = -(-num_tokens // bs)
+        shared: list[int] = []
+        hashes: list[bytes] = []
+        parent = self.scope
+        for i in range(num_tokens // bs if self.prefix_cache else 0):
+            h = hash_block(parent, token_ids[i * bs : (i + 1) * bs])
+            block = self.hash_to_block.get(h)
+            if block is None:
+                break
+            shared.append(block)
+            hashes.append(h)
+            parent = h
+        fresh = total - len(shared)
+        # Shared blocks nobody references sit in the free list: taking them uses it up too.
+        needed = fresh + sum(1 for b in shared if self.ref_counts[b] == 0)
+        self._make_free(needed)
+        if needed > len(self.free_blocks):
+            return None
+        for block in shared:
+            self._acquire(block)
+        table = list(shared)
+        for _ in range(fresh):
+            block, _ = self.free_blocks.popitem(last=False)
+            self._evict(block)
+            self.ref_counts[block] = 1
+            table.append(block)
+        return table, hashes, list(range(len(shared), total))
+
     def fork(self, parent: Sequence, child: Sequence, num_computed: int) -> None:
         """Give a fresh `child` the parent's full blocks among its first `num_computed` tokens
         (n > 1 completions of one prompt).  Only full blocks are shared: the partial last one

@@ -53,6 +53,11 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's own context window
     kv_bits: int | None = None  # 4 or 8: store KV blocks quantized (mx.quantize layout)
     kv_group_size: int = 64
+    # With kv_bits: keep a sequence's KV in the model's dtype until this many of its tokens
+    # are computed, then quantize it (mlx-lm's --quantized-kv-start).  0: quantized from the
+    # first token.  Above 0 the engine keeps a second, float pool for those sequences.
+    quantized_kv_start: int = 0
+    num_float_blocks: int | None = None  # a fixed float pool of this many blocks (tests)
     # The prefix cache's disk tier: full blocks are also written under this directory
     # (one subdirectory per model identity) and loaded back by later requests, also after a
     # restart.  None turns it off.
@@ -80,35 +85,64 @@ class LLMEngine:
         layout = KVLayout.probe(model)
         block_size = config.block_size
         kv_bits, group_size = quantization_for(layout, config.kv_bits, config.kv_group_size)
+        self.quantized_kv_start = config.quantized_kv_start if kv_bits is not None else 0
+        if config.quantized_kv_start and kv_bits is None:
+            log.info("quantized_kv_start=%d has no effect: the KV cache is not quantized", config.quantized_kv_start)
+        if self.quantized_kv_start < 0:
+            raise ValueError(f"quantized_kv_start must be >= 0, got {self.quantized_kv_start}")
+        two_pools = self.quantized_kv_start > 0
+        initial_bytes = config.initial_kv_bytes
         if config.num_blocks:
             num_blocks = max_blocks = config.num_blocks
         else:
             cap = config.kv_cache_bytes or default_kv_cache_bytes(parameter_bytes(model))
+            if two_pools:
+                # The float pool only ever holds sequences' first `quantized_kv_start` tokens:
+                # at most that for every sequence slot (plus cached prefixes), and never more
+                # than half the cap; the quantized pool may grow to the rest.  The two start
+                # at half the usual initial size each.
+                float_bpb = PagedKVStorage.bytes_per_token(layout) * block_size
+                slots = config.max_num_seqs * -(-self.quantized_kv_start // block_size) + 1
+                float_cap = min(cap // 2, slots * float_bpb)
+                cap -= float_cap
+                initial_bytes //= 2
             max_blocks = PagedKVStorage.blocks_for_budget(layout, block_size, cap, kv_bits, group_size)
             num_blocks = min(max_blocks, PagedKVStorage.blocks_for_budget(
-                layout, block_size, config.initial_kv_bytes, kv_bits, group_size
+                layout, block_size, initial_bytes, kv_bits, group_size
             ))
         self.storage = PagedKVStorage(layout, num_blocks, block_size, kv_bits, group_size)
+        # With two pools the main (quantized) pool's prefix hashes are scoped by the threshold:
+        # its blocks past it were computed reading quantized KV, so they differ from blocks of
+        # the same tokens in an engine that quantizes from another point.
+        main_scope = (scope or b"omlx") + (b"|quantized_kv_start=%d" % self.quantized_kv_start if two_pools else b"")
         self.blocks = BlockManager(
-            num_blocks, block_size, scope=scope or b"omlx", prefix_cache=config.prefix_cache, max_blocks=max_blocks
+            num_blocks, block_size, scope=main_scope, prefix_cache=config.prefix_cache, max_blocks=max_blocks
         )
         if max_blocks > num_blocks:
             self.blocks.grower = self._grow_pool
         self.initial_blocks = num_blocks
-        self.pool_growths = 0
-        self.disk = None
-        if config.kv_cache_dir:
-            try:
-                self.disk = DiskKVCache(
-                    config.kv_cache_dir, scope or weights_fingerprint(model), self.storage, config.kv_disk_bytes,
-                    label=label,  # the model's name in the disk tier: its older identities are removed
-                )
-            except OSError as exc:
-                log.warning("KV disk cache disabled: %s", exc)
+        self.float_storage: PagedKVStorage | None = None
+        self.float_blocks: BlockManager | None = None
+        self.initial_float_blocks = 0
+        if two_pools:
+            if config.num_blocks:
+                float_blocks = max_float_blocks = config.num_float_blocks or config.num_blocks
             else:
-                self.blocks.disk = self.disk
-                log.info("KV disk cache: %s (%d blocks, cap %.1f GiB)", self.disk.dir,
-                         self.disk.num_blocks, config.kv_disk_bytes / 2**30)
+                max_float_blocks = PagedKVStorage.blocks_for_budget(layout, block_size, float_cap)
+                float_blocks = min(max_float_blocks, PagedKVStorage.blocks_for_budget(layout, block_size, initial_bytes))
+            self.float_storage = PagedKVStorage(layout, float_blocks, block_size)
+            self.initial_float_blocks = float_blocks
+            self.float_blocks = BlockManager(
+                float_blocks, block_size, scope=scope or b"omlx", prefix_cache=config.prefix_cache,
+                max_blocks=max_float_blocks,
+            )
+            if max_float_blocks > float_blocks:
+                self.float_blocks.grower = self._grow_float_pool
+        self.pool_growths = 0
+        self.disk = self._open_disk(model, scope, label, self.storage, self.blocks, suffix=main_scope[len(scope or b"omlx"):])
+        self.float_disk = None
+        if two_pools:
+            self.float_disk = self._open_disk(model, scope, label, self.float_storage, self.float_blocks, suffix=b"")
         self.max_model_len = min(config.max_model_len or context_window, context_window)
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -117,6 +151,9 @@ class LLMEngine:
                 max_model_len=self.max_model_len,
             ),
             self.blocks,
+            float_blocks=self.float_blocks,
+            quantized_kv_start=self.quantized_kv_start,
+            copy_blocks=self._quantize_blocks if two_pools else None,
         )
         self.runner = ModelRunner(model, self.storage)
         self.sampler = Sampler()
@@ -129,51 +166,135 @@ class LLMEngine:
             layout.num_layers, layout.dtype,
             f", quantized to {kv_bits} bits (groups of {group_size})" if kv_bits else "",
         )
+        if two_pools:
+            log.info(
+                "KV kept in %s for each sequence's first %d tokens: float pool of %d blocks (%.1f MiB%s)",
+                layout.dtype, self.quantized_kv_start, self.float_blocks.num_blocks,
+                self.float_storage.nbytes / 2**20,
+                f", may grow to {self.float_blocks.max_blocks} blocks" if self.float_blocks.max_blocks > self.float_blocks.num_blocks else "",
+            )
+
+    def _open_disk(self, model, scope: bytes, label: str | None, storage, blocks, suffix: bytes):
+        """The disk tier of one pool (None if off or unavailable).  The quantized pool of a
+        two-pool engine gets its own label, so that neither pool's directory counts as the
+        other's outdated identity."""
+        config = self.config
+        if not config.kv_cache_dir:
+            return None
+        if suffix and label:
+            label = f"{label} ({suffix.decode().lstrip('|')})"
+        try:
+            disk = DiskKVCache(
+                config.kv_cache_dir, (scope or weights_fingerprint(model)) + suffix, storage, config.kv_disk_bytes,
+                label=label,  # the model's name in the disk tier: its older identities are removed
+            )
+        except OSError as exc:
+            log.warning("KV disk cache disabled: %s", exc)
+            return None
+        blocks.disk = disk
+        log.info("KV disk cache: %s (%d blocks, cap %.1f GiB)", disk.dir, disk.num_blocks, config.kv_disk_bytes / 2**30)
+        return disk
+
+    def _quantize_blocks(self, src: list[int], dst: list[int]) -> None:
+        """A float sequence reached quantized_kv_start: its float blocks, quantized, into the main pool."""
+        self.storage.copy_blocks_from(self.float_storage, src, dst)
 
     # ------------------------------------------------------------------ KV memory
     @property
     def max_kv_bytes(self) -> int:
-        return self.blocks.max_blocks * self.storage.bytes_per_block
+        total = self.blocks.max_blocks * self.storage.bytes_per_block
+        if self.float_blocks is not None:
+            total += self.float_blocks.max_blocks * self.float_storage.bytes_per_block
+        return total
 
-    def _grow_pool(self, needed: int) -> bool:
+    @property
+    def kv_bytes(self) -> int:
+        """The KV memory held now (both pools with quantized_kv_start)."""
+        if self.float_storage is None:
+            return self.storage.nbytes
+        return self.storage.nbytes + self.float_storage.nbytes
+
+    def _grow_pool(self, needed: int, storage: PagedKVStorage | None = None, blocks: BlockManager | None = None) -> bool:
         """Add at least `needed` blocks to the pool: double it if the budget allows, else
         just what is needed.  Runs on the engine thread between steps."""
-        current = self.storage.num_blocks
-        room = self.blocks.max_blocks - current
+        storage = storage or self.storage
+        blocks = blocks or self.blocks
+        current = storage.num_blocks
+        room = blocks.max_blocks - current
         if room <= 0:
             return False
         for extra in dict.fromkeys((min(room, max(current, needed)), min(room, needed))):
-            if self.kv_budget is not None and not self.kv_budget(extra * self.storage.bytes_per_block):
+            if self.kv_budget is not None and not self.kv_budget(extra * storage.bytes_per_block):
                 continue
             started = time.perf_counter()
-            self.storage.grow(current + extra)
-            self.blocks.add_blocks(extra)
+            storage.grow(current + extra)
+            blocks.add_blocks(extra)
             self.pool_growths += 1
-            log.info("KV pool grew %d -> %d blocks (%.0f MiB) in %.0f ms", current, current + extra,
-                     self.storage.nbytes / 2**20, (time.perf_counter() - started) * 1e3)
+            log.info("KV %spool grew %d -> %d blocks (%.0f MiB) in %.0f ms",
+                     "float " if storage is self.float_storage else "", current, current + extra,
+                     storage.nbytes / 2**20, (time.perf_counter() - started) * 1e3)
             return True
         return False
 
+    def _grow_float_pool(self, needed: int) -> bool:
+        return self._grow_pool(needed, self.float_storage, self.float_blocks)
+
+    @property
+    def pool_grown(self) -> bool:
+        """Whether a pool is bigger than it started (so `shrink_pool` has something to give)."""
+        if self.storage.num_blocks > self.initial_blocks:
+            return True
+        return self.float_storage is not None and self.float_storage.num_blocks > self.initial_float_blocks
+
     def shrink_pool(self) -> int:
-        """Give back what the pool grew beyond its initial size, if no request is in flight
-        (its blocks then hold only cached prefixes); returns the bytes freed.  Engine thread."""
-        target = self.initial_blocks
-        if self.sequences or self.scheduler.has_work or self.storage.num_blocks <= target:
+        """Give back what the pools grew beyond their initial sizes, if no request is in
+        flight (their blocks then hold only cached prefixes); returns the bytes freed.
+        Engine thread."""
+        if self.sequences or self.scheduler.has_work:
             return 0
-        before = self.storage.nbytes
-        self.blocks.truncate(target)
-        self.storage.shrink(target)
-        freed = before - self.storage.nbytes
-        log.info("KV pool shrank to %d blocks (%.0f MiB freed)", target, freed / 2**20)
+        freed = 0
+        pools = [(self.storage, self.blocks, self.initial_blocks)]
+        if self.float_storage is not None:
+            pools.append((self.float_storage, self.float_blocks, self.initial_float_blocks))
+        for storage, blocks, target in pools:
+            if storage.num_blocks <= target:
+                continue
+            before = storage.nbytes
+            blocks.truncate(target)
+            storage.shrink(target)
+            freed += before - storage.nbytes
+        if freed:
+            log.info("KV pool shrank to its initial size (%.0f MiB freed)", freed / 2**20)
         return freed
 
     def kv_stats(self) -> dict:
-        return {
-            **self.blocks.stats(),
-            "bytes": self.storage.nbytes,
-            "max_bytes": self.max_kv_bytes,
-            "growths": self.pool_growths,
+        if self.float_blocks is None:
+            return {
+                **self.blocks.stats(),
+                "bytes": self.storage.nbytes,
+                "max_bytes": self.max_kv_bytes,
+                "growths": self.pool_growths,
+            }
+        # Two pools: the top-level counts are both pools' together; `pools` has each.
+        pools = {
+            "float": {**self.float_blocks.stats(), "bytes": self.float_storage.nbytes,
+                      "max_bytes": self.float_blocks.max_blocks * self.float_storage.bytes_per_block},
+            "quantized": {**self.blocks.stats(), "bytes": self.storage.nbytes,
+                          "max_bytes": self.blocks.max_blocks * self.storage.bytes_per_block},
         }
+        out = dict(pools["quantized"])
+        out.pop("disk", None)
+        for key in ("total_blocks", "max_blocks", "free_blocks", "used_blocks", "cached_blocks",
+                    "prefix_cache_query_tokens", "prefix_cache_hit_tokens"):
+            out[key] = pools["float"][key] + pools["quantized"][key]
+        queries = out["prefix_cache_query_tokens"]
+        out["prefix_cache_hit_rate"] = out["prefix_cache_hit_tokens"] / queries if queries else 0.0
+        if self.disk is not None:
+            out["disk"] = pools["quantized"]["disk"]
+        out.update(bytes=self.kv_bytes, max_bytes=self.max_kv_bytes, growths=self.pool_growths,
+                   quantized_kv_start=self.quantized_kv_start, migrations=self.scheduler.num_migrations,
+                   pools=pools)
+        return out
 
     # ------------------------------------------------------------------ requests
     def check(self, request: GenerationRequest) -> None:
@@ -186,7 +307,19 @@ class LLMEngine:
                 f"the prompt has {n} tokens, but this model's context window is "
                 f"{self.max_model_len} tokens (and at least one must be left to generate)"
             )
-        total_blocks = -(-min(n + request.max_tokens, self.max_model_len) // self.blocks.block_size)
+        total_tokens = min(n + request.max_tokens, self.max_model_len)
+        total_blocks = -(-total_tokens // self.blocks.block_size)
+        if self.float_blocks is not None:
+            # Its first quantized_kv_start tokens in the float pool, all of them in the
+            # quantized one once past that.
+            float_blocks = -(-min(total_tokens, self.quantized_kv_start) // self.blocks.block_size)
+            if float_blocks > self.float_blocks.max_usable_blocks:
+                raise RequestRejected(
+                    f"the request needs {float_blocks} float KV blocks, more than the whole float "
+                    f"KV pool ({self.float_blocks.max_usable_blocks} blocks of {self.blocks.block_size} tokens)"
+                )
+            if total_tokens <= self.quantized_kv_start:
+                return
         if total_blocks > self.blocks.max_usable_blocks:
             raise RequestRejected(
                 f"the request needs {total_blocks} KV blocks, more than the whole KV cache "
@@ -200,7 +333,12 @@ class LLMEngine:
         seq = Sequence(request)
         self.sequences[request.request_id] = seq
         self.scheduler.add(seq)
-        self.blocks.prefetch(seq)  # the disk tier reads its prefix ahead while it waits
+        # The disk tier reads its prefix ahead while it waits (with two pools: from the pool
+        # its prefix will come from).
+        if self.float_blocks is None or len(seq.token_ids) > self.quantized_kv_start:
+            self.blocks.prefetch(seq)
+        if self.float_blocks is not None:
+            self.float_blocks.prefetch(seq)
 
     def abort(self, request_id: str) -> TokenEvent | None:
         seq = self.sequences.pop(request_id, None)
@@ -217,22 +355,25 @@ class LLMEngine:
     # ------------------------------------------------------------------ the step
     def step(self) -> list[tuple[str, TokenEvent]]:
         batch = self.scheduler.schedule()
-        if self.scheduler.out_of_memory:
-            return self._out_of_memory()
+        # Requests that can never get their blocks end here (the batch is empty then, unless
+        # a float sequence found the quantized pool too small for it: the rest still run).
+        ended = self._out_of_memory() if self.scheduler.out_of_memory else []
         if batch.empty:
-            return []
+            return ended
         events: list[tuple[Sequence, TokenEvent]] = []
         for group in prefill_groups(batch.prefills):
-            seqs = [s for s, _ in group]
-            counts = [n for _, n in group]
-            finishing = [s.num_computed_tokens + n == s.num_tokens for s, n in group]
-            events += self._run(seqs, counts, finishing)
-            self.stats.prefill_tokens += sum(counts)
+            for part, float_rows in self._by_pool(group):
+                seqs = [s for s, _ in part]
+                counts = [n for _, n in part]
+                finishing = [s.num_computed_tokens + n == s.num_tokens for s, n in part]
+                events += self._run(seqs, counts, finishing, float_rows)
+                self.stats.prefill_tokens += sum(counts)
         if batch.decodes:
-            n = len(batch.decodes)
-            events += self._run(batch.decodes, [1] * n, [True] * n)
+            for part, float_rows in self._by_pool([(s, 1) for s in batch.decodes]):
+                n = len(part)
+                events += self._run([s for s, _ in part], [1] * n, [True] * n, float_rows)
         self.stats.steps += 1
-        out = []
+        out = ended
         for seq, event in events:
             if event.token_id is not None:
                 self.stats.generated_tokens += 1
@@ -241,8 +382,29 @@ class LLMEngine:
             out.append((seq.request_id, event))
         return out
 
-    def _run(self, seqs: list[Sequence], counts: list[int], want: list[bool]):
-        logits = self.runner.forward(seqs, counts, want)
+    def _by_pool(self, rows: list[tuple[Sequence, int]]):
+        """With two pools: a pass's rows, float-pool rows first, and how many those are (one
+        pass serves both pools when the model's attention is routed to the cache; else one
+        pass per pool).  Returns [(rows, how many of them are float rows)]."""
+        if self.float_blocks is None:
+            return [(rows, 0)]
+        floats = [r for r in rows if r[0].in_float_pool]
+        if not floats:
+            return [(rows, 0)]
+        if len(floats) == len(rows):
+            return [(rows, len(rows))]
+        rest = [r for r in rows if not r[0].in_float_pool]
+        if self.runner.hooked:
+            return [(floats + rest, len(floats))]
+        return [(floats, len(floats)), (rest, 0)]
+
+    def _run(self, seqs: list[Sequence], counts: list[int], want: list[bool], float_rows: int = 0):
+        if float_rows == len(seqs):
+            logits = self.runner.forward(seqs, counts, want, self.float_storage)
+        elif float_rows:
+            logits = self.runner.forward(seqs, counts, want, float_storage=self.float_storage, float_rows=float_rows)
+        else:
+            logits = self.runner.forward(seqs, counts, want)
         sampled: dict[int, int] = {}
         siblings: list[Sequence] = []
         if logits is not None:
@@ -279,8 +441,9 @@ class LLMEngine:
 
     def close(self) -> None:
         """Flush the disk tier's pending writes (graceful shutdown)."""
-        if self.disk is not None:
-            self.disk.close()
+        for disk in (self.disk, self.float_disk):
+            if disk is not None:
+                disk.close()
 
     def fail_all(self, message: str) -> list[tuple[str, TokenEvent]]:
         """After an internal error: end every request with an error, releasing its blocks."""

@@ -193,6 +193,32 @@ class PagedKVStorage:
                 pool.scales[rows] = scales
                 pool.biases[rows] = biases
 
+    def copy_blocks_from(self, source: "PagedKVStorage", src_blocks: list[int], dst_blocks: list[int]) -> None:
+        """Copy whole blocks of another pool of the same model into this one, quantizing
+        float rows on the way when this pool is quantized (`--quantized-kv-start`: a
+        sequence's float blocks moving to the quantized pool).  Row for row this is
+        mlx-lm's `KVCache.to_quantized`: `mx.quantize` along the head dim."""
+        if not src_blocks:
+            return
+        rows_per_block = self.layout.num_kv_heads * self.block_size
+        within = mx.arange(rows_per_block, dtype=mx.int32)[None, :]
+        src = (mx.array(src_blocks, dtype=mx.int32)[:, None] * rows_per_block + within).reshape(-1)
+        dst = (mx.array(dst_blocks, dtype=mx.int32)[:, None] * rows_per_block + within).reshape(-1)
+        for layer in range(self.layout.num_layers):
+            for pool, other in ((self.keys[layer], source.keys[layer]), (self.values[layer], source.values[layer])):
+                if isinstance(other, QuantizedRows):
+                    raise ValueError("blocks are only copied out of a float pool")
+                flat = other[src]
+                if self.kv_bits is None:
+                    pool[dst] = flat
+                else:
+                    packed, scales, biases = mx.quantize(flat, group_size=self.group_size, bits=self.kv_bits)
+                    pool.packed[dst] = packed
+                    pool.scales[dst] = scales
+                    pool.biases[dst] = biases
+        # Not evaluated here: the step's forward pass evaluates the pool (with every other
+        # sequence's copies of this step), and a disk-tier snapshot evaluates what it reads.
+
     def arrays(self) -> list[mx.array]:
         pools = self.keys + self.values
         if self.kv_bits is None:
@@ -358,6 +384,35 @@ class PagedLayerCache:
         if batch.cascade is not None:
             return cascade_decode_attention(queries, pool_k, pool_v, batch.cascade, storage.block_size, scale)
         return gathered_attention(queries, pool_k, pool_v, batch.tiles, batch.mask, storage.block_size, scale)
+
+
+class TwoPoolLayerCache(PagedLayerCache):
+    """One layer's cache for a pass whose first rows keep their KV in the float pool and the
+    rest in the quantized one (`--quantized-kv-start`): each part writes and attends its own
+    pool, so one forward pass - one read of the weights - serves both.  Needs the attention
+    hook: the model never sees gathered keys of two widths."""
+
+    def __init__(self, first: PagedLayerCache, rest: PagedLayerCache, split: int, offsets: mx.array):
+        self.first, self.rest, self.split, self.offsets = first, rest, split, offsets
+
+    @property
+    def offset(self) -> mx.array:
+        return self.offsets
+
+    def make_mask(self, N: int, return_array: bool = False, window_size=None):
+        if window_size is not None:
+            raise ValueError("sliding-window attention is not supported by the paged cache")
+        return None
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        k = self.split
+        self.first.update_and_fetch(keys[:k], values[:k])
+        self.rest.update_and_fetch(keys[k:], values[k:])
+        return keys, values
+
+    def attention(self, queries: mx.array, scale: float) -> mx.array:
+        k = self.split
+        return mx.concatenate([self.first.attention(queries[:k], scale), self.rest.attention(queries[k:], scale)])
 
 
 def install_attention_hook(model) -> bool:

@@ -9,7 +9,7 @@ import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
 from .block_manager import SCRATCH_BLOCK
-from .kv_cache import BatchLayout, PagedKVStorage, PagedLayerCache, install_attention_hook
+from .kv_cache import BatchLayout, PagedKVStorage, PagedLayerCache, TwoPoolLayerCache, install_attention_hook
 from .sequence import Sequence
 
 log = logging.getLogger("omlx.runner")
@@ -54,13 +54,19 @@ class ModelRunner:
         self.hooked = install_attention_hook(model)
 
     def forward(
-        self, seqs: list[Sequence], num_new_tokens: list[int], want_logits: list[bool]
+        self, seqs: list[Sequence], num_new_tokens: list[int], want_logits: list[bool],
+        storage: PagedKVStorage | None = None, float_storage: PagedKVStorage | None = None,
+        float_rows: int = 0,
     ) -> mx.array | None:
         """Feed each sequence its next `num_new_tokens` tokens, store their KV in the pool,
         and return logits `(n, vocab)` at the last new token of the rows in `want_logits`.
 
         Rows are right-padded to the longest; padded tokens write to the scratch block.
+        With `float_rows` (`--quantized-kv-start`, a hooked model), the first `float_rows`
+        rows keep their KV in `float_storage`, the rest in `storage`: one pass, two pools.
         """
+        if storage is None:  # else the engine's float pool, for its float rows
+            storage = self.storage
         bs = self.block_size
         batch = len(seqs)
         length = max(num_new_tokens)
@@ -81,9 +87,26 @@ class ModelRunner:
             token_blocks[row, :n] = tables[row, positions // bs]
             token_offsets[row, :n] = positions % bs
 
-        heads = self.storage.layout.num_kv_heads
-        layout = BatchLayout.build(offsets, token_blocks, token_offsets, tables, heads, bs, self.hooked)
-        caches = [PagedLayerCache(self.storage, i, layout) for i in range(self.storage.layout.num_layers)]
+        heads = storage.layout.num_kv_heads
+        num_layers = storage.layout.num_layers
+        if 0 < float_rows < batch:
+            assert self.hooked, "rows of two pools share a pass only when attention is routed to the cache"
+            parts = []
+            for rows_of in (slice(0, float_rows), slice(float_rows, batch)):
+                width = max(len(s.block_table) for s in seqs[rows_of])  # trim the other part's padding
+                parts.append(BatchLayout.build(offsets[rows_of], token_blocks[rows_of], token_offsets[rows_of],
+                                               tables[rows_of, :width], heads, bs, True))
+            all_offsets = mx.array(offsets, dtype=mx.int32)
+            caches = [
+                TwoPoolLayerCache(PagedLayerCache(float_storage, i, parts[0]), PagedLayerCache(storage, i, parts[1]),
+                                  float_rows, all_offsets)
+                for i in range(num_layers)
+            ]
+            written = float_storage.arrays() + storage.arrays()
+        else:
+            layout = BatchLayout.build(offsets, token_blocks, token_offsets, tables, heads, bs, self.hooked)
+            caches = [PagedLayerCache(storage, i, layout) for i in range(num_layers)]
+            written = storage.arrays()
         inputs = mx.array(tokens)
         rows = [r for r, want in enumerate(want_logits) if want]
         if self.split is not None:
@@ -95,7 +118,7 @@ class ModelRunner:
             logits = self._last_positions(out, rows, num_new_tokens) if rows else None
         if logits is not None:
             logits = logits.astype(mx.float32)
-        mx.eval(*(x for x in (logits,) if x is not None), self.storage.arrays())
+        mx.eval(*(x for x in (logits,) if x is not None), written)
         return logits
 
     @staticmethod

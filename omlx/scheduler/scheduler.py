@@ -6,11 +6,22 @@ first, then new arrivals in order).  A long prompt therefore delays the others b
 one chunk.  When the pool has no block for a decode, the most recently admitted sequence
 is preempted: its blocks are released (its full ones stay in the prefix cache) and it goes
 back to the front of the queue, to be recomputed - mostly from the cache - later.
+
+With `--kv-bits` and `--quantized-kv-start N` there are two pools: a sequence's KV stays in
+a float pool until N of its tokens are computed, then moves, whole, to the quantized pool
+(mlx-lm's `maybe_quantize_kv_cache`).  The move is made at exactly N computed tokens: prefill
+chunks of a float sequence stop there, and the move happens before the next step.  Where the
+KV changes form is then a property of the sequence, not of how its prompt happened to be
+chunked in a batch, so the tokens are the same whatever else runs (mlx-lm itself converts
+after its prefill chunk or decode step that crosses N, which for a prompt longer than N is
+later than token N).  A request whose cached quantized prefix already covers N tokens starts
+in the quantized pool directly.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
@@ -37,9 +48,23 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
+    def __init__(
+        self, config: SchedulerConfig, blocks: BlockManager,
+        float_blocks: BlockManager | None = None, quantized_kv_start: int = 0,
+        copy_blocks: Callable[[list[int], list[int]], None] | None = None,
+    ):
         self.config = config
         self.blocks = blocks
+        # The float pool for sequences under `quantized_kv_start` tokens (None: one pool), and
+        # how blocks are copied (quantized) from it into the main pool, given by the engine.
+        self.float_blocks = float_blocks
+        self.quantized_kv_start = quantized_kv_start
+        self.copy_blocks = copy_blocks
+        self.num_migrations = 0
+        # This step's moves, copied together (one scatter per pool array, not one per
+        # sequence) before anything can reuse the float blocks they come from.
+        self._copies: tuple[list[int], list[int]] = ([], [])
+        self._moved: list[Sequence] = []
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -54,18 +79,24 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def pool_of(self, seq: Sequence) -> BlockManager:
+        return self.float_blocks if seq.in_float_pool else self.blocks
+
     # ------------------------------------------------------------------ schedule
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
+        if self.float_blocks is not None:
+            self._migrate_running()
 
         # Decodes: one token each, in admission order, preempting from the back when full.
         decoders = [s for s in self.running if not s.is_prefilling]
         for seq in decoders:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted below while making room for an earlier sequence
-            while not self.blocks.allocate(seq, 1):
-                victim = self._pick_victim(exclude=seq, scheduled=batch.decodes)
+            pool = self.pool_of(seq)
+            while not pool.allocate(seq, 1):
+                victim = self._pick_victim(exclude=seq, scheduled=batch.decodes, pool=pool)
                 if victim is None:
                     # Nothing left to preempt: this sequence waits for blocks itself.
                     self._preempt(seq)
@@ -88,21 +119,20 @@ class Scheduler:
         # Admit new sequences while budget, slots and blocks last.
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not batch.empty and self.blocks.prefetching(seq):
+            if not batch.empty and self._prefetching(seq):
                 # Its prefix is still being read ahead from disk: admitting it now would
                 # stall this step's other sequences on those reads.  A later step, then.
                 break
-            hit = self.blocks.match_prefix(seq)
-            n = self._prefill_chunk(seq, budget)
+            hit = self._match_prefix(seq)
+            n = self._prefill_chunk(seq, budget) if hit >= 0 else 0
             if n == 0:
                 # Waiting sequences hold no blocks: two of them each holding part of what
                 # the other needs would wait forever.  The prefix stays cached.
-                self.blocks.free(seq)
-                seq.num_computed_tokens = 0
+                self._release(seq)
                 break
             if not seq.reported_cache_hit:
                 seq.cached_prompt_tokens = hit
-                self.blocks.record_prefix_lookup(seq.num_prompt_tokens, hit)
+                self.pool_of(seq).record_prefix_lookup(seq.num_prompt_tokens, hit)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -129,24 +159,126 @@ class Scheduler:
         0 if none could be had.  The chunk that reaches the last pending token yields a sample.
         """
         n = min(seq.num_pending_tokens, budget)
-        while n > 0 and not self.blocks.allocate(seq, n):
+        if seq.in_float_pool:  # a float sequence stops at the threshold, where it moves
+            n = min(n, self.quantized_kv_start - seq.num_computed_tokens)
+        pool = self.pool_of(seq)
+        while n > 0 and not pool.allocate(seq, n):
             # Shrink to what the free blocks can hold (whole blocks past the last one).
-            free_slots = self.blocks.num_free_blocks * self.blocks.block_size
-            tail = len(seq.block_table) * self.blocks.block_size - seq.num_computed_tokens
+            free_slots = pool.num_free_blocks * pool.block_size
+            tail = len(seq.block_table) * pool.block_size - seq.num_computed_tokens
             fit = free_slots + tail
             n = fit if fit < n else 0
         return n
 
-    def _pick_victim(self, exclude: Sequence, scheduled: list[Sequence]) -> Sequence | None:
-        """The most recently admitted running sequence not already in this step's batch."""
+    def _pick_victim(self, exclude: Sequence, scheduled: list[Sequence], pool: BlockManager) -> Sequence | None:
+        """The most recently admitted running sequence not already in this step's batch
+        whose blocks are in `pool` (freeing the other pool's would not help)."""
         for seq in reversed(self.running):
-            if seq is not exclude and not any(seq is s for s in scheduled):
+            if seq is not exclude and not any(seq is s for s in scheduled) and self.pool_of(seq) is pool:
                 return seq
         return None
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _release(self, seq: Sequence) -> None:
+        """Give back all of a sequence's blocks (full ones stay cached); it holds no pool."""
+        self.pool_of(seq).free(seq)
+        seq.num_computed_tokens = 0
+        seq.in_float_pool = False
+
+    # ------------------------------------------------------------------ two pools
+    def _prefetching(self, seq: Sequence) -> bool:
+        if self.float_blocks is not None and self.float_blocks.prefetching(seq):
+            return True
+        return self.blocks.prefetching(seq)
+
+    def _match_prefix(self, seq: Sequence) -> int:
+        """Give a fresh sequence its cached prefix; returns the tokens reused, or -1 when it
+        must wait (its float prefix reaches the threshold but the quantized pool is full)."""
+        hit = self.blocks.match_prefix(seq)
+        if self.float_blocks is None:
+            return hit
+        if hit >= self.quantized_kv_start:
+            self._drop_read_ahead(seq)
+            return hit
+        # Under the threshold the tokens are computed in float: quantized blocks covering
+        # fewer than `quantized_kv_start` tokens are of no use (they stay cached).
         self.blocks.free(seq)
         seq.num_computed_tokens = 0
+        seq.in_float_pool = True
+        hit = self.float_blocks.match_prefix(seq)
+        if hit >= self.quantized_kv_start:
+            moved = self._migrate(seq)
+            self._flush_moves()
+            if not moved:
+                return -1
+        return hit
+
+    def _drop_read_ahead(self, seq: Sequence) -> None:
+        """The float pool's disk read-ahead for a sequence that will not read from it."""
+        if self.float_blocks is not None and self.float_blocks.disk is not None:
+            self.float_blocks.disk.release(seq.arrival)
+
+    def _migrate_running(self) -> None:
+        """Move every running float sequence that has reached the threshold to the quantized
+        pool.  When that pool has no room, the newest sequences in it are preempted; when
+        none is newer, the sequence itself waits (preempted, its float blocks cached) for
+        older ones to finish - or, with none running there, ends: it cannot fit at all."""
+        start = self.quantized_kv_start
+        for seq in list(self.running):
+            if seq.status is not SequenceStatus.RUNNING or not seq.in_float_pool:
+                continue
+            if seq.num_computed_tokens < start:
+                continue
+            while not self._migrate(seq):
+                victim = self._newer_in_main_pool(seq)
+                if victim is not None:
+                    self._preempt(victim)
+                elif any(not s.in_float_pool for s in self.running):
+                    self._preempt(seq)
+                    break
+                else:
+                    self.finish(seq, FinishReason.ERROR)
+                    self.out_of_memory.append(seq)
+                    break
+        self._flush_moves()
+
+    def _newer_in_main_pool(self, seq: Sequence) -> Sequence | None:
+        index = self.running.index(seq)
+        for other in reversed(self.running[index + 1 :]):
+            if not other.in_float_pool:
+                return other
+        return None
+
+    def _migrate(self, seq: Sequence) -> bool:
+        """Quantize a float sequence's blocks into the main pool (sharing blocks it caches
+        under the same prefix) and release the float ones, which stay cached for others."""
+        adopted = self.blocks.adopt(seq.token_ids, seq.num_computed_tokens)
+        if adopted is None:
+            return False
+        table, hashes, fresh = adopted
+        old = seq.block_table
+        self._copies[0].extend(old[i] for i in fresh)
+        self._copies[1].extend(table[i] for i in fresh)
+        self._moved.append(seq)
+        self.float_blocks.free(seq)
+        seq.in_float_pool = False
+        seq.block_table, seq.block_hashes, seq.num_hashed_blocks = table, hashes, len(hashes)
+        self.num_migrations += 1
+        return True
+
+    def _flush_moves(self) -> None:
+        """Copy this step's moved blocks, then publish the full ones in the prefix cache (the
+        disk tier snapshots a block when it is published, so not before it is written)."""
+        src, dst = self._copies
+        if src:
+            self.copy_blocks(src, dst)
+        for seq in self._moved:
+            if seq.status is SequenceStatus.RUNNING and not seq.in_float_pool:
+                self.blocks.cache_full_blocks(seq)
+        self._copies = ([], [])
+        self._moved = []
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._release(seq)
         seq.status = SequenceStatus.WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)
@@ -160,7 +292,7 @@ class Scheduler:
         events = []
         for i, (seq, n) in enumerate(zip(seqs, num_new_tokens)):
             seq.num_computed_tokens += n
-            self.blocks.cache_full_blocks(seq)
+            self.pool_of(seq).cache_full_blocks(seq)
             token = sampled.get(i)
             if token is None:
                 continue
@@ -196,6 +328,7 @@ class Scheduler:
                 self.waiting.remove(seq)
             except ValueError:
                 pass
-        self.blocks.free(seq)
+        self.pool_of(seq).free(seq)
+        self._drop_read_ahead(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

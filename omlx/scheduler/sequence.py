@@ -42,6 +42,7 @@ class Sequence:
         "constraint",
         "step_logprobs",
         "group",
+        "in_float_pool",
     )
 
     def __init__(self, request: GenerationRequest, index: int = 0, constraint=None):
@@ -71,6 +72,9 @@ class Sequence:
         self.step_logprobs: tuple[float, list[tuple[int, float]]] | None = None
         # The n sequences of an n > 1 request (a list they share), once they have forked.
         self.group: list[Sequence] | None = None
+        # With `--quantized-kv-start`: whether its KV is still in the engine's float pool
+        # (under the threshold) rather than its main, quantized one.  Never both.
+        self.in_float_pool = False
 
     @property
     def request_id(self) -> str:
