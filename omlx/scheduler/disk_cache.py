@@ -577,9 +577,14 @@ class DiskKVCache:
     def _reject(self, h: bytes, exc: Exception) -> None:
         """A bad file: delete it; counted once, whichever thread met it first."""
         log.warning("discarding KV block file %s: %s", self._path(h).name, exc)
-        if self._forget(h, remove=True):
-            with self._lock:
+        # Counted in the same step that takes it out of the index: whoever then finds it
+        # missing (the engine thread, while the reader rejected it) also sees it counted.
+        with self._lock:
+            size = self._files.pop(h, None)
+            if size is not None:
+                self._bytes -= size
                 self.rejected += 1
+        _unlink(self._path(h))
 
     def _read(self, path: Path, h: bytes) -> list[np.ndarray]:
         with open(path, "rb") as f:
