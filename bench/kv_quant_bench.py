@@ -32,21 +32,27 @@ Three parts (`--parts`, default all):
               `--decode-steps` (64) decode steps, for float, 8 bit and 4 bit (group 64), each
               run on a fresh engine, in order and then reversed.  Tokens/s comes from the
               median time of the steps during which other processes stayed idle (CPU from
-              /proc/stat, per step; the mean over all steps is reported too).  (Decoding the
-              three engines in turns, step by step, was tried and dropped: it slowed the
-              quantized pools' steps by up to 1.5x, so it measured something no server does.)
+              /proc/stat, per step; the mean over all steps is reported too), with the minor
+              page faults per step: with glibc's default malloc, MLX's large temporaries are
+              mmapped and unmapped every step in some runs, which doubles a step's time.  Run it
+              again with `MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736`
+              in the environment to see decode without that.  (Decoding the three engines in
+              turns, step by step, was tried and dropped: it changed what the allocator does
+              and slowed the 4-bit pool's steps by ~1.5x: nothing a server sees.)
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
     python bench/kv_quant_bench.py                        # all parts, ~10 minutes on 2 idle cores
     python bench/kv_quant_bench.py --parts bytes,agreement --models fixture,trained
 
-Writes bench/results/kv_quant.md and .json (and a timestamped copy of each).
+Writes bench/results/kv_quant.md and .json (and a timestamped copy of each; `--name` renames).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import sys
 import time
@@ -335,18 +341,22 @@ def decode_run(model, prompts, max_tokens: int, per_seq: int, bits, gs, args) ->
                 first.add(rid)
     prefill_s = time.perf_counter() - started
     prefill_other = meter.read()["other_cores"]
-    steps, others, tokens = [], [], 0
+    steps, others, faults, tokens = [], [], [], 0
     for _ in range(args.decode_steps):
         step_meter = CpuMeter(None)
+        faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t = time.perf_counter()
         tokens += sum(1 for _, e in engine.step() if e.token_id is not None)
         steps.append(time.perf_counter() - t)
+        # Minor page faults: fresh memory mapped by the allocator during the step.
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0)
         others.append(step_meter.read()["other_cores"])
     assert tokens == len(prompts) * args.decode_steps, "a sequence finished inside the timed window"
     del engine
     mx.clear_cache()
     return {"prefill_tok_s": len(prompts) * len(prompts[0]) / prefill_s, "prefill_other_cores": prefill_other,
-            "step_ms": [round(x * 1e3, 1) for x in steps], "step_other_cores": [round(x, 2) for x in others]}
+            "step_ms": [round(x * 1e3, 1) for x in steps], "step_other_cores": [round(x, 2) for x in others],
+            "step_minor_faults": faults}
 
 
 def throughput_part(args) -> list[dict]:
@@ -397,6 +407,8 @@ def throughput_part(args) -> list[dict]:
             "quiet_steps": len(kept) if kept is not everything else 0, "steps": len(everything),
             "decode_tok_s_mean_all_steps": len(prompts) * len(everything) / (sum(everything) / 1e3),
             "prefill_tok_s": statistics.median(r["prefill_tok_s"] for r in rs),
+            "median_minor_faults_per_step": statistics.median(f for r in rs for f in r["step_minor_faults"]),
+            "steps_with_over_10k_faults": sum(f > 10_000 for r in rs for f in r["step_minor_faults"]),
         })
     return rows
 
@@ -458,8 +470,9 @@ def report(result: dict, args) -> str:
         lines += [f"## Decode throughput, bench-200m, {args.decode_seqs} sequences x {args.context}-token "
                   f"prompts, {args.decode_steps} decode steps per run", "",
                   "| KV | decode tok/s (median quiet step) | vs float | median step (p10 - p90) | quiet steps "
-                  "| per run: median quiet step | decode tok/s (mean, all steps) | prefill tok/s |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| per run: median quiet step | decode tok/s (mean, all steps) | steps with > 10k page faults "
+                  "| prefill tok/s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in result["throughput"]:
             kv = ("float32" if r["config"] == "float"
                   else f"{r['config'].split('/')[0]} bit / g{r['config'].split('/')[1]}")
@@ -468,9 +481,13 @@ def report(result: dict, args) -> str:
                                 for x in r["runs"])
             lines.append(f"| {kv} | {r['decode_tok_s']:.1f} | {r['ratio_to_float']:.2f}x | "
                          f"{r['median_step_ms']:.0f} ms ({lo:.0f} - {hi:.0f}) | {r['quiet_steps']} of {r['steps']} | "
-                         f"{per_run} | {r['decode_tok_s_mean_all_steps']:.1f} | {r['prefill_tok_s']:.0f} |")
+                         f"{per_run} | {r['decode_tok_s_mean_all_steps']:.1f} | "
+                         f"{r['steps_with_over_10k_faults']} of {r['steps']} | {r['prefill_tok_s']:.0f} |")
+        malloc = {k: v for k, v in result.get("env", {}).items() if k.startswith("MALLOC_")}
         lines += ["", f"A step is quiet when other processes used less than {args.quiet_step_cores} cores "
-                  "during it (/proc/stat); all steps count when fewer than a quarter are quiet (quiet steps 0).",
+                  "during it (/proc/stat); all steps count when fewer than a quarter are quiet (quiet steps 0). "
+                  "Page faults: minor faults of this process during the step (getrusage). glibc malloc "
+                  + (f"tuned: {' '.join(f'{k}={v}' for k, v in malloc.items())}." if malloc else "defaults."),
                   ""]
     lines.append(f"Process peak RSS (VmHWM): {result['peak_rss_mib']:.0f} MiB. omlx sources {result['omlx_sources']}"
                  + ("" if result["omlx_sources"] == result.get("omlx_sources_end") else
@@ -504,6 +521,7 @@ def parse_args(argv=None):
     p.add_argument("--quiet-step-cores", type=float, default=0.2,
                    help="decode steps during which other processes used more cores are left out")
     p.add_argument("--out-dir", type=Path, default=HERE / "results")
+    p.add_argument("--name", default="kv_quant", help="result files: OUT_DIR/NAME.md / .json (+ a timestamped copy)")
     args = p.parse_args(argv)
     args.parts = args.parts.split(",")
     args.models = args.models.split(",")
@@ -516,7 +534,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     result = {"argv": sys.argv[1:], "openblas": blas_loaded(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "omlx_sources": omlx_fingerprint()}
+              "omlx_sources": omlx_fingerprint(),
+              "env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}}
     if not result["openblas"]:
         log(f"OpenBLAS is not loaded: run with LD_PRELOAD={OPENBLAS} (MLX's bundled BLAS is ~30x slower)")
     if "bytes" in args.parts:
@@ -533,7 +552,7 @@ def main(argv=None) -> int:
     print(text)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for name in ("kv_quant", f"kv_quant-{stamp}"):
+    for name in (args.name, f"{args.name}-{stamp}"):
         (args.out_dir / f"{name}.md").write_text(text + "\n")
         (args.out_dir / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
     return 0
