@@ -99,23 +99,19 @@ def blas_loaded() -> bool:
 
 def model_path(name: str, args) -> Path:
     models = HERE / "models"
-    if name == "fixture":
-        path = models / "kvq-fixture"
-        if not (path / "model.safetensors").exists():
-            log(f"building {path} (tests/test_quantized_kv.py's spec)")
-            build_model(path, FIXTURE_SPEC)
-        return path
-    if name == "bench-200m":
-        path = models / "bench-200m"
-        if not (path / "model.safetensors").exists():
-            log(f"building {path}")
-            build_model(path, BENCH_200M)
-        return path
     if name == "trained":
         from trained_fixture import ensure_trained_model
 
         path = models / "kvq-trained"
         ensure_trained_model(path, steps=args.train_steps, retrain=args.retrain, log=log)
+        return path
+    generated = {"fixture": ("kvq-fixture", FIXTURE_SPEC), "bench-200m": ("bench-200m", BENCH_200M)}
+    if name in generated:
+        folder, spec = generated[name]
+        path = models / folder
+        if not (path / "model.safetensors").exists():
+            log(f"building {path}")
+            build_model(path, spec)
         return path
     raise SystemExit(f"unknown model {name!r}")
 

@@ -36,6 +36,13 @@ def make_engine(model, cache_dir, scope=SCOPE, disk_bytes=1 << 30, label=None, *
 
 def run(engine, prompt, eos, rid="r"):
     engine.add_request(GenerationRequest(rid, prompt, MAX_NEW, stop_token_ids=eos))
+    tokens, cached = drain(engine)
+    assert engine.blocks.leaked_blocks() == []
+    return tokens, cached
+
+
+def drain(engine):
+    """Step until idle: the tokens generated, and the first cached-prompt-tokens report."""
     tokens, cached = [], None
     while engine.has_work:
         for _, event in engine.step():
@@ -43,7 +50,6 @@ def run(engine, prompt, eos, rid="r"):
                 cached = event.cached_prompt_tokens
             if event.token_id is not None:
                 tokens.append(event.token_id)
-    assert engine.blocks.leaked_blocks() == []
     return tokens, cached
 
 
@@ -428,12 +434,7 @@ def test_prefetched_blocks_match_the_synchronous_path(tiny, tmp_path):
     e = make_engine(model, tmp_path)
     e.add_request(GenerationRequest("r", PROMPT, MAX_NEW, stop_token_ids=eos))
     e.disk.wait_prefetch()
-    tokens, cached = [], None
-    while e.has_work:
-        for _, event in e.step():
-            cached = event.cached_prompt_tokens if cached is None else cached
-            if event.token_id is not None:
-                tokens.append(event.token_id)
+    tokens, cached = drain(e)
     assert tokens == expected and cached == 9 * BLOCK
     assert e.disk.stats()["prefetched_blocks"] == 9 and e.disk.stats()["prefetch_read_blocks"] == 9
     e.close()
@@ -454,12 +455,7 @@ def test_prefetch_rejects_a_corrupt_file_like_a_load(tiny, tmp_path):
     # Staged up to the bad file, which is gone and counted once; the chain stops there.
     assert stats["staged_blocks"] == 4 and stats["rejected_files"] == 1 and not path.exists()
     assert hashes[4] not in e.disk
-    tokens, cached = [], None
-    while e.has_work:
-        for _, event in e.step():
-            cached = event.cached_prompt_tokens if cached is None else cached
-            if event.token_id is not None:
-                tokens.append(event.token_id)
+    tokens, cached = drain(e)
     assert tokens == expected and cached == 4 * BLOCK
     stats = e.disk.stats()
     assert stats["prefetched_blocks"] == 4 and stats["hit_blocks"] == 4 and stats["rejected_files"] == 1
@@ -563,12 +559,7 @@ def test_unclaimed_staged_blocks_expire(tiny, tmp_path, monkeypatch):
     stats = e.disk.stats()
     assert stats["staged_blocks"] == 0 and stats["staged_bytes"] == 0 and stats["prefetch_dropped_blocks"] == 9
     e.disk.release("late")
-    tokens, cached = [], None
-    while e.has_work:
-        for _, event in e.step():
-            cached = event.cached_prompt_tokens if cached is None else cached
-            if event.token_id is not None:
-                tokens.append(event.token_id)
+    tokens, cached = drain(e)
     assert tokens == expected and cached == 9 * BLOCK  # read at admission instead
     assert e.disk.stats()["prefetched_blocks"] == 0 and e.disk.stats()["hit_blocks"] == 9
     e.close()
