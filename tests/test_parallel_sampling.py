@@ -12,6 +12,9 @@ from conftest import load_reference
 from omlx.scheduler import EngineConfig, GenerationRequest, LLMEngine, SamplingParams
 from omlx.testing.reference import greedy_reference
 
+# Every engine invariant holds with the fused attention kernel and with the portable path.
+pytestmark = pytest.mark.usefixtures("attention_kernel")
+
 PROMPT = [11, 42, 97, 5, 230, 18, 64, 301, 77, 120, 33, 7, 400, 3, 9, 250, 61, 88, 19, 240]  # 20 tokens
 
 

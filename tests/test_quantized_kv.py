@@ -12,6 +12,9 @@ from omlx.scheduler import EngineConfig, GenerationRequest, LLMEngine
 from omlx.scheduler.kv_cache import PagedKVStorage
 from omlx.testing.tiny_models import TinyModelSpec, build_model
 
+# Every engine invariant holds with the fused attention kernel and with the portable path.
+pytestmark = pytest.mark.usefixtures("attention_kernel")
+
 # Quantization groups run along the head dim, so the fixture needs head_dim >= 64.
 SPEC = TinyModelSpec(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=64, seed=5)
 

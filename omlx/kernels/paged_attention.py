@@ -15,8 +15,12 @@ Two paths:
   partials are merged exactly (log-sum-exp rescaling).  With 32 agents on a 1,500-token
   system prompt this turns 32 gathers of the prefix per layer into one.
 
-Fused kernels (Metal / CUDA) that read blocks in place would replace the gathers and must
-agree with these paths.
+A step can also be *ragged* (`RaggedPlan`): every query token of the step is a batch row of
+its own (decode tokens and prefill chunks of any length side by side, no padding) and
+`ragged_attention` groups them back by sequence.  There the fused CPU kernel
+(`omlx/kernels/cpu/paged_attention.cpp`, see `backend.py`) reads the pool in place through
+the block tables; without it the same plan is padded per sequence and attended with the
+portable paths above, which stay the reference the kernel is tested against.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 
 _NEG = -1e30  # finite "minus infinity": fully masked partials must merge to zero, not NaN
 
@@ -161,3 +166,209 @@ def cascade_decode_attention(queries, pool_k, pool_v, plan: CascadePlan, block_s
         block_size, scale,
     )
     return mx.concatenate([grouped, plain])[plan.order]
+
+
+@dataclass
+class PortableView:
+    """How the portable path attends a ragged step: queries padded per sequence."""
+
+    query_index: mx.array  # (S, Lmax) token row of each padded query (padding: row 0)
+    output_index: mx.array  # (T,) each token's place in the padded (S * Lmax) output
+    tiles: mx.array  # (S, H, W) pool tiles of each sequence's blocks
+    mask: mx.array  # (S, 1, Lmax, W * block_size)
+    cascade: CascadePlan | None  # an all-decode step with shared prefixes
+
+
+@dataclass
+class RaggedPlan:
+    """One step's query tokens, grouped by sequence, for attention over the paged pool.
+
+    Tokens of a sequence are consecutive rows; `seqs[s] = (first row, count, position of the
+    first, shared-prefix group or -1)`; `groups[g] = (first sequence, count, table row, shared
+    blocks)`: consecutive sequences whose tables start with the same full blocks.
+    """
+
+    tables: mx.array  # (S, W) int32, padded with the scratch block
+    seqs: mx.array  # (S, 4) int32
+    groups: mx.array  # (G, 4) int32
+    num_kv_heads: int
+    block_size: int
+    portable: PortableView | None  # built only when the portable path will run
+
+    @classmethod
+    def for_sequences(cls, tables: list[list[int]], q_lens: list[int], pos0: list[int], num_kv_heads: int,
+                      block_size: int, fused: bool) -> tuple[list[int], "RaggedPlan"]:
+        """Plan a pass over sequences (block tables, new tokens, position of the first new
+        token).  Sequences sharing a cached prefix are put next to each other so they attend
+        to it together; returns that order (indices into the inputs) and the plan."""
+        padded = padded_tables(tables)
+        starts = np.asarray(pos0, dtype=np.int32)
+        groups = shared_prefix_groups(padded, starts, block_size) if len(tables) > 1 else []
+        grouped = [r for rows, _ in groups for r in rows]
+        order = grouped + sorted(set(range(len(tables))) - set(grouped))
+        spans, first = [], 0
+        for rows, shared in groups:
+            spans.append((first, len(rows), shared))
+            first += len(rows)
+        lens = np.asarray(q_lens, dtype=np.int32)[order]
+        return order, cls.build(padded[order], lens, starts[order], spans, num_kv_heads, block_size, fused)
+
+    @classmethod
+    def build(cls, tables: np.ndarray, q_lens: np.ndarray, pos0: np.ndarray, groups: list[tuple[int, int, int]],
+              num_kv_heads: int, block_size: int, fused: bool) -> "RaggedPlan":
+        """numpy inputs: tables (S, W), q_lens / pos0 (S,); groups as (first seq, count,
+        shared blocks), their members consecutive."""
+        num = len(q_lens)
+        starts = np.zeros(num, dtype=np.int32)
+        starts[1:] = np.cumsum(q_lens)[:-1]
+        group_of = np.full(num, -1, dtype=np.int32)
+        group_rows = np.zeros((len(groups), 4), dtype=np.int32)
+        for g, (first, count, shared) in enumerate(groups):
+            group_of[first : first + count] = g
+            group_rows[g] = (first, count, first, shared)
+        seqs = np.stack([starts, np.asarray(q_lens, np.int32), np.asarray(pos0, np.int32), group_of], axis=1)
+        portable = None if fused else _portable_view(tables, q_lens, pos0, starts, groups, num_kv_heads, block_size)
+        return cls(
+            tables=mx.array(tables, dtype=mx.int32), seqs=mx.array(seqs), groups=mx.array(group_rows),
+            num_kv_heads=num_kv_heads, block_size=block_size, portable=portable,
+        )
+
+
+def _portable_view(tables, q_lens, pos0, starts, groups, num_kv_heads: int, block_size: int) -> PortableView:
+    longest = int(max(q_lens))
+    query_index = np.zeros((len(q_lens), longest), dtype=np.int32)
+    output_index = np.zeros(int(sum(q_lens)), dtype=np.int32)
+    for s, (start, n) in enumerate(zip(starts, q_lens)):
+        query_index[s, :n] = np.arange(start, start + n)
+        output_index[start : start + n] = s * longest + np.arange(n)
+    cascade = None
+    if longest == 1 and groups:
+        cascade = plan_cascade(tables, np.asarray(pos0), num_kv_heads, block_size)
+    block_tables = mx.array(tables, dtype=mx.int32)
+    return PortableView(
+        query_index=mx.array(query_index),
+        output_index=mx.array(output_index),
+        tiles=gather_indices(block_tables, num_kv_heads),
+        mask=causal_paged_mask(mx.array(np.asarray(pos0), dtype=mx.int32), longest, tables.shape[1] * block_size),
+        cascade=cascade,
+    )
+
+
+def ragged_attention(queries: mx.array, pool_k, pool_v, plan: RaggedPlan, scale: float, kernel=None) -> mx.array:
+    """Attention of a ragged step's queries `[T, Hq, 1, D]` -> `[T, Hq, 1, Dv]`.
+
+    `kernel`: the fused extension module (None: the portable path)."""
+    tokens, q_heads, _, dim = queries.shape
+    if kernel is not None:
+        quantized = isinstance(pool_k, QuantizedRows)
+        out = kernel.paged_attention(
+            queries.reshape(tokens, q_heads, dim),
+            pool_k.parts() if quantized else [pool_k],
+            pool_v.parts() if quantized else [pool_v],
+            plan.tables, plan.seqs, plan.groups,
+            kv_heads=plan.num_kv_heads, block_size=plan.block_size, scale=scale,
+            bits=pool_k.bits if quantized else 0, group_size=pool_k.group_size if quantized else 64,
+        )
+        return out.astype(queries.dtype).reshape(tokens, q_heads, 1, -1)
+    view = plan.portable
+    padded = queries[:, :, 0, :][view.query_index]  # (S, Lmax, Hq, D)
+    padded = padded.transpose(0, 2, 1, 3)
+    if view.cascade is not None:
+        out = cascade_decode_attention(padded, pool_k, pool_v, view.cascade, plan.block_size, scale)
+    else:
+        out = gathered_attention(padded, pool_k, pool_v, view.tiles, view.mask, plan.block_size, scale)
+    num_seqs, _, longest, dim_v = out.shape
+    out = out.transpose(0, 2, 1, 3).reshape(num_seqs * longest, q_heads, dim_v)[view.output_index]
+    return out.reshape(tokens, q_heads, 1, dim_v)
+
+
+def padded_tables(tables: list[list[int]], pad: int = 0) -> np.ndarray:
+    """Block tables as one `(n, longest)` array, padded with the scratch block (0)."""
+    width = max(len(t) for t in tables)
+    out = np.full((len(tables), width), pad, dtype=np.int32)
+    for row, table in enumerate(tables):
+        out[row, : len(table)] = table
+    return out
+
+
+def shared_prefix_groups(tables: np.ndarray, pos0: np.ndarray, block_size: int) -> list[tuple[list[int], int]]:
+    """Rows (sequences) whose block tables start with the same blocks, and how many blocks
+    they share.  Rows can only share a block through the prefix cache, so a shared block is
+    full and never written again; the count is capped below every member's first new token
+    (its own block may be written this step)."""
+    by_first_block: dict[int, list[int]] = {}
+    for row in range(tables.shape[0]):
+        by_first_block.setdefault(int(tables[row, 0]), []).append(row)
+    grouped: list[tuple[list[int], int]] = []
+    for rows in by_first_block.values():
+        if len(rows) < 2:
+            continue
+        sub = tables[rows]
+        same = (sub == sub[:1]).all(axis=0)
+        shared = sub.shape[1] if same.all() else int(same.argmin())
+        shared = min(shared, int(pos0[rows].min()) // block_size)
+        if shared:
+            grouped.append((rows, shared))
+    return grouped
+
+
+def plan_cascade(tables: np.ndarray, positions: np.ndarray, num_heads: int, block_size: int) -> CascadePlan | None:
+    """Group decode rows by the blocks their tables share at the start (see
+    `shared_prefix_groups`); None when no rows share any."""
+    grouped = shared_prefix_groups(tables, positions, block_size)
+    if not grouped:
+        return None
+
+    grouped_rows = [r for rows, _ in grouped for r in rows]
+    ungrouped = sorted(set(range(tables.shape[0])) - set(grouped_rows))
+    order = np.empty(tables.shape[0], dtype=np.int32)
+    order[grouped_rows + ungrouped] = np.arange(tables.shape[0], dtype=np.int32)
+
+    groups, rests, starts, member = [], [], [], 0
+    for rows, shared in grouped:
+        groups.append(
+            SharedPrefix(
+                members=mx.arange(member, member + len(rows), dtype=mx.int32),
+                tiles=gather_indices(mx.array(tables[rows[0], :shared], dtype=mx.int32), num_heads),
+            )
+        )
+        member += len(rows)
+        for r in rows:
+            rests.append(_trimmed(tables[r, shared:]))
+            starts.append(shared * block_size)
+    rest_tiles, rest_mask = _tiles_and_mask(rests, positions[grouped_rows], starts, num_heads, block_size)
+    plan = CascadePlan(
+        grouped_rows=mx.array(grouped_rows, dtype=mx.int32),
+        groups=groups,
+        rest_tiles=rest_tiles,
+        rest_mask=rest_mask,
+        ungrouped_rows=None,
+        ungrouped_tiles=None,
+        ungrouped_mask=None,
+        order=mx.array(order),
+    )
+    if ungrouped:
+        plan.ungrouped_rows = mx.array(ungrouped, dtype=mx.int32)
+        plan.ungrouped_tiles, plan.ungrouped_mask = _tiles_and_mask(
+            [_trimmed(tables[r]) for r in ungrouped], positions[ungrouped], [0] * len(ungrouped),
+            num_heads, block_size,
+        )
+    return plan
+
+
+def _trimmed(table: np.ndarray) -> np.ndarray:
+    """A padded block-table row without its trailing scratch-block padding."""
+    used = np.flatnonzero(table != 0)
+    return table[: used[-1] + 1] if used.size else table[:1]
+
+
+def _tiles_and_mask(tables, positions, key_starts, num_heads: int, block_size: int):
+    width = max(len(t) for t in tables)
+    padded = np.zeros((len(tables), width), dtype=np.int32)  # scratch block padding
+    for i, t in enumerate(tables):
+        padded[i, : len(t)] = t
+    mask = causal_paged_mask(
+        mx.array(np.asarray(positions), dtype=mx.int32), 1, width * block_size,
+        key_start=mx.array(np.asarray(key_starts, dtype=np.int32)),
+    )
+    return gather_indices(mx.array(padded), num_heads), mask

@@ -361,17 +361,14 @@ class LLMEngine:
         if batch.empty:
             return ended
         events: list[tuple[Sequence, TokenEvent]] = []
-        for group in prefill_groups(batch.prefills):
-            for part, float_rows in self._by_pool(group):
+        for rows in self._passes(batch):
+            for part, float_rows in self._by_pool(rows):
                 seqs = [s for s, _ in part]
                 counts = [n for _, n in part]
-                finishing = [s.num_computed_tokens + n == s.num_tokens for s, n in part]
-                events += self._run(seqs, counts, finishing, float_rows)
-                self.stats.prefill_tokens += sum(counts)
-        if batch.decodes:
-            for part, float_rows in self._by_pool([(s, 1) for s in batch.decodes]):
-                n = len(part)
-                events += self._run([s for s, _ in part], [1] * n, [True] * n, float_rows)
+                # A prefill chunk samples when it reaches the prompt's end; a decode always.
+                want = [s.num_computed_tokens + n == s.num_tokens for s, n in part]
+                events += self._run(seqs, counts, want, float_rows)
+        self.stats.prefill_tokens += sum(n for _, n in batch.prefills)
         self.stats.steps += 1
         out = ended
         for seq, event in events:
@@ -381,6 +378,15 @@ class LLMEngine:
                 self.sequences.pop(seq.request_id, None)
             out.append((seq.request_id, event))
         return out
+
+    def _passes(self, batch) -> list[list[tuple[Sequence, int]]]:
+        """The forward passes of a step: one ragged pass for everything when the runner can
+        (decodes and prefill chunks side by side, weights read once); else prefill chunks
+        grouped by length (they are padded), then the decodes."""
+        decodes = [(s, 1) for s in batch.decodes]
+        if self.runner.ragged:
+            return [batch.prefills + decodes]
+        return prefill_groups(batch.prefills) + ([decodes] if decodes else [])
 
     def _by_pool(self, rows: list[tuple[Sequence, int]]):
         """With two pools: a pass's rows, float-pool rows first, and how many those are (one

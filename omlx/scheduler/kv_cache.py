@@ -15,15 +15,18 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
+from omlx.kernels.backend import attention_backend
 from omlx.kernels.paged_attention import (
     CascadePlan,
     QuantizedRows,
-    SharedPrefix,
+    RaggedPlan,
     cascade_decode_attention,
     causal_paged_mask,
     gather_blocks,
     gather_indices,
     gathered_attention,
+    plan_cascade,
+    ragged_attention,
     write_indices,
 )
 
@@ -218,7 +221,10 @@ def check_quantizable(layout: KVLayout, kv_bits: int, group_size: int) -> None:
 
 @dataclass
 class BatchLayout:
-    """Everything the layer caches need for one forward pass over `B` rows of `L` tokens."""
+    """Everything the layer caches need for one forward pass over `B` rows of `L` tokens.
+
+    A ragged pass (`ragged` set) has one row per token (`L` = 1, offsets per token); the plan
+    says which sequence each token belongs to, and attention regroups them."""
 
     offsets: mx.array  # (B,) position of each row's first new token
     write_rows: mx.array  # (B * H * L,) pool row of each new token's key/value per head
@@ -228,6 +234,19 @@ class BatchLayout:
     # Whether the model's attention calls come to `PagedLayerCache.attention`; if not, the
     # cache hands the model gathered keys/values and mlx-lm's own attention runs on them.
     hooked: bool = False
+    ragged: RaggedPlan | None = None
+
+    @classmethod
+    def build_ragged(cls, positions, token_blocks, token_offsets, plan: RaggedPlan, num_heads: int, block_size: int):
+        """numpy inputs, one entry per token: positions, its block and offset in it."""
+        return cls(
+            offsets=mx.array(positions, dtype=mx.int32),
+            write_rows=write_indices(
+                mx.array(token_blocks, dtype=mx.int32)[:, None], mx.array(token_offsets, dtype=mx.int32)[:, None],
+                num_heads, block_size,
+            ),
+            tiles=None, mask=None, hooked=True, ragged=plan,
+        )
 
     @classmethod
     def build(cls, offsets, token_blocks, token_offsets, tables, num_heads: int, block_size: int, hooked: bool):
@@ -247,84 +266,6 @@ class BatchLayout:
             cascade=cascade,
             hooked=hooked,
         )
-
-
-def plan_cascade(tables: np.ndarray, positions: np.ndarray, num_heads: int, block_size: int) -> CascadePlan | None:
-    """Group decode rows by the blocks their tables share at the start.
-
-    Rows can only share a block through the prefix cache, so a shared block is full and
-    never written again; each row's current token lies past its shared prefix.
-    """
-    by_first_block: dict[int, list[int]] = {}
-    for row in range(tables.shape[0]):
-        by_first_block.setdefault(int(tables[row, 0]), []).append(row)
-    grouped: list[tuple[list[int], int]] = []  # (rows, shared blocks)
-    for rows in by_first_block.values():
-        if len(rows) < 2:
-            continue
-        sub = tables[rows]
-        same = (sub == sub[:1]).all(axis=0)
-        shared = sub.shape[1] if same.all() else int(same.argmin())
-        # Never past any row's current position (its own block is written this step).
-        shared = min(shared, int(positions[rows].min()) // block_size)
-        if shared:
-            grouped.append((rows, shared))
-    if not grouped:
-        return None
-
-    grouped_rows = [r for rows, _ in grouped for r in rows]
-    ungrouped = sorted(set(range(tables.shape[0])) - set(grouped_rows))
-    order = np.empty(tables.shape[0], dtype=np.int32)
-    order[grouped_rows + ungrouped] = np.arange(tables.shape[0], dtype=np.int32)
-
-    groups, rests, starts, member = [], [], [], 0
-    for rows, shared in grouped:
-        groups.append(
-            SharedPrefix(
-                members=mx.arange(member, member + len(rows), dtype=mx.int32),
-                tiles=gather_indices(mx.array(tables[rows[0], :shared], dtype=mx.int32), num_heads),
-            )
-        )
-        member += len(rows)
-        for r in rows:
-            rests.append(_trimmed(tables[r, shared:]))
-            starts.append(shared * block_size)
-    rest_tiles, rest_mask = _tiles_and_mask(rests, positions[grouped_rows], starts, num_heads, block_size)
-    plan = CascadePlan(
-        grouped_rows=mx.array(grouped_rows, dtype=mx.int32),
-        groups=groups,
-        rest_tiles=rest_tiles,
-        rest_mask=rest_mask,
-        ungrouped_rows=None,
-        ungrouped_tiles=None,
-        ungrouped_mask=None,
-        order=mx.array(order),
-    )
-    if ungrouped:
-        plan.ungrouped_rows = mx.array(ungrouped, dtype=mx.int32)
-        plan.ungrouped_tiles, plan.ungrouped_mask = _tiles_and_mask(
-            [_trimmed(tables[r]) for r in ungrouped], positions[ungrouped], [0] * len(ungrouped),
-            num_heads, block_size,
-        )
-    return plan
-
-
-def _trimmed(table: np.ndarray) -> np.ndarray:
-    """A padded block-table row without its trailing scratch-block padding."""
-    used = np.flatnonzero(table != 0)
-    return table[: used[-1] + 1] if used.size else table[:1]
-
-
-def _tiles_and_mask(tables, positions, key_starts, num_heads: int, block_size: int):
-    width = max(len(t) for t in tables)
-    padded = np.zeros((len(tables), width), dtype=np.int32)  # scratch block padding
-    for i, t in enumerate(tables):
-        padded[i, : len(t)] = t
-    mask = causal_paged_mask(
-        mx.array(np.asarray(positions), dtype=mx.int32), 1, width * block_size,
-        key_start=mx.array(np.asarray(key_starts, dtype=np.int32)),
-    )
-    return gather_indices(mx.array(padded), num_heads), mask
 
 
 class PagedLayerCache:
@@ -358,6 +299,8 @@ class PagedLayerCache:
     def attention(self, queries: mx.array, scale: float) -> mx.array:
         storage, batch = self.storage, self.batch
         pool_k, pool_v = storage.keys[self.layer], storage.values[self.layer]
+        if batch.ragged is not None:
+            return ragged_attention(queries, pool_k, pool_v, batch.ragged, scale, attention_backend().module)
         if batch.cascade is not None:
             return cascade_decode_attention(queries, pool_k, pool_v, batch.cascade, storage.block_size, scale)
         return gathered_attention(queries, pool_k, pool_v, batch.tiles, batch.mask, storage.block_size, scale)

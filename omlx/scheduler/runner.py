@@ -9,6 +9,9 @@ import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
 from .block_manager import SCRATCH_BLOCK
+from omlx.kernels.backend import attention_backend
+from omlx.kernels.paged_attention import RaggedPlan
+
 from .kv_cache import BatchLayout, PagedKVStorage, PagedLayerCache, TwoPoolLayerCache, install_attention_hook
 from .sequence import Sequence
 
@@ -53,6 +56,11 @@ class ModelRunner:
         self.split = _split_head(model)
         self.hooked = install_attention_hook(model)
 
+    @property
+    def ragged(self) -> bool:
+        """Whether a step's sequences, whatever their chunk lengths, share one pass."""
+        return self.hooked
+
     def forward(
         self, seqs: list[Sequence], num_new_tokens: list[int], want_logits: list[bool],
         storage: PagedKVStorage | None = None, float_storage: PagedKVStorage | None = None,
@@ -61,12 +69,90 @@ class ModelRunner:
         """Feed each sequence its next `num_new_tokens` tokens, store their KV in the pool,
         and return logits `(n, vocab)` at the last new token of the rows in `want_logits`.
 
-        Rows are right-padded to the longest; padded tokens write to the scratch block.
         With `float_rows` (`--quantized-kv-start`, a hooked model), the first `float_rows`
         rows keep their KV in `float_storage`, the rest in `storage`: one pass, two pools.
         """
         if storage is None:  # else the engine's float pool, for its float rows
             storage = self.storage
+        if self.ragged:
+            return self._forward_ragged(seqs, num_new_tokens, want_logits, storage, float_storage, float_rows)
+        return self._forward_padded(seqs, num_new_tokens, want_logits, storage, float_storage, float_rows)
+
+    def _forward_ragged(self, seqs, num_new_tokens, want_logits, storage, float_storage, float_rows):
+        """Every new token is a batch row of length one, with its own RoPE offset: the
+        model's matmuls see `(tokens, 1, hidden)` whatever mix of decodes and prefill chunks
+        the step holds, so nothing is padded and the weights are read once per step.  The
+        attention hook regroups tokens by sequence (`RaggedPlan`)."""
+        bs = self.block_size
+        batch = len(seqs)
+        fused = attention_backend().fused
+        heads = storage.layout.num_kv_heads
+        parts = [(0, float_rows), (float_rows, batch)] if 0 < float_rows < batch else [(0, batch)]
+        order: list[int] = []  # pass position -> index in `seqs`
+        plans: list[RaggedPlan] = []
+        for lo, hi in parts:
+            members = list(range(lo, hi))
+            local, plan = RaggedPlan.for_sequences(
+                [seqs[i].block_table for i in members], [num_new_tokens[i] for i in members],
+                [seqs[i].num_computed_tokens for i in members], heads, bs, fused,
+            )
+            plans.append(plan)
+            order += [members[r] for r in local]
+
+        total = sum(num_new_tokens)
+        tokens = np.empty(total, dtype=np.int32)
+        positions = np.empty(total, dtype=np.int32)
+        token_blocks = np.empty(total, dtype=np.int32)
+        last_row = np.empty(batch, dtype=np.int64)  # each sequence's last token row
+        row = 0
+        for i in order:
+            seq, n = seqs[i], num_new_tokens[i]
+            start = seq.num_computed_tokens
+            span = np.arange(start, start + n)
+            tokens[row : row + n] = seq.token_ids[start : start + n]
+            positions[row : row + n] = span
+            token_blocks[row : row + n] = np.asarray(seq.block_table, dtype=np.int32)[span // bs]
+            last_row[i] = row + n - 1
+            row += n
+        token_offsets = positions % bs
+
+        num_layers = storage.layout.num_layers
+        if len(parts) == 2:
+            split = int(sum(num_new_tokens[:float_rows]))
+            layouts = [
+                BatchLayout.build_ragged(positions[a:b], token_blocks[a:b], token_offsets[a:b], plan, heads, bs)
+                for (a, b), plan in zip(((0, split), (split, total)), plans)
+            ]
+            all_positions = mx.array(positions, dtype=mx.int32)
+            caches = [
+                TwoPoolLayerCache(PagedLayerCache(float_storage, i, layouts[0]), PagedLayerCache(storage, i, layouts[1]),
+                                  split, all_positions)
+                for i in range(num_layers)
+            ]
+            written = float_storage.arrays() + storage.arrays()
+        else:
+            layout = BatchLayout.build_ragged(positions, token_blocks, token_offsets, plans[0], heads, bs)
+            caches = [PagedLayerCache(storage, i, layout) for i in range(num_layers)]
+            written = storage.arrays()
+
+        inputs = mx.array(tokens)[:, None]
+        wanted = [r for r, want in enumerate(want_logits) if want]
+        picks = mx.array(last_row[wanted]) if wanted else None
+        if self.split is not None:
+            body, head = self.split
+            hidden = body(inputs, cache=caches)
+            logits = head(hidden[picks, 0, :]) if wanted else None
+        else:
+            out = self.model(inputs, cache=caches)
+            logits = out[picks, 0, :] if wanted else None
+        if logits is not None:
+            logits = logits.astype(mx.float32)
+        mx.eval(*(x for x in (logits,) if x is not None), written)
+        return logits
+
+    def _forward_padded(self, seqs, num_new_tokens, want_logits, storage, float_storage, float_rows):
+        """Rows right-padded to the longest chunk (models whose attention is not routed to
+        the cache); padded tokens write to the scratch block."""
         bs = self.block_size
         batch = len(seqs)
         length = max(num_new_tokens)
@@ -128,3 +214,4 @@ class ModelRunner:
             return picked if len(rows) == x.shape[0] else picked[mx.array(rows)]
         cols = [num_new_tokens[r] - 1 for r in rows]
         return x[mx.array(rows), mx.array(cols)]
+

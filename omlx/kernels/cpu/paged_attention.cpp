@@ -1,0 +1,611 @@
+// Fused paged attention for MLX on the CPU: one custom primitive that reads keys and values
+// straight out of omlx's block pool through each sequence's block table.
+//
+// Why: MLX's CPU attention is unfused (scores materialised, a slow scalar softmax, then a
+// second matmul) and needs every row's blocks gathered into a contiguous copy first.  Here
+// each work unit (a sequence's tile of query tokens, one KV head) streams its keys in tiles
+// of 32, keeps an online softmax (flash-attention style) and never materialises more than a
+// tile of scores.  The query heads of one KV head are processed together, so every key and
+// value loaded serves all of them (GQA).
+//
+// One call covers a whole ragged step: decode rows (one query each), prefill chunks at any
+// offset (causal within the chunk), and shared-prefix groups (sequences whose block tables
+// start with the same blocks attend to those blocks together, once, before each attends to
+// its own rest; the softmax state carries over exactly).  Pools may be float32, float16,
+// bfloat16, or MLX's affine 4/8-bit quantized layout (dequantised a tile at a time).
+//
+// Layout contract (omlx/kernels/paged_attention.py): a pool is `(blocks * kv_heads *
+// block_size, dim)` rows, block-major then head-major, so the rows of one (block, head) are
+// contiguous.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+#include "mlx/types/half_types.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+namespace mx = mlx::core;
+
+namespace {
+
+// ---------------------------------------------------------------------------- vectors
+// GCC/Clang vector extensions: the compiler picks AVX-512 / AVX2 / NEON from -march.
+#if defined(__AVX512F__)
+constexpr int VW = 16;
+#else
+constexpr int VW = 8;
+#endif
+typedef float vf __attribute__((vector_size(VW * 4), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(VW * 4), aligned(4)));
+
+constexpr int NT = 32;  // keys per tile
+constexpr int NV = NT / VW;  // vectors per score row
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+inline vf splat(float x) {
+  return vf{} + x;
+}
+inline vf vload(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(vf));
+  return v;
+}
+inline void vstore(float* p, vf v) {
+  std::memcpy(p, &v, sizeof(vf));
+}
+inline float hmax(vf v) {
+  float m = v[0];
+  for (int i = 1; i < VW; ++i) m = std::max(m, v[i]);
+  return m;
+}
+inline float hsum(vf v) {
+  float s = 0.f;
+  for (int i = 0; i < VW; ++i) s += v[i];
+  return s;
+}
+
+// exp(x) to ~2 ulp: round-to-nearest range reduction by ln2, a degree-6 polynomial, and
+// the exponent built in the float's bits.  x <= -87 (incl. -inf) gives exactly 0.
+inline vf vexp(vf x) {
+  const vf dead = x < -87.0f ? splat(0.f) : splat(1.f);  // as a 0/1 factor
+  x = x < -87.0f ? splat(-87.0f) : x;
+  x = x > 88.0f ? splat(88.0f) : x;
+  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  vf t = x * 1.44269504088896341f + magic;
+  vf n = t - magic;
+  vi ni;
+  std::memcpy(&ni, &t, sizeof(vi));
+  ni -= 0x4B400000;  // bits of `magic`: what remains is the integer n
+  vf r = x - n * 0.693145751953125f;
+  r = r - n * 1.428606765330187045e-06f;
+  vf p = splat(1.0f / 720);
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  vi bits = (ni + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof(vf));
+  return p * scale * dead;
+}
+inline float sexp(float x) {
+  vf v = splat(x);
+  return vexp(v)[0];
+}
+
+// ---------------------------------------------------------------------------- pools
+enum class Kind { F32, F16, BF16, Q4, Q8 };
+
+struct Pool {
+  Kind kind;
+  const void* data;  // float rows, or packed uint32 words
+  const void* scales = nullptr;  // quantized: one per group, in `scale_kind`
+  const void* biases = nullptr;
+  Kind scale_kind = Kind::F32;
+  int dim;  // logical head dim
+  int row_words = 0;  // quantized: uint32 words per row
+  int group = 64;
+
+  inline float scalar(const void* base, int64_t i, Kind k) const {
+    switch (k) {
+      case Kind::F16:
+        return static_cast<float>(static_cast<const mx::float16_t*>(base)[i]);
+      case Kind::BF16:
+        return static_cast<float>(static_cast<const mx::bfloat16_t*>(base)[i]);
+      default:
+        return static_cast<const float*>(base)[i];
+    }
+  }
+
+  // A pointer to row `row` as floats: the pool itself for float32, else `scratch` filled.
+  inline const float* row(int64_t row, float* scratch) const {
+    switch (kind) {
+      case Kind::F32:
+        return static_cast<const float*>(data) + row * dim;
+      case Kind::F16:
+      case Kind::BF16:
+        for (int d = 0; d < dim; ++d) scratch[d] = scalar(data, row * dim + d, kind);
+        return scratch;
+      case Kind::Q4:
+      case Kind::Q8: {
+        const int bits = kind == Kind::Q4 ? 4 : 8;
+        const int per_word = 32 / bits;
+        const uint32_t mask = (1u << bits) - 1;
+        const uint32_t* words = static_cast<const uint32_t*>(data) + row * row_words;
+        const int groups = dim / group;
+        for (int g = 0; g < groups; ++g) {
+          const float s = scalar(scales, row * groups + g, scale_kind);
+          const float b = scalar(biases, row * groups + g, scale_kind);
+          for (int d = g * group; d < (g + 1) * group; ++d) {
+            const uint32_t q = (words[d / per_word] >> ((d % per_word) * bits)) & mask;
+            scratch[d] = s * static_cast<float>(q) + b;
+          }
+        }
+        return scratch;
+      }
+    }
+    return nullptr;
+  }
+};
+
+// ---------------------------------------------------------------------------- the step
+struct Step {
+  const float* q;  // (T, Hq, Dk)
+  float* out;  // (T, Hq, Dv)
+  Pool k, v;
+  const int32_t* tables;  // (S, W)
+  const int32_t* seqs;  // (S, 4): q_start, q_len, pos0, group (-1: none)
+  const int32_t* groups;  // (G, 4): first seq, seq count, table row, shared blocks
+  int num_seqs, num_groups, width;
+  int q_heads, kv_heads, dk, dv, block_size;
+  float scale;
+  // Softmax state of rows that attended a shared prefix: max, sum, unnormalised output.
+  float* state_m = nullptr;  // (T, Hq)
+  float* state_l = nullptr;
+  float* state_o = nullptr;  // (T, Hq, Dv)
+
+  int rep() const {
+    return q_heads / kv_heads;
+  }
+  int64_t pool_row(const int32_t* table, int head, int pos) const {
+    const int64_t block = table[pos / block_size];
+    return (block * kv_heads + head) * block_size + pos % block_size;
+  }
+};
+
+// Per-thread scratch, sized once per call.
+struct Scratch {
+  std::vector<float> q, s, kt, vrows, o, m, l, tmp;
+  std::vector<const float*> vptr;
+  void size(const Step& st, int max_rows) {
+    q.assign(size_t(max_rows) * st.dk, 0.f);
+    s.assign(size_t(max_rows) * NT, 0.f);
+    kt.assign(size_t(st.dk) * NT, 0.f);
+    vrows.assign(size_t(NT) * st.dv, 0.f);
+    o.assign(size_t(max_rows) * st.dv, 0.f);
+    m.assign(max_rows, 0.f);
+    l.assign(max_rows, 0.f);
+    tmp.assign(std::max(st.dk, st.dv), 0.f);
+    vptr.assign(NT, nullptr);
+  }
+};
+
+// S[r, 0:NT] = Q[r, :] . Kt[:, 0:NT] for R rows at once (R*NV accumulators in registers).
+template <int R>
+inline void scores_rows(const float* q, const float* kt, float* s, int dk) {
+  vf acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = splat(0.f);
+  for (int d = 0; d < dk; ++d) {
+    vf k[NV];
+    for (int v = 0; v < NV; ++v) k[v] = vload(kt + d * NT + v * VW);
+    for (int r = 0; r < R; ++r) {
+      const vf qv = splat(q[r * dk + d]);
+      for (int v = 0; v < NV; ++v) acc[r][v] += qv * k[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) vstore(s + r * NT + v * VW, acc[r][v]);
+}
+
+// O[r, c0:c0+C*VW] += sum_j P[r, j] * V[j, c0:...] for R rows, over n keys.
+template <int R, int C>
+inline void pv_rows(const float* p, const float* const* vrow, float* o, int n, int dv, int c0) {
+  vf acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = vload(o + r * dv + c0 + c * VW);
+  for (int j = 0; j < n; ++j) {
+    vf val[C];
+    for (int c = 0; c < C; ++c) val[c] = vload(vrow[j] + c0 + c * VW);
+    for (int r = 0; r < R; ++r) {
+      const vf pr = splat(p[r * NT + j]);
+      for (int c = 0; c < C; ++c) acc[r][c] += pr * val[c];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) vstore(o + r * dv + c0 + c * VW, acc[r][c]);
+}
+
+template <int R>
+inline void pv_block(const float* p, const float* const* vrow, float* o, int n, int dv) {
+  int c0 = 0;
+  for (; c0 + 4 * VW <= dv; c0 += 4 * VW) pv_rows<R, 4>(p, vrow, o, n, dv, c0);
+  for (; c0 + VW <= dv; c0 += VW) pv_rows<R, 1>(p, vrow, o, n, dv, c0);
+  for (; c0 < dv; ++c0)  // head dims that are not a multiple of the vector width
+    for (int r = 0; r < R; ++r) {
+      float acc = o[r * dv + c0];
+      for (int j = 0; j < n; ++j) acc += p[r * NT + j] * vrow[j][c0];
+      o[r * dv + c0] = acc;
+    }
+}
+
+// One work unit: query tokens [t0, t0 + nt) (all of KV head `head`'s query heads) against
+// key positions [k0, k1) of `table`.  Token i sits at absolute position `pos0 + i` and sees
+// keys at positions <= its own (pos0 = INT_MAX: no causal limit, a shared prefix).
+// `init`: start from the saved softmax state (the rows attended a shared prefix first).
+// `finish`: write normalised outputs; else save the state for a later unit.
+void attend(const Step& st, Scratch& sc, int head, int t0, int nt, int64_t pos0,
+            const int32_t* table, int k0, int k1, bool init, bool finish) {
+  const int rep = st.rep(), dk = st.dk, dv = st.dv;
+  const int rows = nt * rep;
+  float* Q = sc.q.data();
+  float* O = sc.o.data();
+  float* M = sc.m.data();
+  float* L = sc.l.data();
+  // Gather this unit's queries (token-major, then query head), pre-scaled.
+  for (int i = 0; i < nt; ++i)
+    for (int j = 0; j < rep; ++j) {
+      const int r = i * rep + j;
+      const int qh = head * rep + j;
+      const float* src = st.q + (int64_t(t0 + i) * st.q_heads + qh) * dk;
+      for (int d = 0; d < dk; ++d) Q[r * dk + d] = src[d] * st.scale;
+      const int64_t sidx = int64_t(t0 + i) * st.q_heads + qh;
+      if (init) {
+        M[r] = st.state_m[sidx];
+        L[r] = st.state_l[sidx];
+        std::memcpy(O + r * dv, st.state_o + sidx * dv, sizeof(float) * dv);
+      } else {
+        M[r] = NEG_INF;
+        L[r] = 0.f;
+        std::memset(O + r * dv, 0, sizeof(float) * dv);
+      }
+    }
+  // Keys past the last token's position are never seen by any row of this unit.
+  const int64_t last_pos = pos0 + nt - 1;
+  if (int64_t(k1) > last_pos + 1) k1 = int(last_pos + 1);
+
+  float* S = sc.s.data();
+  float* Kt = sc.kt.data();
+  for (int kb = k0; kb < k1; kb += NT) {
+    const int n = std::min(NT, k1 - kb);
+    // Keys of this tile, transposed (dk, NT); values as row pointers (converted if needed).
+    for (int j = 0; j < n; ++j) {
+      const int64_t prow = st.pool_row(table, head, kb + j);
+      const float* krow = st.k.row(prow, sc.tmp.data());
+      for (int d = 0; d < dk; ++d) Kt[d * NT + j] = krow[d];
+      if (st.v.kind == Kind::F32) {
+        sc.vptr[j] = st.v.row(prow, nullptr);
+      } else {
+        float* dst = sc.vrows.data() + size_t(j) * dv;
+        const float* vr = st.v.row(prow, dst);
+        sc.vptr[j] = vr;
+      }
+    }
+    for (int j = n; j < NT; ++j)
+      for (int d = 0; d < dk; ++d) Kt[d * NT + j] = 0.f;
+
+    int r = 0;
+    for (; r + 4 <= rows; r += 4) scores_rows<4>(Q + r * dk, Kt, S + r * NT, dk);
+    for (; r < rows; ++r) scores_rows<1>(Q + r * dk, Kt, S + r * NT, dk);
+
+    // Causal mask and tile tail, then the online-softmax update of each row.
+    for (int rr = 0; rr < rows; ++rr) {
+      float* srow = S + rr * NT;
+      const int64_t qpos = pos0 + rr / rep;
+      const int64_t visible = std::min<int64_t>(n, qpos - kb + 1);  // keys kb..kb+visible-1
+      for (int j = std::max<int64_t>(visible, 0); j < NT; ++j) srow[j] = NEG_INF;
+      vf mv = vload(srow);
+      for (int v = 1; v < NV; ++v) mv = mv > vload(srow + v * VW) ? mv : vload(srow + v * VW);
+      const float tile_max = hmax(mv);
+      const float m_new = std::max(M[rr], tile_max);
+      if (m_new == NEG_INF) continue;  // nothing visible yet
+      const float corr = sexp(M[rr] - m_new);
+      vf sum = splat(0.f);
+      const vf mn = splat(m_new);
+      for (int v = 0; v < NV; ++v) {
+        vf p = vexp(vload(srow + v * VW) - mn);
+        vstore(srow + v * VW, p);
+        sum += p;
+      }
+      L[rr] = L[rr] * corr + hsum(sum);
+      M[rr] = m_new;
+      if (corr != 1.f) {
+        float* orow = O + rr * dv;
+        for (int d = 0; d < dv; ++d) orow[d] *= corr;
+      }
+    }
+    // Rows whose tile was all masked hold -inf scores: their probabilities must be zero.
+    for (int rr = 0; rr < rows; ++rr) {
+      float* srow = S + rr * NT;
+      if (M[rr] == NEG_INF) std::memset(srow, 0, sizeof(float) * NT);
+    }
+    r = 0;
+    for (; r + 4 <= rows; r += 4) pv_block<4>(S + r * NT, sc.vptr.data(), O + r * dv, n, dv);
+    for (; r < rows; ++r) pv_block<1>(S + r * NT, sc.vptr.data(), O + r * dv, n, dv);
+  }
+
+  for (int i = 0; i < nt; ++i)
+    for (int j = 0; j < rep; ++j) {
+      const int rr = i * rep + j;
+      const int64_t sidx = int64_t(t0 + i) * st.q_heads + head * rep + j;
+      if (finish) {
+        const float inv = L[rr] > 0.f ? 1.f / L[rr] : 0.f;
+        float* dst = st.out + sidx * dv;
+        for (int d = 0; d < dv; ++d) dst[d] = O[rr * dv + d] * inv;
+      } else {
+        st.state_m[sidx] = M[rr];
+        st.state_l[sidx] = L[rr];
+        std::memcpy(st.state_o + sidx * dv, O + rr * dv, sizeof(float) * dv);
+      }
+    }
+}
+
+struct Unit {
+  int head, t0, nt;
+  int64_t pos0;
+  int table_row, k0, k1;
+  bool init, finish;
+  int64_t cost;
+};
+
+// Query tokens per unit: enough rows (tokens x query heads per KV head) to reuse each key
+// tile many times, few enough that a long prefill splits across threads.
+int tile_tokens(int rep) {
+  return std::max(1, 48 / rep);
+}
+
+void run_units(const Step& st, std::vector<Unit>& units, int max_rows) {
+  // Longest first, so the dynamic schedule ends balanced.
+  std::sort(units.begin(), units.end(), [](const Unit& a, const Unit& b) { return a.cost > b.cost; });
+  const int count = int(units.size());
+  auto body = [&](Scratch& sc, int u) {
+    const Unit& w = units[u];
+    attend(st, sc, w.head, w.t0, w.nt, w.pos0, st.tables + int64_t(w.table_row) * st.width, w.k0, w.k1,
+           w.init, w.finish);
+  };
+#ifdef _OPENMP
+  int64_t total = 0;
+  for (const Unit& w : units) total += w.cost;
+  // Threads pay only above a few hundred thousand multiply-adds (spin-up ~10-50 us).
+  const bool parallel = count > 1 && total > (1 << 18);
+#pragma omp parallel if (parallel)
+  {
+    Scratch sc;
+    sc.size(st, max_rows);
+#pragma omp for schedule(dynamic, 1)
+    for (int u = 0; u < count; ++u) body(sc, u);
+  }
+#else
+  Scratch sc;
+  sc.size(st, max_rows);
+  for (int u = 0; u < count; ++u) body(sc, u);
+#endif
+}
+
+void run_step(Step st) {
+  const int rep = st.rep();
+  const int tile = tile_tokens(rep);
+  const int max_rows = tile * rep;
+  const int64_t no_limit = std::numeric_limits<int32_t>::max();
+  std::vector<float> sm, sl, so;
+  std::vector<Unit> shared;
+  if (st.num_groups > 0) {
+    int64_t T = 0;
+    for (int s = 0; s < st.num_seqs; ++s)
+      T = std::max<int64_t>(T, st.seqs[s * 4] + st.seqs[s * 4 + 1]);
+    sm.assign(T * st.q_heads, 0.f);
+    sl.assign(T * st.q_heads, 0.f);
+    so.assign(T * st.q_heads * st.dv, 0.f);
+    st.state_m = sm.data();
+    st.state_l = sl.data();
+    st.state_o = so.data();
+    // Phase 1: every group's queries against its shared blocks (keys read once per group).
+    for (int g = 0; g < st.num_groups; ++g) {
+      const int32_t* gi = st.groups + g * 4;
+      const int first = gi[0], count = gi[1];
+      const int t_begin = st.seqs[first * 4];
+      const int t_end = st.seqs[(first + count - 1) * 4] + st.seqs[(first + count - 1) * 4 + 1];
+      const int k1 = gi[3] * st.block_size;
+      for (int h = 0; h < st.kv_heads; ++h)
+        for (int t = t_begin; t < t_end; t += tile) {
+          const int nt = std::min(tile, t_end - t);
+          shared.push_back({h, t, nt, no_limit - nt, gi[2], 0, k1, false, false, int64_t(nt) * k1});
+        }
+    }
+    run_units(st, shared, max_rows);
+  }
+  // Phase 2: each sequence's tokens against its own blocks (after its shared prefix).
+  std::vector<Unit> own;
+  for (int s = 0; s < st.num_seqs; ++s) {
+    const int32_t* si = st.seqs + s * 4;
+    const int q_start = si[0], q_len = si[1], pos0 = si[2], group = si[3];
+    const int k0 = group >= 0 ? st.groups[group * 4 + 3] * st.block_size : 0;
+    for (int h = 0; h < st.kv_heads; ++h)
+      for (int i = 0; i < q_len; i += tile) {
+        const int nt = std::min(tile, q_len - i);
+        const int k1 = pos0 + i + nt;
+        own.push_back({h, q_start + i, nt, int64_t(pos0) + i, s, k0, k1, group >= 0, true,
+                       int64_t(nt) * std::max(1, k1 - k0)});
+      }
+  }
+  run_units(st, own, max_rows);
+}
+
+Kind kind_of(mx::Dtype t) {
+  if (t == mx::float32) return Kind::F32;
+  if (t == mx::float16) return Kind::F16;
+  if (t == mx::bfloat16) return Kind::BF16;
+  throw std::invalid_argument("paged_attention: pool dtype must be float32, float16 or bfloat16");
+}
+
+// ---------------------------------------------------------------------------- primitive
+class PagedAttention : public mx::Primitive {
+ public:
+  PagedAttention(mx::Stream stream, int kv_heads, int block_size, float scale, int bits, int group_size,
+                 int k_parts)
+      : mx::Primitive(stream), kv_heads_(kv_heads), block_size_(block_size), scale_(scale), bits_(bits),
+        group_size_(group_size), k_parts_(k_parts) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    // inputs: q, tables, seqs, groups, k parts (1 or 3), v parts (1 or 3)
+    auto& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : inputs) enc.set_input_array(a);
+    enc.set_output_array(out);
+
+    const auto& q = inputs[0];
+    Step st{};
+    st.q = q.data<float>();
+    st.out = out.data<float>();
+    st.tables = inputs[1].data<int32_t>();
+    st.seqs = inputs[2].data<int32_t>();
+    st.groups = inputs[3].data<int32_t>();
+    st.width = int(inputs[1].shape(1));
+    st.num_seqs = int(inputs[2].shape(0));
+    st.num_groups = int(inputs[3].shape(0));
+    st.q_heads = int(q.shape(1));
+    st.dk = int(q.shape(2));
+    st.dv = int(out.shape(2));
+    st.kv_heads = kv_heads_;
+    st.block_size = block_size_;
+    st.scale = scale_;
+    st.k = pool_of(inputs, 4, st.dk);
+    st.v = pool_of(inputs, 4 + k_parts_, st.dv);
+    enc.dispatch([st]() { run_step(st); });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("omlx paged_attention: this extension runs on the CPU only");
+  }
+
+  const char* name() const override {
+    return "OmlxPagedAttention";
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto* o = dynamic_cast<const PagedAttention*>(&other);
+    return o && o->kv_heads_ == kv_heads_ && o->block_size_ == block_size_ && o->scale_ == scale_ &&
+           o->bits_ == bits_ && o->group_size_ == group_size_ && o->k_parts_ == k_parts_;
+  }
+
+ private:
+  Pool pool_of(const std::vector<mx::array>& inputs, int at, int dim) const {
+    Pool p{};
+    p.dim = dim;
+    if (bits_ == 0) {
+      p.kind = kind_of(inputs[at].dtype());
+      p.data = inputs[at].data<void>();
+    } else {
+      p.kind = bits_ == 4 ? Kind::Q4 : Kind::Q8;
+      p.data = inputs[at].data<void>();
+      p.scales = inputs[at + 1].data<void>();
+      p.biases = inputs[at + 2].data<void>();
+      p.scale_kind = kind_of(inputs[at + 1].dtype());
+      p.row_words = int(inputs[at].shape(1));
+      p.group = group_size_;
+    }
+    return p;
+  }
+
+  int kv_heads_, block_size_;
+  float scale_;
+  int bits_, group_size_, k_parts_;
+};
+
+mx::array check_rows(const mx::array& a, const char* what) {
+  if (a.ndim() != 2) throw std::invalid_argument(std::string("paged_attention: ") + what + " must be 2-D");
+  return mx::contiguous(a);
+}
+
+// q (T, Hq, Dk); pools as lists: [rows] for float, [packed, scales, biases] for quantized.
+mx::array paged_attention(const mx::array& q, const std::vector<mx::array>& k_pool,
+                          const std::vector<mx::array>& v_pool, const mx::array& tables,
+                          const mx::array& seqs, const mx::array& groups, int kv_heads, int block_size,
+                          float scale, int bits, int group_size, mx::StreamOrDevice s) {
+  if (q.ndim() != 3) throw std::invalid_argument("paged_attention: queries must be (tokens, heads, dim)");
+  if (k_pool.size() != v_pool.size() || (k_pool.size() != 1 && k_pool.size() != 3))
+    throw std::invalid_argument("paged_attention: pools are [rows] or [packed, scales, biases]");
+  const bool quantized = k_pool.size() == 3;
+  if (quantized != (bits != 0)) throw std::invalid_argument("paged_attention: bits must match the pool form");
+  if (quantized && bits != 4 && bits != 8) throw std::invalid_argument("paged_attention: bits must be 4 or 8");
+  if (kv_heads <= 0 || q.shape(1) % kv_heads != 0)
+    throw std::invalid_argument("paged_attention: query heads must be a multiple of kv heads");
+  if (block_size <= 0) throw std::invalid_argument("paged_attention: block_size must be positive");
+  const auto stream = mx::to_stream(s, mx::Device::cpu);
+  std::vector<mx::array> inputs = {
+      mx::contiguous(mx::astype(q, mx::float32, stream), false, stream),
+      mx::contiguous(mx::astype(tables, mx::int32, stream), false, stream),
+      mx::contiguous(mx::astype(seqs, mx::int32, stream), false, stream),
+      mx::contiguous(mx::astype(groups, mx::int32, stream), false, stream),
+  };
+  int dv;
+  if (quantized) {
+    dv = int(v_pool[0].shape(1)) * 32 / bits;
+    if (int(k_pool[0].shape(1)) * 32 / bits != q.shape(2))
+      throw std::invalid_argument("paged_attention: key pool width does not match the query dim");
+  } else {
+    dv = int(v_pool[0].shape(1));
+    if (k_pool[0].shape(1) != q.shape(2))
+      throw std::invalid_argument("paged_attention: key pool width does not match the query dim");
+  }
+  for (auto* pool : {&k_pool, &v_pool})
+    for (const auto& part : *pool) inputs.push_back(check_rows(part, "pool arrays"));
+  if (inputs[2].ndim() != 2 || inputs[2].shape(1) != 4 || inputs[3].ndim() != 2 || inputs[3].shape(1) != 4 ||
+      inputs[1].ndim() != 2)
+    throw std::invalid_argument("paged_attention: tables (S, W), seqs (S, 4), groups (G, 4)");
+  mx::Shape shape = {q.shape(0), q.shape(1), dv};
+  return mx::array(
+      shape, mx::float32,
+      std::make_shared<PagedAttention>(stream, kv_heads, block_size, scale, bits, group_size, int(k_pool.size())),
+      std::move(inputs));
+}
+
+}  // namespace
+
+NB_MODULE(_paged_attention_cpu, m) {
+  m.doc() = "omlx fused paged attention (MLX CPU primitive)";
+  m.def("paged_attention", &paged_attention, "q"_a, "k_pool"_a, "v_pool"_a, "tables"_a, "seqs"_a, "groups"_a,
+        nb::kw_only(), "kv_heads"_a, "block_size"_a, "scale"_a, "bits"_a = 0, "group_size"_a = 64,
+        "stream"_a = nb::none(),
+        "Attention of ragged query tokens over a paged KV pool (see omlx/kernels/paged_attention.py).");
+  m.def("num_threads", []() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+  });
+}
