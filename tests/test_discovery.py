@@ -9,7 +9,6 @@ import pytest
 
 from omlx.models.discovery import (
     DiscoveredModel,
-    GGUF_REASON,
     detect_model_type,
     discover_models,
     find_model,
@@ -76,7 +75,6 @@ def test_size_sums_all_safetensors_shards(tmp_path: Path) -> None:
     ("weight_file", "expected"),
     [
         ("pytorch_model.bin", "found PyTorch .bin; convert with mlx_lm.convert"),
-        ("model.gguf", "found .gguf"),
         ("model.pt", "found PyTorch .pt"),
         (None, "found no weight files"),
     ],
@@ -96,16 +94,20 @@ def test_config_without_safetensors_is_skipped(
     assert expected in reason
 
 
-def test_gguf_only_folders_are_reported(tmp_path: Path) -> None:
+def test_broken_gguf_files_are_reported_not_served(tmp_path: Path) -> None:
+    # GGUF models are served (tests/test_gguf_discovery.py); these files are 4 bytes of magic.
     (tmp_path / "flat-gguf").mkdir()
     (tmp_path / "flat-gguf" / "model-Q4_K_M.gguf").write_bytes(b"GGUF")
     (tmp_path / "org" / "nested-gguf").mkdir(parents=True)
     (tmp_path / "org" / "nested-gguf" / "model.gguf").write_bytes(b"GGUF")
+    (make_model(tmp_path / "with-config", weights=False) / "model.gguf").write_bytes(b"\0")
 
     models, skipped = discover_models([tmp_path])
 
     assert models == []
-    assert reasons(skipped) == {"flat-gguf": GGUF_REASON, "nested-gguf": GGUF_REASON}
+    found = reasons(skipped)
+    assert set(found) == {"model-Q4_K_M.gguf", "model.gguf", "with-config"}
+    assert all(reason.startswith("GGUF file cannot be served: not a GGUF file") for reason in found.values())
 
 
 def test_invalid_config_is_skipped(tmp_path: Path, caplog) -> None:

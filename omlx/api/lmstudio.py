@@ -14,7 +14,7 @@ import orjson
 from aiohttp import web
 
 from omlx.models import facts
-from omlx.models.discovery import DiscoveredModel, is_mlx_repo
+from omlx.models.discovery import DiscoveredModel
 from omlx.models.pool import ModelPool, context_window_of
 
 from .errors import invalid
@@ -49,7 +49,7 @@ def lmstudio_model(pool: ModelPool, info: DiscoveredModel) -> dict:
         "params_string": facts.params_string(stats.parameters),
         "loaded_instances": instances,
         "max_context_length": context_window_of(info.config),
-        "format": "mlx" if is_mlx_repo(info.model_id, info.path) else "safetensors",
+        "format": facts.weights_format(info),
         "capabilities": facts.capabilities(info),
     }
 

@@ -18,6 +18,7 @@ import logging
 import orjson
 from aiohttp import web
 
+from omlx.models import facts
 from omlx.models.discovery import DiscoveredModel
 from omlx.models.pool import ModelPool, context_window_of
 from omlx.settings import SettingsError
@@ -60,6 +61,8 @@ def model_status(pool: ModelPool, info: DiscoveredModel) -> dict:
         "max_tokens": min(max_tokens, window),
         "memory_bytes": resident.memory_bytes if resident else 0,
         "size_bytes": info.size_bytes,
+        "format": facts.weights_format(info),
+        "quantization": facts.quantization(info, facts.weight_stats(info))["name"],
         "active_requests": resident.leases if resident else 0,
         "idle_seconds": round(resident.idle_s, 1) if resident and not resident.leases else 0.0,
         "ttl": pool.settings.ttl(info.model_id),

@@ -5,9 +5,15 @@ Two layouts are recognised, matching how people keep models on disk:
     DIR/name/config.json        -> model id "name"
     DIR/org/name/config.json    -> model id "org/name" (the hub's own naming)
 
-Anything that looks like a model but cannot be served (PyTorch or GGUF weights, a broken
-config.json, a clashing id) is reported as skipped with a reason a user can act on, rather
-than silently ignored or failing the whole server.
+GGUF files are models too (converted into MLX folders when first loaded, omlx.gguf):
+
+    DIR/name.gguf               -> model id "name"
+    DIR/name/file.gguf          -> model id "name" ("name/file" when the folder holds several)
+    DIR/org/name/file.gguf      -> model id "org/name" (LM Studio's publisher/model layout)
+
+Anything that looks like a model but cannot be served (PyTorch weights, a broken
+config.json, a truncated or unsupported GGUF file, a clashing id) is reported as skipped
+with a reason a user can act on, rather than silently ignored or failing the whole server.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from pathlib import Path
 logger = logging.getLogger("omlx.discovery")
 
 CONFIG_FILE = "config.json"
-GGUF_REASON = "GGUF is not supported; use an MLX (safetensors) conversion"
+GGUF_SUFFIX = ".gguf"
 
 # Bare encoder backbones: without a task head these are used to produce embeddings.
 _ENCODER_MODEL_TYPES = frozenset(
@@ -44,6 +50,7 @@ class DiscoveredModel:
     # already identify the model.
     config: dict = field(compare=False, repr=False)
     size_bytes: int
+    weights_format: str | None = None  # "gguf": `path` is a GGUF file, converted on load
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,7 @@ _reported: set[tuple[Path, str]] = set()
 class _Candidate:
     model_id: str
     path: Path
+    gguf: bool = False  # `path` is a .gguf file
 
 
 def discover_models(
@@ -134,21 +142,40 @@ def _files_with_suffix(directory: Path, suffix: str) -> list[Path]:
 
 
 def _scan_model_dir(model_dir: Path) -> Iterator[_Candidate | SkippedModel]:
-    """Yield model folders (flat and two-level) and GGUF-only folders, in name order."""
+    """Yield model folders (flat and two-level) and GGUF files, in name order."""
+    for file in _gguf_models(model_dir):
+        yield _Candidate(model_id=file.name[: -len(GGUF_SUFFIX)], path=file, gguf=True)
     for child in _visible_subdirs(model_dir):
         if (child / CONFIG_FILE).is_file():
             yield _Candidate(model_id=child.name, path=child)
             continue
-        if _files_with_suffix(child, ".gguf"):
-            yield SkippedModel(path=child, reason=GGUF_REASON)
+        if _gguf_models(child):
+            yield from _gguf_candidates(child.name, child)
             continue
         # No config here, so treat `child` as an organisation folder.
         for grandchild in _visible_subdirs(child):
             if (grandchild / CONFIG_FILE).is_file():
                 yield _Candidate(model_id=f"{child.name}/{grandchild.name}",
                                  path=grandchild)
-            elif _files_with_suffix(grandchild, ".gguf"):
-                yield SkippedModel(path=grandchild, reason=GGUF_REASON)
+            elif _gguf_models(grandchild):
+                yield from _gguf_candidates(f"{child.name}/{grandchild.name}", grandchild)
+
+
+def _gguf_models(directory: Path) -> list[Path]:
+    """GGUF files that are models: vision projectors (LM Studio keeps `mmproj-*.gguf` beside
+    the model they belong to) are not."""
+    return [f for f in _files_with_suffix(directory, GGUF_SUFFIX)
+            if not f.name.lower().startswith("mmproj")]
+
+
+def _gguf_candidates(model_id: str, folder: Path) -> Iterator[_Candidate]:
+    files = _gguf_models(folder)
+    if len(files) == 1:
+        yield _Candidate(model_id=model_id, path=files[0], gguf=True)
+        return
+    # Several quantizations of one model side by side: one id each.
+    for file in files:
+        yield _Candidate(model_id=f"{model_id}/{file.name[: -len(GGUF_SUFFIX)]}", path=file, gguf=True)
 
 
 def inspect_model_folder(model_id: str, path: Path) -> DiscoveredModel | SkippedModel:
@@ -156,13 +183,41 @@ def inspect_model_folder(model_id: str, path: Path) -> DiscoveredModel | Skipped
     return _inspect(_Candidate(model_id=model_id, path=Path(path)))
 
 
+def inspect_gguf_file(model_id: str, path: Path) -> DiscoveredModel | SkippedModel:
+    """A GGUF file as model `model_id`, described from its header; corrupt, truncated and
+    unsupported files come back skipped with the reason."""
+    from omlx.gguf.header import GGUFError
+    from omlx.gguf.inspect import servable_config
+
+    path = Path(path)
+    try:
+        config, _ = servable_config(path)
+    except GGUFError as exc:
+        return SkippedModel(path=path, reason=f"GGUF file cannot be served: {exc}")
+    return DiscoveredModel(
+        model_id=model_id,
+        path=path,
+        model_type=detect_model_type(config),
+        architecture=_architecture(config),
+        config=config,
+        size_bytes=_file_size(path),
+        weights_format="gguf",
+    )
+
+
 def _inspect(candidate: _Candidate) -> DiscoveredModel | SkippedModel:
     path = candidate.path
+    if candidate.gguf:
+        return inspect_gguf_file(candidate.model_id, path)
     config = _read_config(path / CONFIG_FILE)
     if isinstance(config, str):
         return SkippedModel(path=path, reason=config)
 
     weights = _files_with_suffix(path, ".safetensors")
+    if not weights and len(_gguf_models(path)) == 1:
+        # A hub repo holding a GGUF file (and a config.json for reference): serve the file.
+        result = inspect_gguf_file(candidate.model_id, _gguf_models(path)[0])
+        return SkippedModel(path, result.reason) if isinstance(result, SkippedModel) else result
     if not weights:
         return SkippedModel(path=path, reason=_missing_weights_reason(path))
 
@@ -194,8 +249,8 @@ def _read_config(config_path: Path) -> dict | str:
 def _missing_weights_reason(path: Path) -> str:
     if _files_with_suffix(path, ".bin"):
         found = "found PyTorch .bin; convert with mlx_lm.convert"
-    elif _files_with_suffix(path, ".gguf"):
-        found = f"found .gguf; {GGUF_REASON}"
+    elif _files_with_suffix(path, GGUF_SUFFIX):
+        found = "found several .gguf files; keep one per folder (or no config.json beside them)"
     elif _files_with_suffix(path, ".pt") or _files_with_suffix(path, ".pth"):
         found = "found PyTorch .pt; convert with mlx_lm.convert"
     else:

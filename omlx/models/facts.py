@@ -26,6 +26,11 @@ class WeightStats:
 
 
 def weight_stats(info: DiscoveredModel) -> WeightStats:
+    if info.weights_format == "gguf":
+        header = _gguf_header(info)
+        if header is None:
+            return WeightStats(0, None)
+        return WeightStats(header.parameters, gguf_file_type(header))
     files = sorted(p for p in info.path.iterdir() if p.name.endswith(".safetensors")) if info.path.is_dir() else []
     bits = _quant_bits(info.config)
     total, by_dtype = 0, {}
@@ -67,8 +72,36 @@ def _quant_bits(config: dict) -> int | None:
     return None
 
 
+def _gguf_header(info: DiscoveredModel):
+    from omlx.gguf.header import GGUFError, read_header
+
+    try:
+        return read_header(info.path)
+    except GGUFError:
+        return None
+
+
+def gguf_file_type(header) -> str:
+    from omlx.gguf.inspect import file_type_name
+
+    return file_type_name(header)
+
+
+def weights_format(info: DiscoveredModel) -> str:
+    """"gguf", "mlx" (MLX-written or quantized safetensors) or "safetensors"."""
+    from .discovery import is_mlx_repo
+
+    if info.weights_format:
+        return info.weights_format
+    return "mlx" if is_mlx_repo(info.model_id, info.path) else "safetensors"
+
+
 def quantization(info: DiscoveredModel, stats: WeightStats) -> dict:
-    """`{"name", "bits_per_weight"}`: MLX quantization from config.json, else the dtype."""
+    """`{"name", "bits_per_weight"}`: MLX quantization from config.json, GGUF's file type
+    (Q4_K_M, Q8_0, ...), else the dtype."""
+    if info.weights_format == "gguf":
+        bits_per_weight = round(info.size_bytes * 8 / stats.parameters, 2) if stats.parameters else None
+        return {"name": stats.dtype or "unknown", "bits_per_weight": bits_per_weight}
     bits = _quant_bits(info.config)
     if stats.parameters:
         bits_per_weight = round(info.size_bytes * 8 / stats.parameters, 2)
@@ -92,7 +125,16 @@ def params_string(parameters: int) -> str | None:
 
 
 def chat_template(info: DiscoveredModel) -> str:
-    """The model's chat template text ('' if none): tokenizer_config.json or a .jinja file."""
+    """The model's chat template text ('' if none): tokenizer_config.json or a .jinja file,
+    or a GGUF file's metadata."""
+    if info.weights_format == "gguf":
+        from omlx.gguf.header import GGUFError, read_header
+
+        try:
+            template = read_header(info.path).get("tokenizer.chat_template")
+        except GGUFError:
+            template = None
+        return template if isinstance(template, str) else ""
     path = info.path / "tokenizer_config.json"
     try:
         template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")

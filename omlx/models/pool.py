@@ -33,6 +33,7 @@ from omlx.scheduler.engine import parameter_bytes
 from omlx.settings import SettingsStore, apply_request_defaults
 
 from .discovery import DiscoveredModel, SkippedModel, discover_hf_cache, discover_models, find_model
+from .cpu_weights import should_dequantize, to_float32
 from .memory_ledger import MemoryLedger
 
 log = logging.getLogger("omlx.pool")
@@ -374,8 +375,13 @@ class ModelPool:
         started = time.monotonic()
         settings = self.settings.model(info.model_id)
         trust = self.settings.trust_remote_code(info.model_id)
+        folder = info.path
+        if info.weights_format == "gguf":
+            from omlx.gguf.convert import converted_folder
+
+            folder = converted_folder(info.path)  # once per file content; cached after
         model, tokenizer = load(
-            str(info.path),
+            str(folder),
             tokenizer_config={"trust_remote_code": True} if trust else None,
             adapter_path=settings.get("adapter_path"),
         )
@@ -383,7 +389,11 @@ class ModelPool:
         scope = f"{info.model_id}:{info.path}:{info.size_bytes}:{settings.get('adapter_path')}".encode()
         # The files' names, sizes and mtimes too: KV blocks the disk tier kept for earlier
         # weights (a folder overwritten in place) must never be read back for new ones.
-        scope += b":" + files_fingerprint(info.path, settings.get("adapter_path"))
+        scope += b":" + files_fingerprint(folder, settings.get("adapter_path"))
+        if should_dequantize(settings.get("dequantize"), model, self.memory_budget):
+            to_float32(model)
+            log.info("%s runs dequantized in float32 (faster on this CPU; model setting "
+                     "'dequantize': false keeps the stored weights)", info.model_id)
         config = engine_config_for(self.engine_config, settings)
         weights = parameter_bytes(model)
         if config.kv_cache_bytes is None and config.num_blocks is None:
