@@ -215,6 +215,9 @@ def serve(args, options: dict) -> None:
     info = blas_info()
     log.info("compute: %s, BLAS: %s%s", info["backend"], info["blas"],
              f" ({info['blas_library']})" if info.get("blas_library") else "")
+    from omlx.kernels.backend import attention_backend
+
+    attention_backend()  # logs which attention implementation runs, and why
     log.info("serving on http://%s:%d/v1 (models from %s)%s", options["host"], options["port"],
              ", ".join(str(d) for d in model_dirs), "; API key required" if options.get("api_key") else "")
     config = ServerConfig(

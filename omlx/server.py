@@ -22,6 +22,7 @@ from omlx.api.openai import OpenAIRoutes
 from omlx.api.response_store import ResponseStore
 from omlx.api.responses import ResponsesRoutes
 from omlx.blas import blas_info
+from omlx.kernels.backend import attention_backend
 from omlx.models.pool import ModelPool
 from omlx.scheduler import EngineConfig
 from omlx.settings import SettingsStore, omlx_home
@@ -146,7 +147,7 @@ async def health(request: web.Request) -> web.Response:
         "status": "ok",
         "version": __version__,
         "uptime_s": round(time.time() - request.app[STARTED], 1),
-        "compute": blas_info(),
+        "compute": {**blas_info(), "kernels": attention_backend().info()},
         "models_available": [m.model_id for m in pool.servable()],
         "models_loaded": models,
         "embedding_models_loaded": embedders,
