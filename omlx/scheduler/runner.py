@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import mlx.core as mx
 import numpy as np
@@ -55,6 +56,7 @@ class ModelRunner:
         self.block_size = storage.block_size
         self.split = _split_head(model)
         self.hooked = install_attention_hook(model)
+        self.profile = None  # a StepProfile the engine sets: prepare / compute time per pass
 
     @property
     def ragged(self) -> bool:
@@ -74,9 +76,17 @@ class ModelRunner:
         """
         if storage is None:  # else the engine's float pool, for its float rows
             storage = self.storage
-        if self.ragged:
-            return self._forward_ragged(seqs, num_new_tokens, want_logits, storage, float_storage, float_rows)
-        return self._forward_padded(seqs, num_new_tokens, want_logits, storage, float_storage, float_rows)
+        started = time.perf_counter()
+        forward = self._forward_ragged if self.ragged else self._forward_padded
+        logits, written = forward(seqs, num_new_tokens, want_logits, storage, float_storage, float_rows)
+        built = time.perf_counter()
+        # Evaluating the logits evaluates every layer's pool write too (each feeds its
+        # layer's attention); a pass without logits evaluates the writes alone.
+        mx.eval(logits if logits is not None else written)
+        if self.profile is not None:
+            self.profile.add("prepare", built - started)
+            self.profile.add("compute", time.perf_counter() - built)
+        return logits
 
     def _forward_ragged(self, seqs, num_new_tokens, want_logits, storage, float_storage, float_rows):
         """Every new token is a batch row of length one, with its own RoPE offset: the
@@ -147,8 +157,7 @@ class ModelRunner:
             logits = out[picks, 0, :] if wanted else None
         if logits is not None:
             logits = logits.astype(mx.float32)
-        mx.eval(*(x for x in (logits,) if x is not None), written)
-        return logits
+        return logits, written
 
     def _forward_padded(self, seqs, num_new_tokens, want_logits, storage, float_storage, float_rows):
         """Rows right-padded to the longest chunk (models whose attention is not routed to
@@ -204,8 +213,7 @@ class ModelRunner:
             logits = self._last_positions(out, rows, num_new_tokens) if rows else None
         if logits is not None:
             logits = logits.astype(mx.float32)
-        mx.eval(*(x for x in (logits,) if x is not None), written)
-        return logits
+        return logits, written
 
     @staticmethod
     def _last_positions(x: mx.array, rows: list[int], num_new_tokens: list[int]) -> mx.array:

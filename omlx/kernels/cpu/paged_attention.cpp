@@ -59,6 +59,7 @@ typedef float vf __attribute__((vector_size(VW * 4), aligned(4)));
 typedef int32_t vi __attribute__((vector_size(VW * 4), aligned(4)));
 
 constexpr int NT = 32;  // keys per tile
+constexpr int DOT_ROWS = 8;  // up to this many query rows per unit, keys are not transposed
 constexpr int NV = NT / VW;  // vectors per score row
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
@@ -78,10 +79,17 @@ inline float hmax(vf v) {
   for (int i = 1; i < VW; ++i) m = std::max(m, v[i]);
   return m;
 }
+typedef float v4f __attribute__((vector_size(16), aligned(4)));
 inline float hsum(vf v) {
-  float s = 0.f;
-  for (int i = 0; i < VW; ++i) s += v[i];
-  return s;
+  // Fold halves down to four lanes (vector adds), then the last four.
+  v4f acc;
+  std::memcpy(&acc, &v, sizeof(v4f));
+  for (int i = 1; i < VW / 4; ++i) {
+    v4f part;
+    std::memcpy(&part, reinterpret_cast<const char*>(&v) + i * sizeof(v4f), sizeof(v4f));
+    acc += part;
+  }
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
 }
 
 // exp(x) to ~2 ulp: round-to-nearest range reduction by ln2, a degree-6 polynomial, and
@@ -139,6 +147,28 @@ struct Pool {
     }
   }
 
+  // value = scale * q + bias per group of `group` values; q packed little-end first in
+  // uint32 words (MLX's affine layout).  `bits` constant so the unpacking vectorises.
+  template <int BITS>
+  inline void dequantize(int64_t row, float* out) const {
+    constexpr int per_word = 32 / BITS;
+    constexpr uint32_t mask = (1u << BITS) - 1;
+    const uint32_t* words = static_cast<const uint32_t*>(data) + row * row_words;
+    const int groups = dim / group;
+    const int words_per_group = group / per_word;
+    for (int g = 0; g < groups; ++g) {
+      const float s = scalar(scales, row * groups + g, scale_kind);
+      const float b = scalar(biases, row * groups + g, scale_kind);
+      const uint32_t* w = words + g * words_per_group;
+      float* o = out + g * group;
+      for (int i = 0; i < words_per_group; ++i) {
+        const uint32_t word = w[i];
+        for (int k = 0; k < per_word; ++k)
+          o[i * per_word + k] = s * static_cast<float>((word >> (k * BITS)) & mask) + b;
+      }
+    }
+  }
+
   // A pointer to row `row` as floats: the pool itself for float32, else `scratch` filled.
   inline const float* row(int64_t row, float* scratch) const {
     switch (kind) {
@@ -149,22 +179,11 @@ struct Pool {
         for (int d = 0; d < dim; ++d) scratch[d] = scalar(data, row * dim + d, kind);
         return scratch;
       case Kind::Q4:
-      case Kind::Q8: {
-        const int bits = kind == Kind::Q4 ? 4 : 8;
-        const int per_word = 32 / bits;
-        const uint32_t mask = (1u << bits) - 1;
-        const uint32_t* words = static_cast<const uint32_t*>(data) + row * row_words;
-        const int groups = dim / group;
-        for (int g = 0; g < groups; ++g) {
-          const float s = scalar(scales, row * groups + g, scale_kind);
-          const float b = scalar(biases, row * groups + g, scale_kind);
-          for (int d = g * group; d < (g + 1) * group; ++d) {
-            const uint32_t q = (words[d / per_word] >> ((d % per_word) * bits)) & mask;
-            scratch[d] = s * static_cast<float>(q) + b;
-          }
-        }
+        dequantize<4>(row, scratch);
         return scratch;
-      }
+      case Kind::Q8:
+        dequantize<8>(row, scratch);
+        return scratch;
     }
     return nullptr;
   }
@@ -197,17 +216,19 @@ struct Step {
 
 // Per-thread scratch, sized once per call.
 struct Scratch {
-  std::vector<float> q, s, kt, vrows, o, m, l, tmp;
-  std::vector<const float*> vptr;
+  std::vector<float> q, s, kt, krows, vrows, o, m, l, tmp;
+  std::vector<const float*> kptr, vptr;
   void size(const Step& st, int max_rows) {
     q.assign(size_t(max_rows) * st.dk, 0.f);
     s.assign(size_t(max_rows) * NT, 0.f);
     kt.assign(size_t(st.dk) * NT, 0.f);
+    krows.assign(size_t(NT) * st.dk, 0.f);
     vrows.assign(size_t(NT) * st.dv, 0.f);
     o.assign(size_t(max_rows) * st.dv, 0.f);
     m.assign(max_rows, 0.f);
     l.assign(max_rows, 0.f);
     tmp.assign(std::max(st.dk, st.dv), 0.f);
+    kptr.assign(NT, nullptr);
     vptr.assign(NT, nullptr);
   }
 };
@@ -228,6 +249,30 @@ inline void scores_rows(const float* q, const float* kt, float* s, int dk) {
   }
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) vstore(s + r * NT + v * VW, acc[r][v]);
+}
+
+// The same scores without the transposed copy, one key row at a time (dot products folded
+// across the head dim): cheaper when few rows share each key (decode), where copying a tile
+// transposed costs more than the arithmetic it feeds.
+template <int R>
+inline void scores_dot(const float* q, const float* const* krow, float* s, int n, int dk) {
+  const int dv = dk - dk % VW;
+  for (int j = 0; j < n; ++j) {
+    const float* k = krow[j];
+    vf acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = splat(0.f);
+    for (int d = 0; d < dv; d += VW) {
+      const vf kv = vload(k + d);
+      for (int r = 0; r < R; ++r) acc[r] += vload(q + r * dk + d) * kv;
+    }
+    for (int r = 0; r < R; ++r) {
+      float sum = hsum(acc[r]);
+      for (int d = dv; d < dk; ++d) sum += q[r * dk + d] * k[d];
+      s[r * NT + j] = sum;
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = n; j < NT; ++j) s[r * NT + j] = 0.f;
 }
 
 // O[r, c0:c0+C*VW] += sum_j P[r, j] * V[j, c0:...] for R rows, over n keys.
@@ -300,25 +345,29 @@ void attend(const Step& st, Scratch& sc, int head, int t0, int nt, int64_t pos0,
   float* Kt = sc.kt.data();
   for (int kb = k0; kb < k1; kb += NT) {
     const int n = std::min(NT, k1 - kb);
-    // Keys of this tile, transposed (dk, NT); values as row pointers (converted if needed).
+    // Keys of this tile: transposed (dk, NT) for many rows, else as row pointers; values as
+    // row pointers (converted / dequantised into scratch when the pool is not float32).
+    const bool transpose = rows > DOT_ROWS;
     for (int j = 0; j < n; ++j) {
       const int64_t prow = st.pool_row(table, head, kb + j);
-      const float* krow = st.k.row(prow, sc.tmp.data());
-      for (int d = 0; d < dk; ++d) Kt[d * NT + j] = krow[d];
-      if (st.v.kind == Kind::F32) {
-        sc.vptr[j] = st.v.row(prow, nullptr);
+      if (transpose) {
+        const float* krow = st.k.row(prow, sc.tmp.data());
+        for (int d = 0; d < dk; ++d) Kt[d * NT + j] = krow[d];
       } else {
-        float* dst = sc.vrows.data() + size_t(j) * dv;
-        const float* vr = st.v.row(prow, dst);
-        sc.vptr[j] = vr;
+        sc.kptr[j] = st.k.row(prow, sc.krows.data() + size_t(j) * dk);
       }
+      sc.vptr[j] = st.v.row(prow, sc.vrows.data() + size_t(j) * dv);
     }
-    for (int j = n; j < NT; ++j)
-      for (int d = 0; d < dk; ++d) Kt[d * NT + j] = 0.f;
-
     int r = 0;
-    for (; r + 4 <= rows; r += 4) scores_rows<4>(Q + r * dk, Kt, S + r * NT, dk);
-    for (; r < rows; ++r) scores_rows<1>(Q + r * dk, Kt, S + r * NT, dk);
+    if (transpose) {
+      for (int j = n; j < NT; ++j)
+        for (int d = 0; d < dk; ++d) Kt[d * NT + j] = 0.f;
+      for (; r + 4 <= rows; r += 4) scores_rows<4>(Q + r * dk, Kt, S + r * NT, dk);
+      for (; r < rows; ++r) scores_rows<1>(Q + r * dk, Kt, S + r * NT, dk);
+    } else {
+      for (; r + 4 <= rows; r += 4) scores_dot<4>(Q + r * dk, sc.kptr.data(), S + r * NT, n, dk);
+      for (; r < rows; ++r) scores_dot<1>(Q + r * dk, sc.kptr.data(), S + r * NT, n, dk);
+    }
 
     // Causal mask and tile tail, then the online-softmax update of each row.
     for (int rr = 0; rr < rows; ++rr) {
