@@ -5,9 +5,12 @@ Two precedence chains meet here:
 - the server's own options: CLI flag > `OMLX_*` env var (and the mlx-vlm server's env names)
   > settings.json > built-in default (`resolve_server_options`);
 - what a request gets: the request body > the model's settings > the global settings >
-  built-in defaults (`SettingsStore.request_defaults`, merged *under* the body).
+  built-in defaults (`SettingsStore.request_defaults`, applied to the parsed request by
+  omlx.api.turn_request).
 
-Both files are plain JSON a user can edit by hand.  The server re-reads a file when its mtime
+Both files are plain JSON a user can edit by hand, in omlx's flat format or in oMLX's
+(sections in settings.json, `{"version": 1, "models": {...}}` in model_settings.json; see
+omlx.settings_omlx), and model settings are written back in the format the file had.  The server re-reads a file when its mtime
 changes, and edits made through the API are written atomically (temp file + os.replace), so
 a crash mid-write never leaves a half-written file and changes apply without a restart.
 """
@@ -24,6 +27,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from omlx.settings_omlx import (
+    global_from_omlx,
+    is_omlx_global_file,
+    is_omlx_models_file,
+    model_from_omlx,
+    model_to_omlx,
+)
 
 log = logging.getLogger("omlx.settings")
 
@@ -189,7 +200,19 @@ MODEL_KEYS: dict[str, Callable] = {
     # Run a quantized / half-precision model in float32 (true), as stored (false); unset:
     # float32 on the CPU for small models (omlx.models.cpu_weights).  Applied on next load.
     "dequantize": _typed(bool),
+    # oMLX's: a cap on this model's context, a default thinking budget, sampling defaults
+    # that win over the request's (temperature, top_p, top_k), and template kwargs that do.
+    "max_context_window": lambda v, f: _optional_positive(v, f, (int,)),
+    "thinking_budget": _optional_non_negative_int,
+    "force_sampling": _typed(bool),
+    "forced_ct_kwargs": lambda v, f: _string_list(v, f),
 }
+
+
+def _string_list(value, field: str):
+    if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
+        raise SettingsError(f"'{field}' must be a list of strings", field)
+    return value
 
 
 def _kv_bits(value, field: str):
@@ -223,6 +246,7 @@ GLOBAL_KEYS: dict[str, Callable] = {
     "trust_remote_code": _typed(bool),
     "chat_template_kwargs": _typed(dict),
     "log_level": _typed(str),
+    "hf_endpoint": _typed(str),  # a Hugging Face mirror for `omlx pull` (oMLX's huggingface.endpoint)
 }
 
 
@@ -343,12 +367,18 @@ class SettingsStore:
         return self._models.path
 
     def _parse_global(self, raw) -> dict:
-        return {} if raw is None else _lenient(raw, GLOBAL_KEYS, str(self.home / GLOBAL_FILE))
+        if raw is None:
+            return {}
+        if is_omlx_global_file(raw):
+            raw = global_from_omlx(raw)
+        return _lenient(raw, GLOBAL_KEYS, str(self.home / GLOBAL_FILE))
 
     def _parse_models(self, raw) -> dict[str, dict]:
         if raw is None:
             return {}
         where = str(self.home / MODELS_FILE)
+        if is_omlx_models_file(raw):
+            raw = {model_id: model_from_omlx(entry, MODEL_KEYS) for model_id, entry in raw["models"].items()}
         if not isinstance(raw, dict):
             log.warning("%s: expected an object mapping model ids to settings; ignoring it", where)
             return {}
@@ -385,7 +415,9 @@ class SettingsStore:
         return bool(value if value is not None else self.global_settings().get("trust_remote_code", False))
 
     def request_defaults(self, model_id: str) -> dict:
-        """Body keys a request for `model_id` gets when it does not set them itself."""
+        """What a request for `model_id` gets for the fields it does not set itself: sampling
+        keys, max_tokens, chat_template_kwargs, and the model's thinking_budget,
+        force_sampling and forced_ct_kwargs."""
         glob, model = self.global_settings(), self.model(model_id)
         out = {**glob.get("sampling", {}), **model.get("sampling", {})}
         out = {k: v for k, v in out.items() if v is not None}
@@ -395,6 +427,9 @@ class SettingsStore:
         template = {**glob.get("chat_template_kwargs", {}), **model.get("chat_template_kwargs", {})}
         if template:
             out["chat_template_kwargs"] = template
+        for key in ("thinking_budget", "force_sampling", "forced_ct_kwargs"):
+            if model.get(key) is not None:
+                out[key] = model[key]
         return out
 
     # ------------------------------------------------------------------ writing
@@ -419,24 +454,25 @@ class SettingsStore:
                 models[model_id] = entry
             else:
                 models.pop(model_id, None)
-            write_json_atomic(self.models_path, models)
+            write_json_atomic(self.models_path, self._file_form(models, model_id))
             return dict(entry)
 
-
-def apply_request_defaults(body: Any, defaults: Mapping[str, Any]) -> Any:
-    """`body` with `defaults` filled in under it: a key the request sets (to anything but
-    null) wins; `chat_template_kwargs` merge key by key."""
-    if not isinstance(body, dict) or not defaults:
-        return body
-    merged = dict(body)
-    for key, value in defaults.items():
-        if key == "chat_template_kwargs" and isinstance(body.get(key), dict):
-            merged[key] = {**value, **body[key]}
-        elif key == "max_tokens" and body.get("max_completion_tokens") is not None:
-            continue  # the request chose its own limit under the newer name
-        elif body.get(key) is None:
-            merged[key] = value
-    return merged
+    def _file_form(self, models: dict[str, dict], changed: str) -> dict:
+        """What to write: omlx's flat form, or oMLX's when the file is in oMLX's form, with
+        the keys omlx does not manage kept as the user wrote them."""
+        raw = _read_json(self.models_path)
+        if not is_omlx_models_file(raw):
+            return models
+        raw_models = raw["models"]
+        out = dict(raw)
+        out["models"] = {
+            model_id: model_to_omlx(models.get(model_id, {}), raw_models.get(model_id), MODEL_KEYS)
+            if model_id == changed else raw_models[model_id]
+            for model_id in dict.fromkeys([*raw_models, changed])
+        }
+        if not out["models"][changed]:
+            del out["models"][changed]
+        return out
 
 
 # ---------------------------------------------------------------------------- server options

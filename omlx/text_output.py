@@ -7,42 +7,7 @@ everything after it are never sent.
 
 from __future__ import annotations
 
-import copy
-
-from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, _byte_decoder
-
-
-def new_detokenizer(tokenizer):
-    """A fresh streaming detokenizer of the kind mlx-lm chose for this tokenizer.
-
-    mlx-lm's TokenizerWrapper builds one (with its expensive token map) and keeps it; a
-    shallow copy shares the map while giving this request its own decoding state.
-    """
-    detokenizer = copy.copy(tokenizer._detokenizer)
-    detokenizer.reset()
-    if isinstance(detokenizer, BPEStreamingDetokenizer):
-        # mlx-lm's BPE detokenizer drops one leading space from the first text it flushes,
-        # but in byte-level BPE that space is real text, which tokenizer.decode keeps: a
-        # completion of "The capital of France is" must be " Paris", not "Paris".
-        detokenizer._maybe_trim_space = _keep_text
-        # It also reads the byte-level character for byte 0x00 ("Ā") as "not a byte" (0 is
-        # falsy) and outputs "Ā" instead of "\x00", where tokenizer.decode gives "\x00".
-        detokenizer._decode_bytes = _decode_byte_level
-    return detokenizer
-
-
-def _keep_text(text: str) -> str:
-    return text
-
-
-def _decode_byte_level(pieces: str) -> str:
-    decoder = _byte_decoder()
-    out = bytearray()
-    for char in pieces:
-        byte = decoder.get(char)
-        # Added tokens (<think>, ...) are stored as plain text, not byte-mapped.
-        out += bytes([byte]) if byte is not None else char.encode()
-    return out.decode("utf-8", "replace")
+from omlx.tokenizer_seams import new_detokenizer
 
 
 class TextStream:

@@ -64,7 +64,7 @@ def gguf_server(tmp_path_factory):
 def test_listing_reports_gguf_models_and_broken_files(gguf_server):
     status, body = call(gguf_server, "GET", "/v1/models/status")
     assert status == 200
-    models = {m["id"]: m for m in body["data"]}
+    models = {m["id"]: m for m in body["models"]}
     assert {SMOL, TINY_K, TINY_SPM} <= set(models)
     assert models[SMOL]["format"] == "gguf" and models[SMOL]["quantization"] == "Q4_1"
     assert models[SMOL]["max_context_window"] == 8192 and models[SMOL]["model_type"] == "llm"

@@ -60,7 +60,7 @@ def client(server):
 def status(server) -> dict[str, dict]:
     code, body = call(server, "GET", "/v1/models/status")
     assert code == 200
-    return {m["id"]: m for m in body["data"]}
+    return {m["id"]: m for m in body["models"]}
 
 
 def unload_all(server) -> None:
@@ -77,7 +77,7 @@ def eos_bias(model_dir: Path, name: str) -> dict[str, int]:
 def test_status_lists_every_model_with_its_type_and_limits(server, model_dir):
     code, body = call(server, "GET", "/v1/models/status")
     assert code == 200
-    models = {m["id"]: m for m in body["data"]}
+    models = {m["id"]: m for m in body["models"]}
     assert {"a", "b", "c", "org/tiny-4bit", "vision"} <= set(models)
     assert models["vision"]["model_type"] == "vlm"
     assert models["b"]["alias"] == "bee"

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from omlx.api.openai_protocol import parse_chat
+from omlx.api.turn_request import ModelDefaults, apply_defaults
 from omlx.settings import (
     SettingsError,
     SettingsStore,
-    apply_request_defaults,
     parse_bytes,
     resolve_server_options,
     write_json_atomic,
@@ -120,17 +121,18 @@ def test_request_defaults_precedence(tmp_path):
                         "chat_template_kwargs": {"enable_thinking": False, "style": "model"}}
     assert store.request_defaults("other")["temperature"] == 0.5
 
-    body = {"model": "m", "temperature": 0.7, "top_p": None, "chat_template_kwargs": {"enable_thinking": True}}
-    merged = apply_request_defaults(body, defaults)
-    assert merged["temperature"] == 0.7  # the request wins
-    assert merged["top_p"] == 0.9  # null means unset
-    assert merged["max_tokens"] == 20
-    assert merged["chat_template_kwargs"] == {"enable_thinking": True, "style": "model"}
-    assert body == {"model": "m", "temperature": 0.7, "top_p": None,
-                    "chat_template_kwargs": {"enable_thinking": True}}  # not mutated
+    # Applied to the parsed request: the request's own values win, null means unset.
+    body = {"model": "m", "temperature": 0.7, "top_p": None, "chat_template_kwargs": {"enable_thinking": True},
+            "messages": [{"role": "user", "content": "hi"}]}
+    resolved = apply_defaults(parse_chat(body), ModelDefaults.from_settings(defaults))
+    assert resolved.sampling.temperature == 0.7  # the request wins
+    assert resolved.sampling.top_p == 0.9  # null means unset
+    assert resolved.max_tokens == 20 and resolved.max_tokens_from_default
+    assert resolved.request.conversation.template_kwargs == {"enable_thinking": True, "style": "model"}
+    assert body["chat_template_kwargs"] == {"enable_thinking": True}  # not mutated
     # A request that chose max_completion_tokens keeps it as its only limit.
-    assert "max_tokens" not in apply_request_defaults({"max_completion_tokens": 5}, defaults)
-    assert apply_request_defaults("not a dict", defaults) == "not a dict"
+    limited = apply_defaults(parse_chat({**body, "max_completion_tokens": 5}), ModelDefaults.from_settings(defaults))
+    assert limited.max_tokens == 5 and not limited.max_tokens_from_default
 
 
 def test_cli_overrides_apply_over_the_file(tmp_path):

@@ -104,7 +104,7 @@ def test_put_settings_persists_atomically_and_applies_at_once(server, client, mo
     assert result.model == "b"
     assert result.usage.completion_tokens == 2
     assert call(server, "GET", "/v1/models/bravo/settings")[1] == {"id": "b", "settings": {"alias": "bravo", "max_tokens": 2}}
-    statuses = {m["id"]: m for m in call(server, "GET", "/v1/models/status")[1]["data"]}
+    statuses = {m["id"]: m for m in call(server, "GET", "/v1/models/status")[1]["models"]}
     assert statuses["b"]["alias"] == "bravo"
 
     # null removes a setting; the global default is back.

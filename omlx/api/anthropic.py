@@ -9,25 +9,23 @@ Anthropic's shape by the server's middleware (see errors.is_anthropic_route).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from contextlib import aclosing
 
-import orjson
 from aiohttp import web
 
-from omlx.models.pool import LoadedModel, ModelPool
+from omlx.models.pool import ModelPool
 
 from . import sse
-from .anthropic_protocol import MessagesRequest, parse_conversation, parse_messages
+from .anthropic_protocol import parse_conversation, parse_messages
 from .assistant_turn import AssistantTurn, collect_turn
-from .conversation import render_prompt
-from .generation import EngineFailure, GenerationStream, build_request
-from .model_access import lease_for_request
-from .openai import read_json
+from .generation import EngineFailure
 from .output_parser import Reasoning, Text, ToolCallEvent
-from .turn_options import decoding_constraint, output_room, tool_parser_of
+from .serving import Serving
+from .turn_request import TurnRequest
+from .wire import dumps as _dumps
+from .wire import read_json
 
 log = logging.getLogger("omlx.api.anthropic")
 
@@ -42,32 +40,20 @@ def _message_id() -> str:
 class AnthropicRoutes:
     def __init__(self, pool: ModelPool):
         self.pool = pool
+        self.serving = Serving(pool)
 
     def register(self, app: web.Application) -> None:
         app.router.add_post("/v1/messages", self.messages)
         app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
 
     async def count_tokens(self, request: web.Request) -> web.Response:
-        model, conversation, _ = parse_conversation(await read_json(request))
-        loaded: LoadedModel = await lease_for_request(request, self.pool, model)
-        prompt_ids = render_prompt(loaded.tokenizer, conversation)
+        # The prompt as /v1/messages would render it, the model's template defaults included.
+        _, _, prompt_ids = await self.serving.prepare(request, parse_conversation(await read_json(request)))
         return web.json_response({"input_tokens": len(prompt_ids)})
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
-        parsed = parse_messages(self.pool.apply_request_defaults(await read_json(request)))
-        loaded: LoadedModel = await lease_for_request(request, self.pool, parsed.model)
-        conversation = parsed.conversation
-        prompt_ids = render_prompt(loaded.tokenizer, conversation)
-        # Anthropic clients cannot adjust max_tokens to a small local context (Claude Code
-        # always asks for 32000): cap it at the room the context leaves instead of refusing.
-        max_tokens = min(parsed.max_tokens, max(1, output_room(loaded, len(prompt_ids))))
-        tool_parser = tool_parser_of(self.pool, loaded)
-        constraint = await asyncio.to_thread(
-            decoding_constraint, loaded, conversation, None, parsed.thinking_budget, prompt_ids, tool_parser
-        )
-        engine_request = build_request(loaded, prompt_ids, max_tokens, parsed.sampling, "msg", constraint=constraint)
-        stream = GenerationStream(loaded, engine_request, parsed.stop_sequences)
-        turn = AssistantTurn(stream, prompt_ids, conversation, tool_parser, call_id_prefix="toolu")
+        parsed = parse_messages(await read_json(request))
+        turn = (await self.serving.start(request, parsed)).turn
         message_id = _message_id()
         if parsed.stream:
             return await self._stream(request, turn, parsed, message_id)
@@ -98,7 +84,7 @@ class AnthropicRoutes:
             dumps=_dumps,
         )
 
-    async def _stream(self, request, turn: AssistantTurn, parsed: MessagesRequest, message_id: str):
+    async def _stream(self, request, turn: AssistantTurn, parsed: TurnRequest, message_id: str):
         response = await sse.open_stream(request)
 
         async def send(kind: str, payload: dict) -> None:
@@ -190,6 +176,3 @@ def _usage(turn: AssistantTurn) -> dict:
         "output_tokens": usage.completion_tokens,
     }
 
-
-def _dumps(obj) -> str:
-    return orjson.dumps(obj).decode()

@@ -8,10 +8,7 @@ bad value raises an APIError naming it (rendered in Anthropic's error shape by t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
-
-from omlx.scheduler import SamplingParams
 
 from .conversation import (
     Conversation,
@@ -23,22 +20,13 @@ from .conversation import (
     template_kwargs,
 )
 from .errors import invalid
-from .openai_protocol import _bool, _number
+from .sampling_fields import ANTHROPIC_RANGES, SamplingRequest
+from .turn_request import TurnRequest, parse_vlm_fields, thinking_kwargs
+from .wire import boolean, model_name, number
 
 MAX_STOP_SEQUENCES = 64
 # Block types that carry nothing a local model can use; accepted so replayed histories work.
 _IGNORED_BLOCKS = {"redacted_thinking", "server_tool_use", "web_search_tool_result", "container_upload"}
-
-
-@dataclass
-class MessagesRequest:
-    model: str
-    conversation: Conversation
-    max_tokens: int | None
-    sampling: SamplingParams
-    stop_sequences: list[str] = field(default_factory=list)
-    stream: bool = False
-    thinking_budget: int | None = None  # thinking.budget_tokens when thinking is enabled
 
 
 def _text_of(block: dict, where: str) -> str:
@@ -198,15 +186,15 @@ def _thinking(raw: Any) -> tuple[dict, int | None]:
     if kind == "adaptive":
         return {"enable_thinking": True}, None
     if kind == "enabled":
-        budget = _number(raw, "budget_tokens", 1, 2**31 - 1, None, integer=True)
+        budget = number(raw, "budget_tokens", 1, 2**31 - 1, None, integer=True)
         return {"enable_thinking": True}, budget
     raise invalid(f"thinking.type must be enabled, disabled or adaptive; got {kind!r}", "thinking")
 
 
-def _stop_sequences(body: dict) -> list[str]:
+def _stop_sequences(body: dict) -> list[str] | None:
     raw = body.get("stop_sequences")
     if raw is None:
-        return []
+        return None
     if not isinstance(raw, list) or not all(isinstance(s, str) for s in raw):
         raise invalid("'stop_sequences' must be a list of strings", "stop_sequences")
     if len(raw) > MAX_STOP_SEQUENCES:
@@ -214,13 +202,9 @@ def _stop_sequences(body: dict) -> list[str]:
     return [s for s in raw if s]
 
 
-def parse_conversation(body: Any) -> tuple[str, Conversation, int | None]:
+def parse_conversation(body: Any) -> TurnRequest:
     """The parts shared by /v1/messages and /v1/messages/count_tokens."""
-    if not isinstance(body, dict):
-        raise invalid("the request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise invalid("'model' is required and must be a string", "model")
+    model = model_name(body)
     raw_messages = body.get("messages")
     if not isinstance(raw_messages, list) or not raw_messages:
         raise invalid("'messages' must be a non-empty list", "messages")
@@ -246,30 +230,30 @@ def parse_conversation(body: Any) -> tuple[str, Conversation, int | None]:
         messages.insert(0, {"role": "system", "content": system})
     tools = _tools(body.get("tools"))
     choice, parallel = _tool_choice(body.get("tool_choice"), tools)
-    thinking_kwargs, budget = _thinking(body.get("thinking"))
-    # chat_template_kwargs: not Anthropic's, but per-model settings put their defaults there.
-    kwargs = {**template_kwargs(body.get("chat_template_kwargs")), **thinking_kwargs}
-    return model, Conversation(messages, tools, choice, parallel, kwargs), budget
+    thinking, budget = _thinking(body.get("thinking"))
+    vlm = parse_vlm_fields(body)  # the mlx-vlm server's extensions, as its /v1/messages takes them
+    # chat_template_kwargs: not Anthropic's, but a client may pass the template's switches.
+    kwargs = {**template_kwargs(body.get("chat_template_kwargs")), **thinking, **thinking_kwargs(vlm)}
+    return TurnRequest(
+        model=model,
+        sampling=SamplingRequest(),
+        conversation=Conversation(messages, tools, choice, parallel, kwargs),
+        thinking_budget=budget if budget is not None else vlm.thinking_budget,
+        adapter_path=vlm.adapter_path,
+        id_prefix="msg",
+        call_id_prefix="toolu",
+    )
 
 
-def parse_messages(body: Any) -> MessagesRequest:
-    model, conversation, budget = parse_conversation(body)
+def parse_messages(body: Any) -> TurnRequest:
+    request = parse_conversation(body)
     if body.get("max_tokens") is None:
         raise invalid("'max_tokens' is required", "max_tokens")
-    max_tokens = _number(body, "max_tokens", 1, 2**31 - 1, None, integer=True)
-    temperature = _number(body, "temperature", 0.0, 1.0, 1.0)
-    top_k = _number(body, "top_k", 0, 2**31 - 1, 0, integer=True)
-    sampling = SamplingParams(
-        temperature=float(temperature),
-        top_p=float(_number(body, "top_p", 0.0, 1.0, 1.0)),
-        top_k=top_k,
-    )
-    return MessagesRequest(
-        model=model,
-        conversation=conversation,
-        max_tokens=max_tokens,
-        sampling=sampling,
-        stop_sequences=_stop_sequences(body),
-        stream=_bool(body, "stream"),
-        thinking_budget=budget,
-    )
+    request.max_tokens = number(body, "max_tokens", 1, 2**31 - 1, None, integer=True)
+    request.cap_max_tokens = True
+    # Anthropic's own fields in Anthropic's ranges; min_p, the penalties and seed are omlx's
+    # (and the mlx-vlm server's) extensions with the engine's ranges.
+    request.sampling = SamplingRequest.parse(body, ANTHROPIC_RANGES)
+    request.stop = _stop_sequences(body)
+    request.stream = boolean(body, "stream")
+    return request

@@ -90,7 +90,7 @@ def build_request(
         n=n,
     )
     try:
-        loaded.engine.engine.check(request)
+        loaded.check(request)
     except RequestRejected as exc:
         raise invalid(str(exc), max_tokens_param, "context_length_exceeded") from None
     return request
@@ -151,7 +151,7 @@ class GenerationStream:
         """Yield `(choice, delta)`: new text of a choice, and once more (possibly with "") when
         that choice finishes.  Ends when every choice has finished."""
         unfinished = len(self.choices)
-        async with aclosing(self.loaded.engine.generate(self.request)) as events:
+        async with aclosing(self.loaded.generate(self.request)) as events:
             async for event in events:
                 if event.cached_prompt_tokens is not None:
                     self.usage.cached_tokens = event.cached_prompt_tokens

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from omlx.models import facts
 from omlx.models.discovery import DiscoveredModel
+from omlx.models.loaded import LoadedModel
 from omlx.models.pool import ModelPool, context_window_of
 
 from .errors import invalid
@@ -29,13 +30,12 @@ def lmstudio_model(pool: ModelPool, info: DiscoveredModel) -> dict:
     instances = []
     if resident is not None:
         config = {"context_length": window}
-        engine = getattr(resident.model, "engine", None)
-        if engine is not None:
-            core = engine.engine
+        if isinstance(resident.model, LoadedModel):
+            engine = resident.model.engine_settings()
             config.update({
-                "eval_batch_size": core.config.max_num_batched_tokens,
-                "max_concurrent_predictions": core.config.max_num_seqs,
-                "kv_cache_bytes": core.kv_bytes,
+                "eval_batch_size": engine["max_num_batched_tokens"],
+                "max_concurrent_predictions": engine["max_num_seqs"],
+                "kv_cache_bytes": resident.model.kv_bytes,
             })
         instances.append({"id": info.model_id, "config": config})
     return {

@@ -6,30 +6,9 @@ character has no text of its own, so its exact bytes are reported too (chat's `b
 
 from __future__ import annotations
 
-from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, SPMStreamingDetokenizer, _byte_decoder
+from omlx.tokenizer_seams import token_bytes
 
 from .generation import TokenLogprob
-
-_SPM_SPACE = "\u2581".encode()
-
-
-def token_bytes(tokenizer, token_id: int) -> bytes:
-    """The exact bytes a token stands for, read from the tokenizer's own token strings."""
-    detokenizer = tokenizer._detokenizer
-    tokenmap = getattr(detokenizer, "tokenmap", None)
-    if tokenmap is not None and token_id < len(tokenmap):
-        piece = tokenmap[token_id]
-        if isinstance(detokenizer, BPEStreamingDetokenizer):
-            decoder = _byte_decoder()
-            out = bytearray()
-            for char in piece:
-                byte = decoder.get(char)
-                # Added tokens (<|im_end|>, ...) are stored as plain text, not byte-mapped.
-                out += bytes([byte]) if byte is not None else char.encode()
-            return bytes(out)
-        if isinstance(detokenizer, SPMStreamingDetokenizer):
-            return piece.replace(_SPM_SPACE, b" ")
-    return tokenizer.decode([token_id]).encode()
 
 
 def _token(tokenizer, token_id: int) -> tuple[str, bytes]:

@@ -15,6 +15,7 @@ import contextlib
 from aiohttp import web
 
 from omlx.models.pool import (
+    AdapterNotFound,
     InsufficientMemory,
     ModelBusy,
     ModelLoadFailed,
@@ -31,6 +32,8 @@ _LEASES = web.RequestKey("omlx.leases", contextlib.AsyncExitStack) if hasattr(we
 
 def pool_error(exc: Exception) -> APIError:
     """The OpenAI-shaped error for a pool failure."""
+    if isinstance(exc, AdapterNotFound):
+        return APIError(str(exc), 400, "invalid_request_error", "adapter_path", "adapter_not_found")
     if isinstance(exc, ModelNotFound):
         return model_not_found(exc.args[0] if exc.args else "")
     if isinstance(exc, ModelUnavailable):
@@ -45,16 +48,18 @@ def pool_error(exc: Exception) -> APIError:
     raise TypeError(f"not a pool error: {exc!r}")
 
 
-POOL_ERRORS = (ModelNotFound, ModelUnavailable, InsufficientMemory, ModelBusy, ModelLoadFailed)
+POOL_ERRORS = (AdapterNotFound, ModelNotFound, ModelUnavailable, InsufficientMemory, ModelBusy, ModelLoadFailed)
 
 
-async def lease_for_request(request: web.Request, pool: ModelPool, name: str, model_type: str | None = "llm"):
-    """The model `name`, leased until this request's handler finishes."""
+async def lease_for_request(request: web.Request, pool: ModelPool, name: str, model_type: str | None = "llm",
+                            adapter_path: str | None = None):
+    """The model `name` (with the LoRA adapter at `adapter_path`, if given), leased until
+    this request's handler finishes."""
     stack: contextlib.AsyncExitStack | None = request.get(_LEASES)
     if stack is None:
         raise RuntimeError("the release_leases middleware is not installed")
     try:
-        return await stack.enter_async_context(pool.lease(name, model_type))
+        return await stack.enter_async_context(pool.lease(name, model_type, adapter_path))
     except POOL_ERRORS as exc:
         raise pool_error(exc) from None
 

@@ -1,10 +1,13 @@
 """Model management routes: status, load, unload and per-model settings.
 
-    GET  /v1/models/status            every known model: type, loaded, context, memory
+    GET  /v1/models/status            oMLX's shape: {"models": [{"id", "model_type", "loaded",
+                                      "max_context_window", "max_tokens", ...}]}, plus what
+                                      omlx adds (memory, sizes, unavailable folders)
     POST /v1/models/{id}/load         load now (evicting idle models if needed)
     POST /v1/models/{id}/unload       unload now (409 while it serves requests)
     GET  /v1/models/{id}/settings     the model's settings from model_settings.json
     PUT  /v1/models/{id}/settings     update them (validated, persisted atomically, applied now)
+    POST /unload                      the mlx-vlm server's: unload what is loaded and idle
 
 Register these before the OpenAI routes: `GET /v1/models/{id}` would otherwise match
 `/v1/models/status` and `/v1/models/{id}/settings`.
@@ -24,13 +27,10 @@ from omlx.models.pool import ModelPool, context_window_of
 from omlx.settings import SettingsError
 
 from .errors import APIError, invalid
+from .wire import json_response
 from .model_access import POOL_ERRORS, pool_error
 
 log = logging.getLogger("omlx.api.models")
-
-
-def json_response(body, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
 def context_window(pool: ModelPool, info: DiscoveredModel) -> int:
@@ -40,13 +40,14 @@ def context_window(pool: ModelPool, info: DiscoveredModel) -> int:
     if loaded is not None and hasattr(loaded, "context_window"):
         return loaded.context_window
     window = context_window_of(info.config)
-    cap = pool.engine_config.max_model_len
-    return min(window, cap) if cap else window
+    caps = [c for c in (pool.engine_config.max_model_len,
+                        pool.settings.model(info.settings_id).get("max_context_window")) if c]
+    return min([window, *caps])
 
 
 def model_status(pool: ModelPool, info: DiscoveredModel) -> dict:
     resident = pool.resident(info.model_id)
-    settings = pool.settings.model(info.model_id)
+    settings = pool.settings.model(info.settings_id)
     window = context_window(pool, info)
     max_tokens = settings.get("max_tokens") or pool.settings.global_settings().get("max_tokens") or window
     return {
@@ -67,6 +68,7 @@ def model_status(pool: ModelPool, info: DiscoveredModel) -> dict:
         "idle_seconds": round(resident.idle_s, 1) if resident and not resident.leases else 0.0,
         "ttl": pool.settings.ttl(info.model_id),
         "path": str(info.path),
+        "adapter_path": info.adapter_path,
     }
 
 
@@ -80,6 +82,7 @@ class ModelAdminRoutes:
         app.router.add_post("/v1/models/{model_id:.+}/unload", self.unload)
         app.router.add_get("/v1/models/{model_id:.+}/settings", self.get_settings)
         app.router.add_put("/v1/models/{model_id:.+}/settings", self.put_settings)
+        app.router.add_post("/unload", self.unload_all)
 
     def _resolve(self, name: str) -> DiscoveredModel:
         try:
@@ -90,9 +93,10 @@ class ModelAdminRoutes:
     async def status(self, request: web.Request) -> web.Response:
         self.pool.rescan()
         pool = self.pool
+        # Adapter entries (a base model with a request's LoRA adapter) while they are resident.
+        adapters = [info for info in pool.adapter_models if pool.resident(info.model_id) is not None]
         return json_response({
-            "object": "list",
-            "data": [model_status(pool, info) for info in pool.available],
+            "models": [model_status(pool, info) for info in pool.available + adapters],
             "unavailable": [{"path": str(s.path), "reason": s.reason} for s in pool.skipped],
             "memory": {"budget_bytes": pool.memory_budget, "used_bytes": pool.used_bytes,
                        "evictions": pool.evictions},
@@ -113,6 +117,26 @@ class ModelAdminRoutes:
         except POOL_ERRORS as exc:
             raise pool_error(exc) from None
         return json_response({**model_status(self.pool, info), "unloaded": was_loaded})
+
+    async def unload_all(self, request: web.Request) -> web.Response:
+        """mlx-vlm's POST /unload: it holds one model, so this frees "the" model.  Here every
+        resident model that serves no request is unloaded; one that is busy stays (unloading
+        it would fail its requests) and is named in the reply."""
+        resident = [model_id for model_id in self.pool.loaded]
+        if not resident:
+            return json_response({"status": "no_model_loaded", "message": "No model is currently loaded"})
+        unloaded, busy = [], []
+        for model_id in resident:
+            try:
+                if await self.pool.unload(model_id):
+                    unloaded.append(model_id)
+            except POOL_ERRORS:
+                busy.append(model_id)
+        if not unloaded:
+            raise APIError(f"every loaded model is serving requests: {', '.join(busy)}", 409,
+                           "invalid_request_error", None, "model_busy")
+        return json_response({"status": "success", "message": "Model unloaded successfully",
+                              "unloaded": unloaded, "busy": busy})
 
     async def get_settings(self, request: web.Request) -> web.Response:
         info = self._resolve(request.match_info["model_id"])

@@ -2,36 +2,25 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
-import orjson
 from aiohttp import web
 
-from omlx.models.pool import LoadedModel, ModelNotFound, ModelPool
+from omlx.models.pool import ModelNotFound, ModelPool
 
 from . import sse
 from . import chat_tools
 from .assistant_turn import AssistantTurn
-from .conversation import render_prompt
-from .errors import invalid, model_not_found
-from .model_access import lease_for_request
-from .generation import EngineFailure, GenerationStream, build_request, collect_choices
+from .errors import model_not_found
+from .generation import EngineFailure, GenerationStream, collect_choices
 from .logprobs import chat_logprobs, completion_logprobs
-from .openai_protocol import CommonOptions, parse_chat, parse_completion
-from .turn_options import decoding_constraint, tool_parser_of
+from .openai_protocol import parse_chat, parse_completion
+from .serving import Serving
+from .turn_request import TurnRequest
+from .wire import dumps as _dumps
+from .wire import read_json
 
 log = logging.getLogger("omlx.api.openai")
-
-
-async def read_json(request: web.Request):
-    raw = await request.read()
-    if not raw:
-        raise invalid("the request body is empty; expected a JSON object")
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise invalid(f"the request body is not valid JSON: {exc}") from None
 
 
 def _usage_dict(stream: GenerationStream) -> dict:
@@ -47,22 +36,23 @@ def _usage_dict(stream: GenerationStream) -> dict:
 class OpenAIRoutes:
     def __init__(self, pool: ModelPool):
         self.pool = pool
+        self.serving = Serving(pool)
 
     def register(self, app: web.Application) -> None:
-        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        # The mlx-vlm server's routes have no /v1 prefix; its clients use them as they are.
+        for prefix in ("/v1", ""):
+            app.router.add_post(f"{prefix}/chat/completions", self.chat_completions)
+            app.router.add_get(f"{prefix}/models", self.list_models)
         app.router.add_post("/v1/completions", self.completions)
-        app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model_id:.+}", self.get_model)
-
-    async def _loaded(self, request: web.Request, model_id: str) -> LoadedModel:
-        # Leased until the handler returns (streaming included): never evicted mid-request.
-        return await lease_for_request(request, self.pool, model_id)
 
     # ------------------------------------------------------------------ models
     def _model_card(self, info) -> dict:
+        """oMLX's card: the id is the model's alias when one is set (requests may use either)."""
         owner = "omlx-demo" if info.model_id == self.pool.demo_model_id else "omlx"
         created = int(info.path.stat().st_mtime) if info.path.exists() else 0
-        return {"id": info.model_id, "object": "model", "created": created, "owned_by": owner}
+        alias = self.pool.settings.model(info.model_id).get("alias")
+        return {"id": alias or info.model_id, "object": "model", "created": created, "owned_by": owner}
 
     async def list_models(self, request: web.Request) -> web.Response:
         self.pool.rescan()
@@ -79,23 +69,12 @@ class OpenAIRoutes:
 
     # ------------------------------------------------------------------ chat
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        parsed = parse_chat(self.pool.apply_request_defaults(await read_json(request)))
-        loaded = await self._loaded(request, parsed.options.model)
-        conversation = parsed.conversation()
-        prompt_ids = render_prompt(loaded.tokenizer, conversation)
-        # Grammar compilation (and, once per model, the grammar engine's tokenizer) runs off
-        # the event loop.
-        constraint = await asyncio.to_thread(
-            decoding_constraint, loaded, conversation, parsed.response_format, parsed.thinking_budget,
-            prompt_ids, tool_parser_of(self.pool, loaded),
-        )
-        stream = self._start(loaded, prompt_ids, parsed.options, "chatcmpl", constraint)
-        # Reasoning and tool calls are parsed out of each choice's text.
-        turn = AssistantTurn(stream, prompt_ids, conversation, tool_parser_of(self.pool, loaded))
-        if parsed.options.stream:
-            return await self._stream_chat(request, stream, parsed.options, turn)
+        running = await self.serving.start(request, parse_chat(await read_json(request)))
+        stream, turn, loaded = running.stream, running.turn, running.loaded
+        if running.request.stream:
+            return await self._stream_chat(request, stream, running.request, turn)
         await collect_choices(stream)
-        logprobs = parsed.options.logprobs is not None
+        logprobs = running.request.logprobs is not None
         return web.json_response(
             {
                 "id": stream.request.request_id,
@@ -116,7 +95,7 @@ class OpenAIRoutes:
             dumps=_dumps,
         )
 
-    async def _stream_chat(self, request, stream: GenerationStream, options: CommonOptions, turn: AssistantTurn):
+    async def _stream_chat(self, request, stream: GenerationStream, options: TurnRequest, turn: AssistantTurn):
         tokenizer = stream.loaded.tokenizer
 
         def chunk(delta: dict, finish_reason=None, index: int = 0, logprobs=None) -> dict:
@@ -155,21 +134,14 @@ class OpenAIRoutes:
 
     # ------------------------------------------------------------------ completions
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        parsed = parse_completion(self.pool.apply_request_defaults(await read_json(request)))
-        loaded = await self._loaded(request, parsed.options.model)
-        if isinstance(parsed.prompt, str):
-            prompt_ids = loaded.tokenizer.encode(parsed.prompt)
-            prompt_text = parsed.prompt
-        else:
-            vocab = len(loaded.tokenizer)
-            if max(parsed.prompt) >= vocab:
-                raise invalid(f"'prompt' has token ids outside the vocabulary (size {vocab})", "prompt", "invalid_value")
-            prompt_ids = parsed.prompt
-            prompt_text = loaded.tokenizer.decode(prompt_ids)
-        stream = self._start(loaded, prompt_ids, parsed.options, "cmpl")
+        parsed = parse_completion(await read_json(request))
+        running = await self.serving.start(request, parsed.turn)
+        stream, loaded = running.stream, running.loaded
+        prompt = parsed.turn.prompt
+        prompt_text = prompt if isinstance(prompt, str) else loaded.tokenizer.decode(running.prompt_ids)
         echo = prompt_text if parsed.echo else ""
 
-        logprobs = parsed.options.logprobs is not None
+        logprobs = parsed.turn.logprobs is not None
 
         def choice(text: str, finish_reason=None, index: int = 0, entries=None, offset: int = 0) -> dict:
             lp = completion_logprobs(loaded.tokenizer, entries, offset) if logprobs and entries is not None else None
@@ -184,7 +156,7 @@ class OpenAIRoutes:
                 "choices": choices,
             }
 
-        if not parsed.options.stream:
+        if not parsed.turn.stream:
             await collect_choices(stream)
             result = body(
                 [choice(echo + c.text.text, c.finish_reason, c.index, c.logprobs, len(echo)) for c in stream.choices]
@@ -205,20 +177,12 @@ class OpenAIRoutes:
             if c.finish_reason is not None:
                 await response.write(sse.data_event(body([choice("", c.finish_reason, c.index)])))
         if all(c.finish_reason is not None for c in stream.choices):
-            if parsed.options.include_usage:
+            if parsed.turn.include_usage:
                 final = body([])
                 final["usage"] = _usage_dict(stream)
                 await response.write(sse.data_event(final))
             await response.write(sse.DONE)
         return response
-
-    def _start(self, loaded, prompt_ids, options: CommonOptions, prefix: str, constraint=None) -> GenerationStream:
-        request = build_request(
-            loaded, prompt_ids, options.max_tokens, options.sampling, prefix, options.max_tokens_param,
-            prompt_param="prompt" if prefix == "cmpl" else "messages",
-            logprobs=options.logprobs, n=options.n, constraint=constraint,
-        )
-        return GenerationStream(loaded, request, options.stop)
 
 
 async def _guarded(stream: GenerationStream, response: web.StreamResponse):
@@ -241,6 +205,3 @@ async def _guarded_choices(stream: GenerationStream, response: web.StreamRespons
         error = exc.api_error()
         await response.write(sse.data_event(error.body()))
 
-
-def _dumps(obj) -> str:
-    return orjson.dumps(obj).decode()

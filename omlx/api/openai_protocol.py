@@ -1,53 +1,32 @@
-"""Typed, validated OpenAI request bodies (chat completions and text completions).
+"""OpenAI chat completions and text completions parsed into the shared TurnRequest.
 
 Every check raises an APIError naming the offending field, so bad input becomes a 400 in
-OpenAI's shape before anything reaches the engine.  Unknown fields are ignored.
+OpenAI's shape before anything reaches the engine.  Unknown fields are ignored; the mlx-vlm
+server's extra fields (enable_thinking, thinking_budget, resize_shape, adapter_path) are
+understood.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from omlx.scheduler import SamplingParams
-
 from .chat_tools import message_tool_fields, parse_tools
-from .conversation import Conversation, ToolChoice, template_kwargs
+from .conversation import Conversation, template_kwargs
 from .errors import invalid
+from .sampling_fields import OPENAI_RANGES, SamplingRequest
+from .turn_request import TurnRequest, parse_vlm_fields, thinking_kwargs
+from .wire import boolean, model_name, number
 
 MAX_STOP_STRINGS = 4
-_MISSING = object()
+MAX_TOP_LOGPROBS = 20
+MAX_N = 16  # completions per request; each is a sequence in the batch
 
 
-def _number(body: dict, key: str, lo: float, hi: float, default=_MISSING, *, integer=False):
-    value = body.get(key)
-    if value is None:
-        return None if default is _MISSING else default
-    kind = "an integer" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise invalid(f"'{key}' must be {kind}, got {type(value).__name__}", key, "invalid_type")
-    if integer and isinstance(value, float):
-        if not value.is_integer():
-            raise invalid(f"'{key}' must be an integer, got {value}", key, "invalid_type")
-        value = int(value)
-    if not lo <= value <= hi:
-        raise invalid(f"'{key}' must be between {lo} and {hi}, got {value}", key, "invalid_value")
-    return value
-
-
-def _bool(body: dict, key: str, default: bool = False) -> bool:
-    value = body.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise invalid(f"'{key}' must be a boolean", key, "invalid_type")
-    return value
-
-
-def _stop(body: dict) -> list[str]:
+def _stop(body: dict) -> list[str] | None:
     stop = body.get("stop")
     if stop is None:
-        return []
+        return None
     if isinstance(stop, str):
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
@@ -59,85 +38,32 @@ def _stop(body: dict) -> list[str]:
     return [s for s in stop if s]
 
 
-def _logit_bias(body: dict) -> dict[int, float] | None:
-    bias = body.get("logit_bias")
-    if bias is None:
-        return None
-    if not isinstance(bias, dict):
-        raise invalid("'logit_bias' must be an object mapping token ids to numbers", "logit_bias", "invalid_type")
-    out = {}
-    for key, value in bias.items():
-        try:
-            token = int(key)
-        except (TypeError, ValueError):
-            raise invalid(f"'logit_bias' key {key!r} is not a token id", "logit_bias", "invalid_value") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
-            raise invalid("'logit_bias' values must be numbers between -100 and 100", "logit_bias", "invalid_value")
-        if token < 0:
-            raise invalid(f"'logit_bias' key {key!r} is not a token id", "logit_bias", "invalid_value")
-        out[token] = float(value)
-    return out or None
-
-
-def parse_sampling(body: dict) -> SamplingParams:
-    temperature = _number(body, "temperature", 0.0, 2.0, 1.0)
-    top_k = _number(body, "top_k", -1, 2**31 - 1, 0, integer=True)
-    seed = _number(body, "seed", -(2**63), 2**64 - 1, None, integer=True)
-    return SamplingParams(
-        temperature=float(temperature),
-        top_p=float(_number(body, "top_p", 0.0, 1.0, 1.0)),
-        top_k=max(0, top_k),
-        min_p=float(_number(body, "min_p", 0.0, 1.0, 0.0)),
-        seed=None if seed is None else seed % 2**63,
-        repetition_penalty=float(_number(body, "repetition_penalty", 0.01, 10.0, 1.0)),
-        presence_penalty=float(_number(body, "presence_penalty", -2.0, 2.0, 0.0)),
-        frequency_penalty=float(_number(body, "frequency_penalty", -2.0, 2.0, 0.0)),
-        logit_bias=_logit_bias(body),
-    )
-
-
-@dataclass
-class CommonOptions:
-    model: str
-    max_tokens: int | None
-    sampling: SamplingParams
-    stop: list[str]
-    stream: bool
-    include_usage: bool
-    max_tokens_param: str = "max_tokens"  # the name the client used, for error messages
-    logprobs: int | None = None  # None: off; k: the sampled token's logprob and k alternatives
-    n: int = 1  # completions of the same prompt
-
-
-MAX_TOP_LOGPROBS = 20
-MAX_N = 16  # completions per request; each is a sequence in the batch
-
-
 def _chat_logprobs(body: dict) -> int | None:
     """Chat's `logprobs: true` + `top_logprobs: k` as one number (None when off)."""
-    wanted = _bool(body, "logprobs")
-    top = _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, None, integer=True)
+    wanted = boolean(body, "logprobs")
+    top = number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, None, integer=True)
     if top is not None and not wanted:
         raise invalid("'top_logprobs' requires 'logprobs' to be true", "top_logprobs", "invalid_value")
     return (top or 0) if wanted else None
 
 
-def parse_common(body: Any) -> CommonOptions:
-    if not isinstance(body, dict):
-        raise invalid("the request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise invalid("'model' is required and must be a string", "model", "missing_required_parameter")
+def parse_common(body: Any, id_prefix: str) -> TurnRequest:
+    """The fields chat and text completions share."""
+    model = model_name(body)
     max_tokens_param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _number(body, max_tokens_param, 1, 2**31 - 1, None, integer=True)
-    n = _number(body, "n", 1, MAX_N, 1, integer=True)
-    stream = _bool(body, "stream")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise invalid("'stream_options' must be an object", "stream_options", "invalid_type")
-    include_usage = bool(options and options.get("include_usage"))
-    return CommonOptions(
-        model, max_tokens, parse_sampling(body), _stop(body), stream, include_usage, max_tokens_param, n=n
+    return TurnRequest(
+        model=model,
+        sampling=SamplingRequest.parse(body, OPENAI_RANGES),
+        max_tokens=number(body, max_tokens_param, 1, 2**31 - 1, None, integer=True),
+        max_tokens_param=max_tokens_param,
+        stop=_stop(body),
+        stream=boolean(body, "stream"),
+        include_usage=bool(options and options.get("include_usage")),
+        n=number(body, "n", 1, MAX_N, 1, integer=True),
+        id_prefix=id_prefix,
     )
 
 
@@ -174,25 +100,8 @@ def _message_text(content: Any, index: int) -> str:
     raise invalid(f"messages[{index}].content must be a string or a list of parts", f"messages[{index}].content", "invalid_type")
 
 
-@dataclass
-class ChatCompletionRequest:
-    options: CommonOptions
-    messages: list[dict]
-    chat_template_kwargs: dict = field(default_factory=dict)
-    tools: list[dict] = field(default_factory=list)
-    tool_choice: ToolChoice = field(default_factory=ToolChoice)
-    parallel_tool_calls: bool = True
-    response_format: dict | None = None  # json_object / json_schema; None for plain text
-    thinking_budget: int | None = None  # most tokens inside a thinking block
-
-    def conversation(self) -> Conversation:
-        return Conversation(
-            self.messages, self.tools, self.tool_choice, self.parallel_tool_calls, self.chat_template_kwargs
-        )
-
-
-def parse_chat(body: Any) -> ChatCompletionRequest:
-    options = parse_common(body)
+def parse_chat(body: Any) -> TurnRequest:
+    request = parse_common(body, "chatcmpl")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid("'messages' must be a non-empty list", "messages", "invalid_value")
@@ -208,14 +117,15 @@ def parse_chat(body: Any) -> ChatCompletionRequest:
             out["name"] = message["name"]
         message_tool_fields(message, i, out)
         rendered.append(out)
-    kwargs = template_kwargs(body.get("chat_template_kwargs"))
+    vlm = parse_vlm_fields(body)  # the mlx-vlm server's fields
+    kwargs = {**template_kwargs(body.get("chat_template_kwargs")), **thinking_kwargs(vlm)}
     tools, tool_choice, parallel_tool_calls = parse_tools(body)
-    options.logprobs = _chat_logprobs(body)
-    return ChatCompletionRequest(
-        options, rendered, kwargs, tools, tool_choice, parallel_tool_calls,
-        _response_format(body.get("response_format")),
-        _number(body, "thinking_budget", 0, 2**31 - 1, None, integer=True),
-    )
+    request.conversation = Conversation(rendered, tools, tool_choice, parallel_tool_calls, kwargs)
+    request.logprobs = _chat_logprobs(body)
+    request.response_format = _response_format(body.get("response_format"))
+    request.thinking_budget = vlm.thinking_budget
+    request.adapter_path = vlm.adapter_path
+    return request
 
 
 def _response_format(raw: Any) -> dict | None:
@@ -249,13 +159,13 @@ def _response_format(raw: Any) -> dict | None:
 
 @dataclass
 class CompletionRequest:
-    options: CommonOptions
-    prompt: str | list[int]
+    turn: TurnRequest
     echo: bool = False
 
 
 def parse_completion(body: Any) -> CompletionRequest:
-    options = parse_common(body)
+    request = parse_common(body, "cmpl")
+    request.prompt_param = "prompt"
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
@@ -270,9 +180,11 @@ def parse_completion(body: Any) -> CompletionRequest:
         raise invalid("'prompt' must be a non-empty string or a list of token ids", "prompt", "invalid_value")
     if body.get("suffix"):
         raise invalid("'suffix' is not supported", "suffix", "unsupported_value")
-    options.logprobs = _number(body, "logprobs", 0, MAX_TOP_LOGPROBS, None, integer=True)
-    echo = _bool(body, "echo")
-    if echo and options.logprobs is not None:
+    request.prompt = prompt
+    request.logprobs = number(body, "logprobs", 0, MAX_TOP_LOGPROBS, None, integer=True)
+    request.adapter_path = parse_vlm_fields(body).adapter_path
+    echo = boolean(body, "echo")
+    if echo and request.logprobs is not None:
         # The prompt's own log-probabilities would need logits at every prompt position.
         raise invalid("'logprobs' together with 'echo' is not supported", "logprobs", "unsupported_value")
-    return CompletionRequest(options, prompt, echo)
+    return CompletionRequest(request, echo)

@@ -20,19 +20,17 @@ from contextlib import aclosing
 import orjson
 from aiohttp import web
 
-from omlx.models.pool import LoadedModel, ModelPool
+from omlx.models.pool import ModelPool
 
 from . import sse
-from .assistant_turn import AssistantTurn
-from .conversation import render_prompt
 from .errors import APIError, invalid
-from .generation import EngineFailure, GenerationStream, build_request
-from .model_access import lease_for_request
-from .openai import read_json
+from .generation import EngineFailure
 from .output_parser import Reasoning, ToolCallEvent
 from .response_store import ResponseStore
 from .responses_protocol import ResponsesRequest, parse_responses
-from .turn_options import decoding_constraint, output_room, tool_parser_of
+from .serving import RunningTurn, Serving
+from .wire import dumps as _dumps
+from .wire import read_json
 
 log = logging.getLogger("omlx.api.responses")
 
@@ -142,9 +140,11 @@ class ResponsesRoutes:
     def __init__(self, pool: ModelPool, store: ResponseStore):
         self.pool = pool
         self.store = store
+        self.serving = Serving(pool)
 
     def register(self, app: web.Application) -> None:
         app.router.add_post("/v1/responses", self.create)
+        app.router.add_post("/responses", self.create)  # the mlx-vlm server's route
         app.router.add_get("/v1/responses/{response_id}", self.retrieve)
         app.router.add_delete("/v1/responses/{response_id}", self.delete)
 
@@ -162,7 +162,7 @@ class ResponsesRoutes:
         return web.json_response({"id": response_id, "object": "response.deleted", "deleted": True})
 
     async def create(self, request: web.Request) -> web.StreamResponse:
-        parsed = parse_responses(self.pool.apply_request_defaults(await read_json(request)))
+        parsed = parse_responses(await read_json(request))
         history: list[dict] = []
         if parsed.previous_response_id:
             stored = await asyncio.to_thread(self.store.get, parsed.previous_response_id)
@@ -172,22 +172,8 @@ class ResponsesRoutes:
                     "previous_response_id", "previous_response_not_found",
                 )
             history = stored["messages"]
-        loaded: LoadedModel = await lease_for_request(request, self.pool, parsed.model)
-        conversation = parsed.conversation(history)
-        prompt_ids = render_prompt(loaded.tokenizer, conversation, "input")
-        max_tokens = parsed.max_output_tokens
-        if max_tokens is not None:  # like Anthropic's: capped at what the context leaves
-            max_tokens = min(max_tokens, max(1, output_room(loaded, len(prompt_ids))))
-        tool_parser = tool_parser_of(self.pool, loaded)
-        constraint = await asyncio.to_thread(
-            decoding_constraint, loaded, conversation, parsed.text_format, parsed.thinking_budget, prompt_ids,
-            tool_parser, "text.format",
-        )
-        engine_request = build_request(
-            loaded, prompt_ids, max_tokens, parsed.sampling, "resp", "max_output_tokens", "input", constraint=constraint
-        )
-        turn = AssistantTurn(GenerationStream(loaded, engine_request, []), prompt_ids, conversation, tool_parser)
-        run = _Run(parsed, loaded, turn, history)
+        run = _Run(parsed, await self.serving.start(request, parsed.turn_request(history)), history)
+        turn = run.turn
         if parsed.stream:
             return await self._stream(request, run)
         try:
@@ -242,10 +228,11 @@ class ResponsesRoutes:
 class _Run:
     """One /v1/responses request in progress: what was asked and what is coming out."""
 
-    def __init__(self, parsed: ResponsesRequest, loaded: LoadedModel, turn: AssistantTurn, history: list[dict]):
+    def __init__(self, parsed: ResponsesRequest, running: RunningTurn, history: list[dict]):
         self.parsed = parsed
-        self.loaded = loaded
-        self.turn = turn
+        self.running = running
+        self.loaded = running.loaded
+        self.turn = running.turn
         self.history = history
         self.output = OutputItems()
         self.id = _new_id("resp")
@@ -280,8 +267,9 @@ class _Run:
             "parallel_tool_calls": parsed.parallel_tool_calls,
             "previous_response_id": parsed.previous_response_id,
             "max_output_tokens": parsed.max_output_tokens,
-            "temperature": parsed.sampling.temperature,
-            "top_p": parsed.sampling.top_p,
+            # What the request runs with, defaults included.
+            "temperature": self.running.resolved.sampling.temperature,
+            "top_p": self.running.resolved.sampling.top_p,
             "reasoning": parsed.reasoning,
             "text": {"format": text_format},
             "store": parsed.store,
@@ -305,6 +293,3 @@ class _Run:
 def _not_found(response_id: str) -> APIError:
     return APIError(f"No response found with id '{response_id}'.", 404, "invalid_request_error", None, "not_found")
 
-
-def _dumps(obj) -> str:
-    return orjson.dumps(obj).decode()

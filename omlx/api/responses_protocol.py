@@ -12,8 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from omlx.scheduler import SamplingParams
-
 from .conversation import (
     Conversation,
     ToolChoice,
@@ -24,7 +22,9 @@ from .conversation import (
     template_kwargs,
 )
 from .errors import invalid
-from .openai_protocol import _bool, _number
+from .sampling_fields import OPENAI_RANGES, SamplingRequest
+from .turn_request import TurnRequest, parse_vlm_fields, thinking_kwargs
+from .wire import boolean, model_name, number
 
 # Items produced by tools the Responses API runs itself; nothing a local model can replay.
 _HOSTED_TOOL_ITEMS = {"web_search_call", "file_search_call", "image_generation_call", "code_interpreter_call"}
@@ -40,7 +40,7 @@ class ResponsesRequest:
     tool_choice: ToolChoice
     parallel_tool_calls: bool
     max_output_tokens: int | None
-    sampling: SamplingParams
+    sampling: SamplingRequest
     stream: bool
     store: bool
     previous_response_id: str | None
@@ -51,11 +51,29 @@ class ResponsesRequest:
     raw_tools: list = field(default_factory=list)  # echoed back in the response object
     raw_tool_choice: Any = "auto"
     metadata: dict | None = None
+    adapter_path: str | None = None
 
     def conversation(self, history: list[dict]) -> Conversation:
         """The whole conversation: stored history, this input, the instructions in front."""
         messages = _merge_leading_system(list(history) + self.input_messages, self.instructions)
-        return Conversation(messages, self.tools, self.tool_choice, self.parallel_tool_calls, self.template_kwargs)
+        return Conversation(messages, self.tools, self.tool_choice, self.parallel_tool_calls, dict(self.template_kwargs))
+
+    def turn_request(self, history: list[dict]) -> TurnRequest:
+        return TurnRequest(
+            model=self.model,
+            sampling=self.sampling,
+            conversation=self.conversation(history),
+            max_tokens=self.max_output_tokens,
+            max_tokens_param="max_output_tokens",
+            cap_max_tokens=True,  # like Anthropic's: capped at what the context leaves
+            stream=self.stream,
+            response_format=self.text_format,
+            format_param="text.format",
+            thinking_budget=self.thinking_budget,
+            adapter_path=self.adapter_path,
+            id_prefix="resp",
+            prompt_param="input",
+        )
 
 
 def _merge_leading_system(messages: list[dict], instructions: str | None) -> list[dict]:
@@ -228,11 +246,7 @@ def _reasoning(raw: Any) -> tuple[dict | None, dict]:
 
 
 def parse_responses(body: Any) -> ResponsesRequest:
-    if not isinstance(body, dict):
-        raise invalid("the request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise invalid("'model' is required and must be a string", "model", "missing_required_parameter")
+    model = model_name(body)
     if body.get("input") is None:
         raise invalid("'input' is required", "input", "missing_required_parameter")
     instructions = body.get("instructions")
@@ -246,28 +260,25 @@ def parse_responses(body: Any) -> ResponsesRequest:
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise invalid("'metadata' must be an object", "metadata", "invalid_type")
-    sampling = SamplingParams(
-        temperature=float(_number(body, "temperature", 0.0, 2.0, 1.0)),
-        top_p=float(_number(body, "top_p", 0.0, 1.0, 1.0)),
-        top_k=max(0, _number(body, "top_k", -1, 2**31 - 1, 0, integer=True)),
-        seed=_number(body, "seed", 0, 2**63 - 1, None, integer=True),
-    )
+    vlm = parse_vlm_fields(body)  # the mlx-vlm server's fields
     return ResponsesRequest(
         model=model,
         input_messages=_input_messages(body["input"]),
         instructions=instructions,
         tools=tools,
         tool_choice=_tool_choice(body.get("tool_choice"), tools),
-        parallel_tool_calls=_bool(body, "parallel_tool_calls", True),
-        max_output_tokens=_number(body, "max_output_tokens", 1, 2**31 - 1, None, integer=True),
-        sampling=sampling,
-        stream=_bool(body, "stream"),
-        store=_bool(body, "store", True),
+        parallel_tool_calls=boolean(body, "parallel_tool_calls", True),
+        max_output_tokens=number(body, "max_output_tokens", 1, 2**31 - 1, None, integer=True),
+        sampling=SamplingRequest.parse(body, OPENAI_RANGES),
+        stream=boolean(body, "stream"),
+        store=boolean(body, "store", True),
         previous_response_id=previous,
         text_format=_text_format(body.get("text")),
         reasoning=reasoning,
-        template_kwargs={**template_kwargs(body.get("chat_template_kwargs")), **reasoning_kwargs},
-        thinking_budget=_number(body, "thinking_budget", 0, 2**31 - 1, None, integer=True),
+        template_kwargs={**template_kwargs(body.get("chat_template_kwargs")), **reasoning_kwargs,
+                         **thinking_kwargs(vlm)},
+        thinking_budget=vlm.thinking_budget,
+        adapter_path=vlm.adapter_path,
         raw_tools=body.get("tools") or [],
         raw_tool_choice=body.get("tool_choice", "auto"),
         metadata=metadata,

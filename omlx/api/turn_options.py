@@ -19,15 +19,13 @@ log = logging.getLogger("omlx.api.turn_options")
 def output_room(loaded: LoadedModel, prompt_tokens: int) -> int:
     """Tokens that can still be generated after a prompt of `prompt_tokens`: what the context
     window leaves, and what the KV pool could ever hold."""
-    engine = loaded.engine.engine
-    kv_tokens = engine.blocks.max_usable_blocks * engine.blocks.block_size
-    return min(loaded.context_window, kv_tokens) - prompt_tokens
+    return min(loaded.context_window, loaded.kv_capacity_tokens) - prompt_tokens
 
 
 def tool_parser_of(pool: ModelPool, loaded: LoadedModel) -> str | None:
     """The per-model `tool_parser` setting (an mlx_lm.tool_parsers module name), if set:
     it overrides the parser mlx-lm inferred from the chat template."""
-    return pool.settings.model(loaded.model_id).get("tool_parser")
+    return pool.settings.model(loaded.info.settings_id).get("tool_parser")
 
 
 def decoding_constraint(

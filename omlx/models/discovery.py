@@ -51,6 +51,15 @@ class DiscoveredModel:
     config: dict = field(compare=False, repr=False)
     size_bytes: int
     weights_format: str | None = None  # "gguf": `path` is a GGUF file, converted on load
+    # A LoRA adapter served as its own pool entry: `path` is the base model's folder, and the
+    # base model's id (whose settings it shares) is `base_id`.
+    adapter_path: str | None = None
+    base_id: str | None = None
+
+    @property
+    def settings_id(self) -> str:
+        """The id its per-model settings are kept under."""
+        return self.base_id or self.model_id
 
 
 @dataclass(frozen=True)

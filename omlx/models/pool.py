@@ -30,9 +30,10 @@ from pathlib import Path
 
 from omlx.scheduler import AsyncEngine, EngineConfig, LLMEngine, default_kv_cache_bytes
 from omlx.scheduler.engine import parameter_bytes
-from omlx.settings import SettingsStore, apply_request_defaults
+from omlx.settings import SettingsStore
 
 from .discovery import DiscoveredModel, SkippedModel, discover_hf_cache, discover_models, find_model
+from .loaded import LoadedModel
 from .cpu_weights import should_dequantize, to_float32
 from .memory_ledger import MemoryLedger
 
@@ -51,31 +52,6 @@ def context_window_of(config: dict) -> int:
             if isinstance(value, int) and value > 0:
                 return value
     return DEFAULT_CONTEXT_WINDOW
-
-
-@dataclass
-class LoadedModel:
-    info: DiscoveredModel
-    tokenizer: object  # mlx_lm TokenizerWrapper
-    engine: AsyncEngine
-    context_window: int
-    loaded_at: float
-    weights_bytes: int = 0
-
-    @property
-    def model_id(self) -> str:
-        return self.info.model_id
-
-    @property
-    def stop_token_ids(self) -> frozenset[int]:
-        return frozenset(self.tokenizer.eos_token_ids)
-
-    @property
-    def memory_bytes(self) -> int:
-        return self.weights_bytes + self.engine.engine.kv_bytes
-
-    def shutdown(self) -> None:
-        self.engine.shutdown()
 
 
 # ---------------------------------------------------------------------------- errors
@@ -99,6 +75,10 @@ class ModelBusy(Exception):
 
 class ModelLoadFailed(Exception):
     pass
+
+
+class AdapterNotFound(ValueError):
+    """A request's adapter_path is not a LoRA adapter folder."""
 
 
 # ---------------------------------------------------------------------------- residency
@@ -151,6 +131,9 @@ def engine_config_for(base: EngineConfig, settings: dict) -> EngineConfig:
         overrides["quantized_kv_start"] = settings["quantized_kv_start"]
     if settings.get("kv_cache_gb") is not None:
         overrides["kv_cache_bytes"] = int(settings["kv_cache_gb"] * 2**30)
+    if settings.get("max_context_window") is not None:  # oMLX's per-model context limit
+        cap = settings["max_context_window"]
+        overrides["max_model_len"] = min(base.max_model_len or cap, cap)
     return dataclasses.replace(base, **overrides) if overrides else base
 
 
@@ -167,6 +150,7 @@ class ModelPool:
         extra_models: Iterable[DiscoveredModel] = (),
         pinned: Iterable[str] = (),
         preload: Iterable[str] = (),
+        preload_adapter: str | None = None,
     ):
         from omlx.settings import default_model_memory_bytes
 
@@ -180,6 +164,9 @@ class ModelPool:
         self.extra_models = list(extra_models)  # e.g. the embedding model shipped in a package
         self.cli_pinned = set(pinned)
         self.preload = list(preload)
+        self.preload_adapter = preload_adapter  # PRELOAD_ADAPTER: with each preloaded model
+        # Base model + LoRA adapter pairs asked for by requests, each its own pool entry.
+        self._adapter_models: dict[str, DiscoveredModel] = {}
         self.available: list[DiscoveredModel] = []
         self.skipped: list[SkippedModel] = []
         self._residents: dict[str, Resident] = {}
@@ -236,6 +223,8 @@ class ModelPool:
         return info
 
     def _lookup(self, name: str) -> DiscoveredModel | None:
+        if name in self._adapter_models:
+            return self._adapter_models[name]
         info = find_model(self.available, name)
         if info is None:
             target = self.settings.alias_target(name)
@@ -245,14 +234,29 @@ class ModelPool:
             info = matches[0] if len(matches) == 1 else None
         return info
 
-    def apply_request_defaults(self, body):
-        """The request body with the model's and the global defaults filled in under it
-        (sampling, max_tokens, chat_template_kwargs); see omlx.settings for precedence."""
-        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
-            return body
-        info = self._lookup(body["model"])
-        model_id = info.model_id if info else body["model"]
-        return apply_request_defaults(body, self.settings.request_defaults(model_id))
+    def with_adapter(self, info: DiscoveredModel, adapter_path: str) -> DiscoveredModel:
+        """The pool entry serving `info` with the LoRA adapter at `adapter_path` (the mlx-vlm
+        server's per-request `adapter_path`): loaded, leased and evicted like any model."""
+        if info.base_id is not None:
+            info = self.resolve(info.base_id)
+        path = Path(adapter_path).expanduser()
+        if not (path / "adapter_config.json").is_file():
+            raise AdapterNotFound(f"adapter_path {adapter_path!r} is not a LoRA adapter folder "
+                                  "(no adapter_config.json in it)")
+        path = path.resolve()
+        model_id = f"{info.model_id}+{path.name}"
+        taken = self._adapter_models.get(model_id)
+        if taken is not None and taken.adapter_path != str(path):  # same folder name elsewhere
+            model_id += "-" + hashlib.blake2b(str(path).encode(), digest_size=4).hexdigest()
+        entry = self._adapter_models.get(model_id)
+        if entry is None:
+            entry = dataclasses.replace(info, model_id=model_id, adapter_path=str(path), base_id=info.model_id)
+            self._adapter_models[model_id] = entry
+        return entry
+
+    @property
+    def adapter_models(self) -> list[DiscoveredModel]:
+        return list(self._adapter_models.values())
 
     # ------------------------------------------------------------------ state
     @property
@@ -276,22 +280,25 @@ class ModelPool:
 
     # ------------------------------------------------------------------ leases
     @contextlib.asynccontextmanager
-    async def lease(self, name: str, model_type: str | None = "llm") -> AsyncIterator[object]:
+    async def lease(self, name: str, model_type: str | None = "llm",
+                    adapter_path: str | None = None) -> AsyncIterator[object]:
         """Hold a loaded model for the duration of a request; it cannot be evicted meanwhile.
 
         Raises ModelNotFound, ModelUnavailable (wrong or unsupported type),
         InsufficientMemory or ModelLoadFailed.
         """
-        resident = await self._acquire(name, model_type)
+        resident = await self._acquire(name, model_type, adapter_path)
         try:
             yield resident.model
         finally:
             resident.leases -= 1
             resident.last_used = time.monotonic()
 
-    async def _acquire(self, name: str, model_type: str | None) -> Resident:
+    async def _acquire(self, name: str, model_type: str | None, adapter_path: str | None = None) -> Resident:
         info = self.resolve(name)
         self._check_type(info, model_type)
+        if adapter_path is not None:
+            info = self._adapter_for(info, adapter_path)
         while True:
             resident = self._residents.get(info.model_id)
             if resident is not None:
@@ -314,10 +321,17 @@ class ModelPool:
             )
 
     # ------------------------------------------------------------------ load / unload
-    async def load(self, name: str) -> Resident:
+    def _adapter_for(self, info: DiscoveredModel, adapter_path: str) -> DiscoveredModel:
+        if info.model_type != "llm":
+            raise ModelUnavailable(f"'{info.model_id}' is a {info.model_type} model; LoRA adapters apply to LLMs")
+        return self.with_adapter(info, adapter_path)
+
+    async def load(self, name: str, adapter_path: str | None = None) -> Resident:
         """Load a model (if it is not resident yet) without holding a lease on it."""
         info = self.resolve(name)
         self._check_type(info, None)
+        if adapter_path is not None:
+            info = self._adapter_for(info, adapter_path)
         while info.model_id not in self._residents:
             await asyncio.shield(self._load_task(info))
         resident = self._residents[info.model_id]
@@ -373,8 +387,9 @@ class ModelPool:
         from mlx_lm import load
 
         started = time.monotonic()
-        settings = self.settings.model(info.model_id)
-        trust = self.settings.trust_remote_code(info.model_id)
+        settings = self.settings.model(info.settings_id)
+        trust = self.settings.trust_remote_code(info.settings_id)
+        adapter = info.adapter_path or settings.get("adapter_path")
         folder = info.path
         if info.weights_format == "gguf":
             from omlx.gguf.convert import converted_folder
@@ -383,13 +398,13 @@ class ModelPool:
         model, tokenizer = load(
             str(folder),
             tokenizer_config={"trust_remote_code": True} if trust else None,
-            adapter_path=settings.get("adapter_path"),
+            adapter_path=adapter,
         )
         window = context_window_of(info.config)
-        scope = f"{info.model_id}:{info.path}:{info.size_bytes}:{settings.get('adapter_path')}".encode()
+        scope = f"{info.model_id}:{info.path}:{info.size_bytes}:{adapter}".encode()
         # The files' names, sizes and mtimes too: KV blocks the disk tier kept for earlier
         # weights (a folder overwritten in place) must never be read back for new ones.
-        scope += b":" + files_fingerprint(folder, settings.get("adapter_path"))
+        scope += b":" + files_fingerprint(folder, adapter)
         if should_dequantize(settings.get("dequantize"), model, self.memory_budget):
             to_float32(model)
             log.info("%s runs dequantized in float32 (faster on this CPU; model setting "
@@ -440,12 +455,12 @@ class ModelPool:
         candidates = sorted(
             (r.last_used, model_id) for model_id, r in self._residents.items()
             if r.leases == 0 and model_id != for_model and isinstance(r.model, LoadedModel)
-            and r.model.engine.engine.pool_grown
+            and r.model.kv_pool_grown
         )
         for _, model_id in candidates:
             resident = self._residents[model_id]
             try:
-                freed = await asyncio.wait_for(asyncio.wrap_future(resident.model.engine.shrink_pool()), 60)
+                freed = await asyncio.wait_for(asyncio.wrap_future(resident.model.shrink_kv_pool()), 60)
             except Exception as exc:  # a stopped engine, or one too busy to answer
                 log.warning("could not shrink %s's KV pool: %s", model_id, exc)
                 continue
@@ -492,8 +507,11 @@ class ModelPool:
              *self.preload]
         ))
         for name in wanted:
+            # PRELOAD_ADAPTER (mlx-vlm) goes with the preloaded models: that pair is the entry
+            # loaded, as a request naming the model and the adapter would load it.
+            adapter = self.preload_adapter if name in self.preload else None
             try:
-                await self.load(name)
+                await self.load(name, adapter_path=adapter)
             except Exception as exc:  # the server still serves everything else
                 log.error("could not load %s at startup: %s", name, exc)
         if self._ttl_task is None:

@@ -1,0 +1,98 @@
+"""The one path every generating API family takes from a typed request to a running turn.
+
+    TurnRequest ─► lease the model (its LoRA adapter entry, if asked) ─► apply the defaults
+    ─► render the prompt ─► output limit ─► decoding constraint ─► engine submission
+    ─► GenerationStream (text, usage) + AssistantTurn (reasoning, tool calls)
+
+Each family's route parses its wire format into a TurnRequest, calls `start`, and only
+formats what comes out (JSON or its SSE events).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from omlx.models.loaded import LoadedModel
+from omlx.models.pool import ModelPool
+
+from .assistant_turn import AssistantTurn
+from .conversation import render_prompt
+from .errors import invalid
+from .generation import GenerationStream, build_request
+from .model_access import lease_for_request
+from .turn_options import decoding_constraint, output_room, tool_parser_of
+from .turn_request import ModelDefaults, Resolved, TurnRequest, apply_defaults
+
+
+@dataclass
+class RunningTurn:
+    loaded: LoadedModel
+    resolved: Resolved
+    prompt_ids: list[int]
+    stream: GenerationStream
+    turn: AssistantTurn | None  # None for text completions: no reasoning or tool parsing
+
+    @property
+    def request(self) -> TurnRequest:
+        return self.resolved.request
+
+
+class Serving:
+    def __init__(self, pool: ModelPool):
+        self.pool = pool
+
+    def defaults(self, loaded: LoadedModel) -> ModelDefaults:
+        return ModelDefaults.from_settings(self.pool.settings.request_defaults(loaded.info.settings_id))
+
+    async def prepare(self, http: web.Request, request: TurnRequest) -> tuple[LoadedModel, Resolved, list[int]]:
+        """Lease the model, apply its defaults and render the prompt (also all that
+        /v1/messages/count_tokens needs)."""
+        loaded = await lease_for_request(http, self.pool, request.model, adapter_path=request.adapter_path)
+        resolved = apply_defaults(request, self.defaults(loaded))
+        return loaded, resolved, self._prompt_ids(loaded, request)
+
+    async def start(self, http: web.Request, request: TurnRequest) -> RunningTurn:
+        loaded, resolved, prompt_ids = await self.prepare(http, request)
+        tool_parser = tool_parser_of(self.pool, loaded)
+        constraint = None
+        if request.conversation is not None:
+            # Grammar compilation (and, once per model, the grammar engine's tokenizer) runs
+            # off the event loop.
+            constraint = await asyncio.to_thread(
+                decoding_constraint, loaded, request.conversation, request.response_format,
+                resolved.thinking_budget, prompt_ids, tool_parser, request.format_param,
+            )
+        engine_request = build_request(
+            loaded, prompt_ids, self._max_tokens(loaded, resolved, len(prompt_ids)), resolved.sampling,
+            request.id_prefix, request.max_tokens_param, request.prompt_param,
+            logprobs=request.logprobs, n=request.n, constraint=constraint,
+        )
+        stream = GenerationStream(loaded, engine_request, resolved.stop)
+        turn = None
+        if request.conversation is not None:
+            turn = AssistantTurn(stream, prompt_ids, request.conversation, tool_parser, request.call_id_prefix)
+        return RunningTurn(loaded, resolved, prompt_ids, stream, turn)
+
+    @staticmethod
+    def _prompt_ids(loaded: LoadedModel, request: TurnRequest) -> list[int]:
+        if request.conversation is not None:
+            return render_prompt(loaded.tokenizer, request.conversation, request.prompt_param)
+        if isinstance(request.prompt, str):
+            return loaded.tokenizer.encode(request.prompt)
+        vocab = len(loaded.tokenizer)
+        if max(request.prompt) >= vocab:
+            raise invalid(f"'prompt' has token ids outside the vocabulary (size {vocab})", "prompt", "invalid_value")
+        return list(request.prompt)
+
+    @staticmethod
+    def _max_tokens(loaded: LoadedModel, resolved: Resolved, prompt_tokens: int) -> int | None:
+        """The output limit: a client's own limit is checked against the context (a 400 if it
+        cannot fit) unless its API caps it; a configured default is always capped, since a
+        server setting must never fail a client's request."""
+        max_tokens = resolved.max_tokens
+        if max_tokens is not None and (resolved.max_tokens_from_default or resolved.request.cap_max_tokens):
+            max_tokens = min(max_tokens, max(1, output_room(loaded, prompt_tokens)))
+        return max_tokens

@@ -1,0 +1,69 @@
+"""JSON in and out of every route, and the field checks every API family's parser shares.
+
+Each check raises an APIError naming the offending field, so bad input becomes a 400 in the
+route's own error shape (the server's middleware picks OpenAI's or Anthropic's).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .errors import invalid
+
+MISSING = object()
+
+
+async def read_json(request: web.Request) -> Any:
+    raw = await request.read()
+    if not raw:
+        raise invalid("the request body is empty; expected a JSON object")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise invalid(f"the request body is not valid JSON: {exc}") from None
+
+
+def dumps(obj) -> str:
+    return orjson.dumps(obj).decode()
+
+
+def json_response(body, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+def number(body: dict, key: str, lo: float, hi: float, default=MISSING, *, integer=False):
+    """`body[key]` checked to lie in [lo, hi]; `default` (None unless given) when absent."""
+    value = body.get(key)
+    if value is None:
+        return None if default is MISSING else default
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise invalid(f"'{key}' must be {kind}, got {type(value).__name__}", key, "invalid_type")
+    if integer and isinstance(value, float):
+        if not value.is_integer():
+            raise invalid(f"'{key}' must be an integer, got {value}", key, "invalid_type")
+        value = int(value)
+    if not lo <= value <= hi:
+        raise invalid(f"'{key}' must be between {lo} and {hi}, got {value}", key, "invalid_value")
+    return value
+
+
+def boolean(body: dict, key: str, default: bool | None = False) -> bool | None:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise invalid(f"'{key}' must be a boolean", key, "invalid_type")
+    return value
+
+
+def model_name(body: Any) -> str:
+    if not isinstance(body, dict):
+        raise invalid("the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise invalid("'model' is required and must be a string", "model", "missing_required_parameter")
+    return model

@@ -1,0 +1,96 @@
+"""A resident LLM as the API sees it: its tokenizer, its context window, and a narrow facade
+over its engine.
+
+The API layer submits requests, checks them and reads statistics only through these methods,
+never through the engine's internals (`loaded.engine.engine...`), so the scheduler can be
+reorganised without touching a route.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omlx.scheduler import AsyncEngine, GenerationRequest
+
+from .discovery import DiscoveredModel
+
+
+@dataclass
+class LoadedModel:
+    info: DiscoveredModel
+    tokenizer: object  # mlx_lm TokenizerWrapper
+    engine: AsyncEngine
+    context_window: int
+    loaded_at: float
+    weights_bytes: int = 0
+
+    @property
+    def model_id(self) -> str:
+        return self.info.model_id
+
+    @property
+    def adapter_path(self) -> str | None:
+        return self.info.adapter_path
+
+    @property
+    def stop_token_ids(self) -> frozenset[int]:
+        return frozenset(self.tokenizer.eos_token_ids)
+
+    # ------------------------------------------------------------------ the engine facade
+    def check(self, request: GenerationRequest) -> None:
+        """Raise RequestRejected if the engine could never run this request (too long for
+        its KV pool or context)."""
+        self.engine.engine.check(request)
+
+    def generate(self, request: GenerationRequest):
+        """The request's TokenEvents (an async iterator; closing it aborts the request)."""
+        return self.engine.generate(request)
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Tokens the KV pool could ever hold for one sequence, grown to its cap."""
+        blocks = self.engine.engine.blocks
+        return blocks.max_usable_blocks * blocks.block_size
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.engine.engine.kv_bytes
+
+    @property
+    def kv_pool_grown(self) -> bool:
+        return self.engine.engine.pool_grown
+
+    def shrink_kv_pool(self):
+        """A future of the bytes freed by shrinking the KV pool back (on the engine thread)."""
+        return self.engine.shrink_pool()
+
+    def engine_settings(self) -> dict:
+        config = self.engine.engine.config
+        return {"max_num_batched_tokens": config.max_num_batched_tokens, "max_num_seqs": config.max_num_seqs}
+
+    def engine_stats(self) -> dict:
+        """Queue lengths, counters and KV statistics for /health."""
+        engine = self.engine.engine
+        stats = {
+            "context_window": self.context_window,
+            "running": len(engine.scheduler.running),
+            "waiting": len(engine.scheduler.waiting),
+            "preemptions": engine.scheduler.num_preemptions,
+            "steps": engine.stats.steps,
+            "prefill_tokens": engine.stats.prefill_tokens,
+            "generated_tokens": engine.stats.generated_tokens,
+            "kv_cache": engine.kv_stats(),
+        }
+        profile = getattr(engine, "profile", None)  # per-phase step timings, where measured
+        if profile is not None:
+            stats["step_profile"] = profile.report()
+        if self.adapter_path:
+            stats["adapter_path"] = self.adapter_path
+        return stats
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.weights_bytes + self.kv_bytes
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
