@@ -20,7 +20,10 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
