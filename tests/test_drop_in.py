@@ -70,7 +70,10 @@ def server(model_dir, tmp_path_factory):
     home.mkdir()
     (home / "settings.json").write_text(json.dumps(OMLX_SETTINGS))
     (home / "model_settings.json").write_text(json.dumps(OMLX_MODEL_SETTINGS))
-    with omlx_server(model_dir, workdir, "--kv-cache-gb", "0.02", failure=pytest.fail) as running:
+    # The mlx-vlm server's startup env: a model and a LoRA adapter for it, loaded at once.
+    preload = build_lora_adapter(model_dir / "tiny-llama", workdir / "preload-lora", seed=1)
+    env = {"PRELOAD_MODEL": "tiny-llama", "PRELOAD_ADAPTER": str(preload)}
+    with omlx_server(model_dir, workdir, "--kv-cache-gb", "0.02", env=env, failure=pytest.fail) as running:
         running.home = home
         running.workdir = workdir
         yield running
@@ -146,7 +149,9 @@ def test_models_status_as_documented(server):
 def test_health_as_documented(server):
     code, body = call(server, "GET", "/health")
     assert code == 200 and body["status"] == "ok"
-    assert "loaded_model" in body and "loaded_adapter" in body  # the mlx-vlm server's fields
+    # The mlx-vlm server's fields: PRELOAD_MODEL + PRELOAD_ADAPTER were loaded last.
+    assert body["loaded_model"] == "tiny-llama"
+    assert body["loaded_adapter"] == str((server.workdir / "preload-lora").resolve())
 
 
 def test_load_and_unload_as_documented(server):
