@@ -59,6 +59,10 @@ def _choose() -> AttentionBackend:
         return AttentionBackend(
             "portable", "the CPU kernel was built for another MLX version or source (run: python -m omlx.kernels.build)"
         )
+    # OpenMP threads that spin after a parallel region take the core from OpenBLAS's threads
+    # in the matmul that follows (and on 2 cores that doubled a 32-row decode step's
+    # attention time here): idle kernel threads sleep.  Read by libgomp when it loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         from . import _paged_attention_cpu as module  # type: ignore[attr-defined]
     except ImportError as exc:
