@@ -158,7 +158,7 @@ def cascade_decode_attention(queries, pool_k, pool_v, plan: CascadePlan, block_s
     peak = mx.maximum(peak1, peak2)
     w1, w2 = mx.exp(peak1 - peak), mx.exp(peak2 - peak)
     grouped = ((out1 * w1 + out2 * w2) / (sum1 * w1 + sum2 * w2)).astype(queries.dtype)
-    grouped = grouped.reshape(-1, q_heads, 1, dim)
+    grouped = grouped.reshape(-1, q_heads, 1, grouped.shape[-1])  # value dim
     if plan.ungrouped_rows is None:
         return grouped[plan.order]
     plain = gathered_attention(

@@ -208,10 +208,6 @@ struct Step {
   int rep() const {
     return q_heads / kv_heads;
   }
-  int64_t pool_row(const int32_t* table, int head, int pos) const {
-    const int64_t block = table[pos / block_size];
-    return (block * kv_heads + head) * block_size + pos % block_size;
-  }
 };
 
 // Per-thread scratch, sized once per call.
@@ -348,8 +344,13 @@ void attend(const Step& st, Scratch& sc, int head, int t0, int nt, int64_t pos0,
     // Keys of this tile: transposed (dk, NT) for many rows, else as row pointers; values as
     // row pointers (converted / dequantised into scratch when the pool is not float32).
     const bool transpose = rows > DOT_ROWS;
+    int block_index = kb / st.block_size, offset = kb % st.block_size;  // walked, not divided per key
     for (int j = 0; j < n; ++j) {
-      const int64_t prow = st.pool_row(table, head, kb + j);
+      const int64_t prow = (int64_t(table[block_index]) * st.kv_heads + head) * st.block_size + offset;
+      if (++offset == st.block_size) {
+        offset = 0;
+        ++block_index;
+      }
       if (transpose) {
         const float* krow = st.k.row(prow, sc.tmp.data());
         for (int d = 0; d < dk; ++d) Kt[d * NT + j] = krow[d];
@@ -366,7 +367,11 @@ void attend(const Step& st, Scratch& sc, int head, int t0, int nt, int64_t pos0,
       for (; r < rows; ++r) scores_rows<1>(Q + r * dk, Kt, S + r * NT, dk);
     } else {
       for (; r + 4 <= rows; r += 4) scores_dot<4>(Q + r * dk, sc.kptr.data(), S + r * NT, n, dk);
-      for (; r < rows; ++r) scores_dot<1>(Q + r * dk, sc.kptr.data(), S + r * NT, n, dk);
+      switch (rows - r) {  // GQA groups of 2 or 3 heads read each key once, not per head
+        case 3: scores_dot<3>(Q + r * dk, sc.kptr.data(), S + r * NT, n, dk); break;
+        case 2: scores_dot<2>(Q + r * dk, sc.kptr.data(), S + r * NT, n, dk); break;
+        case 1: scores_dot<1>(Q + r * dk, sc.kptr.data(), S + r * NT, n, dk); break;
+      }
     }
 
     // Causal mask and tile tail, then the online-softmax update of each row.
@@ -402,7 +407,11 @@ void attend(const Step& st, Scratch& sc, int head, int t0, int nt, int64_t pos0,
     }
     r = 0;
     for (; r + 4 <= rows; r += 4) pv_block<4>(S + r * NT, sc.vptr.data(), O + r * dv, n, dv);
-    for (; r < rows; ++r) pv_block<1>(S + r * NT, sc.vptr.data(), O + r * dv, n, dv);
+    switch (rows - r) {
+      case 3: pv_block<3>(S + r * NT, sc.vptr.data(), O + r * dv, n, dv); break;
+      case 2: pv_block<2>(S + r * NT, sc.vptr.data(), O + r * dv, n, dv); break;
+      case 1: pv_block<1>(S + r * NT, sc.vptr.data(), O + r * dv, n, dv); break;
+    }
   }
 
   for (int i = 0; i < nt; ++i)
@@ -447,8 +456,9 @@ void run_units(const Step& st, std::vector<Unit>& units, int max_rows) {
 #ifdef _OPENMP
   int64_t total = 0;
   for (const Unit& w : units) total += w.cost;
-  // Threads pay only above a few hundred thousand multiply-adds (spin-up ~10-50 us).
-  const bool parallel = count > 1 && total > (1 << 18);
+  // Threads pay only above ~0.2 ms of work (waking a sleeping thread costs ~10-50 us); a
+  // unit of cost is one key against one token's query heads, tens of cycles.
+  const bool parallel = count > 1 && total > (1 << 14);
 #pragma omp parallel if (parallel)
   {
     Scratch sc;
