@@ -563,3 +563,39 @@ def test_unclaimed_staged_blocks_expire(tiny, tmp_path, monkeypatch):
     assert tokens == expected and cached == 9 * BLOCK  # read at admission instead
     assert e.disk.stats()["prefetched_blocks"] == 0 and e.disk.stats()["hit_blocks"] == 9
     e.close()
+
+
+def test_a_moved_model_keeps_its_disk_cache_and_new_weights_never_hit(tmp_path):
+    """The disk tier's identity is the model's content: the same folder moved and renamed
+    finds its blocks; the same path with rewritten weights (same size, same mtime) does not."""
+    import os
+    import shutil
+
+    from omlx_process import call, omlx_server
+    from omlx.testing.tiny_models import TinyModelSpec, build_model
+
+    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
+    build_model(first_dir / "alpha", TinyModelSpec(seed=21))
+    prompt = [random.Random(5).randrange(5, 500) for _ in range(120)]
+    full_blocks = (len(prompt) - 1) // 16 * 16
+
+    def cached_tokens(model_dir, model_id):
+        with omlx_server(model_dir, tmp_path, failure=pytest.fail) as server:
+            status, reply = call(server, "POST", "/v1/completions",
+                                 {"model": model_id, "prompt": prompt, "max_tokens": 2, "temperature": 0})
+            assert status == 200, reply
+            return reply["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert cached_tokens(first_dir, "alpha") == 0
+    shutil.move(first_dir / "alpha", second_dir / "renamed")
+    assert cached_tokens(second_dir, "renamed") == full_blocks  # a new process: from disk
+
+    # Same path, same sizes and mtimes, other weights: never a hit.
+    weights = next((second_dir / "renamed").glob("*.safetensors"))
+    stat = weights.stat()
+    other = tmp_path / "other"
+    build_model(other, TinyModelSpec(seed=22))
+    shutil.copyfile(next(other.glob("*.safetensors")), weights)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert weights.stat().st_size == stat.st_size
+    assert cached_tokens(second_dir, "renamed") == 0

@@ -10,7 +10,6 @@ leaves nothing that looks finished.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,6 +19,8 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+
+from omlx.models.content_hash import file_hash
 
 from .config import mlx_config
 from .header import GGUFError, read_header
@@ -97,27 +98,7 @@ def default_cache_dir() -> Path:
 def content_hash(path: Path, cache_dir: Path) -> str:
     """blake2b of the file's bytes, remembered in `cache_dir/hashes.json` per (path, size,
     mtime) so a restart does not read every GGUF file again."""
-    st = path.stat()
-    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    index_path = cache_dir / "hashes.json"
-    try:
-        index = json.loads(index_path.read_text())
-    except (OSError, ValueError):
-        index = {}
-    if isinstance(index, dict) and isinstance(index.get(key), str):
-        return index[key]
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while chunk := f.read(16 << 20):
-            digest.update(chunk)
-    value = digest.hexdigest()
-    index = index if isinstance(index, dict) else {}
-    index[key] = value
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = index_path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(index))
-    os.replace(tmp, index_path)
-    return value
+    return file_hash(path, cache_dir)
 
 
 def converted_folder(gguf_path: str | Path, cache_dir: str | Path | None = None) -> Path:

@@ -34,6 +34,7 @@ from omlx.settings import SettingsStore
 
 from .discovery import DiscoveredModel, SkippedModel, discover_hf_cache, discover_models, find_model
 from .loaded import LoadedModel
+from .content_hash import folder_fingerprint
 from .cpu_weights import should_dequantize, to_float32
 from .memory_ledger import MemoryLedger
 
@@ -401,14 +402,16 @@ class ModelPool:
             adapter_path=adapter,
         )
         window = context_window_of(info.config)
-        scope = f"{info.model_id}:{info.path}:{info.size_bytes}:{adapter}".encode()
-        # The files' names, sizes and mtimes too: KV blocks the disk tier kept for earlier
-        # weights (a folder overwritten in place) must never be read back for new ones.
-        scope += b":" + files_fingerprint(folder, adapter)
-        if should_dequantize(settings.get("dequantize"), model, self.memory_budget):
+        dequantized = should_dequantize(settings.get("dequantize"), model, self.memory_budget)
+        if dequantized:
             to_float32(model)
             log.info("%s runs dequantized in float32 (faster on this CPU; model setting "
                      "'dequantize': false keeps the stored weights)", info.model_id)
+        # The model's identity for the prefix cache and its disk tier is what it computes,
+        # not where it lives: its files' content (weights, config, tokenizer, adapter) and
+        # the form its weights run in.  A moved or renamed model keeps its cached blocks; one
+        # overwritten in place never reads blocks computed for the old weights.
+        scope = b"content:" + folder_fingerprint(folder, adapter) + (b":float32" if dequantized else b"")
         config = engine_config_for(self.engine_config, settings)
         weights = parameter_bytes(model)
         if config.kv_cache_bytes is None and config.num_blocks is None:
@@ -553,26 +556,6 @@ class ModelPool:
         for resident in self._residents.values():
             resident.model.shutdown()
         self._residents.clear()
-
-
-def files_fingerprint(*folders) -> bytes:
-    """Names, sizes and mtimes of the weight and config files in `folders`, hashed."""
-    digest = hashlib.blake2b(digest_size=16)
-    for folder in folders:
-        if not folder:
-            continue
-        root = Path(folder).expanduser()
-        try:
-            files = sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".json"))
-        except OSError:
-            continue
-        for path in files:
-            try:
-                st = path.stat()
-            except OSError:
-                continue
-            digest.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return digest.hexdigest().encode()
 
 
 def _release(resident: Resident) -> None:
