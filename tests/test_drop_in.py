@@ -348,6 +348,13 @@ def test_adapter_path_serves_the_base_model_with_that_adapter(server, model_dir)
     code, bad = call(server, "POST", "/v1/messages", {"model": SCRIPTED, "messages": MESSAGES, "max_tokens": 2,
                                                       "adapter_path": "/nonexistent"})
     assert code == 400 and bad["type"] == "error"
+    broken = server.workdir / "broken-lora"  # looks like an adapter, is not one
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{")
+    code, bad = call(server, "POST", "/chat/completions", {"model": base_model, "messages": MESSAGES,
+                                                           "adapter_path": str(broken)})
+    assert code == 400 and bad["error"]["param"] == "adapter_path" and "cannot be applied" in bad["error"]["message"]
+    assert call(server, "GET", "/health")[0] == 200  # and the server serves on
 
 
 def test_unload_as_documented(server):

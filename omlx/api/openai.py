@@ -185,19 +185,10 @@ class OpenAIRoutes:
         return response
 
 
-async def _guarded(stream: GenerationStream, response: web.StreamResponse):
-    """Text deltas of a stream that has already sent its headers: an engine failure becomes an
-    error event in the stream instead of an exception aiohttp would turn into a broken reply."""
-    try:
-        async for delta in stream:
-            yield delta
-    except EngineFailure as exc:
-        error = exc.api_error()
-        await response.write(sse.data_event(error.body()))
-
-
 async def _guarded_choices(stream: GenerationStream, response: web.StreamResponse):
-    """`_guarded` for `(choice, delta)` pairs of every choice."""
+    """`(choice, delta)` pairs of a stream that has already sent its headers: an engine
+    failure becomes an error event in the stream instead of an exception aiohttp would turn
+    into a broken reply."""
     try:
         async for item in stream.choice_deltas():
             yield item

@@ -364,6 +364,12 @@ class ModelPool:
         except (InsufficientMemory, ModelUnavailable):
             raise
         except Exception as exc:
+            if info.adapter_path is not None:
+                # The request's adapter folder is what failed: the client's input, not a fault.
+                self._adapter_models.pop(info.model_id, None)
+                log.warning("adapter %s on %s failed to load: %s", info.adapter_path, info.base_id, exc)
+                raise AdapterNotFound(f"adapter_path {info.adapter_path!r} cannot be applied to "
+                                      f"'{info.base_id}': {exc}") from exc
             log.exception("loading %s failed", info.model_id)
             raise ModelLoadFailed(f"loading '{info.model_id}' failed: {exc}") from exc
         finally:
