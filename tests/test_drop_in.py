@@ -354,6 +354,10 @@ def test_adapter_path_serves_the_base_model_with_that_adapter(server, model_dir)
     code, bad = call(server, "POST", "/chat/completions", {"model": base_model, "messages": MESSAGES,
                                                            "adapter_path": str(broken)})
     assert code == 400 and bad["error"]["param"] == "adapter_path" and "cannot be applied" in bad["error"]["message"]
+    for weird in ("bad\u0000path", "x" * 5000, "~no-such-user-here/lora"):
+        code, bad = call(server, "POST", "/chat/completions", {"model": base_model, "messages": MESSAGES,
+                                                               "adapter_path": weird})
+        assert code == 400 and bad["error"]["param"] == "adapter_path"
     assert call(server, "GET", "/health")[0] == 200  # and the server serves on
 
 

@@ -240,11 +240,15 @@ class ModelPool:
         server's per-request `adapter_path`): loaded, leased and evicted like any model."""
         if info.base_id is not None:
             info = self.resolve(info.base_id)
-        path = Path(adapter_path).expanduser()
-        if not (path / "adapter_config.json").is_file():
+        try:
+            path = Path(adapter_path).expanduser()
+            found = (path / "adapter_config.json").is_file()
+            path = path.resolve()
+        except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a name too long, ~nobody
+            raise AdapterNotFound(f"adapter_path {adapter_path!r} is not a usable path: {exc}") from None
+        if not found:
             raise AdapterNotFound(f"adapter_path {adapter_path!r} is not a LoRA adapter folder "
                                   "(no adapter_config.json in it)")
-        path = path.resolve()
         model_id = f"{info.model_id}+{path.name}"
         taken = self._adapter_models.get(model_id)
         if taken is not None and taken.adapter_path != str(path):  # same folder name elsewhere
