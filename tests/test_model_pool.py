@@ -303,7 +303,7 @@ async def test_an_idle_models_grown_kv_pool_shrinks_before_any_model_is_evicted(
         assert pool.used_bytes + size > pool.memory_budget  # b does not fit beside a's grown pool
         await use(pool, "b")
         assert set(pool.loaded) == {"a", "b"} and pool.evictions == 0  # a shrank instead
-        assert engine.storage.num_blocks == engine.initial_blocks and engine.storage.nbytes < grown
+        assert engine.storage.num_blocks == engine.main_pool.initial_blocks and engine.storage.nbytes < grown
         assert pool.used_bytes == pool.resident("a").memory_bytes + pool.resident("b").memory_bytes
         assert pool.used_bytes <= pool.memory_budget
     finally:

@@ -1,6 +1,7 @@
 """The engine core: requests in, tokens out, many sequences batched per step."""
 
-from .engine import AsyncEngine, EngineConfig, LLMEngine, RequestRejected, default_kv_cache_bytes
+from .async_engine import AsyncEngine
+from .engine import EngineConfig, LLMEngine, RequestRejected, default_kv_cache_bytes
 from .request import FinishReason, GenerationRequest, SamplingParams, TokenEvent
 
 __all__ = [

@@ -1,29 +1,23 @@
-"""One model's engine: the synchronous step loop, and the asyncio bridge in front of it.
+"""One model's engine: requests in, one step at a time, tokens out.
 
-`LLMEngine.step()` runs one scheduler iteration (a batched prefill pass for this step's
-prompt chunks and a batched decode pass for every running sequence) and returns each
-request's new token.  `AsyncEngine` runs those steps on a dedicated thread, so MLX never
-blocks the event loop, and hands tokens back to each request's asyncio queue.
+`LLMEngine.step()` runs one scheduler iteration - every running sequence's next token and
+this step's prompt chunks in one ragged forward pass - and returns each request's new token.
+`async_engine.AsyncEngine` runs the steps on a thread of their own for asyncio clients.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import hashlib
 import logging
-import queue
-import threading
-import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import Callable
 
 import mlx.core as mx
 import numpy as np
 
 from .block_manager import BlockManager
-from .disk_cache import DiskKVCache
 from .kv_cache import KVLayout, PagedKVStorage
+from .kv_pool import KVPool
 from .request import FinishReason, GenerationRequest, TokenEvent
 from .runner import ModelRunner
 from .parallel_sampling import fork_siblings, request_finished, request_sequences
@@ -76,74 +70,36 @@ class LLMEngine:
         self, model, config: EngineConfig, context_window: int, scope: bytes = b"",
         kv_budget: Callable[[int], bool] | None = None, label: str | None = None,
     ):
-        """`kv_budget(n)` is asked before the KV pool grows by `n` bytes and answers whether
-        the memory budget has room (and takes it); None: growth is bounded by the cap only.
-        `label` names the model in the KV disk tier (default: from `scope`); when it opens,
-        directories kept for the same label under another identity are removed."""
+        """`scope` is the model's identity (its content; see omlx.models.content_hash): it
+        scopes prefix hashes and names the disk tier's directory.  `kv_budget(n)` is asked
+        before a KV pool grows by `n` bytes (see KVPool).  `label` names the model in the
+        disk tier: its directories under an older identity are removed when it opens."""
         self.model = model
         self.config = config
-        self.kv_budget = kv_budget
         layout = KVLayout.probe(model)
-        block_size = config.block_size
         kv_bits, group_size = quantization_for(layout, config.kv_bits, config.kv_group_size)
         self.quantized_kv_start = config.quantized_kv_start if kv_bits is not None else 0
         if config.quantized_kv_start and kv_bits is None:
             log.info("quantized_kv_start=%d has no effect: the KV cache is not quantized", config.quantized_kv_start)
         if self.quantized_kv_start < 0:
             raise ValueError(f"quantized_kv_start must be >= 0, got {self.quantized_kv_start}")
-        two_pools = self.quantized_kv_start > 0
-        initial_bytes = config.initial_kv_bytes
-        if config.num_blocks:
-            num_blocks = max_blocks = config.num_blocks
-        else:
-            cap = config.kv_cache_bytes or default_kv_cache_bytes(parameter_bytes(model))
-            if two_pools:
-                # The float pool only ever holds sequences' first `quantized_kv_start` tokens:
-                # at most that for every sequence slot (plus cached prefixes), and never more
-                # than half the cap; the quantized pool may grow to the rest.  The two start
-                # at half the usual initial size each.
-                float_bpb = PagedKVStorage.bytes_per_token(layout) * block_size
-                slots = config.max_num_seqs * -(-self.quantized_kv_start // block_size) + 1
-                float_cap = min(cap // 2, slots * float_bpb)
-                cap -= float_cap
-                initial_bytes //= 2
-            max_blocks = PagedKVStorage.blocks_for_budget(layout, block_size, cap, kv_bits, group_size)
-            num_blocks = min(max_blocks, PagedKVStorage.blocks_for_budget(
-                layout, block_size, initial_bytes, kv_bits, group_size
-            ))
-        self.storage = PagedKVStorage(layout, num_blocks, block_size, kv_bits, group_size)
-        # With two pools the main (quantized) pool's prefix hashes are scoped by the threshold:
-        # its blocks past it were computed reading quantized KV, so they differ from blocks of
-        # the same tokens in an engine that quantizes from another point.
-        main_scope = (scope or b"omlx") + (b"|quantized_kv_start=%d" % self.quantized_kv_start if two_pools else b"")
-        self.blocks = BlockManager(
-            num_blocks, block_size, scope=main_scope, prefix_cache=config.prefix_cache, max_blocks=max_blocks
-        )
-        if max_blocks > num_blocks:
-            self.blocks.grower = self._grow_pool
-        self.initial_blocks = num_blocks
-        self.float_storage: PagedKVStorage | None = None
-        self.float_blocks: BlockManager | None = None
-        self.initial_float_blocks = 0
-        if two_pools:
-            if config.num_blocks:
-                float_blocks = max_float_blocks = config.num_float_blocks or config.num_blocks
-            else:
-                max_float_blocks = PagedKVStorage.blocks_for_budget(layout, block_size, float_cap)
-                float_blocks = min(max_float_blocks, PagedKVStorage.blocks_for_budget(layout, block_size, initial_bytes))
-            self.float_storage = PagedKVStorage(layout, float_blocks, block_size)
-            self.initial_float_blocks = float_blocks
-            self.float_blocks = BlockManager(
-                float_blocks, block_size, scope=scope or b"omlx", prefix_cache=config.prefix_cache,
-                max_blocks=max_float_blocks,
-            )
-            if max_float_blocks > float_blocks:
-                self.float_blocks.grower = self._grow_float_pool
-        self.pool_growths = 0
-        self.disk = self._open_disk(model, scope, label, self.storage, self.blocks, suffix=main_scope[len(scope or b"omlx"):])
-        self.float_disk = None
-        if two_pools:
-            self.float_disk = self._open_disk(model, scope, label, self.float_storage, self.float_blocks, suffix=b"")
+        scope = scope or b"omlx"
+        # The main pool; with quantized_kv_start a float pool too (see _pool_plans).
+        self.pools: list[KVPool] = []
+        for name, bits, (num_blocks, max_blocks), pool_scope in self._pool_plans(layout, kv_bits, group_size, scope):
+            pool = KVPool(name, layout, config.block_size, num_blocks, max_blocks, kv_bits=bits,
+                          group_size=group_size, scope=pool_scope, prefix_cache=config.prefix_cache,
+                          kv_budget=kv_budget)
+            if config.kv_cache_dir:
+                # Each pool its own directory (and label), so neither counts as the other's
+                # outdated identity.
+                suffix = pool_scope[len(scope):]
+                pool_label = f"{label} ({suffix.decode().lstrip('|')})" if suffix and label else label
+                identity = (scope if scope != b"omlx" else weights_fingerprint(model)) + suffix
+                pool.open_disk(config.kv_cache_dir, identity, config.kv_disk_bytes, pool_label)
+            self.pools.append(pool)
+        self.main_pool = self.pools[0]
+        self.float_pool = self.pools[1] if len(self.pools) > 1 else None
         self.max_model_len = min(config.max_model_len or context_window, context_window)
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -154,7 +110,7 @@ class LLMEngine:
             self.blocks,
             float_blocks=self.float_blocks,
             quantized_kv_start=self.quantized_kv_start,
-            copy_blocks=self._quantize_blocks if two_pools else None,
+            copy_blocks=self._quantize_blocks if self.float_pool is not None else None,
         )
         self.runner = ModelRunner(model, self.storage)
         self.sampler = Sampler()
@@ -162,41 +118,72 @@ class LLMEngine:
         self.stats = EngineStats()
         self.profile = StepProfile()
         self.runner.profile = self.profile
-        log.info(
-            "KV pool: %d blocks x %d tokens (%.1f MiB%s), %d layers, %s%s",
-            num_blocks, block_size, self.storage.nbytes / 2**20,
-            f", may grow to {max_blocks} blocks / {self.max_kv_bytes / 2**20:.0f} MiB" if max_blocks > num_blocks else "",
-            layout.num_layers, layout.dtype,
-            f", quantized to {kv_bits} bits (groups of {group_size})" if kv_bits else "",
-        )
-        if two_pools:
+        for pool in self.pools:
             log.info(
-                "KV kept in %s for each sequence's first %d tokens: float pool of %d blocks (%.1f MiB%s)",
-                layout.dtype, self.quantized_kv_start, self.float_blocks.num_blocks,
-                self.float_storage.nbytes / 2**20,
-                f", may grow to {self.float_blocks.max_blocks} blocks" if self.float_blocks.max_blocks > self.float_blocks.num_blocks else "",
+                "KV %s pool: %d blocks x %d tokens (%.1f MiB%s), %d layers, %s%s", pool.name,
+                pool.storage.num_blocks, pool.block_size, pool.nbytes / 2**20,
+                f", may grow to {pool.blocks.max_blocks} blocks / {pool.max_bytes / 2**20:.0f} MiB"
+                if pool.blocks.max_blocks > pool.storage.num_blocks else "",
+                layout.num_layers, layout.dtype,
+                f", quantized to {pool.storage.kv_bits} bits (groups of {group_size})" if pool.storage.kv_bits else
+                (f", for each sequence's first {self.quantized_kv_start} tokens" if pool is self.float_pool else ""),
             )
 
-    def _open_disk(self, model, scope: bytes, label: str | None, storage, blocks, suffix: bytes):
-        """The disk tier of one pool (None if off or unavailable).  The quantized pool of a
-        two-pool engine gets its own label, so that neither pool's directory counts as the
-        other's outdated identity."""
+    def _pool_plans(self, layout: KVLayout, kv_bits: int | None, group_size: int, scope: bytes):
+        """(name, bits, (initial blocks, max blocks), prefix scope) of each pool to build."""
         config = self.config
-        if not config.kv_cache_dir:
-            return None
-        if suffix and label:
-            label = f"{label} ({suffix.decode().lstrip('|')})"
-        try:
-            disk = DiskKVCache(
-                config.kv_cache_dir, (scope or weights_fingerprint(model)) + suffix, storage, config.kv_disk_bytes,
-                label=label,  # the model's name in the disk tier: its older identities are removed
-            )
-        except OSError as exc:
-            log.warning("KV disk cache disabled: %s", exc)
-            return None
-        blocks.disk = disk
-        log.info("KV disk cache: %s (%d blocks, cap %.1f GiB)", disk.dir, disk.num_blocks, config.kv_disk_bytes / 2**30)
-        return disk
+        block_size = config.block_size
+        initial_bytes = config.initial_kv_bytes
+        if self.quantized_kv_start <= 0:
+            if config.num_blocks:
+                sizes = (config.num_blocks, config.num_blocks)
+            else:
+                cap = config.kv_cache_bytes or default_kv_cache_bytes(parameter_bytes(self.model))
+                sizes = _initial_and_max(layout, block_size, initial_bytes, cap, kv_bits, group_size)
+            return [("main", kv_bits, sizes, scope)]
+        # Two pools.  The float pool only ever holds sequences' first `quantized_kv_start`
+        # tokens: at most that for every sequence slot (plus cached prefixes), and never more
+        # than half the cap; the quantized pool may grow to the rest.  The two start at half
+        # the usual initial size each.  The quantized pool's prefix hashes are scoped by the
+        # threshold: its blocks past it were computed reading quantized KV, so they differ
+        # from blocks of the same tokens in an engine that quantizes from another point.
+        main_scope = scope + b"|quantized_kv_start=%d" % self.quantized_kv_start
+        if config.num_blocks:
+            main = (config.num_blocks, config.num_blocks)
+            floats = (config.num_float_blocks or config.num_blocks,) * 2
+        else:
+            cap = config.kv_cache_bytes or default_kv_cache_bytes(parameter_bytes(self.model))
+            float_bpb = PagedKVStorage.bytes_per_token(layout) * block_size
+            slots = config.max_num_seqs * -(-self.quantized_kv_start // block_size) + 1
+            float_cap = min(cap // 2, slots * float_bpb)
+            main = _initial_and_max(layout, block_size, initial_bytes // 2, cap - float_cap, kv_bits, group_size)
+            floats = _initial_and_max(layout, block_size, initial_bytes // 2, float_cap, None, group_size)
+        return [("quantized", kv_bits, main, main_scope), ("float", None, floats, scope)]
+
+    # Views of the pools that the scheduler, the server and tests use.
+    @property
+    def storage(self) -> PagedKVStorage:
+        return self.main_pool.storage
+
+    @property
+    def blocks(self) -> BlockManager:
+        return self.main_pool.blocks
+
+    @property
+    def disk(self):
+        return self.main_pool.disk
+
+    @property
+    def float_storage(self) -> PagedKVStorage | None:
+        return self.float_pool.storage if self.float_pool else None
+
+    @property
+    def float_blocks(self) -> BlockManager | None:
+        return self.float_pool.blocks if self.float_pool else None
+
+    @property
+    def float_disk(self):
+        return self.float_pool.disk if self.float_pool else None
 
     def _quantize_blocks(self, src: list[int], dst: list[int]) -> None:
         """A float sequence reached quantized_kv_start: its float blocks, quantized, into the main pool."""
@@ -205,49 +192,21 @@ class LLMEngine:
     # ------------------------------------------------------------------ KV memory
     @property
     def max_kv_bytes(self) -> int:
-        total = self.blocks.max_blocks * self.storage.bytes_per_block
-        if self.float_blocks is not None:
-            total += self.float_blocks.max_blocks * self.float_storage.bytes_per_block
-        return total
+        return sum(pool.max_bytes for pool in self.pools)
 
     @property
     def kv_bytes(self) -> int:
-        """The KV memory held now (both pools with quantized_kv_start)."""
-        if self.float_storage is None:
-            return self.storage.nbytes
-        return self.storage.nbytes + self.float_storage.nbytes
+        """The KV memory held now (all pools)."""
+        return sum(pool.nbytes for pool in self.pools)
 
-    def _grow_pool(self, needed: int, storage: PagedKVStorage | None = None, blocks: BlockManager | None = None) -> bool:
-        """Add at least `needed` blocks to the pool: double it if the budget allows, else
-        just what is needed.  Runs on the engine thread between steps."""
-        storage = storage or self.storage
-        blocks = blocks or self.blocks
-        current = storage.num_blocks
-        room = blocks.max_blocks - current
-        if room <= 0:
-            return False
-        for extra in dict.fromkeys((min(room, max(current, needed)), min(room, needed))):
-            if self.kv_budget is not None and not self.kv_budget(extra * storage.bytes_per_block):
-                continue
-            started = time.perf_counter()
-            storage.grow(current + extra)
-            blocks.add_blocks(extra)
-            self.pool_growths += 1
-            log.info("KV %spool grew %d -> %d blocks (%.0f MiB) in %.0f ms",
-                     "float " if storage is self.float_storage else "", current, current + extra,
-                     storage.nbytes / 2**20, (time.perf_counter() - started) * 1e3)
-            return True
-        return False
-
-    def _grow_float_pool(self, needed: int) -> bool:
-        return self._grow_pool(needed, self.float_storage, self.float_blocks)
+    @property
+    def pool_growths(self) -> int:
+        return sum(pool.growths for pool in self.pools)
 
     @property
     def pool_grown(self) -> bool:
         """Whether a pool is bigger than it started (so `shrink_pool` has something to give)."""
-        if self.storage.num_blocks > self.initial_blocks:
-            return True
-        return self.float_storage is not None and self.float_storage.num_blocks > self.initial_float_blocks
+        return any(pool.grown for pool in self.pools)
 
     def shrink_pool(self) -> int:
         """Give back what the pools grew beyond their initial sizes, if no request is in
@@ -255,36 +214,16 @@ class LLMEngine:
         Engine thread."""
         if self.sequences or self.scheduler.has_work:
             return 0
-        freed = 0
-        pools = [(self.storage, self.blocks, self.initial_blocks)]
-        if self.float_storage is not None:
-            pools.append((self.float_storage, self.float_blocks, self.initial_float_blocks))
-        for storage, blocks, target in pools:
-            if storage.num_blocks <= target:
-                continue
-            before = storage.nbytes
-            blocks.truncate(target)
-            storage.shrink(target)
-            freed += before - storage.nbytes
+        freed = sum(pool.shrink() for pool in self.pools)
         if freed:
             log.info("KV pool shrank to its initial size (%.0f MiB freed)", freed / 2**20)
         return freed
 
     def kv_stats(self) -> dict:
-        if self.float_blocks is None:
-            return {
-                **self.blocks.stats(),
-                "bytes": self.storage.nbytes,
-                "max_bytes": self.max_kv_bytes,
-                "growths": self.pool_growths,
-            }
+        if self.float_pool is None:
+            return {**self.main_pool.stats(), "growths": self.pool_growths}
         # Two pools: the top-level counts are both pools' together; `pools` has each.
-        pools = {
-            "float": {**self.float_blocks.stats(), "bytes": self.float_storage.nbytes,
-                      "max_bytes": self.float_blocks.max_blocks * self.float_storage.bytes_per_block},
-            "quantized": {**self.blocks.stats(), "bytes": self.storage.nbytes,
-                          "max_bytes": self.blocks.max_blocks * self.storage.bytes_per_block},
-        }
+        pools = {pool.name: pool.stats() for pool in self.pools}
         out = dict(pools["quantized"])
         out.pop("disk", None)
         for key in ("total_blocks", "max_blocks", "free_blocks", "used_blocks", "cached_blocks",
@@ -366,12 +305,12 @@ class LLMEngine:
             return ended
         events: list[tuple[Sequence, TokenEvent]] = []
         for rows in self._passes(batch):
-            for part, float_rows in self._by_pool(rows):
+            for part, pools in self._by_pool(rows):
                 seqs = [s for s, _ in part]
                 counts = [n for _, n in part]
                 # A prefill chunk samples when it reaches the prompt's end; a decode always.
                 want = [s.num_computed_tokens + n == s.num_tokens for s, n in part]
-                events += self._run(seqs, counts, want, float_rows)
+                events += self._run(seqs, counts, want, pools)
         self.stats.prefill_tokens += sum(n for _, n in batch.prefills)
         self.stats.steps += 1
         self.profile.steps += 1
@@ -394,28 +333,17 @@ class LLMEngine:
         return prefill_groups(batch.prefills) + ([decodes] if decodes else [])
 
     def _by_pool(self, rows: list[tuple[Sequence, int]]):
-        """With two pools: a pass's rows, float-pool rows first, and how many those are (one
-        pass serves both pools when the model's attention is routed to the cache; else one
-        pass per pool).  Returns [(rows, how many of them are float rows)]."""
-        if self.float_blocks is None:
-            return [(rows, 0)]
-        floats = [r for r in rows if r[0].in_float_pool]
-        if not floats:
-            return [(rows, 0)]
-        if len(floats) == len(rows):
-            return [(rows, len(rows))]
-        rest = [r for r in rows if not r[0].in_float_pool]
-        if self.runner.hooked:
-            return [(floats + rest, len(floats))]
-        return [(floats, len(floats)), (rest, 0)]
+        """A pass's rows grouped by the pool their blocks live in: one pass for all pools
+        when the model's attention is routed to the cache, else one pass per pool.
+        Returns [(rows, [(pool storage, how many consecutive rows)])]."""
+        runs = [[r for r in rows if r[0].pool == index] for index in range(len(self.pools))]
+        runs = [(self.pools[index].storage, run) for index, run in enumerate(runs) if run]
+        if len(runs) == 1 or not self.runner.hooked:
+            return [(run, [(storage, len(run))]) for storage, run in runs]
+        return [([r for _, run in runs for r in run], [(storage, len(run)) for storage, run in runs])]
 
-    def _run(self, seqs: list[Sequence], counts: list[int], want: list[bool], float_rows: int = 0):
-        if float_rows == len(seqs):
-            logits = self.runner.forward(seqs, counts, want, self.float_storage)
-        elif float_rows:
-            logits = self.runner.forward(seqs, counts, want, float_storage=self.float_storage, float_rows=float_rows)
-        else:
-            logits = self.runner.forward(seqs, counts, want)
+    def _run(self, seqs: list[Sequence], counts: list[int], want: list[bool], pools):
+        logits = self.runner.forward(seqs, counts, want, pools)
         sampled: dict[int, int] = {}
         siblings: list[Sequence] = []
         if logits is not None:
@@ -453,10 +381,9 @@ class LLMEngine:
         return out
 
     def close(self) -> None:
-        """Flush the disk tier's pending writes (graceful shutdown)."""
-        for disk in (self.disk, self.float_disk):
-            if disk is not None:
-                disk.close()
+        """Flush the disk tiers' pending writes (graceful shutdown)."""
+        for pool in self.pools:
+            pool.close()
 
     def fail_all(self, message: str) -> list[tuple[str, TokenEvent]]:
         """After an internal error: end every request with an error, releasing its blocks."""
@@ -467,6 +394,13 @@ class LLMEngine:
             out.append((request_id, TokenEvent(None, FinishReason.ERROR, error=message)))
         self.sequences.clear()
         return out
+
+
+def _initial_and_max(layout, block_size: int, initial_bytes: int, cap_bytes: int, kv_bits, group_size: int):
+    """A growable pool's (initial, max) blocks: it starts at `initial_bytes` (or its cap)."""
+    max_blocks = PagedKVStorage.blocks_for_budget(layout, block_size, cap_bytes, kv_bits, group_size)
+    initial = PagedKVStorage.blocks_for_budget(layout, block_size, initial_bytes, kv_bits, group_size)
+    return min(max_blocks, initial), max_blocks
 
 
 def parameter_bytes(model) -> int:
@@ -545,140 +479,3 @@ class EngineStats:
     steps: int = 0
     prefill_tokens: int = 0
     generated_tokens: int = 0
-
-
-_ADD, _ABORT, _STOP, _SHRINK = "add", "abort", "stop", "shrink"
-
-
-class AsyncEngine:
-    """Runs an LLMEngine on its own thread; many asyncio clients submit and stream from it."""
-
-    def __init__(self, engine: LLMEngine):
-        self.engine = engine
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._lock = threading.Lock()  # guards _streams between the loop and the thread
-        self._thread = threading.Thread(target=self._loop, name="omlx-engine", daemon=True)
-        self._stopped = False
-        self.busy_since: float | None = None
-        self._thread.start()
-
-    # ------------------------------------------------------------------ client side
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        """Yield the request's TokenEvents; leaving early (a disconnect) aborts it at once."""
-        self.engine.check(request)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            self._streams[request.request_id] = (loop, events)
-        self._send(_ADD, request)
-        finished = False
-        unfinished = request.n  # an n > 1 request ends when its last completion does
-        try:
-            while True:
-                event = await events.get()
-                if event.finish_reason is not None:
-                    unfinished -= 1
-                finished = unfinished == 0 or event.error is not None or event.finish_reason is FinishReason.ABORT
-                yield event
-                if finished:
-                    return
-        finally:
-            with self._lock:
-                self._streams.pop(request.request_id, None)
-            if not finished:
-                self._send(_ABORT, request.request_id)
-
-    def abort(self, request_id: str) -> None:
-        self._send(_ABORT, request_id)
-
-    def shutdown(self) -> None:
-        self._send(_STOP, None)
-        self._thread.join(timeout=10)
-        self.engine.close()  # pending disk-tier writes land before the process goes
-
-    def shrink_pool(self) -> "concurrent.futures.Future[int]":
-        """Ask the engine thread to shrink an idle pool (see LLMEngine.shrink_pool); the
-        future holds the bytes freed (0 if requests were in flight)."""
-        done: concurrent.futures.Future = concurrent.futures.Future()
-        if self._stopped or not self._thread.is_alive():
-            done.set_result(0)
-        else:
-            self._send(_SHRINK, done)
-        return done
-
-    def _send(self, kind: str, payload) -> None:
-        self._inbox.put((kind, payload))
-        self._wake.set()
-
-    # ------------------------------------------------------------------ engine thread
-    def _loop(self) -> None:
-        engine = self.engine
-        while True:
-            self._wake.clear()
-            events = self._drain_inbox()
-            if self._stopped:
-                for request_id in list(engine.sequences):
-                    engine.abort(request_id)
-                return
-            if not engine.has_work:
-                self.busy_since = None
-                self._deliver(events)
-                self._wake.wait()
-                continue
-            if self.busy_since is None:
-                self.busy_since = time.monotonic()
-            try:
-                events += engine.step()
-            except Exception as exc:  # keep serving: fail what was in flight, stay alive
-                log.exception("engine step failed")
-                events += engine.fail_all(f"internal engine error: {exc}")
-            self._deliver(events)
-
-    def _drain_inbox(self) -> list[tuple[str, TokenEvent]]:
-        events = []
-        while True:
-            try:
-                kind, payload = self._inbox.get_nowait()
-            except queue.Empty:
-                return events
-            if kind == _ADD:
-                try:
-                    self.engine.add_request(payload)
-                except Exception as exc:
-                    events.append(
-                        (payload.request_id, TokenEvent(None, FinishReason.ERROR, error=str(exc)))
-                    )
-            elif kind == _ABORT:
-                event = self.engine.abort(payload)
-                if event is not None:
-                    events.append((payload, event))
-            elif kind == _SHRINK:
-                try:
-                    payload.set_result(self.engine.shrink_pool())
-                except Exception as exc:
-                    log.exception("shrinking the KV pool failed")
-                    payload.set_exception(exc)
-            elif kind == _STOP:
-                self._stopped = True
-
-    def _deliver(self, events: list[tuple[str, TokenEvent]]) -> None:
-        if not events:
-            return
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        with self._lock:
-            for request_id, event in events:
-                target = self._streams.get(request_id)
-                if target is not None:
-                    by_loop.setdefault(target[0], []).append((target[1], event))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # the loop has closed; nobody is listening any more
-                pass
-
-
-def _put_all(items) -> None:
-    for events, event in items:
-        events.put_nowait(event)

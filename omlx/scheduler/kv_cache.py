@@ -12,7 +12,6 @@ import sys
 from dataclasses import dataclass
 
 import mlx.core as mx
-import numpy as np
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from omlx.kernels.backend import attention_backend
@@ -306,14 +305,16 @@ class PagedLayerCache:
         return gathered_attention(queries, pool_k, pool_v, batch.tiles, batch.mask, storage.block_size, scale)
 
 
-class TwoPoolLayerCache(PagedLayerCache):
-    """One layer's cache for a pass whose first rows keep their KV in the float pool and the
-    rest in the quantized one (`--quantized-kv-start`): each part writes and attends its own
-    pool, so one forward pass - one read of the weights - serves both.  Needs the attention
-    hook: the model never sees gathered keys of two widths."""
+class MultiPoolLayerCache(PagedLayerCache):
+    """One layer's cache for a pass whose rows keep their KV in different pools (runs of
+    consecutive rows; `--quantized-kv-start`: float-pool sequences and quantized-pool ones):
+    each run writes and attends its own pool, so one forward pass - one read of the weights
+    - serves them all.  Needs the attention hook: the model never sees gathered keys of two
+    widths."""
 
-    def __init__(self, first: PagedLayerCache, rest: PagedLayerCache, split: int, offsets: mx.array):
-        self.first, self.rest, self.split, self.offsets = first, rest, split, offsets
+    def __init__(self, parts: list[PagedLayerCache], rows: list[int], offsets: mx.array):
+        self.parts, self.offsets = parts, offsets
+        self.bounds = [(sum(rows[:i]), sum(rows[: i + 1])) for i in range(len(rows))]
 
     @property
     def offset(self) -> mx.array:
@@ -325,14 +326,12 @@ class TwoPoolLayerCache(PagedLayerCache):
         return None
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
-        k = self.split
-        self.first.update_and_fetch(keys[:k], values[:k])
-        self.rest.update_and_fetch(keys[k:], values[k:])
+        for part, (lo, hi) in zip(self.parts, self.bounds):
+            part.update_and_fetch(keys[lo:hi], values[lo:hi])
         return keys, values
 
     def attention(self, queries: mx.array, scale: float) -> mx.array:
-        k = self.split
-        return mx.concatenate([self.first.attention(queries[:k], scale), self.rest.attention(queries[k:], scale)])
+        return mx.concatenate([part.attention(queries[lo:hi], scale) for part, (lo, hi) in zip(self.parts, self.bounds)])
 
 
 def install_attention_hook(model) -> bool:

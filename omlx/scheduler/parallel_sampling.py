@@ -32,7 +32,7 @@ def fork_siblings(scheduler, logits: mx.array, seqs: list[Sequence], counts: lis
         computed = seq.num_computed_tokens + fed  # the whole prompt, once this step is applied
         for index in range(1, request.n):
             sibling = Sequence(request, index=index)
-            sibling.in_float_pool = seq.in_float_pool  # shares the pool its blocks are in
+            sibling.pool = seq.pool  # shares the pool its blocks are in
             scheduler.pool_of(seq).fork(seq, sibling, computed)
             sibling.status = SequenceStatus.RUNNING
             sibling.reported_cache_hit = True  # the prompt's cache hit is reported once, by index 0

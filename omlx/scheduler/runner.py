@@ -13,7 +13,7 @@ from .block_manager import SCRATCH_BLOCK
 from omlx.kernels.backend import attention_backend
 from omlx.kernels.paged_attention import RaggedPlan
 
-from .kv_cache import BatchLayout, PagedKVStorage, PagedLayerCache, TwoPoolLayerCache, install_attention_hook
+from .kv_cache import BatchLayout, MultiPoolLayerCache, PagedKVStorage, PagedLayerCache, install_attention_hook
 from .sequence import Sequence
 
 log = logging.getLogger("omlx.runner")
@@ -65,20 +65,21 @@ class ModelRunner:
 
     def forward(
         self, seqs: list[Sequence], num_new_tokens: list[int], want_logits: list[bool],
-        storage: PagedKVStorage | None = None, float_storage: PagedKVStorage | None = None,
-        float_rows: int = 0,
+        pools: list[tuple[PagedKVStorage, int]] | None = None,
     ) -> mx.array | None:
-        """Feed each sequence its next `num_new_tokens` tokens, store their KV in the pool,
+        """Feed each sequence its next `num_new_tokens` tokens, store their KV in its pool,
         and return logits `(n, vocab)` at the last new token of the rows in `want_logits`.
 
-        With `float_rows` (`--quantized-kv-start`, a hooked model), the first `float_rows`
-        rows keep their KV in `float_storage`, the rest in `storage`: one pass, two pools.
+        `pools`: (storage, how many rows) for consecutive runs of rows, when a pass carries
+        sequences of several pools (`--quantized-kv-start`); default: all in the main pool.
+        One pass serves them all when the model's attention is routed to the cache.
         """
-        if storage is None:  # else the engine's float pool, for its float rows
-            storage = self.storage
+        pools = [(storage, n) for storage, n in (pools or [(self.storage, len(seqs))]) if n]
+        if len(pools) > 1 and not self.hooked:
+            raise ValueError("rows of several pools share a pass only when attention is routed to the cache")
         started = time.perf_counter()
         forward = self._forward_ragged if self.ragged else self._forward_padded
-        logits, written = forward(seqs, num_new_tokens, want_logits, storage, float_storage, float_rows)
+        logits, written = forward(seqs, num_new_tokens, want_logits, pools)
         built = time.perf_counter()
         # Evaluating the logits evaluates every layer's pool write too (each feeds its
         # layer's attention); a pass without logits evaluates the writes alone.
@@ -88,7 +89,18 @@ class ModelRunner:
             self.profile.add("compute", time.perf_counter() - built)
         return logits
 
-    def _forward_ragged(self, seqs, num_new_tokens, want_logits, storage, float_storage, float_rows):
+    def _layer_caches(self, pools, layouts, splits, offsets: mx.array):
+        """Each layer's cache object: the pool's own, or one that splits rows among pools."""
+        num_layers = pools[0][0].layout.num_layers
+        if len(pools) == 1:
+            return [PagedLayerCache(pools[0][0], i, layouts[0]) for i in range(num_layers)]
+        return [
+            MultiPoolLayerCache([PagedLayerCache(storage, i, layout) for (storage, _), layout in zip(pools, layouts)],
+                                splits, offsets)
+            for i in range(num_layers)
+        ]
+
+    def _forward_ragged(self, seqs, num_new_tokens, want_logits, pools):
         """Every new token is a batch row of length one, with its own RoPE offset: the
         model's matmuls see `(tokens, 1, hidden)` whatever mix of decodes and prefill chunks
         the step holds, so nothing is padded and the weights are read once per step.  The
@@ -96,12 +108,13 @@ class ModelRunner:
         bs = self.block_size
         batch = len(seqs)
         fused = attention_backend().fused
-        heads = storage.layout.num_kv_heads
-        parts = [(0, float_rows), (float_rows, batch)] if 0 < float_rows < batch else [(0, batch)]
+        heads = pools[0][0].layout.num_kv_heads
         order: list[int] = []  # pass position -> index in `seqs`
         plans: list[RaggedPlan] = []
-        for lo, hi in parts:
-            members = list(range(lo, hi))
+        lo = 0
+        for _, count in pools:
+            members = list(range(lo, lo + count))
+            lo += count
             local, plan = RaggedPlan.for_sequences(
                 [seqs[i].block_table for i in members], [num_new_tokens[i] for i in members],
                 [seqs[i].num_computed_tokens for i in members], heads, bs, fused,
@@ -126,24 +139,18 @@ class ModelRunner:
             row += n
         token_offsets = positions % bs
 
-        num_layers = storage.layout.num_layers
-        if len(parts) == 2:
-            split = int(sum(num_new_tokens[:float_rows]))
-            layouts = [
-                BatchLayout.build_ragged(positions[a:b], token_blocks[a:b], token_offsets[a:b], plan, heads, bs)
-                for (a, b), plan in zip(((0, split), (split, total)), plans)
-            ]
-            all_positions = mx.array(positions, dtype=mx.int32)
-            caches = [
-                TwoPoolLayerCache(PagedLayerCache(float_storage, i, layouts[0]), PagedLayerCache(storage, i, layouts[1]),
-                                  split, all_positions)
-                for i in range(num_layers)
-            ]
-            written = float_storage.arrays() + storage.arrays()
-        else:
-            layout = BatchLayout.build_ragged(positions, token_blocks, token_offsets, plans[0], heads, bs)
-            caches = [PagedLayerCache(storage, i, layout) for i in range(num_layers)]
-            written = storage.arrays()
+        # Token rows of each pool's sequences are consecutive, pool after pool.
+        splits, layouts, lo, first = [], [], 0, 0
+        for (_, count), plan in zip(pools, plans):
+            rows = int(sum(num_new_tokens[lo : lo + count]))
+            part = slice(first, first + rows)
+            layouts.append(BatchLayout.build_ragged(positions[part], token_blocks[part], token_offsets[part],
+                                                    plan, heads, bs))
+            splits.append(rows)
+            lo += count
+            first += rows
+        caches = self._layer_caches(pools, layouts, splits, mx.array(positions, dtype=mx.int32))
+        written = [array for storage, _ in pools for array in storage.arrays()]
 
         inputs = mx.array(tokens)[:, None]
         wanted = [r for r, want in enumerate(want_logits) if want]
@@ -159,7 +166,7 @@ class ModelRunner:
             logits = logits.astype(mx.float32)
         return logits, written
 
-    def _forward_padded(self, seqs, num_new_tokens, want_logits, storage, float_storage, float_rows):
+    def _forward_padded(self, seqs, num_new_tokens, want_logits, pools):
         """Rows right-padded to the longest chunk (models whose attention is not routed to
         the cache); padded tokens write to the scratch block."""
         bs = self.block_size
@@ -182,26 +189,16 @@ class ModelRunner:
             token_blocks[row, :n] = tables[row, positions // bs]
             token_offsets[row, :n] = positions % bs
 
-        heads = storage.layout.num_kv_heads
-        num_layers = storage.layout.num_layers
-        if 0 < float_rows < batch:
-            assert self.hooked, "rows of two pools share a pass only when attention is routed to the cache"
-            parts = []
-            for rows_of in (slice(0, float_rows), slice(float_rows, batch)):
-                width = max(len(s.block_table) for s in seqs[rows_of])  # trim the other part's padding
-                parts.append(BatchLayout.build(offsets[rows_of], token_blocks[rows_of], token_offsets[rows_of],
-                                               tables[rows_of, :width], heads, bs, True))
-            all_offsets = mx.array(offsets, dtype=mx.int32)
-            caches = [
-                TwoPoolLayerCache(PagedLayerCache(float_storage, i, parts[0]), PagedLayerCache(storage, i, parts[1]),
-                                  float_rows, all_offsets)
-                for i in range(num_layers)
-            ]
-            written = float_storage.arrays() + storage.arrays()
-        else:
-            layout = BatchLayout.build(offsets, token_blocks, token_offsets, tables, heads, bs, self.hooked)
-            caches = [PagedLayerCache(storage, i, layout) for i in range(num_layers)]
-            written = storage.arrays()
+        heads = pools[0][0].layout.num_kv_heads
+        layouts, lo = [], 0
+        for _, count in pools:
+            part = slice(lo, lo + count)
+            width = max(len(s.block_table) for s in seqs[part])  # trim the other parts' padding
+            layouts.append(BatchLayout.build(offsets[part], token_blocks[part], token_offsets[part],
+                                             tables[part, :width], heads, bs, self.hooked))
+            lo += count
+        caches = self._layer_caches(pools, layouts, [n for _, n in pools], mx.array(offsets, dtype=mx.int32))
+        written = [array for storage, _ in pools for array in storage.arrays()]
         inputs = mx.array(tokens)
         rows = [r for r, want in enumerate(want_logits) if want]
         if self.split is not None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
 from .request import FinishReason, TokenEvent
-from .sequence import Sequence, SequenceStatus
+from .sequence import FLOAT_POOL, MAIN_POOL, Sequence, SequenceStatus
 
 
 @dataclass
@@ -58,6 +58,7 @@ class Scheduler:
         # The float pool for sequences under `quantized_kv_start` tokens (None: one pool), and
         # how blocks are copied (quantized) from it into the main pool, given by the engine.
         self.float_blocks = float_blocks
+        self.pools = [blocks] if float_blocks is None else [blocks, float_blocks]  # by MAIN_POOL / FLOAT_POOL
         self.quantized_kv_start = quantized_kv_start
         self.copy_blocks = copy_blocks
         self.num_migrations = 0
@@ -80,7 +81,7 @@ class Scheduler:
         self.waiting.append(seq)
 
     def pool_of(self, seq: Sequence) -> BlockManager:
-        return self.float_blocks if seq.in_float_pool else self.blocks
+        return self.pools[seq.pool]
 
     # ------------------------------------------------------------------ schedule
     def schedule(self) -> ScheduledBatch:
@@ -182,7 +183,7 @@ class Scheduler:
         """Give back all of a sequence's blocks (full ones stay cached); it holds no pool."""
         self.pool_of(seq).free(seq)
         seq.num_computed_tokens = 0
-        seq.in_float_pool = False
+        seq.pool = MAIN_POOL
 
     # ------------------------------------------------------------------ two pools
     def _prefetching(self, seq: Sequence) -> bool:
@@ -203,7 +204,7 @@ class Scheduler:
         # fewer than `quantized_kv_start` tokens are of no use (they stay cached).
         self.blocks.free(seq)
         seq.num_computed_tokens = 0
-        seq.in_float_pool = True
+        seq.pool = FLOAT_POOL
         hit = self.float_blocks.match_prefix(seq)
         if hit >= self.quantized_kv_start:
             moved = self._migrate(seq)
@@ -260,7 +261,7 @@ class Scheduler:
         self._copies[1].extend(table[i] for i in fresh)
         self._moved.append(seq)
         self.float_blocks.free(seq)
-        seq.in_float_pool = False
+        seq.pool = MAIN_POOL
         seq.block_table, seq.block_hashes, seq.num_hashed_blocks = table, hashes, len(hashes)
         self.num_migrations += 1
         return True

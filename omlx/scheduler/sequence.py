@@ -9,6 +9,10 @@ from .request import FinishReason, GenerationRequest
 
 _arrival_counter = itertools.count()
 
+# The engine's KV pools, by index: every sequence's blocks live in exactly one of them.
+MAIN_POOL = 0
+FLOAT_POOL = 1  # with --quantized-kv-start: sequences under the threshold
+
 
 class SequenceStatus(Enum):
     WAITING = auto()
@@ -42,7 +46,7 @@ class Sequence:
         "constraint",
         "step_logprobs",
         "group",
-        "in_float_pool",
+        "pool",
     )
 
     def __init__(self, request: GenerationRequest, index: int = 0, constraint=None):
@@ -72,13 +76,17 @@ class Sequence:
         self.step_logprobs: tuple[float, list[tuple[int, float]]] | None = None
         # The n sequences of an n > 1 request (a list they share), once they have forked.
         self.group: list[Sequence] | None = None
-        # With `--quantized-kv-start`: whether its KV is still in the engine's float pool
-        # (under the threshold) rather than its main, quantized one.  Never both.
-        self.in_float_pool = False
+        # Which of the engine's KV pools holds its blocks (FLOAT_POOL while under
+        # `--quantized-kv-start`, then MAIN_POOL); never both.
+        self.pool = MAIN_POOL
 
     @property
     def request_id(self) -> str:
         return self.request.request_id
+
+    @property
+    def in_float_pool(self) -> bool:
+        return self.pool == FLOAT_POOL
 
     @property
     def num_tokens(self) -> int:
