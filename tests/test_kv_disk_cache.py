@@ -10,7 +10,7 @@ from mlx_lm import load
 
 from omlx.scheduler import EngineConfig, GenerationRequest, LLMEngine
 from omlx.scheduler.block_manager import hash_block
-from omlx.scheduler.disk_cache import DiskKVCache
+from omlx.scheduler.disk import DiskKVCache
 from omlx.testing.reference import greedy_reference
 from omlx.testing.tiny_models import TinyModelSpec, build_model
 
@@ -445,7 +445,7 @@ def test_prefetch_rejects_a_corrupt_file_like_a_load(tiny, tmp_path):
     stored(model, tmp_path, eos)
     e = make_engine(model, tmp_path)
     hashes = chain(e, PROMPT)
-    path = e.disk._path(hashes[4])
+    path = e.disk.path(hashes[4])
     data = bytearray(path.read_bytes())
     data[-10] ^= 0xFF  # one flipped bit of tensor data
     path.write_bytes(bytes(data))
@@ -468,7 +468,7 @@ def test_staged_memory_is_bounded_and_released(tiny, tmp_path):
     stored(model, tmp_path, eos)
     e = make_engine(model, tmp_path)
     # A cap of three blocks: the rest are read at admission as before.
-    e.disk.staging_bytes = e.disk.stats()["bytes"] // 9 * 3
+    e.disk.read_ahead.staging_bytes = e.disk.stats()["bytes"] // 9 * 3
     e.add_request(GenerationRequest("r", PROMPT, MAX_NEW, stop_token_ids=eos))
     e.disk.wait_prefetch()
     per_block = e.disk.stats()["staged_bytes"] // 3
@@ -476,7 +476,7 @@ def test_staged_memory_is_bounded_and_released(tiny, tmp_path):
     # Aborted before admission: its staged blocks go at once.
     e.abort("r")
     assert e.disk.stats()["staged_blocks"] == 0 and e.disk.stats()["staged_bytes"] == 0
-    e.disk.staging_bytes = 1 << 30
+    e.disk.read_ahead.staging_bytes = 1 << 30
     # Three requests sharing the prefix, one with another tail: staged once, shared; the
     # first admitted takes them, the others find the blocks in memory.
     other = PROMPT[:100] + [9] * 20
@@ -495,7 +495,7 @@ def test_staged_memory_is_bounded_and_released(tiny, tmp_path):
     assert outputs["c"] == greedy_reference(model, other, MAX_NEW, eos)
     stats = e.disk.stats()
     assert stats["prefetched_blocks"] == 9 and stats["staged_blocks"] == 0 and stats["staged_bytes"] == 0
-    assert not e.disk._owners and not e.disk._reading_for and e.blocks.leaked_blocks() == []
+    assert not e.disk.read_ahead._owners and not e.disk.read_ahead._reading_for and e.blocks.leaked_blocks() == []
     e.close()
 
 
@@ -508,13 +508,13 @@ def test_admission_waits_for_the_read_ahead_while_others_run(tiny, tmp_path):
     stored(model, tmp_path, eos)
     e = make_engine(model, tmp_path)
     gate = threading.Event()
-    read_ahead = e.disk._read_ahead
+    read_ahead = e.disk.read_ahead._read_ahead
 
     def held(owner, hashes):
         gate.wait(30)
         read_ahead(owner, hashes)
 
-    e.disk._read_ahead = held
+    e.disk.read_ahead._read_ahead = held
     first = [random.Random(21).randrange(5, 500) for _ in range(20)]
     e.add_request(GenerationRequest("first", first, 40, stop_token_ids=frozenset()))
     outputs = {"first": [], "r": []}
@@ -545,7 +545,7 @@ def test_admission_waits_for_the_read_ahead_while_others_run(tiny, tmp_path):
 
 
 def test_unclaimed_staged_blocks_expire(tiny, tmp_path, monkeypatch):
-    from omlx.scheduler import disk_cache
+    from omlx.scheduler.disk import read_ahead
 
     model, eos, expected = tiny
     stored(model, tmp_path, eos)
@@ -553,7 +553,7 @@ def test_unclaimed_staged_blocks_expire(tiny, tmp_path, monkeypatch):
     e.add_request(GenerationRequest("r", PROMPT, MAX_NEW, stop_token_ids=eos))
     e.disk.wait_prefetch()
     assert e.disk.stats()["staged_blocks"] == 9
-    monkeypatch.setattr(disk_cache, "STAGING_TTL_S", 0.0)
+    monkeypatch.setattr(read_ahead, "STAGING_TTL_S", 0.0)
     e.disk.prefetch([bytes(16)], "late")  # any later read-ahead expires what waited too long
     e.disk.wait_prefetch()
     stats = e.disk.stats()

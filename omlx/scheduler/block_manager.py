@@ -56,7 +56,7 @@ class BlockManager:
         self.prefix_cache = prefix_cache  # off: nothing is looked up, so nothing is reused
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of those, tokens served from it
-        # The disk tier (omlx.scheduler.disk_cache.DiskKVCache), when the engine has one:
+        # The disk tier (omlx.scheduler.disk.DiskKVCache), when the engine has one:
         # published blocks are written behind, and prefixes continue from it past memory.
         self.disk = None
 

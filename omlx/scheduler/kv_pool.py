@@ -17,7 +17,7 @@ import time
 from typing import Callable
 
 from .block_manager import BlockManager
-from .disk_cache import DiskKVCache
+from .disk import DiskKVCache
 from .kv_cache import KVLayout, PagedKVStorage
 
 log = logging.getLogger("omlx.engine")
