@@ -9,10 +9,10 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
-from .block_manager import SCRATCH_BLOCK
 from omlx.kernels.backend import attention_backend
 from omlx.kernels.paged_attention import RaggedPlan
 
+from .block_manager import SCRATCH_BLOCK
 from .kv_cache import BatchLayout, MultiPoolLayerCache, PagedKVStorage, PagedLayerCache, install_attention_hook
 from .sequence import Sequence
 
