@@ -15,7 +15,7 @@ from conftest import chat_prompt_ids, decode, load_reference, reference_greedy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from omlx.constrained import for_request
+from omlx.constrained import allowed_tokens, for_request
 from omlx.constrained.grammar import CLOSING_MARGIN
 from omlx.scheduler import EngineConfig, GenerationRequest, LLMEngine, SamplingParams
 from omlx.testing.reference import greedy_reference
@@ -198,6 +198,49 @@ def test_random_schemas_always_validate(tiny, schema, seed, room):
     for tokens, finish in run(engine, requests).values():
         jsonschema.validate(answer_json(tokenizer.decode(tokens)), schema)
         assert finish == "stop"
+
+
+# A property whose value is an object with required keys: choosing its key lengthens the way
+# out by ~20 tokens at once, far more than the closing margin.  Hypothesis found this example
+# (seed 1 picked "b" at the first key and ran out of tokens mid-document).
+OPTIONAL_OBJECT = {
+    "type": "object",
+    "properties": {
+        "b": {"type": "object", "properties": {"a": {"type": "string"}, "a_": {"type": "string"}}, "required": ["a", "a_"]},
+        "a": {"type": "string"},
+    },
+    "required": ["a"],
+}
+
+
+def test_a_key_that_commits_to_required_structure_is_held_back_near_the_end(tiny):
+    """Regression: with 34 tokens (skeleton 9 + margin 12 + 13) a fresh engine sampled `{"b": {...`,
+    whose shortest ending no longer fit, and the request ended on its length mid-document."""
+    model, tokenizer, _ = tiny
+    engine = LLMEngine(model, EngineConfig(block_size=16, num_blocks=600, max_num_batched_tokens=256), 4096)
+    eos = frozenset(tokenizer.eos_token_ids)
+    constraint = for_request(tokenizer, response_format=json_format(OPTIONAL_OBJECT))
+    max_tokens = constraint.skeleton + CLOSING_MARGIN + 13
+    assert max_tokens == 34
+    requests = [
+        GenerationRequest(f"r{i}", [7 + i, 300, 12, 45], max_tokens, SamplingParams(temperature=1.0, seed=i), eos,
+                          constraint=constraint)
+        for i in range(3)
+    ]
+    for tokens, finish in run(engine, requests).values():
+        assert len(tokens) <= max_tokens
+        jsonschema.validate(answer_json(tokenizer.decode(tokens)), OPTIONAL_OBJECT)
+        assert finish == "stop"
+
+    # The same, without the model: the state allows the key "b" only while its object fits.
+    b = tokenizer.encode('"b', add_special_tokens=False)[-1]
+    vocab = model.args.vocab_size
+    for budget, allowed in ((34, False), (60, True)):
+        state = constraint.new_state(budget)
+        for token in tokenizer.encode('{"', add_special_tokens=False):
+            assert allowed_tokens([state], vocab)[0, token]
+            state.accept(token)
+        assert allowed_tokens([state], vocab)[0, b] == allowed
 
 
 # ---------------------------------------------------------------------------- API

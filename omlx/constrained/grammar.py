@@ -28,9 +28,11 @@ mask alone, 16 rows: 0.8-1.1 ms), against decode steps of ~56 ms (1 client) and 
 56.3 ms; 112.7 vs 116.0 ms): under 1% even when all 16 rows are constrained.
 
 Structured output must also parse when `max_tokens` runs out first: near the end of its
-budget a state plans a short way to finish its grammar and forces it in time (see
-GrammarState), so the output is complete whenever max_tokens leaves room for the shortest
-document (`GrammarConstraint.skeleton` tokens, plus a margin).
+budget a state plans a short way to finish its grammar and forces it in time, and holds back
+any token after which no ending would fit in what is left (a key whose value is a required
+object, say: one token can lengthen the way out by dozens; see GrammarState), so the output
+is complete whenever max_tokens leaves room for the shortest document
+(`GrammarConstraint.skeleton` tokens, plus a margin).
 """
 
 from __future__ import annotations
@@ -103,10 +105,19 @@ class GrammarConstraint:
 # the state plans the shortest way to finish the grammar and, when that plan needs about
 # all the tokens left, forces it.  Planning starts this many tokens before the end ...
 CLOSING_WINDOW = 96
-# ... forcing starts when the plan plus this margin fills what is left, and within twice
-# the margin tokens that open new structure (`{`, `[`, `,`) are held back, so that the
-# plan cannot grow faster than the budget shrinks.
+# ... forcing starts when the plan plus this margin fills what is left.  Until then every
+# token the model may pick must leave a way out that fits: tokens that can lengthen it
+# (closing a string, choosing a key, opening an object, array or item) are each checked by
+# planning after them, and held back when that plan does not fit.
 CLOSING_MARGIN = 12
+# Tokens that are not checked (free text without a quote or backslash; digits inside a long
+# list of candidates) lengthen the way out by at most this much (an unfinished UTF-8
+# character, a number's dangling sign).
+_INERT_GROWTH = 3
+_UNKNOWN = 1 << 30
+# At most this many tokens are checked per step (each costs a plan); beyond it the unchecked
+# ones are held back, except the plan's own next token.
+MAX_CHECKS = 48
 # Grammars whose shortest document is longer than this are planned from this far out only.
 MAX_SKELETON = 512
 # Bytes tried first when planning.  Inside free text (a string, a thinking block: any odd
@@ -125,7 +136,8 @@ class _ClosingTokens:
     struct_order: list[int]  # candidates elsewhere
     probe: int  # a token allowed only inside free text (`~`)
     markers: frozenset[int]  # special tokens that close nothing (<think>, <tool_call>)
-    safe: np.ndarray  # bitmask of tokens that open no new object, array or list item
+    inert_text: np.ndarray  # per token: inside free text, it stays there (no quote, backslash, marker)
+    digits: np.ndarray  # per token: only decimal digits
 
 
 @functools.lru_cache(maxsize=16)
@@ -153,21 +165,33 @@ def _closing_tokens(tokenizer: llguidance.LLTokenizer) -> _ClosingTokens:
         others = [t for t in special if t not in closing]
         return closing + single(first + _PRINTABLE, seen) + others + single(_WHITESPACE_AND_REST, seen)
 
-    words = (tokenizer.vocab_size + 31) // 32
-    safe = np.zeros(words * 32, dtype=bool)
+    inert_text = np.zeros(tokenizer.vocab_size, dtype=bool)
+    digits = np.zeros(tokenizer.vocab_size, dtype=bool)
     for token in range(tokenizer.vocab_size):
+        if tokenizer.is_special_token(token):
+            continue
         raw = tokenizer.decode_bytes([token])
-        safe[token] = not any(c in raw for c in b"{[,")
+        inert_text[token] = bool(raw) and b'"' not in raw and b"\\" not in raw
+        digits[token] = bool(raw) and raw.isdigit()
     probe = tokenizer.tokenize_bytes(b"~")
     return _ClosingTokens(
         order(_TEXT_PRIORITY), order(_STRUCT_PRIORITY), probe[0] if len(probe) == 1 else -1,
-        frozenset(t for t in special if t not in closing),
-        np.packbits(safe, bitorder="little").view(np.int32),
+        frozenset(t for t in special if t not in closing), inert_text, digits,
     )
 
 
 class GrammarState(TokenConstraint):
-    __slots__ = ("matcher", "num_words", "tokenizer", "max_tokens", "generated", "closing", "window", "next_plan", "last_plan")
+    """One sequence's matcher, and its way out when the budget runs low.
+
+    Within `window` tokens of the end the state keeps an upper bound on how long its way out
+    (a plan from `_plan_closing`) is, and the invariant that some way out fits in what is
+    left: it forces its plan once the plan plus `CLOSING_MARGIN` fills the budget, and until
+    then allows only tokens after which a way out still fits (see `_hold_back`).  The
+    invariant holds at the start whenever max_tokens >= skeleton + CLOSING_MARGIN.
+    """
+
+    __slots__ = ("matcher", "num_words", "tokenizer", "max_tokens", "generated", "closing", "window", "plan", "bound",
+                 "checked")
 
     _executor: llguidance.LLExecutor | None = None
     _executor_lock = threading.Lock()
@@ -182,8 +206,13 @@ class GrammarState(TokenConstraint):
         # Planning starts this close to the end: later for small grammars, earlier for
         # ones whose shortest document (`skeleton` tokens) is long.
         self.window = max(CLOSING_WINDOW, (skeleton or 0) + 4 * CLOSING_MARGIN)
-        self.next_plan = self.window  # plan again when this few tokens are left
-        self.last_plan = self.window  # length of the latest plan
+        # A way out from the current state when one is known (None: plan again when needed),
+        # and an upper bound on the length of the plan `_plan_closing` would find.
+        self.plan: list[int] | None = None
+        self.bound = skeleton or 0
+        # This step's checked tokens and the way out after each (see `_hold_back`); None
+        # when this step's tokens were not checked (far from the end, or forced).
+        self.checked: dict[int, list[int]] | None = None
 
     @property
     def finished(self) -> bool:
@@ -198,29 +227,78 @@ class GrammarState(TokenConstraint):
 
     def fill_bitmask(self, row: np.ndarray) -> None:
         remaining = self.remaining
-        if self.closing is None and remaining is not None and remaining <= self.next_plan:
-            plan = self._plan_closing(limit=self.window)
-            self.last_plan = len(plan) if plan is not None else self.window
-            if plan and self.last_plan + CLOSING_MARGIN >= remaining:
-                self.closing = plan
-            else:
-                # Plans change slowly: plan again halfway to the point where forcing starts.
-                slack = remaining - (self.last_plan + CLOSING_MARGIN)
-                self.next_plan = remaining - max(1, slack // 2)
+        near_end = self.closing is None and remaining is not None and remaining <= self.window
+        if near_end:
+            if self.plan is None and self.bound + CLOSING_MARGIN >= remaining:
+                self.plan = self._plan_closing(limit=remaining)
+                if self.plan is None:
+                    # No way out fits (only a grammar the planner cannot finish gets here):
+                    # stop planning rather than search in vain at every step.
+                    log.warning("grammar: no ending fits the %d tokens left", remaining)
+                    self.max_tokens = None
+                    near_end = False
+                else:
+                    self.bound = len(self.plan)
+            if near_end and self.plan is not None and len(self.plan) + CLOSING_MARGIN >= remaining:
+                self.closing = list(self.plan)
         if self.closing:
+            self.checked = None
             token = self.closing[0]
             row.view(np.uint32)[token // 32] |= np.uint32(1 << (token % 32))
             return
         self.matcher.unsafe_compute_mask_ptr(row.ctypes.data, self.num_words * 4)
-        if remaining is not None and remaining <= self.last_plan + 2 * CLOSING_MARGIN:
-            # The model's vocabulary can be wider than its tokenizer's (padded embeddings);
-            # tokens past the tokenizer's are never safe.
-            safe_words = _closing_tokens(self.tokenizer).safe
-            width = min(row.shape[0], safe_words.shape[0])
-            safe = np.zeros_like(row)
-            safe[:width] = row[:width] & safe_words[:width]
-            if safe.any():
-                row[:] = safe
+        self.checked = None
+        if near_end:
+            self.checked = {}
+            self._hold_back(row, remaining)
+
+    def _hold_back(self, row: np.ndarray, remaining: int) -> None:
+        """Clear from `row` the tokens after which no way out fits in `remaining - 1`.
+
+        Here the plan is not forced yet: `bound + CLOSING_MARGIN < remaining`.  Free text
+        without a quote or backslash stays free text, whose way out grows by at most
+        `_INERT_GROWTH`; every other allowed token (closing the text, a key's letters that
+        choose a property whose value is a whole required object, `{`, `[`, `,`, a marker)
+        is checked by planning after it, and the plan kept for `accept`.
+        """
+        closing = _closing_tokens(self.tokenizer)
+        vocab = closing.inert_text.shape[0]
+        bits = np.unpackbits(row[: (vocab + 31) // 32].view(np.uint8), bitorder="little").view(bool)
+        allowed = np.zeros(vocab, dtype=bool)
+        allowed[: min(vocab, len(bits))] = bits[:vocab]
+        probe = closing.probe
+        if probe >= 0 and allowed[probe]:  # inside free text
+            candidates = np.flatnonzero(allowed & ~closing.inert_text)
+        else:
+            candidates = np.flatnonzero(allowed)
+            if len(candidates) > MAX_CHECKS:  # e.g. a number's many digit tokens
+                candidates = candidates[~closing.digits[candidates]]
+        head = self.plan[0] if self.plan else None
+        rejected = []
+        for i, token in enumerate(candidates.tolist()):
+            if token == head:
+                self.checked[token] = self.plan[1:]
+                continue
+            plan = None
+            if i < MAX_CHECKS:
+                matcher = self.matcher.deep_copy()
+                if matcher.consume_token(token):
+                    plan = self._plan_from(matcher, limit=remaining - 1)
+            if plan is None:
+                rejected.append(token)
+            else:
+                self.checked[token] = plan
+        if not rejected:
+            return
+        view = row.view(np.uint32)
+        for token in rejected:
+            view[token // 32] &= ~np.uint32(1 << (token % 32))
+        if not view.any():  # only tokens that needed checking, and none fits: take the plan's way
+            self.plan = self.plan if self.plan is not None else self._plan_closing(limit=remaining)
+            if self.plan:
+                token = self.plan[0]
+                view[token // 32] |= np.uint32(1 << (token % 32))
+                self.checked[token] = self.plan[1:]
 
     @property
     def planning(self) -> bool:
@@ -229,10 +307,15 @@ class GrammarState(TokenConstraint):
         return self.closing is not None or (remaining is not None and remaining <= self.window)
 
     def _plan_closing(self, limit: int) -> list[int] | None:
-        """The tokens of a short way to finish the grammar from here (greedy over
-        single-byte tokens in closing-first order), or None if none within `limit`."""
+        """The tokens of a short way to finish the grammar from here, or None if none
+        within `limit`."""
+        return self._plan_from(self.matcher.deep_copy(), limit)
+
+    def _plan_from(self, matcher: llguidance.LLMatcher, limit: int) -> list[int] | None:
+        """A short way to finish the grammar from `matcher`'s state, which this advances
+        (greedy over single-byte tokens in closing-first order), or None if none within
+        `limit` tokens."""
         closing = _closing_tokens(self.tokenizer)
-        matcher = self.matcher.deep_copy()
         plan: list[int] = []
         while not matcher.is_accepting():
             if len(plan) >= limit or matcher.is_error():
@@ -284,6 +367,16 @@ class GrammarState(TokenConstraint):
             # Only a token outside the mask gets here (an engine bug): the matcher is now in
             # its error state and allows nothing, which ends the sequence.
             log.error("grammar rejected token %d: %s", token, self.matcher.get_error())
+        # The way out from here: known when the token was checked (or was the plan's own),
+        # else at most a little longer than before (free text, digits), or unknown (a token
+        # not checked at all: plan again as soon as it matters).
+        checked, self.checked = self.checked, None
+        plan = checked.get(token) if checked is not None else None
+        self.plan = list(plan) if plan is not None else None
+        if plan is not None:
+            self.bound = len(plan)
+        else:
+            self.bound = self.bound + _INERT_GROWTH if checked is not None else _UNKNOWN
 
     @classmethod
     def fill_bitmasks(cls, states, bitmask: np.ndarray, rows: list[int]) -> None:
