@@ -110,13 +110,13 @@ CLOSING_WINDOW = 96
 # (closing a string, choosing a key, opening an object, array or item) are each checked by
 # planning after them, and held back when that plan does not fit.
 CLOSING_MARGIN = 12
-# Tokens that are not checked (free text without a quote or backslash; digits inside a long
-# list of candidates) lengthen the way out by at most this much (an unfinished UTF-8
-# character, a number's dangling sign).
-_INERT_GROWTH = 3
+# Tokens that are not checked (free text without a quote; digits and non-ASCII pieces
+# among many candidates) lengthen the way out by at most this much (an unfinished escape
+# like `\u12` or UTF-8 character, a number's dangling sign).
+_INERT_GROWTH = 5
 _UNKNOWN = 1 << 30
-# At most this many tokens are checked per step (each costs a plan); beyond it the unchecked
-# ones are held back, except the plan's own next token.
+# At most this many tokens are checked per step (each may cost a plan); beyond it the
+# unchecked ones are held back, except the plan's own next token.
 MAX_CHECKS = 48
 # Grammars whose shortest document is longer than this are planned from this far out only.
 MAX_SKELETON = 512
@@ -136,8 +136,8 @@ class _ClosingTokens:
     struct_order: list[int]  # candidates elsewhere
     probe: int  # a token allowed only inside free text (`~`)
     markers: frozenset[int]  # special tokens that close nothing (<think>, <tool_call>)
-    inert_text: np.ndarray  # per token: inside free text, it stays there (no quote, backslash, marker)
-    digits: np.ndarray  # per token: only decimal digits
+    inert_text: np.ndarray  # per token: inside free text, it stays there (no quote, no marker)
+    bulk: np.ndarray  # per token: only decimal digits, or only non-ASCII bytes
 
 
 @functools.lru_cache(maxsize=16)
@@ -166,17 +166,17 @@ def _closing_tokens(tokenizer: llguidance.LLTokenizer) -> _ClosingTokens:
         return closing + single(first + _PRINTABLE, seen) + others + single(_WHITESPACE_AND_REST, seen)
 
     inert_text = np.zeros(tokenizer.vocab_size, dtype=bool)
-    digits = np.zeros(tokenizer.vocab_size, dtype=bool)
+    bulk = np.zeros(tokenizer.vocab_size, dtype=bool)
     for token in range(tokenizer.vocab_size):
         if tokenizer.is_special_token(token):
             continue
         raw = tokenizer.decode_bytes([token])
-        inert_text[token] = bool(raw) and b'"' not in raw and b"\\" not in raw
-        digits[token] = bool(raw) and raw.isdigit()
+        inert_text[token] = bool(raw) and b'"' not in raw
+        bulk[token] = bool(raw) and (raw.isdigit() or min(raw) >= 0x80)
     probe = tokenizer.tokenize_bytes(b"~")
     return _ClosingTokens(
         order(_TEXT_PRIORITY), order(_STRUCT_PRIORITY), probe[0] if len(probe) == 1 else -1,
-        frozenset(t for t in special if t not in closing), inert_text, digits,
+        frozenset(t for t in special if t not in closing), inert_text, bulk,
     )
 
 
@@ -190,8 +190,8 @@ class GrammarState(TokenConstraint):
     invariant holds at the start whenever max_tokens >= skeleton + CLOSING_MARGIN.
     """
 
-    __slots__ = ("matcher", "num_words", "tokenizer", "max_tokens", "generated", "closing", "window", "plan", "bound",
-                 "checked")
+    __slots__ = ("matcher", "num_words", "tokenizer", "max_tokens", "generated", "closing", "window", "plan", "hint",
+                 "bound", "checked")
 
     _executor: llguidance.LLExecutor | None = None
     _executor_lock = threading.Lock()
@@ -207,8 +207,10 @@ class GrammarState(TokenConstraint):
         # ones whose shortest document (`skeleton` tokens) is long.
         self.window = max(CLOSING_WINDOW, (skeleton or 0) + 4 * CLOSING_MARGIN)
         # A way out from the current state when one is known (None: plan again when needed),
-        # and an upper bound on the length of the plan `_plan_closing` would find.
+        # the latest one known (often still a way out after free text: tried first), and an
+        # upper bound on the length of the shortest way out.
         self.plan: list[int] | None = None
+        self.hint: list[int] | None = None
         self.bound = skeleton or 0
         # This step's checked tokens and the way out after each (see `_hold_back`); None
         # when this step's tokens were not checked (far from the end, or forced).
@@ -229,6 +231,9 @@ class GrammarState(TokenConstraint):
         remaining = self.remaining
         near_end = self.closing is None and remaining is not None and remaining <= self.window
         if near_end:
+            if self.plan is None and self.hint is not None and self._still_ends(self.matcher.deep_copy(), self.hint):
+                self.plan = self.hint
+                self.bound = min(self.bound, len(self.plan))
             if self.plan is None and self.bound + CLOSING_MARGIN >= remaining:
                 self.plan = self._plan_closing(limit=remaining)
                 if self.plan is None:
@@ -240,6 +245,7 @@ class GrammarState(TokenConstraint):
                 else:
                     self.bound = len(self.plan)
             if near_end and self.plan is not None and len(self.plan) + CLOSING_MARGIN >= remaining:
+                # (len(plan) <= remaining: every token allowed so far left a way out that fits)
                 self.closing = list(self.plan)
         if self.closing:
             self.checked = None
@@ -256,10 +262,11 @@ class GrammarState(TokenConstraint):
         """Clear from `row` the tokens after which no way out fits in `remaining - 1`.
 
         Here the plan is not forced yet: `bound + CLOSING_MARGIN < remaining`.  Free text
-        without a quote or backslash stays free text, whose way out grows by at most
-        `_INERT_GROWTH`; every other allowed token (closing the text, a key's letters that
-        choose a property whose value is a whole required object, `{`, `[`, `,`, a marker)
-        is checked by planning after it, and the plan kept for `accept`.
+        without a quote stays free text, whose way out grows by at most `_INERT_GROWTH`;
+        every other allowed token (closing the text, a key's letters that choose a property
+        whose value is a whole required object, `{`, `[`, `,`, a marker) is checked, by
+        trying the current way out after it or else planning, and the way out kept for
+        `accept`.
         """
         closing = _closing_tokens(self.tokenizer)
         vocab = closing.inert_text.shape[0]
@@ -271,8 +278,12 @@ class GrammarState(TokenConstraint):
             candidates = np.flatnonzero(allowed & ~closing.inert_text)
         else:
             candidates = np.flatnonzero(allowed)
-            if len(candidates) > MAX_CHECKS:  # e.g. a number's many digit tokens
-                candidates = candidates[~closing.digits[candidates]]
+            if len(candidates) == 1:  # the grammar's only way: it is on every way out
+                token = int(candidates[0])
+                self.checked[token] = self.plan[1:] if self.plan and self.plan[0] == token else None
+                return
+            if len(candidates) > MAX_CHECKS:  # e.g. a number's digits, the rest of a UTF-8 character
+                candidates = candidates[~closing.bulk[candidates]]
         head = self.plan[0] if self.plan else None
         rejected = []
         for i, token in enumerate(candidates.tolist()):
@@ -283,7 +294,11 @@ class GrammarState(TokenConstraint):
             if i < MAX_CHECKS:
                 matcher = self.matcher.deep_copy()
                 if matcher.consume_token(token):
-                    plan = self._plan_from(matcher, limit=remaining - 1)
+                    # Often the current way out still ends it (a digit in a number); else plan.
+                    if self.plan is not None and self._still_ends(matcher, self.plan):
+                        plan = self.plan
+                    else:
+                        plan = self._plan_from(matcher, limit=remaining - 1)
             if plan is None:
                 rejected.append(token)
             else:
@@ -305,6 +320,15 @@ class GrammarState(TokenConstraint):
         """Near the end of the budget: this state's mask is more than the matcher's."""
         remaining = self.remaining
         return self.closing is not None or (remaining is not None and remaining <= self.window)
+
+    @staticmethod
+    def _still_ends(matcher: llguidance.LLMatcher, plan: list[int]) -> bool:
+        """Whether `plan` finishes the grammar from `matcher`'s state (which this leaves as
+        it found it)."""
+        done = matcher.try_consume_tokens(plan)
+        ends = done == len(plan) and matcher.is_accepting()
+        matcher.rollback(done)
+        return ends
 
     def _plan_closing(self, limit: int) -> list[int] | None:
         """The tokens of a short way to finish the grammar from here, or None if none
@@ -375,6 +399,9 @@ class GrammarState(TokenConstraint):
         self.plan = list(plan) if plan is not None else None
         if plan is not None:
             self.bound = len(plan)
+            self.hint = self.plan
+        elif checked is not None and token in checked:  # the grammar's only way
+            self.bound -= 1
         else:
             self.bound = self.bound + _INERT_GROWTH if checked is not None else _UNKNOWN
 
