@@ -244,8 +244,12 @@ class GrammarState(TokenConstraint):
                     near_end = False
                 else:
                     self.bound = len(self.plan)
+                    self.hint = self.plan
             if near_end and self.plan is not None and len(self.plan) + CLOSING_MARGIN >= remaining:
-                # (len(plan) <= remaining: every token allowed so far left a way out that fits)
+                # Every token allowed so far left a way out that fits; an older one (the
+                # hint) may be longer than the shortest.
+                if len(self.plan) > remaining:
+                    self.plan = self._plan_closing(limit=remaining) or self.plan
                 self.closing = list(self.plan)
         if self.closing:
             self.checked = None
