@@ -363,12 +363,9 @@ def _trimmed(table: np.ndarray) -> np.ndarray:
 
 
 def _tiles_and_mask(tables, positions, key_starts, num_heads: int, block_size: int):
-    width = max(len(t) for t in tables)
-    padded = np.zeros((len(tables), width), dtype=np.int32)  # scratch block padding
-    for i, t in enumerate(tables):
-        padded[i, : len(t)] = t
+    padded = padded_tables(tables)  # scratch block padding
     mask = causal_paged_mask(
-        mx.array(np.asarray(positions), dtype=mx.int32), 1, width * block_size,
+        mx.array(np.asarray(positions), dtype=mx.int32), 1, padded.shape[1] * block_size,
         key_start=mx.array(np.asarray(key_starts, dtype=np.int32)),
     )
     return gather_indices(mx.array(padded), num_heads), mask
