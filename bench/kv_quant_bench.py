@@ -240,7 +240,9 @@ class CapturingEngine:
         self.engine.add_request(GenerationRequest("tf", tokens, 1))
         while self.engine.has_work:
             self.engine.step()
-        hidden = mx.concatenate([h[0] for h in self.captured], axis=0)  # one row per forward
+        # One sequence: its positions in order, whether a pass was ragged (tokens, 1, hidden)
+        # or padded (1, tokens, hidden).
+        hidden = mx.concatenate([h.reshape(-1, h.shape[-1]) for h in self.captured], axis=0)
         assert hidden.shape[0] == len(tokens), (hidden.shape, len(tokens))
         out = self.head(hidden[start:]).astype(mx.float32)
         mx.eval(out)
