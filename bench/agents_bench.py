@@ -116,17 +116,24 @@ def main(argv=None) -> int:
     p.add_argument("--blas-library", default=DEFAULT_BLAS)
     p.add_argument("--omlx-arg", action="append", default=[])
     p.add_argument("--mlx-lm-arg", action="append", default=[])
+    p.add_argument("--omlx-only", action="store_true", help="skip mlx_lm.server (omlx settings sweeps)")
+    p.add_argument("--workloads", default="long_sessions,shared_prompt")
     args = p.parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     ensure_model(args.model_path)
     factory = PromptFactory(args.model_path, seed=3)
     rows = {}
-    for index, workload in enumerate((long_sessions, shared_prompt)):
+    chosen = [w for w in (long_sessions, shared_prompt) if w.__name__ in args.workloads.split(",")]
+    for index, workload in enumerate(chosen):
         order = (OMLX, MLX_LM) if index % 2 == 0 else (MLX_LM, OMLX)
         for kind in order:
+            if args.omlx_only and kind == MLX_LM:
+                continue
             rows[(workload.__name__, kind)] = run(kind, workload, args, factory, f"agents-{workload.__name__}-{kind}")
             log(f"{kind} {workload.__name__}: {rows[(workload.__name__, kind)]}")
 
+    if args.omlx_only or len(chosen) < 2:
+        return 0  # the per-workload rows are in the log above
     o, m = rows[("long_sessions", OMLX)], rows[("long_sessions", MLX_LM)]
     print(f"\n# Agent workloads: {args.model_path.name}, omlx vs mlx_lm.server\n")
     print(f"## {args.sessions} long-context sessions (~{args.session_tokens} tokens), two turns\n")
