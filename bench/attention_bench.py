@@ -91,9 +91,9 @@ def mlx_dense(shape: Shape, rng, repeats: int) -> float:
 
 def paged(shape: Shape, rng, repeats: int, fused: bool, kv_bits: int | None = None) -> float:
     tables, q_lens, pos0, (pool_k, pool_v), queries = shape.build(rng, kv_bits)
-    _, plan = RaggedPlan.for_sequences(tables, q_lens, pos0, HKV, BS, fused)
     kernel = attention_backend().module if fused else None
-    return best(lambda: mx.eval(ragged_attention(queries, pool_k, pool_v, plan, D**-0.5, kernel)), repeats)
+    _, plan = RaggedPlan.for_sequences(tables, q_lens, pos0, HKV, BS, kernel)
+    return best(lambda: mx.eval(ragged_attention(queries, pool_k, pool_v, plan, D**-0.5)), repeats)
 
 
 SHAPES = [

@@ -104,11 +104,11 @@ def test_kernel_matches_portable_path(seqs, shared_blocks, block_size, kv_heads,
     queries = mx.array(rng.standard_normal((tokens, kv_heads * ratio, 1, key_dim)).astype(np.float32))
     scale = key_dim**-0.5
 
-    order, fused_plan = RaggedPlan.for_sequences(tables, q_lens, pos0, kv_heads, block_size, fused=True)
-    order2, portable_plan = RaggedPlan.for_sequences(tables, q_lens, pos0, kv_heads, block_size, fused=False)
+    order, fused_plan = RaggedPlan.for_sequences(tables, q_lens, pos0, kv_heads, block_size, kernel=KERNEL)
+    order2, portable_plan = RaggedPlan.for_sequences(tables, q_lens, pos0, kv_heads, block_size, kernel=None)
     assert order == order2
-    fused = ragged_attention(queries, pool_k, pool_v, fused_plan, scale, kernel=KERNEL)
-    portable = ragged_attention(queries, pool_k, pool_v, portable_plan, scale, kernel=None)
+    fused = ragged_attention(queries, pool_k, pool_v, fused_plan, scale)
+    portable = ragged_attention(queries, pool_k, pool_v, portable_plan, scale)
     assert fused.shape == portable.shape == (tokens, kv_heads * ratio, 1, value_dim)
     tolerance = 1e-4 if form == "float32" or form.startswith("q") else 2e-2
     np.testing.assert_allclose(np.array(fused), np.array(portable.astype(mx.float32)), atol=tolerance, rtol=tolerance)
@@ -133,11 +133,11 @@ def test_shared_prefix_groups_are_planned_and_exact():
     pool_k = mx.array(rng.standard_normal((rows, dim)).astype(np.float32))
     pool_v = mx.array(rng.standard_normal((rows, dim)).astype(np.float32))
     queries = mx.array(rng.standard_normal((sum(q_lens), kv_heads * 3, 1, dim)).astype(np.float32))
-    _, plan = RaggedPlan.for_sequences(tables, q_lens, pos0, kv_heads, bs, fused=True)
+    _, plan = RaggedPlan.for_sequences(tables, q_lens, pos0, kv_heads, bs, kernel=KERNEL)
     assert np.array(plan.groups).tolist() == [[0, 10, 0, 8]]
-    _, portable_plan = RaggedPlan.for_sequences(tables, q_lens, pos0, kv_heads, bs, fused=False)
-    fused = ragged_attention(queries, pool_k, pool_v, plan, dim**-0.5, kernel=KERNEL)
-    portable = ragged_attention(queries, pool_k, pool_v, portable_plan, dim**-0.5, kernel=None)
+    _, portable_plan = RaggedPlan.for_sequences(tables, q_lens, pos0, kv_heads, bs, kernel=None)
+    fused = ragged_attention(queries, pool_k, pool_v, plan, dim**-0.5)
+    portable = ragged_attention(queries, pool_k, pool_v, portable_plan, dim**-0.5)
     np.testing.assert_allclose(np.array(fused), np.array(portable), atol=1e-5)
 
 

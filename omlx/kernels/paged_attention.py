@@ -193,11 +193,12 @@ class RaggedPlan:
     groups: mx.array  # (G, 4) int32
     num_kv_heads: int
     block_size: int
+    kernel: object | None  # the fused extension module that attends this plan; None: portable
     portable: PortableView | None  # built only when the portable path will run
 
     @classmethod
     def for_sequences(cls, tables: list[list[int]], q_lens: list[int], pos0: list[int], num_kv_heads: int,
-                      block_size: int, fused: bool) -> tuple[list[int], "RaggedPlan"]:
+                      block_size: int, kernel=None) -> tuple[list[int], "RaggedPlan"]:
         """Plan a pass over sequences (block tables, new tokens, position of the first new
         token).  Sequences sharing a cached prefix are put next to each other so they attend
         to it together; returns that order (indices into the inputs) and the plan."""
@@ -211,13 +212,14 @@ class RaggedPlan:
             spans.append((first, len(rows), shared))
             first += len(rows)
         lens = np.asarray(q_lens, dtype=np.int32)[order]
-        return order, cls.build(padded[order], lens, starts[order], spans, num_kv_heads, block_size, fused)
+        return order, cls.build(padded[order], lens, starts[order], spans, num_kv_heads, block_size, kernel)
 
     @classmethod
     def build(cls, tables: np.ndarray, q_lens: np.ndarray, pos0: np.ndarray, groups: list[tuple[int, int, int]],
-              num_kv_heads: int, block_size: int, fused: bool) -> "RaggedPlan":
+              num_kv_heads: int, block_size: int, kernel=None) -> "RaggedPlan":
         """numpy inputs: tables (S, W), q_lens / pos0 (S,); groups as (first seq, count,
-        shared blocks), their members consecutive."""
+        shared blocks), their members consecutive.  `kernel`: the fused extension module
+        (see backend.py) that will attend it, None for the portable path."""
         num = len(q_lens)
         starts = np.zeros(num, dtype=np.int32)
         starts[1:] = np.cumsum(q_lens)[:-1]
@@ -227,10 +229,10 @@ class RaggedPlan:
             group_of[first : first + count] = g
             group_rows[g] = (first, count, first, shared)
         seqs = np.stack([starts, np.asarray(q_lens, np.int32), np.asarray(pos0, np.int32), group_of], axis=1)
-        portable = None if fused else _portable_view(tables, q_lens, pos0, starts, groups, num_kv_heads, block_size)
+        portable = None if kernel is not None else _portable_view(tables, q_lens, pos0, starts, groups, num_kv_heads, block_size)
         return cls(
             tables=mx.array(tables, dtype=mx.int32), seqs=mx.array(seqs), groups=mx.array(group_rows),
-            num_kv_heads=num_kv_heads, block_size=block_size, portable=portable,
+            num_kv_heads=num_kv_heads, block_size=block_size, kernel=kernel, portable=portable,
         )
 
 
@@ -254,11 +256,11 @@ def _portable_view(tables, q_lens, pos0, starts, groups, num_kv_heads: int, bloc
     )
 
 
-def ragged_attention(queries: mx.array, pool_k, pool_v, plan: RaggedPlan, scale: float, kernel=None) -> mx.array:
-    """Attention of a ragged step's queries `[T, Hq, 1, D]` -> `[T, Hq, 1, Dv]`.
-
-    `kernel`: the fused extension module (None: the portable path)."""
+def ragged_attention(queries: mx.array, pool_k, pool_v, plan: RaggedPlan, scale: float) -> mx.array:
+    """Attention of a ragged step's queries `[T, Hq, 1, D]` -> `[T, Hq, 1, Dv]`, by the
+    plan's kernel (or the portable path)."""
     tokens, q_heads, _, dim = queries.shape
+    kernel = plan.kernel
     if kernel is not None:
         quantized = isinstance(pool_k, QuantizedRows)
         out = kernel.paged_attention(

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-from omlx.kernels.backend import attention_backend
 from omlx.kernels.paged_attention import (
     CascadePlan,
     QuantizedRows,
@@ -299,7 +298,7 @@ class PagedLayerCache:
         storage, batch = self.storage, self.batch
         pool_k, pool_v = storage.keys[self.layer], storage.values[self.layer]
         if batch.ragged is not None:
-            return ragged_attention(queries, pool_k, pool_v, batch.ragged, scale, attention_backend().module)
+            return ragged_attention(queries, pool_k, pool_v, batch.ragged, scale)
         if batch.cascade is not None:
             return cascade_decode_attention(queries, pool_k, pool_v, batch.cascade, storage.block_size, scale)
         return gathered_attention(queries, pool_k, pool_v, batch.tiles, batch.mask, storage.block_size, scale)

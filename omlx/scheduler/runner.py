@@ -107,7 +107,7 @@ class ModelRunner:
         attention hook regroups tokens by sequence (`RaggedPlan`)."""
         bs = self.block_size
         batch = len(seqs)
-        fused = attention_backend().fused
+        kernel = attention_backend().module  # chosen once per pass, for every layer
         heads = pools[0][0].layout.num_kv_heads
         order: list[int] = []  # pass position -> index in `seqs`
         plans: list[RaggedPlan] = []
@@ -117,7 +117,7 @@ class ModelRunner:
             lo += count
             local, plan = RaggedPlan.for_sequences(
                 [seqs[i].block_table for i in members], [num_new_tokens[i] for i in members],
-                [seqs[i].num_computed_tokens for i in members], heads, bs, fused,
+                [seqs[i].num_computed_tokens for i in members], heads, bs, kernel,
             )
             plans.append(plan)
             order += [members[r] for r in local]
@@ -219,4 +219,3 @@ class ModelRunner:
             return picked if len(rows) == x.shape[0] else picked[mx.array(rows)]
         cols = [num_new_tokens[r] - 1 for r in rows]
         return x[mx.array(rows), mx.array(cols)]
-
