@@ -54,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep the prefix cache in memory only")
     serve.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=None,
                        help="recompute every prompt from scratch (for measuring what the cache saves)")
+    serve.add_argument("--no-speculative-decoding", dest="speculative_decoding", action="store_false", default=None,
+                       help="decode one token per sequence per step (default: prompt-lookup drafts, "
+                            "verified in the batch; greedy output is identical either way)")
+    serve.add_argument("--num-draft-tokens", type=_non_negative, metavar="N",
+                       help="the most draft tokens a sequence verifies per step (8; 0 turns drafting off)")
+    serve.add_argument("--draft-model", metavar="MODEL",
+                       help="draft with this smaller model (same tokenizer, from the model dirs) "
+                            "instead of prompt lookup")
     serve.add_argument("--max-num-seqs", "--max-concurrent-requests", type=int, dest="max_num_seqs",
                        help="sequences decoded together per step (64)")
     serve.add_argument("--max-num-batched-tokens", type=int,
@@ -234,6 +242,9 @@ def serve(args, options: dict) -> None:
                       if options["kv_disk"] and options["prefix_cache"] else None),
         kv_disk_bytes=int(options["kv_disk_gb"] * 2**30),
         prefix_cache=options["prefix_cache"],
+        speculative=options["speculative_decoding"],
+        num_draft_tokens=options["num_draft_tokens"],
+        draft_model=options.get("draft_model"),
     )
     if options.get("preload_adapter") and not options.get("preload"):
         log.warning("PRELOAD_ADAPTER is ignored without PRELOAD_MODEL (the model it adapts)")

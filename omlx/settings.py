@@ -205,6 +205,11 @@ MODEL_KEYS: dict[str, Callable] = {
     # that win over the request's (temperature, top_p, top_k), and template kwargs that do.
     "max_context_window": lambda v, f: _optional_positive(v, f, (int,)),
     "thinking_budget": _optional_non_negative_int,
+    # Speculative decoding for this model: on/off, the most draft tokens per step, and a
+    # smaller model with the same tokenizer to draft with (default: prompt lookup).
+    "speculative_decoding": _typed(bool),
+    "num_draft_tokens": _optional_non_negative_int,
+    "draft_model": _typed(str),
     "force_sampling": _typed(bool),
     "forced_ct_kwargs": lambda v, f: _string_list(v, f),
 }
@@ -241,6 +246,9 @@ GLOBAL_KEYS: dict[str, Callable] = {
     "kv_disk_gb": _optional_positive,
     "kv_disk": _typed(bool),
     "prefix_cache": _typed(bool),
+    "speculative_decoding": _typed(bool),
+    "num_draft_tokens": _optional_non_negative_int,
+    "draft_model": _typed(str),
     "max_model_len": lambda v, f: _optional_positive(v, f, (int,)),
     "ttl": _optional_positive,
     "hf_cache": _typed(bool),
@@ -538,6 +546,11 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     Option("kv_disk", ("OMLX_KV_DISK", "OMLX_HOT_CACHE_ONLY"), _bool_text, True,
            {"OMLX_HOT_CACHE_ONLY": lambda text: not _bool_text(text)}),
     Option("prefix_cache", ("OMLX_PREFIX_CACHE", "OMLX_CACHE_ENABLED"), _bool_text, True),
+    # Speculative decoding inside the batch (prompt lookup, or a draft model) and the most
+    # draft tokens a sequence verifies per step (mlx-lm's --num-draft-tokens).
+    Option("speculative_decoding", ("OMLX_SPECULATIVE_DECODING",), _bool_text, True),
+    Option("num_draft_tokens", ("OMLX_NUM_DRAFT_TOKENS",), _non_negative_int_text, 8),
+    Option("draft_model", ("OMLX_DRAFT_MODEL",), str),
     Option("max_tokens", ("OMLX_MAX_TOKENS",), int),
     Option("ttl", ("OMLX_TTL",), float),
     Option("hf_cache", ("OMLX_HF_CACHE", "OMLX_HF_CACHE_ENABLED"), _bool_text, True),

@@ -256,4 +256,5 @@ def parse_messages(body: Any) -> TurnRequest:
     request.sampling = SamplingRequest.parse(body, ANTHROPIC_RANGES)
     request.stop = _stop_sequences(body)
     request.stream = boolean(body, "stream")
+    request.speculative = boolean(body, "speculative_decoding", None)  # omlx's extension
     return request

@@ -44,6 +44,10 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    # Speculative decoding: draft tokens the model accepted / rejected (OpenAI reports a
+    # `prediction`'s tokens under these names in completion_tokens_details).
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -62,6 +66,8 @@ def build_request(
     logprobs: int | None = None,
     constraint=None,
     n: int = 1,
+    speculative: bool = True,
+    predicted_token_ids=(),
 ) -> GenerationRequest:
     """Check lengths against the model's context window and make the engine request."""
     window = loaded.context_window
@@ -88,6 +94,8 @@ def build_request(
         logprobs=logprobs,
         constraint=constraint,
         n=n,
+        speculative=speculative,
+        predicted_token_ids=tuple(predicted_token_ids),
     )
     try:
         loaded.check(request)
@@ -155,6 +163,9 @@ class GenerationStream:
             async for event in events:
                 if event.cached_prompt_tokens is not None:
                     self.usage.cached_tokens = event.cached_prompt_tokens
+                if event.drafted_tokens:
+                    self.usage.accepted_prediction_tokens += event.accepted_tokens
+                    self.usage.rejected_prediction_tokens += event.drafted_tokens - event.accepted_tokens
                 if event.error is not None:
                     raise EngineFailure(event.error, event.error_code)
                 choice = self.choices[event.index]

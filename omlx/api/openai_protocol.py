@@ -64,7 +64,23 @@ def parse_common(body: Any, id_prefix: str) -> TurnRequest:
         include_usage=bool(options and options.get("include_usage")),
         n=number(body, "n", 1, MAX_N, 1, integer=True),
         id_prefix=id_prefix,
+        speculative=boolean(body, "speculative_decoding", None),
+        prediction=_prediction(body.get("prediction")),
     )
+
+
+def _prediction(value: Any) -> str | None:
+    """OpenAI's Predicted Outputs: `{"type": "content", "content": str | text parts}`."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("type") != "content":
+        raise invalid("'prediction' must be an object with \"type\": \"content\"", "prediction", "invalid_value")
+    content = value.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise invalid("'prediction.content' must be a string or a list of text parts", "prediction.content", "invalid_type")
 
 
 # ---------------------------------------------------------------------------- chat

@@ -52,6 +52,7 @@ class ResponsesRequest:
     raw_tool_choice: Any = "auto"
     metadata: dict | None = None
     adapter_path: str | None = None
+    speculative: bool | None = None  # omlx's `speculative_decoding` extension
 
     def conversation(self, history: list[dict]) -> Conversation:
         """The whole conversation: stored history, this input, the instructions in front."""
@@ -71,6 +72,7 @@ class ResponsesRequest:
             format_param="text.format",
             thinking_budget=self.thinking_budget,
             adapter_path=self.adapter_path,
+            speculative=self.speculative,
             id_prefix="resp",
             prompt_param="input",
         )
@@ -279,6 +281,7 @@ def parse_responses(body: Any) -> ResponsesRequest:
                          **thinking_kwargs(vlm)},
         thinking_budget=vlm.thinking_budget,
         adapter_path=vlm.adapter_path,
+        speculative=boolean(body, "speculative_decoding", None),
         raw_tools=body.get("tools") or [],
         raw_tool_choice=body.get("tool_choice", "auto"),
         metadata=metadata,

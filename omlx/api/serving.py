@@ -69,6 +69,9 @@ class Serving:
             loaded, prompt_ids, self._max_tokens(loaded, resolved, len(prompt_ids)), resolved.sampling,
             request.id_prefix, request.max_tokens_param, request.prompt_param,
             logprobs=request.logprobs, n=request.n, constraint=constraint,
+            speculative=request.speculative is not False,
+            predicted_token_ids=loaded.tokenizer.encode(request.prediction, add_special_tokens=False)
+            if request.prediction else (),
         )
         stream = GenerationStream(loaded, engine_request, resolved.stop)
         turn = None

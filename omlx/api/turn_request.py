@@ -45,6 +45,10 @@ class TurnRequest:
     id_prefix: str = "chatcmpl"
     prompt_param: str = "messages"
     call_id_prefix: str = "call"
+    # Speculative decoding: the request's own switch (omlx's `speculative_decoding` field;
+    # None: the model's setting) and predicted output (OpenAI's `prediction`).
+    speculative: bool | None = None
+    prediction: str | None = None
 
 
 @dataclass

@@ -81,6 +81,8 @@ class LoadedModel:
             "generated_tokens": engine.stats.generated_tokens,
             "kv_cache": engine.kv_stats(),
         }
+        speculator = engine.scheduler.speculator
+        stats["speculative_decoding"] = speculator.stats() if speculator is not None else {"enabled": False}
         profile = getattr(engine, "profile", None)  # per-phase step timings, where measured
         if profile is not None:
             stats["step_profile"] = profile.report()

@@ -122,7 +122,7 @@ def estimate_kv_bytes(config: dict, engine: EngineConfig) -> int:
 
 def engine_config_for(base: EngineConfig, settings: dict) -> EngineConfig:
     """The server's engine settings with this model's own KV quantization (bits, group size,
-    quantized_kv_start) and KV cap, where it sets them."""
+    quantized_kv_start), KV cap and speculative decoding, where it sets them."""
     overrides = {}
     if settings.get("kv_bits") is not None:
         overrides["kv_bits"] = settings["kv_bits"] or None
@@ -130,6 +130,10 @@ def engine_config_for(base: EngineConfig, settings: dict) -> EngineConfig:
         overrides["kv_group_size"] = settings["kv_group_size"]
     if settings.get("quantized_kv_start") is not None:
         overrides["quantized_kv_start"] = settings["quantized_kv_start"]
+    for key, field_name in (("speculative_decoding", "speculative"), ("num_draft_tokens", "num_draft_tokens"),
+                            ("draft_model", "draft_model")):
+        if settings.get(key) is not None:
+            overrides[field_name] = settings[key]
     if settings.get("kv_cache_gb") is not None:
         overrides["kv_cache_bytes"] = int(settings["kv_cache_gb"] * 2**30)
     if settings.get("max_context_window") is not None:  # oMLX's per-model context limit

@@ -228,6 +228,17 @@ class BlockManager:
             seq.block_table.append(block)
         return True
 
+    def trim(self, seq: Sequence) -> None:
+        """Release the blocks past those holding the sequence's computed tokens (a rejected
+        speculative draft's rows).  They were allocated for it alone and never hashed."""
+        keep = -(-seq.num_computed_tokens // self.block_size)
+        while len(seq.block_table) > keep:
+            block = seq.block_table.pop()
+            assert self.ref_counts[block] == 1 and self.block_hash[block] is None, "trimming a shared block"
+            self.ref_counts[block] = 0
+            self.free_blocks[block] = None
+            self.free_blocks.move_to_end(block, last=False)  # empty: handed out first
+
     def adopt(self, token_ids: list[int], num_tokens: int) -> tuple[list[int], list[bytes], list[int]] | None:
         """Blocks in this pool for the first `num_tokens` tokens of a sequence whose KV another
         pool holds (`--quantized-kv-start`: a float sequence moving to the quantized pool).

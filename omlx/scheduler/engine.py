@@ -24,6 +24,8 @@ from .parallel_sampling import fork_siblings, request_finished, request_sequence
 from .sampler import Sampler
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence
+from .speculation import SpeculationConfig, Speculator
+from .verification import verify_drafts
 from .step_profile import StepProfile
 
 log = logging.getLogger("omlx.engine")
@@ -59,6 +61,13 @@ class EngineConfig:
     kv_cache_dir: str | None = None
     kv_disk_bytes: int = 10 << 30  # size cap of one model's disk tier; LRU files go first
     prefix_cache: bool = True  # False: every prompt is computed from scratch (measurements)
+    # Speculative decoding (omlx.scheduler.speculation): prompt lookup drafts for every
+    # request that does not opt out, verified in the step's one ragged pass.
+    speculative: bool = True
+    num_draft_tokens: int = 8  # the most draft tokens one sequence verifies per step
+    # A smaller model (its id in the model dirs) with the same tokenizer that drafts instead
+    # of prompt lookup; the model pool loads it and hands it to the engine.
+    draft_model: str | None = None
 
 
 class RequestRejected(ValueError):
@@ -113,6 +122,12 @@ class LLMEngine:
             copy_blocks=self._quantize_blocks if self.float_pool is not None else None,
         )
         self.runner = ModelRunner(model, self.storage)
+        # Draft rows are verified inside the one ragged pass; a padded model decodes plainly.
+        if config.speculative and config.num_draft_tokens > 0 and self.runner.ragged:
+            self.scheduler.speculator = Speculator(SpeculationConfig(
+                max_draft_tokens=config.num_draft_tokens,
+                initial_draft_tokens=min(config.num_draft_tokens, SpeculationConfig.initial_draft_tokens),
+            ))
         self.sampler = Sampler()
         self.sequences: dict[str, Sequence] = {}
         self.stats = EngineStats()
@@ -296,6 +311,10 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[tuple[str, TokenEvent]]:
+        if self.scheduler.speculator is not None:
+            # Draft rows are verified in the ragged pass only (a runner can lose it: tests
+            # route attention away from the cache to compare the per-pool passes).
+            self.scheduler.speculator.active = self.runner.ragged
         with self.profile.phase("schedule"):
             batch = self.scheduler.schedule()
         # Requests that can never get their blocks end here (the batch is empty then, unless
@@ -303,13 +322,17 @@ class LLMEngine:
         ended = self._out_of_memory() if self.scheduler.out_of_memory else []
         if batch.empty:
             return ended
+        speculator = self.scheduler.speculator
+        if speculator is not None and not speculator.drafter.immediate:
+            drafting = [s for s in batch.decodes if s.draft_rows]
+            with self.profile.phase("draft"):
+                speculator.draft(drafting, [s.draft_rows for s in drafting])
         events: list[tuple[Sequence, TokenEvent]] = []
         for rows in self._passes(batch):
             for part, pools in self._by_pool(rows):
                 seqs = [s for s, _ in part]
                 counts = [n for _, n in part]
-                # A prefill chunk samples when it reaches the prompt's end; a decode always.
-                want = [s.num_computed_tokens + n == s.num_tokens for s, n in part]
+                want = [logit_rows(s, n) for s, n in part]
                 events += self._run(seqs, counts, want, pools)
         self.stats.prefill_tokens += sum(n for _, n in batch.prefills)
         self.stats.steps += 1
@@ -327,7 +350,7 @@ class LLMEngine:
         """The forward passes of a step: one ragged pass for everything when the runner can
         (decodes and prefill chunks side by side, weights read once); else prefill chunks
         grouped by length (they are padded), then the decodes."""
-        decodes = [(s, 1) for s in batch.decodes]
+        decodes = [(s, 1 + len(s.draft)) for s in batch.decodes]
         if self.runner.ragged:
             return [batch.prefills + decodes]
         return prefill_groups(batch.prefills) + ([decodes] if decodes else [])
@@ -342,20 +365,33 @@ class LLMEngine:
             return [(run, [(storage, len(run))]) for storage, run in runs]
         return [([r for _, run in runs for r in run], [(storage, len(run)) for storage, run in runs])]
 
-    def _run(self, seqs: list[Sequence], counts: list[int], want: list[bool], pools):
+    def _run(self, seqs: list[Sequence], counts: list[int], want: list[int], pools):
         logits = self.runner.forward(seqs, counts, want, pools)
+        # Logit rows come sequence after sequence: one to sample, or a draft's to verify.
+        first_row = np.cumsum([0] + want[:-1])
+        verifying = [i for i, s in enumerate(seqs) if s.draft]
+        plain = [i for i, s in enumerate(seqs) if not s.draft]
         sampled: dict[int, int] = {}
         siblings: list[Sequence] = []
-        if logits is not None:
-            rows = [i for i, w in enumerate(want) if w]
+        verified = []
+        if verifying:
+            picks = np.concatenate([np.arange(first_row[i], first_row[i] + want[i]) for i in verifying])
+            with self.profile.phase("verify"):
+                verified = verify_drafts(self.sampler, logits[mx.array(picks)], [seqs[i] for i in verifying])
+        rows = [i for i in plain if want[i]]
+        if rows:
             sampling = [seqs[i] for i in rows]
+            row_logits = logits if not verifying else logits[mx.array(first_row[rows])]
             # n > 1: a request sampling its first token forks; its siblings share the row.
-            logits, siblings = fork_siblings(self.scheduler, logits, sampling, [counts[i] for i in rows])
+            row_logits, siblings = fork_siblings(self.scheduler, row_logits, sampling, [counts[i] for i in rows])
             with self.profile.phase("sample"):
-                tokens = self.sampler(logits, sampling + siblings)
+                tokens = self.sampler(row_logits, sampling + siblings)
             sampled = dict(zip(rows, tokens))
         with self.profile.phase("postprocess"):
-            events = self.scheduler.postprocess(seqs, counts, sampled)
+            events = self.scheduler.postprocess([seqs[i] for i in plain], [counts[i] for i in plain],
+                                                {k: sampled[i] for k, i in enumerate(plain) if i in sampled})
+            for i, (tokens_out, logprobs) in zip(verifying, verified):
+                events += self.scheduler.apply_verified(seqs[i], tokens_out, logprobs)
         for sibling, token in zip(siblings, tokens[len(rows) :] if siblings else ()):
             events += self.scheduler.postprocess([sibling], [0], {0: token})
         return events
@@ -394,6 +430,14 @@ class LLMEngine:
             out.append((request_id, TokenEvent(None, FinishReason.ERROR, error=message)))
         self.sequences.clear()
         return out
+
+
+def logit_rows(seq: Sequence, fed: int) -> int:
+    """Logits rows a sequence needs from a pass that feeds it `fed` tokens: a draft's rows to
+    verify, one to sample (a decode, or the prefill chunk reaching the prompt's end), or none."""
+    if seq.draft:
+        return 1 + len(seq.draft)
+    return 1 if seq.num_computed_tokens + fed == seq.num_tokens else 0
 
 
 def _initial_and_max(layout, block_size: int, initial_bytes: int, cap_bytes: int, kv_bits, group_size: int):

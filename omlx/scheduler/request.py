@@ -52,6 +52,11 @@ class GenerationRequest:
     # Independent completions of the same prompt; they share its KV blocks (see
     # BlockManager.fork) and each samples with its own stream (seed + index).
     n: int = 1
+    # Speculative decoding (omlx.scheduler.speculation): False opts this request out.
+    speculative: bool = True
+    # Tokens the client predicts the output will contain (OpenAI `prediction`): prompt lookup
+    # drafts from them too.  They never change what is generated, only how fast.
+    predicted_token_ids: tuple[int, ...] = ()
 
 
 class FinishReason(str, Enum):
@@ -79,3 +84,7 @@ class TokenEvent:
     top_logprobs: list[tuple[int, float]] | None = None
     # Which of the request's `n` completions this event belongs to.
     index: int = 0
+    # Speculative decoding, on the first event of a step that verified a draft: how many
+    # tokens were drafted for this completion and how many of them were accepted.
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0

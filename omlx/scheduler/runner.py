@@ -64,11 +64,13 @@ class ModelRunner:
         return self.hooked
 
     def forward(
-        self, seqs: list[Sequence], num_new_tokens: list[int], want_logits: list[bool],
+        self, seqs: list[Sequence], num_new_tokens: list[int], want_logits: list[int],
         pools: list[tuple[PagedKVStorage, int]] | None = None,
     ) -> mx.array | None:
         """Feed each sequence its next `num_new_tokens` tokens, store their KV in its pool,
-        and return logits `(n, vocab)` at the last new token of the rows in `want_logits`.
+        and return logits at the last `want_logits[i]` new tokens of each sequence (0: none;
+        1: the last token's, to sample; more: a speculative draft's rows, to verify), the
+        sequences' rows one after another, `(sum(want_logits), vocab)`.
 
         `pools`: (storage, how many rows) for consecutive runs of rows, when a pass carries
         sequences of several pools (`--quantized-kv-start`); default: all in the main pool.
@@ -132,7 +134,7 @@ class ModelRunner:
             seq, n = seqs[i], num_new_tokens[i]
             start = seq.num_computed_tokens
             span = np.arange(start, start + n)
-            tokens[row : row + n] = seq.token_ids[start : start + n]
+            tokens[row : row + n] = seq.tokens_to_feed(start, n)
             positions[row : row + n] = span
             token_blocks[row : row + n] = np.asarray(seq.block_table, dtype=np.int32)[span // bs]
             last_row[i] = row + n - 1
@@ -153,8 +155,8 @@ class ModelRunner:
         written = [array for storage, _ in pools for array in storage.arrays()]
 
         inputs = mx.array(tokens)[:, None]
-        wanted = [r for r, want in enumerate(want_logits) if want]
-        picks = mx.array(last_row[wanted]) if wanted else None
+        wanted = [np.arange(last_row[i] - m + 1, last_row[i] + 1) for i, m in enumerate(want_logits) if m]
+        picks = mx.array(np.concatenate(wanted)) if wanted else None
         if self.split is not None:
             body, head = self.split
             hidden = body(inputs, cache=caches)
@@ -168,7 +170,9 @@ class ModelRunner:
 
     def _forward_padded(self, seqs, num_new_tokens, want_logits, pools):
         """Rows right-padded to the longest chunk (models whose attention is not routed to
-        the cache); padded tokens write to the scratch block."""
+        the cache); padded tokens write to the scratch block.  One logits row per sequence at
+        most (no speculation on this path)."""
+        assert max(want_logits, default=0) <= 1, "speculative rows need the ragged pass"
         bs = self.block_size
         batch = len(seqs)
         length = max(num_new_tokens)

@@ -151,15 +151,19 @@ def _log_softmax_rows(logits: mx.array, rows: list[int], num_rows: int) -> mx.ar
 
 def _record_logprobs(logprobs: np.ndarray, rows: list[int], seqs: list[Sequence], tokens: list[int]) -> None:
     for i, r in enumerate(rows):
-        row = logprobs[i]
-        k = min(seqs[r].request.logprobs, row.shape[0])
-        top: list[tuple[int, float]] = []
-        if k > 0:
-            ids = np.argpartition(-row, k - 1)[:k]
-            # Most likely first; equal values by token id, so the order is deterministic.
-            ids = ids[np.lexsort((ids, -row[ids]))]
-            top = [(int(t), float(row[t])) for t in ids if np.isfinite(row[t])]
-        seqs[r].step_logprobs = (float(row[tokens[r]]), top)
+        seqs[r].step_logprobs = logprob_entry(logprobs[i], seqs[r].request.logprobs, tokens[r])
+
+
+def logprob_entry(row: np.ndarray, top_k: int, token: int) -> tuple[float, list[tuple[int, float]]]:
+    """(the token's log-probability, the `top_k` most likely tokens with theirs) of one row."""
+    k = min(top_k, row.shape[0])
+    top: list[tuple[int, float]] = []
+    if k > 0:
+        ids = np.argpartition(-row, k - 1)[:k]
+        # Most likely first; equal values by token id, so the order is deterministic.
+        ids = ids[np.lexsort((ids, -row[ids]))]
+        top = [(int(t), float(row[t])) for t in ids if np.isfinite(row[t])]
+    return float(row[token]), top
 
 
 # Filtered rows (top-k / top-p / min-p) look for their kept tokens among this many most

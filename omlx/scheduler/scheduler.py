@@ -52,8 +52,12 @@ class Scheduler:
         self, config: SchedulerConfig, blocks: BlockManager,
         float_blocks: BlockManager | None = None, quantized_kv_start: int = 0,
         copy_blocks: Callable[[list[int], list[int]], None] | None = None,
+        speculator=None,
     ):
         self.config = config
+        # Speculative decoding (omlx.scheduler.speculation.Speculator), or None: decoding
+        # sequences then get one row each.
+        self.speculator = speculator
         self.blocks = blocks
         # The float pool for sequences under `quantized_kv_start` tokens (None: one pool), and
         # how blocks are copied (quantized) from it into the main pool, given by the engine.
@@ -106,6 +110,8 @@ class Scheduler:
             else:
                 batch.decodes.append(seq)
                 budget -= 1
+        if self.speculator is not None and batch.decodes:
+            budget -= self._reserve_drafts(batch.decodes, budget)
 
         # Prefill chunks for sequences already admitted.
         for seq in self.running:
@@ -142,6 +148,31 @@ class Scheduler:
         if batch.empty and self.has_work:
             self._unstick()
         return batch
+
+    def _reserve_drafts(self, decodes: list[Sequence], budget: int) -> int:
+        """Draft rows for this step's decodes, within the token budget (half of what is left
+        when prompts are waiting for it) and the blocks free now: a draft never preempts
+        anyone.  Returns the rows reserved."""
+        if self.waiting or any(s.is_prefilling for s in self.running):
+            budget //= 2
+        reserved = 0
+        for seq in decodes:
+            cap = min(self.speculator.config.max_draft_tokens, budget - reserved, self._draft_room(seq))
+            k = self.speculator.plan(seq, cap)
+            if k and not self.pool_of(seq).allocate(seq, 1 + k):
+                seq.draft = []
+                k = 0
+            seq.draft_rows = k
+            reserved += k
+        return reserved
+
+    def _draft_room(self, seq: Sequence) -> int:
+        """The most draft tokens a decode may verify without emitting past max_tokens or the
+        context window, or crossing the float pool's threshold (where its KV moves)."""
+        room = min(seq.request.max_tokens - seq.num_output_tokens, self.config.max_model_len - seq.num_tokens) - 1
+        if seq.in_float_pool:
+            room = min(room, self.quantized_kv_start - seq.num_computed_tokens - 1)
+        return room
 
     def _unstick(self) -> None:
         """Work is pending but nothing could be scheduled: the blocks are all held by
@@ -184,6 +215,7 @@ class Scheduler:
         self.pool_of(seq).free(seq)
         seq.num_computed_tokens = 0
         seq.pool = MAIN_POOL
+        seq.draft = []
 
     # ------------------------------------------------------------------ two pools
     def _prefetching(self, seq: Sequence) -> bool:
@@ -297,27 +329,56 @@ class Scheduler:
             token = sampled.get(i)
             if token is None:
                 continue
-            event = TokenEvent(token_id=token, index=seq.index)
-            if seq.step_logprobs is not None:
-                event.logprob, event.top_logprobs = seq.step_logprobs
-                seq.step_logprobs = None
-            if not seq.reported_cache_hit:
-                event.cached_prompt_tokens = seq.cached_prompt_tokens
-                seq.reported_cache_hit = True
-            request = seq.request
-            if token in request.stop_token_ids:
-                event.token_id = None
-                event.finish_reason = FinishReason.STOP
-            else:
-                seq.token_ids.append(token)
-                if seq.constraint is not None and seq.constraint.finished:
-                    event.finish_reason = FinishReason.STOP  # its grammar is complete
-                elif seq.num_output_tokens >= request.max_tokens or seq.num_tokens >= self.config.max_model_len:
-                    event.finish_reason = FinishReason.LENGTH
-            if event.finish_reason is not None:
-                self.finish(seq, event.finish_reason)
-            events.append((seq, event))
+            logprobs, seq.step_logprobs = seq.step_logprobs, None
+            events.append((seq, self._emit(seq, token, logprobs)))
         return events
+
+    def apply_verified(self, seq: Sequence, tokens: list[int], logprobs: list | None) -> list[tuple[Sequence, TokenEvent]]:
+        """Advance a sequence that verified a draft this step: `tokens` are its accepted
+        draft tokens and then the model's own (see verification).  The KV of the pending
+        token and of each accepted draft token is kept; the rejected rows' KV is left where
+        it was written, past `num_computed_tokens`, to be overwritten, and blocks holding
+        only such rows go back to the pool.  Nothing unverified is ever hashed."""
+        drafted = len(seq.draft)
+        seq.draft = []
+        seq.draft_rows = 0
+        if self.speculator is not None:
+            self.speculator.record(seq, drafted, len(tokens) - 1)
+        events = []
+        for j, token in enumerate(tokens):
+            seq.num_computed_tokens += 1  # the token this one was predicted after
+            event = self._emit(seq, token, logprobs[j] if logprobs else None)
+            if j == 0:
+                event.drafted_tokens, event.accepted_tokens = drafted, len(tokens) - 1
+            events.append((seq, event))
+            if event.finish_reason is not None:
+                return events  # finished: its blocks are already released
+        pool = self.pool_of(seq)
+        pool.trim(seq)
+        pool.cache_full_blocks(seq)
+        return events
+
+    def _emit(self, seq: Sequence, token: int, logprobs) -> TokenEvent:
+        """The event for one token a sequence produced; appends it or finishes the sequence."""
+        event = TokenEvent(token_id=token, index=seq.index)
+        if logprobs is not None:
+            event.logprob, event.top_logprobs = logprobs
+        if not seq.reported_cache_hit:
+            event.cached_prompt_tokens = seq.cached_prompt_tokens
+            seq.reported_cache_hit = True
+        request = seq.request
+        if token in request.stop_token_ids:
+            event.token_id = None
+            event.finish_reason = FinishReason.STOP
+        else:
+            seq.token_ids.append(token)
+            if seq.constraint is not None and seq.constraint.finished:
+                event.finish_reason = FinishReason.STOP  # its grammar is complete
+            elif seq.num_output_tokens >= request.max_tokens or seq.num_tokens >= self.config.max_model_len:
+                event.finish_reason = FinishReason.LENGTH
+        if event.finish_reason is not None:
+            self.finish(seq, event.finish_reason)
+        return event
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         if seq.status is SequenceStatus.FINISHED:

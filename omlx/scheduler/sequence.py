@@ -47,6 +47,9 @@ class Sequence:
         "step_logprobs",
         "group",
         "pool",
+        "draft",
+        "draft_rows",
+        "speculation",
     )
 
     def __init__(self, request: GenerationRequest, index: int = 0, constraint=None):
@@ -79,6 +82,12 @@ class Sequence:
         # Which of the engine's KV pools holds its blocks (FLOAT_POOL while under
         # `--quantized-kv-start`, then MAIN_POOL); never both.
         self.pool = MAIN_POOL
+        # Speculative decoding: the tokens guessed to follow the pending one, fed this step
+        # after it (never part of `token_ids` until verified), and the sequence's drafting
+        # state (omlx.scheduler.speculation.SequenceSpeculation), made when it first drafts.
+        self.draft: list[int] = []
+        self.draft_rows = 0  # rows reserved for this step's draft (a draft model fills them)
+        self.speculation = None
 
     @property
     def request_id(self) -> str:
@@ -104,6 +113,14 @@ class Sequence:
     def num_pending_tokens(self) -> int:
         """Tokens still to be fed to the model before the next token can be sampled."""
         return len(self.token_ids) - self.num_computed_tokens
+
+    def tokens_to_feed(self, start: int, n: int) -> list[int]:
+        """The `n` tokens from position `start` a step feeds: computed-to-be tokens, then the
+        draft being verified."""
+        tokens = self.token_ids[start : start + n]
+        if len(tokens) < n:
+            tokens = tokens + self.draft[: n - len(tokens)]
+        return tokens
 
     @property
     def is_prefilling(self) -> bool:

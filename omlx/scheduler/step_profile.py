@@ -2,9 +2,10 @@
 
 Phases: `schedule` (picking the batch), `prepare` (building the pass's inputs and its lazy
 MLX graph on the host), `compute` (waiting for MLX to run the graph: matmuls, attention and
-every other op), `sample` (sampling, on the evaluated logits), `postprocess` (applying tokens
-to sequences, prefix-cache bookkeeping, events).  Everything but `compute` is host time that
-the forward pass does not hide; `/health` reports the averages per step.
+every other op), `sample` (sampling, on the evaluated logits), `verify` (accepting speculative
+drafts), `draft` (a draft model's batched passes), `postprocess` (applying tokens to
+sequences, prefix-cache bookkeeping, events).  Everything but `compute` and `draft` is host
+time that the forward pass does not hide; `/health` reports the averages per step.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-PHASES = ("schedule", "prepare", "compute", "sample", "postprocess")
+PHASES = ("schedule", "draft", "prepare", "compute", "sample", "verify", "postprocess")
 
 
 @dataclass
@@ -37,7 +38,7 @@ class StepProfile:
         steps = max(self.steps, 1)
         mean = {name: round(self.seconds[name] / steps * 1e3, 3) for name in PHASES}
         total = sum(self.seconds.values())
-        host = total - self.seconds["compute"]
+        host = total - self.seconds["compute"] - self.seconds["draft"]
         return {"steps": self.steps, "mean_ms": mean, "host_fraction": round(host / total, 4) if total else 0.0}
 
     def reset(self) -> None:
