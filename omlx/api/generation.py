@@ -17,7 +17,7 @@ from omlx.models.pool import LoadedModel
 from omlx.scheduler import FinishReason, GenerationRequest, RequestRejected, SamplingParams
 from omlx.text_output import TextStream
 
-from .errors import APIError, invalid
+from .errors import APIError, invalid, overloaded, shutting_down
 
 _ids = itertools.count()
 
@@ -29,13 +29,18 @@ def new_request_id(prefix: str) -> str:
 class EngineFailure(Exception):
     """The engine ended a request with an error (see TokenEvent.error / error_code)."""
 
-    def __init__(self, message: str, code: str | None = None):
+    def __init__(self, message: str, code: str | None = None, retry_after_s: float = 2.0):
         super().__init__(message)
         self.code = code
+        self.retry_after_s = retry_after_s
 
     def api_error(self) -> APIError:
         if self.code == "kv_cache_exhausted":  # capacity, not a bug: retry later
             return APIError(str(self), 503, "server_error", None, self.code)
+        if self.code == "queue_timeout":  # waited its turn too long: an overload
+            return overloaded(str(self), self.retry_after_s)
+        if self.code == "server_shutting_down":
+            return shutting_down(str(self))
         return APIError(str(self), 500, "server_error", None, "engine_error")
 
 

@@ -69,3 +69,11 @@ async def release_leases(request: web.Request, handler):
     async with contextlib.AsyncExitStack() as stack:
         request[_LEASES] = stack
         return await handler(request)
+
+
+def on_request_end(request: web.Request, callback, *args) -> None:
+    """Call `callback(*args)` when this request's handler finishes, however it finishes."""
+    stack: contextlib.AsyncExitStack | None = request.get(_LEASES)
+    if stack is None:
+        raise RuntimeError("the release_leases middleware is not installed")
+    stack.callback(callback, *args)

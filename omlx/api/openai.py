@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import aclosing
 
 from aiohttp import web
 
@@ -115,7 +116,10 @@ class OpenAIRoutes:
         for c in stream.choices:
             await response.write(sse.data_event(chunk({"role": "assistant", "content": ""}, index=c.index)))
         # Choices interleave in the order their tokens come out of the engine.
-        async for c, delta in _guarded_choices(stream, response):
+        # While nothing comes (a long prefill, a wait in the queue): an empty delta, which
+        # clients skip but count as an event (Codex's idle timer ignores SSE comments).
+        ping = sse.data_event(chunk({}))
+        async for c, delta in _guarded_choices(stream, request, response, ping):
             logprobs = None
             if options.logprobs is not None:
                 entries = c.take_logprobs()
@@ -173,7 +177,8 @@ class OpenAIRoutes:
             for c in stream.choices:
                 await response.write(sse.data_event(body([choice(echo, index=c.index)])))
         offsets = [len(echo)] * len(stream.choices)
-        async for c, delta in _guarded_choices(stream, response):
+        ping = sse.data_event(body([choice("")]))  # an empty text delta: see _stream_chat
+        async for c, delta in _guarded_choices(stream, request, response, ping):
             entries = c.take_logprobs() if logprobs else None
             if delta or entries:
                 await response.write(sse.data_event(body([choice(delta, None, c.index, entries, offsets[c.index])])))
@@ -189,13 +194,19 @@ class OpenAIRoutes:
         return response
 
 
-async def _guarded_choices(stream: GenerationStream, response: web.StreamResponse):
-    """`(choice, delta)` pairs of a stream that has already sent its headers: an engine
-    failure becomes an error event in the stream instead of an exception aiohttp would turn
-    into a broken reply."""
+async def _guarded_choices(stream: GenerationStream, request: web.Request, response: web.StreamResponse,
+                           ping: bytes):
+    """`(choice, delta)` pairs of a stream that has already sent its headers: `ping` is
+    written whenever nothing came for the keepalive interval, and an engine failure becomes
+    an error event in the stream instead of an exception aiohttp would turn into a broken
+    reply."""
     try:
-        async for item in stream.choice_deltas():
-            yield item
+        async with aclosing(sse.with_keepalive(stream.choice_deltas(), sse.keepalive_interval(request))) as items:
+            async for item in items:
+                if item is None:
+                    await response.write(ping)
+                else:
+                    yield item
     except EngineFailure as exc:
         error = exc.api_error()
         await response.write(sse.data_event(error.body()))

@@ -34,7 +34,6 @@ from .wire import read_json
 
 log = logging.getLogger("omlx.api.responses")
 
-KEEPALIVE_S = 10.0
 
 
 def _new_id(prefix: str) -> str:
@@ -200,15 +199,26 @@ class ResponsesRoutes:
         await send({"type": "response.created", "response": run.response_object(final=False)})
         await send({"type": "response.in_progress", "response": run.response_object(final=False)})
         try:
-            async with aclosing(sse.with_keepalive(run.turn.events(), KEEPALIVE_S)) as events:
+            async with aclosing(sse.with_keepalive(run.turn.events(), sse.keepalive_interval(request))) as events:
                 async for event in events:
-                    if event is None:  # nothing for a while (a long prefill): show we are alive
-                        await response.write(sse.KEEPALIVE)
+                    if event is None:
+                        # Nothing for a while (a long prefill, a wait in the queue): the
+                        # in-progress event again.  Codex's idle timer counts SSE events, not
+                        # bytes (a comment would not reset it), and ignores this one.
+                        await send({"type": "response.in_progress", "response": run.response_object(final=False)})
                         continue
                     for payload in run.output.add(event):
                         await send(payload)
         except EngineFailure as exc:
-            await send({"type": "error", "code": exc.api_error().code, "message": str(exc), "param": None})
+            code = exc.api_error().code
+            await send({"type": "error", "code": code, "message": str(exc), "param": None})
+            # The stream's terminal event: Codex and the SDKs' stream helpers end a response
+            # on response.completed / .incomplete / .failed, and report a stream closed
+            # without one as a broken connection.
+            failed = run.response_object(final=False)
+            failed["status"] = "failed"
+            failed["error"] = {"code": code, "message": str(exc)}
+            await send({"type": "response.failed", "response": failed})
             return response
         for payload in run.output.close():
             await send(payload)

@@ -18,6 +18,7 @@ from aiohttp import web
 from omlx.models.loaded import LoadedModel
 from omlx.models.pool import ModelPool
 
+from .admission import admit
 from .assistant_turn import AssistantTurn
 from .conversation import render_prompt
 from .errors import invalid
@@ -73,6 +74,7 @@ class Serving:
             predicted_token_ids=loaded.tokenizer.encode(request.prediction, add_special_tokens=False)
             if request.prediction else (),
         )
+        admit(http, self.pool, loaded, engine_request.request_id)
         stream = GenerationStream(loaded, engine_request, resolved.stop)
         turn = None
         if request.conversation is not None:

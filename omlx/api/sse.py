@@ -8,6 +8,13 @@ import contextlib
 import orjson
 from aiohttp import web
 
+from omlx.serving_limits import limits_of
+
+try:
+    from asyncio import timeout as _timeout
+except ImportError:  # Python 3.10: aiohttp depends on async_timeout there
+    from async_timeout import timeout as _timeout
+
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -16,10 +23,31 @@ SSE_HEADERS = {
 }
 
 
+class _TimedStream(web.StreamResponse):
+    """A stream whose writes give up after `write_timeout` seconds: a client that stops
+    reading (its socket buffer full) is dropped like one that disconnected, so its request
+    is aborted and its engine slot freed instead of being held for as long as it stalls."""
+
+    def __init__(self, write_timeout: float, **kwargs):
+        super().__init__(**kwargs)
+        self._write_timeout = write_timeout
+
+    async def write(self, data) -> None:
+        try:
+            async with _timeout(self._write_timeout):
+                await super().write(data)
+        except asyncio.TimeoutError:
+            raise ConnectionResetError(f"the client read nothing for {self._write_timeout:g}s") from None
+
+
 async def open_stream(request: web.Request) -> web.StreamResponse:
-    response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+    response = _TimedStream(limits_of(request.app).client_write_timeout_s, status=200, headers=SSE_HEADERS)
     await response.prepare(request)
     return response
+
+
+def keepalive_interval(request: web.Request) -> float:
+    return limits_of(request.app).sse_keepalive_s
 
 
 def data_event(payload: dict) -> bytes:
@@ -31,9 +59,6 @@ def named_event(event: str, payload: dict) -> bytes:
 
 
 DONE = b"data: [DONE]\n\n"
-
-
-KEEPALIVE = b": keepalive\n\n"  # an SSE comment: clients ignore it, proxies see traffic
 
 
 async def with_keepalive(events, interval: float, ping=None):

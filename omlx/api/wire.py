@@ -6,18 +6,28 @@ route's own error shape (the server's middleware picks OpenAI's or Anthropic's).
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from .errors import invalid
+from omlx.serving_limits import limits_of
+
+from .errors import APIError, invalid
 
 MISSING = object()
 
 
 async def read_json(request: web.Request) -> Any:
-    raw = await request.read()
+    # A client that sends its headers and then stalls (or trickles) its body is answered
+    # 408 here, before it is admitted anywhere, instead of holding a handler without end.
+    timeout = limits_of(request.app).client_read_timeout_s
+    try:
+        raw = await asyncio.wait_for(request.read(), timeout)
+    except asyncio.TimeoutError:
+        raise APIError(f"the request body did not arrive within {timeout:g}s", 408, "invalid_request_error",
+                       None, "request_timeout", headers={"Connection": "close"}) from None
     if not raw:
         raise invalid("the request body is empty; expected a JSON object")
     try:

@@ -47,6 +47,17 @@ class LoadedModel:
         return self.engine.generate(request)
 
     @property
+    def queued_requests(self) -> int:
+        """Requests submitted or admitted that the scheduler has not started yet."""
+        return self.engine.queued_requests
+
+    def reserve_queue_place(self, request_id: str, queue_deadline: float | None) -> None:
+        self.engine.reserve(request_id, queue_deadline)
+
+    def release_queue_place(self, request_id: str) -> None:
+        self.engine.release(request_id)
+
+    @property
     def kv_capacity_tokens(self) -> int:
         """Tokens the KV pool could ever hold for one sequence, grown to its cap."""
         blocks = self.engine.engine.blocks
@@ -75,6 +86,7 @@ class LoadedModel:
             "context_window": self.context_window,
             "running": len(engine.scheduler.running),
             "waiting": len(engine.scheduler.waiting),
+            "queued": self.queued_requests,  # waiting, plus admitted and not yet submitted
             "preemptions": engine.scheduler.num_preemptions,
             "steps": engine.stats.steps,
             "prefill_tokens": engine.stats.prefill_tokens,

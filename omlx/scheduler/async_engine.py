@@ -42,11 +42,22 @@ class ShrinkPool:
 
 
 @dataclass(frozen=True)
+class FailAll:
+    """End every request in flight with an error (`code` says why: e.g. a shutdown)."""
+
+    message: str
+    code: str
+
+
+@dataclass(frozen=True)
 class Stop:
     pass
 
 
-Message = AddRequest | AbortRequest | ShrinkPool | Stop
+Message = AddRequest | AbortRequest | ShrinkPool | FailAll | Stop
+
+SHUTDOWN_MESSAGE = "the server is shutting down; the request was ended before it finished"
+QUEUE_TIMEOUT_MESSAGE = "the request waited in the queue longer than the server's queue timeout; retry later"
 
 
 class AsyncEngine:
@@ -57,13 +68,39 @@ class AsyncEngine:
         self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._lock = threading.Lock()  # guards _streams between the loop and the thread
+        self._lock = threading.Lock()  # guards _streams and _queued between the loop and the thread
+        # Requests not yet scheduled (reserved by the API layer or waiting in the scheduler's
+        # queue), with the monotonic time past which they may wait no longer (None: no limit).
+        self._queued: dict[str, float | None] = {}
+        self._in_scheduler_queue: set[str] = set()  # engine thread only: added, not yet scheduled
         self._thread = threading.Thread(target=self._loop, name="omlx-engine", daemon=True)
         self._stopped = False
         self.busy_since: float | None = None
         self._thread.start()
 
     # ------------------------------------------------------------------ client side
+    @property
+    def requests_in_flight(self) -> int:
+        """Requests some client is streaming from."""
+        return len(self._streams)
+
+    @property
+    def queued_requests(self) -> int:
+        """Requests submitted (or reserved) that the scheduler has not started yet."""
+        return len(self._queued)
+
+    def reserve(self, request_id: str, queue_deadline: float | None = None) -> None:
+        """Count a request as queued before it is submitted, so that an admission check and
+        the submission cannot be overtaken by other requests in between; past
+        `queue_deadline` (time.monotonic()) a request still queued ends with the error code
+        "queue_timeout".  `release` (or the end of `generate`) gives the place back."""
+        with self._lock:
+            self._queued[request_id] = queue_deadline
+
+    def release(self, request_id: str) -> None:
+        with self._lock:
+            self._queued.pop(request_id, None)
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         """Yield the request's TokenEvents; leaving early (a disconnect) aborts it at once."""
         self.engine.check(request)
@@ -71,6 +108,7 @@ class AsyncEngine:
         events: asyncio.Queue = asyncio.Queue()
         with self._lock:
             self._streams[request.request_id] = (loop, events)
+            self._queued.setdefault(request.request_id, None)
         self._send(AddRequest(request))
         finished = False
         unfinished = request.n  # an n > 1 request ends when its last completion does
@@ -86,11 +124,17 @@ class AsyncEngine:
         finally:
             with self._lock:
                 self._streams.pop(request.request_id, None)
+                self._queued.pop(request.request_id, None)
             if not finished:
                 self._send(AbortRequest(request.request_id))
 
     def abort(self, request_id: str) -> None:
         self._send(AbortRequest(request_id))
+
+    def fail_all(self, message: str = SHUTDOWN_MESSAGE, code: str = "server_shutting_down") -> None:
+        """End every request in flight with an error event (the API layer turns `code` into
+        its family's error); used when a stop's grace period runs out."""
+        self._send(FailAll(message, code))
 
     def shutdown(self) -> None:
         self._send(Stop())
@@ -118,8 +162,8 @@ class AsyncEngine:
             self._wake.clear()
             events = self._drain_inbox()
             if self._stopped:
-                for request_id in list(engine.sequences):
-                    engine.abort(request_id)
+                # Anyone still streaming hears why, instead of waiting for a token forever.
+                self._deliver(events + self._fail_all(SHUTDOWN_MESSAGE, "server_shutting_down"))
                 return
             if not engine.has_work:
                 self.busy_since = None
@@ -133,6 +177,7 @@ class AsyncEngine:
             except Exception as exc:  # keep serving: fail what was in flight, stay alive
                 log.exception("engine step failed")
                 events += engine.fail_all(f"internal engine error: {exc}")
+            events += self._follow_queue()
             self._deliver(events)
 
     def _drain_inbox(self) -> list[tuple[str, TokenEvent]]:
@@ -146,6 +191,7 @@ class AsyncEngine:
                 case AddRequest(request):
                     try:
                         self.engine.add_request(request)
+                        self._in_scheduler_queue.add(request.request_id)
                     except Exception as exc:
                         events.append((request.request_id, TokenEvent(None, FinishReason.ERROR, error=str(exc))))
                 case AbortRequest(request_id):
@@ -158,8 +204,42 @@ class AsyncEngine:
                     except Exception as exc:
                         log.exception("shrinking the KV pool failed")
                         done.set_exception(exc)
+                case FailAll(message, code):
+                    events += self._fail_all(message, code)
                 case Stop():
                     self._stopped = True
+
+    def _fail_all(self, message: str, code: str) -> list[tuple[str, TokenEvent]]:
+        events = self.engine.fail_all(message)
+        for _, event in events:
+            event.error_code = code
+        self._in_scheduler_queue.clear()
+        return events
+
+    def _follow_queue(self) -> list[tuple[str, TokenEvent]]:
+        """After a step: requests that left the scheduler's queue are no longer queued; those
+        still in it past their queue deadline end with a "queue_timeout" error."""
+        if not self._in_scheduler_queue:
+            return []
+        waiting = {seq.request_id for seq in self.engine.scheduler.waiting}
+        now = time.monotonic()
+        expired = []
+        with self._lock:
+            for request_id in list(self._in_scheduler_queue):
+                if request_id not in waiting:
+                    self._in_scheduler_queue.discard(request_id)
+                    self._queued.pop(request_id, None)
+                    continue
+                deadline = self._queued.get(request_id)
+                if deadline is not None and now > deadline:
+                    expired.append(request_id)
+        events = []
+        for request_id in expired:
+            self._in_scheduler_queue.discard(request_id)
+            if self.engine.abort(request_id) is not None:
+                events.append((request_id, TokenEvent(None, FinishReason.ERROR, error=QUEUE_TIMEOUT_MESSAGE,
+                                                       error_code="queue_timeout")))
+        return events
 
     def _deliver(self, events: list[tuple[str, TokenEvent]]) -> None:
         if not events:

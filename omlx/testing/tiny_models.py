@@ -212,6 +212,22 @@ def build_model(path: str | Path, spec: TinyModelSpec | None = None) -> Path:
     return _write_folder(Path(path), spec, config, model, tokenizer)
 
 
+def build_endless_model(path: str | Path, spec: TinyModelSpec | None = None) -> Path:
+    """A tiny model whose greedy replies never end by themselves: its end-of-turn row of the
+    output head is zeroed (see _discourage_thinking for why greedy decoding then never picks
+    it).  Streams run until max_tokens or until the server ends them: what tests of stops,
+    queues and timeouts need."""
+    spec = spec or TinyModelSpec()
+    tokenizer = build_tokenizer(spec.vocab_size)
+    model, config = _random_model(spec, tokenizer)
+    model.lm_head.weight = model.lm_head.weight * spec.logit_scale
+    _discourage_thinking(model, tokenizer)
+    head = model.lm_head.weight
+    head[config["eos_token_id"]] = 0.0
+    model.lm_head.weight = head
+    return _write_folder(Path(path), spec, config, model, tokenizer)
+
+
 def _discourage_thinking(model, tokenizer) -> None:
     """Keep the random model from opening or closing a thinking block by chance: it is not
     a reasoning model, and a stray `<think>` would turn the rest of a babbled reply into
