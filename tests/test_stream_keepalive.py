@@ -116,14 +116,16 @@ async def test_anthropic_stream_outlives_the_client_idle_timeout(server):
     async with anthropic.AsyncAnthropic(base_url=server.root, api_key="x", max_retries=0,
                                         timeout=CLIENT_TIMEOUT_S) as client:
         async def message():
-            stream = await client.messages.create(model=ENDLESS, max_tokens=6, temperature=0, stream=True,
+            stream = await client.messages.create(model=ENDLESS, max_tokens=6, stream=True,
                                                   messages=[{"role": "user", "content": "hi"}])
             return [event async for event in stream]
 
         events = await _run_held(server, message)
     kinds = [e.type for e in events]
+    # The SDK swallows `ping` events (the raw stream's are counted in the last test); that it
+    # waited out three of its timeouts without raising is the point here.
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
-    assert kinds.count("ping") >= 3
+    assert "content_block_delta" in kinds
 
 
 async def test_every_family_keeps_sending_events_not_only_comments(server):
