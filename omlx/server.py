@@ -16,6 +16,7 @@ from omlx.api.auth import auth_middleware, configured_keys
 from omlx.api.embeddings import EmbeddingRoutes
 from omlx.api.errors import APIError
 from omlx.api.lmstudio import LMStudioRoutes
+from omlx.api.metrics import MetricsRoutes
 from omlx.api.model_access import release_leases
 from omlx.api.models_admin import ModelAdminRoutes
 from omlx.api.openai import OpenAIRoutes
@@ -24,6 +25,7 @@ from omlx.api.responses import ResponsesRoutes
 from omlx.blas import blas_info
 from omlx.graceful_stop import GracefulStop, exit_process
 from omlx.kernels.backend import attention_backend
+from omlx.metrics import ServerMetrics
 from omlx.models.loaded import LoadedModel
 from omlx.models.pool import ModelPool
 from omlx.scheduler import EngineConfig
@@ -35,6 +37,7 @@ log = logging.getLogger("omlx.server")
 POOL = web.AppKey("pool", ModelPool)
 STARTED = web.AppKey("started", float)
 STOP = web.AppKey("stop", GracefulStop)
+METRICS = web.AppKey("metrics", ServerMetrics)
 
 
 @dataclass
@@ -87,13 +90,17 @@ def create_app(config: ServerConfig) -> web.Application:
     keys = auth_middleware(lambda: configured_keys(config.api_key, settings.global_settings()))
     app = web.Application(middlewares=[api_errors, keys, release_leases],
                           client_max_size=config.limits.max_request_bytes)
+    metrics = ServerMetrics()
     pool = ModelPool(
         config.model_dirs, config.engine, demo_model_id=config.demo_model_id,
         memory_budget=config.memory_budget, settings=settings, hf_cache_dirs=config.hf_cache_dirs,
         extra_models=packaged_models(config.default_chat_model) if config.packaged_models else (),
         pinned=config.pinned, preload=config.preload, preload_adapter=config.preload_adapter,
+        metrics=metrics,
     )
+    metrics.watch(pool)
     app[POOL] = pool
+    app[METRICS] = metrics
     app[STARTED] = time.time()
     app[LIMITS] = config.limits
     app[STOP] = GracefulStop(pool, config.limits.shutdown_grace_s)
@@ -105,6 +112,7 @@ def create_app(config: ServerConfig) -> web.Application:
     OpenAIRoutes(pool).register(app)
     AnthropicRoutes(pool).register(app)
     ResponsesRoutes(pool, ResponseStore((config.settings_home or omlx_home()) / "responses")).register(app)
+    MetricsRoutes(metrics).register(app)
     app.router.add_get("/health", health)
     app.router.add_get("/", root)  # and HEAD: Claude Code probes the base URL first
 

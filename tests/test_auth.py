@@ -61,7 +61,10 @@ def routes(app) -> list[tuple[str, str]]:
 async def fetch(server, method, path, headers=None):
     async with aiohttp.ClientSession() as session:
         async with session.request(method, server.make_url(path), headers=headers or {}, data=b"{}") as response:
-            return response.status, await response.json(content_type=None), response.headers
+            # /metrics answers Prometheus text; everything else (errors included) JSON.
+            text = await response.text()
+            body = json.loads(text) if response.content_type != "text/plain" else text
+            return response.status, body, response.headers
 
 
 async def test_every_route_but_health_requires_a_key(app_server):

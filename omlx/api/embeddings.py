@@ -112,6 +112,8 @@ class EmbeddingRoutes:
         if dimensions is not None:
             vectors = truncate_dimensions(vectors, dimensions)
         tokens = sum(len(t) for t in token_ids)
+        if self.pool.metrics is not None:
+            self.pool.metrics.embeddings(embedder.model_id, len(token_ids), tokens)
         return web.Response(
             body=orjson.dumps({
                 "object": "list",

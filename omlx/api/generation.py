@@ -140,12 +140,16 @@ class GenerationStream:
     `(choice, delta)` for every choice of an n > 1 request, in the order tokens arrive.
     """
 
-    def __init__(self, loaded: LoadedModel, request: GenerationRequest, stop: list[str]):
+    def __init__(self, loaded: LoadedModel, request: GenerationRequest, stop: list[str], metrics=None):
+        """`metrics` (omlx.metrics.ServerMetrics) gets the request's timings and usage when
+        it ends, however it ends."""
         self.loaded = loaded
         self.request = request
         self.choices = [Choice(i, TextStream(loaded.tokenizer, stop)) for i in range(request.n)]
         self.usage = Usage(prompt_tokens=len(request.prompt_token_ids))
         self.created = int(time.time())
+        self.metrics = metrics
+        self._failed = False
 
     @property
     def text(self) -> TextStream:
@@ -163,6 +167,28 @@ class GenerationStream:
     async def choice_deltas(self):
         """Yield `(choice, delta)`: new text of a choice, and once more (possibly with "") when
         that choice finishes.  Ends when every choice has finished."""
+        timer = None
+        if self.metrics is not None:
+            timer = self.metrics.request_timer(self.loaded.model_id, self.usage.prompt_tokens, len(self.choices))
+        try:
+            # Closed at once when our consumer leaves: that aborts the request in the engine.
+            async with aclosing(self._choice_deltas(timer)) as deltas:
+                async for item in deltas:
+                    yield item
+        finally:
+            if timer is not None:
+                timer.finish(self._finished_reason(), self.usage.completion_tokens, self.usage.cached_tokens)
+
+    def _finished_reason(self) -> str:
+        """How the request ended, for the metrics: "length" if a choice ran out of room."""
+        reasons = [c.finish_reason for c in self.choices]
+        if self._failed:
+            return "error"
+        if None in reasons:
+            return "abort"  # the client left (or a stop string's consumer closed us) early
+        return "length" if "length" in reasons else "stop"
+
+    async def _choice_deltas(self, timer):
         unfinished = len(self.choices)
         async with aclosing(self.loaded.generate(self.request)) as events:
             async for event in events:
@@ -171,7 +197,10 @@ class GenerationStream:
                 if event.drafted_tokens:
                     self.usage.accepted_prediction_tokens += event.accepted_tokens
                     self.usage.rejected_prediction_tokens += event.drafted_tokens - event.accepted_tokens
+                if timer is not None and event.queue_s is not None:
+                    timer.queued(event.queue_s)
                 if event.error is not None:
+                    self._failed = True
                     raise EngineFailure(event.error, event.error_code)
                 choice = self.choices[event.index]
                 if choice.finish_reason is not None:
@@ -179,11 +208,15 @@ class GenerationStream:
                 delta = ""
                 if event.token_id is not None:
                     self.usage.completion_tokens += 1
+                    if timer is not None:
+                        timer.token(event.index)
                     if event.logprob is not None:
                         choice.logprobs.append(TokenLogprob(event.token_id, event.logprob, event.top_logprobs or []))
                     delta = choice.text.add_token(event.token_id)
                 elif event.finish_reason is FinishReason.STOP:
                     self.usage.completion_tokens += 1  # the end-of-sequence token
+                    if timer is not None:
+                        timer.token(event.index)
                 if choice.text.stopped:
                     choice.finish_reason = "stop"
                 elif event.finish_reason is not None:

@@ -75,7 +75,7 @@ class Serving:
             if request.prediction else (),
         )
         admit(http, self.pool, loaded, engine_request.request_id)
-        stream = GenerationStream(loaded, engine_request, resolved.stop)
+        stream = GenerationStream(loaded, engine_request, resolved.stop, self.pool.metrics)
         turn = None
         if request.conversation is not None:
             turn = AssistantTurn(stream, prompt_ids, request.conversation, tool_parser, request.call_id_prefix)

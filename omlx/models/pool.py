@@ -156,7 +156,10 @@ class ModelPool:
         pinned: Iterable[str] = (),
         preload: Iterable[str] = (),
         preload_adapter: str | None = None,
+        metrics=None,
     ):
+        """`metrics` (omlx.metrics.ServerMetrics) hears of loads, failed loads, evictions
+        and unloads."""
         from omlx.settings import default_model_memory_bytes
 
         self.model_dirs = list(model_dirs)
@@ -179,6 +182,7 @@ class ModelPool:
         self._admission: asyncio.Lock | None = None
         self._ttl_task: asyncio.Task | None = None
         self.evictions = 0
+        self.metrics = metrics
         self.rescan()
 
     # ------------------------------------------------------------------ discovery
@@ -372,6 +376,8 @@ class ModelPool:
         except (InsufficientMemory, ModelUnavailable):
             raise
         except Exception as exc:
+            if self.metrics is not None:
+                self.metrics.model_load_failed(info.model_id)
             if info.adapter_path is not None:
                 # The request's adapter folder is what failed: the client's input, not a fault.
                 self._adapter_models.pop(info.model_id, None)
@@ -384,6 +390,8 @@ class ModelPool:
             self.ledger.release(key)
         self.ledger.set(f"model:{info.model_id}", model.memory_bytes)
         self._residents[info.model_id] = Resident(model)
+        if self.metrics is not None:
+            self.metrics.model_loaded(info.model_id)
         log.info("%s resident: %.1f MiB (pool %.1f / %.1f MiB)", info.model_id,
                  model.memory_bytes / 2**20, self.used_bytes / 2**20, self.memory_budget / 2**20)
         # The estimate can fall short of what was really allocated; settle the difference.
@@ -464,6 +472,8 @@ class ModelPool:
             _, victim = min(idle)
             log.info("evicting %s (least recently used, idle) to make room for %s", victim, for_model)
             self.evictions += 1
+            if self.metrics is not None:
+                self.metrics.model_evicted(victim)
             await self._unload(victim)
 
     async def _shrink_an_idle_kv_pool(self, for_model: str) -> bool:
@@ -501,6 +511,8 @@ class ModelPool:
 
     async def _unload(self, model_id: str) -> None:
         resident = self._residents.pop(model_id)
+        if self.metrics is not None:
+            self.metrics.model_unloading(model_id, resident.model)
         key = f"unload:{model_id}"
         # Its memory counts until the engine thread has stopped and the arrays are freed.
         resident.released_bytes = resident.memory_bytes

@@ -74,6 +74,9 @@ class TokenEvent:
     finish_reason: FinishReason | None = None
     # Set on the first event: how many prompt tokens were served from the prefix cache.
     cached_prompt_tokens: int | None = None
+    # Set on the first event too: seconds the request waited before it was first scheduled
+    # (its queue time, for the metrics).
+    queue_s: float | None = None
     error: str | None = None
     # With `error`: "kv_cache_exhausted" when the request could not get KV memory (a
     # capacity problem, worth retrying later), else None (an internal failure).

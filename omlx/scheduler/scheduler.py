@@ -20,6 +20,7 @@ in the quantized pool directly.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -141,6 +142,8 @@ class Scheduler:
                 seq.cached_prompt_tokens = hit
                 self.pool_of(seq).record_prefix_lookup(seq.num_prompt_tokens, hit)
             self.waiting.popleft()
+            if seq.scheduled_at is None:
+                seq.scheduled_at = time.monotonic()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.prefills.append((seq, n))
@@ -365,6 +368,7 @@ class Scheduler:
             event.logprob, event.top_logprobs = logprobs
         if not seq.reported_cache_hit:
             event.cached_prompt_tokens = seq.cached_prompt_tokens
+            event.queue_s = (seq.scheduled_at or seq.arrived_at) - seq.arrived_at
             seq.reported_cache_hit = True
         request = seq.request
         if token in request.stop_token_ids:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from enum import Enum, auto
 
 from .request import FinishReason, GenerationRequest
@@ -50,6 +51,8 @@ class Sequence:
         "draft",
         "draft_rows",
         "speculation",
+        "arrived_at",
+        "scheduled_at",
     )
 
     def __init__(self, request: GenerationRequest, index: int = 0, constraint=None):
@@ -88,6 +91,9 @@ class Sequence:
         self.draft: list[int] = []
         self.draft_rows = 0  # rows reserved for this step's draft (a draft model fills them)
         self.speculation = None
+        # When it was queued and first admitted (time.monotonic()): its queue time.
+        self.arrived_at = time.monotonic()
+        self.scheduled_at: float | None = None
 
     @property
     def request_id(self) -> str:
