@@ -18,15 +18,24 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .multimodal import block_key
 from .sequence import Sequence
 
 SCRATCH_BLOCK = 0
 
 
-def hash_block(parent: bytes, token_ids: list[int]) -> bytes:
+def hash_block(parent: bytes, token_ids: list[int], extra: bytes = b"") -> bytes:
+    """`extra`: what else the block's KV depends on (the images whose tokens start in it)."""
     digest = hashlib.blake2b(parent, digest_size=16)
     digest.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+    if extra:
+        digest.update(extra)
     return digest.digest()
+
+
+def hash_seq_block(parent: bytes, seq: Sequence, i: int, bs: int) -> bytes:
+    """The hash of a sequence's block `i`, chained on `parent`."""
+    return hash_block(parent, seq.token_ids[i * bs : (i + 1) * bs], block_key(seq.request, i * bs, (i + 1) * bs))
 
 
 class BlockManager:
@@ -130,7 +139,7 @@ class BlockManager:
         hits = 0
         hashes: list[bytes] = []
         for i in range(max_blocks):
-            h = hash_block(parent, seq.token_ids[i * bs : (i + 1) * bs])
+            h = hash_seq_block(parent, seq, i, bs)
             block = self.hash_to_block.get(h)
             if block is not None:
                 self._acquire(block)
@@ -159,7 +168,7 @@ class BlockManager:
         parent = self.scope
         wanted: list[bytes] = []
         for i in range((seq.num_tokens - 1) // bs):
-            h = hash_block(parent, seq.token_ids[i * bs : (i + 1) * bs])
+            h = hash_seq_block(parent, seq, i, bs)
             if h not in self.hash_to_block:
                 if h not in self.disk:
                     break
@@ -201,7 +210,7 @@ class BlockManager:
         num_full = min(seq.num_computed_tokens // bs, len(seq.block_table))
         parent = seq.block_hashes[-1] if seq.block_hashes else self.scope
         for i in range(seq.num_hashed_blocks, num_full):
-            h = hash_block(parent, seq.token_ids[i * bs : (i + 1) * bs])
+            h = hash_seq_block(parent, seq, i, bs)
             seq.block_hashes.append(h)
             block = seq.block_table[i]
             # Another sequence may have computed the same prefix concurrently; the first
@@ -239,7 +248,7 @@ class BlockManager:
             self.free_blocks[block] = None
             self.free_blocks.move_to_end(block, last=False)  # empty: handed out first
 
-    def adopt(self, token_ids: list[int], num_tokens: int) -> tuple[list[int], list[bytes], list[int]] | None:
+    def adopt(self, token_ids: list[int], num_tokens: int, request=None) -> tuple[list[int], list[bytes], list[int]] | None:
         """Blocks in this pool for the first `num_tokens` tokens of a sequence whose KV another
         pool holds (`--quantized-kv-start`: a float sequence moving to the quantized pool).
 
@@ -254,7 +263,7 @@ class BlockManager:
         hashes: list[bytes] = []
         parent = self.scope
         for i in range(num_tokens // bs if self.prefix_cache else 0):
-            h = hash_block(parent, token_ids[i * bs : (i + 1) * bs])
+            h = hash_block(parent, token_ids[i * bs : (i + 1) * bs], block_key(request, i * bs, (i + 1) * bs))
             block = self.hash_to_block.get(h)
             if block is None:
                 break

@@ -78,11 +78,13 @@ class LLMEngine:
     def __init__(
         self, model, config: EngineConfig, context_window: int, scope: bytes = b"",
         kv_budget: Callable[[int], bool] | None = None, label: str | None = None,
+        vision=None,
     ):
         """`scope` is the model's identity (its content; see omlx.models.content_hash): it
         scopes prefix hashes and names the disk tier's directory.  `kv_budget(n)` is asked
         before a KV pool grows by `n` bytes (see KVPool).  `label` names the model in the
-        disk tier: its directories under an older identity are removed when it opens."""
+        disk tier: its directories under an older identity are removed when it opens.
+        `vision`: a vision-language model's per-pass input builder (omlx.vision.encoder)."""
         self.model = model
         self.config = config
         layout = KVLayout.probe(model)
@@ -128,6 +130,7 @@ class LLMEngine:
                 max_draft_tokens=config.num_draft_tokens,
                 initial_draft_tokens=min(config.num_draft_tokens, SpeculationConfig.initial_draft_tokens),
             ))
+        self.runner.vision = vision
         self.sampler = Sampler()
         self.sequences: dict[str, Sequence] = {}
         self.stats = EngineStats()

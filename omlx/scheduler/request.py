@@ -57,6 +57,8 @@ class GenerationRequest:
     # Tokens the client predicts the output will contain (OpenAI `prediction`): prompt lookup
     # drafts from them too.  They never change what is generated, only how fast.
     predicted_token_ids: tuple[int, ...] = ()
+    # A prompt with images (omlx.scheduler.multimodal.MultimodalInput); None for text.
+    multimodal: object | None = None
 
 
 class FinishReason(str, Enum):

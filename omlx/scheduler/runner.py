@@ -57,6 +57,10 @@ class ModelRunner:
         self.split = _split_head(model)
         self.hooked = install_attention_hook(model)
         self.profile = None  # a StepProfile the engine sets: prepare / compute time per pass
+        # Vision-language models: gives each pass's rows their input embeddings (image
+        # features where a prompt has an image) and, for multimodal RoPE, their positions
+        # (omlx.vision.encoder.PassInputs).  None for text models.
+        self.vision = None
 
     @property
     def ragged(self) -> bool:
@@ -155,14 +159,15 @@ class ModelRunner:
         written = [array for storage, _ in pools for array in storage.arrays()]
 
         inputs = mx.array(tokens)[:, None]
+        extra = self.vision.for_pass(seqs, order, num_new_tokens, tokens, positions) if self.vision else {}
         wanted = [np.arange(last_row[i] - m + 1, last_row[i] + 1) for i, m in enumerate(want_logits) if m]
         picks = mx.array(np.concatenate(wanted)) if wanted else None
         if self.split is not None:
             body, head = self.split
-            hidden = body(inputs, cache=caches)
+            hidden = body(inputs, cache=caches, **extra)
             logits = head(hidden[picks, 0, :]) if wanted else None
         else:
-            out = self.model(inputs, cache=caches)
+            out = self.model(inputs, cache=caches, **extra)
             logits = out[picks, 0, :] if wanted else None
         if logits is not None:
             logits = logits.astype(mx.float32)
@@ -173,6 +178,8 @@ class ModelRunner:
         the cache); padded tokens write to the scratch block.  One logits row per sequence at
         most (no speculation on this path)."""
         assert max(want_logits, default=0) <= 1, "speculative rows need the ragged pass"
+        if self.vision is not None:
+            raise ValueError("vision-language models run only with attention routed to the paged cache")
         bs = self.block_size
         batch = len(seqs)
         length = max(num_new_tokens)

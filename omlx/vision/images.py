@@ -1,0 +1,164 @@
+"""Images from requests: `data:` URLs, bare base64 and http(s) URLs, fetched and decoded
+under limits, each with a hash of its decoded pixels.
+
+Every failure is an `ImageError` naming the request field it came from, which the API layer
+returns as a 4xx in the route family's shape; nothing here can take the server down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import io
+from dataclasses import dataclass
+
+import aiohttp
+
+# Formats Pillow decodes that clients send; others (PDF, SVG, TIFF stacks...) are refused.
+FORMATS = {"PNG", "JPEG", "GIF", "WEBP", "BMP"}
+MEDIA_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/gif", "image/webp", "image/bmp"}
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 20 << 20  # encoded size, per image
+    max_pixels: int = 40_000_000  # width x height, per image (checked before decoding)
+    fetch_timeout_s: float = 10.0  # whole fetch of an http(s) image
+    max_images: int = 16  # per request
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """Where a request's image comes from: `url` is a data: URL, an http(s) URL, or (with
+    `base64=True`) the base64 payload itself (Anthropic's base64 source)."""
+
+    url: str
+    param: str  # the request field, for error messages
+    base64: bool = False
+    media_type: str | None = None
+
+
+@dataclass
+class DecodedImage:
+    image: object  # PIL.Image.Image in RGB
+    digest: bytes  # hash of the decoded pixels and their size
+
+
+class ImageError(ValueError):
+    def __init__(self, message: str, param: str, code: str = "invalid_image", status: int = 400):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.status = status
+
+
+async def load_images(sources: list[ImageSource], limits: ImageLimits = ImageLimits(),
+                      session: aiohttp.ClientSession | None = None) -> list[DecodedImage]:
+    """All of a request's images, fetched concurrently, decoded off the event loop."""
+    if len(sources) > limits.max_images:
+        raise ImageError(f"a request may carry at most {limits.max_images} images, this one has {len(sources)}",
+                         sources[limits.max_images].param, "too_many_images")
+    return list(await asyncio.gather(*(load_image(s, limits, session) for s in sources)))
+
+
+async def load_image(source: ImageSource, limits: ImageLimits = ImageLimits(),
+                     session: aiohttp.ClientSession | None = None) -> DecodedImage:
+    data = await _image_bytes(source, limits, session)
+    return await asyncio.to_thread(decode, data, source.param, limits)
+
+
+async def _image_bytes(source: ImageSource, limits: ImageLimits, session) -> bytes:
+    url = source.url
+    if not isinstance(url, str) or not url:
+        raise ImageError("the image source is empty", source.param)
+    if source.base64:
+        if source.media_type is not None and source.media_type.lower() not in MEDIA_TYPES:
+            raise ImageError(f"unsupported image media type {source.media_type!r}; use one of "
+                             f"{sorted(MEDIA_TYPES)}", source.param, "unsupported_image_format")
+        return _b64(url, source.param, limits)
+    if url.startswith("data:"):
+        header, sep, payload = url.partition(",")
+        if not sep or ";base64" not in header:
+            raise ImageError("a data: URL image must be base64-encoded (data:image/png;base64,...)", source.param)
+        media = header[5:].split(";")[0].lower()
+        if media and media not in MEDIA_TYPES:
+            raise ImageError(f"unsupported image media type {media!r}; use one of {sorted(MEDIA_TYPES)}",
+                             source.param, "unsupported_image_format")
+        return _b64(payload, source.param, limits)
+    if url.startswith(("http://", "https://")):
+        return await _fetch(url, source.param, limits, session)
+    raise ImageError("an image URL must be a data: URL or an http(s) URL", source.param)
+
+
+def _b64(payload: str, param: str, limits: ImageLimits) -> bytes:
+    if len(payload) > limits.max_bytes * 4 // 3 + 4:
+        raise ImageError(f"the image is larger than the {limits.max_bytes} byte limit", param, "image_too_large", 413)
+    try:
+        return base64.b64decode(payload.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("the image is not valid base64", param) from None
+
+
+async def _fetch(url: str, param: str, limits: ImageLimits, session) -> bytes:
+    timeout = aiohttp.ClientTimeout(total=limits.fetch_timeout_s)
+    own = session is None
+    if own:
+        session = aiohttp.ClientSession(timeout=timeout)
+    try:
+        async with session.get(url, timeout=timeout, allow_redirects=True, max_redirects=5) as response:
+            if response.status != 200:
+                raise ImageError(f"fetching the image from {url} failed: HTTP {response.status}", param,
+                                 "image_fetch_failed")
+            if response.content_length is not None and response.content_length > limits.max_bytes:
+                raise ImageError(f"the image at {url} is larger than the {limits.max_bytes} byte limit",
+                                 param, "image_too_large", 413)
+            data = bytearray()
+            async for chunk in response.content.iter_chunked(1 << 16):
+                data += chunk
+                if len(data) > limits.max_bytes:
+                    raise ImageError(f"the image at {url} is larger than the {limits.max_bytes} byte limit",
+                                     param, "image_too_large", 413)
+            return bytes(data)
+    except asyncio.TimeoutError:
+        raise ImageError(f"fetching the image from {url} timed out after {limits.fetch_timeout_s:g} s",
+                         param, "image_fetch_timeout") from None
+    except aiohttp.ClientError as exc:
+        raise ImageError(f"fetching the image from {url} failed: {exc}", param, "image_fetch_failed") from None
+    finally:
+        if own:
+            await session.close()
+
+
+def decode(data: bytes, param: str, limits: ImageLimits = ImageLimits()) -> DecodedImage:
+    """Decode and check one image (CPU work: call it off the event loop)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if len(data) > limits.max_bytes:
+        raise ImageError(f"the image is larger than the {limits.max_bytes} byte limit", param, "image_too_large", 413)
+    if not data:
+        raise ImageError("the image is empty", param)
+    try:
+        image = Image.open(io.BytesIO(data))  # reads the header only
+    except UnidentifiedImageError:
+        raise ImageError("the image data is not an image this server can decode "
+                         f"(supported: {', '.join(sorted(FORMATS))})", param, "unsupported_image_format") from None
+    except Exception as exc:
+        raise ImageError(f"the image could not be decoded: {exc}", param) from None
+    if image.format not in FORMATS:
+        raise ImageError(f"unsupported image format {image.format}; use one of {', '.join(sorted(FORMATS))}",
+                         param, "unsupported_image_format")
+    width, height = image.size
+    if width < 1 or height < 1 or width * height > limits.max_pixels:
+        raise ImageError(f"the image is {width}x{height} pixels, over the limit of {limits.max_pixels} pixels",
+                         param, "image_too_large", 413)
+    try:
+        image.load()
+        rgb = image.convert("RGB")
+    except Exception as exc:  # truncated or corrupt data behind a valid header
+        raise ImageError(f"the image data is corrupt: {exc}", param) from None
+    digest = hashlib.blake2b(f"{rgb.width}x{rgb.height}:".encode(), digest_size=16)
+    digest.update(rgb.tobytes())
+    return DecodedImage(rgb, digest.digest())
