@@ -47,7 +47,7 @@ class AnthropicRoutes:
 
     async def count_tokens(self, request: web.Request) -> web.Response:
         # The prompt as /v1/messages would render it, the model's template defaults included.
-        _, _, prompt_ids = await self.serving.prepare(request, parse_conversation(await read_json(request)))
+        _, _, prompt_ids, _ = await self.serving.prepare(request, parse_conversation(await read_json(request)))
         return web.json_response({"input_tokens": len(prompt_ids)})
 
     async def messages(self, request: web.Request) -> web.StreamResponse:

@@ -20,6 +20,7 @@ from .conversation import (
     template_kwargs,
 )
 from .errors import invalid
+from .image_parts import MessageContent, anthropic_image
 from .sampling_fields import ANTHROPIC_RANGES, SamplingRequest
 from .turn_request import TurnRequest, parse_vlm_fields, thinking_kwargs
 from .wire import boolean, model_name, number
@@ -48,10 +49,10 @@ def _blocks(content: Any, where: str) -> list[dict]:
 
 
 def _no_media(block: dict, where: str) -> None:
-    if block["type"] in ("image", "document"):
-        raise invalid(
-            f"{where} is an '{block['type']}' block, but this model accepts text only", where
-        )
+    if block["type"] == "image":
+        raise invalid(f"{where}: images go in user messages' content only", where)
+    if block["type"] == "document":
+        raise invalid(f"{where} is a 'document' block, which this server does not take", where)
 
 
 def _tool_result_text(block: dict, where: str) -> str:
@@ -71,13 +72,17 @@ def _tool_result_text(block: dict, where: str) -> str:
 def _user_messages(content: Any, where: str) -> list[dict]:
     """A user turn: its tool results become tool messages (first, as they answer the previous
     assistant turn's calls), the rest one user message."""
-    tool_messages, texts = [], []
+    tool_messages = []
+    texts = MessageContent()
     for i, block in enumerate(_blocks(content, where)):
         at = f"{where}[{i}]"
         kind = block["type"]
+        if kind == "image":
+            texts.image(anthropic_image(block, at))
+            continue
         _no_media(block, at)
         if kind == "text":
-            texts.append(_text_of(block, at))
+            texts.text(_text_of(block, at))
         elif kind == "tool_result":
             tool_use_id = block.get("tool_use_id")
             if not isinstance(tool_use_id, str) or not tool_use_id:
@@ -86,8 +91,8 @@ def _user_messages(content: Any, where: str) -> list[dict]:
         elif kind not in _IGNORED_BLOCKS:
             raise invalid(f"{at} has type {kind!r}, which a user message cannot hold", at)
     out = tool_messages
-    if texts or not tool_messages:
-        out.append({"role": "user", "content": "".join(texts)})
+    if texts.parts or not tool_messages:
+        out.append({"role": "user", "content": texts.value()})
     return out
 
 
@@ -240,6 +245,7 @@ def parse_conversation(body: Any) -> TurnRequest:
         conversation=Conversation(messages, tools, choice, parallel, kwargs),
         thinking_budget=budget if budget is not None else vlm.thinking_budget,
         adapter_path=vlm.adapter_path,
+        resize_shape=vlm.resize_shape,
         id_prefix="msg",
         call_id_prefix="toolu",
     )

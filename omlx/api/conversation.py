@@ -44,6 +44,14 @@ class Conversation:
     template_kwargs: dict = field(default_factory=dict)
 
     @property
+    def images(self) -> list:
+        """The images of its messages (omlx.vision.images.ImageSource), in the order the chat
+        template renders them (messages with images have a list of parts as content)."""
+        from .image_parts import conversation_images
+
+        return conversation_images(self.messages)
+
+    @property
     def offered_tools(self) -> list[dict]:
         """The tools the model sees: none when tool_choice is "none"."""
         return [] if self.tool_choice.mode == "none" else self.tools
@@ -102,17 +110,20 @@ def template_kwargs(raw, param: str = "chat_template_kwargs") -> dict:
     return {k: v for k, v in raw.items() if k not in _RESERVED_TEMPLATE_KWARGS}
 
 
-def render_prompt(tokenizer, conversation: Conversation, param: str = "messages") -> list[int]:
-    """Prompt token ids from the model's chat template, with the tools it is offered."""
+def render_prompt(tokenizer, conversation: Conversation, param: str = "messages", tokenize: bool = True):
+    """Prompt token ids from the model's chat template, with the tools it is offered (the
+    prompt text with `tokenize=False`: a vision model's processor tokenizes it with its images)."""
     kwargs = dict(conversation.template_kwargs)
     if conversation.offered_tools:
         kwargs["tools"] = conversation.offered_tools
     try:
         ids = tokenizer.apply_chat_template(
-            conversation.messages, add_generation_prompt=True, tokenize=True, **kwargs
+            conversation.messages, add_generation_prompt=True, tokenize=tokenize, **kwargs
         )
     except Exception as exc:  # the model's own template rejected these messages
         raise invalid(f"the chat template could not render these messages: {exc}", param) from None
+    if not tokenize:
+        return ids
     if isinstance(ids, dict):  # some tokenizers return a BatchEncoding
         ids = ids["input_ids"]
     return list(ids)

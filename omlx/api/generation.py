@@ -73,6 +73,7 @@ def build_request(
     n: int = 1,
     speculative: bool = True,
     predicted_token_ids=(),
+    multimodal=None,
 ) -> GenerationRequest:
     """Check lengths against the model's context window and make the engine request."""
     window = loaded.context_window
@@ -101,6 +102,7 @@ def build_request(
         n=n,
         speculative=speculative,
         predicted_token_ids=tuple(predicted_token_ids),
+        multimodal=multimodal,
     )
     try:
         loaded.check(request)

@@ -14,6 +14,7 @@ from typing import Any
 from .chat_tools import message_tool_fields, parse_tools
 from .conversation import Conversation, template_kwargs
 from .errors import invalid
+from .image_parts import MessageContent, openai_image
 from .sampling_fields import OPENAI_RANGES, SamplingRequest
 from .turn_request import TurnRequest, parse_vlm_fields, thinking_kwargs
 from .wire import boolean, model_name, number
@@ -88,31 +89,39 @@ def _prediction(value: Any) -> str | None:
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
-def _message_text(content: Any, index: int) -> str:
-    """Flatten OpenAI message content (a string or text parts) to the template's string."""
+def _message_content(content: Any, index: int, takes_images: bool = False) -> str | list[dict]:
+    """OpenAI message content (a string or parts) as the template's content: a string, or
+    text and image parts when it has images (user messages only)."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        texts = []
-        for part in content:
+        where = f"messages[{index}].content"
+        out = MessageContent()
+        for i, part in enumerate(content):
             if not isinstance(part, dict) or "type" not in part:
-                raise invalid(f"messages[{index}].content parts must be objects with a 'type'", f"messages[{index}].content")
+                raise invalid(f"{where} parts must be objects with a 'type'", where)
             if part["type"] in ("text", "input_text"):
                 text = part.get("text")
                 if not isinstance(text, str):
-                    raise invalid(f"messages[{index}].content text part needs a string 'text'", f"messages[{index}].content")
-                texts.append(text)
-            elif part["type"] in ("image_url", "input_image", "input_audio", "file"):
+                    raise invalid(f"{where} text part needs a string 'text'", where)
+                out.text(text)
+            elif part["type"] == "image_url":
+                if not takes_images:
+                    raise invalid(f"messages[{index}] cannot carry images (only user messages can)", where,
+                                  "unsupported_content")
+                out.image(openai_image(part, f"{where}[{i}]"))
+            elif part["type"] in ("input_image", "input_audio", "file"):
                 raise invalid(
-                    f"messages[{index}] has a '{part['type']}' part, but this model accepts text only",
-                    f"messages[{index}].content",
+                    f"messages[{index}] has a '{part['type']}' part, which chat completions do not take "
+                    "(images go in 'image_url' parts)",
+                    where,
                     "unsupported_content",
                 )
             else:
-                raise invalid(f"messages[{index}] has an unknown content part type {part['type']!r}", f"messages[{index}].content")
-        return "".join(texts)
+                raise invalid(f"messages[{index}] has an unknown content part type {part['type']!r}", where)
+        return out.value()
     raise invalid(f"messages[{index}].content must be a string or a list of parts", f"messages[{index}].content", "invalid_type")
 
 
@@ -128,7 +137,8 @@ def parse_chat(body: Any) -> TurnRequest:
         role = message.get("role")
         if role not in ROLES:
             raise invalid(f"messages[{i}].role must be one of {sorted(ROLES)}, got {role!r}", f"messages[{i}].role", "invalid_value")
-        out = {"role": "system" if role == "developer" else role, "content": _message_text(message.get("content"), i)}
+        content = _message_content(message.get("content"), i, takes_images=role == "user")
+        out = {"role": "system" if role == "developer" else role, "content": content}
         if message.get("name") is not None:
             out["name"] = message["name"]
         message_tool_fields(message, i, out)
@@ -137,6 +147,7 @@ def parse_chat(body: Any) -> TurnRequest:
     kwargs = {**template_kwargs(body.get("chat_template_kwargs")), **thinking_kwargs(vlm)}
     tools, tool_choice, parallel_tool_calls = parse_tools(body)
     request.conversation = Conversation(rendered, tools, tool_choice, parallel_tool_calls, kwargs)
+    request.resize_shape = vlm.resize_shape
     request.logprobs = _chat_logprobs(body)
     request.response_format = _response_format(body.get("response_format"))
     request.thinking_budget = vlm.thinking_budget

@@ -22,6 +22,7 @@ from .conversation import (
     template_kwargs,
 )
 from .errors import invalid
+from .image_parts import MessageContent, responses_image
 from .sampling_fields import OPENAI_RANGES, SamplingRequest
 from .turn_request import TurnRequest, parse_vlm_fields, thinking_kwargs
 from .wire import boolean, model_name, number
@@ -53,6 +54,7 @@ class ResponsesRequest:
     metadata: dict | None = None
     adapter_path: str | None = None
     speculative: bool | None = None  # omlx's `speculative_decoding` extension
+    resize_shape: tuple[int, ...] | None = None
 
     def conversation(self, history: list[dict]) -> Conversation:
         """The whole conversation: stored history, this input, the instructions in front."""
@@ -73,6 +75,7 @@ class ResponsesRequest:
             thinking_budget=self.thinking_budget,
             adapter_path=self.adapter_path,
             speculative=self.speculative,
+            resize_shape=self.resize_shape,
             id_prefix="resp",
             prompt_param="input",
         )
@@ -91,12 +94,14 @@ def _merge_leading_system(messages: list[dict], instructions: str | None) -> lis
     return ([{"role": "system", "content": "\n\n".join(s for s in system if s)}] if system else []) + rest
 
 
-def _content_text(content: Any, where: str) -> str:
+def _content_text(content: Any, where: str, takes_images: bool = False) -> str | list[dict]:
+    """Text of content parts; with `takes_images` (user input), image parts too (then the
+    content is a list of parts, see image_parts)."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
         raise invalid(f"{where} must be a string or a list of content parts", where)
-    texts = []
+    texts = MessageContent()
     for i, part in enumerate(content):
         at = f"{where}[{i}]"
         if not isinstance(part, dict) or not isinstance(part.get("type"), str):
@@ -105,14 +110,16 @@ def _content_text(content: Any, where: str) -> str:
         if kind in ("input_text", "output_text", "text", "summary_text", "reasoning_text"):
             if not isinstance(part.get("text"), str):
                 raise invalid(f"{at}.text must be a string", at)
-            texts.append(part["text"])
+            texts.text(part["text"])
         elif kind == "refusal":
-            texts.append(str(part.get("refusal") or ""))
+            texts.text(str(part.get("refusal") or ""))
+        elif kind == "input_image" and takes_images:
+            texts.image(responses_image(part, at))
         elif kind in ("input_image", "input_file", "input_audio"):
             raise invalid(f"{at} is an '{kind}' part, but this model accepts text only", at, "unsupported_content")
         else:
             raise invalid(f"{at} has unknown type {kind!r}", at)
-    return "".join(texts)
+    return texts.value()
 
 
 def _input_messages(raw: Any) -> list[dict]:
@@ -142,7 +149,7 @@ def _input_messages(raw: Any) -> list[dict]:
             role = item.get("role")
             if role not in _MESSAGE_ROLES:
                 raise invalid(f"{where}.role must be one of {sorted(_MESSAGE_ROLES)}, got {role!r}", where)
-            text = _content_text(item.get("content"), f"{where}.content")
+            text = _content_text(item.get("content"), f"{where}.content", takes_images=role == "user")
             if role == "assistant":
                 target = assistant()
                 target["content"] += text
@@ -282,6 +289,7 @@ def parse_responses(body: Any) -> ResponsesRequest:
         thinking_budget=vlm.thinking_budget,
         adapter_path=vlm.adapter_path,
         speculative=boolean(body, "speculative_decoding", None),
+        resize_shape=vlm.resize_shape,
         raw_tools=body.get("tools") or [],
         raw_tool_choice=body.get("tool_choice", "auto"),
         metadata=metadata,

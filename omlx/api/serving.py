@@ -17,12 +17,14 @@ from aiohttp import web
 
 from omlx.models.loaded import LoadedModel
 from omlx.models.pool import ModelPool
+from omlx.vision.images import ImageLimits
 
 from .admission import admit
 from .assistant_turn import AssistantTurn
 from .conversation import render_prompt
 from .errors import invalid
 from .generation import GenerationStream, build_request
+from .image_prompt import check_takes_images, image_prompt
 from .model_access import lease_for_request
 from .turn_options import decoding_constraint, output_room, tool_parser_of
 from .turn_request import ModelDefaults, Resolved, TurnRequest, apply_defaults
@@ -44,19 +46,32 @@ class RunningTurn:
 class Serving:
     def __init__(self, pool: ModelPool):
         self.pool = pool
+        self.image_limits = ImageLimits.from_env()
 
     def defaults(self, loaded: LoadedModel) -> ModelDefaults:
-        return ModelDefaults.from_settings(self.pool.settings.request_defaults(loaded.info.settings_id))
+        merged = dict(self.pool.settings.request_defaults(loaded.info.settings_id))
+        ocr = getattr(loaded.vision, "ocr", None)
+        if ocr is not None:  # an OCR family's own stops and length, unless settings say otherwise
+            if merged.get("stop") is None and ocr.stop:
+                merged["stop"] = list(ocr.stop)
+            if merged.get("max_tokens") is None:
+                merged["max_tokens"] = ocr.max_tokens
+        return ModelDefaults.from_settings(merged)
 
-    async def prepare(self, http: web.Request, request: TurnRequest) -> tuple[LoadedModel, Resolved, list[int]]:
+    async def prepare(self, http: web.Request, request: TurnRequest):
         """Lease the model, apply its defaults and render the prompt (also all that
-        /v1/messages/count_tokens needs)."""
+        /v1/messages/count_tokens needs): (model, resolved request, prompt ids, its images
+        as the engine takes them or None)."""
         loaded = await lease_for_request(http, self.pool, request.model, adapter_path=request.adapter_path)
         resolved = apply_defaults(request, self.defaults(loaded))
-        return loaded, resolved, self._prompt_ids(loaded, request)
+        check_takes_images(loaded, request)
+        if loaded.takes_images and request.conversation is not None:
+            prompt_ids, multimodal = await image_prompt(loaded, request, self.image_limits)
+            return loaded, resolved, prompt_ids, multimodal
+        return loaded, resolved, self._prompt_ids(loaded, request), None
 
     async def start(self, http: web.Request, request: TurnRequest) -> RunningTurn:
-        loaded, resolved, prompt_ids = await self.prepare(http, request)
+        loaded, resolved, prompt_ids, multimodal = await self.prepare(http, request)
         tool_parser = tool_parser_of(self.pool, loaded)
         constraint = None
         if request.conversation is not None:
@@ -69,7 +84,7 @@ class Serving:
         engine_request = build_request(
             loaded, prompt_ids, self._max_tokens(loaded, resolved, len(prompt_ids)), resolved.sampling,
             request.id_prefix, request.max_tokens_param, request.prompt_param,
-            logprobs=request.logprobs, n=request.n, constraint=constraint,
+            logprobs=request.logprobs, n=request.n, constraint=constraint, multimodal=multimodal,
             speculative=request.speculative is not False,
             predicted_token_ids=loaded.tokenizer.encode(request.prediction, add_special_tokens=False)
             if request.prediction else (),

@@ -42,6 +42,7 @@ class TurnRequest:
     format_param: str = "response_format"
     thinking_budget: int | None = None
     adapter_path: str | None = None  # the base model with this LoRA adapter (mlx-vlm's field)
+    resize_shape: tuple[int, ...] | None = None  # images: resize before the processor (mlx-vlm's field)
     id_prefix: str = "chatcmpl"
     prompt_param: str = "messages"
     call_id_prefix: str = "call"

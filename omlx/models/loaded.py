@@ -23,6 +23,12 @@ class LoadedModel:
     context_window: int
     loaded_at: float
     weights_bytes: int = 0
+    # A vision-language model's image side (omlx.vision.loader.VisionSide); None: text only.
+    vision: object | None = None
+
+    @property
+    def takes_images(self) -> bool:
+        return self.vision is not None
 
     @property
     def model_id(self) -> str:

@@ -42,7 +42,9 @@ log = logging.getLogger("omlx.pool")
 
 _CONTEXT_KEYS = ("max_position_embeddings", "max_sequence_length", "seq_length", "n_ctx", "n_positions")
 DEFAULT_CONTEXT_WINDOW = 4096
-SERVABLE_TYPES = ("llm", "embedding")
+SERVABLE_TYPES = ("llm", "vlm", "ocr", "embedding")
+# Types that generate text: a request for an "llm" is served by any of them.
+GENERATIVE_TYPES = ("llm", "vlm", "ocr")
 TTL_CHECK_INTERVAL_S = 1.0
 
 
@@ -327,6 +329,8 @@ class ModelPool:
                 f"'{info.model_id}' is a {info.model_type} model; this server serves "
                 f"{' and '.join(SERVABLE_TYPES)} models only so far"
             )
+        if wanted == "llm" and info.model_type in GENERATIVE_TYPES:
+            return
         if wanted is not None and info.model_type != wanted:
             raise ModelUnavailable(
                 f"'{info.model_id}' is a{'n' if info.model_type[0] in 'aeiou' else ''} "
@@ -365,8 +369,8 @@ class ModelPool:
             task.exception()  # retrieved here, so a load nobody waits for any more is not "never retrieved"
 
     async def _load(self, info: DiscoveredModel) -> None:
-        estimate = info.size_bytes + (estimate_kv_bytes(info.config, self.engine_config)
-                                      if info.model_type == "llm" else 0)
+        estimate = info.size_bytes + (estimate_kv_bytes(info.config.get("text_config") or info.config, self.engine_config)
+                                      if info.model_type in GENERATIVE_TYPES else 0)
         key = f"load:{info.model_id}"
         async with self._admission_lock():
             await self._make_room(estimate, info.model_id)
@@ -404,6 +408,8 @@ class ModelPool:
             from omlx.embeddings import load_embedder
 
             return load_embedder(info)
+        if info.model_type in ("vlm", "ocr"):
+            return self._load_vlm(info)
         return self._load_llm(info)
 
     def _load_llm(self, info: DiscoveredModel) -> LoadedModel:
@@ -434,17 +440,41 @@ class ModelPool:
         # the form its weights run in.  A moved or renamed model keeps its cached blocks; one
         # overwritten in place never reads blocks computed for the old weights.
         scope = b"content:" + folder_fingerprint(folder, adapter) + (b":float32" if dequantized else b"")
+        loaded = self._serve(info, model, tokenizer, scope, window, settings)
+        log.info("loaded %s in %.1fs (context %d)", info.model_id, time.monotonic() - started, window)
+        return loaded
+
+    def _serve(self, info: DiscoveredModel, model, tokenizer, scope: bytes, window: int, settings: dict,
+               vision=None, weights: int | None = None) -> LoadedModel:
+        """A loaded model's engine, sized under the memory budget."""
         config = engine_config_for(self.engine_config, settings)
-        weights = parameter_bytes(model)
+        weights = parameter_bytes(model) if weights is None else weights
         if config.kv_cache_bytes is None and config.num_blocks is None:
             config = dataclasses.replace(config, kv_cache_bytes=default_kv_cache_bytes(weights, self.memory_budget))
         holder = f"model:{info.model_id}"
         engine = LLMEngine(model, config, context_window=window, scope=scope,
                            kv_budget=lambda nbytes: self.ledger.try_add(holder, nbytes),
-                           label=f"{info.model_id} ({info.path})")
-        log.info("loaded %s in %.1fs (context %d)", info.model_id, time.monotonic() - started, window)
+                           label=f"{info.model_id} ({info.path})", vision=vision)
         return LoadedModel(info, tokenizer, AsyncEngine(engine), engine.max_model_len, time.time(),
                            weights_bytes=weights)
+
+    def _load_vlm(self, info: DiscoveredModel) -> LoadedModel:
+        """A vision-language (or OCR) model through mlx-vlm: its language model runs in the
+        same paged engine as any LLM, its vision tower at prefill (omlx.vision)."""
+        from omlx.vision.loader import load_vision_model
+
+        started = time.monotonic()
+        settings = self.settings.model(info.settings_id)
+        trust = self.settings.trust_remote_code(info.settings_id)
+        language, inputs, tokenizer, side = load_vision_model(str(info.path), info.config, info.model_type, trust)
+        scope = b"content:" + folder_fingerprint(info.path, None)
+        window = context_window_of(info.config.get("text_config") or info.config)
+        loaded = self._serve(info, language, tokenizer, scope, window, settings, vision=inputs,
+                             weights=parameter_bytes(side.vlm))
+        loaded.vision = side
+        log.info("loaded %s (%s, vision) in %.1fs (context %d)", info.model_id, side.family,
+                 time.monotonic() - started, window)
+        return loaded
 
     async def _make_room(self, needed: int, for_model: str) -> None:
         """Unload idle, unpinned models, least recently used first, until `needed` more bytes

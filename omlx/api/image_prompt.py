@@ -1,0 +1,59 @@
+"""The prompt of a conversation with images, for a vision model: the chat template's text,
+the images fetched and decoded under limits, and the model's processor run over both
+(off the event loop).  Every failure is a 4xx naming the field it came from."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+from omlx.models.loaded import LoadedModel
+from omlx.scheduler.multimodal import MultimodalInput
+from omlx.vision.images import ImageError, ImageLimits, load_images
+from omlx.vision.ocr import with_default_prompt
+from omlx.vision.prompt import ImagePromptError, prepare
+
+from .conversation import render_prompt
+from .errors import APIError, invalid
+from .turn_request import TurnRequest
+
+
+def image_error(exc: ImageError) -> APIError:
+    kind = "invalid_request_error"
+    return APIError(exc.message, exc.status, kind, exc.param, exc.code)
+
+
+def check_takes_images(loaded: LoadedModel, request: TurnRequest) -> None:
+    images = request.conversation.images if request.conversation is not None else []
+    if images and not loaded.takes_images:
+        raise invalid(f"'{loaded.model_id}' is a text-only model and cannot take images; "
+                      "send them to a vision (vlm) model", images[0].param, "unsupported_content")
+
+
+def ocr_conversation(loaded: LoadedModel, request: TurnRequest):
+    """The conversation an OCR model is asked: image-only user turns get its instruction."""
+    conversation = request.conversation
+    ocr = getattr(loaded.vision, "ocr", None)
+    if ocr is None or conversation is None:
+        return conversation
+    return dataclasses.replace(conversation, messages=with_default_prompt(conversation.messages, ocr))
+
+
+async def image_prompt(loaded: LoadedModel, request: TurnRequest,
+                       limits: ImageLimits) -> tuple[list[int], MultimodalInput | None]:
+    side = loaded.vision
+    conversation = ocr_conversation(loaded, request)
+    sources = conversation.images
+    if side.max_images is not None and len(sources) > side.max_images:
+        raise invalid(f"'{loaded.model_id}' ({side.family}) takes at most {side.max_images} image(s) per "
+                      f"request; this one has {len(sources)}", sources[side.max_images].param, "too_many_images")
+    text = render_prompt(loaded.tokenizer, conversation, request.prompt_param, tokenize=False)
+    try:
+        images = await load_images(sources, limits)
+    except ImageError as exc:
+        raise image_error(exc) from None
+    try:
+        return await asyncio.to_thread(prepare, side.processor, side.image_token_id, text, images,
+                                       request.resize_shape)
+    except ImagePromptError as exc:
+        raise invalid(str(exc), sources[0].param, "invalid_image") from None

@@ -1,0 +1,51 @@
+"""Loading a vision-language (or OCR) model: mlx-vlm's model and processor, the tokenizer the
+text side of the server uses, and what the API needs to know to prepare image prompts."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from .encoder import LanguageAdapter, PassInputs, _image_token_id
+from .ocr import OCRDefaults, ocr_defaults
+
+log = logging.getLogger("omlx.vision")
+
+# Families whose mlx-vlm model merges one image per prompt only.
+SINGLE_IMAGE_FAMILIES = {"llava"}
+
+
+@dataclass
+class VisionSide:
+    """A loaded VLM's image side, as the API layer uses it."""
+
+    vlm: object  # the mlx-vlm model
+    processor: object
+    image_token_id: int | None
+    family: str  # config model_type
+    ocr: OCRDefaults | None = None
+
+    @property
+    def max_images(self) -> int | None:
+        return 1 if self.family in SINGLE_IMAGE_FAMILIES else None
+
+
+def load_vision_model(path: str, config: dict, model_type: str, trust_remote_code: bool = False):
+    """(language adapter for the engine, its PassInputs, tokenizer wrapper, VisionSide)."""
+    from pathlib import Path
+
+    from mlx_lm.utils import load_tokenizer
+    from mlx_vlm import load
+
+    vlm, processor = load(path, trust_remote_code=trust_remote_code)
+    eos = config.get("eos_token_id")
+    if eos is None:
+        eos = (config.get("text_config") or {}).get("eos_token_id")
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    # mlx-lm's wrapper of the same tokenizer files: its streaming detokenizer and tool
+    # parser serve the text side exactly as for an LLM.
+    tokenizer = load_tokenizer(Path(path), {"trust_remote_code": True} if trust_remote_code else None,
+                               eos_token_ids=eos_ids or None)
+    side = VisionSide(vlm, processor, _image_token_id(vlm.config), str(config.get("model_type") or ""),
+                      ocr_defaults(config) if model_type == "ocr" else None)
+    return LanguageAdapter(vlm), PassInputs(vlm), tokenizer, side
