@@ -54,6 +54,7 @@ def model_status(pool: ModelPool, info: DiscoveredModel) -> dict:
         "id": info.model_id,
         "object": "model.status",
         "model_type": info.model_type,
+        "vision": info.model_type in ("vlm", "ocr"),  # takes images
         "alias": settings.get("alias"),
         "loaded": resident is not None,
         "loading": pool.is_loading(info.model_id),

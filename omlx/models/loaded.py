@@ -106,6 +106,11 @@ class LoadedModel:
             stats["step_profile"] = profile.report()
         if self.adapter_path:
             stats["adapter_path"] = self.adapter_path
+        stats["vision"] = self.takes_images
+        if self.takes_images:
+            inputs = engine.runner.vision
+            stats["vision_stats"] = {"family": self.vision.family, "ocr": self.vision.ocr is not None,
+                                     "tower_calls": inputs.vision_calls, "images_encoded": inputs.images_encoded}
         return stats
 
     @property
