@@ -22,7 +22,7 @@ from omlx_process import omlx_server
 from omlx.testing.tiny_models import TinyModelSpec, build_model
 from omlx.testing.tiny_vlm import TinyVLMSpec, build_vlm
 
-QWEN, LLAVA, TEXT = "tiny-qwen2-vl", "tiny-llava", "tiny-text"
+QWEN, LLAVA, TEXT, OCR = "tiny-qwen2-vl", "tiny-llava", "tiny-text", "tiny-ocr"
 MAX_PIXELS = 250_000  # the server's image limits in these tests (env)
 MAX_BYTES = 400_000
 FETCH_TIMEOUT_S = 1.5
@@ -82,6 +82,7 @@ def vision_models(tmp_path_factory):
     build_vlm(root / QWEN, TinyVLMSpec(family="qwen2_vl"))
     build_vlm(root / LLAVA, TinyVLMSpec(family="llava", seed=1))
     build_model(root / TEXT, TinyModelSpec())
+    build_vlm(root / OCR, TinyVLMSpec(family="qwen2_vl", seed=2, architecture="Qwen2VLOCRForConditionalGeneration"))
     return root
 
 
@@ -269,6 +270,35 @@ def test_resize_shape(oai, vserver):
     assert response.usage.prompt_tokens < plain.usage.prompt_tokens
 
 
+def test_ocr_model_gets_its_default_prompt(oai, vserver):
+    """An OCR model (detected from its config) asked with an image and no instruction reads
+    the family's default prompt; one with an instruction reads that."""
+    from omlx.vision.ocr import GENERIC
+
+    image_only = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(24)}}]}
+    response = oai.chat.completions.create(model=OCR, messages=[image_only], max_tokens=8, temperature=0)
+    template = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": GENERIC.prompt}]}
+    assert response.choices[0].message.content == reference_text(vserver.model_path(OCR), [template],
+                                                                 [png_bytes(24)], 8)
+    wire, template = image_message([24], "read the title")
+    response = oai.chat.completions.create(model=OCR, messages=[wire], max_tokens=8, temperature=0)
+    assert response.choices[0].message.content == reference_text(vserver.model_path(OCR), [template],
+                                                                 [png_bytes(24)], 8)
+
+
+def test_ocr_defaults_by_family():
+    from omlx.vision.ocr import OCR_FAMILIES, ocr_defaults, with_default_prompt
+
+    for family in ("deepseekocr", "deepseekocr_2", "dots_ocr", "glm_ocr"):
+        defaults = ocr_defaults({"model_type": family})
+        assert defaults is OCR_FAMILIES[family] and defaults.prompt and defaults.stop
+    messages = [{"role": "user", "content": [{"type": "image"}]}]
+    assert with_default_prompt(messages, ocr_defaults({"model_type": "glm_ocr"}))[0]["content"][-1] == {
+        "type": "text", "text": OCR_FAMILIES["glm_ocr"].prompt}
+    asked = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "only the date"}]}]
+    assert with_default_prompt(asked, OCR_FAMILIES["glm_ocr"]) == asked
+
+
 # ---------------------------------------------------------------------------- status
 
 
@@ -280,6 +310,7 @@ def test_status_says_which_models_take_images(vserver):
     status = {m["id"]: m for m in get("/v1/models/status")["models"]}
     assert status[QWEN]["vision"] is True and status[QWEN]["model_type"] == "vlm"
     assert status[TEXT]["vision"] is False
+    assert status[OCR]["model_type"] == "ocr" and status[OCR]["vision"] is True
     lm = {m["key"]: m for m in get("/api/v1/models")["models"]}
     assert lm[LLAVA]["capabilities"]["vision"] is True
     assert lm[TEXT]["capabilities"]["vision"] is False
@@ -356,7 +387,19 @@ def test_bad_images_get_4xx_while_others_are_served(vserver, image_host):
 def test_image_to_a_text_model_is_refused(vserver):
     status, body = _post(vserver, "/v1/chat/completions", _chat_with(data_url(21), model=TEXT))
     assert status == 400 and body["error"]["code"] == "unsupported_content"
-    assert "text-only" in body["error"]["message"]
+    assert "accepts text only" in body["error"]["message"]
+
+
+def test_image_token_spelled_in_text_is_refused(vserver):
+    """Text that spells the model's image token cannot make the engine place features that
+    do not exist: a 400, and the model keeps serving."""
+    for model, token in [(QWEN, "<|image_pad|>"), (LLAVA, "<image>")]:
+        body = _chat_with(data_url(25), model=model)
+        body["messages"][0]["content"][1]["text"] = f"look {token} here"
+        status, out = _post(vserver, "/v1/chat/completions", body)
+        assert status == 400 and out["error"]["code"] == "invalid_image", out
+    status, _ = _post(vserver, "/v1/chat/completions", _chat_with(data_url(25), model=LLAVA))
+    assert status == 200
 
 
 def test_too_many_images_for_a_single_image_family(vserver):

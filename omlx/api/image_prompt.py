@@ -26,7 +26,7 @@ def image_error(exc: ImageError) -> APIError:
 def check_takes_images(loaded: LoadedModel, request: TurnRequest) -> None:
     images = request.conversation.images if request.conversation is not None else []
     if images and not loaded.takes_images:
-        raise invalid(f"'{loaded.model_id}' is a text-only model and cannot take images; "
+        raise invalid(f"'{loaded.model_id}' accepts text only and cannot take images; "
                       "send them to a vision (vlm) model", images[0].param, "unsupported_content")
 
 

@@ -111,7 +111,7 @@ def _message_content(content: Any, index: int, takes_images: bool = False) -> st
                 if not takes_images:
                     raise invalid(f"messages[{index}] cannot carry images (only user messages can)", where,
                                   "unsupported_content")
-                out.image(openai_image(part, f"{where}[{i}]"))
+                out.image(openai_image(part, where))
             elif part["type"] in ("input_image", "input_audio", "file"):
                 raise invalid(
                     f"messages[{index}] has a '{part['type']}' part, which chat completions do not take "

@@ -467,6 +467,10 @@ class ModelPool:
         settings = self.settings.model(info.settings_id)
         trust = self.settings.trust_remote_code(info.settings_id)
         language, inputs, tokenizer, side = load_vision_model(str(info.path), info.config, info.model_type, trust)
+        if not hasattr(side.vlm, "vision_tower") or not hasattr(side.vlm, "language_model"):
+            raise ModelUnavailable(
+                f"'{info.model_id}' is a {info.model_type} model, but mlx-vlm builds no vision model from its "
+                f"config (model_type {info.config.get('model_type')!r}); set its type to llm if it is text-only")
         scope = b"content:" + folder_fingerprint(info.path, None)
         window = context_window_of(info.config.get("text_config") or info.config)
         loaded = self._serve(info, language, tokenizer, scope, window, settings, vision=inputs,

@@ -67,6 +67,9 @@ class TinyVLMSpec:
     max_position_embeddings: int = 4096
     logit_scale: float = 8.0
     seed: int = 0
+    # Override of config.json "architectures" (e.g. an OCR-named one: the server then
+    # detects an OCR model and gives it OCR defaults).
+    architecture: str | None = None
 
 
 def build_vlm(path: str | Path, spec: TinyVLMSpec | None = None) -> Path:
@@ -80,6 +83,8 @@ def build_vlm(path: str | Path, spec: TinyVLMSpec | None = None) -> Path:
     tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in family_tokens])
     vocab = max(spec.vocab_size, tokenizer.get_vocab_size())
     config = _config(spec, tokenizer, vocab)
+    if spec.architecture:
+        config["architectures"] = [spec.architecture]
     model = _random_model(spec, config)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

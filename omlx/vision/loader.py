@@ -38,6 +38,8 @@ def load_vision_model(path: str, config: dict, model_type: str, trust_remote_cod
     from mlx_vlm import load
 
     vlm, processor = load(path, trust_remote_code=trust_remote_code)
+    if not hasattr(vlm, "vision_tower") or not hasattr(vlm, "language_model"):
+        return None, None, None, VisionSide(vlm, processor, None, str(config.get("model_type") or ""))
     eos = config.get("eos_token_id")
     if eos is None:
         eos = (config.get("text_config") or {}).get("eos_token_id")

@@ -24,6 +24,12 @@ def prepare(processor, image_token_id: int | None, prompt_text: str, images: lis
         return list(tokenizer.encode(prompt_text, add_special_tokens=False)), None
     from mlx_vlm.utils import process_image
 
+    marker = getattr(processor, "image_token", None)
+    if isinstance(marker, str) and marker and prompt_text.count(marker) != len(images):
+        raise ImagePromptError(
+            f"the rendered prompt places {prompt_text.count(marker)} image(s) for {len(images)} sent: the chat "
+            f"template must place each image once, and message text may not contain {marker!r}")
+
     shape = None
     if resize_shape is not None:
         shape = (resize_shape[0], resize_shape[0]) if len(resize_shape) == 1 else tuple(resize_shape)
@@ -39,16 +45,15 @@ def prepare(processor, image_token_id: int | None, prompt_text: str, images: lis
     }
     if "pixel_values" not in arrays:
         raise ImagePromptError("the model's processor produced no pixel values for these images")
-    spans = image_spans(ids, image_token_id, images, shape)
+    runs = image_runs(ids, image_token_id)
+    check_runs(runs, images, arrays, processor)
+    suffix = repr(shape).encode() if shape else b""
+    spans = [ImageSpan(a, b, image.digest + suffix) for (a, b), image in zip(runs, images)]
     return ids, MultimodalInput(spans=spans, arrays=arrays)
 
 
-def image_spans(ids: list[int], image_token_id: int | None, images: list[DecodedImage],
-                shape) -> list[ImageSpan]:
-    """The runs of image tokens in the prompt, image by image.  When the runs do not match the
-    images one to one (a family that packs several images into one run), every run is keyed
-    on all the images: never shared wrongly, only less often."""
-    suffix = repr(shape).encode() if shape else b""
+def image_runs(ids: list[int], image_token_id: int | None) -> list[tuple[int, int]]:
+    """[start, end) of each run of image tokens in the prompt."""
     runs = []
     start = None
     for position, token in enumerate(ids + [None]):
@@ -57,9 +62,25 @@ def image_spans(ids: list[int], image_token_id: int | None, images: list[Decoded
         elif token != image_token_id and start is not None:
             runs.append((start, position))
             start = None
-    if not runs:
-        raise ImagePromptError("the prompt has no image tokens for its images (does the chat template place images?)")
-    if len(runs) == len(images):
-        return [ImageSpan(a, b, image.digest + suffix) for (a, b), image in zip(runs, images)]
-    combined = b"".join(image.digest for image in images) + suffix
-    return [ImageSpan(a, b, combined) for a, b in runs]
+    return runs
+
+
+def check_runs(runs, images, arrays: dict, processor) -> None:
+    """One run of image tokens per image, each as long as that image's features: what the
+    vision side will merge.  A prompt whose text spells the model's image token itself would
+    otherwise ask the engine to place features that do not exist."""
+    if len(runs) != len(images):
+        raise ImagePromptError(
+            f"the prompt has {len(runs)} runs of image tokens for {len(images)} image(s): the chat template "
+            "must place each image once, and message text may not contain the model's image token")
+    lengths = [b - a for a, b in runs]
+    grid = arrays.get("image_grid_thw")
+    if grid is not None:
+        merge = getattr(getattr(processor, "image_processor", None), "merge_size", 2) or 1
+        expected = [int(np.prod(g)) // merge**2 for g in np.asarray(grid).reshape(-1, 3)]
+    else:
+        expected = [lengths[0]] * len(images)  # fixed-size families: every image alike
+    if lengths != expected:
+        raise ImagePromptError(
+            f"the image tokens in the prompt ({lengths}) do not match the images' features ({expected}): "
+            "message text may not contain the model's image token")
