@@ -122,7 +122,7 @@ request_plans = st.lists(
 
 
 @pytest.mark.parametrize("name", ["qwen2_vl", "llava"])
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(plan=request_plans, budget=st.integers(5, 64), num_blocks=st.integers(24, 80), repeat=st.booleans())
 def test_mixed_requests_match_mlx_vlm_alone(families, name, plan, budget, num_blocks, repeat):
     family = families[name]
