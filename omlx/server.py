@@ -19,6 +19,7 @@ from omlx.api.lmstudio import LMStudioRoutes
 from omlx.api.metrics import MetricsRoutes
 from omlx.api.model_access import release_leases
 from omlx.api.models_admin import ModelAdminRoutes
+from omlx.api.openapi import OpenAPIRoute
 from omlx.api.openai import OpenAIRoutes
 from omlx.api.response_store import ResponseStore
 from omlx.api.responses import ResponsesRoutes
@@ -114,6 +115,7 @@ def create_app(config: ServerConfig) -> web.Application:
     ResponsesRoutes(pool, ResponseStore((config.settings_home or omlx_home()) / "responses")).register(app)
     MetricsRoutes(metrics).register(app)
     app.router.add_get("/health", health)
+    OpenAPIRoute(pool).register(app)
     app.router.add_get("/", root)  # and HEAD: Claude Code probes the base URL first
 
     async def start_pool(_app):

@@ -135,7 +135,7 @@ def parse_chat(body: Any) -> TurnRequest:
         if not isinstance(message, dict):
             raise invalid(f"messages[{i}] must be an object", f"messages[{i}]", "invalid_type")
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # a list or object is unhashable
             raise invalid(f"messages[{i}].role must be one of {sorted(ROLES)}, got {role!r}", f"messages[{i}].role", "invalid_value")
         content = _message_content(message.get("content"), i, takes_images=role == "user")
         out = {"role": "system" if role == "developer" else role, "content": content}

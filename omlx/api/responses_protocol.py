@@ -145,9 +145,11 @@ def _input_messages(raw: Any) -> list[dict]:
         if not isinstance(item, dict):
             raise invalid(f"{where} must be an object", where)
         kind = item.get("type", "message")
+        if not isinstance(kind, str):  # compared against sets below: it must be hashable
+            raise invalid(f"{where}.type must be a string", where)
         if kind == "message":
             role = item.get("role")
-            if role not in _MESSAGE_ROLES:
+            if not isinstance(role, str) or role not in _MESSAGE_ROLES:
                 raise invalid(f"{where}.role must be one of {sorted(_MESSAGE_ROLES)}, got {role!r}", where)
             text = _content_text(item.get("content"), f"{where}.content", takes_images=role == "user")
             if role == "assistant":

@@ -31,9 +31,31 @@ async def read_json(request: web.Request) -> Any:
     if not raw:
         raise invalid("the request body is empty; expected a JSON object")
     try:
-        return orjson.loads(raw)
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise invalid(f"the request body is not valid JSON: {exc}") from None
+    if _too_deep(body, MAX_NESTING):
+        raise invalid(f"the request body nests JSON deeper than {MAX_NESTING} levels")
+    return body
+
+
+# Deeper than any real request (tool schemas included), and far below where echoing a value
+# back (orjson stops at 255 levels) or walking it recursively would fail.
+MAX_NESTING = 64
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, list):
+            continue
+        if depth > limit:
+            return True
+        pending.extend((child, depth + 1) for child in item if isinstance(child, (dict, list)))
+    return False
 
 
 def dumps(obj) -> str:

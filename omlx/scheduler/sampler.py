@@ -249,10 +249,10 @@ def _pick(scaled: mx.array, candidates: mx.array, params: list[SamplingParams], 
     # Probabilities of the whole distribution, not renormalised over the candidates.
     probs = mx.exp(mx.take_along_axis(values, order, axis=-1) - mx.logsumexp(scaled, axis=-1, keepdims=True))
     rank = mx.arange(size)[None, :]
-    # Mass strictly before each token: a token is kept while that is below top_p, so the
-    # most likely token always survives.
+    # Mass strictly before each token: a token is kept while that is below top_p.  The most
+    # likely token always survives (top_p = 0 would otherwise keep nothing).
     mass_before = mx.cumsum(probs, axis=-1) - probs
-    keep = (rank < top_k) & (mass_before < top_p) & (probs >= min_p * probs[:, :1])
+    keep = ((rank < top_k) & (mass_before < top_p) & (probs >= min_p * probs[:, :1])) | (rank == 0)
     kept = mx.where(keep, probs, 0.0)
     cdf = mx.cumsum(kept, axis=-1)
     target = mx.array(uniforms, dtype=mx.float32)[:, None] * cdf[:, -1:]

@@ -116,7 +116,7 @@ def filtered_probs(logits: mx.array, params: list[SamplingParams]) -> mx.array:
     min_p = mx.array([p.min_p for p in params], dtype=mx.float32)[:, None]
     rank = mx.arange(vocab)[None, :]
     mass_before = mx.cumsum(sorted_probs, axis=-1) - sorted_probs
-    keep_sorted = (rank < top_k) & (mass_before < top_p) & (sorted_probs >= min_p * sorted_probs[:, :1])
+    keep_sorted = ((rank < top_k) & (mass_before < top_p) & (sorted_probs >= min_p * sorted_probs[:, :1])) | (rank == 0)
     kept_sorted = mx.where(keep_sorted, sorted_probs, 0.0)
     # Back to vocabulary order: scatter through the inverse permutation.
     inverse = mx.argsort(order, axis=-1)
