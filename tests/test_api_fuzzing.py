@@ -194,3 +194,14 @@ def test_top_p_zero_keeps_the_most_likely_token(server):
         return body["choices"][0]["text"]
 
     assert ask(temperature=1.0, top_p=0.0, seed=7) == ask(temperature=0.0)
+
+
+def test_a_vanishing_temperature_decodes_greedily(server):
+    """A temperature that underflows float32 once meant dividing logits by zero (a 500)."""
+    def ask(**sampling):
+        status, body = _post(server, "/v1/completions", json.dumps(
+            {"model": MODEL, "prompt": "one two three", "max_tokens": 12, **sampling}).encode())
+        assert status == 200, body
+        return body["choices"][0]["text"]
+
+    assert ask(temperature=3.8e-219, top_k=5) == ask(temperature=1e-9) == ask(temperature=0.0)

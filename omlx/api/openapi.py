@@ -206,7 +206,8 @@ def _operation(path: str, method: str, models: dict[str, list[str]]) -> dict:
     operation: dict = {
         "operationId": f"{method}_{re.sub(r'[^A-Za-z0-9]+', '_', path).strip('_') or 'root'}",
         "responses": {"200": {"description": "success",
-                              "content": {"application/json": {}, "text/event-stream": {}}},
+                              "content": {"application/json": {}, "text/event-stream": {}, "text/plain": {},
+                                          "text/html": {}}},
                       **{status: {"description": "error", **error} for status in statuses}},
     }
     names = re.findall(r"\{(\w+)\}", path)

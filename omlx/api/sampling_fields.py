@@ -36,6 +36,9 @@ ENGINE_RANGES = {
     "frequency_penalty": (-2.0, 2.0),
     "seed": (-(2**63), 2**64 - 1),
 }
+# Below this a temperature is greedy decoding: logits divided by it overflow float32 (and
+# under ~1e-45 it is 0 in float32 itself), which would leave no distribution to sample from.
+MIN_SAMPLING_TEMPERATURE = 1e-6
 OPENAI_RANGES = {**ENGINE_RANGES, "temperature": (0.0, 2.0)}
 ANTHROPIC_RANGES = {**ENGINE_RANGES, "temperature": (0.0, 1.0), "top_k": (0, 2**31 - 1)}
 
@@ -73,8 +76,11 @@ class SamplingRequest:
                 value = default
             chosen[name] = builtin if value is None else value
         seed = chosen["seed"]
+        temperature = float(chosen["temperature"])
+        if temperature < MIN_SAMPLING_TEMPERATURE:
+            temperature = 0.0  # greedy: what such a temperature means, and all float32 can hold
         return SamplingParams(
-            temperature=float(chosen["temperature"]),
+            temperature=temperature,
             top_p=float(chosen["top_p"]),
             top_k=max(0, int(chosen["top_k"])),
             min_p=float(chosen["min_p"]),
