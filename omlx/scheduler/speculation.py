@@ -82,7 +82,7 @@ class DraftPolicy:
         self.misses += 1
         if self.misses >= config.misses_before_pause:
             self.pause = min(config.max_pause, max(2, self.pause * 2))
-            self.resume_at = self.steps + self.pause
+            self.resume_at = self.steps + self.pause + 1  # `pause` steps without drafting
 
 
 class NgramIndex:
