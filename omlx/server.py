@@ -21,6 +21,7 @@ from omlx.api.model_access import release_leases
 from omlx.api.models_admin import ModelAdminRoutes
 from omlx.api.openapi import OpenAPIRoute
 from omlx.api.openai import OpenAIRoutes
+from omlx.api.rerank import RerankRoutes
 from omlx.api.response_store import ResponseStore
 from omlx.api.responses import ResponsesRoutes
 from omlx.blas import blas_info
@@ -110,6 +111,7 @@ def create_app(config: ServerConfig) -> web.Application:
     ModelAdminRoutes(pool).register(app)
     LMStudioRoutes(pool).register(app)
     EmbeddingRoutes(pool).register(app)
+    RerankRoutes(pool).register(app)
     OpenAIRoutes(pool).register(app)
     AnthropicRoutes(pool).register(app)
     ResponsesRoutes(pool, ResponseStore((config.settings_home or omlx_home()) / "responses")).register(app)
@@ -145,11 +147,12 @@ async def root(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     pool: ModelPool = request.app[POOL]
-    models, embedders = {}, {}
+    models, embedders, rerankers = {}, {}, {}
     for model_id, loaded in pool.loaded.items():
-        if not isinstance(loaded, LoadedModel):  # an embedding model: no generation engine
-            embedders[model_id] = {"memory_bytes": loaded.memory_bytes, "batches": loaded.stats.batches,
-                                   "inputs": loaded.stats.inputs, "tokens": loaded.stats.tokens}
+        if not isinstance(loaded, LoadedModel):  # an encoder (embeddings, cross-encoder): no generation engine
+            encoders = rerankers if loaded.info.model_type == "reranker" else embedders
+            encoders[model_id] = {"memory_bytes": loaded.memory_bytes, "batches": loaded.stats.batches,
+                                  "inputs": loaded.stats.inputs, "tokens": loaded.stats.tokens}
             continue
         models[model_id] = loaded.engine_stats()
     # The mlx-vlm server's fields: it holds one model; here, the most recently loaded LLM.
@@ -165,6 +168,7 @@ async def health(request: web.Request) -> web.Response:
         "models_available": [m.model_id for m in pool.servable()],
         "models_loaded": models,
         "embedding_models_loaded": embedders,
+        "reranker_models_loaded": rerankers,
         "model_memory": {"budget_bytes": pool.memory_budget, "used_bytes": pool.used_bytes},
     }
     return web.Response(body=orjson.dumps(body), content_type="application/json")

@@ -1,6 +1,7 @@
-"""Groups concurrent embedding requests into shared forward passes.
+"""Groups concurrent encoder requests (embeddings, cross-encoder reranking) into shared
+forward passes.
 
-Requests queue their token-id lists and wait on a future.  One worker task per model takes
+Requests queue their rows (token-id lists, or query-document pairs) and wait on a future.  One worker task per model takes
 everything queued so far, runs it on the model's own thread (longest inputs first, in chunks
 under a padded-token budget so one long text does not pad a hundred short ones), and hands
 each request its rows.  While a pass runs, new requests gather in the queue and go together
@@ -37,9 +38,14 @@ def plan_chunks(lengths: list[int], max_tokens: int = MAX_BATCH_TOKENS, max_rows
     return chunks
 
 
-class EmbeddingBatcher:
-    def __init__(self, embedder, max_batch_tokens: int = MAX_BATCH_TOKENS, max_batch_rows: int = MAX_BATCH_ROWS):
-        self.embedder = embedder
+class PassBatcher:
+    """`forward(rows) -> array` with one result row per input row, run on batches of rows
+    gathered from every request waiting; `length(row)` is a row's token count."""
+
+    def __init__(self, forward, length=len, max_batch_tokens: int = MAX_BATCH_TOKENS,
+                 max_batch_rows: int = MAX_BATCH_ROWS, thread_name: str = "omlx-encoder"):
+        self.forward = forward
+        self.length = length
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_rows = max_batch_rows
         self._pending: list[tuple[list[list[int]], asyncio.Future]] = []
@@ -47,10 +53,10 @@ class EmbeddingBatcher:
         self._worker: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # MLX work stays on one thread per model, like the LLM engines.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="omlx-embed")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
 
-    async def embed(self, inputs: list[list[int]]) -> np.ndarray:
-        """`[len(inputs), hidden]` unit vectors for these token-id lists."""
+    async def run(self, inputs: list) -> np.ndarray:
+        """`forward`'s results for these rows, in order, computed beside other requests'."""
         if self._worker is None:
             self._loop = asyncio.get_running_loop()
             self._wake = asyncio.Event()
@@ -74,13 +80,12 @@ class EmbeddingBatcher:
         owners = [(n, r) for n, (inputs, _) in enumerate(taken) for r in range(len(inputs))]
         results: list[np.ndarray | None] = [None] * len(rows)
         try:
-            for chunk in plan_chunks([len(r) for r in rows], self.max_batch_tokens, self.max_batch_rows):
-                vectors = await self._loop.run_in_executor(
-                    self._executor, self.embedder.embed_token_ids, [rows[i] for i in chunk])
+            for chunk in plan_chunks([self.length(r) for r in rows], self.max_batch_tokens, self.max_batch_rows):
+                vectors = await self._loop.run_in_executor(self._executor, self.forward, [rows[i] for i in chunk])
                 for i, vector in zip(chunk, vectors):
                     results[i] = vector
         except Exception as exc:
-            log.exception("embedding pass failed")
+            log.exception("encoder pass failed")
             for _, future in taken:
                 if not future.done():
                     future.set_exception(exc)
@@ -97,3 +102,13 @@ class EmbeddingBatcher:
         if self._worker is not None and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._worker.cancel)
         self._executor.shutdown(wait=True)
+
+
+class EmbeddingBatcher(PassBatcher):
+    def __init__(self, embedder, max_batch_tokens: int = MAX_BATCH_TOKENS, max_batch_rows: int = MAX_BATCH_ROWS):
+        super().__init__(embedder.embed_token_ids, len, max_batch_tokens, max_batch_rows, "omlx-embed")
+        self.embedder = embedder
+
+    async def embed(self, inputs: list[list[int]]) -> np.ndarray:
+        """`[len(inputs), hidden]` unit vectors for these token-id lists."""
+        return await self.run(inputs)

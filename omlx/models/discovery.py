@@ -206,7 +206,7 @@ def inspect_gguf_file(model_id: str, path: Path) -> DiscoveredModel | SkippedMod
     return DiscoveredModel(
         model_id=model_id,
         path=path,
-        model_type=detect_model_type(config),
+        model_type=detect_model_type(config, None, model_id),
         architecture=_architecture(config),
         config=config,
         size_bytes=_file_size(path),
@@ -233,7 +233,7 @@ def _inspect(candidate: _Candidate) -> DiscoveredModel | SkippedModel:
     return DiscoveredModel(
         model_id=candidate.model_id,
         path=path,
-        model_type=detect_model_type(config, path),
+        model_type=detect_model_type(config, path, candidate.model_id),
         architecture=_architecture(config),
         config=config,
         size_bytes=sum(_file_size(weight) for weight in weights),
@@ -289,10 +289,12 @@ def _architecture(config: dict) -> str | None:
     return model_type if isinstance(model_type, str) else None
 
 
-def detect_model_type(config: dict, path: Path | None = None) -> str:
+def detect_model_type(config: dict, path: Path | None = None, model_id: str | None = None) -> str:
     """Classify a model as "reranker", "embedding", "ocr", "vlm" or (by default) "llm"."""
     architectures = _architectures(config)
     if any(name.endswith("ForSequenceClassification") for name in architectures):
+        return "reranker"
+    if _is_llm_reranker(config, architectures, f"{model_id or ''} {path.name if path is not None else ''}"):
         return "reranker"
     # sentence-transformers writes modules.json; its presence means the model is meant to
     # be pooled into embeddings, whatever the backbone.
@@ -308,6 +310,18 @@ def detect_model_type(config: dict, path: Path | None = None) -> str:
     if _is_bare_encoder(config, architectures):
         return "embedding"
     return "llm"
+
+
+# Config keys that mark a causal LM as a yes/no reranker (vLLM's overrides for
+# Qwen3-Reranker); without them its name says so ("Qwen3-Reranker-0.6B"), as nothing else in
+# its config differs from the base model's.
+_LLM_RERANKER_KEYS = ("is_original_qwen3_reranker", "classifier_from_token")
+
+
+def _is_llm_reranker(config: dict, architectures: list[str], name: str) -> bool:
+    if not any(a.endswith("ForCausalLM") for a in architectures):
+        return False
+    return any(config.get(key) for key in _LLM_RERANKER_KEYS) or "reranker" in name.lower()
 
 
 def _is_bare_encoder(config: dict, architectures: list[str]) -> bool:

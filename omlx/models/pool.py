@@ -42,10 +42,18 @@ log = logging.getLogger("omlx.pool")
 
 _CONTEXT_KEYS = ("max_position_embeddings", "max_sequence_length", "seq_length", "n_ctx", "n_positions")
 DEFAULT_CONTEXT_WINDOW = 4096
-SERVABLE_TYPES = ("llm", "vlm", "ocr", "embedding")
+SERVABLE_TYPES = ("llm", "vlm", "ocr", "embedding", "reranker")
 # Types that generate text: a request for an "llm" is served by any of them.
 GENERATIVE_TYPES = ("llm", "vlm", "ocr")
 TTL_CHECK_INTERVAL_S = 1.0
+
+
+def runs_on_llm_engine(info: DiscoveredModel) -> bool:
+    """Generative models, and LLM rerankers (causal LMs scored on their yes/no logits);
+    cross-encoder rerankers and embedding models run on their own batchers instead."""
+    if info.model_type in GENERATIVE_TYPES:
+        return True
+    return info.model_type == "reranker" and not str(info.architecture or "").endswith("ForSequenceClassification")
 
 
 def context_window_of(config: dict) -> int:
@@ -370,7 +378,7 @@ class ModelPool:
 
     async def _load(self, info: DiscoveredModel) -> None:
         estimate = info.size_bytes + (estimate_kv_bytes(info.config.get("text_config") or info.config, self.engine_config)
-                                      if info.model_type in GENERATIVE_TYPES else 0)
+                                      if runs_on_llm_engine(info) else 0)
         key = f"load:{info.model_id}"
         async with self._admission_lock():
             await self._make_room(estimate, info.model_id)
@@ -410,6 +418,13 @@ class ModelPool:
             return load_embedder(info)
         if info.model_type in ("vlm", "ocr"):
             return self._load_vlm(info)
+        if not runs_on_llm_engine(info):  # a cross-encoder reranker
+            from omlx.rerank.cross_encoder import UnsupportedReranker, load_cross_encoder
+
+            try:
+                return load_cross_encoder(info)
+            except UnsupportedReranker as exc:
+                raise ModelUnavailable(f"'{info.model_id}' cannot be served: {exc}") from None
         return self._load_llm(info)
 
     def _load_llm(self, info: DiscoveredModel) -> LoadedModel:
