@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -140,6 +141,8 @@ def _modernbert_states(path, config, ids: list[int]) -> np.ndarray:
     from mlx_embeddings.models import modernbert
 
     encoder = modernbert.ModernBertModel(modernbert.ModelArgs.from_dict(config))
+    for layer in encoder.layers:  # HF's "gelu" is the erf form; mlx-embeddings hard-codes tanh's
+        layer.mlp.act = nn.GELU()
     weights = mx.load(str(path / "model.safetensors"))
     encoder.load_weights([(k[len("model."):], v) for k, v in weights.items() if k.startswith("model.")])
     states = encoder(mx.array([ids]), attention_mask=mx.ones((1, len(ids))), return_dict=True)["last_hidden_state"]

@@ -10,13 +10,64 @@ weights load as they are.
 ModernBERT's head exists in mlx-embeddings, but its output is already squashed (sigmoid or
 softmax, depending on its own reading of the config) and its default pooling is "mean"
 where HF's is "cls"; building it here on mlx-embeddings' encoder keeps raw logits and HF's
-defaults for every family alike.
+defaults for every family alike.  The encoders' activations are set to what the config names
+(mlx-embeddings hard-codes them) and fused (see `_gelu_kernel`).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import mlx.core as mx
 import mlx.nn as nn
+
+log = logging.getLogger("omlx.rerank")
+
+# HF activation names that mean the tanh approximation; "gelu" itself is the erf form.
+_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_approx")
+
+
+@functools.cache
+def _gelu_kernel():
+    """HF's exact (erf) GELU compiled into one fused elementwise kernel, or plain if this
+    machine cannot compile.  Unfused, MLX's CPU erf runs at ~5-15M elements/s: the feed-forward
+    activation of a MiniLM-sized cross-encoder then costs several times its matmuls."""
+    compiled = mx.compile(nn.gelu, shapeless=True)
+    try:
+        mx.eval(compiled(mx.zeros((2, 3))))
+        return compiled
+    except Exception as exc:  # no JIT toolchain: correct, only slower
+        log.warning("cannot compile the GELU kernel (%s); using the unfused one", exc)
+        return nn.gelu
+
+
+class GELU(nn.Module):
+    def __init__(self, name: str = "gelu"):
+        super().__init__()
+        self.tanh = name in _TANH_GELUS
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return nn.gelu_approx(x) if self.tanh else _gelu_kernel()(x)
+
+
+class DenseGELU(nn.Module):
+    """A feed-forward intermediate layer (BERT-style `intermediate.dense`) with its GELU."""
+
+    def __init__(self, dense: nn.Linear, activation: str):
+        super().__init__()
+        self.dense = dense
+        self.act = GELU(activation)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.act(self.dense(x))
+
+
+def _bert_style_activations(layers, config: dict) -> None:
+    """mlx-embeddings' BERT and XLM-RoBERTa apply an unfused GELU whatever the config says;
+    use the config's, fused (parameter names stay `intermediate.dense.*`)."""
+    for layer in layers:
+        layer.intermediate = DenseGELU(layer.intermediate.dense, config.get("hidden_act") or "gelu")
 
 
 def num_labels(config: dict) -> int:
@@ -36,6 +87,7 @@ class BertCrossEncoder(nn.Module):
         from mlx_embeddings.models import bert
 
         self.bert = bert.Model(bert.ModelArgs.from_dict(config))
+        _bert_style_activations(self.bert.encoder.layer, config)
         self.classifier = nn.Linear(config["hidden_size"], num_labels(config))
 
     def __call__(self, input_ids, token_type_ids, attention_mask) -> mx.array:
@@ -62,6 +114,7 @@ class XLMRobertaCrossEncoder(nn.Module):
         from mlx_embeddings.models import xlm_roberta
 
         self.roberta = xlm_roberta.Model(xlm_roberta.ModelArgs.from_dict({**config, "add_pooling_layer": False}))
+        _bert_style_activations(self.roberta.encoder.layer, config)
         self.classifier = RobertaClassificationHead(config["hidden_size"], num_labels(config))
 
     def __call__(self, input_ids, token_type_ids, attention_mask) -> mx.array:
@@ -83,6 +136,11 @@ class ModernBertCrossEncoder(nn.Module):
             raise ValueError(f"unsupported classifier_pooling {self.pooling!r}")
         self.model = modernbert.ModernBertModel(args)
         self.head = modernbert.ModernBertPredictionHead(args)
+        # mlx-embeddings uses the tanh approximation throughout; HF's ModernBERT uses the
+        # activations its config names (the erf GELU by default).
+        for layer in self.model.layers:
+            layer.mlp.act = GELU(config.get("hidden_activation") or "gelu")
+        self.head.act = GELU(config.get("classifier_activation") or "gelu")
         self.classifier = nn.Linear(config["hidden_size"], num_labels(config))
 
     def __call__(self, input_ids, token_type_ids, attention_mask) -> mx.array:
