@@ -296,7 +296,7 @@ def test_health_and_model_list_show_rerankers(server):
     with urllib.request.urlopen(server.base_url + "/models", timeout=30) as response:
         listed = {m["id"] for m in json.loads(response.read())["data"]}
     with urllib.request.urlopen(server.root + "/api/v1/models", timeout=30) as response:
-        lmstudio = {m["key"]: m for m in json.loads(response.read())["data"]}
+        lmstudio = {m["key"]: m for m in json.loads(response.read())["models"]}
     for name in [*CROSS_ENCODERS, LLM_RERANKER]:
         assert name in listed and lmstudio[name]["type"] == "reranker"
     assert lmstudio["tiny-bert-reranker"]["loaded_instances"]

@@ -25,8 +25,11 @@ from omlx.models.loaded import LoadedModel
 from omlx.models.pool import ModelPool
 from omlx.rerank.cross_encoder import LoadedCrossEncoder, QueryTooLong
 from omlx.rerank.llm import LLMReranker, RerankFailed
+from omlx.serving_limits import limits_of
 
-from .errors import APIError, invalid
+from .admission import admit
+from .errors import invalid
+from .generation import EngineFailure
 from .model_access import lease_for_request
 
 MAX_DOCUMENTS = 4096
@@ -145,6 +148,8 @@ class RerankRoutes:
             if isinstance(reranker, LoadedModel):
                 scorer = self._llm_reranker(reranker)
                 rows, owners = scorer.prompts(query, documents, instruction, max_chunks, max_doc_tokens)
+                # The call takes one place in the model's bounded queue, as a chat request does.
+                admit(request, self.pool, reranker, f"rerank-call-{uuid.uuid4().hex}")
                 scores = await scorer.score(rows)
                 tokens = sum(len(r) for r in rows)
             else:
@@ -154,10 +159,10 @@ class RerankRoutes:
         except QueryTooLong as exc:
             raise invalid(str(exc), "query", "context_length_exceeded") from None
         except RerankFailed as exc:
-            if exc.code == "kv_cache_exhausted":
-                raise APIError(f"the reranker ran out of KV cache memory: {exc}; retry later",
-                               503, "server_error", None, "kv_cache_exhausted") from None
-            raise APIError(f"reranking failed: {exc}", 500, "server_error") from None
+            if exc.code == "rejected":
+                raise invalid(str(exc), "documents", "context_length_exceeded") from None
+            # As for chat: capacity and shutdown are 503s, anything else the engine's fault.
+            raise EngineFailure(str(exc), exc.code, limits_of(request.app).retry_after_s).api_error() from None
 
         best = best_per_document(np.asarray(scores, dtype=np.float32), owners, len(documents))
         order = sorted(range(len(documents)), key=lambda i: (-best[i], i))[: top_n or len(documents)]

@@ -121,8 +121,9 @@ class LLMReranker:
                                                for i, p in enumerate(prompts))), dtype=np.float32)
 
     async def _score_one(self, request_id: str, prompt: list[int]) -> float:
+        # One token: nothing for speculative decoding to draft.
         request = GenerationRequest(request_id=request_id, prompt_token_ids=prompt, max_tokens=1,
-                                    logprobs=2, constraint=self.constraint)
+                                    logprobs=2, constraint=self.constraint, speculative=False)
         try:
             async for event in self.loaded.generate(request):
                 if event.error is not None:
