@@ -47,7 +47,7 @@ def _positive_int(body: dict, name: str, limit: int | None = None) -> int | None
     return value
 
 
-def _text(value, name: str) -> str | None:
+def _text(value) -> str | None:
     """A string, or the `text` of a `{"text": ...}` object; None if neither."""
     if isinstance(value, dict):
         value = value.get("text")
@@ -55,7 +55,7 @@ def _text(value, name: str) -> str | None:
 
 
 def parse_query(body: dict) -> str:
-    query = _text(body.get("query"), "query")
+    query = _text(body.get("query"))
     if query is None:
         raise invalid("'query' must be a string (or an object with a 'text' string)", "query",
                       "invalid_type" if "query" in body else "missing_required_parameter")
@@ -74,7 +74,7 @@ def parse_documents(body: dict) -> list[str]:
                       "documents", "invalid_value")
     texts = []
     for i, document in enumerate(documents):
-        text = _text(document, "documents")
+        text = _text(document)
         if text is None:
             raise invalid(f"'documents[{i}]' must be a string or an object with a 'text' string",
                           "documents", "invalid_type")
