@@ -134,7 +134,9 @@ class RerankRoutes:
         top_n = _positive_int(body, "top_n")
         if "top_k" in body and top_n is None:  # llama.cpp's and some clients' name for it
             top_n = _positive_int(body, "top_k")
-        return_documents = body.get("return_documents", version == 1)
+        return_documents = body.get("return_documents")
+        if return_documents is None:  # oMLX returns them by default; Cohere v2 never did
+            return_documents = version == 1
         if not isinstance(return_documents, bool):
             raise invalid("'return_documents' must be a boolean", "return_documents", "invalid_type")
         max_chunks = _positive_int(body, "max_chunks_per_doc", MAX_CHUNKS_PER_DOC) or 1
