@@ -374,3 +374,88 @@ def test_health_reports_drafted_and_accepted(client, server):
     spec = health["models_loaded"]["tiny"]["speculative_decoding"]
     assert spec["enabled"] is True and spec["drafter"] == "prompt_lookup"
     assert spec["accepted_tokens"] <= spec["drafted_tokens"]
+
+
+# ---------------------------------------------------------------------------- draft model
+
+
+@pytest.fixture(scope="module")
+def small_draft(tmp_path_factory):
+    """A second tiny model with the same tokenizer: one layer, its own random weights."""
+    from omlx.testing.tiny_models import TinyModelSpec, build_model
+
+    path = build_model(tmp_path_factory.mktemp("draft") / "tiny-draft", TinyModelSpec(num_hidden_layers=1, seed=21))
+    return load_reference(path)[0]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    requests=st.lists(request_strategy, min_size=1, max_size=5),
+    block_size=st.sampled_from([4, 8, 16]),
+    budget=st.sampled_from([8, 64]),
+    spare_blocks=st.integers(0, 20),
+    max_draft=st.integers(1, 6),
+    same_model=st.booleans(),
+)
+def test_draft_model_greedy_tokens_equal_mlx_lm_alone(tiny, small_draft, requests, block_size, budget,
+                                                      spare_blocks, max_draft, same_model):
+    """Drafts from a draft model, batched over all drafting sequences in its own paged KV:
+    the main model's tokens never change, and both pools get every block back."""
+    path, model, eos = tiny
+    prompts = {}
+    for i, r in enumerate(requests):
+        prompt = BASE[: r["shared"]] + r["suffix"]
+        prompts[str(i)] = prompt + prompt if r["repeat"] else prompt
+    longest = max(len(prompts[str(i)]) + r["max_tokens"] for i, r in enumerate(requests))
+    num_blocks = -(-longest // block_size) + 2 + spare_blocks
+    draft = model if same_model else small_draft
+    engine = LLMEngine(model, EngineConfig(block_size=block_size, num_blocks=num_blocks, max_num_batched_tokens=budget,
+                                           num_draft_tokens=max_draft), context_window=4096, draft_model=draft)
+    assert engine.scheduler.speculator.drafter.name == "draft_model"
+    reqs = [GenerationRequest(str(i), prompts[str(i)], r["max_tokens"], stop_token_ids=eos, speculative=r["speculative"])
+            for i, r in enumerate(requests)]
+    outputs = run_engine(engine, reqs, [r["arrival"] for r in requests])
+    for i, r in enumerate(requests):
+        assert outputs[str(i)] == reference_greedy(path, prompts[str(i)], MAX_NEW)[0][: r["max_tokens"]]
+    published_blocks_match_tokens(engine, prompts, outputs)
+    draft_blocks = engine.scheduler.speculator.drafter.blocks
+    assert draft_blocks.leaked_blocks() == []
+
+
+def test_the_model_itself_as_draft_is_accepted(tiny):
+    """Drafting with the main model's own weights: its drafts are its own greedy choices, so
+    (almost) all are accepted, and decoding takes far fewer steps."""
+    path, model, eos = tiny
+    prompt = BASE[:24]
+    expected = reference_greedy(path, prompt, MAX_NEW)[0]
+    steps = {}
+    for drafting in (False, True):
+        engine = LLMEngine(model, EngineConfig(block_size=8, num_blocks=60, speculative=drafting),
+                           context_window=4096, draft_model=model if drafting else None)
+        out = run_engine(engine, [GenerationRequest("r", prompt, len(expected), stop_token_ids=eos)])
+        assert out["r"] == expected
+        steps[drafting] = engine.stats.steps
+        if drafting:
+            stats = engine.scheduler.speculator.stats()
+            assert stats["accepted_tokens"] >= 0.9 * stats["drafted_tokens"] > 0
+            assert stats["draft_passes"] > 0
+    assert steps[True] < steps[False] / 2
+
+
+def test_server_drafts_with_the_draft_model_setting(model_dir, tmp_path):
+    """`--draft-model` names a model in the model dirs with the same tokenizer; the served
+    tokens are the greedy reference and /health names the drafter."""
+    import openai
+    from conftest import chat_prompt_ids, decode
+    from omlx_process import omlx_server
+
+    messages = [{"role": "user", "content": "count the blocks twice"}]
+    with omlx_server(model_dir, tmp_path, "--draft-model", "tiny-llama", failure=pytest.fail) as running:
+        client = openai.OpenAI(base_url=running.base_url, api_key="x")
+        reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0)
+        expected, _ = reference_greedy(model_dir / "tiny", chat_prompt_ids(model_dir / "tiny", messages), 20)
+        assert reply.choices[0].message.content == decode(model_dir / "tiny", expected)
+        spec = running.health()["models_loaded"]["tiny"]["speculative_decoding"]
+        assert spec["drafter"] == "draft_model" and spec["draft_passes"] > 0
+        usage = reply.usage.completion_tokens_details
+        assert usage.accepted_prediction_tokens + usage.rejected_prediction_tokens == spec["drafted_tokens"]

@@ -467,11 +467,42 @@ class ModelPool:
         if config.kv_cache_bytes is None and config.num_blocks is None:
             config = dataclasses.replace(config, kv_cache_bytes=default_kv_cache_bytes(weights, self.memory_budget))
         holder = f"model:{info.model_id}"
+        draft = self._draft_model(info, config, tokenizer) if config.speculative and config.draft_model else None
+        if draft is not None:
+            weights += parameter_bytes(draft)
         engine = LLMEngine(model, config, context_window=window, scope=scope,
                            kv_budget=lambda nbytes: self.ledger.try_add(holder, nbytes),
-                           label=f"{info.model_id} ({info.path})", vision=vision)
+                           label=f"{info.model_id} ({info.path})", vision=vision, draft_model=draft)
         return LoadedModel(info, tokenizer, AsyncEngine(engine), engine.max_model_len, time.time(),
                            weights_bytes=weights)
+
+    def _draft_model(self, info: DiscoveredModel, config: EngineConfig, tokenizer):
+        """The draft model named by `draft_model` (a model in the model dirs), loaded for this
+        model alone.  It must read and write the same tokens: same vocabulary as the tokenizer.
+        A draft that cannot be used is logged and the model serves with prompt lookup."""
+        from mlx_lm import load
+
+        name = config.draft_model
+        try:
+            draft_info = self.resolve(name)
+            if draft_info.model_id == info.model_id:
+                raise ValueError("a model cannot draft for itself")
+            if draft_info.model_type != "llm":
+                raise ValueError(f"it is a {draft_info.model_type} model, not an llm")
+            folder = draft_info.path
+            if draft_info.weights_format == "gguf":
+                from omlx.gguf.convert import converted_folder
+
+                folder = converted_folder(draft_info.path)
+            draft, draft_tokenizer = load(str(folder))
+            if draft_tokenizer.vocab_size != tokenizer.vocab_size or (
+                    draft_tokenizer.encode("speculative check: 12345 tokens") != tokenizer.encode("speculative check: 12345 tokens")):
+                raise ValueError("its tokenizer differs from the model's")
+        except Exception as exc:  # noqa: BLE001 - any failure means: serve without it
+            log.warning("%s: draft model %r not used (%s); drafting with prompt lookup", info.model_id, name, exc)
+            return None
+        log.info("%s: drafting with %s", info.model_id, draft_info.model_id)
+        return draft
 
     def _load_vlm(self, info: DiscoveredModel) -> LoadedModel:
         """A vision-language (or OCR) model through mlx-vlm: its language model runs in the

@@ -24,6 +24,7 @@ from .parallel_sampling import fork_siblings, request_finished, request_sequence
 from .sampler import Sampler
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence
+from .draft_model import DraftModelDrafter
 from .speculation import SpeculationConfig, Speculator
 from .verification import verify_drafts
 from .step_profile import StepProfile
@@ -33,6 +34,9 @@ log = logging.getLogger("omlx.engine")
 
 # A growable pool starts this big (or at its cap, if smaller) and doubles on demand.
 INITIAL_KV_BYTES = 256 << 20
+# The draft model's KV pool is fixed in size: the main pool's cap scaled to the draft model,
+# at most this much of the main model's (drafting for fewer sequences only costs speed).
+DRAFT_KV_CAP = 512 << 20
 
 
 @dataclass
@@ -78,13 +82,15 @@ class LLMEngine:
     def __init__(
         self, model, config: EngineConfig, context_window: int, scope: bytes = b"",
         kv_budget: Callable[[int], bool] | None = None, label: str | None = None,
-        vision=None,
+        vision=None, draft_model=None,
     ):
         """`scope` is the model's identity (its content; see omlx.models.content_hash): it
         scopes prefix hashes and names the disk tier's directory.  `kv_budget(n)` is asked
         before a KV pool grows by `n` bytes (see KVPool).  `label` names the model in the
         disk tier: its directories under an older identity are removed when it opens.
-        `vision`: a vision-language model's per-pass input builder (omlx.vision.encoder)."""
+        `vision`: a vision-language model's per-pass input builder (omlx.vision.encoder).
+        `draft_model`: a smaller model with the same tokenizer that drafts for speculative
+        decoding (default: prompt lookup)."""
         self.model = model
         self.config = config
         layout = KVLayout.probe(model)
@@ -126,10 +132,18 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.storage)
         # Draft rows are verified inside the one ragged pass; a padded model decodes plainly.
         if config.speculative and config.num_draft_tokens > 0 and self.runner.ragged:
-            self.scheduler.speculator = Speculator(SpeculationConfig(
+            spec_config = SpeculationConfig(
                 max_draft_tokens=config.num_draft_tokens,
                 initial_draft_tokens=min(config.num_draft_tokens, SpeculationConfig.initial_draft_tokens),
-            ))
+            )
+            drafter = None
+            if draft_model is not None:
+                # Its KV: what the main pool may grow to, scaled by the models' KV per token.
+                ratio = KVLayout.probe(draft_model).bytes_per_token / max(1, layout.bytes_per_token)
+                kv_bytes = int(min(self.max_kv_bytes, DRAFT_KV_CAP) * ratio)
+                drafter = DraftModelDrafter(draft_model, config.block_size, kv_bytes, label or "model",
+                                            scope=b"draft:" + weights_fingerprint(draft_model))
+            self.scheduler.speculator = Speculator(spec_config, drafter)
         self.runner.vision = vision
         self.sampler = Sampler()
         self.sequences: dict[str, Sequence] = {}

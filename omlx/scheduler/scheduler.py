@@ -219,6 +219,8 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.pool = MAIN_POOL
         seq.draft = []
+        if self.speculator is not None:
+            self.speculator.release(seq)
 
     # ------------------------------------------------------------------ two pools
     def _prefetching(self, seq: Sequence) -> bool:
@@ -396,5 +398,7 @@ class Scheduler:
                 pass
         self.pool_of(seq).free(seq)
         self._drop_read_ahead(seq)
+        if self.speculator is not None:
+            self.speculator.release(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

@@ -198,6 +198,12 @@ class Speculator:
         if not self.drafter.immediate and seqs:
             self.drafter.propose_batch(seqs, limits)
 
+    def release(self, seq: Sequence) -> None:
+        """A sequence finished or was preempted: what the drafter holds for it goes."""
+        release = getattr(self.drafter, "release", None)
+        if release is not None:
+            release(seq)
+
     def record(self, seq: Sequence, drafted: int, accepted: int) -> None:
         if drafted:
             seq.speculation.policy.record(drafted, accepted)
@@ -206,7 +212,9 @@ class Speculator:
             self.verify_steps += 1
 
     def stats(self) -> dict:
+        extra = self.drafter.stats() if hasattr(self.drafter, "stats") else {}
         return {
+            **extra,
             "enabled": True,
             "drafter": self.drafter.name,
             "max_draft_tokens": self.config.max_draft_tokens,
