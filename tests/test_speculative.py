@@ -459,3 +459,28 @@ def test_server_drafts_with_the_draft_model_setting(model_dir, tmp_path):
         assert spec["drafter"] == "draft_model" and spec["draft_passes"] > 0
         usage = reply.usage.completion_tokens_details
         assert usage.accepted_prediction_tokens + usage.rejected_prediction_tokens == spec["drafted_tokens"]
+
+
+def test_stop_strings_n_and_grammar_behave_as_without_speculation(client):
+    """Through the API with predictions (drafts that are mostly right): a stop string inside
+    an accepted draft still ends the text there, n > 1 greedy choices all equal the plain
+    answer, and a grammar-constrained request (which never drafts) is unchanged."""
+    messages = [{"role": "user", "content": "Tell me about paged attention and blocks."}]
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=30, temperature=0,
+                                           extra_body={"speculative_decoding": False})
+    text = plain.choices[0].message.content
+    prediction = {"type": "content", "content": text}
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    cut = client.chat.completions.create(model="tiny", messages=messages, max_tokens=30, temperature=0, stop=[stop],
+                                         prediction=prediction)
+    assert cut.choices[0].message.content == text[: text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    many = client.chat.completions.create(model="tiny", messages=messages, max_tokens=30, temperature=0, n=2,
+                                          prediction=prediction)
+    assert [c.message.content for c in many.choices] == [text, text]
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    outputs = [client.chat.completions.create(model="tiny", messages=messages, max_tokens=30, temperature=0,
+                                              response_format=fmt, extra_body={"speculative_decoding": spec})
+               .choices[0].message.content for spec in (False, True)]
+    assert outputs[0] == outputs[1]
