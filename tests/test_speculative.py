@@ -484,3 +484,29 @@ def test_stop_strings_n_and_grammar_behave_as_without_speculation(client):
                                               response_format=fmt, extra_body={"speculative_decoding": spec})
                .choices[0].message.content for spec in (False, True)]
     assert outputs[0] == outputs[1]
+
+
+def test_metrics_count_drafted_and_accepted_tokens(client, server):
+    """/metrics' speculative counters move by exactly what the responses' usage reported."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict[str, float]:
+        with urllib.request.urlopen(server.root + "/metrics", timeout=10) as response:
+            text = response.read().decode()
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.labels.get("model_name") == "tiny" and s.name.startswith("omlx:spec_decode")}
+
+    messages = [{"role": "user", "content": "Describe a block manager, twice."}]
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0,
+                                           extra_body={"speculative_decoding": False})
+    before = scrape()
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0,
+                                           prediction={"type": "content", "content": plain.choices[0].message.content})
+    after = scrape()
+    details = reply.usage.completion_tokens_details
+    drafted = after["omlx:spec_decode_num_draft_tokens_total"] - before.get("omlx:spec_decode_num_draft_tokens_total", 0)
+    accepted = after["omlx:spec_decode_num_accepted_tokens_total"] - before.get("omlx:spec_decode_num_accepted_tokens_total", 0)
+    assert accepted == details.accepted_prediction_tokens > 0
+    assert drafted == details.accepted_prediction_tokens + details.rejected_prediction_tokens

@@ -24,8 +24,11 @@ ENGINE_COUNTERS = {
                           "Prompt tokens served from the prefix cache instead of computed."),
     "num_preemptions": (lambda s: s["preemptions"],
                         "Running requests sent back to wait because the KV cache was full."),
-    # Speculative decoding adds its drafted / accepted token counters here
-    # (vLLM: spec_decode_num_draft_tokens, spec_decode_num_accepted_tokens).
+    # Speculative decoding (vLLM's names): draft tokens verified, and of those accepted.
+    "spec_decode_num_draft_tokens": (lambda s: s["speculative_decoding"].get("drafted_tokens", 0),
+                                     "Draft tokens verified by speculative decoding."),
+    "spec_decode_num_accepted_tokens": (lambda s: s["speculative_decoding"].get("accepted_tokens", 0),
+                                        "Draft tokens the model accepted."),
 }
 
 
