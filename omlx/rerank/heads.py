@@ -31,8 +31,10 @@ _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_approx")
 @functools.cache
 def _gelu_kernel():
     """HF's exact (erf) GELU compiled into one fused elementwise kernel, or plain if this
-    machine cannot compile.  Unfused, MLX's CPU erf runs at ~5-15M elements/s: the feed-forward
-    activation of a MiniLM-sized cross-encoder then costs several times its matmuls."""
+    machine cannot compile.  On the CPU the activation of a MiniLM-sized feed-forward layer
+    costs more than the layer's 384x1536 matmul (MLX's elementwise erf is slow there); fused
+    it was 10-25% faster in an alternating A/B on a busy 2-core machine (median 151 against
+    169 ms for 16 x 83 x 1536 values)."""
     compiled = mx.compile(nn.gelu, shapeless=True)
     try:
         mx.eval(compiled(mx.zeros((2, 3))))
