@@ -337,27 +337,36 @@ def test_malformed_bodies(server):
 # ---------------------------------------------------------------------------- the LLM reranker
 
 
-def qwen3_reranker_prompt(tokenizer, query: str, document: str) -> list[int]:
+def qwen3_reranker_prompt(tokenizer, query: str, document: str,
+                          instruction: str = "Given a web search query, retrieve relevant passages that answer the query"
+                          ) -> list[int]:
     """The model card's recipe, written out independently of omlx.rerank.llm."""
     prefix = ("<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and "
               "the Instruct provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n<|im_start|>user\n")
     suffix = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
-    instruction = "Given a web search query, retrieve relevant passages that answer the query"
     pair = f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
     return (tokenizer.encode(prefix, add_special_tokens=False) + tokenizer.encode(pair, add_special_tokens=False)
             + tokenizer.encode(suffix, add_special_tokens=False))
 
 
-def test_llm_reranker_scores_equal_mlx_lm_yes_no_softmax(server, reranker_dir):
+def _mlx_lm_scores(reranker_dir, documents, **prompt_options) -> list[float]:
     from mlx_lm import load
 
     model, tokenizer = load(str(reranker_dir / LLM_RERANKER))
     yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
     expected = []
-    for document in DOCUMENTS:
-        logits = model(mx.array([qwen3_reranker_prompt(tokenizer, QUERY, document)]))[0, -1]
+    for document in documents:
+        logits = model(mx.array([qwen3_reranker_prompt(tokenizer, QUERY, document, **prompt_options)]))[0, -1]
         pair = np.array(logits[mx.array([no, yes])].astype(mx.float32), dtype=np.float64)
         expected.append(float(_softmax(pair)[1]))
+    return expected
+
+
+def test_llm_reranker_scores_equal_mlx_lm_yes_no_softmax(server, reranker_dir):
+    from mlx_lm import load
+
+    _, tokenizer = load(str(reranker_dir / LLM_RERANKER))
+    expected = _mlx_lm_scores(reranker_dir, DOCUMENTS)
     status, body = post(server, "/v1/rerank", {"model": LLM_RERANKER, "query": QUERY, "documents": DOCUMENTS})
     assert status == 200, body
     for result in body["results"]:
@@ -367,6 +376,17 @@ def test_llm_reranker_scores_equal_mlx_lm_yes_no_softmax(server, reranker_dir):
     # Its prompts went through the LLM engine, where they share the cached head of the prompt.
     stats = server.health()["models_loaded"][LLM_RERANKER]
     assert stats["prefill_tokens"] < body["usage"]["total_tokens"]
+
+
+def test_llm_reranker_takes_an_instruction(server, reranker_dir):
+    instruction = "Find the passage about animals"
+    expected = _mlx_lm_scores(reranker_dir, DOCUMENTS[:3], instruction=instruction)
+    status, body = post(server, "/v2/rerank", {"model": LLM_RERANKER, "query": QUERY, "documents": DOCUMENTS[:3],
+                                               "instruction": instruction})
+    assert status == 200, body
+    for result in body["results"]:
+        assert result["relevance_score"] == pytest.approx(expected[result["index"]], abs=1e-4)
+    assert expected != _mlx_lm_scores(reranker_dir, DOCUMENTS[:3])  # the instruction is in the prompt
 
 
 def test_llm_reranker_is_not_a_chat_model(server):
