@@ -257,6 +257,9 @@ def serve(args, options: dict) -> None:
 
     # Before MLX is imported: re-exec with an optimized BLAS preloaded (Linux CPU).
     ensure_optimized_blas(sys.orig_argv[1:])
+    from omlx.log_files import log_to_files
+
+    log_to_files(omlx_home())
 
     from omlx.blas import blas_info
     from omlx.scheduler import EngineConfig

@@ -11,6 +11,7 @@ import orjson
 from aiohttp import web
 
 from omlx import __version__
+from omlx.admin import admin_access, install_admin
 from omlx.api.anthropic import AnthropicRoutes
 from omlx.api.auth import auth_middleware, configured_keys
 from omlx.api.embeddings import EmbeddingRoutes
@@ -89,7 +90,13 @@ async def api_errors(request: web.Request, handler):
 def create_app(config: ServerConfig) -> web.Application:
     settings = SettingsStore(config.settings_home)
     settings.overrides.update(config.settings_overrides)
-    keys = auth_middleware(lambda: configured_keys(config.api_key, settings.global_settings()))
+    home = config.settings_home or omlx_home()
+
+    def current_keys():
+        return configured_keys(config.api_key, settings.global_settings())
+
+    access = admin_access(home)
+    keys = auth_middleware(current_keys, session_auth=access.authenticate)
     app = web.Application(middlewares=[api_errors, keys, release_leases],
                           client_max_size=config.limits.max_request_bytes)
     metrics = ServerMetrics()
@@ -114,8 +121,9 @@ def create_app(config: ServerConfig) -> web.Application:
     RerankRoutes(pool).register(app)
     OpenAIRoutes(pool).register(app)
     AnthropicRoutes(pool).register(app)
-    ResponsesRoutes(pool, ResponseStore((config.settings_home or omlx_home()) / "responses")).register(app)
+    ResponsesRoutes(pool, ResponseStore(home / "responses")).register(app)
     MetricsRoutes(metrics).register(app)
+    install_admin(app, pool, metrics, access, current_keys, home, app[STARTED])
     app.router.add_get("/health", health)
     OpenAPIRoute(pool).register(app)
     app.router.add_get("/", root)  # and HEAD: Claude Code probes the base URL first

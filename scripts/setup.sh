@@ -21,6 +21,17 @@ else
     MLX_EXTRA=""
 fi
 
+# The admin panel's browser tests drive Debian's headless chromium through chromium-driver.
+if [ "$(uname -s)" = "Linux" ] && ! { command -v chromium >/dev/null && command -v chromedriver >/dev/null; }; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq chromium chromium-driver >/dev/null
+    else
+        echo "note: install chromium and chromium-driver (apt) for the admin panel's browser tests" >&2
+    fi
+fi
+
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[${MLX_EXTRA}test]"

@@ -3,6 +3,7 @@ tests (nothing can be downloaded from the real hub here).
 
 It serves repos from folders on disk:
 
+    GET  /api/models?search=...                    repos whose id contains the search text
     GET  /api/models/{org}/{name}/revision/{rev}   repo info: commit sha and file list
     GET  /api/models/{org}/{name}/tree/{rev}       the file tree (sizes, blob ids, LFS sha256)
     HEAD /{org}/{name}/resolve/{rev}/{path}        file metadata headers (commit, etag, size)
@@ -36,6 +37,9 @@ class FakeHub:
     repos: dict[str, Path]  # repo id -> folder with its files
     fail_once: dict[str, int] = field(default_factory=dict)  # file path -> bytes sent before the drop
     requests: list[Recorded] = field(default_factory=list)
+    # File paths whose content is held back (the transfer stalls after its headers) while
+    # they are in this set: a download caught in the middle, for cancel tests.
+    held: set[str] = field(default_factory=set)
     url: str = ""
 
     def commit(self, repo_id: str) -> str:
@@ -48,6 +52,7 @@ class FakeHub:
     # ------------------------------------------------------------------ handlers
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._record])
+        app.router.add_get("/api/models", self.search)
         app.router.add_get("/api/models/{org}/{name}/revision/{rev}", self.repo_info)
         app.router.add_get("/api/models/{org}/{name}/tree/{rev:.*}", self.tree)
         app.router.add_route("*", "/{org}/{name}/resolve/{rev}/{path:.+}", self.resolve)
@@ -64,6 +69,13 @@ class FakeHub:
             raise web.HTTPNotFound(headers={"X-Error-Code": "RepoNotFound"},
                                    text='{"error": "Repository not found"}', content_type="application/json")
         return repo_id
+
+    async def search(self, request):
+        text = request.query.get("search", "").lower()
+        limit = int(request.query.get("limit", "100"))
+        found = [repo_id for repo_id in sorted(self.repos) if text in repo_id.lower()][:limit]
+        return web.json_response([{"id": r, "modelId": r, "downloads": 0, "likes": 0, "private": False,
+                                   "pipeline_tag": "text-generation", "tags": ["mlx"]} for r in found])
 
     async def repo_info(self, request):
         repo_id = self._repo(request)
@@ -105,6 +117,8 @@ class FakeHub:
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
         response = web.StreamResponse(status=status, headers={**headers, "Content-Length": str(len(body))})
         await response.prepare(request)
+        while relative in self.held:
+            await asyncio.sleep(0.05)
         if relative in self.fail_once:
             cut = self.fail_once.pop(relative)
             await response.write(body[:cut])

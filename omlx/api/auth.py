@@ -20,6 +20,14 @@ from .errors import APIError
 log = logging.getLogger("omlx.auth")
 
 OPEN_PATHS = frozenset({"/health"})
+# The admin panel's shell, its static files and its login: a browser gets these before it has
+# a session (they carry no data; everything they show comes from authenticated routes).
+ADMIN_OPEN_PATHS = frozenset({"/admin", "/admin/", "/admin/api/login", "/admin/api/session"})
+ADMIN_OPEN_PREFIX = "/admin/static/"
+
+
+def is_open_path(path: str) -> bool:
+    return path in OPEN_PATHS or path in ADMIN_OPEN_PATHS or path.startswith(ADMIN_OPEN_PREFIX)
 # request[KEY_NAME]: which named key authenticated the request (typed key where aiohttp has them).
 KEY_NAME = web.RequestKey("omlx.api_key_name", str) if hasattr(web, "RequestKey") else "omlx.api_key_name"
 
@@ -49,16 +57,23 @@ def unauthorized(request: web.Request, message: str) -> web.Response:
     return response
 
 
-def auth_middleware(current_keys: Callable[[], Mapping[str, str]]):
+def auth_middleware(current_keys: Callable[[], Mapping[str, str]], session_auth=None):
     """Middleware checking requests against `current_keys()` (read per request, so keys
-    edited in settings.json apply without a restart); no keys means auth is off."""
+    edited in settings.json apply without a restart); no keys means auth is off.
+    `session_auth(request, keys)` may accept a request without a key header (the admin
+    panel's session cookie): it returns the key name it stands for, or None."""
 
     @web.middleware
     async def require_api_key(request: web.Request, handler):
         keys = current_keys()
-        if not keys or request.path in OPEN_PATHS:
+        if not keys or is_open_path(request.path):
             return await handler(request)
         presented = presented_key(request)
+        if presented is None and session_auth is not None:
+            name = session_auth(request, keys)
+            if name is not None:
+                request[KEY_NAME] = name
+                return await handler(request)
         if presented is None:
             return unauthorized(request, "Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'.")
         name = match_key(presented, keys)

@@ -25,6 +25,11 @@ class MemoryLedger:
     def free(self) -> int:
         return max(0, self.capacity - self.used)
 
+    def holders(self) -> dict[str, int]:
+        """What each holder holds now (the admin panel shows where the budget goes)."""
+        with self._lock:
+            return dict(self._held)
+
     def held(self, holder: str) -> int:
         with self._lock:
             return self._held.get(holder, 0)
