@@ -301,3 +301,15 @@ async def test_an_unreachable_hub_gets_a_clear_message(keyed, monkeypatch):
             assert f"127.0.0.1:{port} cannot be reached" in body["error"]["message"]
         async with s.post(keyed.make_url("/admin/api/hf/download"), json={"repo_id": "org/name"}) as r:
             assert r.status == 502
+
+
+async def test_an_open_log_stream_ends_when_the_server_stops(model_dir, tmp_path):
+    server = await start(model_dir, tmp_path / "home")
+    async with aiohttp.ClientSession(headers={"x-api-key": KEY}) as s:
+        async with s.get(server.make_url("/admin/api/logs/stream")) as stream:
+            assert stream.status == 200
+            stopping = asyncio.ensure_future(server.close())
+            # The stream finishes (rather than holding the stop up until handlers are cancelled).
+            while await asyncio.wait_for(stream.content.readline(), 30):
+                pass
+            await asyncio.wait_for(stopping, 30)

@@ -61,6 +61,17 @@ class LogFeed(logging.Handler):
         with self._guard:
             self._listeners = {(loop, q) for loop, q in self._listeners if q is not queue}
 
+    def end_streams(self) -> None:
+        """Tell every listening stream to finish (the server is stopping: an endless log
+        stream must not hold up its graceful stop)."""
+        with self._guard:
+            listeners = list(self._listeners)
+        for loop, queue in listeners:
+            try:
+                loop.call_soon_threadsafe(_offer, queue, None)
+            except RuntimeError:
+                pass
+
     def install(self) -> None:
         logging.getLogger().addHandler(self)
 

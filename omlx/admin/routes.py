@@ -78,7 +78,11 @@ class AdminRoutes:
         r.add_get("/admin/api/hf/tasks", self.hf_tasks)
         r.add_post("/admin/api/hf/cancel/{task_id}", self.hf_cancel)
         r.add_post("/admin/api/hf/resume/{task_id}", self.hf_resume)
+        app.on_shutdown.append(self._end_streams)
         app.on_cleanup.append(self._close)
+
+    async def _end_streams(self, _app) -> None:
+        self.logs.end_streams()
 
     async def _close(self, _app) -> None:
         await self.downloads.close()
@@ -199,6 +203,8 @@ class AdminRoutes:
                 except asyncio.TimeoutError:
                     await response.write(sse.KEEPALIVE)
                     continue
+                if record is None:  # the server is stopping
+                    return response
                 if record["seq"] > last and record["levelno"] >= level:
                     await response.write(sse.data_event(record))
         except (ConnectionResetError, ConnectionError):
