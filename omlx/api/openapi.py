@@ -182,7 +182,9 @@ def openapi_document(app: web.Application, models: dict[str, list[str]] | None =
             continue
         info = route.resource.get_info() if route.resource is not None else {}
         path = info.get("path") or _template(info.get("formatter", ""))
-        if not path or path == "/openapi.json":
+        # The admin panel's own routes (its page, login, log stream, downloader) serve the
+        # panel, not API clients: not part of the documented API.
+        if not path or path == "/openapi.json" or path == "/admin" or path.startswith("/admin/"):
             continue
         paths.setdefault(path, {})[method] = _operation(path, method, models or {})
     return {
