@@ -199,9 +199,18 @@ def send_chat(browser, model: str, text: str) -> None:
 def test_chat_streams_tokens(server, browser):
     browser.get(server.root + "/admin#chat")
     browser.execute_script(WATCH_STREAM)
-    send_chat(browser, "tiny", "Hello, who are you?")
-    until(browser, lambda d: d.find_element(By.ID, "chat-send").is_displayed()
-          and d.find_elements(By.CSS_SELECTOR, "#chat-log .msg.assistant"), "the reply finishes")
+    # The tiny model writes its 40 tokens faster than a busy browser may read them; a slow
+    # link (about 1 KB/s) makes the stream arrive in pieces whatever the machine's load.
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.emulateNetworkConditions", {
+        "offline": False, "latency": 0, "downloadThroughput": 1000, "uploadThroughput": -1})
+    try:
+        send_chat(browser, "tiny", "Hello, who are you?")
+        until(browser, lambda d: d.find_element(By.ID, "chat-send").is_displayed()
+              and d.find_elements(By.CSS_SELECTOR, "#chat-log .msg.assistant"), "the reply finishes")
+    finally:
+        browser.execute_cdp_cmd("Network.emulateNetworkConditions", {
+            "offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
     assert not browser.find_element(By.ID, "chat-error").is_displayed()
     lengths = [n for n in browser.execute_script("return window.__lengths") if n]
     # The text grew over several renders, not all at once at the end.
