@@ -442,3 +442,31 @@ async def test_a_large_call_is_split_under_the_token_budget(cross_encoder):
         np.testing.assert_allclose(scores, [cross_encoder.score_rows([r])[0] for r in rows], atol=1e-5)
     finally:
         batcher.close()
+
+
+def metric_samples(server) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(server.root + "/metrics", timeout=30) as response:
+        text = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_rerank_calls_are_counted_in_the_metrics(server):
+    model = "tiny-xlmr-reranker"
+    labels = (("model_name", model),)
+    before = metric_samples(server)
+    usage = 0
+    for documents in (DOCUMENTS, DOCUMENTS[:2]):
+        status, body = post(server, "/v1/rerank", {"model": model, "query": QUERY, "documents": documents})
+        assert status == 200, body
+        usage += body["usage"]["total_tokens"]
+    after = metric_samples(server)
+
+    def moved(name):
+        return after[(name, labels)] - before.get((name, labels), 0.0)
+
+    assert moved("omlx:rerank_requests_total") == 2
+    assert moved("omlx:rerank_documents_total") == len(DOCUMENTS) + 2
+    assert moved("omlx:rerank_tokens_total") == usage

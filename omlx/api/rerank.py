@@ -166,6 +166,8 @@ class RerankRoutes:
             # As for chat: capacity and shutdown are 503s, anything else the engine's fault.
             raise EngineFailure(str(exc), exc.code, limits_of(request.app).retry_after_s).api_error() from None
 
+        if self.pool.metrics is not None:
+            self.pool.metrics.rerank(reranker.info.model_id, len(documents), tokens)
         best = best_per_document(np.asarray(scores, dtype=np.float32), owners, len(documents))
         order = sorted(range(len(documents)), key=lambda i: (-best[i], i))[: top_n or len(documents)]
         results = []

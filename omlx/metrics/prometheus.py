@@ -2,13 +2,14 @@
 by `model_name`.
 
 Events feed the counters and histograms (a request finishing, a model loading or being
-evicted, an embeddings call); `EngineCollector` reads queue lengths, KV use, prefix-cache and
+evicted, an embeddings or rerank call); `EngineCollector` reads queue lengths, KV use, prefix-cache and
 preemption counters and memory from the pool when scraped.  Each server has its own registry,
 so several apps in one process (tests) never share counts.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -21,6 +22,8 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 1
 ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0)
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 FINISHED_REASONS = ("stop", "length", "abort", "error")
+
+log = logging.getLogger("omlx.metrics")
 
 
 class ServerMetrics:
@@ -58,6 +61,9 @@ class ServerMetrics:
         self.embedding_requests = counter("embedding_requests", "Embeddings requests served.")
         self.embedding_inputs = counter("embedding_inputs", "Texts (or token lists) embedded.")
         self.embedding_tokens = counter("embedding_tokens", "Tokens embedded, as the responses' usage reported.")
+        self.rerank_requests = counter("rerank_requests", "Rerank calls served.")
+        self.rerank_documents = counter("rerank_documents", "Documents scored by rerank calls.")
+        self.rerank_tokens = counter("rerank_tokens", "Tokens scored by rerank calls, as their usage reported.")
 
     def watch(self, pool) -> None:
         """Read the pool's engines (queues, KV, prefix cache, memory) at every scrape."""
@@ -85,7 +91,10 @@ class ServerMetrics:
         for gap in done.itl_s:
             itl.observe(gap)
         for listener in self.request_listeners:
-            listener(done)
+            try:
+                listener(done)
+            except Exception:  # statistics must never fail the request they describe
+                log.exception("a request listener failed")
 
     def model_loaded(self, model_name: str) -> None:
         self.model_loads.labels(model_name).inc()
@@ -106,3 +115,8 @@ class ServerMetrics:
         self.embedding_requests.labels(model_name).inc()
         self.embedding_inputs.labels(model_name).inc(inputs)
         self.embedding_tokens.labels(model_name).inc(tokens)
+
+    def rerank(self, model_name: str, documents: int, tokens: int) -> None:
+        self.rerank_requests.labels(model_name).inc()
+        self.rerank_documents.labels(model_name).inc(documents)
+        self.rerank_tokens.labels(model_name).inc(tokens)
