@@ -19,6 +19,7 @@ import pytest_asyncio
 from aiohttp.test_utils import TestServer
 
 from fake_hub import FakeHub, RunningHub
+from omlx.admin.access import FAILED_LOGIN_WINDOW_S, MAX_FAILED_LOGINS, AdminAccess
 from omlx.admin.session import COOKIE, Sessions
 from omlx.log_files import log_to_files
 from omlx.scheduler import EngineConfig
@@ -313,3 +314,21 @@ async def test_an_open_log_stream_ends_when_the_server_stops(model_dir, tmp_path
             while await asyncio.wait_for(stream.content.readline(), 30):
                 pass
             await asyncio.wait_for(stopping, 30)
+
+
+async def test_guessing_the_key_through_the_login_is_throttled(keyed):
+    async with aiohttp.ClientSession() as s:
+        for _ in range(MAX_FAILED_LOGINS):
+            assert (await login(s, keyed, "sk-guess"))[0] == 401
+        async with s.post(keyed.make_url("/admin/api/login"), json={"api_key": KEY}) as r:
+            assert r.status == 429 and int(r.headers["Retry-After"]) >= 1
+            assert (await r.json())["error"]["code"] == "too_many_failed_logins"
+
+
+def test_failed_logins_are_forgotten_after_the_window():
+    access = AdminAccess(Sessions(b"s" * 32))
+    for i in range(MAX_FAILED_LOGINS):
+        access.login_failed("10.0.0.1", now=100.0 + i)
+    assert access.login_blocked_for("10.0.0.1", now=110.0) > 0
+    assert access.login_blocked_for("10.0.0.2", now=110.0) == 0  # others are not affected
+    assert access.login_blocked_for("10.0.0.1", now=100.0 + FAILED_LOGIN_WINDOW_S + MAX_FAILED_LOGINS) == 0

@@ -176,6 +176,22 @@ def test_edit_a_setting_and_see_it_persist(server, browser):
     until(browser, lambda d: settings_form(d, "tiny").find_element(By.NAME, "alias").get_attribute("value")
           == "tiny-alias", "the alias persisted")
     assert settings_form(browser, "tiny").find_element(By.NAME, "max_tokens").get_attribute("value") == "40"
+    # Any other setting through the JSON editor, with the same validation.
+    form = settings_form(browser, "tiny")
+    form.find_element(By.CSS_SELECTOR, "details.raw-settings summary").click()
+    raw = form.find_element(By.NAME, "raw")
+    current = json.loads(raw.get_attribute("value"))
+    assert current == {"alias": "tiny-alias", "max_tokens": 40, "pinned": False}
+    for bad, message in (({**current, "bogus": 1}, "'bogus' is not a model setting"), ("[1]", "not a JSON object")):
+        raw.clear()
+        raw.send_keys(bad if isinstance(bad, str) else json.dumps(bad))
+        form.find_element(By.CSS_SELECTOR, 'button[data-action="save-json"]').click()
+        until(browser, lambda d: message in d.find_element(By.CSS_SELECTOR, "tr.settings-row .error").text, message)
+    raw.clear()
+    raw.send_keys(json.dumps({**current, "chat_template_kwargs": {"enable_thinking": False}}))
+    form.find_element(By.CSS_SELECTOR, 'button[data-action="save-json"]').click()
+    until(browser, lambda d: call(server, "GET", "/v1/models/tiny/settings", headers={"x-api-key": KEY})[1]
+          ["settings"].get("chat_template_kwargs") == {"enable_thinking": False}, "the JSON edit is saved")
 
 
 # Records every length the streaming reply's text had, as the page re-renders it.

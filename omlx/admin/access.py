@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections import defaultdict, deque
 from collections.abc import Mapping
 
 from aiohttp import web
@@ -12,6 +14,10 @@ from omlx.api.errors import APIError
 from .session import COOKIE, CSRF_HEADER, OPEN_SESSION, Sessions
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Guessing the key through the login form: this many failures from one address within the
+# window, and that address gets 429s until the window has passed.
+MAX_FAILED_LOGINS = 10
+FAILED_LOGIN_WINDOW_S = 60.0
 
 
 def login_keys(keys: Mapping[str, str]) -> dict[str, str]:
@@ -28,6 +34,23 @@ def csrf_failure() -> APIError:
 class AdminAccess:
     def __init__(self, sessions: Sessions):
         self.sessions = sessions
+        self._failures: dict[str, deque[float]] = defaultdict(deque)
+
+    def login_blocked_for(self, client: str, now: float | None = None) -> float:
+        """Seconds `client` must wait before trying again (0: it may try now)."""
+        now = time.monotonic() if now is None else now
+        failures = self._failures.get(client)
+        if not failures:
+            return 0.0
+        while failures and now - failures[0] > FAILED_LOGIN_WINDOW_S:
+            failures.popleft()
+        if not failures:
+            del self._failures[client]
+            return 0.0
+        return FAILED_LOGIN_WINDOW_S - (now - failures[0]) if len(failures) >= MAX_FAILED_LOGINS else 0.0
+
+    def login_failed(self, client: str, now: float | None = None) -> None:
+        self._failures[client].append(time.monotonic() if now is None else now)
 
     def login(self, presented: str, keys: Mapping[str, str]) -> str | None:
         """A new session cookie if `presented` is a key that may log in."""

@@ -107,9 +107,18 @@ class AdminRoutes:
         keys = self.current_keys()
         if not keys:
             return json_response({"logged_in": True, "csrf_token": self.access.sessions.csrf_token(OPEN_SESSION)})
+        client = request.remote or "unknown"
+        wait = self.access.login_blocked_for(client)
+        if wait:
+            error = APIError(f"too many failed logins from {client}; try again in {wait:.0f} s", 429,
+                             "rate_limit_error", None, "too_many_failed_logins")
+            response = error.response(request.path)
+            response.headers["Retry-After"] = str(max(1, round(wait)))
+            return response
         cookie = self.access.login(key, keys)
         if cookie is None:
-            log.info("admin login refused: wrong API key")
+            self.access.login_failed(client)
+            log.info("admin login refused from %s: wrong API key", client)
             raise APIError("Invalid API key.", 401, "invalid_request_error", "api_key", "invalid_api_key")
         response = json_response({"logged_in": True, "csrf_token": self.access.sessions.csrf_token(cookie)})
         response.set_cookie(COOKIE, cookie, max_age=SESSION_SECONDS, path="/", httponly=True, samesite="Strict",

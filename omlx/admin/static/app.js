@@ -264,8 +264,35 @@ function settingsRow(model) {
       return el("label", {}, label, input);
     });
     const pinned = el("input", { type: "checkbox", name: "pinned", checked: !!settings.pinned });
+    // Every other setting (tool parser, chat template kwargs, KV details...) as the JSON object
+    // PUT /v1/models/{id}/settings takes: a key left out is removed.
+    const raw = el("textarea", { name: "raw", rows: 6, spellcheck: "false" }, JSON.stringify(settings, null, 2));
+    const saveRaw = el("button", { type: "button", class: "small", "data-action": "save-json" }, "Save JSON");
+    saveRaw.onclick = async () => {
+      let wanted;
+      try {
+        wanted = JSON.parse(raw.value);
+        if (!wanted || typeof wanted !== "object" || Array.isArray(wanted)) throw new Error("expected a JSON object");
+      } catch (e) { return showError(error, new Error("the settings are not a JSON object: " + e.message)); }
+      const patch = { ...wanted };
+      for (const key of Object.keys(settings)) if (!(key in wanted)) patch[key] = null;
+      await save(patch);
+    };
     form.replaceChildren(...controls, el("label", {}, "Pinned", pinned),
-                         el("button", { type: "submit", "data-action": "save-settings" }, "Save"), saved);
+                         el("button", { type: "submit", "data-action": "save-settings" }, "Save"), saved,
+                         el("details", { class: "raw-settings" }, el("summary", {}, "All settings (JSON)"), raw, saveRaw));
+    async function save(patch) {
+      try {
+        const result = await api("PUT", `/v1/models/${encodeURI(model.id)}/settings`, patch);
+        for (const key of Object.keys(settings)) delete settings[key];
+        Object.assign(settings, result.settings);
+        raw.value = JSON.stringify(settings, null, 2);
+        showError(error, result.load_error ? new Error(result.load_error) : null);
+        saved.textContent = "saved";
+        setTimeout(() => saved.textContent = "", 2000);
+      } catch (e) { showError(error, e); saved.textContent = ""; }
+      refreshModels();
+    }
     form.onsubmit = async (event) => {
       event.preventDefault();
       const patch = { pinned: pinned.checked };
@@ -277,14 +304,7 @@ function settingsRow(model) {
         else patch[key] = value;
       }
       patch.sampling = Object.keys(sampling).length ? sampling : null;
-      try {
-        const result = await api("PUT", `/v1/models/${encodeURI(model.id)}/settings`, patch);
-        Object.assign(settings, result.settings);
-        showError(error, result.load_error ? new Error(result.load_error) : null);
-        saved.textContent = "saved";
-        setTimeout(() => saved.textContent = "", 2000);
-      } catch (e) { showError(error, e); saved.textContent = ""; }
-      refreshModels();
+      await save(patch);
     };
   }).catch((e) => showError(error, e));
   return el("tr", { class: "settings-row", "data-model-id": model.id }, el("td", { colspan: 8 }, form, error));
