@@ -128,6 +128,9 @@ def _add_limit_flags(serve: argparse.ArgumentParser) -> None:
                        help="a stream whose client reads nothing for this long is dropped (300)")
     serve.add_argument("--sse-keepalive", type=float, metavar="SECONDS",
                        help="an idle stream sends its API's no-op event this often (10)")
+    serve.add_argument("--memory-reserve", type=_size, metavar="SIZE",
+                       help="machine memory to keep available: below it new generation requests get "
+                            "503 insufficient_memory (default: 5%% of the machine's, at most 1GB)")
 
 
 def serving_limits(options: dict):
@@ -142,6 +145,7 @@ def serving_limits(options: dict):
         client_read_timeout_s=options["client_read_timeout"],
         client_write_timeout_s=options["client_write_timeout"],
         sse_keepalive_s=options["sse_keepalive"],
+        memory_reserve_bytes=options.get("memory_reserve"),
     )
 
 

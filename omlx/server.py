@@ -27,12 +27,13 @@ from omlx.api.response_store import ResponseStore
 from omlx.api.responses import ResponsesRoutes
 from omlx.blas import blas_info
 from omlx.graceful_stop import GracefulStop, exit_process
+from omlx.memory_watch import machine_memory, process_memory
 from omlx.kernels.backend import attention_backend
 from omlx.metrics import ServerMetrics
 from omlx.models.loaded import LoadedModel
 from omlx.models.pool import ModelPool
 from omlx.scheduler import EngineConfig
-from omlx.serving_limits import LIMITS, ServingLimits
+from omlx.serving_limits import LIMITS, ServingLimits, limits_of
 from omlx.settings import SettingsStore, omlx_home
 
 log = logging.getLogger("omlx.server")
@@ -178,6 +179,9 @@ async def health(request: web.Request) -> web.Response:
         "embedding_models_loaded": embedders,
         "reranker_models_loaded": rerankers,
         "model_memory": {"budget_bytes": pool.memory_budget, "used_bytes": pool.used_bytes},
+        "process": process_memory(),
+        # "pressure": new generation requests get 503 until memory frees up.
+        "machine_memory": machine_memory(limits_of(request.app).memory_reserve_bytes),
     }
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 

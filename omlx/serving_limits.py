@@ -37,6 +37,9 @@ class ServingLimits:
     # API's own no-op event this often, so that clients with an idle timeout (Codex CLI
     # counts events, not bytes) keep the connection.
     sse_keepalive_s: float = 10.0
+    # Available machine memory below which new generation requests get 503 (None: 5% of the
+    # machine's memory, at most 1 GiB; see omlx.memory_watch).
+    memory_reserve_bytes: int | None = None
 
 
 LIMITS = web.AppKey("limits", ServingLimits)

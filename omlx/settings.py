@@ -568,6 +568,7 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     Option("client_read_timeout", ("OMLX_CLIENT_READ_TIMEOUT",), float, 60.0),
     Option("client_write_timeout", ("OMLX_CLIENT_WRITE_TIMEOUT",), float, 300.0),
     Option("sse_keepalive", ("OMLX_SSE_KEEPALIVE",), float, 10.0),
+    Option("memory_reserve", ("OMLX_MEMORY_RESERVE",), parse_bytes),
 )
 
 def resolve_server_options(cli: Mapping[str, Any], env: Mapping[str, str], file: Mapping[str, Any]) -> dict:

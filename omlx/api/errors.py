@@ -89,11 +89,11 @@ def model_not_found(model: str) -> APIError:
     )
 
 
-def overloaded(message: str, retry_after_s: float) -> APIError:
+def overloaded(message: str, retry_after_s: float, code: str = "overloaded") -> APIError:
     """The server is at capacity: 503 with OpenAI's `code: overloaded`, 529 `overloaded_error`
     on Anthropic's routes (what vLLM, TGI and Anthropic's own API answer), with Retry-After
     so that SDKs that retry wait as told instead of hammering."""
-    return APIError(message, 503, "server_error", None, "overloaded",
+    return APIError(message, 503, "server_error", None, code,
                     headers={"Retry-After": str(max(1, round(retry_after_s)))}, anthropic_status=529)
 
 

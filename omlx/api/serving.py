@@ -19,7 +19,7 @@ from omlx.models.loaded import LoadedModel
 from omlx.models.pool import ModelPool
 from omlx.vision.images import ImageLimits
 
-from .admission import admit
+from .admission import admit, check_memory
 from .assistant_turn import AssistantTurn
 from .conversation import render_prompt
 from .errors import invalid
@@ -71,6 +71,7 @@ class Serving:
         return loaded, resolved, self._prompt_ids(loaded, request), None
 
     async def start(self, http: web.Request, request: TurnRequest) -> RunningTurn:
+        check_memory(http)
         loaded, resolved, prompt_ids, multimodal = await self.prepare(http, request)
         tool_parser = tool_parser_of(self.pool, loaded)
         constraint = None
