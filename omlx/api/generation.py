@@ -41,6 +41,8 @@ class EngineFailure(Exception):
             return overloaded(str(self), self.retry_after_s)
         if self.code == "server_shutting_down":
             return shutting_down(str(self))
+        if self.code == "tokenizer_error":
+            return APIError(str(self), 500, "server_error", None, self.code)
         return APIError(str(self), 500, "server_error", None, "engine_error")
 
 
@@ -214,7 +216,7 @@ class GenerationStream:
                         timer.token(event.index)
                     if event.logprob is not None:
                         choice.logprobs.append(TokenLogprob(event.token_id, event.logprob, event.top_logprobs or []))
-                    delta = choice.text.add_token(event.token_id)
+                    delta = self._decoded(choice.text.add_token, event.token_id)
                 elif event.finish_reason is FinishReason.STOP:
                     self.usage.completion_tokens += 1  # the end-of-sequence token
                     if timer is not None:
@@ -222,7 +224,7 @@ class GenerationStream:
                 if choice.text.stopped:
                     choice.finish_reason = "stop"
                 elif event.finish_reason is not None:
-                    delta += choice.text.finish()
+                    delta += self._decoded(choice.text.finish)
                     choice.finish_reason = "length" if event.finish_reason is FinishReason.LENGTH else "stop"
                 if delta or choice.finish_reason is not None:
                     yield choice, delta
@@ -230,6 +232,19 @@ class GenerationStream:
                     unfinished -= 1
                     if unfinished == 0:
                         return
+
+
+    def _decoded(self, step, *token_id) -> str:
+        """A detokenizer step; a tokenizer that fails on a token (a broken vocabulary file,
+        bytes it cannot handle) ends this request with a clear error (leaving the iteration
+        aborts it in the engine) instead of breaking the reply or the server."""
+        try:
+            return step(*token_id)
+        except Exception as exc:
+            self._failed = True
+            where = f" on token {token_id[0]}" if token_id else ""
+            raise EngineFailure(f"the model's tokenizer failed to decode its output{where}: {exc!r}",
+                                "tokenizer_error") from exc
 
 
 async def collect_choices(stream: GenerationStream) -> None:

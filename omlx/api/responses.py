@@ -156,7 +156,13 @@ class ResponsesRoutes:
 
     async def delete(self, request: web.Request) -> web.Response:
         response_id = request.match_info["response_id"]
-        if not await asyncio.to_thread(self.store.delete, response_id):
+        try:
+            deleted = await asyncio.to_thread(self.store.delete, response_id)
+        except OSError as exc:
+            log.error("cannot delete %s from the response store: %s", response_id, exc)
+            raise APIError(f"the response store is unavailable: {exc.strerror or exc}", 503, "server_error",
+                           None, "response_store_unavailable") from None
+        if not deleted:
             raise _not_found(response_id)
         return web.json_response({"id": response_id, "object": "response.deleted", "deleted": True})
 
@@ -232,7 +238,13 @@ class ResponsesRoutes:
         if not run.parsed.store:
             return
         messages = run.history + run.parsed.input_messages + [run.output.assistant_message()]
-        await asyncio.to_thread(self.store.put, body, messages)
+        try:
+            await asyncio.to_thread(self.store.put, body, messages)
+        except OSError as exc:
+            # Storing is a convenience (previous_response_id, GET later); the answer itself
+            # is complete, so it still goes out.  Later lookups of this id get a 404.
+            log.error("cannot store response %s (%s): %s; answering without storing it",
+                      body["id"], self.store.directory, exc)
 
 
 class _Run:

@@ -234,8 +234,9 @@ class ModelPool:
     def resolve(self, name: str) -> DiscoveredModel:
         """A model by id, alias, or (for `org/name` ids) bare folder name; any type."""
         info = self._lookup(name)
-        if info is None:
-            self.rescan()  # a folder may have been dropped in, or an alias set, since
+        if info is None or not info.path.exists():
+            # A folder may have been dropped in, or an alias set, since; or this one deleted.
+            self.rescan()
             info = self._lookup(name)
         if info is None:
             raise ModelNotFound(name)
@@ -640,11 +641,29 @@ class ModelPool:
                         expired.append(model_id)
         return expired
 
+    async def unload_vanished(self) -> list[str]:
+        """Unload idle models whose folder was deleted while they were loaded: requests
+        naming them already get 404 (discovery no longer finds them), so the memory they hold
+        would never be given back otherwise.  Requests in flight finish first (their lease)."""
+        gone = []
+        for model_id, resident in list(self._residents.items()):
+            path = getattr(getattr(resident.model, "info", None), "path", None)
+            if path is None or resident.leases or Path(path).exists():
+                continue
+            async with self._admission_lock():
+                if self._residents.get(model_id) is resident and resident.leases == 0:
+                    log.warning("the folder of %s (%s) was removed while it was loaded: unloading it",
+                                model_id, path)
+                    await self._unload(model_id)
+                    gone.append(model_id)
+        return gone
+
     async def _expire_idle_forever(self) -> None:
         while True:
             await asyncio.sleep(TTL_CHECK_INTERVAL_S)
             try:
                 await self.expire_idle()
+                await self.unload_vanished()
             except Exception:
                 log.exception("TTL check failed")
 

@@ -91,12 +91,19 @@ def write(path: Path, h: bytes, identity: str, tensors: list[np.ndarray], expect
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for t in tensors:
-            f.write(memoryview(t).cast("B"))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for t in tensors:
+                f.write(memoryview(t).cast("B"))
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: leave no half-written file behind
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     return 8 + len(blob) + offset
 
 

@@ -16,6 +16,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -27,6 +28,11 @@ from .identity_dir import STALE_AFTER_S, collect_garbage, model_identity, open_l
 from .read_ahead import STAGING_BYTES, ReadAhead
 
 log = logging.getLogger("omlx.disk_cache")
+
+# After a write fails for want of space or permission (a full disk, a directory made
+# read-only), the tier stops writing this long before it tries again, so that a full disk
+# costs one warning per pause instead of a traceback per block; reads go on meanwhile.
+WRITE_PAUSE_S = 60.0
 
 
 class DiskKVCache:
@@ -58,6 +64,8 @@ class DiskKVCache:
         self.prefetched = 0  # loads served from staged blocks
         self.removed_dirs = 0  # garbage identity directories removed at open
         self.removed_bytes = 0
+        self.write_failures = 0
+        self._writes_paused_until = 0.0
         write_identity(self.dir, self.identity, self.label, scope, storage)
         self._scan()
         if self._dir_fd is not None:
@@ -123,6 +131,8 @@ class DiskKVCache:
             "staged_blocks": ahead.num_staged,
             "staged_bytes": ahead.staged_nbytes,
             "written_blocks": self.writes,
+            "write_failures": self.write_failures,
+            "writes_paused": time.monotonic() < self._writes_paused_until,
             "rejected_files": self.rejected,
             "evicted_blocks": self.evictions,
             "pending_writes": len(self._pending),
@@ -133,6 +143,8 @@ class DiskKVCache:
     # ------------------------------------------------------------------ write
     def publish(self, h: bytes, block: int) -> None:
         """Snapshot a just-published block's pool rows and queue it for writing."""
+        if time.monotonic() < self._writes_paused_until:
+            return  # the disk refused the last write: memory-only for now
         with self.lock:
             if h in self._files or h in self._pending:
                 return
@@ -161,6 +173,15 @@ class DiskKVCache:
                 h, tensors = item
                 try:
                     size = block_file.write(self.path(h), h, self.identity, tensors, self._expected)
+                except OSError as exc:  # full, read-only, gone: pause writing, keep serving
+                    self.write_failures += 1
+                    if time.monotonic() >= self._writes_paused_until:
+                        log.warning("the KV disk tier cannot write to %s (%s); writes pause for %gs, the "
+                                    "cache goes on in memory", self.dir, exc.strerror or exc, WRITE_PAUSE_S)
+                    self._writes_paused_until = time.monotonic() + WRITE_PAUSE_S
+                    with self.lock:
+                        self._pending.discard(h)
+                    continue
                 except Exception:
                     log.exception("writing KV block %s to disk failed", h.hex())
                     with self.lock:
