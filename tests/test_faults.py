@@ -225,3 +225,42 @@ def test_a_model_corrupted_while_loaded_serves_until_reloaded_then_errors_clearl
     assert "corrupted" in body["error"]["message"]
     status, _, _ = call(server.base_url + "/completions", "POST", {"model": ENDLESS, "prompt": "hi", "max_tokens": 2})
     assert status == 200  # everyone else is served
+
+
+# ---------------------------------------------------------------------------- out of memory
+
+
+async def test_an_allocation_failure_in_a_step_fails_that_step_only_and_the_engine_serves_on(tiny, monkeypatch):
+    from omlx.api.generation import EngineFailure
+    from omlx.scheduler import AsyncEngine
+
+    model, eos = tiny
+    engine = LLMEngine(model, EngineConfig(block_size=BLOCK, num_blocks=64, max_num_batched_tokens=64),
+                       context_window=4096)
+    real_forward = engine.runner.forward
+    calls = {"n": 0}
+
+    def forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("[malloc] Unable to allocate 68719476736 bytes.")
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.runner, "forward", forward)
+    running = AsyncEngine(engine)
+    try:
+        async def events_of(rid, prompt):
+            return [e async for e in running.generate(GenerationRequest(rid, prompt, 6, stop_token_ids=eos))]
+
+        prompts = [[5 + i, 9, 33, 70 + i] for i in range(2)]
+        failed = await asyncio.gather(*(events_of(f"oom{i}", p) for i, p in enumerate(prompts)))
+        for events in failed:
+            assert events[-1].error_code == "out_of_memory" and "Unable to allocate" in events[-1].error
+        error = EngineFailure(failed[0][-1].error, "out_of_memory").api_error()
+        assert error.status == 507 and error.code == "insufficient_memory" and "Retry-After" in error.headers
+        # The engine goes on: the next request runs, token-exact, and nothing is held.
+        after = await events_of("after", prompts[0])
+        assert [e.token_id for e in after if e.token_id is not None] == greedy_reference(model, prompts[0], 6, eos)
+        assert engine.blocks.leaked_blocks() == []
+    finally:
+        running.shutdown()

@@ -41,6 +41,9 @@ class EngineFailure(Exception):
             return overloaded(str(self), self.retry_after_s)
         if self.code == "server_shutting_down":
             return shutting_down(str(self))
+        if self.code == "out_of_memory":  # 507 as for a model that does not fit
+            return APIError(str(self), 507, "server_error", None, "insufficient_memory",
+                            headers={"Retry-After": str(round(self.retry_after_s))}, anthropic_status=529)
         if self.code == "tokenizer_error":
             return APIError(str(self), 500, "server_error", None, self.code)
         return APIError(str(self), 500, "server_error", None, "engine_error")

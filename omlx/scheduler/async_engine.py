@@ -175,8 +175,7 @@ class AsyncEngine:
             try:
                 events += engine.step()
             except Exception as exc:  # keep serving: fail what was in flight, stay alive
-                log.exception("engine step failed")
-                events += engine.fail_all(f"internal engine error: {exc}")
+                events += self._step_failed(exc)
             events += self._follow_queue()
             self._deliver(events)
 
@@ -208,6 +207,23 @@ class AsyncEngine:
                     events += self._fail_all(message, code)
                 case Stop():
                     self._stopped = True
+
+    def _step_failed(self, exc: Exception) -> list[tuple[str, TokenEvent]]:
+        if not _is_out_of_memory(exc):
+            log.exception("engine step failed")
+            return self.engine.fail_all(f"internal engine error: {exc}")
+        # An allocation MLX could not make: the requests of this step end with a capacity
+        # error (retry later, or ask for less), the allocator's cache goes back, and the
+        # engine serves on.
+        log.error("out of memory during an engine step (%s); ending the requests in flight", exc)
+        events = self._fail_all(f"out of memory while running this request: {exc}", "out_of_memory")
+        try:
+            import mlx.core as mx
+
+            mx.clear_cache()
+        except Exception:  # an allocator without a cache to clear
+            pass
+        return events
 
     def _fail_all(self, message: str, code: str) -> list[tuple[str, TokenEvent]]:
         events = self.engine.fail_all(message)
@@ -255,6 +271,15 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # the loop has closed; nobody is listening any more
                 pass
+
+
+def _is_out_of_memory(exc: Exception) -> bool:
+    """MLX reports a failed allocation as a RuntimeError naming malloc or memory."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("malloc" in text or "out of memory" in text
+                                              or "unable to allocate" in text)
 
 
 def _put_all(items) -> None:
