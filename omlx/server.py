@@ -194,6 +194,9 @@ def run(config: ServerConfig) -> None:
     web.run_app(
         app, host=config.host, port=config.port, handler_cancellation=True, access_log=None, print=None,
         shutdown_timeout=app[STOP].handler_timeout_s,
+        # Also how long a connection may sit without a complete request: half-sent headers
+        # (a slowloris) are dropped after this, as a stalled body is answered 408.
+        keepalive_timeout=config.limits.client_read_timeout_s,
     )
     log.info("stopped")
     exit_process(0)

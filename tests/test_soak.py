@@ -1,4 +1,4 @@
-"""A bounded run of bench/soak.py (the long run is by hand; figures in bench/README.md): many
+"""A bounded run (15 s) of bench/soak.py (the long run is by hand; figures in bench/README.md): many
 clients with random disconnects, cancellations, n > 1, JSON constraints and stop strings,
 then zero 5xx, zero broken streams, no sequence left, zero leaked KV blocks, RSS back within
 its margin, an unchanged canary answer, and a clean exit of the server."""
@@ -24,7 +24,7 @@ def _free_port() -> int:
 def test_bounded_soak_leaves_the_server_as_it_found_it(tmp_path):
     out = tmp_path / "soak.json"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    run = subprocess.run([sys.executable, str(REPO / "bench" / "soak.py"), "--seconds", "20", "--clients", "6",
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "soak.py"), "--seconds", "15", "--clients", "6",
                           "--port", str(_free_port()), "--out", str(out)],
                          capture_output=True, text=True, timeout=600, env=env)
     assert out.exists(), run.stdout[-3000:] + run.stderr[-3000:]

@@ -5,7 +5,7 @@ completion, Anthropic's `ping`, the Responses `response.in_progress`); never an 
 alone, which Codex CLI's idle timer does not count.
 
 The wait here is a real one: the request queues behind a stream holding the model's only
-slot, and the SDK clients run with a 1 s timeout, several times shorter than the wait.
+slot, and the SDK clients run with a 1 s timeout, well short of the wait.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 from omlx_process import omlx_server
 from robust_helpers import ENDLESS, EventStream, build_endless_dir, is_content, stream_body
 
-HELD_S = 3.0  # how long the request waits; 3x the clients' idle timeout
+HELD_S = 2.5  # how long the request waits; 2.5x the clients' idle timeout
 CLIENT_TIMEOUT_S = 1.0
 
 
@@ -123,7 +123,7 @@ async def test_anthropic_stream_outlives_the_client_idle_timeout(server):
         events = await _run_held(server, message)
     kinds = [e.type for e in events]
     # The SDK swallows `ping` events (the raw stream's are counted in the last test); that it
-    # waited out three of its timeouts without raising is the point here.
+    # waited out more than two of its timeouts without raising is the point here.
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
     assert "content_block_delta" in kinds
 
