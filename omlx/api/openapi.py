@@ -157,8 +157,9 @@ ANTHROPIC_ERROR = {"type": "object", "required": ["type", "error"], "properties"
               "properties": {"type": {"type": "string"}, "message": {"type": "string"}}}}}
 
 # What any route may answer besides success: bad input, auth, unknown model or route, a stalled
-# body, a conflict, too large, overload, memory; 500 appears only for a model that fails to load.
-ERROR_STATUSES = ("400", "401", "404", "405", "408", "409", "413", "500", "503", "507")
+# body, a conflict, too large, throttled, an upstream (the hub) failing, overload, memory; 500
+# appears only for a model that fails to load (or a tokenizer that fails mid-request).
+ERROR_STATUSES = ("400", "401", "403", "404", "405", "408", "409", "413", "429", "500", "502", "503", "504", "507")
 
 
 class OpenAPIRoute:
