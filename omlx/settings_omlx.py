@@ -160,6 +160,9 @@ def global_from_omlx(raw: dict) -> dict:
     idle = _section(raw, "idle_timeout")
     if idle.get("idle_timeout_seconds") is not None:
         out["ttl"] = idle["idle_timeout_seconds"]
-    if _section(raw, "mcp").get("config_path"):
-        log.info("settings.json: mcp.config_path is not used: this server has no MCP client yet")
+    mcp = _section(raw, "mcp")
+    if mcp.get("config_path"):
+        out["mcp_config"] = mcp["config_path"]
+    if mcp.get("expose_tools") is not None:
+        out["mcp_expose_tools"] = mcp["expose_tools"]
     return out

@@ -22,6 +22,7 @@ from .anthropic_protocol import parse_conversation, parse_messages
 from .assistant_turn import AssistantTurn, collect_turn
 from .generation import EngineFailure
 from .output_parser import Reasoning, Text, ToolCallEvent
+from .server_tools import ServerToolCall, ServerToolResult, offer_mcp_tools
 from .serving import Serving
 from .turn_request import TurnRequest
 from .wire import dumps as _dumps
@@ -51,8 +52,11 @@ class AnthropicRoutes:
         return web.json_response({"input_tokens": len(prompt_ids)})
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
-        parsed = parse_messages(await read_json(request))
-        turn = (await self.serving.start(request, parsed)).turn
+        body = await read_json(request)
+        offer = offer_mcp_tools(request.app, body, "messages")
+        parsed = parse_messages(offer.body if offer else body)
+        running = await self.serving.start(request, parsed)
+        turn = offer.run(self.serving, request, running) if offer else running.turn
         message_id = _message_id()
         if parsed.stream:
             return await self._stream(request, turn, parsed, message_id)
@@ -66,9 +70,13 @@ class AnthropicRoutes:
                 content.append({"type": "thinking", "thinking": event.text, "signature": ""})
             elif isinstance(event, Text):
                 content.append({"type": "text", "text": event.text})
-            else:
+            elif isinstance(event, ToolCallEvent):
                 call = event.call
                 content.append({"type": "tool_use", "id": call.id, "name": call.name, "input": call.arguments_object()})
+            elif isinstance(event, ServerToolCall):
+                content.append(_mcp_tool_use(event))
+            else:
+                content.append(_mcp_tool_result(event))
         return web.json_response(
             {
                 "id": message_id,
@@ -145,6 +153,12 @@ class AnthropicRoutes:
                         await open_block({"type": "tool_use", "id": call.id, "name": call.name, "input": {}})
                         await send("content_block_delta",
                                    {"index": index, "delta": {"type": "input_json_delta", "partial_json": call.arguments}})
+                    elif isinstance(event, ServerToolCall):  # an MCP tool the server runs
+                        await open_block(_mcp_tool_use(event))
+                        await send("content_block_delta", {"index": index, "delta": {
+                            "type": "input_json_delta", "partial_json": event.call.arguments}})
+                    elif isinstance(event, ServerToolResult):
+                        await open_block(_mcp_tool_result(event))
         except EngineFailure as exc:
             error = exc.api_error()
             await response.write(sse.named_event("error", error.anthropic_body()))
@@ -157,6 +171,19 @@ class AnthropicRoutes:
         )
         await send("message_stop", {})
         return response
+
+
+def _mcp_tool_use(event: ServerToolCall) -> dict:
+    """Anthropic's block for a call its MCP connector makes (the tool's own name, its server
+    apart); the input is given whole at the start too, for clients that only read that."""
+    call = event.call
+    return {"type": "mcp_tool_use", "id": call.id, "name": event.tool.name, "server_name": event.tool.server,
+            "input": call.arguments_object()}
+
+
+def _mcp_tool_result(event: ServerToolResult) -> dict:
+    return {"type": "mcp_tool_result", "tool_use_id": event.call.id, "is_error": event.result.is_error,
+            "content": [{"type": "text", "text": event.result.content}]}
 
 
 def _stop_reason(turn: AssistantTurn) -> str:

@@ -11,7 +11,7 @@ from contextlib import aclosing
 
 from .conversation import Conversation
 from .generation import GenerationStream
-from .output_parser import OutputEvent, OutputParser, ToolCall, ToolCallEvent
+from .output_parser import OutputEvent, OutputParser, Reasoning, Text, ToolCall, ToolCallEvent
 
 
 class AssistantTurn:
@@ -92,7 +92,7 @@ async def collect_turn(turn: AssistantTurn) -> list[OutputEvent]:
     out: list[OutputEvent] = []
     async with aclosing(turn.events()) as events:
         async for event in events:
-            if out and type(out[-1]) is type(event) and not isinstance(event, ToolCallEvent):
+            if out and type(out[-1]) is type(event) and isinstance(event, (Text, Reasoning)):
                 out[-1] = type(event)(out[-1].text + event.text)
             else:
                 out.append(event)

@@ -17,6 +17,8 @@ from .generation import EngineFailure, GenerationStream, collect_choices
 from .logprobs import chat_logprobs, completion_logprobs
 from .openai_protocol import parse_chat, parse_completion
 from .serving import Serving
+from .server_tools import offer_mcp_tools
+from .server_tools_chat import chat_with_server_tools
 from .turn_request import TurnRequest
 from .wire import dumps as _dumps
 from .wire import read_json
@@ -74,7 +76,11 @@ class OpenAIRoutes:
 
     # ------------------------------------------------------------------ chat
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        running = await self.serving.start(request, parse_chat(await read_json(request)))
+        body = await read_json(request)
+        offer = offer_mcp_tools(request.app, body, "chat")
+        running = await self.serving.start(request, parse_chat(offer.body if offer else body))
+        if offer is not None:
+            return await chat_with_server_tools(request, running, offer.run(self.serving, request, running))
         stream, turn, loaded = running.stream, running.turn, running.loaded
         if running.request.stream:
             return await self._stream_chat(request, stream, running.request, turn)

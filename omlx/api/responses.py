@@ -28,6 +28,7 @@ from .generation import EngineFailure
 from .output_parser import Reasoning, ToolCallEvent
 from .response_store import ResponseStore
 from .responses_protocol import ResponsesRequest, parse_responses
+from .server_tools import ServerToolCall, ServerToolResult, offer_mcp_tools
 from .serving import RunningTurn, Serving
 from .wire import dumps as _dumps
 from .wire import read_json
@@ -47,8 +48,11 @@ class OutputItems:
     def __init__(self):
         self.items: list[dict] = []
         self._open: dict | None = None  # the reasoning or message item still receiving text
+        self._mcp_items: dict[str, dict] = {}  # call id -> its mcp_call item
 
     def add(self, event) -> list[dict]:
+        if isinstance(event, (ServerToolCall, ServerToolResult)):
+            return self._mcp_call(event)
         if isinstance(event, ToolCallEvent):
             out = self.close()
             call = event.call
@@ -79,6 +83,38 @@ class OutputItems:
             delta["logprobs"] = []
         out.append(delta)
         return out
+
+    def _mcp_call(self, event) -> list[dict]:
+        """An `mcp_call` item, as OpenAI's hosted MCP tool streams it: added with its
+        arguments when the model makes the call, done with its output when the server has it."""
+        if isinstance(event, ServerToolCall):
+            out = self.close()
+            call = event.call
+            item = {"id": _new_id("mcp"), "type": "mcp_call", "status": "in_progress", "server_label": event.tool.server,
+                    "name": event.tool.name, "arguments": call.arguments, "output": None, "error": None,
+                    "approval_request_id": None}
+            self._mcp_items[call.id] = item
+            index = len(self.items)
+            self.items.append(item)
+            ids = {"item_id": item["id"], "output_index": index}
+            return out + [
+                {"type": "response.output_item.added", "output_index": index, "item": dict(item)},
+                {"type": "response.mcp_call.in_progress", **ids},
+                {"type": "response.mcp_call_arguments.delta", **ids, "delta": call.arguments},
+                {"type": "response.mcp_call_arguments.done", **ids, "arguments": call.arguments},
+            ]
+        item = self._mcp_items[event.call.id]
+        index = self.items.index(item)
+        result = event.result
+        item["output"] = result.content
+        if result.is_error:
+            item["status"] = "failed"
+            item["error"] = {"type": "mcp_tool_execution_error", "content": [{"type": "text", "text": result.content}]}
+        else:
+            item["status"] = "completed"
+        ids = {"item_id": item["id"], "output_index": index}
+        kind = "response.mcp_call.failed" if result.is_error else "response.mcp_call.completed"
+        return [{"type": kind, **ids}, {"type": "response.output_item.done", "output_index": index, "item": dict(item)}]
 
     def _start(self, kind: str) -> list[dict]:
         if kind == "reasoning":
@@ -117,9 +153,11 @@ class OutputItems:
         ]
 
     def assistant_message(self) -> dict:
-        """The output as a canonical assistant message, for the stored conversation."""
+        """The output as a canonical assistant message, for the stored conversation: the last
+        round's (earlier rounds, with the MCP calls the server ran, are the loop's history)."""
         message: dict = {"role": "assistant", "content": ""}
-        for item in self.items:
+        last_round = max((i + 1 for i, item in enumerate(self.items) if item["type"] == "mcp_call"), default=0)
+        for item in self.items[last_round:]:
             if item["type"] == "message":
                 message["content"] += item["content"][0]["text"]
             elif item["type"] == "reasoning":
@@ -167,7 +205,11 @@ class ResponsesRoutes:
         return web.json_response({"id": response_id, "object": "response.deleted", "deleted": True})
 
     async def create(self, request: web.Request) -> web.StreamResponse:
-        parsed = parse_responses(await read_json(request))
+        body = await read_json(request)
+        offer = offer_mcp_tools(request.app, body, "responses")
+        parsed = parse_responses(offer.body if offer else body)
+        if offer is not None:
+            parsed.raw_tools = offer.client_tools  # the response echoes the client's tools only
         history: list[dict] = []
         if parsed.previous_response_id:
             stored = await asyncio.to_thread(self.store.get, parsed.previous_response_id)
@@ -178,6 +220,8 @@ class ResponsesRoutes:
                 )
             history = stored["messages"]
         run = _Run(parsed, await self.serving.start(request, parsed.turn_request(history)), history)
+        if offer is not None:
+            run.turn = offer.run(self.serving, request, run.running)
         turn = run.turn
         if parsed.stream:
             return await self._stream(request, run)
@@ -237,7 +281,8 @@ class ResponsesRoutes:
     async def _save(self, run: "_Run", body: dict) -> None:
         if not run.parsed.store:
             return
-        messages = run.history + run.parsed.input_messages + [run.output.assistant_message()]
+        rounds = getattr(run.turn, "history", [])  # the MCP rounds the server ran
+        messages = run.history + run.parsed.input_messages + rounds + [run.output.assistant_message()]
         try:
             await asyncio.to_thread(self.store.put, body, messages)
         except OSError as exc:

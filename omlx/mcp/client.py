@@ -1,0 +1,237 @@
+"""One MCP server's connection, kept alive in its own task.
+
+The task connects (spawning a stdio server or opening an HTTP session through the `mcp`
+SDK), initializes, lists the tools, then pings the server now and then.  Any failure (a
+command that does not start, a server that crashes, hangs or drops the connection) is
+recorded as the connection's state and error, and the task tries again after a backoff that
+doubles up to a cap.  Nothing here blocks the caller: `start` only creates the task, and a
+tool call waits at most its timeout.
+
+The SDK's transports are anyio context managers that must be entered and left in the same
+task, which is why each connection lives in one task for its whole life, and why shutdown is
+a request to that task (`stop`) rather than a cancel from outside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+
+import anyio
+
+from .config import MCPServerConfig
+from .tools import MCPTool, from_sdk
+
+log = logging.getLogger("omlx.mcp")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How often a connection checks on its server and how it backs off; tests shorten them."""
+
+    ping_interval: float = 15.0
+    first_backoff: float = 1.0
+    max_backoff: float = 60.0
+    stop_grace: float = 10.0  # how long a closing connection may take before it is cancelled
+
+
+class ServerUnavailable(Exception):
+    """The MCP server is not connected (it failed, crashed, or is still starting)."""
+
+
+class MCPServerConnection:
+    def __init__(self, config: MCPServerConfig, timing: Timing = Timing()):
+        self.config = config
+        self.timing = timing
+        self.state = "disabled" if not config.enabled else "idle"
+        self.error: str | None = None
+        self.tools: list[MCPTool] = []
+        self.attempts = 0
+        self._session = None
+        self._task: asyncio.Task | None = None
+        self._stopping = asyncio.Event()
+        self._lost = asyncio.Event()  # a call saw the connection break: reconnect now
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def status(self) -> dict:
+        return {"name": self.name, "state": self.state, "transport": self.config.transport,
+                "tools_count": len(self.tools), "error": self.error}
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self.config.enabled and self._task is None:
+            self.state = "connecting"
+            self._task = asyncio.create_task(self._run(), name=f"mcp:{self.name}")
+
+    async def stop(self) -> None:
+        """Close the session and the server process (stdio) and end the task."""
+        self._stopping.set()
+        task, self._task = self._task, None
+        if task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(task), self.timing.stop_grace)
+            except (asyncio.TimeoutError, Exception):
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        if self.config.enabled:
+            self.state = "closed"
+        self.tools = []
+
+    async def _run(self) -> None:
+        backoff = self.timing.first_backoff
+        while not self._stopping.is_set():
+            self.attempts += 1
+            connected = False
+            try:
+                async with self._connected():
+                    connected = True
+                    backoff = self.timing.first_backoff
+                    await self._watch()
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # the SDK raises exception groups from its task groups
+                if self._stopping.is_set():
+                    break
+                self.error = _describe(exc)
+                log.warning("MCP server %r %s: %s; retrying in %g s", self.name,
+                            "failed" if connected else "could not be started", self.error, backoff)
+            finally:
+                self._session = None
+            if self._stopping.is_set():
+                break
+            if self.error is None:
+                self.error = "the connection closed"
+            self.state = "failed"
+            self.tools = []
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), backoff)
+            backoff = min(backoff * 2, self.timing.max_backoff)
+            if not self._stopping.is_set():
+                self.state = "connecting"
+
+    @contextlib.asynccontextmanager
+    async def _connected(self):
+        """A session, open and initialized, its tools listed."""
+        from mcp import ClientSession
+
+        async with self._transport() as streams, anyio.create_task_group() as forwarding:
+            read, write = streams[0], streams[1]
+            # The session does not say when its server went away (a crashed stdio process, a
+            # dropped HTTP stream) until the next request fails: relay what the transport
+            # reads and notice the end of it at once.
+            relay_in, relay_out = anyio.create_memory_object_stream(0)
+            forwarding.start_soon(self._relay, read, relay_in)
+            async with ClientSession(relay_out, write) as session:
+                await asyncio.wait_for(session.initialize(), self.config.timeout)
+                tools = await asyncio.wait_for(self._list_tools(session), self.config.timeout)
+                self._session, self.tools = session, tools
+                self._lost.clear()
+                self.state, self.error = "connected", None
+                log.info("MCP server %r connected (%s): %d tools", self.name, self.config.transport, len(tools))
+                yield session
+            forwarding.cancel_scope.cancel()
+
+    async def _relay(self, read, relay_in) -> None:
+        async with relay_in:
+            async for item in read:
+                await relay_in.send(item)
+        if not self._stopping.is_set():
+            self.error = self.error or "the server closed the connection"
+            self._lost.set()
+
+    async def _list_tools(self, session) -> list[MCPTool]:
+        tools, cursor = [], None
+        while True:
+            from mcp.types import PaginatedRequestParams
+
+            result = await session.list_tools(params=PaginatedRequestParams(cursor=cursor) if cursor else None)
+            tools += [from_sdk(self.name, t) for t in result.tools]
+            cursor = result.next_cursor
+            if not cursor:
+                return tools
+
+    async def _watch(self) -> None:
+        """Return when asked to stop; raise when the server stops answering."""
+        while not self._stopping.is_set():
+            waiters = [asyncio.ensure_future(self._stopping.wait()), asyncio.ensure_future(self._lost.wait())]
+            done, pending = await asyncio.wait(waiters, timeout=self.timing.ping_interval,
+                                               return_when=asyncio.FIRST_COMPLETED)
+            for waiter in pending:
+                waiter.cancel()
+            if self._stopping.is_set():
+                return
+            if self._lost.is_set():
+                raise ConnectionError(self.error or "the connection to the server was lost")
+            try:
+                await asyncio.wait_for(self._session.send_ping(), self.config.timeout)
+            except asyncio.TimeoutError:
+                raise ConnectionError(f"no answer to a ping within {self.config.timeout:g} s") from None
+
+    def _transport(self):
+        config = self.config
+        if config.transport == "stdio":
+            from mcp import StdioServerParameters, stdio_client
+
+            params = StdioServerParameters(command=config.command, args=list(config.args),
+                                           env={**os.environ, **config.env} if config.env else None,
+                                           cwd=config.cwd)
+            return stdio_client(params)
+        if config.transport == "sse":
+            from mcp.client.sse import sse_client
+
+            return sse_client(config.url, headers=config.headers or None, timeout=config.timeout)
+        return _streamable_http(config)
+
+    # ------------------------------------------------------------------ calls
+    async def call_tool(self, name: str, arguments: dict, timeout: float):
+        """The SDK's CallToolResult; ServerUnavailable when not connected, TimeoutError when
+        the server takes longer than `timeout`."""
+        session = self._session
+        if session is None or self.state != "connected":
+            raise ServerUnavailable(f"MCP server {self.name!r} is not connected ({self.state}"
+                                    f"{': ' + self.error if self.error else ''})")
+        try:
+            return await asyncio.wait_for(session.call_tool(name, arguments), timeout)
+        except asyncio.TimeoutError:
+            raise
+        except Exception as exc:
+            if _is_disconnect(exc):
+                self.error = _describe(exc)
+                self._lost.set()  # the watcher reconnects
+                raise ServerUnavailable(f"MCP server {self.name!r} disconnected: {self.error}") from None
+            raise
+
+
+@contextlib.asynccontextmanager
+async def _streamable_http(config: MCPServerConfig):
+    from mcp.client.streamable_http import streamable_http_client
+    from mcp.shared._httpx_utils import create_mcp_http_client
+
+    async with create_mcp_http_client(headers=config.headers or None) as http:
+        async with streamable_http_client(config.url, http_client=http) as streams:
+            yield streams
+
+
+def _is_disconnect(exc: BaseException) -> bool:
+    from mcp.shared.exceptions import MCPError
+    from mcp.types import CONNECTION_CLOSED
+
+    if isinstance(exc, MCPError):
+        return exc.error.code == CONNECTION_CLOSED
+    return isinstance(exc, (anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.EndOfStream,
+                            ConnectionError, EOFError))
+
+
+def _describe(exc: BaseException) -> str:
+    """A one-line reason, digging into the exception groups anyio task groups raise."""
+    while isinstance(getattr(exc, "exceptions", None), tuple) and exc.exceptions:
+        exc = exc.exceptions[0]
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,214 @@
+"""MCP client side without the HTTP server: the config file, and connections to real MCP
+servers (written with the `mcp` SDK, tests/mcp_servers/) over stdio and streamable HTTP,
+through the manager and executor the server uses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from omlx.mcp.client import Timing
+from omlx.mcp.config import MCPConfigError, find_config_path, load_config, parse_config
+from omlx.mcp.executor import InvalidArguments, MCPExecutor, UnknownTool
+from omlx.mcp.manager import MCPManager
+
+from mcp_servers.launch import HANG_SERVER, TOOLS_SERVER, http_tools_server, process_alive
+
+FAST = Timing(ping_interval=0.5, first_backoff=0.2, max_backoff=1.0, stop_grace=5.0)
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def test_both_config_shapes_parse_with_defaults_and_inference():
+    omlx_style = parse_config({
+        "servers": {
+            "files": {"transport": "stdio", "command": "npx", "args": ["-y", "server"], "env": {"K": 1}, "cwd": "/tmp"},
+            "web": {"transport": "streamable-http", "url": "http://127.0.0.1:9/mcp", "headers": {"A": "b"},
+                    "timeout": 5},
+            "old": {"transport": "sse", "url": "https://example.com/sse", "enabled": False},
+        },
+        "max_tool_calls": 4, "default_timeout": 12,
+    })
+    files, web, old = omlx_style.servers
+    assert (files.transport, files.command, files.args, files.env, files.cwd, files.timeout) == (
+        "stdio", "npx", ("-y", "server"), {"K": "1"}, "/tmp", 12.0)
+    assert (web.transport, web.url, web.headers, web.timeout) == ("streamable-http", "http://127.0.0.1:9/mcp", {"A": "b"}, 5.0)
+    assert (old.transport, old.enabled) == ("sse", False)
+    assert (omlx_style.max_tool_calls, omlx_style.default_timeout) == (4, 12.0)
+
+    claude = parse_config({"mcpServers": {"a": {"command": "uvx", "args": ["x"]},
+                                          "b": {"type": "http", "url": "http://h/mcp"}, "c": {"url": "http://h/mcp"}}})
+    assert [s.transport for s in claude.servers] == ["stdio", "streamable-http", "streamable-http"]
+    assert (claude.max_tool_calls, claude.default_timeout) == (10, 30.0)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ([], "must be a JSON object"),
+    ({"servers": []}, "'servers'"),
+    ({"servers": {"a": {"transport": "carrier-pigeon", "command": "x"}}}, "servers.a.transport"),
+    ({"servers": {"a": {"transport": "stdio"}}}, "servers.a.command"),
+    ({"servers": {"a": {"transport": "sse", "url": "ftp://x"}}}, "servers.a.url"),
+    ({"servers": {"a__b": {"command": "x"}}}, "'__'"),
+    ({"servers": {"a": {"command": "x", "timeout": 0}}}, "servers.a.timeout"),
+    ({"servers": {"a": {"command": "x", "enabled": "yes"}}}, "servers.a.enabled"),
+    ({"servers": {}, "max_tool_calls": -1}, "max_tool_calls"),
+])
+def test_bad_configs_name_the_field(raw, message):
+    with pytest.raises(MCPConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        parse_config(raw)
+
+
+def test_config_files_json_yaml_and_search_order(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({"servers": {"x": {"command": "echo"}}}))
+    (tmp_path / "b.yaml").write_text("mcpServers:\n  y:\n    url: http://127.0.0.1:1/mcp\n")
+    (tmp_path / "bad.json").write_text("{not json")
+    assert load_config(tmp_path / "a.json").servers[0].name == "x"
+    assert load_config(tmp_path / "b.yaml").servers[0].transport == "streamable-http"
+    with pytest.raises(MCPConfigError, match="not valid json"):
+        load_config(tmp_path / "bad.json")
+    with pytest.raises(MCPConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.json")
+
+    cwd, home = tmp_path / "cwd", tmp_path / "home"
+    (home / ".config" / "omlx").mkdir(parents=True)
+    cwd.mkdir()
+    assert find_config_path(None, cwd, home) is None
+    (home / ".config" / "omlx" / "mcp.yaml").write_text("servers: {}\n")
+    assert find_config_path(None, cwd, home) == home / ".config" / "omlx" / "mcp.yaml"
+    (cwd / "mcp.json").write_text("{}")
+    assert find_config_path(None, cwd, home) == cwd / "mcp.json"
+    assert find_config_path("/explicit.json", cwd, home) == Path("/explicit.json")
+
+
+# ---------------------------------------------------------------------------- live servers
+
+
+async def _wait_for(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def http_server():
+    with http_tools_server() as url:
+        yield url
+
+
+def _manager(http_url: str, **extra) -> MCPManager:
+    servers = {
+        "local": {"command": sys.executable, "args": [str(TOOLS_SERVER), "stdio"], "timeout": 2},
+        "remote": {"transport": "streamable-http", "url": http_url, "timeout": 2},
+        **extra,
+    }
+    return MCPManager(parse_config({"servers": servers}), FAST)
+
+
+async def test_list_execute_validate_over_stdio_and_http(http_server):
+    manager = _manager(http_server)
+    manager.start()
+    try:
+        await _wait_for(lambda: all(s["state"] == "connected" for s in manager.servers()))
+        servers = {s["name"]: s for s in manager.servers()}
+        assert servers["local"] == {"name": "local", "state": "connected", "transport": "stdio",
+                                    "tools_count": 5, "error": None}
+        assert servers["remote"]["transport"] == "streamable-http" and servers["remote"]["tools_count"] == 5
+        names = {t.qualified_name for t in manager.tools()}
+        assert {"local__add", "remote__add", "local__echo", "remote__slow"} <= names
+        add = manager.tool("remote__add")
+        assert add.input_schema["required"] == ["a", "b"] and add.listing()["server"] == "remote"
+
+        executor = MCPExecutor(manager)
+        for name in ("local__add", "remote__add"):
+            result = await executor.execute(name, {"a": 2, "b": 40})
+            assert (result.content, result.is_error, result.error_message) == ("42", False, None)
+        with pytest.raises(InvalidArguments, match="'b' is a required property"):
+            await executor.execute("local__add", {"a": 1})
+        with pytest.raises(InvalidArguments, match="at a: 'x' is not of type 'integer'"):
+            await executor.execute("remote__add", {"a": "x", "b": 1})
+        with pytest.raises(UnknownTool, match="nope__add"):
+            await executor.execute("nope__add", {})
+        failed = await executor.execute("local__fail", {"reason": "testing"})
+        assert failed.is_error and "failed on purpose: testing" in failed.content
+    finally:
+        await manager.stop()
+
+
+async def test_slow_tool_times_out_and_the_connection_survives(http_server):
+    manager = _manager(http_server)
+    manager.start()
+    try:
+        await _wait_for(lambda: all(s["state"] == "connected" for s in manager.servers()))
+        executor = MCPExecutor(manager)
+        for name in ("local__slow", "remote__slow"):
+            result = await executor.execute(name, {"seconds": 30})
+            assert result.is_error and "did not answer within 2 s" in result.error_message
+            assert (await executor.execute(name.replace("slow", "echo"), {"text": "still here"})).content == "echo: still here"
+    finally:
+        await manager.stop()
+
+
+async def test_a_killed_server_is_reported_retried_and_the_others_keep_working(http_server):
+    manager = _manager(http_server)
+    manager.start()
+    try:
+        await _wait_for(lambda: all(s["state"] == "connected" for s in manager.servers()))
+        executor = MCPExecutor(manager)
+        pid = int((await executor.execute("local__pid", {})).content)
+        os.kill(pid, signal.SIGKILL)
+        await _wait_for(lambda: manager.connection("local").state != "connected")
+        local = manager.connection("local").status()
+        assert local["state"] in ("failed", "connecting") and local["error"]
+        # Its tools are gone from the registry; the other server's still answer.
+        assert not any(t.server == "local" for t in manager.tools())
+        assert (await executor.execute("remote__add", {"a": 1, "b": 1})).content == "2"
+        # A call to it is an error result, not an exception: a model can be told.
+        down = await executor.execute_for_model("local__add", {"a": 1, "b": 1})
+        assert down.is_error
+        # It comes back by itself, as a new process.
+        await _wait_for(lambda: manager.connection("local").state == "connected")
+        new_pid = int((await executor.execute("local__pid", {})).content)
+        assert new_pid != pid and manager.connection("local").attempts >= 2
+    finally:
+        await manager.stop()
+
+
+async def test_broken_and_hanging_servers_never_block_the_others(http_server):
+    manager = _manager(http_server, missing={"command": "/nonexistent/mcp-server"},
+                       hangs={"command": sys.executable, "args": [str(HANG_SERVER)], "timeout": 0.5},
+                       off={"command": "/nonexistent/never-started", "enabled": False})
+    started = time.monotonic()
+    manager.start()
+    assert time.monotonic() - started < 1.0  # starting spawns nothing synchronously
+    try:
+        await _wait_for(lambda: manager.connection("local").state == "connected"
+                        and manager.connection("remote").state == "connected")
+        await _wait_for(lambda: manager.connection("missing").attempts >= 2 and manager.connection("hangs").attempts >= 2)
+        status = {s["name"]: s for s in manager.servers()}
+        assert status["missing"]["state"] in ("failed", "connecting") and status["missing"]["error"]
+        assert status["hangs"]["state"] in ("failed", "connecting") and status["hangs"]["error"]
+        assert status["off"] == {"name": "off", "state": "disabled", "transport": "stdio", "tools_count": 0, "error": None}
+        assert (await MCPExecutor(manager).execute("local__add", {"a": 3, "b": 4})).content == "7"
+    finally:
+        await manager.stop()
+
+
+async def test_stop_ends_stdio_server_processes(http_server):
+    manager = _manager(http_server)
+    manager.start()
+    await _wait_for(lambda: manager.connection("local").state == "connected")
+    pid = int((await MCPExecutor(manager).execute("local__pid", {})).content)
+    assert process_alive(pid)
+    await manager.stop()
+    await _wait_for(lambda: not process_alive(pid), timeout=10)
+    assert [s["state"] for s in manager.servers()] == ["closed", "closed"]
