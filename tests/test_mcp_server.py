@@ -230,6 +230,21 @@ def test_messages_show_mcp_tool_use_and_result_blocks(mcp_server, claude):
     prompt = _expected_prompt_tokens(mcp_server, use["id"], use["input"], result["content"][0]["text"])
     assert message.usage.input_tokens + message.usage.cache_read_input_tokens == prompt
     assert 0 < message.usage.output_tokens <= 60
+    # Replayed as history, the rounds render as the model saw them.
+    follow_up = MESSAGES + [{"role": "assistant", "content": blocks}, {"role": "user", "content": "thanks"}]
+    again = claude.messages.create(model=MODEL, max_tokens=2, messages=follow_up, extra_body={"expose_mcp_tools": False})
+    text = "".join(b["text"] for b in blocks[2:] if b["type"] == "text")
+    seen = MESSAGES + [
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": use["id"], "type": "function", "function": {"name": "local__add", "arguments": use["input"]}}]},
+        {"role": "tool", "tool_call_id": use["id"], "content": result["content"][0]["text"]},
+        {"role": "assistant", "content": text},
+        {"role": "user", "content": "thanks"},
+    ]
+    if any(b["type"] == "thinking" for b in blocks[2:]):
+        seen[3]["reasoning_content"] = "".join(b["thinking"] for b in blocks[2:] if b["type"] == "thinking")
+    assert again.usage.input_tokens + again.usage.cache_read_input_tokens == len(
+        tokenizer_of(mcp_server.model_path(MODEL)).apply_chat_template(seen, add_generation_prompt=True, tokenize=True))
 
 
 def test_messages_stream_through_the_beta_sdk_types(mcp_server, claude):

@@ -19,6 +19,7 @@ from .conversation import (
     function_tool,
     template_kwargs,
 )
+from . import mcp_history
 from .errors import invalid
 from .image_parts import MessageContent, anthropic_image
 from .sampling_fields import ANTHROPIC_RANGES, SamplingRequest
@@ -96,12 +97,31 @@ def _user_messages(content: Any, where: str) -> list[dict]:
     return out
 
 
-def _assistant_message(content: Any, where: str) -> dict:
+def _assistant_messages(content: Any, where: str) -> list[dict]:
+    """An assistant turn; one that holds MCP calls this server ran (mcp_tool_use, then
+    mcp_tool_result blocks) becomes the rounds it was: calls, their results, what followed."""
+    out: list[dict] = []
+    blocks = _blocks(content, where)
+    start = 0
+    for i, block in enumerate(blocks):
+        if block["type"] == "mcp_tool_result":
+            if start < i:  # the blocks before it: the turn that made the calls
+                out.append(_assistant_message(blocks[start:i], where, start))
+            out.append(mcp_history.anthropic_result(block, f"{where}[{i}]"))
+            start = i + 1
+    if start < len(blocks) or not out:
+        out.append(_assistant_message(blocks[start:], where, start))
+    return out
+
+
+def _assistant_message(blocks: list[dict], where: str, offset: int = 0) -> dict:
     texts, thoughts, calls = [], [], []
-    for i, block in enumerate(_blocks(content, where)):
+    for i, block in enumerate(blocks, offset):
         at = f"{where}[{i}]"
         kind = block["type"]
-        if kind == "text":
+        if kind == "mcp_tool_use":
+            calls.append(mcp_history.anthropic_call(block, at))
+        elif kind == "text":
             texts.append(_text_of(block, at))
         elif kind == "thinking":
             thinking = block.get("thinking")
@@ -225,7 +245,7 @@ def parse_conversation(body: Any) -> TurnRequest:
         if role == "user":
             messages.extend(_user_messages(content, f"{where}.content"))
         elif role == "assistant":
-            messages.append(_assistant_message(content, f"{where}.content"))
+            messages.extend(_assistant_messages(content, f"{where}.content"))
         elif role == "system":  # Claude Code sometimes sends one: it joins the system prompt
             system_parts.append(_system_text(content))
         else:

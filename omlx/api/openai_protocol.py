@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from . import mcp_history
 from .chat_tools import message_tool_fields, parse_tools
 from .conversation import Conversation, template_kwargs
 from .errors import invalid
@@ -142,6 +143,8 @@ def parse_chat(body: Any) -> TurnRequest:
         if message.get("name") is not None:
             out["name"] = message["name"]
         message_tool_fields(message, i, out)
+        if role == "assistant":  # MCP calls the server ran in this turn come before its text
+            rendered.extend(mcp_history.chat_rounds(message, f"messages[{i}]"))
         rendered.append(out)
     vlm = parse_vlm_fields(body)  # the mlx-vlm server's fields
     kwargs = {**template_kwargs(body.get("chat_template_kwargs")), **thinking_kwargs(vlm)}

@@ -23,12 +23,14 @@ from .conversation import (
 )
 from .errors import invalid
 from .image_parts import MessageContent, responses_image
+from . import mcp_history
 from .sampling_fields import OPENAI_RANGES, SamplingRequest
 from .turn_request import TurnRequest, parse_vlm_fields, thinking_kwargs
 from .wire import boolean, model_name, number
 
 # Items produced by tools the Responses API runs itself; nothing a local model can replay.
-_HOSTED_TOOL_ITEMS = {"web_search_call", "file_search_call", "image_generation_call", "code_interpreter_call"}
+_HOSTED_TOOL_ITEMS = {"web_search_call", "file_search_call", "image_generation_call", "code_interpreter_call",
+                      "mcp_list_tools"}
 _MESSAGE_ROLES = {"user", "assistant", "system", "developer"}
 
 
@@ -175,6 +177,10 @@ def _input_messages(raw: Any) -> list[dict]:
             text = _content_text(parts, f"{where}.content")
             if text:
                 reasoning.append(text)
+        elif kind == "mcp_call":  # a call this server ran (an earlier response's output)
+            call, result = mcp_history.responses_call(item, where)
+            assistant().setdefault("tool_calls", []).append(call)
+            messages.append(result)
         elif kind in _HOSTED_TOOL_ITEMS:
             continue
         else:

@@ -177,14 +177,6 @@ class ServerToolLoop:
                      self._usage.completion_tokens + current.completion_tokens,
                      self._usage.cached_tokens + current.cached_tokens)
 
-    @property
-    def stream(self):
-        return self.turn.stream
-
-    @property
-    def parsers(self):
-        return self.turn.parsers
-
     def tool_calls(self, index: int = 0) -> list[ToolCall]:
         """The client's calls in the last round (MCP calls were the server's to make)."""
         return [c for c in self.turn.tool_calls(index) if c.name not in self.offer.tools]
