@@ -213,3 +213,29 @@ async def test_stop_ends_stdio_server_processes(http_server):
     await manager.stop()
     await _wait_for(lambda: not process_alive(pid), timeout=10)
     assert [s["state"] for s in manager.servers()] == ["closed", "closed"]
+
+
+async def test_stop_interrupts_a_hanging_connection_attempt(tmp_path):
+    pid_file = tmp_path / "pid"
+    manager = MCPManager(parse_config({"servers": {"hangs": {
+        "command": sys.executable, "args": [str(HANG_SERVER), str(pid_file)], "timeout": 60}}}), FAST)
+    manager.start()
+    await _wait_for(lambda: pid_file.exists() and pid_file.read_text())
+    pid = int(pid_file.read_text())
+    assert manager.connection("hangs").state == "connecting"
+    started = time.monotonic()
+    await manager.stop()
+    assert time.monotonic() - started < FAST.stop_grace  # not the 60 s initialize timeout
+    await _wait_for(lambda: not process_alive(pid), timeout=10)
+
+
+async def test_sse_transport(tmp_path):
+    with http_tools_server("sse") as url:
+        manager = MCPManager(parse_config({"servers": {"old": {"transport": "sse", "url": url}}}), FAST)
+        manager.start()
+        try:
+            await _wait_for(lambda: manager.connection("old").state == "connected")
+            assert manager.servers()[0]["transport"] == "sse"
+            assert (await MCPExecutor(manager).execute("old__add", {"a": 20, "b": 22})).content == "42"
+        finally:
+            await manager.stop()

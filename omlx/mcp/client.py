@@ -52,6 +52,7 @@ class MCPServerConnection:
         self.attempts = 0
         self._session = None
         self._task: asyncio.Task | None = None
+        self._scope: anyio.CancelScope | None = None  # the current connection attempt's
         self._stopping = asyncio.Event()
         self._lost = asyncio.Event()  # a call saw the connection break: reconnect now
 
@@ -72,12 +73,16 @@ class MCPServerConnection:
     async def stop(self) -> None:
         """Close the session and the server process (stdio) and end the task."""
         self._stopping.set()
+        if self._scope is not None:
+            # Interrupts a connection attempt or the watch at once; the SDK's transports then
+            # close in shielded scopes (a stdio server is asked to exit, then terminated).
+            self._scope.cancel()
         task, self._task = self._task, None
         if task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(task), self.timing.stop_grace)
             except (asyncio.TimeoutError, Exception):
-                task.cancel()
+                task.cancel()  # the last resort: a transport that would not close in time
                 with contextlib.suppress(BaseException):
                     await task
         if self.config.enabled:
@@ -90,20 +95,21 @@ class MCPServerConnection:
             self.attempts += 1
             connected = False
             try:
-                async with self._connected():
-                    connected = True
-                    backoff = self.timing.first_backoff
-                    await self._watch()
-            except asyncio.CancelledError:
-                raise
-            except BaseException as exc:  # the SDK raises exception groups from its task groups
+                with anyio.CancelScope() as self._scope:
+                    if self._stopping.is_set():
+                        self._scope.cancel()  # stop() came before this attempt had a scope
+                    async with self._connected():
+                        connected = True
+                        backoff = self.timing.first_backoff
+                        await self._watch()
+            except Exception as exc:  # the SDK raises exception groups from its task groups
                 if self._stopping.is_set():
                     break
                 self.error = _describe(exc)
                 log.warning("MCP server %r %s: %s; retrying in %g s", self.name,
                             "failed" if connected else "could not be started", self.error, backoff)
             finally:
-                self._session = None
+                self._session, self._scope = None, None
             if self._stopping.is_set():
                 break
             if self.error is None:

@@ -23,10 +23,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def http_tools_server(timeout: float = 30.0):
-    """Yield the URL of tools_server.py serving streamable HTTP; stopped afterwards."""
+def http_tools_server(transport: str = "http", timeout: float = 30.0):
+    """Yield the URL of tools_server.py serving streamable HTTP ("http") or SSE ("sse");
+    stopped afterwards."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, str(TOOLS_SERVER), "http", str(port)],
+    process = subprocess.Popen([sys.executable, str(TOOLS_SERVER), transport, str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + timeout
@@ -38,7 +39,7 @@ def http_tools_server(timeout: float = 30.0):
             if time.monotonic() > deadline:
                 raise RuntimeError("the MCP test server did not start listening")
             time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}/mcp"
+        yield f"http://127.0.0.1:{port}/{'sse' if transport == 'sse' else 'mcp'}"
     finally:
         process.terminate()
         try:

@@ -1,5 +1,6 @@
 """A small MCP server for the tests, written with the `mcp` SDK: run it as
-`python tools_server.py stdio` or `python tools_server.py http PORT`.
+`python tools_server.py stdio`, `python tools_server.py http PORT` (streamable HTTP) or
+`python tools_server.py sse PORT`.
 
 Its tools: add (two integers), echo (text), slow (sleeps), fail (a tool error), pid (the
 server's process id, so a test can kill it)."""
@@ -45,5 +46,7 @@ def pid() -> str:
 if __name__ == "__main__":
     if sys.argv[1] == "stdio":
         server.run("stdio")
+    elif sys.argv[1] == "sse":
+        server.run("sse", host="127.0.0.1", port=int(sys.argv[2]))
     else:
         server.run("streamable-http", host="127.0.0.1", port=int(sys.argv[2]))
