@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -228,6 +229,8 @@ def test_messages_show_mcp_tool_use_and_result_blocks(mcp_server, claude):
     assert all(b["type"] in ("text", "thinking") for b in blocks[2:])
     assert message.stop_reason in ("end_turn", "max_tokens")
     prompt = _expected_prompt_tokens(mcp_server, use["id"], use["input"], result["content"][0]["text"])
+    # count_tokens counts the first round's prompt, MCP tools included.
+    assert claude.messages.count_tokens(model=MODEL, messages=MESSAGES).input_tokens == _prompt_tokens(mcp_server, MESSAGES)
     assert message.usage.input_tokens + message.usage.cache_read_input_tokens == prompt
     assert 0 < message.usage.output_tokens <= 60
     # Replayed as history, the rounds render as the model saw them.
@@ -320,7 +323,8 @@ def test_shutdown_leaves_no_mcp_server_processes(model_dir, tmp_path):
         "one": {"command": sys.executable, "args": [str(TOOLS_SERVER), "stdio"]},
         "two": {"command": sys.executable, "args": [str(TOOLS_SERVER), "stdio"]},
     }}))
-    with omlx_server(model_dir, tmp_path, "--mcp-config", str(config), failure=pytest.fail) as running:
+    # OMLX_MCP_CONFIG: the env name oMLX reads, instead of --mcp-config.
+    with omlx_server(model_dir, tmp_path, env={"OMLX_MCP_CONFIG": str(config)}, failure=pytest.fail) as running:
         _wait_connected(running, {"one", "two"})
         pids = [int(call(running, "POST", "/v1/mcp/execute", {"tool_name": f"{n}__pid", "arguments": {}})[1]["content"])
                 for n in ("one", "two")]
@@ -330,3 +334,14 @@ def test_shutdown_leaves_no_mcp_server_processes(model_dir, tmp_path):
     while any(process_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(process_alive(p) for p in pids)
+
+
+def test_a_broken_config_stops_the_server_with_the_reason(model_dir, tmp_path):
+    config = tmp_path / "mcp.json"
+    config.write_text(json.dumps({"servers": {"x": {"transport": "stdio"}}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMLX_")}
+    done = subprocess.run([sys.executable, "-m", "omlx", "serve", "--model-dir", str(model_dir), "--no-demo",
+                           "--mcp-config", str(config)], env={**env, "OMLX_HOME": str(tmp_path / "home")},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert f"{config}: servers.x.command is required for a stdio server" in done.stderr

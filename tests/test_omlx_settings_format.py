@@ -27,7 +27,7 @@ OMLX_GLOBAL = {
     "cache": {"enabled": False, "ssd_cache_dir": "/ssd/cache", "ssd_cache_max_size": "2GB",
               "hot_cache_max_size": "0", "hot_cache_only": True},
     "auth": {"api_key": "sekrit", "sub_keys": [{"key": "k2", "name": "ci", "created_at": "x"}]},
-    "mcp": {"config_path": "/etc/mcp.json"},
+    "mcp": {"config_path": "/etc/mcp.json", "expose_tools": False},
     "huggingface": {"endpoint": "https://hf-mirror.example", "hf_cache_enabled": False},
     "sampling": {"max_context_window": 32768, "max_context_window_policy": 8192, "max_tokens": 900,
                  "temperature": 0.6, "top_p": 0.95, "top_k": 20, "repetition_penalty": 1.05},
@@ -63,11 +63,13 @@ def test_omlx_global_sections_map_to_omlx_settings(tmp_path, caplog):
         "kv_disk": False, "api_key": "sekrit", "api_keys": {"ci": "k2"}, "hf_endpoint": "https://hf-mirror.example",
         "hf_cache": False, "max_tokens": 900, "max_model_len": 8192, "ttl": 600,
         "sampling": {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "repetition_penalty": 1.05},
+        "mcp_config": "/etc/mcp.json", "mcp_expose_tools": False,
     }
     assert "unknown setting" not in caplog.text  # oMLX's other sections are not typos
     # The server options take them like omlx's own keys (flag > env > file).
     options = resolve_server_options({}, {}, settings)
     assert (options["host"], options["port"], options["max_num_seqs"], options["prefix_cache"]) == ("0.0.0.0", 8123, 6, False)
+    assert (options["mcp_config"], options["mcp_expose_tools"]) == ("/etc/mcp.json", False)
 
 
 def test_skip_api_key_verification_means_no_key(tmp_path):

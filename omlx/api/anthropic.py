@@ -47,8 +47,11 @@ class AnthropicRoutes:
         app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
 
     async def count_tokens(self, request: web.Request) -> web.Response:
-        # The prompt as /v1/messages would render it, the model's template defaults included.
-        _, _, prompt_ids, _ = await self.serving.prepare(request, parse_conversation(await read_json(request)))
+        # The prompt as /v1/messages would render it, the model's template defaults and the
+        # MCP tools it would be offered included.
+        body = await read_json(request)
+        offer = offer_mcp_tools(request.app, body, "messages")
+        _, _, prompt_ids, _ = await self.serving.prepare(request, parse_conversation(offer.body if offer else body))
         return web.json_response({"input_tokens": len(prompt_ids)})
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
