@@ -36,8 +36,8 @@ def mcp_server(model_dir, tmp_path_factory):
         config = workdir / "mcp.json"
         config.write_text(json.dumps({
             "mcpServers": {
-                "local": {"command": sys.executable, "args": [str(TOOLS_SERVER), "stdio"], "timeout": 3},
-                "remote": {"type": "http", "url": url, "timeout": 3},
+                "local": {"command": sys.executable, "args": [str(TOOLS_SERVER), "stdio"], "timeout": 5},
+                "remote": {"type": "http", "url": url, "timeout": 5},
                 "broken": {"command": "/nonexistent/mcp-server"},
             },
             "max_tool_calls": 3,
@@ -126,7 +126,7 @@ def test_execute(mcp_server):
     status, body = call(mcp_server, "POST", "/v1/mcp/execute", {"tool_name": "local__fail", "arguments": {"reason": "why"}})
     assert status == 200 and body["is_error"] is True and "failed on purpose: why" in body["error_message"]
     status, body = call(mcp_server, "POST", "/v1/mcp/execute", {"tool_name": "local__slow", "arguments": {"seconds": 30}})
-    assert status == 200 and body["is_error"] is True and "did not answer within 3 s" in body["error_message"]
+    assert status == 200 and body["is_error"] is True and "did not answer within 5 s" in body["error_message"]
 
 
 @pytest.mark.parametrize("body, status, param", [

@@ -33,6 +33,10 @@ class Timing:
     """How often a connection checks on its server and how it backs off; tests shorten them."""
 
     ping_interval: float = 15.0
+    # Connecting, listing tools and pings wait at least this long, whatever a server's
+    # (per tool call) `timeout`: stdio servers started through npx / uvx may install
+    # themselves first, and a busy machine starts processes slowly.
+    min_session_timeout: float = 30.0
     first_backoff: float = 1.0
     max_backoff: float = 60.0
     stop_grace: float = 10.0  # how long a closing connection may take before it is cancelled
@@ -59,6 +63,10 @@ class MCPServerConnection:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def session_timeout(self) -> float:
+        return max(self.config.timeout, self.timing.min_session_timeout)
 
     def status(self) -> dict:
         return {"name": self.name, "state": self.state, "transport": self.config.transport,
@@ -135,8 +143,8 @@ class MCPServerConnection:
             relay_in, relay_out = anyio.create_memory_object_stream(0)
             forwarding.start_soon(self._relay, read, relay_in)
             async with ClientSession(relay_out, write) as session:
-                await asyncio.wait_for(session.initialize(), self.config.timeout)
-                tools = await asyncio.wait_for(self._list_tools(session), self.config.timeout)
+                await asyncio.wait_for(session.initialize(), self.session_timeout)
+                tools = await asyncio.wait_for(self._list_tools(session), self.session_timeout)
                 self._session, self.tools = session, tools
                 self._lost.clear()
                 self.state, self.error = "connected", None
@@ -176,9 +184,9 @@ class MCPServerConnection:
             if self._lost.is_set():
                 raise ConnectionError(self.error or "the connection to the server was lost")
             try:
-                await asyncio.wait_for(self._session.send_ping(), self.config.timeout)
+                await asyncio.wait_for(self._session.send_ping(), self.session_timeout)
             except asyncio.TimeoutError:
-                raise ConnectionError(f"no answer to a ping within {self.config.timeout:g} s") from None
+                raise ConnectionError(f"no answer to a ping within {self.session_timeout:g} s") from None
 
     def _transport(self):
         config = self.config
