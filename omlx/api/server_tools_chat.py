@@ -21,8 +21,6 @@ from .output_parser import Reasoning, Text, ToolCallEvent
 from .server_tools import ServerToolCall, ServerToolLoop, ServerToolResult
 from .wire import dumps as _dumps
 
-KEEPALIVE_S = 10.0
-
 
 def _usage(loop: ServerToolLoop) -> dict:
     usage = loop.usage
@@ -113,12 +111,14 @@ async def _stream(request, loop: ServerToolLoop, options, request_id: str, creat
     response = await sse.open_stream(request)
     await response.write(sse.data_event(chunk({"role": "assistant", "content": ""})))
     deltas = _Deltas()
+    # While nothing comes (a prefill, a tool that takes its time): an empty delta, an event
+    # clients skip but count (as the plain chat stream does).
+    ping = sse.data_event(chunk({}))
     try:
-        # Tools may take a while to answer: keep the connection visibly alive meanwhile.
-        async with aclosing(sse.with_keepalive(loop.events(), KEEPALIVE_S)) as events:
+        async with aclosing(sse.with_keepalive(loop.events(), sse.keepalive_interval(request))) as events:
             async for event in events:
                 if event is None:
-                    await response.write(sse.KEEPALIVE)
+                    await response.write(ping)
                     continue
                 await response.write(sse.data_event(chunk(deltas.delta(event))))
     except EngineFailure as exc:
