@@ -317,15 +317,29 @@ def test_a_killed_mcp_server_is_reported_and_the_others_keep_working(mcp_server,
     assert int(new_pid) != pid
 
 
-def test_shutdown_leaves_no_mcp_server_processes(model_dir, tmp_path):
+def test_round_limit_and_shutdown_without_leftover_processes(model_dir, tmp_path):
     config = tmp_path / "mcp.json"
     config.write_text(json.dumps({"servers": {
         "one": {"command": sys.executable, "args": [str(TOOLS_SERVER), "stdio"]},
         "two": {"command": sys.executable, "args": [str(TOOLS_SERVER), "stdio"]},
-    }}))
+    }, "max_tool_calls": 1}))
     # OMLX_MCP_CONFIG: the env name oMLX reads, instead of --mcp-config.
     with omlx_server(model_dir, tmp_path, env={"OMLX_MCP_CONFIG": str(config)}, failure=pytest.fail) as running:
         _wait_connected(running, {"one", "two"})
+        # With one round allowed, the round that reads the result is not offered the MCP tools.
+        with openai.OpenAI(base_url=running.base_url, api_key="unused", max_retries=0, timeout=120) as oai:
+            reply = oai.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=60, temperature=0,
+                                                tool_choice={"type": "function", "function": {"name": "one__add"}})
+        (executed,) = reply.choices[0].message.model_extra["mcp_tool_calls"]
+        arguments = json.loads(executed["function"]["arguments"])
+        round_two = MESSAGES + [
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": executed["id"], "type": "function", "function": {"name": "one__add", "arguments": arguments}}]},
+            {"role": "tool", "tool_call_id": executed["id"], "content": executed["content"]},
+        ]
+        tokenizer = tokenizer_of(running.model_path(MODEL))
+        assert reply.usage.prompt_tokens == _prompt_tokens(running, MESSAGES) + len(
+            tokenizer.apply_chat_template(round_two, add_generation_prompt=True, tokenize=True))
         pids = [int(call(running, "POST", "/v1/mcp/execute", {"tool_name": f"{n}__pid", "arguments": {}})[1]["content"])
                 for n in ("one", "two")]
         assert all(process_alive(p) for p in pids)

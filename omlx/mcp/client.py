@@ -161,10 +161,10 @@ class MCPServerConnection:
             self._lost.set()
 
     async def _list_tools(self, session) -> list[MCPTool]:
+        from mcp.types import PaginatedRequestParams
+
         tools, cursor = [], None
         while True:
-            from mcp.types import PaginatedRequestParams
-
             result = await session.list_tools(params=PaginatedRequestParams(cursor=cursor) if cursor else None)
             tools += [from_sdk(self.name, t) for t in result.tools]
             cursor = result.next_cursor
