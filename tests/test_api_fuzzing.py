@@ -27,9 +27,17 @@ FUZZ_SECONDS = 30  # schemathesis' time budget in CI; run it longer by hand with
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     build_model(root / MODEL, TinyModelSpec())
+    workdir = tmp_path_factory.mktemp("fuzz")
+    # A real MCP server, so the /v1/mcp routes are fuzzed working (without a config they
+    # answer 503 by design); its tools are not offered to the model (--no-mcp-tools), which
+    # would not fit the short context.
+    mcp_config = workdir / "mcp.json"
+    mcp_config.write_text(json.dumps({"servers": {"tools": {
+        "command": sys.executable, "args": [str(Path(__file__).parent / "mcp_servers" / "tools_server.py"), "stdio"],
+        "timeout": 5}}}))
     # A short context keeps every generated request cheap (longer asks are a 400).
-    with omlx_server(root, tmp_path_factory.mktemp("fuzz"), "--max-model-len", "128", "--kv-cache-gb", "0.05",
-                     failure=pytest.fail) as running:
+    with omlx_server(root, workdir, "--max-model-len", "128", "--kv-cache-gb", "0.05",
+                     "--mcp-config", str(mcp_config), "--no-mcp-tools", failure=pytest.fail) as running:
         yield running
 
 

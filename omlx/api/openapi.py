@@ -145,6 +145,11 @@ REQUEST_BODIES = {
     "/v1/messages": MESSAGES, "/v1/messages/count_tokens": COUNT_TOKENS,
     "/v1/responses": RESPONSES, "/responses": RESPONSES,
     "/v1/embeddings": EMBEDDINGS,
+    # oMLX's MCP execute: `tool` is accepted for `tool_name`; the arguments are checked
+    # against the tool's own input schema by the route.
+    "/v1/mcp/execute": {"type": "object", "properties": {
+        "tool_name": {"type": "string", "minLength": 1}, "tool": {"type": "string", "minLength": 1},
+        "arguments": {"type": ["object", "null"]}}},
 }
 
 OPENAI_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
