@@ -108,22 +108,24 @@ def http_server():
 
 def _manager(http_url: str, timing: Timing = FAST, timeout: float = 3, **extra) -> MCPManager:
     servers = {
-        "local": {"command": sys.executable, "args": [str(TOOLS_SERVER), "stdio"], "timeout": timeout},
+        "local": {"command": sys.executable, "args": [str(TOOLS_SERVER), "stdio"], "timeout": timeout,
+                  "env": {"MCP_TEST_VAR": "from-config"}},
         "remote": {"transport": "streamable-http", "url": http_url, "timeout": timeout},
         **extra,
     }
     return MCPManager(parse_config({"servers": servers}), timing)
 
 
-async def test_list_execute_validate_over_stdio_and_http(http_server):
+async def test_list_execute_validate_over_stdio_and_http(http_server, monkeypatch):
+    monkeypatch.setenv("OMLX_TEST_SECRET", "s3cret")  # this process's environment: not the server's
     manager = _manager(http_server)
     manager.start()
     try:
         await _wait_for(lambda: all(s["state"] == "connected" for s in manager.servers()))
         servers = {s["name"]: s for s in manager.servers()}
         assert servers["local"] == {"name": "local", "state": "connected", "transport": "stdio",
-                                    "tools_count": 5, "error": None}
-        assert servers["remote"]["transport"] == "streamable-http" and servers["remote"]["tools_count"] == 5
+                                    "tools_count": 6, "error": None}
+        assert servers["remote"]["transport"] == "streamable-http" and servers["remote"]["tools_count"] == 6
         names = {t.qualified_name for t in manager.tools()}
         assert {"local__add", "remote__add", "local__echo", "remote__slow"} <= names
         add = manager.tool("remote__add")
@@ -139,6 +141,9 @@ async def test_list_execute_validate_over_stdio_and_http(http_server):
             await executor.execute("remote__add", {"a": "x", "b": 1})
         with pytest.raises(UnknownTool, match="nope__add"):
             await executor.execute("nope__add", {})
+        assert (await executor.execute("local__getenv", {"name": "MCP_TEST_VAR"})).content == "from-config"
+        assert (await executor.execute("local__getenv", {"name": "OMLX_TEST_SECRET"})).content == ""
+        assert (await executor.execute("local__getenv", {"name": "PATH"})).content == os.environ["PATH"]
         failed = await executor.execute("local__fail", {"reason": "testing"})
         assert failed.is_error and "failed on purpose: testing" in failed.content
     finally:

@@ -104,18 +104,18 @@ def test_servers_and_tools_listing(mcp_server):
     assert status == 200
     servers = {s["name"]: s for s in body["servers"]}
     assert set(servers) == {"local", "remote", "broken"}
-    assert servers["local"] == {"name": "local", "state": "connected", "transport": "stdio", "tools_count": 5, "error": None}
-    assert servers["remote"]["transport"] == "streamable-http" and servers["remote"]["tools_count"] == 5
+    assert servers["local"] == {"name": "local", "state": "connected", "transport": "stdio", "tools_count": 6, "error": None}
+    assert servers["remote"]["transport"] == "streamable-http" and servers["remote"]["tools_count"] == 6
     assert servers["broken"]["state"] in ("failed", "connecting") and servers["broken"]["error"]
 
     status, body = call(mcp_server, "GET", "/v1/mcp/tools")
-    assert status == 200 and body["count"] == len(body["tools"]) == 10
+    assert status == 200 and body["count"] == len(body["tools"]) == 12
     add = next(t for t in body["tools"] if t["name"] == "remote__add")
     assert set(add) == {"name", "description", "server", "parameters"}
     assert add["server"] == "remote" and add["description"] == "Add two integers and return the sum."
     assert add["parameters"]["required"] == ["a", "b"]
     health = mcp_server.health()["mcp"]
-    assert health == {"servers": 3, "connected": 2, "tools": 10}
+    assert health == {"servers": 3, "connected": 2, "tools": 12}
 
 
 def test_execute(mcp_server):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from dataclasses import dataclass
 
 import anyio
@@ -193,9 +192,10 @@ class MCPServerConnection:
         if config.transport == "stdio":
             from mcp import StdioServerParameters, stdio_client
 
+            # The SDK gives the process a minimal environment (HOME, PATH, SHELL, ...) plus
+            # the server's `env`: this server's own secrets (an API key) never reach it.
             params = StdioServerParameters(command=config.command, args=list(config.args),
-                                           env={**os.environ, **config.env} if config.env else None,
-                                           cwd=config.cwd)
+                                           env=dict(config.env) or None, cwd=config.cwd)
             return stdio_client(params)
         if config.transport == "sse":
             from mcp.client.sse import sse_client

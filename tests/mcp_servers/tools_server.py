@@ -2,8 +2,8 @@
 `python tools_server.py stdio`, `python tools_server.py http PORT` (streamable HTTP) or
 `python tools_server.py sse PORT`.
 
-Its tools: add (two integers), echo (text), slow (sleeps), fail (a tool error), pid (the
-server's process id, so a test can kill it)."""
+Its tools: add (two integers), echo (text), slow (sleeps), fail (a tool error), getenv, pid
+(the server's process id, so a test can kill it)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,11 @@ async def slow(seconds: float) -> str:
 @server.tool(description="Always fails with a tool error.")
 def fail(reason: str) -> str:
     raise ToolError(f"failed on purpose: {reason}")
+
+
+@server.tool(description="The value of an environment variable in this MCP server ('' when unset).")
+def getenv(name: str) -> str:
+    return os.environ.get(name, "")
 
 
 @server.tool(description="The process id of this MCP server.")
