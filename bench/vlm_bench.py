@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from serving_bench import free_port, http_get_json, log, stream_chat, summarize  # noqa: E402
+from serving_bench import free_port, http_get_json, log, percentile, stream_chat, summarize  # noqa: E402
 
 from omlx.testing.tiny_models import WORDS  # noqa: E402
 from omlx.testing.tiny_vlm import TinyVLMSpec, build_vlm  # noqa: E402
@@ -45,7 +45,8 @@ DEFAULT_MODEL = HERE / "models" / "vlm-bench"
 BENCH_VLM = TinyVLMSpec(family="qwen2_vl", hidden_size=512, num_hidden_layers=8, intermediate_size=1536,
                         num_attention_heads=8, num_key_value_heads=4, vocab_size=4096, vision_width=256,
                         vision_layers=4, vision_heads=4, min_pixels=56 * 56, max_pixels=448 * 448,
-                        logit_scale=2.0)
+                        logit_scale=2.0, printable_only=True)
+DEFAULT_BLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 OMLX, MLX_VLM = "omlx", "mlx_vlm.server"
 IMAGE_PROMPT = "Describe this image in detail."
 
@@ -88,8 +89,8 @@ def workloads(per_client: int, seed: int) -> dict[str, list[list[list[dict]]]]:
 
 
 class Server:
-    def __init__(self, kind: str, model: Path, log_dir: Path):
-        self.kind, self.model = kind, model
+    def __init__(self, kind: str, model: Path, log_dir: Path, blas: str | None = None):
+        self.kind, self.model, self.blas = kind, model, blas
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"{kind}-{self.port}.log"
@@ -104,6 +105,10 @@ class Server:
         else:
             cmd = [sys.executable, "-m", "mlx_vlm.server", "--model", str(self.model), "--host", "127.0.0.1",
                    "--port", str(self.port)]
+            # omlx loads OpenBLAS by itself (re-exec); mlx_vlm.server gets it the same way
+            # mlx_lm.server does in serving_bench, so both run the same matmuls.
+            if self.blas and Path(self.blas).exists():
+                env["LD_PRELOAD"] = " ".join(filter(None, [self.blas, env.get("LD_PRELOAD")]))
         log(f"starting {self.kind}: {' '.join(cmd)}")
         self.log_file = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log_file, stderr=subprocess.STDOUT,
@@ -142,7 +147,11 @@ async def run(server: Server, clients: list[list[list[dict]]], max_tokens: int) 
         start = time.perf_counter()
         await asyncio.gather(*(client(i, r) for i, r in enumerate(clients)))
         wall = time.perf_counter() - start
-    return summarize(results, wall)
+    summary = summarize(results, wall)
+    # Whole-request latency, measured alike for both servers.
+    latencies = [r.end - r.start for r in results if r.error is None]
+    summary["latency_p50"], summary["latency_p99"] = percentile(latencies, 50), percentile(latencies, 99)
+    return summary
 
 
 def main() -> None:
@@ -152,6 +161,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--servers", default=f"{OMLX},{MLX_VLM}")
     parser.add_argument("--workloads", default="image-1,image-8,mixed-8")
+    parser.add_argument("--blas-library", default=DEFAULT_BLAS, help="preloaded into mlx_vlm.server")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "vlm_bench.json")
     args = parser.parse_args()
     if not (args.model_path / "config.json").exists():
@@ -165,21 +175,28 @@ def main() -> None:
                     "results": {}}
     names = args.workloads.split(",")
     for round_, kind in enumerate(args.servers.split(",")):
-        with Server(kind, args.model_path, log_dir) as server:
+        with Server(kind, args.model_path, log_dir, args.blas_library) as server:
             asyncio.run(run(server, [[image_messages(999_999)]], 4))  # warm-up: load, compile
             for name in names:
                 clients = workloads(per_client, seed=1 + names.index(name))[name]
                 summary = asyncio.run(run(server, clients, args.max_tokens))
                 report["results"].setdefault(name, {})[kind] = summary
                 log(f"{kind:15s} {name:8s} agg {summary['agg_tok_s'] or 0:7.1f} tok/s  "
-                    f"TTFT p50 {summary['ttft_p50'] or 0:6.2f}s p99 {summary['ttft_p99'] or 0:6.2f}s  "
-                    f"errors {summary['errors']} {summary['error_samples'][:1]}")
+                    f"TTFT p50 {_ttft(summary, 50)} p99 {_ttft(summary, 99)}  "
+                    f"latency p50 {summary['latency_p50'] or 0:6.2f}s  errors {summary['errors']} "
+                    f"{summary['error_samples'][:1]}")
     args.out.write_text(json.dumps(report, indent=2))
-    print(f"\n{'workload':10s} {'server':16s} {'agg tok/s':>10s} {'TTFT p50':>9s} {'TTFT p99':>9s} {'errors':>6s}")
+    print(f"\n{'workload':10s} {'server':16s} {'agg tok/s':>10s} {'TTFT p50':>10s} {'TTFT p99':>10s} "
+          f"{'latency p50':>12s} {'errors':>6s}")
     for name, by_server in report["results"].items():
         for kind, s in by_server.items():
-            print(f"{name:10s} {kind:16s} {s['agg_tok_s'] or 0:10.1f} {s['ttft_p50'] or 0:9.2f} "
-                  f"{s['ttft_p99'] or 0:9.2f} {s['errors']:6d}")
+            print(f"{name:10s} {kind:16s} {s['agg_tok_s'] or 0:10.1f} {_ttft(s, 50):>10s} {_ttft(s, 99):>10s} "
+                  f"{s['latency_p50'] or 0:11.2f}s {s['errors']:6d}")
+
+
+def _ttft(summary: dict, q: int) -> str:
+    client = summary.get(f"ttft_p{q}")
+    return f"{client:.2f}s" if client is not None else "n/a"
 
 
 if __name__ == "__main__":

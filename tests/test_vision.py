@@ -255,6 +255,23 @@ def test_anthropic_image_blocks(vserver, image_host):
             assert message.content[0].text == expected
 
 
+def test_streamed_image_answer_and_count_tokens(oai, vserver):
+    wire, template = image_message([26])
+    stream = oai.chat.completions.create(model=QWEN, messages=[wire], max_tokens=8, temperature=0, stream=True)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert text == reference_text(vserver.model_path(QWEN), [template], [png_bytes(26)], 8)
+    # Anthropic's count_tokens counts the image's tokens too.
+    body = {"model": QWEN, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                     "data": base64.b64encode(png_bytes(26)).decode()}},
+        {"type": "text", "text": PROMPT}]}]}
+    status, counted = _post(vserver, "/v1/messages/count_tokens", body)
+    status_text, text_only = _post(vserver, "/v1/messages/count_tokens",
+                                   {"model": QWEN, "messages": [{"role": "user", "content": PROMPT}]})
+    assert status == status_text == 200
+    assert counted["input_tokens"] > text_only["input_tokens"] + 8
+
+
 def test_text_only_request_to_a_vision_model(oai, vserver):
     messages = [{"role": "user", "content": "hello there model"}]
     response = oai.chat.completions.create(model=QWEN, messages=messages, max_tokens=10, temperature=0)

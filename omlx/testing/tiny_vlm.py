@@ -70,6 +70,11 @@ class TinyVLMSpec:
     # Override of config.json "architectures" (e.g. an OCR-named one: the server then
     # detects an OCR model and gives it OCR defaults).
     architecture: str | None = None
+    # Benchmarks: greedy decoding never picks a token whose text is not printable ASCII (nor
+    # an end-of-turn token), so every server streams visible text for the whole max_tokens
+    # and time to first token is measured alike (a zero output row loses to the largest of
+    # hundreds of random logits).
+    printable_only: bool = False
 
 
 def build_vlm(path: str | Path, spec: TinyVLMSpec | None = None) -> Path:
@@ -86,6 +91,8 @@ def build_vlm(path: str | Path, spec: TinyVLMSpec | None = None) -> Path:
     if spec.architecture:
         config["architectures"] = [spec.architecture]
     model = _random_model(spec, config)
+    if spec.printable_only:
+        _printable_only(model, tokenizer)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     weights = {k: v.astype(mx.float32) for k, v in tree_flatten(model.parameters())}
@@ -188,6 +195,18 @@ def _random_model(spec: TinyVLMSpec, config: dict):
     head.weight = head.weight * spec.logit_scale
     mx.eval(model.parameters())
     return model
+
+
+def _printable_only(model, tokenizer) -> None:
+    head = model.language_model.lm_head
+    weight = head.weight
+    weight[tokenizer.get_vocab_size():] = 0.0  # padding rows past the vocabulary: no text at all
+    for token in range(tokenizer.get_vocab_size()):
+        text = tokenizer.decode([token], skip_special_tokens=False)
+        if not text or not text.isascii() or not text.isprintable() or tokenizer.id_to_token(token) in SPECIAL_TOKENS:
+            weight[token] = 0.0
+    head.weight = weight
+    mx.eval(head.weight)
 
 
 def _write_tokenizer(path: Path, spec: TinyVLMSpec, tokenizer, family_tokens: list[str]) -> None:
