@@ -100,7 +100,7 @@ def _message_content(content: Any, index: int, takes_images: bool = False) -> st
     if isinstance(content, list):
         where = f"messages[{index}].content"
         out = MessageContent()
-        for i, part in enumerate(content):
+        for part in content:
             if not isinstance(part, dict) or "type" not in part:
                 raise invalid(f"{where} parts must be objects with a 'type'", where)
             if part["type"] in ("text", "input_text"):
