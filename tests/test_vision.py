@@ -316,6 +316,21 @@ def test_ocr_defaults_by_family():
     assert with_default_prompt(asked, OCR_FAMILIES["glm_ocr"]) == asked
 
 
+def test_ocr_defaults_sit_between_model_and_global_settings():
+    from omlx.vision.ocr import OCR_FAMILIES, with_ocr_defaults
+
+    glm = OCR_FAMILIES["glm_ocr"]
+    # Global settings only (merged = global): the OCR family's defaults win.
+    merged = with_ocr_defaults({"temperature": 0.7, "max_tokens": 100, "stop": ["x"]}, {}, glm)
+    assert merged["temperature"] == 0.0 and merged["repetition_penalty"] == 1.1
+    assert merged["max_tokens"] == glm.max_tokens and merged["stop"] == list(glm.stop)
+    # The model's own settings win over the family's.
+    model = {"sampling": {"temperature": 0.3, "stop": ["y"]}, "max_tokens": 50}
+    merged = with_ocr_defaults({"temperature": 0.3, "max_tokens": 50, "stop": ["y"]}, model, glm)
+    assert merged["temperature"] == 0.3 and merged["max_tokens"] == 50 and merged["stop"] == ["y"]
+    assert merged["repetition_penalty"] == 1.1
+
+
 # ---------------------------------------------------------------------------- status
 
 

@@ -18,6 +18,7 @@ from aiohttp import web
 from omlx.models.loaded import LoadedModel
 from omlx.models.pool import ModelPool
 from omlx.vision.images import ImageLimits
+from omlx.vision.ocr import with_ocr_defaults
 
 from .admission import admit, check_memory
 from .assistant_turn import AssistantTurn
@@ -49,13 +50,10 @@ class Serving:
         self.image_limits = ImageLimits.from_env()
 
     def defaults(self, loaded: LoadedModel) -> ModelDefaults:
-        merged = dict(self.pool.settings.request_defaults(loaded.info.settings_id))
+        merged = self.pool.settings.request_defaults(loaded.info.settings_id)
         ocr = getattr(loaded.vision, "ocr", None)
-        if ocr is not None:  # an OCR family's own stops and length, unless settings say otherwise
-            if merged.get("stop") is None and ocr.stop:
-                merged["stop"] = list(ocr.stop)
-            if merged.get("max_tokens") is None:
-                merged["max_tokens"] = ocr.max_tokens
+        if ocr is not None:  # an OCR family's sampling, stops and length, under the model's own settings
+            merged = with_ocr_defaults(merged, self.pool.settings.model(loaded.info.settings_id), ocr)
         return ModelDefaults.from_settings(merged)
 
     async def prepare(self, http: web.Request, request: TurnRequest):

@@ -7,7 +7,9 @@ gets the chat-turn markers the family's decoder tends to run past.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+GREEDY = {"temperature": 0.0}  # transcription wants the most likely text
 
 
 @dataclass(frozen=True)
@@ -15,6 +17,7 @@ class OCRDefaults:
     prompt: str
     stop: tuple[str, ...]
     max_tokens: int = 4096
+    sampling: dict = field(default_factory=lambda: dict(GREEDY))
 
 
 # By mlx-vlm model type (config.json "model_type").
@@ -24,7 +27,8 @@ OCR_FAMILIES = {
     "deepseekocr_2": OCRDefaults("<|grounding|>Convert the document to markdown.",
                                  ("<｜end▁of▁sentence｜>", "<|User|>"), 8192),
     "dots_ocr": OCRDefaults("Extract the text content from this image.", ("<|endofassistant|>", "<|user|>")),
-    "glm_ocr": OCRDefaults("Text Recognition:", ("<|user|>", "<|endoftext|>")),
+    "glm_ocr": OCRDefaults("Text Recognition:", ("<|user|>", "<|endoftext|>"),
+                           sampling={**GREEDY, "repetition_penalty": 1.1}),
 }
 # An OCR model of another family: a plain transcription instruction, no extra stops.
 GENERIC = OCRDefaults("Convert the document to markdown.", ())
@@ -46,4 +50,19 @@ def with_default_prompt(messages: list[dict], defaults: OCRDefaults) -> list[dic
                 and not any(p.get("type") == "text" and p.get("text", "").strip() for p in content)):
             message = {**message, "content": [*content, {"type": "text", "text": defaults.prompt}]}
         out.append(message)
+    return out
+
+
+def with_ocr_defaults(merged: dict, model_settings: dict, defaults: OCRDefaults) -> dict:
+    """Request defaults for an OCR model, in oMLX's order: the model's own settings, then the
+    OCR family's defaults, then the global settings (`merged` holds model over global)."""
+    out = dict(merged)
+    model_sampling = model_settings.get("sampling") or {}
+    for key, value in defaults.sampling.items():
+        if model_sampling.get(key) is None:
+            out[key] = value
+    if model_settings.get("max_tokens") is None:
+        out["max_tokens"] = defaults.max_tokens
+    if model_sampling.get("stop") is None and defaults.stop:
+        out["stop"] = list(defaults.stop)
     return out
