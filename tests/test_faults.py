@@ -7,15 +7,18 @@ request either completes or gets a clear error.
 - the response store unwritable: responses still answer; lookups say what is wrong;
 - a model folder deleted while loaded: requests in flight finish, the model is unloaded,
   later requests get 404; a folder corrupted while loaded: its reload is a clear error;
-- a tokenizer that raises on some token: that request ends with a clear error.
+- a tokenizer that raises on some token: that request ends with a clear error;
+- a streaming client that stops reading: dropped after the write timeout, its request aborted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import shutil
+import socket
 import time
 
 import aiohttp
@@ -166,7 +169,7 @@ def server(tmp_path_factory):
     blocker = work / "not-a-dir"
     blocker.write_text("")
     with omlx_server(root, work, "--kv-cache-dir", str(blocker / "cache"), "--kv-cache-gb", "0.2",
-                     failure=pytest.fail) as running:
+                     "--client-write-timeout", "1", failure=pytest.fail) as running:
         yield running
 
 
@@ -264,3 +267,28 @@ async def test_an_allocation_failure_in_a_step_fails_that_step_only_and_the_engi
         assert engine.blocks.leaked_blocks() == []
     finally:
         running.shutdown()
+
+
+def test_a_client_that_stops_reading_is_dropped_and_its_request_aborted(server):
+    host, port = server.root.removeprefix("http://").split(":")
+    body = json.dumps({"model": ENDLESS, "messages": [{"role": "user", "content": "go"}], "max_tokens": 30000,
+                       "temperature": 0, "stream": True, "logprobs": True, "top_logprobs": 20}).encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window fills fast
+    sock.connect((host, int(port)))
+    try:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 120
+        seen_running = False
+        while True:  # never read: the server's buffers fill, its write times out
+            running = server.health()["models_loaded"].get(ENDLESS, {}).get("running", 0)
+            seen_running |= running > 0
+            if seen_running and running == 0:
+                break
+            assert time.monotonic() < deadline, "the stalled reader's request was never aborted"
+            time.sleep(0.2)
+    finally:
+        sock.close()
+    stats = server.health()["models_loaded"][ENDLESS]
+    assert stats["kv_cache"]["used_blocks"] == 0 and stats["generated_tokens"] < 30000
