@@ -41,7 +41,14 @@ def process_memory() -> dict:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak *= 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-    return {"pid": os.getpid(), "rss_bytes": rss, "peak_rss_bytes": max(peak, rss or 0)}
+    out = {"pid": os.getpid(), "rss_bytes": rss, "peak_rss_bytes": max(peak, rss or 0)}
+    mlx = sys.modules.get("mlx.core")  # only once something has imported it
+    if mlx is not None:
+        # MLX's own view: arrays alive, and freed buffers its allocator keeps for reuse
+        # (counted in the RSS; mx.clear_cache() gives them back).
+        out["mlx_active_bytes"] = mlx.get_active_memory()
+        out["mlx_cache_bytes"] = mlx.get_cache_memory()
+    return out
 
 
 def machine_memory(reserve: int | None = None) -> dict:
