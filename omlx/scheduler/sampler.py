@@ -234,25 +234,31 @@ def _sample_filtered(logits: mx.array, params: list[SamplingParams], uniforms: l
     return _pick(scaled, mx.argsort(-scaled, axis=-1), params, uniforms)[0]
 
 
+def kept_in_rank_order(sorted_probs: mx.array, params: list[SamplingParams], vocab: int) -> mx.array:
+    """Which tokens each row's top-k / top-p / min-p keep, given its probabilities most likely
+    first (of the whole distribution; the leading ones suffice).  The sampler and the
+    speculative verifier both filter with this, so they sample the same distribution."""
+    top_k = mx.array([p.top_k if 0 < p.top_k < vocab else vocab for p in params])[:, None]
+    top_p = mx.array([p.top_p for p in params], dtype=mx.float32)[:, None]
+    min_p = mx.array([p.min_p for p in params], dtype=mx.float32)[:, None]
+    rank = mx.arange(sorted_probs.shape[1])[None, :]
+    # Mass strictly before each token: a token is kept while that is below top_p.  The most
+    # likely token always survives (top_p = 0 would otherwise keep nothing).
+    mass_before = mx.cumsum(sorted_probs, axis=-1) - sorted_probs
+    return ((rank < top_k) & (mass_before < top_p) & (sorted_probs >= min_p * sorted_probs[:, :1])) | (rank == 0)
+
+
 def _pick(scaled: mx.array, candidates: mx.array, params: list[SamplingParams], uniforms: list[float]):
     """Sample among `candidates` (token ids per row, any order); also returns whether each
     row's kept set may continue past them (its least likely candidate is still kept)."""
     vocab = scaled.shape[1]
     size = candidates.shape[1]
-    top_k = mx.array([p.top_k if 0 < p.top_k < vocab else vocab for p in params])[:, None]
-    top_p = mx.array([p.top_p for p in params], dtype=mx.float32)[:, None]
-    min_p = mx.array([p.min_p for p in params], dtype=mx.float32)[:, None]
-
     values = mx.take_along_axis(scaled, candidates, axis=-1)
     order = mx.argsort(-values, axis=-1)
     candidates = mx.take_along_axis(candidates, order, axis=-1)
     # Probabilities of the whole distribution, not renormalised over the candidates.
     probs = mx.exp(mx.take_along_axis(values, order, axis=-1) - mx.logsumexp(scaled, axis=-1, keepdims=True))
-    rank = mx.arange(size)[None, :]
-    # Mass strictly before each token: a token is kept while that is below top_p.  The most
-    # likely token always survives (top_p = 0 would otherwise keep nothing).
-    mass_before = mx.cumsum(probs, axis=-1) - probs
-    keep = ((rank < top_k) & (mass_before < top_p) & (probs >= min_p * probs[:, :1])) | (rank == 0)
+    keep = kept_in_rank_order(probs, params, vocab)
     kept = mx.where(keep, probs, 0.0)
     cdf = mx.cumsum(kept, axis=-1)
     target = mx.array(uniforms, dtype=mx.float32)[:, None] * cdf[:, -1:]

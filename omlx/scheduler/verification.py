@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from .request import SamplingParams
-from .sampler import Sampler, _adjust_logits, logprob_entry
+from .sampler import Sampler, _adjust_logits, kept_in_rank_order, logprob_entry
 from .sequence import Sequence
 
 
@@ -104,20 +104,14 @@ def _inverse_cdf(p: np.ndarray, u: float) -> int:
 
 def filtered_probs(logits: mx.array, params: list[SamplingParams]) -> mx.array:
     """Each row's sampling distribution over the whole vocabulary: temperature, then top-k,
-    top-p and min-p exactly as `sampler._pick` keeps tokens, renormalised."""
+    top-p and min-p as the sampler keeps tokens (`kept_in_rank_order`), renormalised."""
     vocab = logits.shape[1]
     temps = mx.array([p.temperature for p in params], dtype=mx.float32)[:, None]
     scaled = logits / temps
     probs = mx.softmax(scaled, axis=-1, precise=True)
     order = mx.argsort(-scaled, axis=-1)
     sorted_probs = mx.take_along_axis(probs, order, axis=-1)
-    top_k = mx.array([p.top_k if 0 < p.top_k < vocab else vocab for p in params])[:, None]
-    top_p = mx.array([p.top_p for p in params], dtype=mx.float32)[:, None]
-    min_p = mx.array([p.min_p for p in params], dtype=mx.float32)[:, None]
-    rank = mx.arange(vocab)[None, :]
-    mass_before = mx.cumsum(sorted_probs, axis=-1) - sorted_probs
-    keep_sorted = ((rank < top_k) & (mass_before < top_p) & (sorted_probs >= min_p * sorted_probs[:, :1])) | (rank == 0)
-    kept_sorted = mx.where(keep_sorted, sorted_probs, 0.0)
+    kept_sorted = mx.where(kept_in_rank_order(sorted_probs, params, vocab), sorted_probs, 0.0)
     # Back to vocabulary order: scatter through the inverse permutation.
     inverse = mx.argsort(order, axis=-1)
     kept = mx.take_along_axis(kept_sorted, inverse, axis=-1)
