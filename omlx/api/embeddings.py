@@ -21,6 +21,7 @@ from omlx.models.pool import ModelPool
 
 from .errors import invalid
 from .model_access import lease_for_request
+from .wire import read_json
 
 MAX_INPUTS = 2048
 
@@ -77,11 +78,7 @@ class EmbeddingRoutes:
         app.router.add_post("/v1/embeddings", self.embeddings)
 
     async def embeddings(self, request: web.Request) -> web.Response:
-        raw = await request.read()
-        try:
-            body = orjson.loads(raw) if raw else None
-        except orjson.JSONDecodeError as exc:
-            raise invalid(f"the request body is not valid JSON: {exc}") from None
+        body = await read_json(request)  # the shared read timeout, JSON and nesting checks
         if not isinstance(body, dict):
             raise invalid("the request body must be a JSON object")
         model = body.get("model") or DEFAULT_EMBEDDING_MODEL

@@ -31,6 +31,7 @@ from .admission import admit
 from .errors import invalid
 from .generation import EngineFailure
 from .model_access import lease_for_request
+from .wire import read_json
 
 MAX_DOCUMENTS = 4096
 MAX_CHUNKS_PER_DOC = 64
@@ -119,11 +120,7 @@ class RerankRoutes:
                       f"{len(rerankers) or 'no'} reranker models)", "model", "missing_required_parameter")
 
     async def _rerank(self, request: web.Request, version: int) -> web.Response:
-        raw = await request.read()
-        try:
-            body = orjson.loads(raw) if raw else None
-        except orjson.JSONDecodeError as exc:
-            raise invalid(f"the request body is not valid JSON: {exc}") from None
+        body = await read_json(request)  # the shared read timeout, JSON and nesting checks
         if not isinstance(body, dict):
             raise invalid("the request body must be a JSON object")
         model = body.get("model") or self.default_model()
