@@ -154,7 +154,13 @@ class Downloads:
     async def resume(self, task_id: str) -> Download:
         task = self.tasks[task_id]
         if task.status != "downloading":
+            # Detach the old process first: its watcher must not take the new run's
+            # "downloading" status for its own and mark the task failed when it exits.
+            old, task.process = task.process, None
             task.status, task.error, task.finished = "downloading", None, None
+            if old is not None and old.returncode is None:
+                old.terminate()
+                await old.wait()  # two pulls must never write the same partial files
             await self._run(task)
         return task
 
