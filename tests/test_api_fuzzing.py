@@ -18,8 +18,10 @@ from hypothesis import strategies as st
 
 from omlx_process import omlx_server
 from omlx.testing.tiny_models import TinyModelSpec, build_model
+from omlx.testing.tiny_rerankers import build_cross_encoder_folder
 
 MODEL = "tiny"
+RERANKER = "tiny-reranker"
 FUZZ_SECONDS = 30  # schemathesis' time budget in CI; run it longer by hand with OMLX_FUZZ_SECONDS
 
 
@@ -27,6 +29,7 @@ FUZZ_SECONDS = 30  # schemathesis' time budget in CI; run it longer by hand with
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     build_model(root / MODEL, TinyModelSpec())
+    build_cross_encoder_folder(root / RERANKER)  # so /v1/rerank is fuzzed with a model behind it
     workdir = tmp_path_factory.mktemp("fuzz")
     # A real MCP server, so the /v1/mcp routes are fuzzed working (without a config they
     # answer 503 by design); its tools are not offered to the model (--no-mcp-tools), which
@@ -78,13 +81,17 @@ def test_openapi_document_describes_every_route(server):
     for path, method in [("/v1/chat/completions", "post"), ("/v1/completions", "post"), ("/v1/messages", "post"),
                          ("/v1/messages/count_tokens", "post"), ("/v1/responses", "post"),
                          ("/v1/responses/{response_id}", "get"), ("/v1/responses/{response_id}", "delete"),
-                         ("/v1/embeddings", "post"), ("/v1/models", "get"), ("/v1/models/{model_id}", "get"),
+                         ("/v1/embeddings", "post"), ("/v1/rerank", "post"), ("/v2/rerank", "post"),
+                         ("/v1/models", "get"), ("/v1/models/{model_id}", "get"),
                          ("/health", "get")]:
         assert method in paths.get(path, {}), (path, method)
     chat = paths["/v1/chat/completions"]["post"]
     schema = chat["requestBody"]["content"]["application/json"]["schema"]
     assert schema["properties"]["model"] == {"enum": [MODEL]}
     assert schema["properties"]["temperature"]["maximum"] == 2.0  # OpenAI's range, from the parser's table
+    rerank = paths["/v1/rerank"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert rerank["properties"]["model"] == {"enum": [RERANKER]}
+    assert rerank["required"] == ["query", "documents"]
     messages = paths["/v1/messages"]["post"]
     assert messages["responses"]["529"]["content"]["application/json"]["schema"]["$ref"].endswith("AnthropicError")
     assert messages["requestBody"]["content"]["application/json"]["schema"]["properties"]["temperature"]["maximum"] == 1.0

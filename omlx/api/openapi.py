@@ -21,6 +21,7 @@ from omlx.models.pool import ModelPool
 
 from .anthropic_protocol import MAX_STOP_SEQUENCES
 from .embeddings import MAX_INPUTS
+from .rerank import MAX_CHUNKS_PER_DOC, MAX_DOCUMENTS
 from .errors import is_anthropic_route
 from .openai_protocol import MAX_N, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, ROLES
 from .responses_protocol import _MESSAGE_ROLES
@@ -138,6 +139,19 @@ EMBEDDINGS = {"type": "object", "required": ["input"], "properties": {
     "dimensions": {"type": "integer", "minimum": 1},
 }}
 
+_RERANK_TEXT = {"anyOf": [{"type": "string"}, {"type": "object", "required": ["text"],
+                                                "properties": {"text": {"type": "string"}}}]}
+RERANK = {"type": "object", "required": ["query", "documents"], "properties": {
+    "model": {"type": "string"},
+    "query": _RERANK_TEXT,
+    "documents": {"type": "array", "minItems": 1, "maxItems": MAX_DOCUMENTS, "items": _RERANK_TEXT},
+    "top_n": {"type": ["integer", "null"], "minimum": 1},
+    "return_documents": {"type": ["boolean", "null"]},
+    "max_chunks_per_doc": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_CHUNKS_PER_DOC},
+    "max_tokens_per_doc": {"type": ["integer", "null"], "minimum": 1},
+    "instruction": {"type": ["string", "null"]},  # LLM rerankers only
+}}
+
 # POST bodies by route; routes not named here take any JSON object (or none).
 REQUEST_BODIES = {
     "/v1/chat/completions": CHAT, "/chat/completions": CHAT,
@@ -145,6 +159,7 @@ REQUEST_BODIES = {
     "/v1/messages": MESSAGES, "/v1/messages/count_tokens": COUNT_TOKENS,
     "/v1/responses": RESPONSES, "/responses": RESPONSES,
     "/v1/embeddings": EMBEDDINGS,
+    "/v1/rerank": RERANK, "/rerank": RERANK, "/v2/rerank": RERANK,
     # oMLX's MCP execute: `tool` is accepted for `tool_name`; the arguments are checked
     # against the tool's own input schema by the route.
     "/v1/mcp/execute": {"type": "object", "properties": {
@@ -175,12 +190,13 @@ class OpenAPIRoute:
         app.router.add_get("/openapi.json", self.document)
 
     async def document(self, request: web.Request) -> web.Response:
-        models = {kind: [m.model_id for m in self.pool.servable(kind)] for kind in ("llm", "embedding")}
+        models = {kind: [m.model_id for m in self.pool.servable(kind)] for kind in ("llm", "embedding", "reranker")}
         return web.json_response(openapi_document(request.app, models))
 
 
 def openapi_document(app: web.Application, models: dict[str, list[str]] | None = None) -> dict:
-    """The document; `models` ({"llm": [...], "embedding": [...]}) names the served models."""
+    """The document; `models` ({"llm": [...], "embedding": [...], "reranker": [...]}) names the
+    served models."""
     paths: dict[str, dict] = {}
     for route in app.router.routes():
         method = route.method.lower()
@@ -207,6 +223,10 @@ def _template(formatter: str) -> str:
     return re.sub(r"\{(\w+)(:[^}]*)?\}", r"{\1}", formatter)
 
 
+# The kind of model a route's `model` names (the rest take LLMs).
+_MODEL_KIND = {"/v1/embeddings": "embedding", "/v1/rerank": "reranker", "/rerank": "reranker", "/v2/rerank": "reranker"}
+
+
 def _operation(path: str, method: str, models: dict[str, list[str]]) -> dict:
     error_shape = "AnthropicError" if is_anthropic_route(path) else "OpenAIError"
     error = {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{error_shape}"}}}}
@@ -224,7 +244,7 @@ def _operation(path: str, method: str, models: dict[str, list[str]]) -> dict:
                                    for n in names]
     if method in ("post", "put"):
         schema = REQUEST_BODIES.get(path, {"type": "object"})
-        served = models.get("embedding" if path == "/v1/embeddings" else "llm")
+        served = models.get(_MODEL_KIND.get(path, "llm"))
         if served and "model" in schema.get("properties", {}):
             schema = copy.deepcopy(schema)
             schema["properties"]["model"] = {"enum": served}
