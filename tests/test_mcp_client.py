@@ -5,6 +5,7 @@ through the manager and executor the server uses."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ from omlx.mcp.config import MCPConfigError, find_config_path, load_config, parse
 from omlx.mcp.executor import InvalidArguments, MCPExecutor, UnknownTool
 from omlx.mcp.manager import MCPManager
 
-from mcp_servers.launch import HANG_SERVER, TOOLS_SERVER, http_tools_server, process_alive
+from mcp_servers.launch import CHANGING_SERVER, HANG_SERVER, TOOLS_SERVER, http_tools_server, process_alive
 
 # Quick pings and retries; connecting may take its time (this machine is shared and busy).
 FAST = Timing(ping_interval=0.5, first_backoff=0.2, max_backoff=1.0, stop_grace=5.0, min_session_timeout=20.0)
@@ -146,6 +147,27 @@ async def test_list_execute_validate_over_stdio_and_http(http_server, monkeypatc
         assert (await executor.execute("local__getenv", {"name": "PATH"})).content == os.environ["PATH"]
         failed = await executor.execute("local__fail", {"reason": "testing"})
         assert failed.is_error and "failed on purpose: testing" in failed.content
+    finally:
+        await manager.stop()
+
+
+@pytest.mark.parametrize("notify", [True, False])
+async def test_tool_list_changes_are_picked_up(notify):
+    """Notified: at once (`tools/list_changed`).  Not notified: at the next periodic listing
+    (shortened here from minutes)."""
+    timing = FAST if notify else dataclasses.replace(FAST, tools_refresh=1.0)
+    manager = MCPManager(parse_config({"servers": {"changing": {
+        "command": sys.executable, "args": [str(CHANGING_SERVER), "stdio"], "timeout": 10}}}), timing)
+    manager.start()
+    try:
+        await _wait_for(lambda: manager.servers()[0]["state"] == "connected")
+        assert [t.qualified_name for t in manager.tools()] == ["changing__add_tool"]
+        executor = MCPExecutor(manager)
+        added = await executor.execute("changing__add_tool", {"name": "zap", "notify": notify})
+        assert added.content == "added zap"
+        await _wait_for(lambda: manager.tool("changing__zap") is not None, timeout=15.0)
+        assert (await executor.execute("changing__zap", {})).content == "zap ran"
+        assert manager.servers()[0]["tools_count"] == 2 and manager.servers()[0]["state"] == "connected"
     finally:
         await manager.stop()
 

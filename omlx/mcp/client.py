@@ -1,7 +1,9 @@
 """One MCP server's connection, kept alive in its own task.
 
 The task connects (spawning a stdio server or opening an HTTP session through the `mcp`
-SDK), initializes, lists the tools, then pings the server now and then.  Any failure (a
+SDK), initializes, lists the tools, then pings the server now and then.  The tool list is
+listed again when the server says it changed (`notifications/tools/list_changed`) and every
+`tools_refresh` seconds, for servers that change it without saying so.  Any failure (a
 command that does not start, a server that crashes, hangs or drops the connection) is
 recorded as the connection's state and error, and the task tries again after a backoff that
 doubles up to a cap.  Nothing here blocks the caller: `start` only creates the task, and a
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 
 import anyio
@@ -39,6 +42,7 @@ class Timing:
     first_backoff: float = 1.0
     max_backoff: float = 60.0
     stop_grace: float = 10.0  # how long a closing connection may take before it is cancelled
+    tools_refresh: float = 300.0  # list the tools again this often, notified or not
 
 
 class ServerUnavailable(Exception):
@@ -58,6 +62,7 @@ class MCPServerConnection:
         self._scope: anyio.CancelScope | None = None  # the current connection attempt's
         self._stopping = asyncio.Event()
         self._lost = asyncio.Event()  # a call saw the connection break: reconnect now
+        self._tools_changed = asyncio.Event()  # the server said its tool list changed
 
     @property
     def name(self) -> str:
@@ -141,15 +146,35 @@ class MCPServerConnection:
             # reads and notice the end of it at once.
             relay_in, relay_out = anyio.create_memory_object_stream(0)
             forwarding.start_soon(self._relay, read, relay_in)
-            async with ClientSession(relay_out, write) as session:
+            async with ClientSession(relay_out, write, message_handler=self._on_message) as session:
                 await asyncio.wait_for(session.initialize(), self.session_timeout)
                 tools = await asyncio.wait_for(self._list_tools(session), self.session_timeout)
                 self._session, self.tools = session, tools
                 self._lost.clear()
+                self._tools_changed.clear()
                 self.state, self.error = "connected", None
                 log.info("MCP server %r connected (%s): %d tools", self.name, self.config.transport, len(tools))
                 yield session
             forwarding.cancel_scope.cancel()
+
+    async def _on_message(self, message) -> None:
+        """The SDK's notification hook.  It runs on the session's receive path, so it only
+        flags the change: the watch lists the tools again (a request from here would wait on
+        the very loop that must read its answer)."""
+        from mcp.types import ToolListChangedNotification
+
+        if isinstance(message, ToolListChangedNotification):
+            self._tools_changed.set()
+
+    async def _relist_tools(self) -> None:
+        self._tools_changed.clear()
+        tools = await asyncio.wait_for(self._list_tools(self._session), self.session_timeout)
+        before = {t.qualified_name for t in self.tools}
+        self.tools = tools
+        after = {t.qualified_name for t in tools}
+        if before != after:
+            log.info("MCP server %r tools changed: %d tools (added %s, removed %s)", self.name, len(tools),
+                     sorted(after - before) or "none", sorted(before - after) or "none")
 
     async def _relay(self, read, relay_in) -> None:
         async with relay_in:
@@ -171,21 +196,27 @@ class MCPServerConnection:
                 return tools
 
     async def _watch(self) -> None:
-        """Return when asked to stop; raise when the server stops answering."""
+        """Return when asked to stop; raise when the server stops answering; keep the tool
+        list current meanwhile."""
+        listed = time.monotonic()
         while not self._stopping.is_set():
-            waiters = [asyncio.ensure_future(self._stopping.wait()), asyncio.ensure_future(self._lost.wait())]
-            done, pending = await asyncio.wait(waiters, timeout=self.timing.ping_interval,
-                                               return_when=asyncio.FIRST_COMPLETED)
-            for waiter in pending:
+            events = (self._stopping, self._lost, self._tools_changed)
+            waiters = [asyncio.ensure_future(event.wait()) for event in events]
+            await asyncio.wait(waiters, timeout=self.timing.ping_interval, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
                 waiter.cancel()
             if self._stopping.is_set():
                 return
             if self._lost.is_set():
                 raise ConnectionError(self.error or "the connection to the server was lost")
             try:
-                await asyncio.wait_for(self._session.send_ping(), self.session_timeout)
+                if self._tools_changed.is_set() or time.monotonic() - listed >= self.timing.tools_refresh:
+                    await self._relist_tools()
+                    listed = time.monotonic()
+                else:
+                    await asyncio.wait_for(self._session.send_ping(), self.session_timeout)
             except asyncio.TimeoutError:
-                raise ConnectionError(f"no answer to a ping within {self.session_timeout:g} s") from None
+                raise ConnectionError(f"no answer within {self.session_timeout:g} s") from None
 
     def _transport(self):
         config = self.config

@@ -14,6 +14,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 TOOLS_SERVER = HERE / "tools_server.py"
 HANG_SERVER = HERE / "hang_server.py"
+CHANGING_SERVER = HERE / "changing_server.py"
 
 
 def free_port() -> int:
