@@ -43,6 +43,7 @@ class EventStream:
     def __init__(self, response: aiohttp.ClientResponse):
         self.response = response
         self.events: list[tuple[str | None, object]] = []
+        self.comments: list[str] = []  # SSE comment lines, without the leading ':'
         self._buffer = b""
 
     async def next(self) -> tuple[str | None, object] | None:
@@ -50,7 +51,9 @@ class EventStream:
         while True:
             while b"\n\n" in self._buffer:
                 block, self._buffer = self._buffer.split(b"\n\n", 1)
-                event = _parse(block.decode())
+                text = block.decode()
+                self.comments += [line[1:].strip() for line in text.splitlines() if line.startswith(":")]
+                event = _parse(text)
                 if event is not None:
                     self.events.append(event)
                     return event

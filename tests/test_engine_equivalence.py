@@ -161,3 +161,23 @@ def test_seeded_sampling_is_independent_of_batch(tiny):
     assert len(alone) > 0
     assert run(True) == alone
     assert run(False) == alone
+
+
+def test_prompt_progress_follows_chunked_prefill(tiny):
+    """What the streams' keepalive comments report: prompt tokens in the cache, of all."""
+    model, eos, _ = tiny
+    engine = LLMEngine(model, EngineConfig(block_size=8, num_blocks=64, max_num_batched_tokens=16), 4096)
+    prompt = SHARED_PREFIX[:50]
+    assert engine.prompt_progress("p") is None  # not added yet
+    engine.add_request(GenerationRequest("p", prompt, 2, SamplingParams(), eos))
+    assert engine.prompt_progress("p") == (0, 50)  # queued
+    seen = []
+    while engine.has_work:
+        engine.step()
+        progress = engine.prompt_progress("p")
+        if progress is not None:
+            seen.append(progress)
+    # 16-token chunks, then the prompt stays complete while it decodes; gone when finished.
+    assert seen[:4] == [(16, 50), (32, 50), (48, 50), (50, 50)]
+    assert all(p == (50, 50) for p in seen[3:])
+    assert engine.prompt_progress("p") is None

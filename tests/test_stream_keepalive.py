@@ -2,7 +2,8 @@
 wait in the queue) stays open: each family sends, at the keepalive interval, an event of its
 own stream that its clients count as activity and ignore (an empty chat delta, an empty text
 completion, Anthropic's `ping`, the Responses `response.in_progress`); never an SSE comment
-alone, which Codex CLI's idle timer does not count.
+alone, which Codex CLI's idle timer does not count.  Next to each, a `: keepalive N/M` comment
+reports the prompt's prefill progress as mlx_lm.server does.
 
 The wait here is a real one: the request queues behind a stream holding the model's only
 slot, and the SDK clients run with a 1 s timeout, well short of the wait.
@@ -11,6 +12,7 @@ slot, and the SDK clients run with a 1 s timeout, well short of the wait.
 from __future__ import annotations
 
 import asyncio
+import re
 
 import aiohttp
 import pytest
@@ -146,3 +148,27 @@ async def test_every_family_keeps_sending_events_not_only_comments(server):
         for stream in streams.values():
             await stream.rest()
     assert all(any(is_content(f, e) for e in s.events) for f, s in streams.items())
+
+
+async def test_keepalives_report_prompt_progress_in_mlx_lm_server_comments(server):
+    """While queued: `: keepalive 0/M`, M the request's prompt tokens (what its usage says)."""
+    async with aiohttp.ClientSession() as session:
+        blocker = await _hold_slot(server, session)
+        release = asyncio.ensure_future(_release_later(blocker))
+        streams = {}
+        for family in ("chat", "completions", "messages", "responses"):
+            path, body = stream_body(family, 2)
+            if family == "chat":
+                body["stream_options"] = {"include_usage": True}
+            streams[family] = EventStream(await session.post(server.root + path, json=body))
+        await release
+        for stream in streams.values():
+            await stream.rest()
+    for family, stream in streams.items():
+        progress = [re.fullmatch(r"keepalive (\d+)/(\d+)", c) for c in stream.comments]
+        assert progress and all(progress), (family, stream.comments)
+        totals = {int(m.group(2)) for m in progress}
+        assert len(totals) == 1 and totals.pop() > 0, (family, stream.comments)
+        assert all(int(m.group(1)) == 0 for m in progress), (family, stream.comments)  # it never left the queue
+    usage = [data for _, data in streams["chat"].events if isinstance(data, dict) and data.get("usage")]
+    assert f"keepalive 0/{usage[-1]['usage']['prompt_tokens']}" in streams["chat"].comments

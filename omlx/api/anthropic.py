@@ -141,6 +141,7 @@ class AnthropicRoutes:
             async with aclosing(sse.with_keepalive(turn.events(), sse.keepalive_interval(request))) as events:
                 async for event in events:
                     if event is None:  # nothing for a while (a long prefill): show we are alive
+                        await response.write(sse.progress_comment(request))
                         await send("ping", {})
                     elif isinstance(event, Reasoning):
                         if open_kind != "thinking":

@@ -162,6 +162,11 @@ class GenerationStream:
     def text(self) -> TextStream:
         return self.choices[0].text
 
+    def prompt_progress(self) -> tuple[int, int]:
+        """(prompt tokens prefilled, prompt tokens): 0 done while it waits in the queue."""
+        total = self.usage.prompt_tokens
+        return self.loaded.prompt_progress(self.request.request_id) or (0, total)
+
     @property
     def finish_reason(self) -> str | None:
         return self.choices[0].finish_reason

@@ -210,7 +210,7 @@ async def _guarded_choices(stream: GenerationStream, request: web.Request, respo
         async with aclosing(sse.with_keepalive(stream.choice_deltas(), sse.keepalive_interval(request))) as items:
             async for item in items:
                 if item is None:
-                    await response.write(ping)
+                    await response.write(sse.progress_comment(request) + ping)
                 else:
                     yield item
     except EngineFailure as exc:

@@ -255,6 +255,7 @@ class ResponsesRoutes:
                         # Nothing for a while (a long prefill, a wait in the queue): the
                         # in-progress event again.  Codex's idle timer counts SSE events, not
                         # bytes (a comment would not reset it), and ignores this one.
+                        await response.write(sse.progress_comment(request))
                         await send({"type": "response.in_progress", "response": run.response_object(final=False)})
                         continue
                     for payload in run.output.add(event):

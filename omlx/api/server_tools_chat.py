@@ -118,7 +118,7 @@ async def _stream(request, loop: ServerToolLoop, options, request_id: str, creat
         async with aclosing(sse.with_keepalive(loop.events(), sse.keepalive_interval(request))) as events:
             async for event in events:
                 if event is None:
-                    await response.write(ping)
+                    await response.write(sse.progress_comment(request) + ping)
                     continue
                 await response.write(sse.data_event(chunk(deltas.delta(event))))
     except EngineFailure as exc:

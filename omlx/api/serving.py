@@ -25,6 +25,7 @@ from .assistant_turn import AssistantTurn
 from .conversation import render_prompt
 from .errors import invalid
 from .generation import GenerationStream, build_request
+from .sse import GENERATION_KEY
 from .image_prompt import check_takes_images, image_prompt
 from .model_access import lease_for_request
 from .turn_options import decoding_constraint, output_room, tool_parser_of
@@ -90,6 +91,7 @@ class Serving:
         )
         admit(http, self.pool, loaded, engine_request.request_id)
         stream = GenerationStream(loaded, engine_request, resolved.stop, self.pool.metrics)
+        http[GENERATION_KEY] = stream  # the newest turn's: its prefill progress goes in keepalives
         turn = None
         if request.conversation is not None:
             turn = AssistantTurn(stream, prompt_ids, request.conversation, tool_parser, request.call_id_prefix)

@@ -60,6 +60,19 @@ def named_event(event: str, payload: dict) -> bytes:
 
 DONE = b"data: [DONE]\n\n"
 
+GENERATION_KEY = "omlx.generation"  # the request's running GenerationStream, set by Serving.start
+
+
+def progress_comment(request: web.Request) -> bytes:
+    """`: keepalive N/M`, the prompt tokens prefilled so far out of all, as mlx_lm.server
+    reports prompt progress.  A comment: every SSE client skips it, so it goes next to (not
+    instead of) each family's keepalive event, which clients' idle timers do count."""
+    stream = request.get(GENERATION_KEY)
+    if stream is None:
+        return b""
+    done, total = stream.prompt_progress()
+    return b": keepalive %d/%d\n\n" % (done, total)
+
 
 async def with_keepalive(events, interval: float, ping=None):
     """Items of the async iterator `events`; `ping` (default None) whenever `interval` seconds

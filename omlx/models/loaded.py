@@ -52,6 +52,10 @@ class LoadedModel:
         """The request's TokenEvents (an async iterator; closing it aborts the request)."""
         return self.engine.generate(request)
 
+    def prompt_progress(self, request_id: str) -> tuple[int, int] | None:
+        """(prompt tokens prefilled, prompt tokens) of a request in flight, else None."""
+        return self.engine.engine.prompt_progress(request_id)
+
     @property
     def queued_requests(self) -> int:
         """Requests submitted or admitted that the scheduler has not started yet."""

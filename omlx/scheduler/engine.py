@@ -314,6 +314,16 @@ class LLMEngine:
         if self.float_blocks is not None:
             self.float_blocks.prefetch(seq)
 
+    def prompt_progress(self, request_id: str) -> tuple[int, int] | None:
+        """(prompt tokens in the KV cache, prompt tokens) of a request, or None when the
+        engine does not know it (not added yet, or finished).  Read from other threads: two
+        ints of one sequence, each current at some moment of the step."""
+        seq = self.sequences.get(request_id)
+        if seq is None:
+            return None
+        total = seq.num_prompt_tokens
+        return min(seq.num_computed_tokens, total), total
+
     def abort(self, request_id: str) -> TokenEvent | None:
         seq = self.sequences.pop(request_id, None)
         if seq is None or request_finished(seq):
