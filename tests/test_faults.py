@@ -238,8 +238,10 @@ async def test_an_allocation_failure_in_a_step_fails_that_step_only_and_the_engi
     from omlx.scheduler import AsyncEngine
 
     model, eos = tiny
-    engine = LLMEngine(model, EngineConfig(block_size=BLOCK, num_blocks=64, max_num_batched_tokens=64),
-                       context_window=4096)
+    # One sequence per step: of three requests sent together, the first runs (and fails)
+    # while the other two wait in the queue.
+    engine = LLMEngine(model, EngineConfig(block_size=BLOCK, num_blocks=64, max_num_batched_tokens=64,
+                                           max_num_seqs=1), context_window=4096)
     real_forward = engine.runner.forward
     calls = {"n": 0}
 
@@ -255,12 +257,18 @@ async def test_an_allocation_failure_in_a_step_fails_that_step_only_and_the_engi
         async def events_of(rid, prompt):
             return [e async for e in running.generate(GenerationRequest(rid, prompt, 6, stop_token_ids=eos))]
 
-        prompts = [[5 + i, 9, 33, 70 + i] for i in range(2)]
-        failed = await asyncio.gather(*(events_of(f"oom{i}", p) for i, p in enumerate(prompts)))
-        for events in failed:
-            assert events[-1].error_code == "out_of_memory" and "Unable to allocate" in events[-1].error
-        error = EngineFailure(failed[0][-1].error, "out_of_memory").api_error()
+        prompts = [[5 + i, 9, 33, 70 + i] for i in range(3)]
+        results = await asyncio.gather(*(events_of(f"oom{i}", p) for i, p in enumerate(prompts)))
+        failed = [i for i, events in enumerate(results) if events[-1].error is not None]
+        assert len(failed) == 1, [r[-1] for r in results]  # only the failed step's request
+        events = results[failed[0]]
+        assert events[-1].error_code == "out_of_memory" and "Unable to allocate" in events[-1].error
+        error = EngineFailure(events[-1].error, "out_of_memory").api_error()
         assert error.status == 507 and error.code == "insufficient_memory" and "Retry-After" in error.headers
+        # The queued requests carry on, token-exact.
+        for i, events in enumerate(results):
+            if i != failed[0]:
+                assert [e.token_id for e in events if e.token_id is not None] == greedy_reference(model, prompts[i], 6, eos)
         # The engine goes on: the next request runs, token-exact, and nothing is held.
         after = await events_of("after", prompts[0])
         assert [e.token_id for e in after if e.token_id is not None] == greedy_reference(model, prompts[0], 6, eos)

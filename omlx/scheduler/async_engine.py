@@ -214,9 +214,12 @@ class AsyncEngine:
             return self.engine.fail_all(f"internal engine error: {exc}")
         # An allocation MLX could not make: the requests of this step end with a capacity
         # error (retry later, or ask for less), the allocator's cache goes back, and the
-        # engine serves on.
-        log.error("out of memory during an engine step (%s); ending the requests in flight", exc)
-        events = self._fail_all(f"out of memory while running this request: {exc}", "out_of_memory")
+        # engine serves on; requests still queued keep their place.
+        events = self.engine.fail_step(f"out of memory while running this request: {exc}")
+        log.error("out of memory during an engine step (%s); ended the %d request(s) of that step", exc, len(events))
+        for request_id, event in events:
+            event.error_code = "out_of_memory"
+            self._in_scheduler_queue.discard(request_id)
         try:
             import mlx.core as mx
 

@@ -147,6 +147,7 @@ class LLMEngine:
         self.runner.vision = vision
         self.sampler = Sampler()
         self.sequences: dict[str, Sequence] = {}
+        self._stepping: set[str] | None = None  # request ids of the step being run
         self.stats = EngineStats()
         self.profile = StepProfile()
         self.runner.profile = self.profile
@@ -342,8 +343,11 @@ class LLMEngine:
             # Draft rows are verified in the ragged pass only (a runner can lose it: tests
             # route attention away from the cache to compare the per-pool passes).
             self.scheduler.speculator.active = self.runner.ragged
+        self._stepping = None
         with self.profile.phase("schedule"):
             batch = self.scheduler.schedule()
+        # The requests this step runs: the ones a failed step ends (see fail_step).
+        self._stepping = {s.request_id for s, _ in batch.prefills} | {s.request_id for s in batch.decodes}
         # Requests that can never get their blocks end here (the batch is empty then, unless
         # a float sequence found the quantized pool too small for it: the rest still run).
         ended = self._out_of_memory() if self.scheduler.out_of_memory else []
@@ -447,6 +451,23 @@ class LLMEngine:
         """Flush the disk tiers' pending writes (graceful shutdown)."""
         for pool in self.pools:
             pool.close()
+
+    def fail_step(self, message: str) -> list[tuple[str, TokenEvent]]:
+        """After a step failed (an allocation MLX could not make): end the requests that were
+        in it, releasing their blocks; requests still waiting for their turn wait on.  A
+        failure while scheduling (no batch yet) ends them all."""
+        if self._stepping is None:
+            return self.fail_all(message)
+        out = []
+        for request_id in sorted(self._stepping):
+            seq = self.sequences.pop(request_id, None)
+            if seq is None:
+                continue
+            for member in request_sequences(seq):
+                self.scheduler.finish(member, FinishReason.ERROR)
+            out.append((request_id, TokenEvent(None, FinishReason.ERROR, error=message)))
+        self._stepping = None
+        return out
 
     def fail_all(self, message: str) -> list[tuple[str, TokenEvent]]:
         """After an internal error: end every request with an error, releasing its blocks."""
