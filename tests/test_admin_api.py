@@ -163,6 +163,7 @@ async def test_totals_since_start_and_all_time_survive_a_restart(model_dir, tmp_
         assert body["latency"]["tiny"]["samples"] == 2 and body["latency"]["tiny"]["ttft_s"]["p50"] > 0
         [model] = body["models"]
         assert model["id"] == "tiny" and model["running"] == 0 and model["kv_cache"]["max_blocks"] > 0
+        assert model["prefilling"] == []
         assert body["memory"]["holders"] == [{"holder": "model:tiny", "bytes": model["memory_bytes"]}]
     await server.close()
     saved = json.loads((home / "stats.json").read_text())

@@ -295,6 +295,11 @@ def test_status_page_counts_the_traffic(server, browser):
           "the loaded model's card shows")
     card = browser.find_element(By.CSS_SELECTOR, '#status-models .card[data-model-id="tiny"]').text
     assert "running / waiting" in card and "KV pool" in card and "prefix-cache hit rate" in card
+    assert "prompts in prefill" not in card  # nothing is being prefilled now
+    # The row a card shows while prompts are prefilled (from /admin/api/stats' `prefilling`).
+    progress = browser.execute_script(
+        "return prefillProgress([{done: 1024, total: 4567}, {done: 0, total: 100}], 100)")
+    assert progress == "2 prompts: 1,024 / 4,667 tokens, ~37 s left"
     row = browser.find_element(By.CSS_SELECTOR, '#totals-table tr[data-scope="session"][data-model="tiny"]')
     cells = [c.text for c in row.find_elements(By.TAG_NAME, "td")]
     assert cells[2] == "1"  # the one chat with tiny

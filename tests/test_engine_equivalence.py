@@ -171,12 +171,16 @@ def test_prompt_progress_follows_chunked_prefill(tiny):
     assert engine.prompt_progress("p") is None  # not added yet
     engine.add_request(GenerationRequest("p", prompt, 2, SamplingParams(), eos))
     assert engine.prompt_progress("p") == (0, 50)  # queued
-    seen = []
+    assert engine.prefilling() == []  # only admitted prompts count
+    seen, listed = [], []
     while engine.has_work:
         engine.step()
         progress = engine.prompt_progress("p")
         if progress is not None:
             seen.append(progress)
+        listed.append(engine.prefilling())
+    assert listed[:4] == [[{"request_id": "p", "done": 16, "total": 50}], [{"request_id": "p", "done": 32, "total": 50}],
+                          [{"request_id": "p", "done": 48, "total": 50}], []]
     # 16-token chunks, then the prompt stays complete while it decodes; gone when finished.
     assert seen[:4] == [(16, 50), (32, 50), (48, 50), (50, 50)]
     assert all(p == (50, 50) for p in seen[3:])

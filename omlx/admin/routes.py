@@ -156,6 +156,7 @@ class AdminRoutes:
                 kv = engine["kv_cache"]
                 entry.update(
                     running=engine["running"], waiting=engine["waiting"], preemptions=engine["preemptions"],
+                    prefilling=engine["prefilling"],
                     context_window=engine["context_window"],
                     **self.stats.throughput(model_id, engine["prefill_tokens"], engine["generated_tokens"]),
                     kv_cache={"block_size": kv["block_size"], "total_blocks": kv["total_blocks"],

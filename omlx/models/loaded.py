@@ -98,6 +98,7 @@ class LoadedModel:
             "waiting": len(engine.scheduler.waiting),
             "queued": self.queued_requests,  # waiting, plus admitted and not yet submitted
             "preemptions": engine.scheduler.num_preemptions,
+            "prefilling": engine.prefilling(),
             "steps": engine.stats.steps,
             "prefill_tokens": engine.stats.prefill_tokens,
             "generated_tokens": engine.stats.generated_tokens,

@@ -325,6 +325,12 @@ class LLMEngine:
         total = seq.num_prompt_tokens
         return min(seq.num_computed_tokens, total), total
 
+    def prefilling(self) -> list[dict]:
+        """The admitted requests part-way through their prompts: id, prompt tokens in the
+        cache, prompt tokens (a snapshot from another thread: a copy of the running list)."""
+        return [{"request_id": s.request_id, "done": s.num_computed_tokens, "total": s.num_prompt_tokens}
+                for s in list(self.scheduler.running) if s.num_computed_tokens < s.num_prompt_tokens]
+
     def abort(self, request_id: str) -> TokenEvent | None:
         seq = self.sequences.pop(request_id, None)
         if seq is None or request_finished(seq):

@@ -123,6 +123,13 @@ function route() {
 window.addEventListener("hashchange", route);
 
 // ------------------------------------------------------------------ status
+// "2 prompts: 1,024 / 4,567 tokens, ~12 s left" (the estimate from the current prefill rate).
+function prefillProgress(prompts, tps) {
+  const done = prompts.reduce((a, p) => a + p.done, 0), total = prompts.reduce((a, p) => a + p.total, 0);
+  const left = tps > 0 ? ", ~" + Math.ceil((total - done) / tps) + " s left" : "";
+  return prompts.length + (prompts.length === 1 ? " prompt: " : " prompts: ") + done.toLocaleString("en-US") +
+    " / " + total.toLocaleString("en-US") + " tokens" + left;
+}
 function showStatus() {
   every(1000, async () => {
     let stats;
@@ -134,6 +141,7 @@ function showStatus() {
         const kv = m.kv_cache;
         rows.unshift(["running / waiting", m.running + " / " + m.waiting],
                      ["prefill", num(m.prefill_tps) + " tok/s"], ["decode", num(m.decode_tps) + " tok/s"]);
+        if (m.prefilling.length) rows.splice(1, 0, ["prompts in prefill", prefillProgress(m.prefilling, m.prefill_tps)]);
         rows.push(["KV pool", bytes(kv.bytes) + " of " + bytes(kv.max_bytes) + " max"],
                   ["KV blocks used", kv.used_blocks + " / " + kv.max_blocks + " (" + pct(kv.usage) + ")"],
                   ["prefix-cache hit rate", pct(kv.prefix_cache_hit_rate)],
