@@ -126,6 +126,7 @@ BASES = {
     "/v1/completions": {"model": MODEL, "prompt": "hi", "max_tokens": 2},
     "/v1/messages": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
     "/v1/responses": {"model": MODEL, "input": "hi", "max_output_tokens": 2},
+    "/v1/rerank": {"model": RERANKER, "query": "hi", "documents": ["a", {"text": "b"}]},
 }
 FIELDS = {
     "/v1/chat/completions": ["model", "messages", "max_tokens", "temperature", "top_p", "n", "stop", "seed",
@@ -136,6 +137,8 @@ FIELDS = {
                      "thinking", "temperature", "top_k", "metadata"],
     "/v1/responses": ["model", "input", "instructions", "max_output_tokens", "tools", "tool_choice", "text",
                       "reasoning", "previous_response_id", "store", "temperature", "metadata"],
+    "/v1/rerank": ["model", "query", "documents", "top_n", "top_k", "return_documents", "max_chunks_per_doc",
+                   "max_tokens_per_doc", "instruction"],
 }
 
 _scalars = st.one_of(
