@@ -60,7 +60,8 @@ def named_event(event: str, payload: dict) -> bytes:
 
 DONE = b"data: [DONE]\n\n"
 
-GENERATION_KEY = "omlx.generation"  # the request's running GenerationStream, set by Serving.start
+# The request's running GenerationStream, set by Serving.start.
+GENERATION_KEY: web.RequestKey = web.RequestKey("omlx.generation", object)
 
 
 def progress_comment(request: web.Request) -> bytes:
