@@ -148,10 +148,10 @@ class MCPServerConnection:
             forwarding.start_soon(self._relay, read, relay_in)
             async with ClientSession(relay_out, write, message_handler=self._on_message) as session:
                 await asyncio.wait_for(session.initialize(), self.session_timeout)
+                self._tools_changed.clear()  # before listing: a change during the listing counts
                 tools = await asyncio.wait_for(self._list_tools(session), self.session_timeout)
                 self._session, self.tools = session, tools
                 self._lost.clear()
-                self._tools_changed.clear()
                 self.state, self.error = "connected", None
                 log.info("MCP server %r connected (%s): %d tools", self.name, self.config.transport, len(tools))
                 yield session
