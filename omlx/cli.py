@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sequences decoded together per step (64)")
     serve.add_argument("--max-num-batched-tokens", type=int,
                        help="tokens fed to the model per step: decodes plus prefill chunks (512)")
+    serve.add_argument("--max-vision-prompts-per-step", type=int,
+                       help="image prompts whose vision tower runs in one step (1: the lowest "
+                            "inter-token latency for the others; more batches the tower)")
     serve.add_argument("--max-model-len", type=int, help="cap on context length (default: each model's own)")
     serve.add_argument("--max-tokens", type=int, help="default max_tokens of a request that sets none")
     serve.add_argument("--ttl", type=float, help="unload a model idle this many seconds (default: never)")
@@ -302,6 +305,7 @@ def serve(args, options: dict) -> None:
         kv_cache_bytes=int(options["kv_cache_gb"] * 2**30) if options.get("kv_cache_gb") else None,
         max_num_seqs=options["max_num_seqs"],
         max_num_batched_tokens=options["max_num_batched_tokens"],
+        max_vision_prompts_per_step=options["max_vision_prompts_per_step"],
         max_model_len=options["max_model_len"],
         kv_bits=options["kv_bits"],
         kv_group_size=options["kv_group_size"],

@@ -88,9 +88,10 @@ def families(tmp_path_factory):
     }
 
 
-def _engine(family: Family, budget: int, num_blocks: int, block_size: int = 8, prefix_cache: bool = True):
+def _engine(family: Family, budget: int, num_blocks: int, block_size: int = 8, prefix_cache: bool = True,
+            vision_prompts: int = 1):
     config = EngineConfig(block_size=block_size, num_blocks=num_blocks, max_num_batched_tokens=budget,
-                          prefix_cache=prefix_cache)
+                          prefix_cache=prefix_cache, max_vision_prompts_per_step=vision_prompts)
     return LLMEngine(LanguageAdapter(family.model), config, context_window=4096, vision=PassInputs(family.model))
 
 
@@ -123,10 +124,11 @@ request_plans = st.lists(
 
 @pytest.mark.parametrize("name", ["qwen2_vl", "llava"])
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(plan=request_plans, budget=st.integers(5, 64), num_blocks=st.integers(24, 80), repeat=st.booleans())
-def test_mixed_requests_match_mlx_vlm_alone(families, name, plan, budget, num_blocks, repeat):
+@given(plan=request_plans, budget=st.integers(5, 64), num_blocks=st.integers(24, 80), repeat=st.booleans(),
+       vision_prompts=st.integers(1, 3))
+def test_mixed_requests_match_mlx_vlm_alone(families, name, plan, budget, num_blocks, repeat, vision_prompts):
     family = families[name]
-    engine = _engine(family, budget, num_blocks)
+    engine = _engine(family, budget, num_blocks, vision_prompts=vision_prompts)
     rounds = 2 if repeat else 1  # the second round meets the first one's cached prefixes
     for round_ in range(rounds):
         requests, expected = [], {}
@@ -143,9 +145,9 @@ def test_mixed_requests_match_mlx_vlm_alone(families, name, plan, budget, num_bl
 
 def test_vision_tower_runs_once_for_prompts_admitted_together(families):
     """Qwen2-VL's tower takes the patches of several images of different sizes at once: the
-    prompts admitted in one step share one tower call."""
+    prompts admitted in one step (up to --max-vision-prompts-per-step) share one tower call."""
     family = families["qwen2_vl"]
-    engine = _engine(family, budget=512, num_blocks=120)
+    engine = _engine(family, budget=512, num_blocks=120, vision_prompts=3)
     requests, expected = [], {}
     for k, seeds in enumerate([(0,), (1, 2), (3,)]):
         ids, multimodal, reference = family.prompt(seeds, k)
@@ -154,6 +156,34 @@ def test_vision_tower_runs_once_for_prompts_admitted_together(families):
     assert _run(engine, requests) == expected
     assert engine.runner.vision.vision_calls == 1
     assert engine.runner.vision.images_encoded == 4
+
+
+def test_image_prompts_take_the_tower_one_per_step_by_default(families):
+    """By default one image prompt's tower runs per step: three arriving together are admitted
+    in three consecutive steps, each answering its first token before the next one's tower
+    runs (what keeps the others' inter-token latency low); the tokens stay exact."""
+    family = families["qwen2_vl"]
+    engine = _engine(family, budget=512, num_blocks=120)
+    expected = {}
+    for k, seeds in enumerate([(0,), (1, 2), (3,)]):
+        ids, multimodal, reference = family.prompt(seeds, k)
+        engine.add_request(GenerationRequest(f"r{k}", ids, MAX_TOKENS, multimodal=multimodal))
+        expected[f"r{k}"] = reference
+    got = {rid: [] for rid in expected}
+    first_token_step, tower_calls = {}, []
+    step = 0
+    while engine.has_work:
+        for rid, event in engine.step():
+            if event.token_id is not None:
+                got[rid].append(event.token_id)
+                first_token_step.setdefault(rid, step)
+        tower_calls.append(engine.runner.vision.vision_calls)
+        step += 1
+    assert got == expected
+    assert first_token_step == {"r0": 0, "r1": 1, "r2": 2}
+    assert tower_calls[:3] == [1, 2, 3] and tower_calls[-1] == 3
+    assert engine.runner.vision.images_encoded == 4
+    assert engine.blocks.leaked_blocks() == []
 
 
 def test_cached_image_prefix_skips_the_tower(families):

@@ -51,6 +51,8 @@ class EngineConfig:
     num_blocks: int | None = None  # a fixed pool of exactly this many blocks (tests)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
+    # Image prompts whose vision tower runs in one step (see SchedulerConfig).
+    max_vision_prompts_per_step: int = 1
     max_model_len: int | None = None  # default: the model's own context window
     kv_bits: int | None = None  # 4 or 8: store KV blocks quantized (mx.quantize layout)
     kv_group_size: int = 64
@@ -123,6 +125,7 @@ class LLMEngine:
                 max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=config.max_num_batched_tokens,
                 max_model_len=self.max_model_len,
+                max_vision_prompts_per_step=config.max_vision_prompts_per_step,
             ),
             self.blocks,
             float_blocks=self.float_blocks,

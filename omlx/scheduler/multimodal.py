@@ -46,6 +46,17 @@ class MultimodalInput:
         return any(span.start < end and start < span.end for span in self.spans)
 
 
+def needs_vision(seq, num_new_tokens: int) -> bool:
+    """Whether feeding the sequence's next `num_new_tokens` runs the vision tower: they reach
+    an image whose features are not computed (the first chunk to touch an image encodes all of
+    the prompt's images; a preempted prompt encodes them again)."""
+    multimodal = getattr(seq.request, "multimodal", None)
+    if multimodal is None or multimodal.embeddings is not None:
+        return False
+    start = seq.num_computed_tokens
+    return start < seq.num_prompt_tokens and multimodal.touches_image(start, start + num_new_tokens)
+
+
 def block_key(request, start: int, end: int) -> bytes:
     """The extra hash input of a request's block [start, end): empty for text-only requests."""
     multimodal = getattr(request, "multimodal", None)

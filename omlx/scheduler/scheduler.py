@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
+from .multimodal import needs_vision
 from .request import FinishReason, TokenEvent
 from .sequence import FLOAT_POOL, MAIN_POOL, Sequence, SequenceStatus
 
@@ -36,6 +37,10 @@ class SchedulerConfig:
     # Tokens fed to the model per step: decodes first, prefill chunks with the rest.
     max_num_batched_tokens: int = 512
     max_model_len: int = 4096
+    # Prompts whose images go through the vision tower in one step.  The tower's cost lands
+    # on the step's decodes (their next token waits for it), so image prompts are taken in
+    # one per step, each in the step after the last, instead of all at once.
+    max_vision_prompts_per_step: int = 1
 
 
 @dataclass
@@ -115,11 +120,16 @@ class Scheduler:
             budget -= self._reserve_drafts(batch.decodes, budget)
 
         # Prefill chunks for sequences already admitted.
+        vision_room = self.config.max_vision_prompts_per_step
         for seq in self.running:
             if budget <= 0:
                 break
             if seq.status is SequenceStatus.RUNNING and seq.is_prefilling:
+                vision = needs_vision(seq, min(seq.num_pending_tokens, budget))
+                if vision and vision_room <= 0:
+                    continue  # its images are encoded in a later step
                 n = self._prefill_chunk(seq, budget)
+                vision_room -= bool(vision and n)
                 if n:
                     batch.prefills.append((seq, n))
                     budget -= n
@@ -132,7 +142,12 @@ class Scheduler:
                 # stall this step's other sequences on those reads.  A later step, then.
                 break
             hit = self._match_prefix(seq)
+            vision = hit >= 0 and needs_vision(seq, min(seq.num_pending_tokens, budget))
+            if vision and vision_room <= 0:
+                self._release(seq)  # it keeps its place at the head of the queue
+                break
             n = self._prefill_chunk(seq, budget) if hit >= 0 else 0
+            vision_room -= bool(vision and n)
             if n == 0:
                 # Waiting sequences hold no blocks: two of them each holding part of what
                 # the other needs would wait forever.  The prefix stays cached.
