@@ -137,6 +137,13 @@ def _add_limit_flags(serve: argparse.ArgumentParser) -> None:
                        help="a stream whose client reads nothing for this long is dropped (300)")
     serve.add_argument("--sse-keepalive", type=float, metavar="SECONDS",
                        help="an idle stream sends its API's no-op event this often (10)")
+    serve.add_argument("--image-max-bytes", type=_size, metavar="SIZE",
+                       help="an image in a request may be this large, encoded (20MB)")
+    serve.add_argument("--image-max-pixels", type=int, metavar="N",
+                       help="an image may have this many pixels, width x height (40000000)")
+    serve.add_argument("--image-fetch-timeout", type=float, metavar="SECONDS",
+                       help="an http(s) image must arrive within this long (10)")
+    serve.add_argument("--image-max-count", type=int, metavar="N", help="images per request (16)")
     serve.add_argument("--memory-reserve", type=_size, metavar="SIZE",
                        help="machine memory to keep available: below it new generation requests get "
                             "503 insufficient_memory (default: 5%% of the machine's, at most 1GB)")
@@ -144,6 +151,7 @@ def _add_limit_flags(serve: argparse.ArgumentParser) -> None:
 
 def serving_limits(options: dict):
     from omlx.serving_limits import ServingLimits
+    from omlx.vision.images import ImageLimits
 
     return ServingLimits(
         shutdown_grace_s=options["shutdown_grace"],
@@ -155,6 +163,8 @@ def serving_limits(options: dict):
         client_write_timeout_s=options["client_write_timeout"],
         sse_keepalive_s=options["sse_keepalive"],
         memory_reserve_bytes=options.get("memory_reserve"),
+        images=ImageLimits(options["image_max_bytes"], options["image_max_pixels"],
+                           options["image_fetch_timeout"], options["image_max_count"]),
     )
 
 

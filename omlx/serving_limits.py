@@ -8,9 +8,11 @@ read by the server, the admission check and the stream writers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
+
+from omlx.vision.images import ImageLimits
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class ServingLimits:
     # Available machine memory below which new generation requests get 503 (None: 5% of the
     # machine's memory, at most 1 GiB; see omlx.memory_watch).
     memory_reserve_bytes: int | None = None
+    # How large, how many and how slow to fetch the images of a request may be.
+    images: ImageLimits = field(default_factory=ImageLimits)
 
 
 LIMITS = web.AppKey("limits", ServingLimits)

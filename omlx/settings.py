@@ -573,6 +573,11 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     Option("client_write_timeout", ("OMLX_CLIENT_WRITE_TIMEOUT",), float, 300.0),
     Option("sse_keepalive", ("OMLX_SSE_KEEPALIVE",), float, 10.0),
     Option("memory_reserve", ("OMLX_MEMORY_RESERVE",), parse_bytes),
+    # Images in requests (omlx.vision.images.ImageLimits).
+    Option("image_max_bytes", ("OMLX_IMAGE_MAX_BYTES",), parse_bytes, 20 << 20),
+    Option("image_max_pixels", ("OMLX_IMAGE_MAX_PIXELS",), int, 40_000_000),
+    Option("image_fetch_timeout", ("OMLX_IMAGE_FETCH_TIMEOUT",), float, 10.0),
+    Option("image_max_count", ("OMLX_IMAGE_MAX_COUNT",), int, 16),
     Option("mcp_config", ("OMLX_MCP_CONFIG",), str),
     Option("mcp_expose_tools", ("OMLX_MCP_EXPOSE_TOOLS",), _bool_text, True),
 )

@@ -88,12 +88,13 @@ def vision_models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vserver(vision_models, tmp_path_factory):
-    env = {"OMLX_IMAGE_MAX_PIXELS": str(MAX_PIXELS), "OMLX_IMAGE_MAX_BYTES": str(MAX_BYTES),
-           "OMLX_IMAGE_FETCH_TIMEOUT": str(FETCH_TIMEOUT_S)}
+    # The image limits come both ways: env vars and a flag.
+    env = {"OMLX_IMAGE_MAX_BYTES": str(MAX_BYTES), "OMLX_IMAGE_FETCH_TIMEOUT": str(FETCH_TIMEOUT_S)}
     # A small step budget: image prompts are prefilled in several chunks, some ending inside
     # an image's tokens.
     with omlx_server(vision_models, tmp_path_factory.mktemp("vision-server"), "--kv-cache-gb", "0.05",
-                     "--max-num-batched-tokens", "24", env=env, block_size=16, failure=pytest.fail) as running:
+                     "--max-num-batched-tokens", "24", "--image-max-pixels", str(MAX_PIXELS), env=env,
+                     block_size=16, failure=pytest.fail) as running:
         yield running
 
 
@@ -460,3 +461,18 @@ def test_anthropic_bad_images_in_anthropic_shape(vserver, image_host):
                                                           "data": base64.b64encode(png_bytes(1)).decode()}),
                                                 "model": TEXT})
     assert got == 400 and body["type"] == "error"
+
+
+def test_image_limits_from_flags_env_and_defaults():
+    from omlx.cli import build_parser, serving_limits
+    from omlx.settings import SettingsError, resolve_server_options
+    from omlx.vision.images import ImageLimits
+
+    assert serving_limits(resolve_server_options({}, {}, {})).images == ImageLimits()
+    env = {"OMLX_IMAGE_MAX_BYTES": "5MB", "OMLX_IMAGE_MAX_COUNT": "4"}
+    args = build_parser().parse_args(["serve", "--image-max-count", "2", "--image-fetch-timeout", "3.5"])
+    images = serving_limits(resolve_server_options(vars(args), env, {})).images
+    assert images == ImageLimits(max_bytes=5 << 20, max_pixels=ImageLimits().max_pixels, fetch_timeout_s=3.5,
+                                 max_images=2)  # the flag wins over the env var
+    with pytest.raises(SettingsError, match="OMLX_IMAGE_MAX_PIXELS"):
+        resolve_server_options({}, {"OMLX_IMAGE_MAX_PIXELS": "lots"}, {})

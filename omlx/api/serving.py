@@ -17,7 +17,7 @@ from aiohttp import web
 
 from omlx.models.loaded import LoadedModel
 from omlx.models.pool import ModelPool
-from omlx.vision.images import ImageLimits
+from omlx.serving_limits import limits_of
 from omlx.vision.ocr import with_ocr_defaults
 
 from .admission import admit, check_memory
@@ -48,7 +48,6 @@ class RunningTurn:
 class Serving:
     def __init__(self, pool: ModelPool):
         self.pool = pool
-        self.image_limits = ImageLimits.from_env()
 
     def defaults(self, loaded: LoadedModel) -> ModelDefaults:
         merged = self.pool.settings.request_defaults(loaded.info.settings_id)
@@ -65,7 +64,7 @@ class Serving:
         resolved = apply_defaults(request, self.defaults(loaded))
         check_takes_images(loaded, request)
         if loaded.takes_images and request.conversation is not None:
-            prompt_ids, multimodal = await image_prompt(loaded, request, self.image_limits)
+            prompt_ids, multimodal = await image_prompt(loaded, request, limits_of(http.app).images)
             return loaded, resolved, prompt_ids, multimodal
         return loaded, resolved, self._prompt_ids(loaded, request), None
 

@@ -28,22 +28,6 @@ class ImageLimits:
     fetch_timeout_s: float = 10.0  # whole fetch of an http(s) image
     max_images: int = 16  # per request
 
-    @classmethod
-    def from_env(cls) -> "ImageLimits":
-        """The defaults, or OMLX_IMAGE_MAX_BYTES / OMLX_IMAGE_MAX_PIXELS /
-        OMLX_IMAGE_FETCH_TIMEOUT / OMLX_IMAGE_MAX_COUNT where set."""
-        import os
-
-        def read(name, default, kind):
-            value = os.environ.get(name)
-            return kind(value) if value else default
-
-        base = cls()
-        return cls(read("OMLX_IMAGE_MAX_BYTES", base.max_bytes, int),
-                   read("OMLX_IMAGE_MAX_PIXELS", base.max_pixels, int),
-                   read("OMLX_IMAGE_FETCH_TIMEOUT", base.fetch_timeout_s, float),
-                   read("OMLX_IMAGE_MAX_COUNT", base.max_images, int))
-
 
 @dataclass(frozen=True)
 class ImageSource:
