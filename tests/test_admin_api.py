@@ -37,11 +37,11 @@ def model_dir(tmp_path_factory) -> Path:
     return root
 
 
-async def start(model_dir: Path, home: Path, api_key: str | None = KEY) -> TestServer:
+async def start(model_dir: Path, home: Path, api_key: str | None = KEY, more_dirs: tuple[Path, ...] = ()) -> TestServer:
     home.mkdir(parents=True, exist_ok=True)
     if api_key:
         (home / "settings.json").write_text(json.dumps({"api_keys": {"ci": NAMED}}))
-    config = ServerConfig(model_dirs=[model_dir], engine=EngineConfig(block_size=16, num_blocks=64),
+    config = ServerConfig(model_dirs=[model_dir, *more_dirs], engine=EngineConfig(block_size=16, num_blocks=64),
                           settings_home=home, api_key=api_key, packaged_models=False)
     server = TestServer(create_app(config))
     await server.start_server()
@@ -286,6 +286,34 @@ async def test_downloader_searches_lists_downloads_cancels_and_resumes(model_dir
                     assert "test-org/tiny-download" in [m["id"] for m in (await r.json())["models"]]
                 async with s.post(server.make_url("/admin/api/hf/cancel/dl-nope")) as r:
                     assert r.status == 404
+        finally:
+            await server.close()
+
+
+async def test_a_download_goes_into_the_model_dir_asked_for(hub_repo, tmp_path, monkeypatch):
+    hub = FakeHub({"test-org/tiny-download": hub_repo})
+    with RunningHub(hub):
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+        first, second = tmp_path / "models-a", tmp_path / "models-b"
+        first.mkdir()
+        second.mkdir()
+        server = await start(first, tmp_path / "home", more_dirs=(second,))
+        try:
+            async with aiohttp.ClientSession(headers={"x-api-key": KEY}) as s:
+                async with s.get(server.make_url("/admin/api/hf/tasks")) as r:
+                    assert (await r.json())["model_dirs"] == [str(first), str(second)]
+                async with s.post(server.make_url("/admin/api/hf/download"),
+                                  json={"repo_id": "test-org/tiny-download", "model_dir": str(tmp_path)}) as r:
+                    body = await r.json()
+                assert r.status == 400 and body["error"]["param"] == "model_dir", body
+                async with s.post(server.make_url("/admin/api/hf/download"),
+                                  json={"repo_id": "test-org/tiny-download", "model_dir": str(second)}) as r:
+                    task = await r.json()
+                assert task["dest"] == str(second / "test-org" / "tiny-download")
+                await wait_for_task(s, server, task["id"], "done")
+                assert (second / "test-org" / "tiny-download" / "model.safetensors").exists()
+                assert not (first / "test-org").exists()
         finally:
             await server.close()
 

@@ -282,6 +282,9 @@ def test_download_from_the_hub(server, browser, model_dir):
     until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '.task[data-status="done"]'), "the download completes")
     task = browser.find_element(By.CSS_SELECTOR, '.task[data-status="done"]')
     assert "test-org/tiny-hub-model" in task.text
+    # One model dir: nothing to choose (the choice shows with several; the API test covers it).
+    assert not browser.find_element(By.ID, "hf-model-dir-label").is_displayed()
+    assert browser.find_element(By.ID, "hf-model-dir").get_attribute("value") == str(model_dir)
     assert task.find_element(By.CSS_SELECTOR, ".bar > div").get_attribute("style").replace(" ", "") == "width:100%;"
     assert (model_dir / "test-org" / "tiny-hub-model" / "model.safetensors").is_file()
     shot(browser, "downloader")

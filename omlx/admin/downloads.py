@@ -105,6 +105,7 @@ def repo_files(repo_id: str) -> list[dict]:
 class Download:
     id: str
     repo_id: str
+    model_dir: Path  # the model dir it goes into (`dest` is its folder there)
     dest: Path
     total_bytes: int
     status: str = "downloading"  # downloading, done, failed, cancelled
@@ -134,19 +135,21 @@ class Download:
 
 
 class Downloads:
-    def __init__(self, model_dir: Path, on_done=None):
-        self.model_dir = model_dir
+    def __init__(self, model_dirs: list[Path], on_done=None):
+        """`model_dirs`: where downloads may go, the first by default."""
+        self.model_dirs = list(model_dirs)
         self.on_done = on_done  # called after a download completes (the pool rescans)
         self.tasks: dict[str, Download] = {}
 
-    async def start(self, repo_id: str) -> Download:
+    async def start(self, repo_id: str, model_dir: Path | None = None) -> Download:
+        model_dir = model_dir or self.model_dirs[0]
+        dest = model_folder(model_dir, repo_id)
         for task in self.tasks.values():
-            if task.repo_id == repo_id and task.status == "downloading":
+            if task.dest == dest and task.status == "downloading":
                 return task
-        dest = model_folder(self.model_dir, repo_id)
         files = await asyncio.to_thread(repo_files, repo_id)
         total = sum(f["size"] or 0 for f in files if f["download"])
-        task = Download(f"dl-{next(_ids)}", repo_id, dest, total)
+        task = Download(f"dl-{next(_ids)}", repo_id, model_dir, dest, total)
         self.tasks[task.id] = task
         await self._run(task)
         return task
@@ -177,7 +180,7 @@ class Downloads:
     async def _run(self, task: Download) -> None:
         log.info("downloading %s into %s (%d bytes)", task.repo_id, task.dest, task.total_bytes)
         task.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "omlx", "pull", task.repo_id, "--model-dir", str(self.model_dir),
+            sys.executable, "-m", "omlx", "pull", task.repo_id, "--model-dir", str(task.model_dir),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         )
         asyncio.ensure_future(self._watch(task, task.process))

@@ -14,7 +14,7 @@ status, load, unload, settings, chat), under the session cookie.
     GET  /admin/api/logs/stream        the same, then new ones as server-sent events
     GET  /admin/api/hf/search?q=       hub search (HF_ENDPOINT honoured)
     GET  /admin/api/hf/files?repo=     a repo's files and sizes
-    POST /admin/api/hf/download        {"repo_id": ...}
+    POST /admin/api/hf/download        {"repo_id": ..., "model_dir": (optional) one of the model dirs}
     GET  /admin/api/hf/tasks           downloads and their progress
     POST /admin/api/hf/cancel/{id}, /admin/api/hf/resume/{id}
 """
@@ -57,8 +57,8 @@ class AdminRoutes:
         self.stats = stats
         self.logs = logs
         self.started = started
-        model_dir = pool.model_dirs[0] if pool.model_dirs else Path.home() / ".omlx" / "models"
-        self.downloads = hub.Downloads(model_dir, on_done=lambda _task: pool.rescan())
+        model_dirs = pool.model_dirs or [Path.home() / ".omlx" / "models"]
+        self.downloads = hub.Downloads(model_dirs, on_done=lambda _task: pool.rescan())
 
     def register(self, app: web.Application) -> None:
         r = app.router
@@ -244,11 +244,22 @@ class AdminRoutes:
         repo_id = body.get("repo_id")
         if not isinstance(repo_id, str):
             raise invalid("'repo_id' must be a string like 'org/name'", "repo_id", "invalid_type")
-        task = await _hub(self.downloads.start(repo_id))
+        task = await _hub(self.downloads.start(repo_id, self._model_dir(body.get("model_dir"))))
         return json_response(task.report())
 
+    def _model_dir(self, value) -> Path | None:
+        """One of the server's model dirs (a download may go into no other folder), or None."""
+        if value is None:
+            return None
+        dirs = {str(d): d for d in self.downloads.model_dirs}
+        if not isinstance(value, str) or value not in dirs:
+            raise invalid(f"'model_dir' must be one of this server's model dirs: {sorted(dirs)}",
+                          "model_dir", "invalid_value")
+        return dirs[value]
+
     async def hf_tasks(self, request: web.Request) -> web.Response:
-        return json_response({"tasks": [t.report() for t in self.downloads.tasks.values()]})
+        return json_response({"tasks": [t.report() for t in self.downloads.tasks.values()],
+                              "model_dirs": [str(d) for d in self.downloads.model_dirs]})
 
     def _task_id(self, request: web.Request) -> str:
         task_id = request.match_info["task_id"]

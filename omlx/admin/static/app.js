@@ -354,7 +354,7 @@ async function showFiles(repo) {
 
 $("#hf-download").addEventListener("click", async () => {
   try {
-    await api("POST", "/admin/api/hf/download", { repo_id: state.selectedRepo });
+    await api("POST", "/admin/api/hf/download", { repo_id: state.selectedRepo, model_dir: $("#hf-model-dir").value || undefined });
     refreshTasks();
   } catch (error) { showError($("#hf-error"), error); }
 });
@@ -362,6 +362,12 @@ $("#hf-download").addEventListener("click", async () => {
 async function refreshTasks() {
   let result;
   try { result = await api("GET", "/admin/api/hf/tasks"); } catch (e) { return; }
+  // Where a download goes: a choice only when the server has several model dirs.
+  const dirs = $("#hf-model-dir");
+  if (dirs.options.length !== result.model_dirs.length) {
+    dirs.replaceChildren(...result.model_dirs.map((d) => el("option", { value: d }, d)));
+  }
+  $("#hf-model-dir-label").hidden = result.model_dirs.length < 2;
   $("#hf-tasks").replaceChildren(...(result.tasks.length ? result.tasks.slice().reverse().map((t) => el("div", { class: "task", "data-task": t.id, "data-status": t.status },
     el("strong", {}, t.repo_id), " ", el("span", { class: "badge" }, t.status),
     el("div", { class: "bar" }, el("div", { style: "width:" + (t.progress * 100).toFixed(1) + "%" })),
