@@ -438,20 +438,13 @@ class LLMEngine:
 
     def _out_of_memory(self) -> list[tuple[str, TokenEvent]]:
         """End the requests the scheduler found can never get their KV blocks."""
-        out = []
         pool = self.blocks
         message = (
             f"out of KV cache memory: the request needs more than the {pool.usable_blocks} blocks "
             f"of {pool.block_size} tokens the pool holds, and the memory budget lets it grow no "
             "further (other models hold the rest); retry later or lower max_tokens"
         )
-        for seq in self.scheduler.out_of_memory:
-            if self.sequences.pop(seq.request_id, None) is None:
-                continue
-            for member in request_sequences(seq):
-                self.scheduler.finish(member, FinishReason.ERROR)
-            out.append((seq.request_id, TokenEvent(None, FinishReason.ERROR, error=message,
-                                                   error_code="kv_cache_exhausted")))
+        out = self._fail([seq.request_id for seq in self.scheduler.out_of_memory], message, "kv_cache_exhausted")
         self.scheduler.out_of_memory.clear()
         log.warning("%d request(s) ended: %s", len(out), message)
         return out
@@ -467,25 +460,24 @@ class LLMEngine:
         failure while scheduling (no batch yet) ends them all."""
         if self._stepping is None:
             return self.fail_all(message)
+        stepping, self._stepping = sorted(self._stepping), None
+        return self._fail(stepping, message)
+
+    def fail_all(self, message: str) -> list[tuple[str, TokenEvent]]:
+        """After an internal error: end every request with an error, releasing its blocks."""
+        return self._fail(list(self.sequences), message)
+
+    def _fail(self, request_ids, message: str, code: str | None = None) -> list[tuple[str, TokenEvent]]:
+        """End these requests (those the engine still has) with an error, every completion of
+        each, releasing their blocks."""
         out = []
-        for request_id in sorted(self._stepping):
+        for request_id in request_ids:
             seq = self.sequences.pop(request_id, None)
             if seq is None:
                 continue
             for member in request_sequences(seq):
                 self.scheduler.finish(member, FinishReason.ERROR)
-            out.append((request_id, TokenEvent(None, FinishReason.ERROR, error=message)))
-        self._stepping = None
-        return out
-
-    def fail_all(self, message: str) -> list[tuple[str, TokenEvent]]:
-        """After an internal error: end every request with an error, releasing its blocks."""
-        out = []
-        for request_id, seq in list(self.sequences.items()):
-            for member in request_sequences(seq):
-                self.scheduler.finish(member, FinishReason.ERROR)
-            out.append((request_id, TokenEvent(None, FinishReason.ERROR, error=message)))
-        self.sequences.clear()
+            out.append((request_id, TokenEvent(None, FinishReason.ERROR, error=message, error_code=code)))
         return out
 
 
