@@ -22,6 +22,9 @@ from omlx.vision.encoder import LanguageAdapter, PassInputs
 from omlx.vision.images import decode
 from omlx.vision.prompt import prepare
 
+# The engine invariants hold with the fused attention kernel and with the portable path.
+pytestmark = pytest.mark.usefixtures("attention_kernel")
+
 MAX_TOKENS = 8
 
 
