@@ -1,0 +1,130 @@
+"""Tiny random-weight models of the mlx-lm families whose layers are not all full attention.
+
+Each family is built from mlx-lm's own model class (hidden size 64-128, a few layers), with the
+same trained byte-level BPE tokenizer and ChatML template as `tiny_models`, and loads with
+`mlx_lm.load` like a checkpoint from the hub.  The shapes are chosen so that every layer kind
+the family has appears at least once, with windows and chunks small enough (8-16 tokens) that
+test prompts run past them.
+
+    hybrid linear attention  qwen3_5 (Gated DeltaNet + full attention)
+    short convolutions       lfm2
+    Mamba-2 hybrid           nemotron_h
+    sliding windows          gemma3_text, olmo3, gpt_oss (+ attention sinks, MoE)
+    chunked attention        llama4_text (full attention with no-RoPE layers, in mlx-lm 0.32)
+    fallback only            falcon_h1 (CacheList: Mamba state and KV in one layer)
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .tiny_models import TinyModelSpec, _write_folder, build_tokenizer
+
+VOCAB = 512
+
+FAMILIES: dict[str, dict] = {
+    "qwen3_5": {
+        "model_type": "qwen3_5",
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4, "full_attention_interval": 2,
+        "rms_norm_eps": 1e-6, "max_position_embeddings": 4096, "tie_word_embeddings": False,
+        "rope_parameters": {"type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                            "mrope_section": [2, 1, 1]},
+    },
+    "lfm2": {
+        "model_type": "lfm2",
+        "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 4096, "norm_eps": 1e-5, "conv_bias": False, "conv_L_cache": 3,
+        "block_dim": 64, "block_ff_dim": 128, "block_multiple_of": 16, "block_ffn_dim_multiplier": 1.0,
+        "block_auto_adjust_ff_dim": False, "full_attn_idxs": [1, 3], "tie_word_embeddings": False,
+    },
+    "nemotron_h": {
+        "model_type": "nemotron_h",
+        "hidden_size": 64, "intermediate_size": 128, "max_position_embeddings": 4096,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "attention_bias": False,
+        "mamba_num_heads": 4, "mamba_head_dim": 16, "mamba_proj_bias": False, "ssm_state_size": 16,
+        "conv_kernel": 4, "n_groups": 1, "mlp_bias": False, "layer_norm_epsilon": 1e-5,
+        "use_bias": False, "use_conv_bias": True, "hybrid_override_pattern": ["M", "*", "-", "M", "*", "-"],
+        "tie_word_embeddings": False,
+    },
+    "gemma3_text": {
+        "model_type": "gemma3_text",
+        "hidden_size": 64, "num_hidden_layers": 4, "intermediate_size": 128, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8,
+        "sliding_window_pattern": 2, "max_position_embeddings": 4096, "rope_theta": 10000.0,
+        "rope_local_base_freq": 10000.0,
+    },
+    "olmo3": {
+        "model_type": "olmo3",
+        "hidden_size": 64, "num_hidden_layers": 4, "intermediate_size": 128, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-6, "max_position_embeddings": 4096,
+        "sliding_window": 16, "rope_theta": 10000.0,
+        "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+    },
+    "gpt_oss": {
+        "model_type": "gpt_oss",
+        "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 4, "num_local_experts": 4,
+        "num_experts_per_tok": 2, "head_dim": 16, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "sliding_window": 8, "rope_theta": 10000, "rms_norm_eps": 1e-5,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    },
+    "llama4_text": {
+        "model_type": "llama4_text",
+        "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 4, "intermediate_size": 128,
+        "intermediate_size_mlp": 128, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "head_dim": 16, "tie_word_embeddings": False, "no_rope_layers": [1, 1, 1, 0], "use_qk_norm": True,
+    },
+    "falcon_h1": {
+        "model_type": "falcon_h1",
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "mamba_d_conv": 4, "mamba_d_head": 16, "mamba_d_ssm": 64,
+        "mamba_d_state": 16, "mamba_expand": 1, "mamba_n_groups": 1, "mamba_n_heads": 4,
+        "mamba_chunk_size": 16, "max_position_embeddings": 4096, "tie_word_embeddings": False,
+    },
+}
+
+
+def build_family_model(path: str | Path, family: str, seed: int = 0, logit_scale: float = 8.0,
+                       **overrides) -> Path:
+    """Write a tiny random `family` model (see FAMILIES) into `path`; returns the path."""
+    config = {**FAMILIES[family], **overrides}
+    spec = TinyModelSpec(model_type=config["model_type"], vocab_size=VOCAB, seed=seed,
+                         max_position_embeddings=config.get("max_position_embeddings", 4096))
+    tokenizer = build_tokenizer(VOCAB)
+    config["vocab_size"] = max(VOCAB, tokenizer.get_vocab_size())
+    config["eos_token_id"] = tokenizer.token_to_id("<|im_end|>")
+    config.setdefault("torch_dtype", "float32")
+    module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+    mx.random.seed(seed)
+    model = module.Model(module.ModelArgs.from_dict(config))
+    _spread_logits(model, logit_scale, config["eos_token_id"])
+    return _write_folder(Path(path), spec, config, model, tokenizer)
+
+
+def _spread_logits(model, scale: float, eos_id: int) -> None:
+    """Random weights give nearly flat logits: scale the output head so greedy choices are
+    well separated (token-exact comparisons then test the engine, not rounding luck), and
+    zero the end-of-turn row so replies run to max_tokens."""
+    head = _output_head(model)
+    if head is None:
+        return
+    weight = head.weight * scale
+    weight[eos_id] = 0.0
+    head.weight = weight
+
+
+def _output_head(model) -> nn.Module | None:
+    for name in ("lm_head", "output"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Linear):
+            return head
+    for _, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            return module  # tied: the embedding is the head
+    return None
