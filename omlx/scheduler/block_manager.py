@@ -159,6 +159,20 @@ class BlockManager:
             self.disk.release(seq.arrival)  # what it read ahead and this did not take is dead
         return hits * bs
 
+    def keep_prefix(self, seq: Sequence, num_blocks: int) -> None:
+        """Cut a freshly matched prefix back to its first `num_blocks` blocks (a model with
+        recurrent state can resume only where a state snapshot was taken); the rest are
+        released and stay cached."""
+        for block in reversed(seq.block_table[num_blocks:]):
+            self.ref_counts[block] -= 1
+            assert self.ref_counts[block] >= 0, "block freed twice"
+            if self.ref_counts[block] == 0:
+                self.free_blocks[block] = None
+        del seq.block_table[num_blocks:]
+        del seq.block_hashes[num_blocks:]
+        seq.num_hashed_blocks = min(seq.num_hashed_blocks, num_blocks)
+        seq.num_computed_tokens = num_blocks * self.block_size
+
     def prefetch(self, seq: Sequence) -> None:
         """Have the disk tier read ahead (off the engine thread) the blocks `match_prefix`
         will load from it for this new sequence: its chain past what memory holds."""

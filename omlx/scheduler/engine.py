@@ -18,6 +18,9 @@ import numpy as np
 from .block_manager import BlockManager
 from .kv_cache import KVLayout, PagedKVStorage
 from .kv_pool import KVPool
+from .layer_kinds import Kind, UnsupportedLayout, describe, layer_kinds
+from .state_cache import probe_state_layers, route_state_layers
+from .state_manager import StateManager
 from .request import FinishReason, GenerationRequest, TokenEvent
 from .runner import ModelRunner
 from .parallel_sampling import fork_siblings, request_finished, request_sequences
@@ -74,6 +77,11 @@ class EngineConfig:
     # A smaller model (its id in the model dirs) with the same tokenizer that drafts instead
     # of prompt lookup; the model pool loads it and hands it to the engine.
     draft_model: str | None = None
+    # Models with recurrent-state layers: tokens between state snapshots kept for the prefix
+    # cache (rounded up to a whole number of blocks; a resent conversation resumes from the
+    # last snapshot inside its cached prefix), and the memory the snapshots may hold.
+    state_snapshot_tokens: int = 256
+    state_snapshot_bytes: int = 512 << 20
 
 
 class RequestRejected(ValueError):
@@ -95,6 +103,9 @@ class LLMEngine:
         decoding (default: prompt lookup)."""
         self.model = model
         self.config = config
+        # What each layer keeps (UnsupportedLayout for caches the pool cannot hold: the model
+        # pool then serves the model with the fallback engine).
+        self.kinds = layer_kinds(model)
         layout = KVLayout.probe(model)
         kv_bits, group_size = quantization_for(layout, config.kv_bits, config.kv_group_size)
         self.quantized_kv_start = config.quantized_kv_start if kv_bits is not None else 0
@@ -132,9 +143,16 @@ class LLMEngine:
             quantized_kv_start=self.quantized_kv_start,
             copy_blocks=self._quantize_blocks if self.float_pool is not None else None,
         )
-        self.runner = ModelRunner(model, self.storage)
+        self.state = self._state_manager(model, config)
+        self.runner = ModelRunner(model, self.storage, self.kinds, self.state)
+        if not self.runner.ragged and any(k.kind is not Kind.FULL for k in self.kinds):
+            raise UnsupportedLayout("windowed or state layers need attention routed to the paged pool, "
+                                    "and this model's attention could not be routed")
+        self.scheduler.state = self.state
+        self.scheduler.copy_within = lambda pool, src, dst: self.pools[pool].storage.copy_blocks(src, dst)
         # Draft rows are verified inside the one ragged pass; a padded model decodes plainly.
-        if config.speculative and config.num_draft_tokens > 0 and self.runner.ragged:
+        # Rejected draft rows cannot be taken back out of a recurrent state: no drafts there.
+        if config.speculative and config.num_draft_tokens > 0 and self.runner.ragged and self.state is None:
             spec_config = SpeculationConfig(
                 max_draft_tokens=config.num_draft_tokens,
                 initial_draft_tokens=min(config.num_draft_tokens, SpeculationConfig.initial_draft_tokens),
@@ -164,6 +182,32 @@ class LLMEngine:
                 f", quantized to {pool.storage.kv_bits} bits (groups of {group_size})" if pool.storage.kv_bits else
                 (f", for each sequence's first {self.quantized_kv_start} tokens" if pool is self.float_pool else ""),
             )
+
+    def _state_manager(self, model, config: EngineConfig) -> StateManager | None:
+        """Slots and snapshots for the model's recurrent-state layers, if it has any."""
+        if not any(k.kind is Kind.STATE for k in self.kinds):
+            return None
+        layout, receivers = probe_state_layers(model, self.kinds)
+        route_state_layers(receivers)
+        bs = config.block_size
+        interval = -(-config.state_snapshot_tokens // bs) * bs if config.prefix_cache else 0
+        manager = StateManager(layout, config.max_num_seqs, bs, interval, config.state_snapshot_bytes)
+        log.info("state layers: %d (%s), %.1f KiB per sequence; snapshots every %d tokens, up to %.0f MiB",
+                 layout.num_layers, ", ".join(sorted({type(m).__name__ for m in receivers})),
+                 layout.bytes_per_slot / 1024, interval, config.state_snapshot_bytes / 2**20)
+        return manager
+
+    def serving_info(self) -> dict:
+        """How this model is served: the paged engine, its layer kinds and what it cannot do."""
+        limits = []
+        if self.state is not None:
+            limits.append("no speculative decoding (recurrent state cannot take back rejected draft rows)")
+            limits.append(f"prefix cache resumes at state snapshots (every {self.state.interval} tokens), "
+                          "kept in memory only (not in the disk tier)")
+        if any(k.kind in (Kind.WINDOW, Kind.CHUNK) for k in self.kinds):
+            limits.append("windowed layers keep every block of a sequence (the window is applied by attention)")
+        return {"engine": "paged", "layer_kinds": describe(self.kinds), "limits": limits,
+                "speculative_decoding": self.scheduler.speculator is not None}
 
     def _pool_plans(self, layout: KVLayout, kv_bits: int | None, group_size: int, scope: bytes):
         """(name, bits, (initial blocks, max blocks), prefix scope) of each pool to build."""
@@ -232,8 +276,9 @@ class LLMEngine:
 
     @property
     def kv_bytes(self) -> int:
-        """The KV memory held now (all pools)."""
-        return sum(pool.nbytes for pool in self.pools)
+        """The KV memory held now (all pools, and state slots and snapshots)."""
+        state = self.state.pool.nbytes + self.state.snapshots.nbytes if self.state is not None else 0
+        return sum(pool.nbytes for pool in self.pools) + state
 
     @property
     def pool_growths(self) -> int:
@@ -256,6 +301,13 @@ class LLMEngine:
         return freed
 
     def kv_stats(self) -> dict:
+        stats = self._kv_pool_stats()
+        stats["layer_kinds"] = describe(self.kinds)
+        if self.state is not None:
+            stats["state"] = self.state.stats()
+        return stats
+
+    def _kv_pool_stats(self) -> dict:
         if self.float_pool is None:
             return {**self.main_pool.stats(), "growths": self.pool_growths}
         # Two pools: the top-level counts are both pools' together; `pools` has each.
@@ -434,6 +486,8 @@ class LLMEngine:
                 events += self.scheduler.apply_verified(seqs[i], tokens_out, logprobs)
         for sibling, token in zip(siblings, tokens[len(rows) :] if siblings else ()):
             events += self.scheduler.postprocess([sibling], [0], {0: token})
+        if self.state is not None:
+            self.state.commit(self.runner.last_state_plan, seqs)
         return events
 
     def _out_of_memory(self) -> list[tuple[str, TokenEvent]]:

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache
 
 from omlx.kernels.paged_attention import (
     CascadePlan,
@@ -27,6 +27,8 @@ from omlx.kernels.paged_attention import (
     ragged_attention,
     write_indices,
 )
+
+from .layer_kinds import Kind, LayerKind, UnsupportedLayout, layer_kinds
 
 
 @dataclass(frozen=True)
@@ -46,23 +48,33 @@ class KVLayout:
 
     @classmethod
     def probe(cls, model) -> "KVLayout":
-        """Run one token through the model with mlx-lm's own cache and read the shapes.
-
-        Models whose caches are not plain full-attention KV caches (sliding windows,
-        recurrent state) cannot be paged this way and are refused.
-        """
+        """Run one token through the model with mlx-lm's own caches and read the shapes of
+        its attention layers' keys and values (full, windowed and chunked layers alike: they
+        share the paged pool).  Recurrent-state layers are not counted here (see
+        omlx.scheduler.state_cache).  Raises UnsupportedLayout for models the pool cannot
+        hold: cache kinds it does not know, or attention layers of different shapes."""
+        kinds = layer_kinds(model)
         caches = make_prompt_cache(model)
-        unsupported = {type(c).__name__ for c in caches if type(c) is not KVCache}
-        if unsupported:
-            raise ValueError(
-                "paged KV serving supports full-attention models only; this model uses "
-                + ", ".join(sorted(unsupported))
-            )
         model(mx.array([[0]]), cache=caches)
-        keys, values = caches[0].keys, caches[0].values
-        mx.eval(keys, values)
+        shapes = set()
+        first = None
+        for kind, cache in zip(kinds, caches):
+            if not kind.kind.attends:
+                continue
+            keys, values = cache.keys, cache.values
+            mx.eval(keys, values)
+            shapes.add((keys.shape[1], keys.shape[3], values.shape[3], keys.dtype))
+            first = first or (keys, values)
+        if len(shapes) > 1:
+            raise UnsupportedLayout(
+                "attention layers keep keys and values of different shapes "
+                + ", ".join(f"{h} heads x {k}/{v}" for h, k, v, _ in sorted(shapes, key=str))
+            )
+        if first is None:
+            raise UnsupportedLayout("the model has no attention layer (state only)")
+        keys, values = first
         return cls(
-            num_layers=len(caches),
+            num_layers=sum(1 for k in kinds if k.kind.attends),
             num_kv_heads=keys.shape[1],
             key_dim=keys.shape[3],
             value_dim=values.shape[3],
@@ -197,6 +209,15 @@ class PagedKVStorage:
         # Not evaluated here: the step's forward pass evaluates the pool (with every other
         # sequence's copies of this step), and a disk-tier snapshot evaluates what it reads.
 
+    def copy_blocks(self, src_blocks: list[int], dst_blocks: list[int]) -> None:
+        """Copy whole blocks within this pool, as stored (quantized or not)."""
+        rows_per_block = self.layout.num_kv_heads * self.block_size
+        within = mx.arange(rows_per_block, dtype=mx.int32)[None, :]
+        src = (mx.array(src_blocks, dtype=mx.int32)[:, None] * rows_per_block + within).reshape(-1)
+        dst = (mx.array(dst_blocks, dtype=mx.int32)[:, None] * rows_per_block + within).reshape(-1)
+        for array in self.arrays():
+            array[dst] = array[src]
+
     def arrays(self) -> list[mx.array]:
         pools = self.keys + self.values
         if self.kv_bits is None:
@@ -267,21 +288,32 @@ class BatchLayout:
 
 
 class PagedLayerCache:
-    """What one mlx-lm attention layer sees as its `cache` during a batched forward."""
+    """What one mlx-lm attention layer sees as its `cache` during a batched forward.
 
-    def __init__(self, storage: PagedKVStorage, layer: int, batch: BatchLayout):
+    `kind` is the layer's attention kind: a sliding window or a chunk limits which of the
+    sequence's keys its queries see (all of them stay in the pool: the prefix cache and
+    other layers share the blocks)."""
+
+    def __init__(self, storage: PagedKVStorage, layer: int, batch: BatchLayout, kind: LayerKind | None = None):
         self.storage = storage
         self.layer = layer
         self.batch = batch
+        kind = kind or LayerKind(Kind.FULL)
+        self.window = kind.span if kind.kind is Kind.WINDOW else 0
+        self.chunk = kind.span if kind.kind is Kind.CHUNK else 0
 
     @property
     def offset(self) -> mx.array:
         return self.batch.offsets
 
     def make_mask(self, N: int, return_array: bool = False, window_size=None):
-        if window_size is not None:
-            raise ValueError("sliding-window attention is not supported by the paged cache")
-        return None if self.batch.hooked else self.batch.mask
+        # Routed attention applies the layer's own window (see `attention`); the mask the
+        # model would build is never used.
+        if self.batch.hooked:
+            return None
+        if window_size is not None or self.window or self.chunk:
+            raise ValueError("windowed attention needs attention routed to the paged cache")
+        return self.batch.mask
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         storage, batch = self.storage, self.batch
@@ -294,11 +326,14 @@ class PagedLayerCache:
             gather_blocks(storage.values[self.layer], batch.tiles, bs),
         )
 
-    def attention(self, queries: mx.array, scale: float) -> mx.array:
+    def attention(self, queries: mx.array, scale: float, sinks: mx.array | None = None) -> mx.array:
         storage, batch = self.storage, self.batch
         pool_k, pool_v = storage.keys[self.layer], storage.values[self.layer]
         if batch.ragged is not None:
-            return ragged_attention(queries, pool_k, pool_v, batch.ragged, scale)
+            return ragged_attention(queries, pool_k, pool_v, batch.ragged, scale,
+                                    window=self.window, chunk=self.chunk, sinks=sinks)
+        if self.window or self.chunk or sinks is not None:
+            raise ValueError("windowed attention and sinks run in the ragged pass only")
         if batch.cascade is not None:
             return cascade_decode_attention(queries, pool_k, pool_v, batch.cascade, storage.block_size, scale)
         return gathered_attention(queries, pool_k, pool_v, batch.tiles, batch.mask, storage.block_size, scale)
@@ -320,17 +355,15 @@ class MultiPoolLayerCache(PagedLayerCache):
         return self.offsets
 
     def make_mask(self, N: int, return_array: bool = False, window_size=None):
-        if window_size is not None:
-            raise ValueError("sliding-window attention is not supported by the paged cache")
-        return None
+        return None  # attention is routed (see PagedLayerCache.make_mask)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         for part, (lo, hi) in zip(self.parts, self.bounds):
             part.update_and_fetch(keys[lo:hi], values[lo:hi])
         return keys, values
 
-    def attention(self, queries: mx.array, scale: float) -> mx.array:
-        return mx.concatenate([part.attention(queries[lo:hi], scale) for part, (lo, hi) in zip(self.parts, self.bounds)])
+    def attention(self, queries: mx.array, scale: float, sinks: mx.array | None = None) -> mx.array:
+        return mx.concatenate([part.attention(queries[lo:hi], scale, sinks) for part, (lo, hi) in zip(self.parts, self.bounds)])
 
 
 def install_attention_hook(model) -> bool:
@@ -354,9 +387,7 @@ def install_attention_hook(model) -> bool:
 
         def routed(queries, keys, values, cache, scale, mask, sinks=None, _original=original):
             if isinstance(cache, PagedLayerCache):
-                if sinks is not None:
-                    raise ValueError("attention sinks are not supported by the paged cache")
-                return cache.attention(queries, scale)
+                return cache.attention(queries, scale, sinks)
             return _original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 
         routed._omlx_paged = True

@@ -14,7 +14,9 @@ from omlx.kernels.paged_attention import RaggedPlan
 
 from .block_manager import SCRATCH_BLOCK
 from .kv_cache import BatchLayout, MultiPoolLayerCache, PagedKVStorage, PagedLayerCache, install_attention_hook
+from .layer_kinds import Kind, LayerKind
 from .sequence import Sequence
+from .state_cache import StateLayerCache, StatePlan
 
 log = logging.getLogger("omlx.runner")
 
@@ -50,9 +52,14 @@ def _split_head(model):
 
 
 class ModelRunner:
-    def __init__(self, model, storage: PagedKVStorage):
+    def __init__(self, model, storage: PagedKVStorage, kinds: list[LayerKind] | None = None, state=None):
+        """`kinds`: the kind of each of the model's cache slots (default: all full attention);
+        `state`: the StateManager of a model with recurrent-state layers."""
         self.model = model
         self.storage = storage
+        self.kinds = kinds
+        self.state = state
+        self.last_state_plan: StatePlan | None = None  # the last pass's, for its snapshots
         self.block_size = storage.block_size
         self.split = _split_head(model)
         self.hooked = install_attention_hook(model)
@@ -88,23 +95,39 @@ class ModelRunner:
         logits, written = forward(seqs, num_new_tokens, want_logits, pools)
         built = time.perf_counter()
         # Evaluating the logits evaluates every layer's pool write too (each feeds its
-        # layer's attention); a pass without logits evaluates the writes alone.
-        mx.eval(logits if logits is not None else written)
+        # layer's attention); a pass without logits evaluates the writes alone.  State
+        # layers' new states feed nothing later in the pass: they are evaluated explicitly.
+        outputs = [logits] if logits is not None else written
+        if self.state is not None:
+            plan = self.last_state_plan
+            outputs = outputs + self.state.pool.all_arrays() + [
+                a for layers in plan.snapshots.values() for layer in layers for a in layer]
+        mx.eval(outputs)
         if self.profile is not None:
             self.profile.add("prepare", built - started)
             self.profile.add("compute", time.perf_counter() - built)
         return logits
 
-    def _layer_caches(self, pools, layouts, splits, offsets: mx.array):
-        """Each layer's cache object: the pool's own, or one that splits rows among pools."""
-        num_layers = pools[0][0].layout.num_layers
-        if len(pools) == 1:
-            return [PagedLayerCache(pools[0][0], i, layouts[0]) for i in range(num_layers)]
-        return [
-            MultiPoolLayerCache([PagedLayerCache(storage, i, layout) for (storage, _), layout in zip(pools, layouts)],
-                                splits, offsets)
-            for i in range(num_layers)
-        ]
+    def _layer_caches(self, pools, layouts, splits, offsets: mx.array, state_plan: StatePlan | None = None):
+        """Each cache slot's object, in the model's order: an attention layer's reads and writes
+        its pool (or splits rows among pools), a state layer's the state pool."""
+        kinds = self.kinds or [LayerKind(Kind.FULL)] * pools[0][0].layout.num_layers
+        caches = []
+        attention = state = 0
+        for kind in kinds:
+            if kind.kind is Kind.STATE:
+                caches.append(StateLayerCache(self.state.pool, state, state_plan))
+                state += 1
+                continue
+            i = attention
+            attention += 1
+            if len(pools) == 1:
+                caches.append(PagedLayerCache(pools[0][0], i, layouts[0], kind))
+            else:
+                caches.append(MultiPoolLayerCache(
+                    [PagedLayerCache(storage, i, layout, kind) for (storage, _), layout in zip(pools, layouts)],
+                    splits, offsets))
+        return caches
 
     def _forward_ragged(self, seqs, num_new_tokens, want_logits, pools):
         """Every new token is a batch row of length one, with its own RoPE offset: the
@@ -155,7 +178,12 @@ class ModelRunner:
             splits.append(rows)
             lo += count
             first += rows
-        caches = self._layer_caches(pools, layouts, splits, mx.array(positions, dtype=mx.int32))
+        state_plan = None
+        if self.state is not None:
+            state_plan = StatePlan.build(order, list(num_new_tokens), [s.num_computed_tokens for s in seqs],
+                                         [self.state.pool.slot(s) for s in seqs], self.state.interval)
+        self.last_state_plan = state_plan
+        caches = self._layer_caches(pools, layouts, splits, mx.array(positions, dtype=mx.int32), state_plan)
         written = [array for storage, _ in pools for array in storage.arrays()]
 
         inputs = mx.array(tokens)[:, None]

@@ -58,9 +58,13 @@ class Scheduler:
         self, config: SchedulerConfig, blocks: BlockManager,
         float_blocks: BlockManager | None = None, quantized_kv_start: int = 0,
         copy_blocks: Callable[[list[int], list[int]], None] | None = None,
-        speculator=None,
+        speculator=None, state=None,
     ):
         self.config = config
+        # Recurrent-state layers' slots and snapshots (omlx.scheduler.state_manager), or None;
+        # with it, how whole blocks are copied within a pool (n > 1 forks), given by the engine.
+        self.state = state
+        self.copy_within: Callable[[int, list[int], list[int]], None] | None = None
         # Speculative decoding (omlx.scheduler.speculation.Speculator), or None: decoding
         # sequences then get one row each.
         self.speculator = speculator
@@ -142,6 +146,8 @@ class Scheduler:
                 # stall this step's other sequences on those reads.  A later step, then.
                 break
             hit = self._match_prefix(seq)
+            if self.state is not None and hit >= 0:
+                hit = self.state.admit(seq, self.pool_of(seq), hit)
             vision = hit >= 0 and needs_vision(seq, min(seq.num_pending_tokens, budget))
             if vision and vision_room <= 0:
                 self._release(seq)  # it keeps its place at the head of the queue
@@ -231,6 +237,8 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         """Give back all of a sequence's blocks (full ones stay cached); it holds no pool."""
         self.pool_of(seq).free(seq)
+        if self.state is not None:
+            self.state.release(seq)
         seq.num_computed_tokens = 0
         seq.pool = MAIN_POOL
         seq.draft = []
@@ -337,6 +345,23 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    def fork_state(self, parent: Sequence, child: Sequence, computed: int) -> None:
+        """An n > 1 sibling of a model with state layers starts exactly where its parent is:
+        the parent's state, and its own copy of the parent's partial last block (the shared
+        full blocks are already the child's, see BlockManager.fork)."""
+        pool = self.pool_of(parent)
+        tail = len(child.block_table)
+        if computed > child.num_computed_tokens:
+            if not pool.allocate(child, computed - child.num_computed_tokens):
+                # No block for the copy: the sibling cannot start; it ends like any request
+                # that cannot get its blocks.
+                self.finish(child, FinishReason.ERROR)
+                self.out_of_memory.append(child)
+                return
+            self.copy_within(child.pool, [parent.block_table[tail]], [child.block_table[tail]])
+            child.num_computed_tokens = computed
+        self.state.fork(parent, child)
+
     # ------------------------------------------------------------------ postprocess
     def postprocess(
         self, seqs: list[Sequence], num_new_tokens: list[int], sampled: dict[int, int]
@@ -412,6 +437,8 @@ class Scheduler:
             except ValueError:
                 pass
         self.pool_of(seq).free(seq)
+        if self.state is not None:
+            self.state.release(seq)
         self._drop_read_ahead(seq)
         if self.speculator is not None:
             self.speculator.release(seq)
