@@ -20,6 +20,7 @@ from .kv_cache import KVLayout, PagedKVStorage
 from .kv_pool import KVPool
 from .layer_kinds import Kind, UnsupportedLayout, describe, layer_kinds
 from .state_cache import probe_state_layers, route_state_layers
+from .self_check import check_paged_pass
 from .state_manager import StateManager
 from .request import FinishReason, GenerationRequest, TokenEvent
 from .runner import ModelRunner
@@ -150,6 +151,8 @@ class LLMEngine:
                                     "and this model's attention could not be routed")
         self.scheduler.state = self.state
         self.scheduler.copy_within = lambda pool, src, dst: self.pools[pool].storage.copy_blocks(src, dst)
+        if self.runner.ragged and vision is None:
+            check_paged_pass(self)  # UnsupportedLayout if the model does not run right paged
         # Draft rows are verified inside the one ragged pass; a padded model decodes plainly.
         # Rejected draft rows cannot be taken back out of a recurrent state: no drafts there.
         if config.speculative and config.num_draft_tokens > 0 and self.runner.ragged and self.state is None:

@@ -10,8 +10,9 @@ test prompts run past them.
     short convolutions       lfm2
     Mamba-2 hybrid           nemotron_h
     sliding windows          gemma3_text, olmo3, gpt_oss (+ attention sinks, MoE)
-    chunked attention        llama4_text (full attention with no-RoPE layers, in mlx-lm 0.32)
-    fallback only            falcon_h1 (CacheList: Mamba state and KV in one layer)
+    no-RoPE layers           llama4_text (full attention only, in mlx-lm 0.32)
+    fallback only            llama4 (chunked attention; its model trims the caches itself),
+                             falcon_h1 (CacheList: Mamba state and KV in one layer)
 """
 
 from __future__ import annotations
@@ -80,6 +81,17 @@ FAMILIES: dict[str, dict] = {
         "intermediate_size_mlp": 128, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
         "head_dim": 16, "tie_word_embeddings": False, "no_rope_layers": [1, 1, 1, 0], "use_qk_norm": True,
     },
+    "llama4": {
+        "model_type": "llama4",
+        "text_config": {
+            "model_type": "llama4_text", "attention_bias": False, "attention_chunk_size": 8, "head_dim": 16,
+            "hidden_size": 64, "interleave_moe_layer_step": 1, "intermediate_size": 64,
+            "intermediate_size_mlp": 128, "max_position_embeddings": 4096, "num_attention_heads": 4,
+            "num_experts_per_tok": 1, "num_hidden_layers": 4, "num_key_value_heads": 2, "num_local_experts": 2,
+            "rms_norm_eps": 1e-5, "rope_scaling": None, "rope_theta": 10000.0, "use_qk_norm": True,
+            "vocab_size": VOCAB,
+        },
+    },
     "falcon_h1": {
         "model_type": "falcon_h1",
         "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -98,6 +110,8 @@ def build_family_model(path: str | Path, family: str, seed: int = 0, logit_scale
                          max_position_embeddings=config.get("max_position_embeddings", 4096))
     tokenizer = build_tokenizer(VOCAB)
     config["vocab_size"] = max(VOCAB, tokenizer.get_vocab_size())
+    if "text_config" in config:
+        config["text_config"] = {**config["text_config"], "vocab_size": config["vocab_size"]}
     config["eos_token_id"] = tokenizer.token_to_id("<|im_end|>")
     config.setdefault("torch_dtype", "float32")
     module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")

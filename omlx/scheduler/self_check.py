@@ -1,0 +1,94 @@
+"""A model's first pass through the paged engine, checked against mlx-lm before serving.
+
+The engine plugs into unmodified mlx-lm models through their cache objects and attention
+function.  Most models only call `update_and_fetch`, read `offset` for RoPE and build masks
+through the cache, but some do more (Llama 4 trims its chunked caches itself and builds its
+chunk mask from integer offsets; others may index the cache's arrays directly).  Rather than
+keep a list of such models, every model's first ragged pass - a prefill chunk and a decode side
+by side - is compared with mlx-lm's own caches at load: a model that fails or disagrees is
+`UnsupportedLayout`, and the fallback engine serves it instead of the requests failing later.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache
+
+from .layer_kinds import UnsupportedLayout
+from .request import GenerationRequest
+from .sequence import Sequence
+
+PROMPTS = ([3, 14, 15, 92, 65, 35, 89], [27, 18, 28])
+
+
+def check_paged_pass(engine) -> None:
+    """Run PROMPTS through the engine's runner (one ragged pass, then one decode step of the
+    first) and compare their last logits with mlx-lm's.  Leaves the pools as it found them."""
+    model = engine.model
+    vocab_ids = _in_vocab(model)
+    prompts = [[vocab_ids(t) for t in p] for p in PROMPTS]
+    seqs = [Sequence(GenerationRequest(f"_self_check_{i}", p, 2)) for i, p in enumerate(prompts)]
+    blocks = engine.blocks
+    try:
+        for seq in seqs:
+            if not blocks.allocate(seq, seq.num_tokens + 1):
+                return  # a pool too small to check in is too small to matter here
+            if engine.state is not None:
+                engine.state.pool.allocate(seq)
+        got = engine.runner.forward(seqs, [s.num_tokens for s in seqs], [1, 1])
+        for seq in seqs:
+            seq.num_computed_tokens = seq.num_tokens
+        follow = vocab_ids(7)
+        seqs[0].token_ids.append(follow)
+        got_next = engine.runner.forward(seqs[:1], [1], [1])
+        want = [_last_logits(model, p) for p in prompts]
+        want_next = _last_logits(model, prompts[0] + [follow])
+        # float32 models agree to rounding; half precision and quantized weights within a
+        # few percent of the logits' range (the ragged pass sums in another order).
+        # Quantized KV changes the numbers by design: there only failures and non-finite
+        # logits count.
+        tolerance = 1e-3 if engine.storage.layout.dtype == mx.float32 else 5e-2
+        if engine.storage.kv_bits is not None:
+            tolerance = float("inf")
+        _compare(got, mx.stack(want), tolerance)
+        _compare(got_next, want_next[None], tolerance)
+    except UnsupportedLayout:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure means the paged pass cannot serve it
+        raise UnsupportedLayout(f"the paged pass failed on this model ({type(exc).__name__}: {exc})") from None
+    finally:
+        for seq in seqs:
+            blocks.free(seq)
+            if engine.state is not None:
+                engine.state.release(seq)
+        engine.runner.last_state_plan = None
+
+
+def _in_vocab(model):
+    size = _vocab_size(model)
+    return lambda t: t % size if size else t
+
+
+def _vocab_size(model) -> int:
+    args = getattr(model, "args", None)
+    size = getattr(args, "vocab_size", None)
+    if size is None:
+        size = getattr(getattr(args, "text_config", None), "vocab_size", None)
+    if isinstance(size, int) and size > 0:
+        return size
+    return 0
+
+
+def _last_logits(model, prompt: list[int]) -> mx.array:
+    out = model(mx.array([prompt]), cache=make_prompt_cache(model))
+    return out[0, -1].astype(mx.float32)
+
+
+def _compare(got: mx.array, want: mx.array, tolerance: float) -> None:
+    """Whether the paged pass computes what mlx-lm does, to `tolerance` of the logits' range."""
+    spread = float(mx.abs(want).max().item()) + 1.0
+    worst = float(mx.abs(got - want).max().item())
+    if not mx.isfinite(got).all().item() or not worst <= tolerance * spread:
+        raise UnsupportedLayout(f"the paged pass disagrees with mlx-lm on this model "
+                                f"(largest logit difference {worst:.3g} of {spread:.3g})")
+
