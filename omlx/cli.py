@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-vision-prompts-per-step", type=int,
                        help="image prompts whose vision tower runs in one step (1: the lowest "
                             "inter-token latency for the others; more batches the tower)")
+    serve.add_argument("--state-snapshot-tokens", type=int, metavar="N",
+                       help="models with recurrent state (Qwen3.5, LFM2, Nemotron-H...): keep a state "
+                            "snapshot every N tokens for the prefix cache (256; a resent conversation "
+                            "resumes from the last one)")
     serve.add_argument("--max-model-len", type=int, help="cap on context length (default: each model's own)")
     serve.add_argument("--max-tokens", type=int, help="default max_tokens of a request that sets none")
     serve.add_argument("--ttl", type=float, help="unload a model idle this many seconds (default: never)")
@@ -316,6 +320,7 @@ def serve(args, options: dict) -> None:
         max_num_seqs=options["max_num_seqs"],
         max_num_batched_tokens=options["max_num_batched_tokens"],
         max_vision_prompts_per_step=options["max_vision_prompts_per_step"],
+        state_snapshot_tokens=options["state_snapshot_tokens"],
         max_model_len=options["max_model_len"],
         kv_bits=options["kv_bits"],
         kv_group_size=options["kv_group_size"],

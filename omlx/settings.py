@@ -239,6 +239,7 @@ GLOBAL_KEYS: dict[str, Callable] = {
     "max_num_seqs": lambda v, f: _optional_positive(v, f, (int,)),
     "max_num_batched_tokens": lambda v, f: _optional_positive(v, f, (int,)),
     "max_vision_prompts_per_step": lambda v, f: _optional_positive(v, f, (int,)),
+    "state_snapshot_tokens": lambda v, f: _optional_positive(v, f, (int,)),
     "block_size": lambda v, f: _optional_positive(v, f, (int,)),
     "kv_bits": lambda v, f: _optional_positive(v, f, (int,)),
     "kv_group_size": lambda v, f: _optional_positive(v, f, (int,)),
@@ -533,6 +534,7 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     # PREFILL_STEP_SIZE is the mlx-vlm server's name for how many prompt tokens go per step.
     Option("max_num_batched_tokens", ("OMLX_MAX_NUM_BATCHED_TOKENS", "PREFILL_STEP_SIZE"), int, 512),
     Option("max_vision_prompts_per_step", ("OMLX_MAX_VISION_PROMPTS_PER_STEP",), int, 1),
+    Option("state_snapshot_tokens", ("OMLX_STATE_SNAPSHOT_TOKENS",), int, 256),
     # MAX_KV_SIZE (mlx-vlm): the most tokens one sequence keeps in its KV cache.
     Option("max_model_len", ("OMLX_MAX_MODEL_LEN", "MAX_KV_SIZE"), int),
     # KV_BITS / KV_GROUP_SIZE (mlx-vlm): store KV blocks quantized.
