@@ -23,6 +23,7 @@ from aiohttp import web
 
 from omlx.models import facts
 from omlx.models.discovery import DiscoveredModel
+from omlx.models.loaded import LoadedModel
 from omlx.models.pool import ModelPool, context_window_of
 from omlx.settings import SettingsError
 
@@ -50,7 +51,7 @@ def model_status(pool: ModelPool, info: DiscoveredModel) -> dict:
     settings = pool.settings.model(info.settings_id)
     window = context_window(pool, info)
     max_tokens = settings.get("max_tokens") or pool.settings.global_settings().get("max_tokens") or window
-    return {
+    status = {
         "id": info.model_id,
         "object": "model.status",
         "model_type": info.model_type,
@@ -71,6 +72,11 @@ def model_status(pool: ModelPool, info: DiscoveredModel) -> dict:
         "path": str(info.path),
         "adapter_path": info.adapter_path,
     }
+    # A loaded generative model: which engine serves it (paged, or the fallback) and its limits.
+    serving = resident.model.serving_info() if resident and isinstance(resident.model, LoadedModel) else None
+    if serving is not None:
+        status["serving"] = serving
+    return status
 
 
 class ModelAdminRoutes:

@@ -89,6 +89,12 @@ class LoadedModel:
         config = self.engine.engine.config
         return {"max_num_batched_tokens": config.max_num_batched_tokens, "max_num_seqs": config.max_num_seqs}
 
+    def serving_info(self) -> dict | None:
+        """Which engine serves the model and what it cannot do ({"engine": "paged" or
+        "fallback", "reason", "layer_kinds", "limits"}); None from an engine that does not say."""
+        engine = self.engine.engine
+        return engine.serving_info() if hasattr(engine, "serving_info") else None
+
     def engine_stats(self) -> dict:
         """Queue lengths, counters and KV statistics for /health."""
         engine = self.engine.engine
@@ -104,6 +110,9 @@ class LoadedModel:
             "generated_tokens": engine.stats.generated_tokens,
             "kv_cache": engine.kv_stats(),
         }
+        serving = self.serving_info()
+        if serving is not None:
+            stats["serving"] = serving
         speculator = engine.scheduler.speculator
         stats["speculative_decoding"] = speculator.stats() if speculator is not None else {"enabled": False}
         profile = getattr(engine, "profile", None)  # per-phase step timings, where measured

@@ -30,6 +30,8 @@ from pathlib import Path
 
 from omlx.scheduler import AsyncEngine, EngineConfig, LLMEngine, default_kv_cache_bytes
 from omlx.scheduler.engine import parameter_bytes
+from omlx.scheduler.fallback_engine import FallbackEngine
+from omlx.scheduler.layer_kinds import UnsupportedLayout
 from omlx.settings import SettingsStore
 
 from .discovery import DiscoveredModel, SkippedModel, discover_hf_cache, discover_models, find_model
@@ -54,6 +56,12 @@ def runs_on_llm_engine(info: DiscoveredModel) -> bool:
     if info.model_type in GENERATIVE_TYPES:
         return True
     return info.model_type == "reranker" and not str(info.architecture or "").endswith("ForSequenceClassification")
+
+
+def paged_cannot_hold(exc: Exception) -> bool:
+    """Whether LLMEngine refused a model because the paged KV pool cannot hold its caches
+    (`UnsupportedLayout`; older engines said so with a plain ValueError)."""
+    return isinstance(exc, UnsupportedLayout) or "paged KV serving supports" in str(exc)
 
 
 def context_window_of(config: dict) -> int:
@@ -471,9 +479,25 @@ class ModelPool:
         draft = self._draft_model(info, config, tokenizer) if config.speculative and config.draft_model else None
         if draft is not None:
             weights += parameter_bytes(draft)
-        engine = LLMEngine(model, config, context_window=window, scope=scope,
-                           kv_budget=lambda nbytes: self.ledger.try_add(holder, nbytes),
-                           label=f"{info.model_id} ({info.path})", vision=vision, draft_model=draft)
+        def kv_budget(nbytes: int) -> bool:
+            return self.ledger.try_add(holder, nbytes)
+
+        label = f"{info.model_id} ({info.path})"
+        try:
+            engine = LLMEngine(model, config, context_window=window, scope=scope, kv_budget=kv_budget,
+                               label=label, vision=vision, draft_model=draft)
+        except ValueError as exc:
+            if not paged_cannot_hold(exc):
+                raise
+            # Every model mlx-lm loads serves: over its own caches, batched, if not paged.
+            log.warning("%s: the paged engine cannot serve it (%s); serving it with the fallback engine",
+                        info.model_id, exc)
+            if draft is not None:
+                log.warning("%s: draft model %r not used (the fallback engine does not speculate)",
+                            info.model_id, config.draft_model)
+                weights -= parameter_bytes(draft)
+            engine = FallbackEngine(model, config, context_window=window, reason=str(exc), kv_budget=kv_budget,
+                                    label=label, vision=vision)
         return LoadedModel(info, tokenizer, AsyncEngine(engine), engine.max_model_len, time.time(),
                            weights_bytes=weights)
 
