@@ -203,3 +203,26 @@ def test_models_the_paged_pass_cannot_run_are_refused_at_load(tmp_path):
     model, _ = load(str(build_family_model(tmp_path / "falcon", "falcon_h1")))
     with pytest.raises(UnsupportedLayout, match="CacheList"):
         LLMEngine(model, EngineConfig(block_size=8, num_blocks=32), context_window=4096)
+
+
+@pytest.mark.parametrize("name", ["qwen3_5", "gemma3_text"])
+def test_second_turn_after_a_restart_resumes_from_the_disk_tier(tmp_path, name):
+    """Memory empty after a restart: the KV blocks and (for state layers) the snapshots come
+    back from the disk tier, and the tokens are still exact."""
+    model, tokenizer = load(str(build_family_model(tmp_path / name, name, seed=6)))
+    eos = frozenset(tokenizer.eos_token_ids)
+    config = EngineConfig(block_size=8, num_blocks=128, max_num_batched_tokens=32, state_snapshot_tokens=8,
+                          kv_cache_dir=str(tmp_path / "kv"))
+    first = SHARED[:40]
+    engine = LLMEngine(model, config, context_window=4096, scope=b"family-disk")
+    out, _, _ = run(engine, {0: [GenerationRequest("t1", first, MAX_NEW, stop_token_ids=eos)]})
+    engine.close()
+    second = first + out["t1"] + [21, 22, 23]
+    restarted = LLMEngine(model, config, context_window=4096, scope=b"family-disk")
+    out2, _, events = run(restarted, {0: [GenerationRequest("t2", second, MAX_NEW, stop_token_ids=eos)]})
+    assert out2["t2"] == greedy_reference(model, second, MAX_NEW, eos)
+    assert events["t2"][0].cached_prompt_tokens >= 40
+    if restarted.state is not None:
+        assert restarted.state.disk.stats()["loads"] >= 1
+    assert_nothing_leaked(restarted)
+    restarted.close()

@@ -20,6 +20,7 @@ from .kv_cache import KVLayout, PagedKVStorage
 from .kv_pool import KVPool
 from .layer_kinds import Kind, UnsupportedLayout, describe, layer_kinds
 from .state_cache import probe_state_layers, route_state_layers
+from .disk.state_files import StateDisk
 from .self_check import check_paged_pass
 from .state_manager import StateManager
 from .request import FinishReason, GenerationRequest, TokenEvent
@@ -145,6 +146,9 @@ class LLMEngine:
             copy_blocks=self._quantize_blocks if self.float_pool is not None else None,
         )
         self.state = self._state_manager(model, config)
+        if self.state is not None and self.disk is not None and self.state.interval:
+            # State snapshots live beside the main pool's blocks, capped at a quarter of its tier.
+            self.state.disk = StateDisk(self.disk.dir, self.state.pool.layout, config.kv_disk_bytes // 4)
         self.runner = ModelRunner(model, self.storage, self.kinds, self.state)
         if not self.runner.ragged and any(k.kind is not Kind.FULL for k in self.kinds):
             raise UnsupportedLayout("windowed or state layers need attention routed to the paged pool, "
@@ -205,8 +209,7 @@ class LLMEngine:
         limits = []
         if self.state is not None:
             limits.append("no speculative decoding (recurrent state cannot take back rejected draft rows)")
-            limits.append(f"prefix cache resumes at state snapshots (every {self.state.interval} tokens), "
-                          "kept in memory only (not in the disk tier)")
+            limits.append(f"prefix cache resumes at state snapshots (every {self.state.interval} tokens)")
         if any(k.kind in (Kind.WINDOW, Kind.CHUNK) for k in self.kinds):
             limits.append("windowed layers keep every block of a sequence (the window is applied by attention)")
         return {"engine": "paged", "layer_kinds": describe(self.kinds), "limits": limits,
@@ -510,6 +513,8 @@ class LLMEngine:
         """Flush the disk tiers' pending writes (graceful shutdown)."""
         for pool in self.pools:
             pool.close()
+        if self.state is not None:
+            self.state.close()
 
     def fail_step(self, message: str) -> list[tuple[str, TokenEvent]]:
         """After a step failed (an allocation MLX could not make): end the requests that were

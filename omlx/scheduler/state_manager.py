@@ -25,6 +25,7 @@ class StateManager:
         self.block_size = block_size
         self.interval = interval
         self.snapshots = StateSnapshots(snapshot_bytes)
+        self.disk = None  # StateDisk: snapshots also kept beside the KV disk tier's blocks
         self.reused_tokens = 0
 
     # ------------------------------------------------------------------ admission
@@ -36,7 +37,7 @@ class StateManager:
         if hit and self.interval:
             per = self.interval // self.block_size
             for k in range(hit // self.block_size // per * per, 0, -per):
-                snapshot = self.snapshots.get(seq.block_hashes[k - 1])
+                snapshot = self._snapshot(seq.block_hashes[k - 1])
                 if snapshot is not None:
                     usable = k * self.block_size
                     break
@@ -45,6 +46,14 @@ class StateManager:
         self.pool.allocate(seq, snapshot)
         self.reused_tokens += usable
         return usable
+
+    def _snapshot(self, block_hash: bytes):
+        snapshot = self.snapshots.get(block_hash)
+        if snapshot is None and self.disk is not None:
+            snapshot = self.disk.get(block_hash)
+            if snapshot is not None:
+                self.snapshots.put(block_hash, snapshot)
+        return snapshot
 
     def release(self, seq) -> None:
         self.pool.free(seq)
@@ -65,6 +74,8 @@ class StateManager:
             k = position // self.block_size
             if 0 < k <= len(seq.block_hashes):
                 self.snapshots.put(seq.block_hashes[k - 1], state)
+                if self.disk is not None:
+                    self.disk.put(seq.block_hashes[k - 1], state)
         plan.snapshots.clear()
 
     def stats(self) -> dict:
@@ -72,4 +83,9 @@ class StateManager:
             "slots": self.pool.capacity, "used_slots": self.pool.used_slots, "bytes": self.pool.nbytes,
             "bytes_per_sequence": self.pool.layout.bytes_per_slot, "layers": self.pool.layout.num_layers,
             "snapshot_interval": self.interval, "reused_tokens": self.reused_tokens, **self.snapshots.stats(),
+            **({"disk": self.disk.stats()} if self.disk is not None else {}),
         }
+
+    def close(self) -> None:
+        if self.disk is not None:
+            self.disk.close()

@@ -20,7 +20,8 @@ import mlx.core as mx
 import numpy as np
 
 SUFFIX = ".safetensors"
-BLOCK_FILE = re.compile(r"[0-9a-f]{32}\.safetensors")
+# KV blocks, and recurrent-state snapshots beside them (omlx.scheduler.disk.state_files).
+BLOCK_FILE = re.compile(r"[0-9a-f]{32}(\.state)?\.safetensors")
 TEMP_FILE = re.compile(r"\..+\.tmp")
 _FORMAT = "omlx-kv-block-1"
 # safetensors dtype names; bfloat16 travels as its raw 16-bit pattern.
