@@ -127,6 +127,9 @@ def test_the_paged_engine_hands_falcon_h1_to_the_fallback(falcon_path):
     with pytest.raises(ValueError) as refused:
         LLMEngine(model, EngineConfig(num_blocks=16), context_window=4096)
     assert paged_cannot_hold(refused.value)
+    # What engines before UnsupportedLayout raised, and what must not send a model to the fallback.
+    assert paged_cannot_hold(ValueError("paged KV serving supports full-attention models only; this model uses X"))
+    assert not paged_cannot_hold(ValueError("kv_bits must be 4 or 8, got 3"))
 
 
 def test_which_models_decode_batched(tiny):

@@ -483,20 +483,23 @@ class ModelPool:
             return self.ledger.try_add(holder, nbytes)
 
         label = f"{info.model_id} ({info.path})"
+        engine = refused = None
         try:
             engine = LLMEngine(model, config, context_window=window, scope=scope, kv_budget=kv_budget,
                                label=label, vision=vision, draft_model=draft)
         except ValueError as exc:
             if not paged_cannot_hold(exc):
                 raise
+            refused = str(exc)  # (built outside this block: the refused engine's pools go first)
+        if engine is None:
             # Every model mlx-lm loads serves: over its own caches, batched, if not paged.
             log.warning("%s: the paged engine cannot serve it (%s); serving it with the fallback engine",
-                        info.model_id, exc)
+                        info.model_id, refused)
             if draft is not None:
                 log.warning("%s: draft model %r not used (the fallback engine does not speculate)",
                             info.model_id, config.draft_model)
                 weights -= parameter_bytes(draft)
-            engine = FallbackEngine(model, config, context_window=window, reason=str(exc), kv_budget=kv_budget,
+            engine = FallbackEngine(model, config, context_window=window, reason=refused, kv_budget=kv_budget,
                                     label=label, vision=vision)
         return LoadedModel(info, tokenizer, AsyncEngine(engine), engine.max_model_len, time.time(),
                            weights_bytes=weights)
