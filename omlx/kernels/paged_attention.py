@@ -21,11 +21,20 @@ its own (decode tokens and prefill chunks of any length side by side, no padding
 (`omlx/kernels/cpu/paged_attention.cpp`, see `backend.py`) reads the pool in place through
 the block tables; without it the same plan is padded per sequence and attended with the
 portable paths above, which stay the reference the kernel is tested against.
+
+Layers that see less than the whole context share the pool and the block tables; the
+attention call applies the layer's limit: a sliding `window` (the query at position p sees
+keys p - window < k <= p, mlx-lm's `create_causal_mask(..., window_size=window)`), `chunk`ed
+attention (keys k <= p with k // chunk == p // chunk, Llama 4), and attention `sinks`
+(gpt-oss: a learned logit per query head that joins the softmax denominator with no value,
+exactly as `mx.fast.scaled_dot_product_attention(..., sinks=)`).  The kernel skips the
+blocks out of reach; the portable path gathers only the blocks inside each sequence's reach
+and masks the rest (masks cached per plan and limit, so layers sharing a window share it).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
@@ -81,20 +90,29 @@ def _gather_rows(rows: mx.array, tiles: mx.array, block_size: int) -> mx.array:
     return gathered.reshape(*lead, num_blocks * block_size, width)
 
 
-def causal_paged_mask(offsets: mx.array, query_len: int, key_len: int, key_start: int | mx.array = 0) -> mx.array:
+def causal_paged_mask(offsets: mx.array, query_len: int, key_len: int, key_start: int | mx.array = 0,
+                      window: int = 0, chunk: int = 0) -> mx.array:
     """Mask `[B, 1, L, S]`: query i of row b (absolute position offsets[b] + i) sees the keys
     at absolute positions key_start + j <= its own.  Keys past a row's context need no extra
     care (they lie beyond every real query), nor do padded queries (their outputs are dropped).
+    `window` > 0: and only keys k with p - window < k (mlx-lm's sliding-window mask);
+    `chunk` > 0: and only keys in the query's chunk, k // chunk == p // chunk (Llama 4).
     """
     query_pos = offsets[:, None] + mx.arange(query_len, dtype=mx.int32)[None, :]
     key_pos = mx.arange(key_len, dtype=mx.int32)[None, :] + mx.array(key_start, dtype=mx.int32).reshape(-1, 1)
-    return (key_pos[:, None, :] <= query_pos[:, :, None])[:, None, :, :]
+    q, k = query_pos[:, :, None], key_pos[:, None, :]
+    mask = k <= q
+    if window > 0:
+        mask = mask & (q < k + window)
+    if chunk > 0:
+        mask = mask & ((k // chunk) == (q // chunk))
+    return mask[:, None, :, :]
 
 
-def gathered_attention(queries, pool_k, pool_v, tiles, mask, block_size: int, scale: float):
+def gathered_attention(queries, pool_k, pool_v, tiles, mask, block_size: int, scale: float, sinks=None):
     keys = gather_blocks(pool_k, tiles, block_size)
     values = gather_blocks(pool_v, tiles, block_size)
-    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask, sinks=sinks)
 
 
 @dataclass
@@ -129,8 +147,13 @@ def _partial(q, k, v, mask, scale):
     return peak, weights.sum(axis=-1, keepdims=True), weights @ v.astype(mx.float32)
 
 
-def cascade_decode_attention(queries, pool_k, pool_v, plan: CascadePlan, block_size: int, scale: float):
-    """Decode attention (`queries` `[B, Hq, 1, D]`) with shared prefixes attended once per group."""
+def cascade_decode_attention(queries, pool_k, pool_v, plan: CascadePlan, block_size: int, scale: float,
+                             sinks: mx.array | None = None):
+    """Decode attention (`queries` `[B, Hq, 1, D]`) with shared prefixes attended once per group.
+
+    `sinks` (Hq,): per-head sink logits joined to the softmax (as in
+    `mx.fast.scaled_dot_product_attention`).  No window or chunk here: a caller with one uses
+    `gathered_attention` (as `ragged_attention` does)."""
     _, q_heads, _, dim = queries.shape
     kv_heads = plan.rest_tiles.shape[1]
     repeats = q_heads // kv_heads
@@ -156,14 +179,20 @@ def cascade_decode_attention(queries, pool_k, pool_v, plan: CascadePlan, block_s
     values = gather_blocks(pool_v, plan.rest_tiles, block_size)
     peak2, sum2, out2 = _partial(q, keys, values, plan.rest_mask, scale)
     peak = mx.maximum(peak1, peak2)
+    if sinks is not None:  # one more score with no value: it joins the max and the sum only
+        sink = sinks.astype(mx.float32).reshape(1, kv_heads, repeats, 1)
+        peak = mx.maximum(peak, sink)
     w1, w2 = mx.exp(peak1 - peak), mx.exp(peak2 - peak)
-    grouped = ((out1 * w1 + out2 * w2) / (sum1 * w1 + sum2 * w2)).astype(queries.dtype)
+    total = sum1 * w1 + sum2 * w2
+    if sinks is not None:
+        total = total + mx.exp(sink - peak)
+    grouped = ((out1 * w1 + out2 * w2) / total).astype(queries.dtype)
     grouped = grouped.reshape(-1, q_heads, 1, grouped.shape[-1])  # value dim
     if plan.ungrouped_rows is None:
         return grouped[plan.order]
     plain = gathered_attention(
         queries[plan.ungrouped_rows], pool_k, pool_v, plan.ungrouped_tiles, plan.ungrouped_mask,
-        block_size, scale,
+        block_size, scale, sinks=sinks,
     )
     return mx.concatenate([grouped, plain])[plan.order]
 
@@ -177,6 +206,50 @@ class PortableView:
     tiles: mx.array  # (S, H, W) pool tiles of each sequence's blocks
     mask: mx.array  # (S, 1, Lmax, W * block_size)
     cascade: CascadePlan | None  # an all-decode step with shared prefixes
+    # What limited layers (window / chunk) need: numpy tables (S, W), first positions and
+    # query counts (S,); and their gathers and masks, built once per (window, chunk).
+    tables_np: np.ndarray | None = None
+    pos0_np: np.ndarray | None = None
+    q_lens_np: np.ndarray | None = None
+    num_kv_heads: int = 0
+    block_size: int = 0
+    limited_cache: dict = field(default_factory=dict)
+
+    def limited(self, window: int, chunk: int) -> tuple[mx.array, mx.array]:
+        """Tiles `(S, H, W')` and mask `(S, 1, Lmax, W' * block_size)` for a layer that sees
+        keys within `window` / its `chunk` only: each sequence's gather starts at the block of
+        the first key its first query sees, so blocks out of reach are not read."""
+        key = (window, chunk)
+        hit = self.limited_cache.get(key)
+        if hit is None:
+            hit = self.limited_cache[key] = self._build_limited(window, chunk)
+        return hit
+
+    def _build_limited(self, window: int, chunk: int) -> tuple[mx.array, mx.array]:
+        tables, pos0, bs = self.tables_np, self.pos0_np.astype(np.int64), self.block_size
+        last = pos0 + np.maximum(self.q_lens_np.astype(np.int64), 1) - 1
+        low = np.zeros_like(pos0)
+        if window > 0:
+            low = np.maximum(low, pos0 - window + 1)
+        if chunk > 0:
+            low = np.maximum(low, pos0 - pos0 % chunk)
+        first = low // bs
+        if not first.any():
+            tiles, key_start = self.tiles, 0
+            width = tables.shape[1]
+        else:
+            width = int((last // bs - first).max()) + 1
+            index = first[:, None] + np.arange(width)[None, :]
+            inside = index <= (last // bs)[:, None]
+            index = np.minimum(index, tables.shape[1] - 1)
+            trimmed = np.where(inside, np.take_along_axis(tables, index, axis=1), 0).astype(np.int32)
+            tiles = gather_indices(mx.array(trimmed), self.num_kv_heads)
+            key_start = mx.array((first * bs).astype(np.int32))
+        mask = causal_paged_mask(
+            mx.array(self.pos0_np.astype(np.int32)), self.query_index.shape[1], width * bs,
+            key_start=key_start, window=window, chunk=chunk,
+        )
+        return tiles, mask
 
 
 @dataclass
@@ -253,16 +326,43 @@ def _portable_view(tables, q_lens, pos0, starts, groups, num_kv_heads: int, bloc
         tiles=gather_indices(block_tables, num_kv_heads),
         mask=causal_paged_mask(mx.array(np.asarray(pos0), dtype=mx.int32), longest, tables.shape[1] * block_size),
         cascade=cascade,
+        tables_np=np.asarray(tables, dtype=np.int32),
+        pos0_np=np.asarray(pos0, dtype=np.int32),
+        q_lens_np=np.asarray(q_lens, dtype=np.int32),
+        num_kv_heads=num_kv_heads,
+        block_size=block_size,
     )
 
 
-def ragged_attention(queries: mx.array, pool_k, pool_v, plan: RaggedPlan, scale: float) -> mx.array:
+def _pool_dtype(pool) -> mx.Dtype:
+    """The dtype a pool's keys / values are attended in (a quantized pool: its scales')."""
+    return pool.scales.dtype if isinstance(pool, QuantizedRows) else pool.dtype
+
+
+def ragged_attention(queries: mx.array, pool_k, pool_v, plan: RaggedPlan, scale: float, window: int = 0,
+                     chunk: int = 0, sinks: mx.array | None = None) -> mx.array:
     """Attention of a ragged step's queries `[T, Hq, 1, D]` -> `[T, Hq, 1, Dv]`, by the
-    plan's kernel (or the portable path)."""
+    plan's kernel (or the portable path).
+
+    `window` > 0: the query at position p sees keys p - window < k <= p; `chunk` > 0: keys
+    k <= p in its chunk (k // chunk == p // chunk); `sinks` (Hq,): sink logits, unscaled,
+    joined to the softmax denominator.  Like `mx.fast.scaled_dot_product_attention`, the
+    sinks take the attention's dtype (that of queries, keys and values together) before they
+    count; where MLX refuses sinks of a wider dtype, they are rounded to it here.
+    """
+    if window < 0 or chunk < 0:
+        raise ValueError(f"window and chunk must be >= 0, got {window}, {chunk}")
     tokens, q_heads, _, dim = queries.shape
+    if sinks is not None:
+        if sinks.shape != (q_heads,):
+            raise ValueError(f"sinks must have shape ({q_heads},), got {sinks.shape}")
+        sinks = sinks.astype(mx.result_type(queries.dtype, _pool_dtype(pool_k), _pool_dtype(pool_v)))
     kernel = plan.kernel
     if kernel is not None:
         quantized = isinstance(pool_k, QuantizedRows)
+        limits = {}
+        if window or chunk or sinks is not None:  # the default call stays what it always was
+            limits = dict(window=window, chunk=chunk, sinks=None if sinks is None else sinks.astype(mx.float32))
         out = kernel.paged_attention(
             queries.reshape(tokens, q_heads, dim),
             pool_k.parts() if quantized else [pool_k],
@@ -270,15 +370,21 @@ def ragged_attention(queries: mx.array, pool_k, pool_v, plan: RaggedPlan, scale:
             plan.tables, plan.seqs, plan.groups,
             kv_heads=plan.num_kv_heads, block_size=plan.block_size, scale=scale,
             bits=pool_k.bits if quantized else 0, group_size=pool_k.group_size if quantized else 64,
+            **limits,
         )
         return out.astype(queries.dtype).reshape(tokens, q_heads, 1, -1)
     view = plan.portable
     padded = queries[:, :, 0, :][view.query_index]  # (S, Lmax, Hq, D)
     padded = padded.transpose(0, 2, 1, 3)
-    if view.cascade is not None:
-        out = cascade_decode_attention(padded, pool_k, pool_v, view.cascade, plan.block_size, scale)
+    if window or chunk:
+        # The cascade has no per-query window: a limited layer attends each sequence's own
+        # gather (of only the blocks within its reach), even in a step with shared prefixes.
+        tiles, mask = view.limited(window, chunk)
+        out = gathered_attention(padded, pool_k, pool_v, tiles, mask, plan.block_size, scale, sinks=sinks)
+    elif view.cascade is not None:
+        out = cascade_decode_attention(padded, pool_k, pool_v, view.cascade, plan.block_size, scale, sinks=sinks)
     else:
-        out = gathered_attention(padded, pool_k, pool_v, view.tiles, view.mask, plan.block_size, scale)
+        out = gathered_attention(padded, pool_k, pool_v, view.tiles, view.mask, plan.block_size, scale, sinks=sinks)
     num_seqs, _, longest, dim_v = out.shape
     out = out.transpose(0, 2, 1, 3).reshape(num_seqs * longest, q_heads, dim_v)[view.output_index]
     return out.reshape(tokens, q_heads, 1, dim_v)

@@ -14,6 +14,19 @@
 // its own rest; the softmax state carries over exactly).  Pools may be float32, float16,
 // bfloat16, or MLX's affine 4/8-bit quantized layout (dequantised a tile at a time).
 //
+// Layers that see less than the whole context: a sliding window (the query at position p
+// sees keys p - window < k <= p: Gemma 3, gpt-oss, OLMo 3) or chunked attention (keys k <= p
+// with k / chunk == p / chunk: Llama 4).  Each token gets the first key position it may see;
+// a unit's key loop starts at its earliest token's bound, so the tiles and blocks below it
+// are never read (a window's cost is bounded by the window, not the context), and rows of a
+// partly visible tile are masked.  Shared-prefix groups stay in use and exact: in the
+// prefix phase every row is masked by its own token's bound too (keys of the prefix that
+// left a query's window do not count for it), and a prefix unit starts at the smallest
+// bound among its tokens (a prefix wholly out of reach costs nothing).  Attention sinks
+// (gpt-oss: a learned logit per query head that joins the softmax denominator with no
+// value, as in mx.fast.scaled_dot_product_attention(..., sinks=)) fold in when a row is
+// normalised.
+//
 // Layout contract (omlx/kernels/paged_attention.py): a pool is `(blocks * kv_heads *
 // block_size, dim)` rows, block-major then head-major, so the rows of one (block, head) are
 // contiguous.
@@ -200,6 +213,9 @@ struct Step {
   int num_seqs, num_groups, width;
   int q_heads, kv_heads, dk, dv, block_size;
   float scale;
+  int window = 0, chunk = 0;  // 0: no limit
+  const int32_t* lo = nullptr;  // (T,) first key position each token sees; null: 0 for all
+  const float* sinks = nullptr;  // (Hq,) sink logits; null: none
   // Softmax state of rows that attended a shared prefix: max, sum, unnormalised output.
   float* state_m = nullptr;  // (T, Hq)
   float* state_l = nullptr;
@@ -304,9 +320,14 @@ inline void pv_block(const float* p, const float* const* vrow, float* o, int n, 
 
 // One work unit: query tokens [t0, t0 + nt) (all of KV head `head`'s query heads) against
 // key positions [k0, k1) of `table`.  Token i sits at absolute position `pos0 + i` and sees
-// keys at positions <= its own (pos0 = INT_MAX: no causal limit, a shared prefix).
+// keys at positions <= its own (pos0 = INT_MAX: no causal limit, a shared prefix), and none
+// below `st.lo[t0 + i]` when a window / chunk is set (the caller has already raised k0 to
+// the smallest of those bounds: tiles below it are skipped, not masked).
 // `init`: start from the saved softmax state (the rows attended a shared prefix first).
 // `finish`: write normalised outputs; else save the state for a later unit.
+// `LIMITED`: a window, chunk or sinks may be set; the plain instantiation is the kernel as it
+// was before those existed, without a single added test in its loops.
+template <bool LIMITED>
 void attend(const Step& st, Scratch& sc, int head, int t0, int nt, int64_t pos0,
             const int32_t* table, int k0, int k1, bool init, bool finish) {
   const int rep = st.rep(), dk = st.dk, dv = st.dv;
@@ -380,6 +401,10 @@ void attend(const Step& st, Scratch& sc, int head, int t0, int nt, int64_t pos0,
       const int64_t qpos = pos0 + rr / rep;
       const int64_t visible = std::min<int64_t>(n, qpos - kb + 1);  // keys kb..kb+visible-1
       for (int j = std::max<int64_t>(visible, 0); j < NT; ++j) srow[j] = NEG_INF;
+      if (LIMITED && st.lo) {  // keys below this token's window / chunk start
+        const int64_t hidden = std::min<int64_t>(n, int64_t(st.lo[t0 + rr / rep]) - kb);
+        for (int j = 0; j < hidden; ++j) srow[j] = NEG_INF;
+      }
       vf mv = vload(srow);
       for (int v = 1; v < NV; ++v) mv = mv > vload(srow + v * VW) ? mv : vload(srow + v * VW);
       const float tile_max = hmax(mv);
@@ -419,7 +444,21 @@ void attend(const Step& st, Scratch& sc, int head, int t0, int nt, int64_t pos0,
       const int rr = i * rep + j;
       const int64_t sidx = int64_t(t0 + i) * st.q_heads + head * rep + j;
       if (finish) {
-        const float inv = L[rr] > 0.f ? 1.f / L[rr] : 0.f;
+        float l = L[rr], corr = 1.f;
+        if (LIMITED && st.sinks) {
+          // softmax over [sink, scores]: the sink joins the running max and the sum, with
+          // no value.  A row that saw no key gives zeros (the sink takes all the weight),
+          // as mx.fast.scaled_dot_product_attention does.
+          const float sink = st.sinks[head * rep + j];
+          const float top = std::max(M[rr], sink);
+          if (top == NEG_INF) {
+            l = 0.f;
+          } else {
+            corr = M[rr] == NEG_INF ? 0.f : std::exp(M[rr] - top);
+            l = l * corr + std::exp(sink - top);
+          }
+        }
+        const float inv = l > 0.f ? corr / l : 0.f;
         float* dst = st.out + sidx * dv;
         for (int d = 0; d < dv; ++d) dst[d] = O[rr * dv + d] * inv;
       } else {
@@ -448,10 +487,14 @@ void run_units(const Step& st, std::vector<Unit>& units, int max_rows) {
   // Longest first, so the dynamic schedule ends balanced.
   std::sort(units.begin(), units.end(), [](const Unit& a, const Unit& b) { return a.cost > b.cost; });
   const int count = int(units.size());
+  const bool limited = st.lo != nullptr || st.sinks != nullptr;
   auto body = [&](Scratch& sc, int u) {
     const Unit& w = units[u];
-    attend(st, sc, w.head, w.t0, w.nt, w.pos0, st.tables + int64_t(w.table_row) * st.width, w.k0, w.k1,
-           w.init, w.finish);
+    const int32_t* table = st.tables + int64_t(w.table_row) * st.width;
+    if (limited)
+      attend<true>(st, sc, w.head, w.t0, w.nt, w.pos0, table, w.k0, w.k1, w.init, w.finish);
+    else
+      attend<false>(st, sc, w.head, w.t0, w.nt, w.pos0, table, w.k0, w.k1, w.init, w.finish);
   };
 #ifdef _OPENMP
   int64_t total = 0;
@@ -473,17 +516,34 @@ void run_units(const Step& st, std::vector<Unit>& units, int max_rows) {
 #endif
 }
 
+// The first key position the query at `pos` sees under a window / chunk (0: all).
+inline int32_t first_visible(int64_t pos, int window, int chunk) {
+  int64_t lo = 0;
+  if (window > 0) lo = std::max<int64_t>(lo, pos - window + 1);
+  if (chunk > 0) lo = std::max<int64_t>(lo, pos - pos % chunk);
+  return int32_t(lo);
+}
+
 void run_step(Step st) {
   const int rep = st.rep();
   const int tile = tile_tokens(rep);
   const int max_rows = tile * rep;
   const int64_t no_limit = std::numeric_limits<int32_t>::max();
+  int64_t T = 0;
+  for (int s = 0; s < st.num_seqs; ++s)
+    T = std::max<int64_t>(T, st.seqs[s * 4] + st.seqs[s * 4 + 1]);
+  std::vector<int32_t> lo;
+  if (st.window > 0 || st.chunk > 0) {
+    lo.assign(T, 0);
+    for (int s = 0; s < st.num_seqs; ++s) {
+      const int32_t* si = st.seqs + s * 4;
+      for (int i = 0; i < si[1]; ++i) lo[si[0] + i] = first_visible(int64_t(si[2]) + i, st.window, st.chunk);
+    }
+    st.lo = lo.data();
+  }
   std::vector<float> sm, sl, so;
   std::vector<Unit> shared;
   if (st.num_groups > 0) {
-    int64_t T = 0;
-    for (int s = 0; s < st.num_seqs; ++s)
-      T = std::max<int64_t>(T, st.seqs[s * 4] + st.seqs[s * 4 + 1]);
     sm.assign(T * st.q_heads, 0.f);
     sl.assign(T * st.q_heads, 0.f);
     so.assign(T * st.q_heads * st.dv, 0.f);
@@ -500,7 +560,17 @@ void run_step(Step st) {
       for (int h = 0; h < st.kv_heads; ++h)
         for (int t = t_begin; t < t_end; t += tile) {
           const int nt = std::min(tile, t_end - t);
-          shared.push_back({h, t, nt, no_limit - nt, gi[2], 0, k1, false, false, int64_t(nt) * k1});
+          // Tokens of several sequences: start at the smallest window / chunk bound among
+          // them (rows are masked by their own).  A unit that sees nothing still runs: it
+          // saves the empty softmax state the sequences' own units start from.
+          int k0 = 0;
+          if (st.lo) {
+            k0 = std::numeric_limits<int32_t>::max();
+            for (int i = 0; i < nt; ++i) k0 = std::min(k0, st.lo[t + i]);
+            k0 = std::min(k0, k1);
+          }
+          shared.push_back({h, t, nt, no_limit - nt, gi[2], k0, k1, false, false,
+                            int64_t(nt) * std::max(1, k1 - k0)});
         }
     }
     run_units(st, shared, max_rows);
@@ -512,11 +582,17 @@ void run_step(Step st) {
     const int q_start = si[0], q_len = si[1], pos0 = si[2], group = si[3];
     const int k0 = group >= 0 ? st.groups[group * 4 + 3] * st.block_size : 0;
     for (int h = 0; h < st.kv_heads; ++h)
-      for (int i = 0; i < q_len; i += tile) {
-        const int nt = std::min(tile, q_len - i);
+      for (int i = 0, nt; i < q_len; i += nt) {
+        nt = std::min(tile, q_len - i);
+        // A unit never straddles a chunk boundary (its later tokens would not see the keys
+        // its earlier ones do).
+        if (st.chunk > 0) nt = std::min(nt, st.chunk - (pos0 + i) % st.chunk);
         const int k1 = pos0 + i + nt;
-        own.push_back({h, q_start + i, nt, int64_t(pos0) + i, s, k0, k1, group >= 0, true,
-                       int64_t(nt) * std::max(1, k1 - k0)});
+        // Keys below the first token's window / chunk start are seen by no token of the
+        // unit (bounds grow with position): the loop starts there.
+        const int start = st.lo ? std::max(k0, st.lo[q_start + i]) : k0;
+        own.push_back({h, q_start + i, nt, int64_t(pos0) + i, s, start, k1, group >= 0, true,
+                       int64_t(nt) * std::max(1, k1 - start)});
       }
   }
   run_units(st, own, max_rows);
@@ -533,12 +609,12 @@ Kind kind_of(mx::Dtype t) {
 class PagedAttention : public mx::Primitive {
  public:
   PagedAttention(mx::Stream stream, int kv_heads, int block_size, float scale, int bits, int group_size,
-                 int k_parts)
+                 int k_parts, int window, int chunk, bool has_sinks)
       : mx::Primitive(stream), kv_heads_(kv_heads), block_size_(block_size), scale_(scale), bits_(bits),
-        group_size_(group_size), k_parts_(k_parts) {}
+        group_size_(group_size), k_parts_(k_parts), window_(window), chunk_(chunk), has_sinks_(has_sinks) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    // inputs: q, tables, seqs, groups, k parts (1 or 3), v parts (1 or 3)
+    // inputs: q, tables, seqs, groups, k parts (1 or 3), v parts (1 or 3), [sinks]
     auto& out = outputs[0];
     out.set_data(mx::allocator::malloc(out.nbytes()));
     auto& enc = mx::cpu::get_command_encoder(stream());
@@ -563,6 +639,9 @@ class PagedAttention : public mx::Primitive {
     st.scale = scale_;
     st.k = pool_of(inputs, 4, st.dk);
     st.v = pool_of(inputs, 4 + k_parts_, st.dv);
+    st.window = window_;
+    st.chunk = chunk_;
+    if (has_sinks_) st.sinks = inputs.back().data<float>();
     enc.dispatch([st]() { run_step(st); });
   }
 
@@ -577,7 +656,8 @@ class PagedAttention : public mx::Primitive {
   bool is_equivalent(const mx::Primitive& other) const override {
     auto* o = dynamic_cast<const PagedAttention*>(&other);
     return o && o->kv_heads_ == kv_heads_ && o->block_size_ == block_size_ && o->scale_ == scale_ &&
-           o->bits_ == bits_ && o->group_size_ == group_size_ && o->k_parts_ == k_parts_;
+           o->bits_ == bits_ && o->group_size_ == group_size_ && o->k_parts_ == k_parts_ &&
+           o->window_ == window_ && o->chunk_ == chunk_ && o->has_sinks_ == has_sinks_;
   }
 
  private:
@@ -602,6 +682,8 @@ class PagedAttention : public mx::Primitive {
   int kv_heads_, block_size_;
   float scale_;
   int bits_, group_size_, k_parts_;
+  int window_, chunk_;
+  bool has_sinks_;
 };
 
 mx::array check_rows(const mx::array& a, const char* what) {
@@ -610,10 +692,13 @@ mx::array check_rows(const mx::array& a, const char* what) {
 }
 
 // q (T, Hq, Dk); pools as lists: [rows] for float, [packed, scales, biases] for quantized.
+// window / chunk: 0 for none; sinks: (Hq,) logits (used as float32; round them to the
+// attention's dtype first to match mx.fast.scaled_dot_product_attention).
 mx::array paged_attention(const mx::array& q, const std::vector<mx::array>& k_pool,
                           const std::vector<mx::array>& v_pool, const mx::array& tables,
                           const mx::array& seqs, const mx::array& groups, int kv_heads, int block_size,
-                          float scale, int bits, int group_size, mx::StreamOrDevice s) {
+                          float scale, int bits, int group_size, int window, int chunk,
+                          const std::optional<mx::array>& sinks, mx::StreamOrDevice s) {
   if (q.ndim() != 3) throw std::invalid_argument("paged_attention: queries must be (tokens, heads, dim)");
   if (k_pool.size() != v_pool.size() || (k_pool.size() != 1 && k_pool.size() != 3))
     throw std::invalid_argument("paged_attention: pools are [rows] or [packed, scales, biases]");
@@ -623,6 +708,9 @@ mx::array paged_attention(const mx::array& q, const std::vector<mx::array>& k_po
   if (kv_heads <= 0 || q.shape(1) % kv_heads != 0)
     throw std::invalid_argument("paged_attention: query heads must be a multiple of kv heads");
   if (block_size <= 0) throw std::invalid_argument("paged_attention: block_size must be positive");
+  if (window < 0 || chunk < 0) throw std::invalid_argument("paged_attention: window and chunk must be >= 0");
+  if (sinks && (sinks->ndim() != 1 || sinks->shape(0) != q.shape(1)))
+    throw std::invalid_argument("paged_attention: sinks must have shape (query heads,)");
   const auto stream = mx::to_stream(s, mx::Device::cpu);
   std::vector<mx::array> inputs = {
       mx::contiguous(mx::astype(q, mx::float32, stream), false, stream),
@@ -645,11 +733,12 @@ mx::array paged_attention(const mx::array& q, const std::vector<mx::array>& k_po
   if (inputs[2].ndim() != 2 || inputs[2].shape(1) != 4 || inputs[3].ndim() != 2 || inputs[3].shape(1) != 4 ||
       inputs[1].ndim() != 2)
     throw std::invalid_argument("paged_attention: tables (S, W), seqs (S, 4), groups (G, 4)");
+  if (sinks) inputs.push_back(mx::contiguous(mx::astype(*sinks, mx::float32, stream), false, stream));
   mx::Shape shape = {q.shape(0), q.shape(1), dv};
-  return mx::array(
-      shape, mx::float32,
-      std::make_shared<PagedAttention>(stream, kv_heads, block_size, scale, bits, group_size, int(k_pool.size())),
-      std::move(inputs));
+  return mx::array(shape, mx::float32,
+                   std::make_shared<PagedAttention>(stream, kv_heads, block_size, scale, bits, group_size,
+                                                    int(k_pool.size()), window, chunk, sinks.has_value()),
+                   std::move(inputs));
 }
 
 }  // namespace
@@ -658,7 +747,7 @@ NB_MODULE(_paged_attention_cpu, m) {
   m.doc() = "omlx fused paged attention (MLX CPU primitive)";
   m.def("paged_attention", &paged_attention, "q"_a, "k_pool"_a, "v_pool"_a, "tables"_a, "seqs"_a, "groups"_a,
         nb::kw_only(), "kv_heads"_a, "block_size"_a, "scale"_a, "bits"_a = 0, "group_size"_a = 64,
-        "stream"_a = nb::none(),
+        "window"_a = 0, "chunk"_a = 0, "sinks"_a = nb::none(), "stream"_a = nb::none(),
         "Attention of ragged query tokens over a paged KV pool (see omlx/kernels/paged_attention.py).");
   m.def("num_threads", []() {
 #ifdef _OPENMP
