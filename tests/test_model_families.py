@@ -226,3 +226,36 @@ def test_second_turn_after_a_restart_resumes_from_the_disk_tier(tmp_path, name):
         assert restarted.state.disk.stats()["loads"] >= 1
     assert_nothing_leaked(restarted)
     restarted.close()
+
+
+@pytest.mark.parametrize("name, kinds", [("qwen3_5", {"state": 2, "full": 2}), ("gemma3", {"window:8": 2, "full": 2})])
+def test_vision_language_families_run_their_language_model_exactly(name, kinds):
+    """Qwen3.5 and Gemma 3 checkpoints are vision-language models, loaded through mlx-vlm: the
+    engine reads the layer kinds from mlx-vlm's own caches and runs its layers (with the pass
+    inputs the server gives VLMs), token-exact against the model recomputing each prefix."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from omlx.testing.tiny_vlm_families import build_vlm_language
+
+    import mlx.core as mx
+
+    _, adapter, inputs = build_vlm_language(name)
+    engine = LLMEngine(adapter, EngineConfig(block_size=8, num_blocks=160, max_num_batched_tokens=24,
+                                             state_snapshot_tokens=16), context_window=4096, vision=inputs)
+    assert engine.serving_info()["layer_kinds"] == kinds
+
+    def reference(prompt: list[int], n: int) -> list[int]:
+        out: list[int] = []
+        for _ in range(n):
+            logits = adapter(mx.array([prompt + out]), cache=make_prompt_cache(adapter))[:, -1]
+            out.append(int(mx.argmax(logits, -1).item()))
+        return out
+
+    rng = random.Random(3)
+    prompts = [SHARED[: rng.randrange(0, 40)] + [rng.randrange(5, 500) for _ in range(rng.randrange(1, 12))]
+               for _ in range(4)]
+    arrivals = {2 * i: [GenerationRequest(str(i), p, 8)] for i, p in enumerate(prompts)}
+    outputs, _, _ = run(engine, arrivals)
+    for i, prompt in enumerate(prompts):
+        assert outputs[str(i)] == reference(prompt, 8), f"request {i} diverged"
+    assert_nothing_leaked(engine)

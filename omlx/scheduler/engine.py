@@ -145,18 +145,12 @@ class LLMEngine:
             quantized_kv_start=self.quantized_kv_start,
             copy_blocks=self._quantize_blocks if self.float_pool is not None else None,
         )
-        self.state = self._state_manager(model, config)
-        if self.state is not None and self.disk is not None and self.state.interval:
-            # State snapshots live beside the main pool's blocks, capped at a quarter of its tier.
-            self.state.disk = StateDisk(self.disk.dir, self.state.pool.layout, config.kv_disk_bytes // 4)
-        self.runner = ModelRunner(model, self.storage, self.kinds, self.state)
-        if not self.runner.ragged and any(k.kind is not Kind.FULL for k in self.kinds):
-            raise UnsupportedLayout("windowed or state layers need attention routed to the paged pool, "
-                                    "and this model's attention could not be routed")
-        self.scheduler.state = self.state
-        self.scheduler.copy_within = lambda pool, src, dst: self.pools[pool].storage.copy_blocks(src, dst)
-        if self.runner.ragged and vision is None:
-            check_paged_pass(self)  # UnsupportedLayout if the model does not run right paged
+        self.state = None
+        try:
+            self._attach_layers(model, config, vision)
+        except UnsupportedLayout:
+            self.close()  # the disk tiers it opened: the fallback engine may open them again
+            raise
         # Draft rows are verified inside the one ragged pass; a padded model decodes plainly.
         # Rejected draft rows cannot be taken back out of a recurrent state: no drafts there.
         if config.speculative and config.num_draft_tokens > 0 and self.runner.ragged and self.state is None:
@@ -189,6 +183,23 @@ class LLMEngine:
                 f", quantized to {pool.storage.kv_bits} bits (groups of {group_size})" if pool.storage.kv_bits else
                 (f", for each sequence's first {self.quantized_kv_start} tokens" if pool is self.float_pool else ""),
             )
+
+    def _attach_layers(self, model, config: EngineConfig, vision) -> None:
+        """State layers' slots, the runner, and the check that the paged pass computes what
+        mlx-lm does (UnsupportedLayout when it cannot)."""
+        self.state = self._state_manager(model, config)
+        if self.state is not None and self.disk is not None and self.state.interval:
+            # State snapshots live beside the main pool's blocks, capped at a quarter of its tier.
+            self.state.disk = StateDisk(self.disk.dir, self.state.pool.layout, config.kv_disk_bytes // 4)
+        self.runner = ModelRunner(model, self.storage, self.kinds, self.state)
+        if not self.runner.ragged and any(k.kind is not Kind.FULL for k in self.kinds):
+            raise UnsupportedLayout("windowed or state layers need attention routed to the paged pool, "
+                                    "and this model's attention could not be routed")
+        self.scheduler.state = self.state
+        self.scheduler.copy_within = lambda pool, src, dst: self.pools[pool].storage.copy_blocks(src, dst)
+        self.runner.vision = vision  # text-only rows still take their positions from it (mRoPE)
+        if self.runner.ragged:
+            check_paged_pass(self)  # UnsupportedLayout if the model does not run right paged
 
     def _state_manager(self, model, config: EngineConfig) -> StateManager | None:
         """Slots and snapshots for the model's recurrent-state layers, if it has any."""

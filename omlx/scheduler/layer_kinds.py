@@ -45,20 +45,30 @@ class LayerKind:
         return f"{self.kind.value}:{self.span}" if self.span else self.kind.value
 
 
-def classify_cache(cache) -> LayerKind:
-    """The kind of one cache object from mlx-lm (subclasses count as their base)."""
+# mlx-vlm's language models build caches of its own classes, with the same meaning.
+_VLM_CACHES = "mlx_vlm.models.cache"
+
+
+def _is(cache, cls) -> bool:
     kind = type(cache)
-    if kind is KVCache:
+    return kind is cls or (kind.__module__ == _VLM_CACHES and kind.__name__ == cls.__name__)
+
+
+def classify_cache(cache) -> LayerKind:
+    """The kind of one cache object from mlx-lm or mlx-vlm (ArraysCache subclasses count as
+    state; other subclasses, which may change what the cache keeps, are not guessed at)."""
+    if _is(cache, KVCache):
         return LayerKind(Kind.FULL)
-    if kind is RotatingKVCache:
+    if _is(cache, RotatingKVCache):
         if cache.keep:
             # Tokens kept at the front of the window: not a plain window; no model in mlx-lm
             # 0.32 asks for it, so it is left to the fallback engine rather than guessed.
             raise UnsupportedLayout(f"RotatingKVCache(keep={cache.keep})")
         return LayerKind(Kind.WINDOW, span=int(cache.max_size))
-    if kind is ChunkedKVCache:
+    if _is(cache, ChunkedKVCache):
         return LayerKind(Kind.CHUNK, span=int(cache.chunk_size))
-    if isinstance(cache, ArraysCache):
+    if isinstance(cache, ArraysCache) or any(
+            c.__module__ == _VLM_CACHES and c.__name__ == "ArraysCache" for c in type(cache).__mro__):
         return LayerKind(Kind.STATE, size=len(cache.cache))
     raise UnsupportedLayout(type(cache).__name__)
 

@@ -36,6 +36,9 @@ class StateLayout:
     """Shape and dtype of each array of each state layer, for one sequence."""
 
     layers: tuple[tuple[tuple[tuple[int, ...], mx.Dtype], ...], ...]
+    # Each layer's own cache class (mlx-lm's ArraysCache, or mlx-vlm's, whose layers call
+    # methods of their own on it): a group's state is handed to the layer in one of these.
+    classes: tuple[type, ...] = ()
 
     @property
     def num_layers(self) -> int:
@@ -242,9 +245,11 @@ class StateLayerCache:
         """Run the layer's original `call` over the pass's rows `x` `(T, 1, ...)`, group by
         group, reading and writing the pool's state."""
         arrays = self.pool.arrays[self.layer]
+        classes = self.pool.layout.classes
+        cache_class = classes[self.layer] if classes else ArraysCache
         outputs = []
         for group in self.plan.groups:
-            cache = ArraysCache(len(arrays))
+            cache = cache_class(len(arrays))
             cache.cache = [array[group.slots] for array in arrays]
             rows = x[group.rows]
             if group.length == 1:
@@ -283,12 +288,12 @@ def _call_with(call, x, cache, routed, args, kwargs):
 # ---------------------------------------------------------------------------- routing
 
 
-class _Watch(ArraysCache):
-    """An ArraysCache that notes the module whose call reads or writes it (see StateRouter)."""
+class _Watch:
+    """Mixed into a state layer's own cache class: notes the modules whose calls read or
+    write the cache (see probe_state_layers)."""
 
     def __init__(self, size: int):
         super().__init__(size)
-        self.readers: set[int] = set()
         self.modules: dict[int, nn.Module] = {}
 
     def _note(self):
@@ -318,11 +323,12 @@ def probe_state_layers(model, kinds: list[LayerKind]) -> tuple[StateLayout, list
     watched = []
     for index, (kind, cache) in enumerate(zip(kinds, caches)):
         if kind.kind is Kind.STATE:
-            watch = _Watch(len(cache.cache))
+            watch = type("Watched" + type(cache).__name__, (_Watch, type(cache)), {})(len(cache.cache))
             caches[index] = watch
             watched.append(watch)
     model(mx.array([[0]]), cache=caches)
     layers, receivers = [], []
+    classes = tuple(type(w).__mro__[2] for w in watched)  # (Watched*, _Watch, the cache's class)
     for watch in watched:
         arrays = watch.cache
         if any(a is None for a in arrays):
@@ -330,7 +336,7 @@ def probe_state_layers(model, kinds: list[LayerKind]) -> tuple[StateLayout, list
         mx.eval(arrays)
         layers.append(tuple((tuple(a.shape[1:]), a.dtype) for a in arrays))
         receivers.append(_innermost(list(watch.modules.values())))
-    return StateLayout(tuple(layers)), receivers
+    return StateLayout(tuple(layers), classes), receivers
 
 
 def _innermost(modules: list[nn.Module]) -> nn.Module:

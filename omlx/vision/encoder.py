@@ -48,6 +48,16 @@ class LanguageAdapter(nn.Module):
         language = self.language_model
         return getattr(language, "args", None) or language.config
 
+    def make_cache(self):
+        """The language model's own caches (sliding windows, recurrent state...), which the
+        engine reads each layer's kind from; one full-attention cache per layer otherwise."""
+        make = getattr(self.language_model, "make_cache", None)
+        if make is not None:
+            return make()
+        from mlx_lm.models.cache import KVCache
+
+        return [KVCache() for _ in self.layers]
+
     def __call__(self, inputs, cache=None, **kwargs):
         # Qwen-VL language models remember the last prompt's RoPE positions between calls
         # (for mlx-vlm's own generate loop); every call here is a fresh prompt.
