@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from .block_manager import BlockManager
-from .kv_cache import KVLayout, PagedKVStorage
+from .kv_cache import KVLayout, PagedKVStorage, install_attention_hook
 from .kv_pool import KVPool
 from .layer_kinds import Kind, UnsupportedLayout, describe, layer_kinds
 from .state_cache import probe_state_layers, route_state_layers
@@ -187,14 +187,16 @@ class LLMEngine:
     def _attach_layers(self, model, config: EngineConfig, vision) -> None:
         """State layers' slots, the runner, and the check that the paged pass computes what
         mlx-lm does (UnsupportedLayout when it cannot)."""
+        if not install_attention_hook(model) and any(k.kind is not Kind.FULL for k in self.kinds):
+            # Checked before state layers are routed: a refused model goes to the fallback
+            # engine as mlx-lm built it.
+            raise UnsupportedLayout("windowed or state layers need attention routed to the paged pool, "
+                                    "and this model's attention could not be routed")
         self.state = self._state_manager(model, config)
         if self.state is not None and self.disk is not None and self.state.interval:
             # State snapshots live beside the main pool's blocks, capped at a quarter of its tier.
             self.state.disk = StateDisk(self.disk.dir, self.state.pool.layout, config.kv_disk_bytes // 4)
         self.runner = ModelRunner(model, self.storage, self.kinds, self.state)
-        if not self.runner.ragged and any(k.kind is not Kind.FULL for k in self.kinds):
-            raise UnsupportedLayout("windowed or state layers need attention routed to the paged pool, "
-                                    "and this model's attention could not be routed")
         self.scheduler.state = self.state
         self.scheduler.copy_within = lambda pool, src, dst: self.pools[pool].storage.copy_blocks(src, dst)
         self.runner.vision = vision  # text-only rows still take their positions from it (mRoPE)

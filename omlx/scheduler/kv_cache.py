@@ -62,6 +62,10 @@ class KVLayout:
             if not kind.kind.attends:
                 continue
             keys, values = cache.keys, cache.values
+            if keys is None or values is None:
+                # A layer that never writes the cache it is given (it reuses another's KV,
+                # or has no attention at all): the pool would hold nothing sensible for it.
+                raise UnsupportedLayout(f"a layer leaves its {type(cache).__name__} unwritten")
             mx.eval(keys, values)
             shapes.add((keys.shape[1], keys.shape[3], values.shape[3], keys.dtype))
             first = first or (keys, values)

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
+from .emission import emit_token
 from .multimodal import needs_vision
 from .request import FinishReason, TokenEvent
 from .sequence import FLOAT_POOL, MAIN_POOL, Sequence, SequenceStatus
@@ -405,23 +406,7 @@ class Scheduler:
 
     def _emit(self, seq: Sequence, token: int, logprobs) -> TokenEvent:
         """The event for one token a sequence produced; appends it or finishes the sequence."""
-        event = TokenEvent(token_id=token, index=seq.index)
-        if logprobs is not None:
-            event.logprob, event.top_logprobs = logprobs
-        if not seq.reported_cache_hit:
-            event.cached_prompt_tokens = seq.cached_prompt_tokens
-            event.queue_s = (seq.scheduled_at or seq.arrived_at) - seq.arrived_at
-            seq.reported_cache_hit = True
-        request = seq.request
-        if token in request.stop_token_ids:
-            event.token_id = None
-            event.finish_reason = FinishReason.STOP
-        else:
-            seq.token_ids.append(token)
-            if seq.constraint is not None and seq.constraint.finished:
-                event.finish_reason = FinishReason.STOP  # its grammar is complete
-            elif seq.num_output_tokens >= request.max_tokens or seq.num_tokens >= self.config.max_model_len:
-                event.finish_reason = FinishReason.LENGTH
+        event = emit_token(seq, token, logprobs, self.config.max_model_len)
         if event.finish_reason is not None:
             self.finish(seq, event.finish_reason)
         return event

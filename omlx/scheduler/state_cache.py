@@ -241,9 +241,15 @@ class StateLayerCache:
     def make_mask(self, N: int):
         return None  # every group the layer runs is unpadded
 
-    def run(self, call, x: mx.array, args: tuple, kwargs: dict) -> mx.array:
-        """Run the layer's original `call` over the pass's rows `x` `(T, 1, ...)`, group by
-        group, reading and writing the pool's state."""
+    def run(self, call, args: tuple, kwargs: dict) -> mx.array:
+        """Run the layer's original `call` over the pass's rows `(T, 1, ...)` (its first
+        positional argument, or its first array keyword argument), group by group, reading
+        and writing the pool's state."""
+        if args:
+            x, place = args[0], 0
+        else:
+            place = next(k for k, v in kwargs.items() if isinstance(v, mx.array))
+            x = kwargs[place]
         arrays = self.pool.arrays[self.layer]
         classes = self.pool.layout.classes
         cache_class = classes[self.layer] if classes else ArraysCache
@@ -254,7 +260,7 @@ class StateLayerCache:
             rows = x[group.rows]
             if group.length == 1:
                 inputs = rows  # (sequences, 1, ...)
-                outputs.append(_call_with(call, inputs, cache, self, args, kwargs))
+                outputs.append(_call_with(call, inputs, place, cache, self, args, kwargs))
                 for member, position in group.decode_snapshots:
                     key = (group.seq_keys[member], position)
                     # A gather copies the row: a slice would keep the whole group's state alive.
@@ -264,7 +270,7 @@ class StateLayerCache:
                 inputs = rows.swapaxes(0, 1)  # (1, tokens, ...)
                 lo = 0
                 for piece, position in zip(group.pieces, group.snapshot_after):
-                    out = _call_with(call, inputs[:, lo : lo + piece], cache, self, args, kwargs)
+                    out = _call_with(call, inputs[:, lo : lo + piece], place, cache, self, args, kwargs)
                     outputs.append(out.swapaxes(0, 1))
                     lo += piece
                     if position is not None:
@@ -276,10 +282,15 @@ class StateLayerCache:
         return out if self.plan.inverse is None else out[self.plan.inverse]
 
 
-def _call_with(call, x, cache, routed, args, kwargs):
+def _call_with(call, x, place, cache, routed, args, kwargs):
+    """`call` with `x` in the input's place and `cache` in place of the routed cache."""
     args = tuple(cache if a is routed else a for a in args)
     kwargs = {k: (cache if v is routed else v) for k, v in kwargs.items()}
-    out = call(x, *args, **kwargs)
+    if place == 0 and args:
+        args = (x, *args[1:])
+    else:
+        kwargs[place] = x
+    out = call(*args, **kwargs)
     if not isinstance(out, mx.array):
         raise UnsupportedLayout(f"a state layer returned {type(out).__name__}, not an array")
     return out
@@ -363,11 +374,11 @@ def route_state_layers(receivers: list[nn.Module]) -> None:
             continue
         routed = _ROUTED.get(base)
         if routed is None:
-            def __call__(self, x, *args, _base=base, **kwargs):
+            def __call__(self, *args, _base=base, **kwargs):
                 cache = next((a for a in (*args, *kwargs.values()) if isinstance(a, StateLayerCache)), None)
                 if cache is None:
-                    return _base.__call__(self, x, *args, **kwargs)
-                return cache.run(lambda *a, **k: _base.__call__(self, *a, **k), x, args, kwargs)
+                    return _base.__call__(self, *args, **kwargs)
+                return cache.run(lambda *a, **k: _base.__call__(self, *a, **k), args, kwargs)
 
             routed = type(base.__name__, (base,), {"__call__": __call__, "_omlx_state_routed": True,
                                                    "__module__": base.__module__})
