@@ -86,6 +86,10 @@ def assert_nothing_leaked(engine: LLMEngine) -> None:
     if engine.state is not None:
         assert engine.state.pool.used_slots == 0
         assert len(engine.state.pool.free_slots) == engine.state.pool.capacity
+    if engine.window is not None:
+        assert not any(engine.window.held.values()) and not engine.window.refs.any()
+        # Every window block is free again (cached ones among them).
+        assert len(engine.window.free) == engine.window.storage.num_blocks - 1
 
 
 def test_layer_kinds_are_read_from_the_caches(family):
@@ -259,3 +263,63 @@ def test_vision_language_families_run_their_language_model_exactly(name, kinds):
     for i, prompt in enumerate(prompts):
         assert outputs[str(i)] == reference(prompt, 8), f"request {i} diverged"
     assert_nothing_leaked(engine)
+
+
+def test_sliding_window_kv_is_bounded_by_the_window(tmp_path):
+    """Gemma-style: the windowed layers' pool holds, per running sequence, at most its window
+    plus one pass's rows, however long the sequence gets; the full layers' pool holds it all."""
+    model, tokenizer = load(str(build_family_model(tmp_path / "g", "gemma3_text", seed=8)))
+    eos = frozenset(tokenizer.eos_token_ids)
+    engine = LLMEngine(model, EngineConfig(block_size=4, num_blocks=256, max_num_batched_tokens=16,
+                                           speculative=False), context_window=4096)
+    window = engine.window
+    assert window is not None and window.window == 8
+    assert window.storage.layout.num_layers == 2 and engine.storage.layout.num_layers == 2
+    prompt = [random.Random(9).randrange(5, 500) for _ in range(150)]
+    engine.add_request(GenerationRequest("long", prompt, 40, stop_token_ids=eos))
+    seq = engine.sequences["long"]
+    out, most_held = [], 0
+    while engine.has_work:
+        for _, event in engine.step():
+            if event.token_id is not None:
+                out.append(event.token_id)
+        if engine.has_work:
+            most_held = max(most_held, len(window.held.get(id(seq), ())))
+            # What the next query reads is held; nothing before its window is.
+            reach = window.reach(seq.num_computed_tokens)
+            assert window.held[id(seq)] == set(seq.block_table[reach:])
+    assert out == greedy_reference(model, prompt, 40, eos)
+    assert most_held <= window.blocks_per_seq
+    assert most_held <= -(-(8 + 16) // 4) + 1  # the window and one chunk, not 190 tokens' worth
+    stats = engine.kv_stats()["window"]
+    assert stats["held_blocks"] == 0 and stats["bytes"] == window.nbytes
+    assert_nothing_leaked(engine)
+
+
+@pytest.mark.parametrize("name", ["gemma3_text", "qwen3_5"])
+def test_quantized_kv_on_windowed_and_state_models(tmp_path, name):
+    """8-bit KV: the window pool is quantized like the main one (the same rows, so the same
+    tokens as with windowed layers kept in the main pool), and a hybrid model quantizes its
+    attention layers' KV while its state stays in the model's dtype."""
+    # Head dim 32: the smallest KV quantization group.
+    model, tokenizer = load(str(build_family_model(tmp_path / name, name, seed=10, head_dim=32)))
+    eos = frozenset(tokenizer.eos_token_ids)
+    prompts = {f"q{i}": SHARED[: 10 + 9 * i] for i in range(3)}
+
+    def serve(**overrides):
+        engine = LLMEngine(model, EngineConfig(block_size=8, num_blocks=128, max_num_batched_tokens=24,
+                                               kv_bits=8, kv_group_size=32, **overrides), context_window=4096)
+        out, _, _ = run(engine, {0: [GenerationRequest(k, p, 10, stop_token_ids=eos) for k, p in prompts.items()]})
+        assert_nothing_leaked(engine)
+        return engine, out
+
+    engine, out = serve()
+    assert engine.storage.kv_bits == 8
+    if name == "gemma3_text":
+        assert engine.window.storage.kv_bits == 8
+        _, shared_pool = serve(window_kv=False)
+        assert out == shared_pool
+    else:
+        assert engine.state is not None
+        for key, prompt in prompts.items():
+            assert len(out[key]) == 10

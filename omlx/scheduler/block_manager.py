@@ -68,6 +68,11 @@ class BlockManager:
         # The disk tier (omlx.scheduler.disk.DiskKVCache), when the engine has one:
         # published blocks are written behind, and prefixes continue from it past memory.
         self.disk = None
+        # Layers whose KV lives in a pool of their own, keyed by this pool's blocks (sliding
+        # windows: omlx.scheduler.window_kv), hear when a block is published in the prefix
+        # cache and when it is taken for other tokens.
+        self.on_publish: Callable[[bytes, int], None] | None = None
+        self.on_evict: Callable[[int], None] | None = None
 
     # ------------------------------------------------------------------ capacity
     @property
@@ -234,6 +239,8 @@ class BlockManager:
                 self.block_hash[block] = h
                 if self.disk is not None:
                     self.disk.publish(h, block)
+                if self.on_publish is not None:
+                    self.on_publish(h, block)
             parent = h
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, num_full)
 
@@ -337,6 +344,9 @@ class BlockManager:
         self.ref_counts[block] += 1
 
     def _evict(self, block: int) -> None:
+        """`block` is taken for other tokens (or dropped): it no longer holds its prefix."""
+        if self.on_evict is not None:
+            self.on_evict(block)
         h = self.block_hash[block]
         if h is not None:
             if self.hash_to_block.get(h) == block:

@@ -23,6 +23,7 @@ from .state_cache import probe_state_layers, route_state_layers
 from .disk.state_files import StateDisk
 from .self_check import check_paged_pass
 from .state_manager import StateManager
+from .window_kv import WindowKV, split_window_layers
 from .request import FinishReason, GenerationRequest, TokenEvent
 from .runner import ModelRunner
 from .parallel_sampling import fork_siblings, request_finished, request_sequences
@@ -84,6 +85,9 @@ class EngineConfig:
     # last snapshot inside its cached prefix), and the memory the snapshots may hold.
     state_snapshot_tokens: int = 256
     state_snapshot_bytes: int = 512 << 20
+    # Sliding-window layers in a pool of their own, so a sequence's KV in them is bounded by
+    # the window (False: they share the main pool and keep every block, as full layers do).
+    window_kv: bool = True
 
 
 class RequestRejected(ValueError):
@@ -116,6 +120,16 @@ class LLMEngine:
         if self.quantized_kv_start < 0:
             raise ValueError(f"quantized_kv_start must be >= 0, got {self.quantized_kv_start}")
         scope = scope or b"omlx"
+        # Sliding-window layers in a pool of their own, bounded by the window (window_kv);
+        # the main pool then holds the other attention layers.
+        self.window = None
+        window_layout, layout = split_window_layers(layout, self.kinds) if (
+            config.window_kv and self.quantized_kv_start == 0) else (None, layout)
+        if window_layout is not None:
+            self.window = WindowKV(
+                window_layout, max(k.span for k in self.kinds if k.kind is Kind.WINDOW), config.block_size,
+                config.max_num_seqs, config.max_num_batched_tokens + config.num_draft_tokens + 1,
+                kv_bits, group_size, kv_budget)
         # The main pool; with quantized_kv_start a float pool too (see _pool_plans).
         self.pools: list[KVPool] = []
         for name, bits, (num_blocks, max_blocks), pool_scope in self._pool_plans(layout, kv_bits, group_size, scope):
@@ -132,6 +146,10 @@ class LLMEngine:
             self.pools.append(pool)
         self.main_pool = self.pools[0]
         self.float_pool = self.pools[1] if len(self.pools) > 1 else None
+        if self.window is not None:
+            self.window.attach(self.blocks, config.kv_cache_dir and (
+                config.kv_cache_dir, (scope if scope != b"omlx" else weights_fingerprint(model)) + b"|window",
+                config.kv_disk_bytes, f"{label} (window)" if label else None))
         self.max_model_len = min(config.max_model_len or context_window, context_window)
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -196,8 +214,9 @@ class LLMEngine:
         if self.state is not None and self.disk is not None and self.state.interval:
             # State snapshots live beside the main pool's blocks, capped at a quarter of its tier.
             self.state.disk = StateDisk(self.disk.dir, self.state.pool.layout, config.kv_disk_bytes // 4)
-        self.runner = ModelRunner(model, self.storage, self.kinds, self.state)
+        self.runner = ModelRunner(model, self.storage, self.kinds, self.state, self.window)
         self.scheduler.state = self.state
+        self.scheduler.window = self.window
         self.scheduler.copy_within = lambda pool, src, dst: self.pools[pool].storage.copy_blocks(src, dst)
         self.runner.vision = vision  # text-only rows still take their positions from it (mRoPE)
         if self.runner.ragged:
@@ -223,7 +242,7 @@ class LLMEngine:
         if self.state is not None:
             limits.append("no speculative decoding (recurrent state cannot take back rejected draft rows)")
             limits.append(f"prefix cache resumes at state snapshots (every {self.state.interval} tokens)")
-        if any(k.kind in (Kind.WINDOW, Kind.CHUNK) for k in self.kinds):
+        if self.window is None and any(k.kind in (Kind.WINDOW, Kind.CHUNK) for k in self.kinds):
             limits.append("windowed layers keep every block of a sequence (the window is applied by attention)")
         return {"engine": "paged", "layer_kinds": describe(self.kinds), "limits": limits,
                 "speculative_decoding": self.scheduler.speculator is not None}
@@ -291,13 +310,14 @@ class LLMEngine:
     # ------------------------------------------------------------------ KV memory
     @property
     def max_kv_bytes(self) -> int:
-        return sum(pool.max_bytes for pool in self.pools)
+        return sum(pool.max_bytes for pool in self.pools) + (self.window.max_bytes if self.window is not None else 0)
 
     @property
     def kv_bytes(self) -> int:
         """The KV memory held now (all pools, and state slots and snapshots)."""
         state = self.state.pool.nbytes + self.state.snapshots.nbytes if self.state is not None else 0
-        return sum(pool.nbytes for pool in self.pools) + state
+        window = self.window.nbytes if self.window is not None else 0
+        return sum(pool.nbytes for pool in self.pools) + state + window
 
     @property
     def pool_growths(self) -> int:
@@ -324,6 +344,9 @@ class LLMEngine:
         stats["layer_kinds"] = describe(self.kinds)
         if self.state is not None:
             stats["state"] = self.state.stats()
+        if self.window is not None:
+            stats["window"] = self.window.stats()
+            stats["bytes"] = stats.get("bytes", self.main_pool.nbytes) + self.window.nbytes
         return stats
 
     def _kv_pool_stats(self) -> dict:
@@ -507,6 +530,8 @@ class LLMEngine:
             events += self.scheduler.postprocess([sibling], [0], {0: token})
         if self.state is not None:
             self.state.commit(self.runner.last_state_plan, seqs)
+        if self.window is not None:
+            self.window.settle(seqs)
         return events
 
     def _out_of_memory(self) -> list[tuple[str, TokenEvent]]:
@@ -528,6 +553,8 @@ class LLMEngine:
             pool.close()
         if self.state is not None:
             self.state.close()
+        if self.window is not None:
+            self.window.close()
 
     def fail_step(self, message: str) -> list[tuple[str, TokenEvent]]:
         """After a step failed (an allocation MLX could not make): end the requests that were

@@ -10,7 +10,7 @@ import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
 from omlx.kernels.backend import attention_backend
-from omlx.kernels.paged_attention import RaggedPlan
+from omlx.kernels.paged_attention import RaggedPlan, padded_tables
 
 from .block_manager import SCRATCH_BLOCK
 from .kv_cache import BatchLayout, MultiPoolLayerCache, PagedKVStorage, PagedLayerCache, install_attention_hook
@@ -52,13 +52,16 @@ def _split_head(model):
 
 
 class ModelRunner:
-    def __init__(self, model, storage: PagedKVStorage, kinds: list[LayerKind] | None = None, state=None):
+    def __init__(self, model, storage: PagedKVStorage, kinds: list[LayerKind] | None = None, state=None,
+                 window=None):
         """`kinds`: the kind of each of the model's cache slots (default: all full attention);
-        `state`: the StateManager of a model with recurrent-state layers."""
+        `state`: the StateManager of a model with recurrent-state layers; `window`: the
+        WindowKV holding its sliding-window layers apart (None: they are in `storage`)."""
         self.model = model
         self.storage = storage
         self.kinds = kinds
         self.state = state
+        self.window = window
         self.last_state_plan: StatePlan | None = None  # the last pass's, for its snapshots
         self.block_size = storage.block_size
         self.split = _split_head(model)
@@ -108,16 +111,22 @@ class ModelRunner:
             self.profile.add("compute", time.perf_counter() - built)
         return logits
 
-    def _layer_caches(self, pools, layouts, splits, offsets: mx.array, state_plan: StatePlan | None = None):
+    def _layer_caches(self, pools, layouts, splits, offsets: mx.array, state_plan: StatePlan | None = None,
+                      window_layout: BatchLayout | None = None):
         """Each cache slot's object, in the model's order: an attention layer's reads and writes
-        its pool (or splits rows among pools), a state layer's the state pool."""
+        its pool (or splits rows among pools), a sliding-window layer's the window pool when
+        it has one, a state layer's the state pool."""
         kinds = self.kinds or [LayerKind(Kind.FULL)] * pools[0][0].layout.num_layers
         caches = []
-        attention = state = 0
+        attention = state = windowed = 0
         for kind in kinds:
             if kind.kind is Kind.STATE:
                 caches.append(StateLayerCache(self.state.pool, state, state_plan))
                 state += 1
+                continue
+            if kind.kind is Kind.WINDOW and window_layout is not None:
+                caches.append(PagedLayerCache(self.window.storage, windowed, window_layout, kind))
+                windowed += 1
                 continue
             i = attention
             attention += 1
@@ -183,8 +192,15 @@ class ModelRunner:
             state_plan = StatePlan.build(order, list(num_new_tokens), [s.num_computed_tokens for s in seqs],
                                          [self.state.pool.slot(s) for s in seqs], self.state.interval)
         self.last_state_plan = state_plan
-        caches = self._layer_caches(pools, layouts, splits, mx.array(positions, dtype=mx.int32), state_plan)
+        window_layout = None
+        if self.window is not None:
+            window_layout = self._window_layout(seqs, num_new_tokens, order, plans[0], positions,
+                                                token_offsets, heads, bs, kernel)
+        caches = self._layer_caches(pools, layouts, splits, mx.array(positions, dtype=mx.int32), state_plan,
+                                    window_layout)
         written = [array for storage, _ in pools for array in storage.arrays()]
+        if self.window is not None:
+            written += self.window.storage.arrays()
 
         inputs = mx.array(tokens)[:, None]
         extra = self.vision.for_pass(seqs, order, num_new_tokens, tokens, positions) if self.vision else {}
@@ -200,6 +216,21 @@ class ModelRunner:
         if logits is not None:
             logits = logits.astype(mx.float32)
         return logits, written
+
+    def _window_layout(self, seqs, num_new_tokens, order, plan: RaggedPlan, positions, token_offsets,
+                       heads: int, bs: int, kernel) -> BatchLayout:
+        """The window pool's view of a ragged pass: its own block tables (the sequences'
+        blocks mapped to window blocks), in the main plan's order and shared-prefix groups."""
+        tables = self.window.prepare(seqs, num_new_tokens)
+        groups = [(int(first), int(count), int(shared)) for first, count, _, shared in np.array(plan.groups)]
+        padded = padded_tables([tables[i].tolist() for i in order])
+        lens = np.asarray([num_new_tokens[i] for i in order], dtype=np.int32)
+        starts = np.asarray([seqs[i].num_computed_tokens for i in order], dtype=np.int32)
+        window_plan = RaggedPlan.build(padded, lens, starts, groups, heads, bs, kernel)
+        token_blocks = np.concatenate([tables[i][np.arange(seqs[i].num_computed_tokens,
+                                                           seqs[i].num_computed_tokens + num_new_tokens[i]) // bs]
+                                       for i in order])
+        return BatchLayout.build_ragged(positions, token_blocks, token_offsets, window_plan, heads, bs)
 
     def _forward_padded(self, seqs, num_new_tokens, want_logits, pools):
         """Rows right-padded to the longest chunk (models whose attention is not routed to

@@ -66,6 +66,8 @@ class Scheduler:
         # with it, how whole blocks are copied within a pool (n > 1 forks), given by the engine.
         self.state = state
         self.copy_within: Callable[[int, list[int], list[int]], None] | None = None
+        # Sliding-window layers' own pool (omlx.scheduler.window_kv), or None.
+        self.window = None
         # Speculative decoding (omlx.scheduler.speculation.Speculator), or None: decoding
         # sequences then get one row each.
         self.speculator = speculator
@@ -147,6 +149,8 @@ class Scheduler:
                 # stall this step's other sequences on those reads.  A later step, then.
                 break
             hit = self._match_prefix(seq)
+            if self.window is not None and hit >= 0:
+                hit = self.window.usable_prefix(seq, hit)
             if self.state is not None and hit >= 0:
                 hit = self.state.admit(seq, self.pool_of(seq), hit)
             vision = hit >= 0 and needs_vision(seq, min(seq.num_pending_tokens, budget))
@@ -240,6 +244,8 @@ class Scheduler:
         self.pool_of(seq).free(seq)
         if self.state is not None:
             self.state.release(seq)
+        if self.window is not None:
+            self.window.release(seq)
         seq.num_computed_tokens = 0
         seq.pool = MAIN_POOL
         seq.draft = []
@@ -360,6 +366,8 @@ class Scheduler:
                 self.out_of_memory.append(child)
                 return
             self.copy_within(child.pool, [parent.block_table[tail]], [child.block_table[tail]])
+            if self.window is not None:
+                self.window.copy_block(child, parent.block_table[tail], child.block_table[tail])
             child.num_computed_tokens = computed
         self.state.fork(parent, child)
 
@@ -424,6 +432,8 @@ class Scheduler:
         self.pool_of(seq).free(seq)
         if self.state is not None:
             self.state.release(seq)
+        if self.window is not None:
+            self.window.release(seq)
         self._drop_read_ahead(seq)
         if self.speculator is not None:
             self.speculator.release(seq)

@@ -63,6 +63,8 @@ def check_paged_pass(engine) -> None:
             blocks.free(seq)
             if engine.state is not None:
                 engine.state.release(seq)
+            if engine.window is not None:
+                engine.window.release(seq)
         engine.runner.last_state_plan = None
 
 
