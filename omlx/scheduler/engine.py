@@ -170,8 +170,7 @@ class LLMEngine:
             self.close()  # the disk tiers it opened: the fallback engine may open them again
             raise
         # Draft rows are verified inside the one ragged pass; a padded model decodes plainly.
-        # Rejected draft rows cannot be taken back out of a recurrent state: no drafts there.
-        if config.speculative and config.num_draft_tokens > 0 and self.runner.ragged and self.state is None:
+        if config.speculative and config.num_draft_tokens > 0 and self.runner.ragged:
             spec_config = SpeculationConfig(
                 max_draft_tokens=config.num_draft_tokens,
                 initial_draft_tokens=min(config.num_draft_tokens, SpeculationConfig.initial_draft_tokens),
@@ -240,7 +239,6 @@ class LLMEngine:
         """How this model is served: the paged engine, its layer kinds and what it cannot do."""
         limits = []
         if self.state is not None:
-            limits.append("no speculative decoding (recurrent state cannot take back rejected draft rows)")
             limits.append(f"prefix cache resumes at state snapshots (every {self.state.interval} tokens)")
         if self.window is None and any(k.kind in (Kind.WINDOW, Kind.CHUNK) for k in self.kinds):
             limits.append("windowed layers keep every block of a sequence (the window is applied by attention)")
@@ -525,7 +523,11 @@ class LLMEngine:
             events = self.scheduler.postprocess([seqs[i] for i in plain], [counts[i] for i in plain],
                                                 {k: sampled[i] for k, i in enumerate(plain) if i in sampled})
             for i, (tokens_out, logprobs) in zip(verifying, verified):
+                drafted = len(seqs[i].draft)
                 events += self.scheduler.apply_verified(seqs[i], tokens_out, logprobs)
+                if self.state is not None and len(tokens_out) - 1 < drafted:
+                    # Rejected rows went through the recurrent state too: take them back.
+                    self.state.take_back(self.runner.last_state_plan, i, seqs[i], len(tokens_out))
         for sibling, token in zip(siblings, tokens[len(rows) :] if siblings else ()):
             events += self.scheduler.postprocess([sibling], [0], {0: token})
         if self.state is not None:

@@ -190,7 +190,8 @@ class ModelRunner:
         state_plan = None
         if self.state is not None:
             state_plan = StatePlan.build(order, list(num_new_tokens), [s.num_computed_tokens for s in seqs],
-                                         [self.state.pool.slot(s) for s in seqs], self.state.interval)
+                                         [self.state.pool.slot(s) for s in seqs], self.state.interval,
+                                         frozenset(i for i, s in enumerate(seqs) if s.draft))
         self.last_state_plan = state_plan
         window_layout = None
         if self.window is not None:

@@ -185,10 +185,15 @@ class StatePlan:
     inverse: mx.array | None  # output rows back in pass order (None: already in order)
     # Snapshots taken during the pass: (pass sequence index, position) -> [layer][array].
     snapshots: dict[tuple[int, int], list[list[mx.array]]] = field(default_factory=dict)
+    # Sequences verifying a draft (pass indices), and for each, per state layer, what is
+    # needed to take rejected rows back out of its state: (run(x, cache) -> output, the
+    # state before the pass, the layer's inputs for the sequence's rows).
+    drafted: frozenset[int] = frozenset()
+    replays: dict[int, list[tuple]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, order: list[int], counts: list[int], starts: list[int], slots: list[int],
-              interval: int) -> "StatePlan":
+              interval: int, drafted: frozenset[int] = frozenset()) -> "StatePlan":
         """`order`: pass sequence indices in row order; `counts[i]` / `starts[i]` / `slots[i]`:
         the new tokens, the position of the first and the state slot of sequence i.
         `interval` > 0: snapshot the state at every multiple of it that the pass reaches."""
@@ -224,7 +229,7 @@ class StatePlan:
         inverse = None
         if not np.array_equal(produced, np.arange(len(produced))):
             inverse = mx.array(np.argsort(produced).astype(np.int32))
-        return cls(groups=groups, inverse=inverse)
+        return cls(groups=groups, inverse=inverse, drafted=drafted)
 
 
 class StateLayerCache:
@@ -268,6 +273,11 @@ class StateLayerCache:
                     self.plan.snapshots.setdefault(key, []).append([c[pick][0] for c in cache.cache])
             else:
                 inputs = rows.swapaxes(0, 1)  # (1, tokens, ...)
+                if group.seq_keys[0] in self.plan.drafted:
+                    replay = lambda x, c, _args=args, _kwargs=kwargs: _call_with(  # noqa: E731
+                        call, x, place, c, self, _args, _kwargs)
+                    self.plan.replays.setdefault(group.seq_keys[0], []).append(
+                        (replay, list(cache.cache), inputs))
                 lo = 0
                 for piece, position in zip(group.pieces, group.snapshot_after):
                     out = _call_with(call, inputs[:, lo : lo + piece], place, cache, self, args, kwargs)

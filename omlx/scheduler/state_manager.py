@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import logging
 
+import mlx.core as mx
+from mlx_lm.models.cache import ArraysCache
+
 from .block_manager import BlockManager
 from .state_cache import StateLayout, StatePlan, StatePool, StateSnapshots
 
@@ -27,6 +30,7 @@ class StateManager:
         self.snapshots = StateSnapshots(snapshot_bytes)
         self.disk = None  # StateDisk: snapshots also kept beside the KV disk tier's blocks
         self.reused_tokens = 0
+        self.rollbacks = 0  # drafts partly rejected, their rows taken back out of the state
 
     # ------------------------------------------------------------------ admission
     def admit(self, seq, blocks: BlockManager, hit: int) -> int:
@@ -78,11 +82,27 @@ class StateManager:
                     self.disk.put(seq.block_hashes[k - 1], state)
         plan.snapshots.clear()
 
+    def take_back(self, plan: StatePlan, index: int, seq, keep: int) -> None:
+        """A sequence verified a draft and kept only its first `keep` rows: its state becomes
+        the state before the pass advanced by those rows (each state layer replayed on the
+        inputs it saw for them; nothing else of the model runs again)."""
+        if not self.pool.has_slot(seq):
+            return  # it finished on the way
+        slot = mx.array([self.pool.slot(seq)], dtype=mx.int32)
+        classes = self.pool.layout.classes
+        for layer, (replay, before, inputs) in enumerate(plan.replays[index]):
+            cache = classes[layer](len(before)) if classes else ArraysCache(len(before))
+            cache.cache = list(before)
+            replay(inputs[:, :keep], cache)
+            for array, new in zip(self.pool.arrays[layer], cache.cache):
+                array[slot] = new
+        self.rollbacks += 1
+
     def stats(self) -> dict:
         return {
             "slots": self.pool.capacity, "used_slots": self.pool.used_slots, "bytes": self.pool.nbytes,
             "bytes_per_sequence": self.pool.layout.bytes_per_slot, "layers": self.pool.layout.num_layers,
-            "snapshot_interval": self.interval, "reused_tokens": self.reused_tokens, **self.snapshots.stats(),
+            "snapshot_interval": self.interval, "reused_tokens": self.reused_tokens, "rollbacks": self.rollbacks, **self.snapshots.stats(),
             **({"disk": self.disk.stats()} if self.disk is not None else {}),
         }
 
