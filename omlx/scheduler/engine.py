@@ -19,6 +19,7 @@ from .block_manager import BlockManager
 from .kv_cache import KVLayout, PagedKVStorage, install_attention_hook
 from .kv_pool import KVPool
 from .layer_kinds import Kind, UnsupportedLayout, describe, layer_kinds
+from .layer_managers import LayerManagers
 from .state_cache import probe_state_layers, route_state_layers
 from .disk.state_files import StateDisk
 from .self_check import check_paged_pass
@@ -164,6 +165,7 @@ class LLMEngine:
             copy_blocks=self._quantize_blocks if self.float_pool is not None else None,
         )
         self.state = None
+        self.layers = LayerManagers([m for m in (self.window,) if m is not None])
         try:
             self._attach_layers(model, config, vision)
         except UnsupportedLayout:
@@ -213,9 +215,9 @@ class LLMEngine:
         if self.state is not None and self.disk is not None and self.state.interval:
             # State snapshots live beside the main pool's blocks, capped at a quarter of its tier.
             self.state.disk = StateDisk(self.disk.dir, self.state.pool.layout, config.kv_disk_bytes // 4)
+        self.layers = LayerManagers([m for m in (self.window, self.state) if m is not None])
+        self.scheduler.layers = self.layers
         self.runner = ModelRunner(model, self.storage, self.kinds, self.state, self.window)
-        self.scheduler.state = self.state
-        self.scheduler.window = self.window
         self.scheduler.copy_within = lambda pool, src, dst: self.pools[pool].storage.copy_blocks(src, dst)
         self.runner.vision = vision  # text-only rows still take their positions from it (mRoPE)
         if self.runner.ragged:
@@ -308,14 +310,12 @@ class LLMEngine:
     # ------------------------------------------------------------------ KV memory
     @property
     def max_kv_bytes(self) -> int:
-        return sum(pool.max_bytes for pool in self.pools) + (self.window.max_bytes if self.window is not None else 0)
+        return sum(pool.max_bytes for pool in self.pools) + self.layers.max_bytes
 
     @property
     def kv_bytes(self) -> int:
-        """The KV memory held now (all pools, and state slots and snapshots)."""
-        state = self.state.pool.nbytes + self.state.snapshots.nbytes if self.state is not None else 0
-        window = self.window.nbytes if self.window is not None else 0
-        return sum(pool.nbytes for pool in self.pools) + state + window
+        """The KV memory held now (all pools, the window pool, state slots and snapshots)."""
+        return sum(pool.nbytes for pool in self.pools) + self.layers.nbytes
 
     @property
     def pool_growths(self) -> int:
@@ -340,11 +340,8 @@ class LLMEngine:
     def kv_stats(self) -> dict:
         stats = self._kv_pool_stats()
         stats["layer_kinds"] = describe(self.kinds)
-        if self.state is not None:
-            stats["state"] = self.state.stats()
-        if self.window is not None:
-            stats["window"] = self.window.stats()
-            stats["bytes"] = stats.get("bytes", self.main_pool.nbytes) + self.window.nbytes
+        stats.update(self.layers.stats())
+        stats["bytes"] = self.kv_bytes
         return stats
 
     def _kv_pool_stats(self) -> dict:
@@ -530,10 +527,7 @@ class LLMEngine:
                     self.state.take_back(self.runner.last_state_plan, i, seqs[i], len(tokens_out))
         for sibling, token in zip(siblings, tokens[len(rows) :] if siblings else ()):
             events += self.scheduler.postprocess([sibling], [0], {0: token})
-        if self.state is not None:
-            self.state.commit(self.runner.last_state_plan, seqs)
-        if self.window is not None:
-            self.window.settle(seqs)
+        self.layers.after_step(self.runner.last_state_plan, seqs)
         return events
 
     def _out_of_memory(self) -> list[tuple[str, TokenEvent]]:
@@ -553,10 +547,7 @@ class LLMEngine:
         """Flush the disk tiers' pending writes (graceful shutdown)."""
         for pool in self.pools:
             pool.close()
-        if self.state is not None:
-            self.state.close()
-        if self.window is not None:
-            self.window.close()
+        self.layers.close()
 
     def fail_step(self, message: str) -> list[tuple[str, TokenEvent]]:
         """After a step failed (an allocation MLX could not make): end the requests that were

@@ -7,7 +7,7 @@ with its own random stream (seed + index).  A sibling recomputes only the prompt
 partial block (under block_size tokens) before decoding on its own: shared blocks are never
 written again, so sharing needs no copy-on-write.  A model with recurrent-state layers cannot
 recompute that tail (its state has moved past it): there the sibling gets a copy of the
-parent's state and of the partial block instead (`Scheduler.fork_state`).
+parent's state and of the partial block instead (`Scheduler.fork_exact`).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ def fork_siblings(scheduler, logits: mx.array, seqs: list[Sequence], counts: lis
             sibling = Sequence(request, index=index)
             sibling.pool = seq.pool  # shares the pool its blocks are in
             scheduler.pool_of(seq).fork(seq, sibling, computed)
-            if scheduler.state is not None:
-                scheduler.fork_state(seq, sibling, computed)
+            if scheduler.layers.exact_fork:
+                scheduler.fork_exact(seq, sibling, computed)
             sibling.status = SequenceStatus.RUNNING
             sibling.reported_cache_hit = True  # the prompt's cache hit is reported once, by index 0
             scheduler.running.append(sibling)

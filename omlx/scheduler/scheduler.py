@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
 from .emission import emit_token
+from .layer_managers import LayerManagers
 from .multimodal import needs_vision
 from .request import FinishReason, TokenEvent
 from .sequence import FLOAT_POOL, MAIN_POOL, Sequence, SequenceStatus
@@ -59,15 +60,14 @@ class Scheduler:
         self, config: SchedulerConfig, blocks: BlockManager,
         float_blocks: BlockManager | None = None, quantized_kv_start: int = 0,
         copy_blocks: Callable[[list[int], list[int]], None] | None = None,
-        speculator=None, state=None,
+        speculator=None,
     ):
         self.config = config
-        # Recurrent-state layers' slots and snapshots (omlx.scheduler.state_manager), or None;
-        # with it, how whole blocks are copied within a pool (n > 1 forks), given by the engine.
-        self.state = state
+        # The managers of layer kinds with storage of their own (sliding windows, recurrent
+        # state: omlx.scheduler.layer_managers), and how whole blocks are copied within a pool
+        # (n > 1 forks), both given by the engine.
+        self.layers = LayerManagers([])
         self.copy_within: Callable[[int, list[int], list[int]], None] | None = None
-        # Sliding-window layers' own pool (omlx.scheduler.window_kv), or None.
-        self.window = None
         # Speculative decoding (omlx.scheduler.speculation.Speculator), or None: decoding
         # sequences then get one row each.
         self.speculator = speculator
@@ -149,10 +149,8 @@ class Scheduler:
                 # stall this step's other sequences on those reads.  A later step, then.
                 break
             hit = self._match_prefix(seq)
-            if self.window is not None and hit >= 0:
-                hit = self.window.usable_prefix(seq, hit)
-            if self.state is not None and hit >= 0:
-                hit = self.state.admit(seq, self.pool_of(seq), hit)
+            if hit >= 0:
+                hit = self.layers.admit(seq, self.pool_of(seq), hit)
             vision = hit >= 0 and needs_vision(seq, min(seq.num_pending_tokens, budget))
             if vision and vision_room <= 0:
                 self._release(seq)  # it keeps its place at the head of the queue
@@ -242,10 +240,7 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         """Give back all of a sequence's blocks (full ones stay cached); it holds no pool."""
         self.pool_of(seq).free(seq)
-        if self.state is not None:
-            self.state.release(seq)
-        if self.window is not None:
-            self.window.release(seq)
+        self.layers.release(seq)
         seq.num_computed_tokens = 0
         seq.pool = MAIN_POOL
         seq.draft = []
@@ -352,12 +347,13 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def fork_state(self, parent: Sequence, child: Sequence, computed: int) -> None:
+    def fork_exact(self, parent: Sequence, child: Sequence, computed: int) -> None:
         """An n > 1 sibling of a model with state layers starts exactly where its parent is:
         the parent's state, and its own copy of the parent's partial last block (the shared
         full blocks are already the child's, see BlockManager.fork)."""
         pool = self.pool_of(parent)
         tail = len(child.block_table)
+        copied = None
         if computed > child.num_computed_tokens:
             if not pool.allocate(child, computed - child.num_computed_tokens):
                 # No block for the copy: the sibling cannot start; it ends like any request
@@ -365,11 +361,10 @@ class Scheduler:
                 self.finish(child, FinishReason.ERROR)
                 self.out_of_memory.append(child)
                 return
-            self.copy_within(child.pool, [parent.block_table[tail]], [child.block_table[tail]])
-            if self.window is not None:
-                self.window.copy_block(child, parent.block_table[tail], child.block_table[tail])
+            copied = (parent.block_table[tail], child.block_table[tail])
+            self.copy_within(child.pool, [copied[0]], [copied[1]])
             child.num_computed_tokens = computed
-        self.state.fork(parent, child)
+        self.layers.fork(parent, child, copied)
 
     # ------------------------------------------------------------------ postprocess
     def postprocess(
@@ -430,10 +425,7 @@ class Scheduler:
             except ValueError:
                 pass
         self.pool_of(seq).free(seq)
-        if self.state is not None:
-            self.state.release(seq)
-        if self.window is not None:
-            self.window.release(seq)
+        self.layers.release(seq)
         self._drop_read_ahead(seq)
         if self.speculator is not None:
             self.speculator.release(seq)

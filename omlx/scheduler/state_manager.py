@@ -21,6 +21,9 @@ log = logging.getLogger("omlx.engine")
 
 
 class StateManager:
+    stats_key = "state"
+    exact_fork = True  # a sibling cannot recompute its parent's state from shared blocks
+
     def __init__(self, layout: StateLayout, slots: int, block_size: int, interval: int, snapshot_bytes: int):
         """`interval`: tokens between snapshots (a multiple of `block_size`; 0: none, and no
         prefix reuse for this model)."""
@@ -62,10 +65,21 @@ class StateManager:
     def release(self, seq) -> None:
         self.pool.free(seq)
 
-    def fork(self, parent, child) -> None:
+    def fork(self, parent, child, copied=None) -> None:
         """An n > 1 sibling continues from its parent's state (its KV is handled by the caller)."""
         self.pool.allocate(child)
         self.pool.copy(parent, child)
+
+    def after_step(self, plan: StatePlan | None, seqs: list) -> None:
+        self.commit(plan, seqs)
+
+    @property
+    def nbytes(self) -> int:
+        return self.pool.nbytes + self.snapshots.nbytes
+
+    @property
+    def max_bytes(self) -> int:
+        return self.pool.nbytes + self.snapshots.cap_bytes
 
     # ------------------------------------------------------------------ after a pass
     def commit(self, plan: StatePlan | None, seqs: list) -> None:

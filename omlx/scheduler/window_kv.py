@@ -54,6 +54,8 @@ def split_window_layers(layout: KVLayout, kinds: list[LayerKind]) -> tuple[KVLay
 
 
 class WindowKV:
+    stats_key = "window"
+
     def __init__(self, layout: KVLayout, window: int, block_size: int, max_seqs: int, max_rows: int,
                  kv_bits: int | None, group_size: int, kv_budget: Callable[[int], bool] | None):
         """`window`: the widest window of the layers kept here; `max_rows`: the most tokens a
@@ -246,6 +248,16 @@ class WindowKV:
         self.storage.copy_blocks([src], [phys])
 
     # ------------------------------------------------------------------ admission
+    def admit(self, seq, blocks, hit: int) -> int:
+        return self.usable_prefix(seq, hit)
+
+    def fork(self, parent, child, copied: tuple[int, int] | None) -> None:
+        if copied is not None:
+            self.copy_block(child, *copied)
+
+    def after_step(self, plan, seqs: list) -> None:
+        self.settle(seqs)
+
     def usable_prefix(self, seq, hit: int) -> int:
         """Of `hit` cached tokens, the most a new sequence can resume from: the window before
         the resume point must still be here (or come back from the disk tier).  The sequence
