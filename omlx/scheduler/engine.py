@@ -7,7 +7,6 @@ this step's prompt chunks in one ragged forward pass - and returns each request'
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -17,7 +16,11 @@ import numpy as np
 
 from .block_manager import BlockManager
 from .kv_cache import KVLayout, PagedKVStorage, install_attention_hook
+from .engine_config import DRAFT_KV_CAP, INITIAL_KV_BYTES, EngineConfig  # noqa: F401 (re-exported)
 from .kv_pool import KVPool
+from .kv_sizing import (  # noqa: F401 (re-exported)
+    default_kv_cache_bytes, parameter_bytes, pool_plans, quantization_for, weights_fingerprint,
+)
 from .layer_kinds import Kind, UnsupportedLayout, describe, layer_kinds
 from .layer_managers import LayerManagers
 from .state_cache import probe_state_layers, route_state_layers
@@ -37,58 +40,6 @@ from .verification import verify_drafts
 from .step_profile import StepProfile
 
 log = logging.getLogger("omlx.engine")
-
-
-# A growable pool starts this big (or at its cap, if smaller) and doubles on demand.
-INITIAL_KV_BYTES = 256 << 20
-# The draft model's KV pool is fixed in size: the main pool's cap scaled to the draft model,
-# at most this much of the main model's (drafting for fewer sequences only costs speed).
-DRAFT_KV_CAP = 512 << 20
-
-
-@dataclass
-class EngineConfig:
-    block_size: int = 32
-    # The most memory this model's KV pool may grow to.  None: what is left of the memory
-    # budget after the weights, with a margin (`default_kv_cache_bytes`).  The pool starts
-    # at `initial_kv_bytes` and grows as requests need blocks, each time only if the memory
-    # budget (`LLMEngine(kv_budget=...)`) has room.
-    kv_cache_bytes: int | None = None
-    initial_kv_bytes: int = INITIAL_KV_BYTES
-    num_blocks: int | None = None  # a fixed pool of exactly this many blocks (tests)
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    # Image prompts whose vision tower runs in one step (see SchedulerConfig).
-    max_vision_prompts_per_step: int = 1
-    max_model_len: int | None = None  # default: the model's own context window
-    kv_bits: int | None = None  # 4 or 8: store KV blocks quantized (mx.quantize layout)
-    kv_group_size: int = 64
-    # With kv_bits: keep a sequence's KV in the model's dtype until this many of its tokens
-    # are computed, then quantize it (mlx-lm's --quantized-kv-start).  0: quantized from the
-    # first token.  Above 0 the engine keeps a second, float pool for those sequences.
-    quantized_kv_start: int = 0
-    num_float_blocks: int | None = None  # a fixed float pool of this many blocks (tests)
-    # The prefix cache's disk tier: full blocks are also written under this directory
-    # (one subdirectory per model identity) and loaded back by later requests, also after a
-    # restart.  None turns it off.
-    kv_cache_dir: str | None = None
-    kv_disk_bytes: int = 10 << 30  # size cap of one model's disk tier; LRU files go first
-    prefix_cache: bool = True  # False: every prompt is computed from scratch (measurements)
-    # Speculative decoding (omlx.scheduler.speculation): prompt lookup drafts for every
-    # request that does not opt out, verified in the step's one ragged pass.
-    speculative: bool = True
-    num_draft_tokens: int = 8  # the most draft tokens one sequence verifies per step
-    # A smaller model (its id in the model dirs) with the same tokenizer that drafts instead
-    # of prompt lookup; the model pool loads it and hands it to the engine.
-    draft_model: str | None = None
-    # Models with recurrent-state layers: tokens between state snapshots kept for the prefix
-    # cache (rounded up to a whole number of blocks; a resent conversation resumes from the
-    # last snapshot inside its cached prefix), and the memory the snapshots may hold.
-    state_snapshot_tokens: int = 256
-    state_snapshot_bytes: int = 512 << 20
-    # Sliding-window layers in a pool of their own, so a sequence's KV in them is bounded by
-    # the window (False: they share the main pool and keep every block, as full layers do).
-    window_kv: bool = True
 
 
 class RequestRejected(ValueError):
@@ -133,7 +84,7 @@ class LLMEngine:
                 kv_bits, group_size, kv_budget)
         # The main pool; with quantized_kv_start a float pool too (see _pool_plans).
         self.pools: list[KVPool] = []
-        for name, bits, (num_blocks, max_blocks), pool_scope in self._pool_plans(layout, kv_bits, group_size, scope):
+        for name, bits, (num_blocks, max_blocks), pool_scope in pool_plans(config, model, layout, kv_bits, group_size, scope, self.quantized_kv_start):
             pool = KVPool(name, layout, config.block_size, num_blocks, max_blocks, kv_bits=bits,
                           group_size=group_size, scope=pool_scope, prefix_cache=config.prefix_cache,
                           kv_budget=kv_budget)
@@ -246,37 +197,6 @@ class LLMEngine:
             limits.append("windowed layers keep every block of a sequence (the window is applied by attention)")
         return {"engine": "paged", "layer_kinds": describe(self.kinds), "limits": limits,
                 "speculative_decoding": self.scheduler.speculator is not None}
-
-    def _pool_plans(self, layout: KVLayout, kv_bits: int | None, group_size: int, scope: bytes):
-        """(name, bits, (initial blocks, max blocks), prefix scope) of each pool to build."""
-        config = self.config
-        block_size = config.block_size
-        initial_bytes = config.initial_kv_bytes
-        if self.quantized_kv_start <= 0:
-            if config.num_blocks:
-                sizes = (config.num_blocks, config.num_blocks)
-            else:
-                cap = config.kv_cache_bytes or default_kv_cache_bytes(parameter_bytes(self.model))
-                sizes = _initial_and_max(layout, block_size, initial_bytes, cap, kv_bits, group_size)
-            return [("main", kv_bits, sizes, scope)]
-        # Two pools.  The float pool only ever holds sequences' first `quantized_kv_start`
-        # tokens: at most that for every sequence slot (plus cached prefixes), and never more
-        # than half the cap; the quantized pool may grow to the rest.  The two start at half
-        # the usual initial size each.  The quantized pool's prefix hashes are scoped by the
-        # threshold: its blocks past it were computed reading quantized KV, so they differ
-        # from blocks of the same tokens in an engine that quantizes from another point.
-        main_scope = scope + b"|quantized_kv_start=%d" % self.quantized_kv_start
-        if config.num_blocks:
-            main = (config.num_blocks, config.num_blocks)
-            floats = (config.num_float_blocks or config.num_blocks,) * 2
-        else:
-            cap = config.kv_cache_bytes or default_kv_cache_bytes(parameter_bytes(self.model))
-            float_bpb = PagedKVStorage.bytes_per_token(layout) * block_size
-            slots = config.max_num_seqs * -(-self.quantized_kv_start // block_size) + 1
-            float_cap = min(cap // 2, slots * float_bpb)
-            main = _initial_and_max(layout, block_size, initial_bytes // 2, cap - float_cap, kv_bits, group_size)
-            floats = _initial_and_max(layout, block_size, initial_bytes // 2, float_cap, None, group_size)
-        return [("quantized", kv_bits, main, main_scope), ("float", None, floats, scope)]
 
     # Views of the pools that the scheduler, the server and tests use.
     @property
@@ -582,62 +502,6 @@ def logit_rows(seq: Sequence, fed: int) -> int:
     if seq.draft:
         return 1 + len(seq.draft)
     return 1 if seq.num_computed_tokens + fed == seq.num_tokens else 0
-
-
-def _initial_and_max(layout, block_size: int, initial_bytes: int, cap_bytes: int, kv_bits, group_size: int):
-    """A growable pool's (initial, max) blocks: it starts at `initial_bytes` (or its cap)."""
-    max_blocks = PagedKVStorage.blocks_for_budget(layout, block_size, cap_bytes, kv_bits, group_size)
-    initial = PagedKVStorage.blocks_for_budget(layout, block_size, initial_bytes, kv_bits, group_size)
-    return min(max_blocks, initial), max_blocks
-
-
-def parameter_bytes(model) -> int:
-    from mlx.utils import tree_flatten
-
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-
-
-def default_kv_cache_bytes(weights_bytes: int, memory_budget: int | None = None) -> int:
-    """The KV cap when none is set: what the memory budget (by default 3/4 of physical
-    memory) leaves after the weights, less a safety margin (a tenth of the budget, at
-    least 1 GiB) for activations and the allocator's slack; never below the initial pool."""
-    from omlx.settings import default_model_memory_bytes
-
-    budget = memory_budget or default_model_memory_bytes()
-    margin = max(budget // 10, 1 << 30)
-    return max(INITIAL_KV_BYTES, budget - weights_bytes - margin)
-
-
-def weights_fingerprint(model) -> bytes:
-    """Identity of a model's weights for engines built without a scope (tests): parameter
-    names, shapes, dtypes and a sample of each tensor's values."""
-    from mlx.utils import tree_flatten
-
-    digest = hashlib.blake2b(digest_size=16)
-    for name, value in tree_flatten(model.parameters()):
-        digest.update(f"{name}:{value.shape}:{value.dtype}".encode())
-        sample = value.reshape(-1)[:64]
-        if sample.dtype == mx.bfloat16:
-            sample = sample.astype(mx.float32)
-        digest.update(np.array(sample).tobytes())
-    return b"weights:" + digest.digest()
-
-
-def quantization_for(layout: KVLayout, kv_bits: int | None, group_size: int) -> tuple[int | None, int]:
-    """The KV quantization a model can take: the asked group size, else a smaller one that
-    divides its head dim; a model that takes none keeps a float pool, said in the log."""
-    if kv_bits is None:
-        return None, group_size
-    if kv_bits not in (4, 8):
-        raise ValueError(f"kv_bits must be 4 or 8, got {kv_bits}")
-    for size in (group_size, 64, 32):
-        if size <= group_size and layout.key_dim % size == 0 and layout.value_dim % size == 0:
-            return kv_bits, size
-    log.warning(
-        "KV quantization needs a head dim divisible by 32; this model's is %d, so its KV "
-        "cache stays in %s", layout.key_dim, layout.dtype,
-    )
-    return None, group_size
 
 
 def prefill_groups(prefills: list[tuple[Sequence, int]], max_padding: float = 0.25):
