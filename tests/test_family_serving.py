@@ -149,4 +149,12 @@ def test_status_says_how_each_model_is_served(client, family_server):
         assert serving is not None, by_id[model]
         assert serving["engine"] == "paged"
     assert "state" in by_id["hybrid-qwen3_5"]["serving"]["layer_kinds"]
+    with urllib.request.urlopen(family_server.root + "/metrics", timeout=30) as response:
+        metrics = response.read().decode()
+    assert 'omlx:kv_cache_window_bytes{model_name="window-gemma3"}' in metrics
+    assert 'omlx:recurrent_state_bytes{model_name="hybrid-qwen3_5"}' in metrics
+    kv = health["models_loaded"]["window-gemma3"]["kv_cache"]
+    assert kv["window"]["bytes"] > 0 and kv["bytes"] >= kv["window"]["bytes"] + kv["window"]["held_blocks"]
+    state = health["models_loaded"]["hybrid-qwen3_5"]["kv_cache"]["state"]
+    assert state["bytes_per_sequence"] > 0 and state["snapshots"] > 0
     assert "window:8" in by_id["window-gemma3"]["serving"]["layer_kinds"]

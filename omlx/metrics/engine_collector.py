@@ -59,6 +59,10 @@ class EngineCollector(Collector):
             "kv_cache_usage_perc": "Fraction of the KV cache's blocks in use (of what the pool may grow to), 0..1.",
             "kv_cache_bytes": "Bytes of KV cache allocated now (pools grow on demand).",
             "kv_cache_max_bytes": "Bytes the KV cache may grow to.",
+            # Models with layers of other kinds (both are part of kv_cache_bytes too).
+            "kv_cache_window_bytes": "Bytes of the sliding-window layers' own KV pool (bounded by the window).",
+            "kv_cache_window_held_blocks": "Window-pool blocks held by running sequences.",
+            "recurrent_state_bytes": "Bytes of recurrent-state slots and their prefix-cache snapshots.",
         }
         gauge = {name: GaugeMetricFamily(PREFIX + name, text, labels=LABELS) for name, text in gauges.items()}
         counter = {name: CounterMetricFamily(PREFIX + name, text, labels=LABELS)
@@ -80,6 +84,11 @@ class EngineCollector(Collector):
             gauge["kv_cache_usage_perc"].add_metric([model_name], kv["used_blocks"] / max_blocks)
             gauge["kv_cache_bytes"].add_metric([model_name], kv["bytes"])
             gauge["kv_cache_max_bytes"].add_metric([model_name], kv["max_bytes"])
+            if "window" in kv:
+                gauge["kv_cache_window_bytes"].add_metric([model_name], kv["window"]["bytes"])
+                gauge["kv_cache_window_held_blocks"].add_metric([model_name], kv["window"]["held_blocks"])
+            if "state" in kv:
+                gauge["recurrent_state_bytes"].add_metric([model_name], kv["state"]["bytes"] + kv["state"]["snapshot_bytes"])
             live[model_name] = engine_counter_values(stats)
         for model_name in sorted(set(live) | set(self.retired)):
             retired = self.retired.get(model_name, {})

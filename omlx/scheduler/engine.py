@@ -261,7 +261,7 @@ class LLMEngine:
         stats = self._kv_pool_stats()
         stats["layer_kinds"] = describe(self.kinds)
         stats.update(self.layers.stats())
-        stats["bytes"] = self.kv_bytes
+        stats["bytes"], stats["max_bytes"] = self.kv_bytes, self.max_kv_bytes
         return stats
 
     def _kv_pool_stats(self) -> dict:
