@@ -105,7 +105,12 @@ FAMILIES: dict[str, dict] = {
 def build_family_model(path: str | Path, family: str, seed: int = 0, logit_scale: float = 8.0,
                        **overrides) -> Path:
     """Write a tiny random `family` model (see FAMILIES) into `path`; returns the path."""
-    config = {**FAMILIES[family], **overrides}
+    return build_from_config(path, {**FAMILIES[family], **overrides}, seed=seed, logit_scale=logit_scale)
+
+
+def build_from_config(path: str | Path, config: dict, seed: int = 0, logit_scale: float = 8.0) -> Path:
+    """Write a tiny random model of mlx-lm's `config["model_type"]` built from `config`."""
+    config = dict(config)
     spec = TinyModelSpec(model_type=config["model_type"], vocab_size=VOCAB, seed=seed,
                          max_position_embeddings=config.get("max_position_embeddings", 4096))
     tokenizer = build_tokenizer(VOCAB)

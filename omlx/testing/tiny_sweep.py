@@ -21,13 +21,9 @@ mlx-lm 0.32 models with a `make_cache` that are not here, and why:
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
-import mlx.core as mx
-
-from .tiny_families import FAMILIES, VOCAB, _spread_logits
-from .tiny_models import TinyModelSpec, _write_folder, build_tokenizer
+from .tiny_families import FAMILIES, build_from_config
 
 SWA2 = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
 
@@ -365,21 +361,3 @@ def build_sweep_model(path: str | Path, family: str, seed: int = 0, logit_scale:
                       **overrides) -> Path:
     """Write the tiny random `family` model (see ALL_FAMILIES) into `path`; returns the path."""
     return build_from_config(path, {**ALL_FAMILIES[family], **overrides}, seed=seed, logit_scale=logit_scale)
-
-
-def build_from_config(path: str | Path, config: dict, seed: int = 0, logit_scale: float = 8.0) -> Path:
-    """Write a tiny random model of mlx-lm's `config["model_type"]` built from `config`."""
-    config = dict(config)
-    spec = TinyModelSpec(model_type=config["model_type"], vocab_size=VOCAB, seed=seed,
-                         max_position_embeddings=config.get("max_position_embeddings", 4096))
-    tokenizer = build_tokenizer(VOCAB)
-    config["vocab_size"] = max(VOCAB, tokenizer.get_vocab_size())
-    if "text_config" in config:
-        config["text_config"] = {**config["text_config"], "vocab_size": config["vocab_size"]}
-    config["eos_token_id"] = tokenizer.token_to_id("<|im_end|>")
-    config.setdefault("torch_dtype", "float32")
-    module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
-    mx.random.seed(seed)
-    model = module.Model(module.ModelArgs.from_dict(config))
-    _spread_logits(model, logit_scale, config["eos_token_id"])
-    return _write_folder(Path(path), spec, config, model, tokenizer)
