@@ -28,7 +28,7 @@ from .disk.state_files import StateDisk
 from .self_check import check_paged_pass
 from .state_manager import StateManager
 from .window_kv import WindowKV, split_window_layers
-from .request import FinishReason, GenerationRequest, TokenEvent
+from .request import FinishReason, GenerationRequest, RequestRejected, TokenEvent, check_prompt_length
 from .runner import ModelRunner
 from .parallel_sampling import fork_siblings, request_finished, request_sequences
 from .sampler import Sampler
@@ -40,10 +40,6 @@ from .verification import verify_drafts
 from .step_profile import StepProfile
 
 log = logging.getLogger("omlx.engine")
-
-
-class RequestRejected(ValueError):
-    """A request that can never run (too long for the context or the KV pool)."""
 
 
 class LLMEngine:
@@ -286,14 +282,7 @@ class LLMEngine:
     # ------------------------------------------------------------------ requests
     def check(self, request: GenerationRequest) -> None:
         """Raise RequestRejected if the request could never be served."""
-        n = len(request.prompt_token_ids)
-        if n == 0:
-            raise RequestRejected("the prompt is empty")
-        if n >= self.max_model_len:
-            raise RequestRejected(
-                f"the prompt has {n} tokens, but this model's context window is "
-                f"{self.max_model_len} tokens (and at least one must be left to generate)"
-            )
+        n = check_prompt_length(request, self.max_model_len)
         total_tokens = min(n + request.max_tokens, self.max_model_len)
         total_blocks = -(-total_tokens // self.blocks.block_size)
         if self.float_blocks is not None:

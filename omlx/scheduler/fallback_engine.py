@@ -29,10 +29,10 @@ from typing import Callable
 import mlx.core as mx
 
 from .emission import emit_token
-from .engine import EngineConfig, EngineStats, RequestRejected, default_kv_cache_bytes, parameter_bytes
+from .engine import EngineConfig, EngineStats, default_kv_cache_bytes, parameter_bytes
 from .fallback_runner import FallbackRunner, cache_kinds
 from .parallel_sampling import request_finished, request_sequences
-from .request import FinishReason, GenerationRequest, TokenEvent
+from .request import FinishReason, GenerationRequest, RequestRejected, TokenEvent, check_prompt_length
 from .sampler import Sampler
 from .sequence import Sequence, SequenceStatus
 from .step_profile import StepProfile
@@ -167,14 +167,7 @@ class FallbackEngine:
     # ------------------------------------------------------------------ requests
     def check(self, request: GenerationRequest) -> None:
         """Raise RequestRejected if the request could never be served."""
-        n = len(request.prompt_token_ids)
-        if n == 0:
-            raise RequestRejected("the prompt is empty")
-        if n >= self.max_model_len:
-            raise RequestRejected(
-                f"the prompt has {n} tokens, but this model's context window is "
-                f"{self.max_model_len} tokens (and at least one must be left to generate)"
-            )
+        n = check_prompt_length(request, self.max_model_len)
         if request.multimodal is not None:
             raise RequestRejected("this model is served by the fallback engine, which takes text prompts only")
         total = min(n + request.max_tokens, self.max_model_len)

@@ -93,3 +93,21 @@ class TokenEvent:
     # tokens were drafted for this completion and how many of them were accepted.
     drafted_tokens: int = 0
     accepted_tokens: int = 0
+
+
+class RequestRejected(ValueError):
+    """A request that can never run (too long for the context or the KV pool)."""
+
+
+def check_prompt_length(request: GenerationRequest, max_model_len: int) -> int:
+    """The prompt's token count; RequestRejected when it is empty or leaves no room in the
+    context window for a single generated token."""
+    n = len(request.prompt_token_ids)
+    if n == 0:
+        raise RequestRejected("the prompt is empty")
+    if n >= max_model_len:
+        raise RequestRejected(
+            f"the prompt has {n} tokens, but this model's context window is "
+            f"{max_model_len} tokens (and at least one must be left to generate)"
+        )
+    return n
