@@ -28,6 +28,7 @@ from .disk.state_files import StateDisk
 from .self_check import check_paged_pass
 from .state_manager import StateManager
 from .window_kv import WindowKV, split_window_layers
+from .engine_requests import EngineRequests
 from .request import FinishReason, GenerationRequest, RequestRejected, TokenEvent, check_prompt_length
 from .runner import ModelRunner
 from .parallel_sampling import fork_siblings, request_finished, request_sequences
@@ -42,7 +43,7 @@ from .step_profile import StepProfile
 log = logging.getLogger("omlx.engine")
 
 
-class LLMEngine:
+class LLMEngine(EngineRequests):
     def __init__(
         self, model, config: EngineConfig, context_window: int, scope: bytes = b"",
         kv_budget: Callable[[int], bool] | None = None, label: str | None = None,
@@ -303,11 +304,7 @@ class LLMEngine:
             )
 
     def add_request(self, request: GenerationRequest) -> None:
-        self.check(request)
-        if request.request_id in self.sequences:
-            raise RequestRejected(f"duplicate request id {request.request_id!r}")
-        seq = Sequence(request)
-        self.sequences[request.request_id] = seq
+        seq = self._register(request)
         self.scheduler.add(seq)
         # The disk tier reads its prefix ahead while it waits (with two pools: from the pool
         # its prefix will come from).
@@ -315,22 +312,6 @@ class LLMEngine:
             self.blocks.prefetch(seq)
         if self.float_blocks is not None:
             self.float_blocks.prefetch(seq)
-
-    def prompt_progress(self, request_id: str) -> tuple[int, int] | None:
-        """(prompt tokens in the KV cache, prompt tokens) of a request, or None when the
-        engine does not know it (not added yet, or finished).  Read from other threads: two
-        ints of one sequence, each current at some moment of the step."""
-        seq = self.sequences.get(request_id)
-        if seq is None:
-            return None
-        total = seq.num_prompt_tokens
-        return min(seq.num_computed_tokens, total), total
-
-    def prefilling(self) -> list[dict]:
-        """The admitted requests part-way through their prompts: id, prompt tokens in the
-        cache, prompt tokens (a snapshot from another thread: a copy of the running list)."""
-        return [{"request_id": s.request_id, "done": s.num_computed_tokens, "total": s.num_prompt_tokens}
-                for s in list(self.scheduler.running) if s.num_computed_tokens < s.num_prompt_tokens]
 
     def abort(self, request_id: str) -> TokenEvent | None:
         seq = self.sequences.pop(request_id, None)

@@ -32,6 +32,7 @@ from .emission import emit_token
 from .engine import EngineConfig, EngineStats, default_kv_cache_bytes, parameter_bytes
 from .fallback_runner import FallbackRunner, cache_kinds
 from .parallel_sampling import request_finished, request_sequences
+from .engine_requests import EngineRequests
 from .request import FinishReason, GenerationRequest, RequestRejected, TokenEvent, check_prompt_length
 from .sampler import Sampler
 from .sequence import Sequence, SequenceStatus
@@ -63,7 +64,7 @@ class TokenCapacity:
     block_size: int = 1
 
 
-class FallbackEngine:
+class FallbackEngine(EngineRequests):
     def __init__(
         self, model, config: EngineConfig, context_window: int, reason: str = "",
         kv_budget: Callable[[int], bool] | None = None, label: str | None = None, vision=None,
@@ -179,24 +180,8 @@ class FallbackEngine:
             )
 
     def add_request(self, request: GenerationRequest) -> None:
-        self.check(request)
-        if request.request_id in self.sequences:
-            raise RequestRejected(f"duplicate request id {request.request_id!r}")
-        seq = Sequence(request)
-        self.sequences[request.request_id] = seq
+        seq = self._register(request)
         self.scheduler.waiting.append(seq)
-
-    def prompt_progress(self, request_id: str) -> tuple[int, int] | None:
-        """(prompt tokens in the caches, prompt tokens) of a request, or None when unknown."""
-        seq = self.sequences.get(request_id)
-        if seq is None:
-            return None
-        total = seq.num_prompt_tokens
-        return min(seq.num_computed_tokens, total), total
-
-    def prefilling(self) -> list[dict]:
-        return [{"request_id": s.request_id, "done": s.num_computed_tokens, "total": s.num_prompt_tokens}
-                for s in list(self.scheduler.running) if s.num_computed_tokens < s.num_prompt_tokens]
 
     def abort(self, request_id: str) -> TokenEvent | None:
         seq = self.sequences.pop(request_id, None)
