@@ -97,6 +97,10 @@ def test_config_is_gemma3_text_with_llama_cpps_layer_layout(gemma3_folder, gemma
     assert [i for i in range(18) if i not in windowed] == [5, 11, 17]
     assert all(caches[i].max_size == 512 for i in windowed)
     assert model.tie_word_embeddings  # the file has no output.weight
+    # Its residual stream reaches ~1e5, past float16: the embedding (float16 scales in the file)
+    # must not hand it float16, or mlx-lm clips it at 65504 from layer 7 on.
+    assert model.model.embed_tokens.scales.dtype == mx.float32
+    assert model.model.embed_tokens(mx.array([[2, 818]])).dtype == mx.float32
 
 
 def test_norm_weights_lose_the_one_llama_cpp_added(gemma3_file, gemma3_folder):

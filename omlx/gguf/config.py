@@ -24,6 +24,9 @@ class Architecture:
     norm_offset: float = 0.0
     # GGUF layer tensor -> mlx-lm module, where this family differs from llama's.
     layer_names: dict = field(default_factory=dict)
+    # The residual stream outgrows float16 (Gemma 3 270M's reaches ~1e5; float16 ends at 65504).
+    # mlx-lm carries it in the embedding output's dtype, so the embedding must not give float16.
+    wide_residual: bool = False
 
 
 ARCHITECTURES = {
@@ -33,7 +36,7 @@ ARCHITECTURES = {
     "qwen3": Architecture("qwen3", "Qwen3ForCausalLM"),
     # Gemma 3 norms around both halves of each block: llama.cpp's ffn_norm is the
     # pre-feed-forward norm there, not llama's post-attention one.
-    "gemma3": Architecture("gemma3_text", "Gemma3ForCausalLM", norm_offset=1.0, layer_names={
+    "gemma3": Architecture("gemma3_text", "Gemma3ForCausalLM", norm_offset=1.0, wide_residual=True, layer_names={
         "ffn_norm": "pre_feedforward_layernorm",
         "post_attention_norm": "post_attention_layernorm",
         "post_ffw_norm": "post_feedforward_layernorm",
@@ -94,6 +97,10 @@ def permuted_qk(header: GGUFHeader) -> bool:
 
 def norm_offset(header: GGUFHeader) -> float:
     return ARCHITECTURES[header.architecture].norm_offset
+
+
+def wide_residual(header: GGUFHeader) -> bool:
+    return ARCHITECTURES[header.architecture].wide_residual
 
 
 def _int(header: GGUFHeader, key: str, default=None):

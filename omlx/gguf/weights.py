@@ -13,7 +13,8 @@ Two readers:
   re-quantized to 4 bits, the rest to 8), run in float32, 88% of next-token argmaxes agree
   with the file's exact dequantization, mean KL 0.04 (bench/gemma3_gguf_agreement.py).
 - Gemma's norm weights were stored by llama.cpp as 1 + w (see config.Architecture.norm_offset);
-  the offset is taken off here.
+  the offset is taken off here, and its embedding is kept from producing float16
+  (config.Architecture.wide_residual).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from collections.abc import Callable
 import mlx.core as mx
 import numpy as np
 
-from .config import is_norm, mlx_module_name, norm_offset, permuted_qk, split_tensor_name
+from .config import is_norm, mlx_module_name, norm_offset, permuted_qk, split_tensor_name, wide_residual
 from .header import GGUFHeader, TensorInfo
 
 log = logging.getLogger("omlx.gguf")
@@ -79,7 +80,23 @@ def load_weights(header: GGUFHeader, progress: Callable[[int, int], None] | None
         bits = stored_bits(tensor) if "scales" in parts else None
         if bits is not None:
             quantization[target] = {"group_size": GROUP_SIZE, "bits": bits}
+    if wide_residual(header):
+        _widen_embedding(weights)
     return weights, _quantization_config(quantization)
+
+
+def _widen_embedding(weights: dict[str, mx.array]) -> None:
+    """An embedding whose output is not float16: quantized ones get float32 scales and biases
+    (exact: GGML's are float16; the residual stream then runs in float32, as the rest of the
+    model already does behind its float32 norms), float16 ones become bfloat16 (float16's
+    precision is not worth doubling the largest tensor for; bfloat16 is what Gemma was trained
+    in)."""
+    prefix = "model.embed_tokens"
+    if f"{prefix}.scales" in weights:
+        for key in ("scales", "biases"):
+            weights[f"{prefix}.{key}"] = weights[f"{prefix}.{key}"].astype(mx.float32)
+    elif weights[f"{prefix}.weight"].dtype == mx.float16:
+        weights[f"{prefix}.weight"] = weights[f"{prefix}.weight"].astype(mx.bfloat16)
 
 
 def _heads(header: GGUFHeader) -> tuple[int, int]:
