@@ -29,7 +29,7 @@ from .weights import load_weights
 
 log = logging.getLogger("omlx.gguf")
 
-CONVERTER_VERSION = 2  # bump when the output changes, so cached folders are rebuilt
+CONVERTER_VERSION = 3  # bump when the output changes, so cached folders are rebuilt
 SHARD_BYTES = 2 << 30
 _DONE_FILE = "omlx_gguf.json"
 _locks: dict[str, threading.Lock] = {}

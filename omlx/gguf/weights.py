@@ -4,14 +4,16 @@ quantized tensors kept quantized in MLX's layout.
 Two readers:
 - `mx.load` when every tensor is F32, F16, Q4_0, Q4_1 or Q8_0: MLX reads those natively (the
   quantized ones straight into its affine layout, group size 32) at C++ speed.
-- otherwise every tensor is read from the mapped file here.  Q4_0 / Q4_1 / Q8_0 are repacked
-  into the same MLX layout (losslessly: GGML's formats are affine with a group of 32), BF16
+- otherwise every tensor is read from the mapped file here.  Q4_0 / Q4_1 / Q8_0 / Q4_K are
+  repacked into the same MLX layout (GGML's formats are affine with a group of 32: losslessly,
+  but for Q4_K's per-group scale and offset, products rounded to float16), BF16
   stays BF16 (`mx.load` would narrow it to F16), and any other type (K-quants, IQ, Q5_*) is
   dequantized with the `gguf` package and re-quantized with `mx.quantize`, group size 32:
   to 8 bits when the source stores 5 or more bits per weight, to 4 bits otherwise.  That is
-  a second rounding on top of llama.cpp's: on Gemma 3 270M Q4_K_M (its Q4_K tensors
-  re-quantized to 4 bits, the rest to 8), run in float32, 88% of next-token argmaxes agree
-  with the file's exact dequantization, mean KL 0.04 (bench/gemma3_gguf_agreement.py).
+  a second rounding on top of llama.cpp's.  Gemma 3 270M Q4_K_M (Q4_K repacked, Q5_0 / Q6_K
+  re-quantized to 8 bits), run in float32, agrees with the file's exact dequantization on 99%
+  of next-token argmaxes; re-quantizing its Q4_K tensors too gave 88%
+  (bench/gemma3_gguf_agreement.py).
 - Gemma's norm weights were stored by llama.cpp as 1 + w (see config.Architecture.norm_offset);
   the offset is taken off here, and its embedding is kept from producing float16
   (config.Architecture.wide_residual).
@@ -32,9 +34,10 @@ from .header import GGUFHeader, TensorInfo
 log = logging.getLogger("omlx.gguf")
 
 GROUP_SIZE = 32
-F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30
+F32, F16, Q4_0, Q4_1, Q8_0, Q4_K, BF16 = 0, 1, 2, 3, 8, 12, 30
 NATIVE_TYPES = frozenset({F32, F16, Q4_0, Q4_1, Q8_0})
-_KEPT_BITS = {Q4_0: 4, Q4_1: 4, Q8_0: 8}
+# Types that are affine with a group of 32, so MLX holds them as they are.
+_KEPT_BITS = {Q4_0: 4, Q4_1: 4, Q8_0: 8, Q4_K: 4}
 
 
 def requant_bits(type_id: int) -> int:
@@ -176,7 +179,8 @@ def _convert_tensor(tensor: TensorInfo, raw: np.ndarray) -> dict[str, mx.array]:
         as_f32 = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
         return {"weight": mx.array(as_f32.reshape(shape)).astype(mx.bfloat16)}
     if tensor.type_id in _KEPT_BITS:
-        weight, scales, biases = _repack(tensor.type_id, raw, shape)
+        repack = _repack_q4_k if tensor.type_id == Q4_K else _repack
+        weight, scales, biases = repack(tensor.type_id, raw, shape)
         return {"weight": weight, "scales": scales, "biases": biases}
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
@@ -218,3 +222,28 @@ def _repack(type_id: int, raw: np.ndarray, shape: tuple[int, ...]):
     return (mx.array(packed.reshape(out_shape)),
             mx.array(scales.reshape(rows, groups).reshape(out_shape)),
             mx.array(biases.reshape(rows, groups).reshape(out_shape)))
+
+
+def _repack_q4_k(type_id: int, raw: np.ndarray, shape: tuple[int, ...]):
+    """GGML Q4_K as MLX 4-bit affine, group 32: each super-block of 256 is eight groups of 32
+    with w = (d * sc) * q - dmin * m, q in [0, 15] and 6-bit sc, m, i.e. affine per group.
+    Only the products d * sc and dmin * m are rounded (to float16: 2^-11 relative, far below
+    the 4-bit step), where re-quantizing the dequantized values would round every weight again."""
+    from gguf.quants import Q4_K as Q4K
+
+    rows = int(np.prod(shape[:-1]))
+    blocks = raw.reshape(-1, 144)
+    n = blocks.shape[0]
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    sc, m = Q4K.get_scale_min(blocks[:, 4:16])
+    scales = (d * sc.astype(np.float32)).astype(np.float16)
+    biases = (-(dmin * m.astype(np.float32))).astype(np.float16)
+    # Each 32-byte run of qs holds group 2j in its low nibbles and group 2j + 1 in its high ones.
+    qs = blocks[:, 16:].reshape(n, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    values = (qs & 0x0F).reshape(n * 8, 32)
+    packed = (values[:, 0::2] | (values[:, 1::2] << 4)).reshape(rows, -1).copy().view(np.uint32)
+    out_shape = (*shape[:-1], -1)
+    return (mx.array(packed.reshape(out_shape)),
+            mx.array(scales.reshape(out_shape)),
+            mx.array(biases.reshape(out_shape)))

@@ -5,7 +5,8 @@ original tokenizer) holding exactly the weights omlx should compute with once it
 converted the file and widened it to float32.  For types kept as they are (F32, F16, BF16,
 Q4_0, Q4_1, Q8_0) those are the GGUF values dequantized by the `gguf` package, an
 implementation independent of omlx's; for types omlx re-quantizes (K-quants, Q5_*) they are
-that dequantization passed through MLX quantization as omlx.gguf.weights specifies it.
+that dequantization passed through MLX quantization as omlx.gguf.weights specifies it (Q4_K:
+its own groups, with float16 scales and offsets).
 
 K-quant tensors are written as random blocks (the `gguf` package can read but not write
 them), scaled to the spread of the model's own weights.
@@ -189,7 +190,25 @@ def _encode(value: np.ndarray, tensor_type: str, rng) -> tuple[np.ndarray, np.nd
     values = dequantize(raw, qt).astype(np.float32).reshape(value.shape)
     if tensor_type in ("BF16", "Q4_0", "Q4_1", "Q8_0"):
         return raw, values
+    if tensor_type == "Q4_K":
+        return raw, _q4_k_with_half_scales(raw, value.shape)
     return raw, _mlx_requantized(values, tensor_type)
+
+
+def _q4_k_with_half_scales(raw: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Q4_K as omlx holds it (each group of 32 affine: scale d * sc, offset -dmin * m, both
+    rounded to float16), computed from the blocks with the `gguf` package's own unpacking."""
+    from gguf.quants import Q4_K
+
+    blocks = raw.reshape(-1, 144)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    sc, m = Q4_K.get_scale_min(blocks[:, 4:16])
+    scales = (d * sc).astype(np.float16).astype(np.float32)[..., None]
+    offsets = (-(dmin * m)).astype(np.float16).astype(np.float32)[..., None]
+    qs = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    q = (qs & 0x0F).reshape(-1, 8, 32).astype(np.float32)
+    return (scales * q + offsets).reshape(shape)
 
 
 def _mlx_requantized(values: np.ndarray, tensor_type: str) -> np.ndarray:
