@@ -34,13 +34,6 @@ class LayerManagers:
             hit = manager.admit(seq, blocks, hit)
         return hit
 
-    def limit_chunk(self, seq, n: int) -> int:
-        """How many of `n` prompt tokens a sequence may feed in one chunk (a kind may want
-        chunks to end at its own boundaries)."""
-        for manager in self.managers:
-            n = manager.limit_chunk(seq, n)
-        return n
-
     def release(self, seq) -> None:
         for manager in self.managers:
             manager.release(seq)

@@ -220,7 +220,6 @@ class Scheduler:
         n = min(seq.num_pending_tokens, budget)
         if seq.in_float_pool:  # a float sequence stops at the threshold, where it moves
             n = min(n, self.quantized_kv_start - seq.num_computed_tokens)
-        n = self.layers.limit_chunk(seq, n)
         pool = self.pool_of(seq)
         while n > 0 and not pool.allocate(seq, n):
             # Shrink to what the free blocks can hold (whole blocks past the last one).

@@ -19,7 +19,6 @@ Gated DeltaNet (Qwen3.5 / Qwen3-Next), Mamba-2 (Nemotron-H, Granite 4) and short
 
 from __future__ import annotations
 
-import inspect
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -176,11 +175,6 @@ class StateGroup:
     snapshot_after: list[int | None] = field(default_factory=list)  # per piece: position or None
     decode_snapshots: list[tuple[int, int]] = field(default_factory=list)  # (member, position)
     seq_keys: list[int] = field(default_factory=list)  # per member: index of the sequence in the pass
-    # A batch of prompt chunks run as one right-padded call (`length` = the longest): each
-    # member's token count, the rows of the padded input, and where its real outputs are.
-    lengths: list[int] = field(default_factory=list)
-    padded_rows: mx.array | None = None  # (members, length): pass rows, padding repeats a real row
-    valid: mx.array | None = None  # positions of the real outputs in the flattened padded output
 
 
 @dataclass
@@ -218,65 +212,24 @@ class StatePlan:
                 group.decode_snapshots = [(m, starts[i] + 1) for m, i in enumerate(decodes)
                                           if (starts[i] + 1) % interval == 0]
             groups.append(group)
-        whole = []  # prompt chunks that need no cut for a snapshot: batched below
         for i in order:
             n = counts[i]
             if n <= 1:
                 continue
             start, end = starts[i], starts[i] + n
             cuts = [p for p in range(start - start % interval + interval, end + 1, interval)] if interval else []
-            if i not in drafted and all(p == end for p in cuts):
-                whole.append(i)
-                continue
             bounds = [start] + [p for p in cuts if p < end] + [end]
             pieces = [b - a for a, b in zip(bounds, bounds[1:])]
             after = [b if b in cuts else None for b in bounds[1:]]
             groups.append(StateGroup(rows=mx.arange(first_row[i], first_row[i] + n, dtype=mx.int32),
                                      slots=mx.array([slots[i]], dtype=mx.int32), length=n,
                                      pieces=pieces, snapshot_after=after, seq_keys=[i]))
-        for members in _similar_lengths(whole, counts):
-            groups.append(_batch_group(members, counts, starts, slots, first_row, interval))
         # Outputs come out group after group; put them back in row order.
         produced = np.concatenate([np.array(g.rows, dtype=np.int64) for g in groups])
         inverse = None
         if not np.array_equal(produced, np.arange(len(produced))):
             inverse = mx.array(np.argsort(produced).astype(np.int32))
         return cls(groups=groups, inverse=inverse, drafted=drafted)
-
-
-def _similar_lengths(members: list[int], counts: list[int], max_padding: float = 0.25) -> list[list[int]]:
-    """Prompt chunks in batches whose padding to their longest stays under `max_padding` of
-    the real tokens (a recurrent layer steps through every padded position)."""
-    batches: list[list[int]] = []
-    real = 0
-    for i in sorted(members, key=lambda i: counts[i], reverse=True):
-        if batches:
-            batch = batches[-1]
-            if counts[batch[0]] * (len(batch) + 1) <= (1 + max_padding) * (real + counts[i]):
-                batch.append(i)
-                real += counts[i]
-                continue
-        batches.append([i])
-        real = counts[i]
-    return batches
-
-
-def _batch_group(members: list[int], counts, starts, slots, first_row, interval: int) -> StateGroup:
-    longest = counts[members[0]]
-    padded = np.empty((len(members), longest), dtype=np.int32)
-    valid = []
-    for m, i in enumerate(members):
-        n = counts[i]
-        padded[m, :n] = np.arange(first_row[i], first_row[i] + n)
-        padded[m, n:] = first_row[i] + n - 1  # masked out: any real row will do
-        valid.extend(range(m * longest, m * longest + n))
-    rows = np.concatenate([np.arange(first_row[i], first_row[i] + counts[i]) for i in members])
-    ends = [(m, starts[i] + counts[i]) for m, i in enumerate(members)
-            if interval and (starts[i] + counts[i]) % interval == 0]
-    return StateGroup(rows=mx.array(rows, dtype=mx.int32), slots=mx.array([slots[i] for i in members], dtype=mx.int32),
-                      length=longest, seq_keys=list(members), lengths=[counts[i] for i in members],
-                      padded_rows=mx.array(padded), valid=mx.array(np.asarray(valid, dtype=np.int32)),
-                      decode_snapshots=ends)
 
 
 class StateLayerCache:
@@ -293,7 +246,7 @@ class StateLayerCache:
     def make_mask(self, N: int):
         return None  # every group the layer runs is unpadded
 
-    def run(self, call, args: tuple, kwargs: dict, signature=None) -> mx.array:
+    def run(self, call, args: tuple, kwargs: dict) -> mx.array:
         """Run the layer's original `call` over the pass's rows `(T, 1, ...)` (its first
         positional argument, or its first array keyword argument), group by group, reading
         and writing the pool's state."""
@@ -309,11 +262,6 @@ class StateLayerCache:
         for group in self.plan.groups:
             cache = cache_class(len(arrays))
             cache.cache = [array[group.slots] for array in arrays]
-            if group.lengths:
-                outputs.append(self._run_batch(group, call, x, place, cache, args, kwargs, signature))
-                for array, new in zip(arrays, cache.cache):
-                    array[group.slots] = new
-                continue
             rows = x[group.rows]
             if group.length == 1:
                 inputs = rows  # (sequences, 1, ...)
@@ -343,52 +291,15 @@ class StateLayerCache:
         out = mx.concatenate(outputs) if len(outputs) > 1 else outputs[0]
         return out if self.plan.inverse is None else out[self.plan.inverse]
 
-    def _run_batch(self, group: StateGroup, call, x, place, cache, args, kwargs, signature) -> mx.array:
-        """Prompt chunks of several sequences in one right-padded call, as mlx-lm's batch
-        generation runs them: the cache's `lengths` and the layer's `mask` keep padding out of
-        the state.  A layer that takes no mask runs the chunks one by one instead."""
-        if signature is None or "mask" not in signature.parameters:
-            outs = []
-            states = [[] for _ in cache.cache]
-            lo = 0
-            for m, n in enumerate(group.lengths):
-                single = type(cache)(len(cache.cache))
-                single.cache = [c[m : m + 1] for c in cache.cache]
-                rows = x[group.rows[lo : lo + n]].swapaxes(0, 1)
-                outs.append(_call_with(call, rows, place, single, self, args, kwargs).swapaxes(0, 1))
-                for j, c in enumerate(single.cache):
-                    states[j].append(c)
-                lo += n
-            cache.cache = [mx.concatenate(parts) for parts in states]
-            out = mx.concatenate(outs)
-        else:
-            members, longest = len(group.lengths), group.length
-            inputs = x[group.padded_rows.reshape(-1)].reshape(members, longest, *x.shape[2:])
-            lengths = mx.array(group.lengths, dtype=mx.int32)
-            cache.lengths = lengths
-            mask = mx.arange(longest)[None, :] < lengths[:, None]
-            padded = _call_with(call, inputs, place, cache, self, args, kwargs, signature, mask)
-            out = padded.reshape(members * longest, 1, *padded.shape[2:])[group.valid]
-        for member, position in group.decode_snapshots:
-            pick = mx.array([member], dtype=mx.int32)
-            self.plan.snapshots.setdefault((group.seq_keys[member], position), []).append(
-                [c[pick][0] for c in cache.cache])
-        return out
 
-
-def _call_with(call, x, place, cache, routed, args, kwargs, signature=None, mask=None):
-    """`call` with `x` in the input's place, `cache` in place of the routed cache and, when
-    given, `mask` as the layer's `mask` argument (found through its `signature`)."""
+def _call_with(call, x, place, cache, routed, args, kwargs):
+    """`call` with `x` in the input's place and `cache` in place of the routed cache."""
     args = tuple(cache if a is routed else a for a in args)
     kwargs = {k: (cache if v is routed else v) for k, v in kwargs.items()}
     if place == 0 and args:
         args = (x, *args[1:])
     else:
         kwargs[place] = x
-    if mask is not None:
-        bound = signature.bind_partial(*args, **kwargs)
-        bound.arguments["mask"] = mask
-        args, kwargs = bound.args, bound.kwargs
     out = call(*args, **kwargs)
     if not isinstance(out, mx.array):
         raise UnsupportedLayout(f"a state layer returned {type(out).__name__}, not an array")
@@ -464,15 +375,6 @@ def _innermost(modules: list[nn.Module]) -> nn.Module:
 _ROUTED: dict[type, type] = {}
 
 
-def _call_signature(base: type):
-    """The signature of a layer class's `__call__` without `self` (None if unreadable)."""
-    try:
-        signature = inspect.signature(base.__call__)
-    except (TypeError, ValueError):
-        return None
-    return signature.replace(parameters=list(signature.parameters.values())[1:])
-
-
 def route_state_layers(receivers: list[nn.Module]) -> None:
     """Give each receiving module a class whose call regroups ragged rows when its cache is
     a StateLayerCache (and is otherwise its own)."""
@@ -482,11 +384,11 @@ def route_state_layers(receivers: list[nn.Module]) -> None:
             continue
         routed = _ROUTED.get(base)
         if routed is None:
-            def __call__(self, *args, _base=base, _signature=_call_signature(base), **kwargs):
+            def __call__(self, *args, _base=base, **kwargs):
                 cache = next((a for a in (*args, *kwargs.values()) if isinstance(a, StateLayerCache)), None)
                 if cache is None:
                     return _base.__call__(self, *args, **kwargs)
-                return cache.run(lambda *a, **k: _base.__call__(self, *a, **k), args, kwargs, _signature)
+                return cache.run(lambda *a, **k: _base.__call__(self, *a, **k), args, kwargs)
 
             routed = type(base.__name__, (base,), {"__call__": __call__, "_omlx_state_routed": True,
                                                    "__module__": base.__module__})

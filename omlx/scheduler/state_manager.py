@@ -62,15 +62,6 @@ class StateManager:
                 self.snapshots.put(block_hash, snapshot)
         return snapshot
 
-    def limit_chunk(self, seq, n: int) -> int:
-        """Prompt chunks end at the next snapshot point rather than run past it: the snapshot
-        is then the state after the chunk, and chunks of many sequences batch in one call
-        through each state layer (see StatePlan)."""
-        if not self.interval:
-            return n
-        start = seq.num_computed_tokens
-        return min(n, (start // self.interval + 1) * self.interval - start)
-
     def release(self, seq) -> None:
         self.pool.free(seq)
 

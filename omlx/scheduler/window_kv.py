@@ -251,9 +251,6 @@ class WindowKV:
     def admit(self, seq, blocks, hit: int) -> int:
         return self.usable_prefix(seq, hit)
 
-    def limit_chunk(self, seq, n: int) -> int:
-        return n
-
     def fork(self, parent, child, copied: tuple[int, int] | None) -> None:
         if copied is not None:
             self.copy_block(child, *copied)
