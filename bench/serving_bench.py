@@ -852,7 +852,8 @@ def report(rows: list[dict], meta: dict) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-path", type=Path, default=DEFAULT_MODEL,
-                   help="model folder; built (bench-200m preset) if missing. Its name is omlx's model id.")
+                   help="model folder; built if missing (bench-qwen3_5 and bench-gemma3 by their names, else the"
+                        " bench-200m preset). Its name is omlx's model id.")
     p.add_argument("--concurrency", default=None, help="comma-separated client counts (default 1,8,32)")
     p.add_argument("--max-tokens", type=int, default=None, help="max_tokens per request (default 64)")
     p.add_argument("--requests-per-client", type=int, default=None, help="requests each client sends (default 1)")
@@ -908,7 +909,16 @@ def parse_args(argv=None):
 
 
 def ensure_model(path: Path) -> None:
+    """Build the bench model at `path` if it is missing: by the folder's name, one of the
+    bench-sized family models (bench-qwen3_5: hybrid Gated DeltaNet + attention; bench-gemma3:
+    sliding windows; omlx.testing.tiny_families.BENCH_FAMILIES), else the qwen3 bench-200m."""
     if (path / "model.safetensors").exists() and (path / "tokenizer.json").exists():
+        return
+    from omlx.testing.tiny_families import BENCH_FAMILIES, build_bench_family
+
+    if path.name in BENCH_FAMILIES:
+        log(f"building the bench model at {path} (omlx.testing.tiny_families {path.name})")
+        build_bench_family(path, path.name)
         return
     log(f"building the bench model at {path} (omlx.testing.tiny_models BENCH_200M)")
     from omlx.testing.tiny_models import BENCH_200M, build_model

@@ -147,3 +147,66 @@ def _output_head(model) -> nn.Module | None:
         if isinstance(module, nn.Embedding):
             return module  # tied: the embedding is the head
     return None
+
+
+# Bench-sized members of two families (~200M parameters, float32), for bench/serving_bench.py
+# and bench/multiturn_bench.py: the shapes of the small real models, scaled down to hidden
+# 1024 and 12 layers so they run at the speed of the serving bench's qwen3 (bench-200m).
+BENCH_VOCAB = 32000
+
+# Qwen3.5-0.8B (hidden 1024, 24 layers, 8 x 256 attention heads over 2 KV heads, 16 + 16 linear
+# heads of 128, every 4th layer full attention, a quarter of each head rotated) at half the
+# depth and half the head sizes: 12 layers (3 full attention, 9 Gated DeltaNet), 8 query heads
+# of 128 over 2 KV heads, 8 linear key and value heads of 128.  ~218M parameters.
+BENCH_QWEN3_5: dict = {
+    "hidden_size": 1024, "intermediate_size": 2560, "num_hidden_layers": 12,
+    "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 128,
+    "linear_num_value_heads": 8, "linear_num_key_heads": 8, "linear_key_head_dim": 128,
+    "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "full_attention_interval": 4,
+    "max_position_embeddings": 32768, "tie_word_embeddings": False,
+    "rope_parameters": {"type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                        "mrope_section": [6, 5, 5]},
+}
+
+# Gemma 3 1B (hidden 1152, 26 layers, 4 query heads of 256 over 1 KV head, a 512-token window
+# on five layers of every six) at hidden 1024 and 12 layers: layers 6 and 12 attend globally,
+# the other 10 over the last 512 tokens.  ~210M parameters.
+BENCH_GEMMA3: dict = {
+    "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 12,
+    "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256, "query_pre_attn_scalar": 256,
+    "sliding_window": 512, "sliding_window_pattern": 6, "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+}
+
+BENCH_FAMILIES: dict[str, tuple[str, dict]] = {
+    "bench-qwen3_5": ("qwen3_5", BENCH_QWEN3_5),
+    "bench-gemma3": ("gemma3_text", BENCH_GEMMA3),
+}
+
+
+def build_bench_family(path: str | Path, name: str, seed: int = 0, **overrides) -> Path:
+    """Write the bench model `name` (a key of BENCH_FAMILIES) into `path`; returns the path.
+
+    Like bench-200m (omlx.testing.tiny_models.BENCH_200M): the 32000-token fixture tokenizer,
+    float32, an untied output head left at its random scale (logit_scale 1.0), so generation
+    looks like a real model's rather than the sharp greedy choices of the test models.  The
+    end-of-turn and think rows of the head are zeroed, so greedy replies run to max_tokens and
+    both servers generate the same number of tokens.  `overrides` change the config (e.g.
+    sliding_window_pattern=1: the same shape with full attention on every layer)."""
+    family, preset = BENCH_FAMILIES[name]
+    config = {**FAMILIES[family], **preset, **overrides}
+    spec = TinyModelSpec(model_type=config["model_type"], vocab_size=BENCH_VOCAB, seed=seed,
+                         max_position_embeddings=config["max_position_embeddings"])
+    tokenizer = build_tokenizer(BENCH_VOCAB)
+    config["vocab_size"] = max(BENCH_VOCAB, tokenizer.get_vocab_size())
+    config["eos_token_id"] = tokenizer.token_to_id("<|im_end|>")
+    config.setdefault("torch_dtype", "float32")
+    module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+    mx.random.seed(seed)
+    model = module.Model(module.ModelArgs.from_dict(config))
+    head = next(m for n, m in model.named_modules() if n.split(".")[-1] == "lm_head")
+    weight = head.weight
+    for token in ("<|im_end|>", "<think>", "</think>"):
+        weight[tokenizer.token_to_id(token)] = 0.0
+    head.weight = weight
+    return _write_folder(Path(path), spec, config, model, tokenizer)
