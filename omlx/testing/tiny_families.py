@@ -139,10 +139,10 @@ def _spread_logits(model, scale: float, eos_id: int) -> None:
 
 
 def _output_head(model) -> nn.Module | None:
-    for name in ("lm_head", "output"):
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Linear):
-            return head
+    # The head may sit under a language-model wrapper (qwen3_5: language_model.lm_head).
+    for name, module in model.named_modules():
+        if name.split(".")[-1] in ("lm_head", "output") and isinstance(module, nn.Linear):
+            return module
     for _, module in model.named_modules():
         if isinstance(module, nn.Embedding):
             return module  # tied: the embedding is the head
