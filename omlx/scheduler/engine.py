@@ -31,7 +31,7 @@ from .window_kv import WindowKV, split_window_layers
 from .engine_requests import EngineRequests
 from .request import FinishReason, GenerationRequest, RequestRejected, TokenEvent, check_prompt_length
 from .runner import ModelRunner
-from .parallel_sampling import fork_siblings, request_finished, request_sequences
+from .parallel_sampling import fork_siblings, request_finished
 from .sampler import Sampler
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence
@@ -313,14 +313,6 @@ class LLMEngine(EngineRequests):
         if self.float_blocks is not None:
             self.float_blocks.prefetch(seq)
 
-    def abort(self, request_id: str) -> TokenEvent | None:
-        seq = self.sequences.pop(request_id, None)
-        if seq is None or request_finished(seq):
-            return None
-        for member in request_sequences(seq):  # every completion of an n > 1 request
-            self.scheduler.finish(member, FinishReason.ABORT)
-        return TokenEvent(token_id=None, finish_reason=FinishReason.ABORT)
-
     @property
     def has_work(self) -> bool:
         return self.scheduler.has_work
@@ -439,31 +431,9 @@ class LLMEngine(EngineRequests):
             pool.close()
         self.layers.close()
 
-    def fail_step(self, message: str) -> list[tuple[str, TokenEvent]]:
-        """After a step failed (an allocation MLX could not make): end the requests that were
-        in it, releasing their blocks; requests still waiting for their turn wait on.  A
-        failure while scheduling (no batch yet) ends them all."""
-        if self._stepping is None:
-            return self.fail_all(message)
-        stepping, self._stepping = sorted(self._stepping), None
-        return self._fail(stepping, message)
-
-    def fail_all(self, message: str) -> list[tuple[str, TokenEvent]]:
-        """After an internal error: end every request with an error, releasing its blocks."""
-        return self._fail(list(self.sequences), message)
-
-    def _fail(self, request_ids, message: str, code: str | None = None) -> list[tuple[str, TokenEvent]]:
-        """End these requests (those the engine still has) with an error, every completion of
-        each, releasing their blocks."""
-        out = []
-        for request_id in request_ids:
-            seq = self.sequences.pop(request_id, None)
-            if seq is None:
-                continue
-            for member in request_sequences(seq):
-                self.scheduler.finish(member, FinishReason.ERROR)
-            out.append((request_id, TokenEvent(None, FinishReason.ERROR, error=message, error_code=code)))
-        return out
+    def _end(self, members: list[Sequence], reason: FinishReason) -> None:
+        for member in members:
+            self.scheduler.finish(member, reason)
 
 
 def logit_rows(seq: Sequence, fed: int) -> int:

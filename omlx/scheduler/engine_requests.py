@@ -3,13 +3,15 @@ new one as a `Sequence`, and answer, from other threads, how far each prompt is.
 
 from __future__ import annotations
 
-from .request import GenerationRequest, RequestRejected
+from .parallel_sampling import request_finished, request_sequences
+from .request import FinishReason, GenerationRequest, RequestRejected, TokenEvent
 from .sequence import Sequence
 
 
 class EngineRequests:
-    """Mixed into an engine that has `sequences` (request id -> Sequence), `scheduler.running`
-    and a `check(request)` of its own."""
+    """Mixed into an engine that has `sequences` (request id -> Sequence), `scheduler.running`,
+    `_stepping` (the request ids of the step being run, or None), a `check(request)` and an
+    `_end(sequences, reason)` of its own."""
 
     def _register(self, request: GenerationRequest) -> Sequence:
         self.check(request)
@@ -18,6 +20,38 @@ class EngineRequests:
         seq = Sequence(request)
         self.sequences[request.request_id] = seq
         return seq
+
+    def abort(self, request_id: str) -> TokenEvent | None:
+        seq = self.sequences.pop(request_id, None)
+        if seq is None or request_finished(seq):
+            return None
+        self._end(request_sequences(seq), FinishReason.ABORT)  # every completion of an n > 1 request
+        return TokenEvent(token_id=None, finish_reason=FinishReason.ABORT)
+
+    def fail_step(self, message: str) -> list[tuple[str, TokenEvent]]:
+        """After a step failed (an allocation MLX could not make): end the requests that were
+        in it, releasing their caches; requests still waiting for their turn wait on.  A
+        failure while scheduling (no batch yet) ends them all."""
+        if self._stepping is None:
+            return self.fail_all(message)
+        stepping, self._stepping = sorted(self._stepping), None
+        return self._fail(stepping, message)
+
+    def fail_all(self, message: str) -> list[tuple[str, TokenEvent]]:
+        """After an internal error: end every request with an error, releasing its caches."""
+        return self._fail(list(self.sequences), message)
+
+    def _fail(self, request_ids, message: str, code: str | None = None) -> list[tuple[str, TokenEvent]]:
+        """End these requests (those the engine still has) with an error, every completion of
+        each."""
+        out = []
+        for request_id in request_ids:
+            seq = self.sequences.pop(request_id, None)
+            if seq is None:
+                continue
+            self._end(request_sequences(seq), FinishReason.ERROR)
+            out.append((request_id, TokenEvent(None, FinishReason.ERROR, error=message, error_code=code)))
+        return out
 
     def prompt_progress(self, request_id: str) -> tuple[int, int] | None:
         """(prompt tokens in the cache, prompt tokens) of a request, or None when the engine

@@ -31,7 +31,7 @@ import mlx.core as mx
 from .emission import emit_token
 from .engine import EngineConfig, EngineStats, default_kv_cache_bytes, parameter_bytes
 from .fallback_runner import FallbackRunner, cache_kinds
-from .parallel_sampling import request_finished, request_sequences
+from .parallel_sampling import request_finished
 from .engine_requests import EngineRequests
 from .request import FinishReason, GenerationRequest, RequestRejected, TokenEvent, check_prompt_length
 from .sampler import Sampler
@@ -182,13 +182,6 @@ class FallbackEngine(EngineRequests):
     def add_request(self, request: GenerationRequest) -> None:
         seq = self._register(request)
         self.scheduler.waiting.append(seq)
-
-    def abort(self, request_id: str) -> TokenEvent | None:
-        seq = self.sequences.pop(request_id, None)
-        if seq is None or request_finished(seq):
-            return None
-        self._finish(request_sequences(seq), FinishReason.ABORT)
-        return TokenEvent(token_id=None, finish_reason=FinishReason.ABORT)
 
     @property
     def has_work(self) -> bool:
@@ -347,25 +340,6 @@ class FallbackEngine(EngineRequests):
     def close(self) -> None:
         """Nothing to flush: the fallback keeps no disk tier."""
 
-    def fail_step(self, message: str) -> list[tuple[str, TokenEvent]]:
-        """After a step failed: end the requests that were in it (the decode batch's caches
-        may be half-written, and every decoding sequence was in the step); queued requests
-        keep their place."""
-        if self._stepping is None:
-            return self.fail_all(message)
-        stepping, self._stepping = sorted(self._stepping), None
-        return self._fail(stepping, message)
-
-    def fail_all(self, message: str) -> list[tuple[str, TokenEvent]]:
-        return self._fail(list(self.sequences), message)
-
-    def _fail(self, request_ids, message: str, code: str | None = None) -> list[tuple[str, TokenEvent]]:
-        out = []
-        for request_id in request_ids:
-            seq = self.sequences.pop(request_id, None)
-            if seq is None:
-                continue
-            self._finish(request_sequences(seq), FinishReason.ERROR)
-            out.append((request_id, TokenEvent(None, FinishReason.ERROR, error=message, error_code=code)))
-        return out
+    def _end(self, members: list[Sequence], reason: FinishReason) -> None:
+        self._finish(members, reason)
 
