@@ -1,0 +1,417 @@
+// y = x @ dequant(Wq).T (+ b) for float32 x and y, reading 4- or 8-bit weights as they are
+// stored (MLX's affine groups: w = scale * q + bias per group of 32 / 64 / 128 along K).
+//
+// Why: one stream of a small model is bound by the bytes of weights it reads per token.
+// Widening 4-bit weights to float32 reads 8x the bytes, and MLX's own CPU quantized matmul
+// is an unblocked scalar loop.  Here each row of x is quantized on the fly to int8, one
+// symmetric scale per weight group (xq = round(x * 127 / max|x|)), and the int8 dot
+// products run on AVX512-VNNI (`vpdpbusd`: u8 x s8 -> i32, four products per lane).  MLX's
+// affine codes q are unsigned (0..15 or 0..255), so they are the u8 operand and the signed
+// activations the s8 one: no sign trick is needed.  Per group g of one output n:
+//
+//   sum_k w_k x_k  ~=  xs_g * (scale_g * sum_k q_k xq_k + bias_g * sum_k xq_k)
+//
+// i.e. exactly dequant(Wq) @ dequant(xq) up to float rounding (the accuracy contract the
+// tests check): the integer dot and the integer sum of xq are exact, then two fused
+// multiply-adds per group fold in the scales.  Using the quantized sum (not the float one)
+// keeps the error proportional to the centred weights scale*q + bias rather than to scale*q.
+//
+// Layout (repacked once at load, omlx/kernels/quant_linear.py): output rows in tiles of 16
+// (N padded with zero rows); inside a tile, K in steps of 8 (4-bit) or 4 (8-bit), each step
+// one 64-byte vector whose lane n holds that row's codes for 4 consecutive k (the dpbusd
+// operand order).  For 4-bit a byte's low nibble is k..k+3 and its high nibble k+4..k+7 of
+// the same 8-step.  Scales and biases per (tile, group) as 16 contiguous float16 (when the
+// source values round-trip through float16, as GGUF's do) or float32.
+//
+// Every row's arithmetic is the same sequence of operations whatever the other rows are
+// (rows are processed in register blocks, but each keeps its own accumulators, and threads
+// split output tiles, never K), so a row's result is bit-identical alone or in any batch.
+// The portable path (no AVX512-VNNI at run time) does the same operations in scalar code and
+// gives bit-identical results.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <immintrin.h>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+#include "mlx/types/half_types.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+namespace mx = mlx::core;
+
+namespace {
+
+constexpr int TILE = 16;  // output rows per tile: one zmm of int32 / float32 lanes
+constexpr int ROWS = 4;  // rows of x per register block
+constexpr int ROW_CHUNK = 64;  // rows whose quantized x stays in cache while all tiles pass
+
+#define OMLX_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
+
+bool cpu_has_vnni() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
+const bool kHasVnni = cpu_has_vnni();
+
+struct Job {
+  const float* x;  // (M, K)
+  float* y;  // (M, N)
+  const uint8_t* w;  // tiles, see the layout above
+  const void* scales;  // (tiles, groups, 16) float16 or float32
+  const void* biases;
+  const float* bias;  // (N,) or null
+  int64_t M;
+  int N, K, bits, group;
+  bool half_scales;
+  bool portable;
+  // Quantized activations: (M, K) int8, and per (row, group) xs and xs * sum(xq).
+  int8_t* xq;
+  float* xs;
+  float* xsum;
+
+  int groups() const {
+    return K / group;
+  }
+  int tiles() const {
+    return (N + TILE - 1) / TILE;
+  }
+  int64_t tile_bytes() const {
+    return int64_t(TILE) * K * bits / 8;
+  }
+};
+
+inline float half_to_float(uint16_t h) {
+  mx::float16_t v;
+  std::memcpy(&v, &h, 2);
+  return static_cast<float>(v);
+}
+
+inline float scale_at(const void* base, bool half, int64_t i) {
+  return half ? half_to_float(static_cast<const uint16_t*>(base)[i]) : static_cast<const float*>(base)[i];
+}
+
+// ---------------------------------------------------------------------------- activations
+// Both versions give the same bits: max is exact, the scale is one float division, the
+// product one float multiply, rounding to nearest even (vcvtps2dq under the default MXCSR
+// and nearbyintf alike), and the sum of codes is an integer.
+void quantize_row_portable(const float* x, int K, int group, int8_t* q, float* xs, float* xsum) {
+  for (int g = 0; g * group < K; ++g) {
+    const float* xg = x + g * group;
+    float amax = 0.f;
+    for (int i = 0; i < group; ++i) amax = std::max(amax, std::fabs(xg[i]));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    int sum = 0;
+    for (int i = 0; i < group; ++i) {
+      const int v = std::clamp(int(std::nearbyintf(xg[i] * inv)), -127, 127);
+      q[g * group + i] = int8_t(v);
+      sum += v;
+    }
+    xs[g] = amax / 127.f;
+    xsum[g] = float(sum) * xs[g];
+  }
+}
+
+OMLX_VNNI void quantize_row_vnni(const float* x, int K, int group, int8_t* q, float* xs, float* xsum) {
+  const __m512 sign = _mm512_set1_ps(-0.f);
+  for (int g = 0; g * group < K; ++g) {
+    const float* xg = x + g * group;
+    __m512 m = _mm512_setzero_ps();
+    for (int i = 0; i < group; i += 16) m = _mm512_max_ps(m, _mm512_andnot_ps(sign, _mm512_loadu_ps(xg + i)));
+    const float amax = _mm512_reduce_max_ps(m);
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    const __m512 vinv = _mm512_set1_ps(inv);
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+    __m512i sum = _mm512_setzero_si512();
+    for (int i = 0; i < group; i += 16) {
+      __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + i), vinv));
+      v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
+      sum = _mm512_add_epi32(sum, v);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + g * group + i), _mm512_cvtepi32_epi8(v));
+    }
+    xs[g] = amax / 127.f;
+    xsum[g] = float(_mm512_reduce_add_epi32(sum)) * xs[g];
+  }
+}
+
+void quantize_rows(const Job& j, int64_t r0, int64_t r1) {
+  const int G = j.groups();
+  for (int64_t r = r0; r < r1; ++r) {
+    if (j.portable)
+      quantize_row_portable(j.x + r * j.K, j.K, j.group, j.xq + r * j.K, j.xs + r * G, j.xsum + r * G);
+    else
+      quantize_row_vnni(j.x + r * j.K, j.K, j.group, j.xq + r * j.K, j.xs + r * G, j.xsum + r * G);
+  }
+}
+
+// ---------------------------------------------------------------------------- VNNI tiles
+OMLX_VNNI inline __m512 load_scales(const void* base, bool half, int64_t at) {
+  if (half) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + at)));
+  return _mm512_loadu_ps(static_cast<const float*>(base) + at);
+}
+
+inline int32_t load4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// Rows r0 .. r0+R-1 of x against output tile t.
+template <int BITS, int R>
+OMLX_VNNI void tile_rows_vnni(const Job& j, int t, int64_t r0) {
+  const int G = j.groups();
+  const int K = j.K;
+  const uint8_t* w = j.w + int64_t(t) * j.tile_bytes();
+  const int8_t* xq[R];
+  for (int r = 0; r < R; ++r) xq[r] = j.xq + (r0 + r) * K;
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  for (int g = 0; g < G; ++g) {
+    __m512i a0[R], a1[R];
+    for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_si512();
+    const int k0 = g * j.group;
+    if constexpr (BITS == 4) {
+      for (int k = k0; k < k0 + j.group; k += 8, w += 64) {
+        const __m512i v = _mm512_loadu_si512(w);
+        const __m512i lo = _mm512_and_si512(v, nibble);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+        for (int r = 0; r < R; ++r) {
+          a0[r] = _mm512_dpbusd_epi32(a0[r], lo, _mm512_set1_epi32(load4(xq[r] + k)));
+          a1[r] = _mm512_dpbusd_epi32(a1[r], hi, _mm512_set1_epi32(load4(xq[r] + k + 4)));
+        }
+      }
+    } else {
+      for (int k = k0; k < k0 + j.group; k += 8, w += 128) {
+        const __m512i v0 = _mm512_loadu_si512(w);
+        const __m512i v1 = _mm512_loadu_si512(w + 64);
+        for (int r = 0; r < R; ++r) {
+          a0[r] = _mm512_dpbusd_epi32(a0[r], v0, _mm512_set1_epi32(load4(xq[r] + k)));
+          a1[r] = _mm512_dpbusd_epi32(a1[r], v1, _mm512_set1_epi32(load4(xq[r] + k + 4)));
+        }
+      }
+    }
+    const int64_t at = (int64_t(t) * G + g) * TILE;
+    const __m512 s = load_scales(j.scales, j.half_scales, at);
+    const __m512 b = load_scales(j.biases, j.half_scales, at);
+    for (int r = 0; r < R; ++r) {
+      const int64_t rg = (r0 + r) * G + g;
+      const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(a0[r], a1[r]));
+      acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(s, _mm512_set1_ps(j.xs[rg])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(b, _mm512_set1_ps(j.xsum[rg]), acc[r]);
+    }
+  }
+  const int n0 = t * TILE;
+  const int valid = std::min(TILE, j.N - n0);
+  const __mmask16 mask = valid == TILE ? __mmask16(0xFFFF) : __mmask16((1u << valid) - 1);
+  const __m512 bias = j.bias ? _mm512_maskz_loadu_ps(mask, j.bias + n0) : _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r)
+    _mm512_mask_storeu_ps(j.y + (r0 + r) * j.N + n0, mask, _mm512_add_ps(acc[r], bias));
+}
+
+template <int BITS>
+OMLX_VNNI void tile_vnni(const Job& j, int t, int64_t r0, int64_t r1) {
+  int64_t r = r0;
+  for (; r + ROWS <= r1; r += ROWS) tile_rows_vnni<BITS, ROWS>(j, t, r);
+  switch (r1 - r) {
+    case 3: tile_rows_vnni<BITS, 3>(j, t, r); break;
+    case 2: tile_rows_vnni<BITS, 2>(j, t, r); break;
+    case 1: tile_rows_vnni<BITS, 1>(j, t, r); break;
+    default: break;
+  }
+}
+
+// ---------------------------------------------------------------------------- portable
+// The same operations, one (row, output) at a time: the code of output n_local for k sits
+// at byte (k / step) * 64 + n_local * 4 + k % 4 of its tile (4-bit: nibble k % 8 / 4).
+void tile_portable(const Job& j, int t, int64_t r0, int64_t r1) {
+  const int G = j.groups();
+  const uint8_t* w = j.w + int64_t(t) * j.tile_bytes();
+  const int n0 = t * TILE;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int8_t* xq = j.xq + r * j.K;
+    for (int nl = 0; nl < TILE && n0 + nl < j.N; ++nl) {
+      float acc = 0.f;
+      for (int g = 0; g < G; ++g) {
+        int32_t dot = 0;
+        for (int k = g * j.group; k < (g + 1) * j.group; ++k) {
+          int q;
+          if (j.bits == 4) {
+            const uint8_t byte = w[(k / 8) * 64 + nl * 4 + k % 4];
+            q = (k % 8) < 4 ? (byte & 0x0F) : (byte >> 4);
+          } else {
+            q = w[(k / 4) * 64 + nl * 4 + k % 4];
+          }
+          dot += q * xq[k];
+        }
+        const int64_t at = (int64_t(t) * G + g) * TILE + nl;
+        const float s = scale_at(j.scales, j.half_scales, at);
+        const float b = scale_at(j.biases, j.half_scales, at);
+        const int64_t rg = r * G + g;
+        acc = std::fma(float(dot), s * j.xs[rg], acc);
+        acc = std::fma(b, j.xsum[rg], acc);
+      }
+      j.y[r * j.N + n0 + nl] = acc + (j.bias ? j.bias[n0 + nl] : 0.f);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------- the call
+bool worth_threads(const Job& j) {
+  // Fork/join costs a few microseconds: below ~100k weight codes read one thread is faster.
+  return int64_t(j.N) * j.K * std::max<int64_t>(j.M, 1) >= (int64_t(1) << 17);
+}
+
+void run(Job j) {
+  std::vector<int8_t> xq(size_t(j.M) * j.K);
+  std::vector<float> xs(size_t(j.M) * j.groups()), xsum(size_t(j.M) * j.groups());
+  j.xq = xq.data();
+  j.xs = xs.data();
+  j.xsum = xsum.data();
+  const bool threads = worth_threads(j);
+  const int tiles = j.tiles();
+  for (int64_t c0 = 0; c0 < j.M; c0 += ROW_CHUNK) {
+    const int64_t c1 = std::min(j.M, c0 + ROW_CHUNK);
+    quantize_rows(j, c0, c1);
+#pragma omp parallel for schedule(static) if (threads)
+    for (int t = 0; t < tiles; ++t) {
+      if (j.portable)
+        tile_portable(j, t, c0, c1);
+      else if (j.bits == 4)
+        tile_vnni<4>(j, t, c0, c1);
+      else
+        tile_vnni<8>(j, t, c0, c1);
+    }
+  }
+}
+
+class QuantLinear : public mx::Primitive {
+ public:
+  QuantLinear(mx::Stream stream, int n, int bits, int group, bool has_bias, bool portable)
+      : mx::Primitive(stream), n_(n), bits_(bits), group_(group), has_bias_(has_bias), portable_(portable) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    // inputs: x (M, K) float32, packed (bytes,) uint8, scales, biases (tiles*groups*16,), [bias (N,)]
+    auto& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : inputs) enc.set_input_array(a);
+    enc.set_output_array(out);
+    const auto& x = inputs[0];
+    Job j{};
+    j.x = x.data<float>();
+    j.y = out.data<float>();
+    j.w = inputs[1].data<uint8_t>();
+    j.scales = inputs[2].data<void>();
+    j.biases = inputs[3].data<void>();
+    j.half_scales = inputs[2].dtype() == mx::float16;
+    j.bias = has_bias_ ? inputs[4].data<float>() : nullptr;
+    j.M = x.shape(0);
+    j.K = int(x.shape(1));
+    j.N = n_;
+    j.bits = bits_;
+    j.group = group_;
+    j.portable = portable_ || !kHasVnni;
+    if (j.M == 0) return;
+    enc.dispatch([j]() { run(j); });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("omlx quant_linear: this extension runs on the CPU only");
+  }
+
+  const char* name() const override {
+    return "OmlxQuantLinear";
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto* o = dynamic_cast<const QuantLinear*>(&other);
+    return o && o->n_ == n_ && o->bits_ == bits_ && o->group_ == group_ && o->has_bias_ == has_bias_ &&
+           o->portable_ == portable_;
+  }
+
+ private:
+  int n_, bits_, group_;
+  bool has_bias_, portable_;
+};
+
+// x (M, K) any float dtype; packed / scales / biases as made by quant_linear.py's repack.
+mx::array quant_linear(const mx::array& x, const mx::array& packed, const mx::array& scales,
+                       const mx::array& biases, const std::optional<mx::array>& bias, int n, int bits,
+                       int group_size, bool portable, mx::StreamOrDevice s) {
+  if (bits != 4 && bits != 8) throw std::invalid_argument("quant_linear: bits must be 4 or 8");
+  if (group_size != 32 && group_size != 64 && group_size != 128)
+    throw std::invalid_argument("quant_linear: group_size must be 32, 64 or 128");
+  if (x.ndim() != 2) throw std::invalid_argument("quant_linear: x must be (rows, K)");
+  const int k = int(x.shape(1));
+  if (k <= 0 || k % group_size != 0) throw std::invalid_argument("quant_linear: K must be a multiple of group_size");
+  if (n <= 0) throw std::invalid_argument("quant_linear: N must be positive");
+  const int64_t tiles = (n + TILE - 1) / TILE;
+  if (packed.dtype() != mx::uint8 || packed.size() != size_t(tiles * TILE * int64_t(k) * bits / 8))
+    throw std::invalid_argument("quant_linear: packed weights do not match (N, K, bits)");
+  const size_t scale_count = size_t(tiles * (k / group_size) * TILE);
+  for (const auto* a : {&scales, &biases}) {
+    if (a->size() != scale_count) throw std::invalid_argument("quant_linear: scales / biases do not match (N, K, group)");
+    if (a->dtype() != mx::float16 && a->dtype() != mx::float32)
+      throw std::invalid_argument("quant_linear: scales / biases must be float16 or float32");
+  }
+  if (scales.dtype() != biases.dtype()) throw std::invalid_argument("quant_linear: scales and biases differ in dtype");
+  if (bias && (bias->ndim() != 1 || bias->shape(0) != n))
+    throw std::invalid_argument("quant_linear: bias must have shape (N,)");
+  const auto stream = mx::to_stream(s, mx::Device::cpu);
+  std::vector<mx::array> inputs = {
+      mx::contiguous(mx::astype(x, mx::float32, stream), false, stream),
+      mx::contiguous(mx::flatten(packed, stream), false, stream),
+      mx::contiguous(mx::flatten(scales, stream), false, stream),
+      mx::contiguous(mx::flatten(biases, stream), false, stream),
+  };
+  if (bias) inputs.push_back(mx::contiguous(mx::astype(*bias, mx::float32, stream), false, stream));
+  mx::Shape shape = {x.shape(0), n};
+  return mx::array(shape, mx::float32,
+                   std::make_shared<QuantLinear>(stream, n, bits, group_size, bias.has_value(), portable),
+                   std::move(inputs));
+}
+
+}  // namespace
+
+NB_MODULE(_quant_linear_cpu, m) {
+  m.doc() = "omlx linear layers over 4/8-bit affine-quantized weights read as stored (MLX CPU primitive)";
+  m.def("quant_linear", &quant_linear, "x"_a, "packed"_a, "scales"_a, "biases"_a, "bias"_a = nb::none(),
+        nb::kw_only(), "n"_a, "bits"_a, "group_size"_a, "portable"_a = false, "stream"_a = nb::none(),
+        "y = x @ dequant(W).T (+ bias) with x quantized per group to int8 (see omlx/kernels/quant_linear.py).");
+  m.def("isa", []() { return std::string(kHasVnni ? "avx512-vnni" : "portable"); },
+        "The instruction set the kernel uses on this CPU.");
+  m.def("tile", []() { return TILE; });
+  m.def("num_threads", []() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+  });
+}
