@@ -39,7 +39,7 @@ def test_stale_build_falls_back(monkeypatch):
     """A build for another MLX version (or other sources) is never loaded."""
     from omlx.kernels import build
 
-    monkeypatch.setattr(build, "stamp_text", lambda: "mlx=0.0.0 source=other\n")
+    monkeypatch.setattr(build, "stamp_text", lambda module=build.ATTENTION: "mlx=0.0.0 source=other\n")
     backend.attention_backend.cache_clear()
     try:
         chosen = backend.attention_backend()
