@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import tempfile
 import threading
 from collections.abc import Mapping
@@ -35,65 +34,36 @@ from omlx.settings_omlx import (
     model_from_omlx,
     model_to_omlx,
 )
+from omlx.settings_values import (  # noqa: F401 - SettingsError, parse_bytes, ...: imported from here too
+    MODEL_TYPES,
+    SAMPLING_KEYS,
+    SettingsError,
+    bool_text,
+    dirs_text,
+    gib_from_size,
+    kv_bits,
+    model_type,
+    non_negative_int_text,
+    optional_non_negative_int,
+    optional_positive,
+    optional_positive_int,
+    optional_sampling,
+    optional_size,
+    parse_bytes,
+    string_list,
+    typed,
+    validate_sampling,
+)
 
 log = logging.getLogger("omlx.settings")
 
 GLOBAL_FILE = "settings.json"
 MODELS_FILE = "model_settings.json"
-MODEL_TYPES = ("llm", "vlm", "ocr", "embedding", "reranker")
-
-# Request-body keys a user may give defaults for, and the type check each default must pass
-# (the range checks stay in the API's own request parser, which sees the merged body).
-_NUMBER = (int, float)
-SAMPLING_KEYS: dict[str, tuple] = {
-    "temperature": _NUMBER,
-    "top_p": _NUMBER,
-    "top_k": (int,),
-    "min_p": _NUMBER,
-    "repetition_penalty": _NUMBER,
-    "presence_penalty": _NUMBER,
-    "frequency_penalty": _NUMBER,
-    "seed": (int,),
-    "stop": (str, list),
-}
 
 
 def omlx_home() -> Path:
     # OMLX_BASE_PATH is oMLX's name for the same folder.
     return Path(os.environ.get("OMLX_HOME") or os.environ.get("OMLX_BASE_PATH") or "~/.omlx").expanduser()
-
-
-class SettingsError(ValueError):
-    """A settings value that cannot be used; `field` names it for the API's error."""
-
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.field = field
-
-
-# ---------------------------------------------------------------------------- sizes
-
-
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-
-
-def parse_bytes(value: Any, field: str = "size") -> int:
-    """`8GB`, `8 GiB`, `512M`, `1.5g` or a plain number of bytes -> bytes (binary units)."""
-    if isinstance(value, bool):
-        raise SettingsError(f"{field} must be a size like '8GB', got {value!r}", field)
-    if isinstance(value, (int, float)):
-        if value <= 0:
-            raise SettingsError(f"{field} must be positive, got {value}", field)
-        return int(value)
-    if isinstance(value, str):
-        match = _SIZE.match(value)
-        if match:
-            number, unit = match.groups()
-            size = float(number) * _UNITS[(unit or "").lower()[:1]]
-            if size > 0:
-                return int(size)
-    raise SettingsError(f"{field} must be a size like '8GB' or a number of bytes, got {value!r}", field)
 
 
 def physical_memory_bytes() -> int | None:
@@ -110,156 +80,80 @@ def default_model_memory_bytes() -> int:
     return int(total * 0.75) if total else 8 << 30
 
 
-# ---------------------------------------------------------------------------- validation
-
-
-def _check_type(value, types: tuple, field: str) -> None:
-    if isinstance(value, bool) and bool not in types:
-        raise SettingsError(f"'{field}' must be {_type_names(types)}, got a boolean", field)
-    if not isinstance(value, types):
-        raise SettingsError(f"'{field}' must be {_type_names(types)}, got {type(value).__name__}", field)
-
-
-def _type_names(types: tuple) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", list: "a list",
-             dict: "an object", bool: "a boolean"}
-    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
-
-
-def validate_sampling(sampling: Any, field: str = "sampling") -> dict:
-    _check_type(sampling, (dict,), field)
-    for key, value in sampling.items():
-        if key not in SAMPLING_KEYS:
-            raise SettingsError(
-                f"'{field}.{key}' is not a sampling setting (known: {', '.join(SAMPLING_KEYS)})",
-                f"{field}.{key}",
-            )
-        if value is not None:
-            _check_type(value, SAMPLING_KEYS[key], f"{field}.{key}")
-    return dict(sampling)
-
-
-def _optional_positive(value, field: str, types=_NUMBER):
-    if value is None:
-        return None
-    _check_type(value, types, field)
-    if value <= 0:
-        raise SettingsError(f"'{field}' must be positive, got {value}", field)
-    return value
-
-
-def _optional_non_negative_int(value, field: str):
-    if value is None:
-        return None
-    _check_type(value, (int,), field)
-    if value < 0:
-        raise SettingsError(f"'{field}' must be 0 or more, got {value}", field)
-    return value
-
-
-def _non_negative_int_text(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(f"must be 0 or more, got {value}")
-    return value
-
-
-def _model_type(value, field="model_type"):
-    if value is not None and value not in MODEL_TYPES:
-        raise SettingsError(f"'{field}' must be one of {', '.join(MODEL_TYPES)}, got {value!r}", field)
-    return value
-
-
-def _typed(*types) -> Callable:
-    def check(value, field):
-        if value is not None:
-            _check_type(value, types, field)
-        return value
-    return check
+# ---------------------------------------------------------------------------- keys
 
 
 # Per-model keys and how each is checked.  None always means "not set" (and, in an update,
 # "remove this key").
 MODEL_KEYS: dict[str, Callable] = {
-    "alias": _typed(str),
-    "model_type": _model_type,
-    "sampling": lambda v, f: None if v is None else validate_sampling(v, f),
-    "max_tokens": lambda v, f: _optional_positive(v, f, (int,)),
-    "ttl": _optional_positive,
-    "pinned": _typed(bool),
-    "trust_remote_code": _typed(bool),
-    "chat_template_kwargs": _typed(dict),
-    "tool_parser": _typed(str),
-    "adapter_path": _typed(str),
+    "alias": typed(str),
+    "model_type": model_type,
+    "sampling": optional_sampling,
+    "max_tokens": optional_positive_int,
+    "ttl": optional_positive,
+    "pinned": typed(bool),
+    "trust_remote_code": typed(bool),
+    "chat_template_kwargs": typed(dict),
+    "tool_parser": typed(str),
+    "adapter_path": typed(str),
     # This model's KV pool cap in GiB, over the server's --kv-cache-gb; and quantized KV for
     # its pool (4 or 8; 0 keeps it in the model's dtype).  Applied on its next load.
-    "kv_cache_gb": _optional_positive,
-    "kv_bits": lambda v, f: _kv_bits(v, f),
-    "kv_group_size": lambda v, f: _optional_positive(v, f, (int,)),
+    "kv_cache_gb": optional_positive,
+    "kv_bits": kv_bits,
+    "kv_group_size": optional_positive_int,
     # With kv_bits: tokens each sequence keeps in the model's dtype before its KV is quantized.
-    "quantized_kv_start": _optional_non_negative_int,
+    "quantized_kv_start": optional_non_negative_int,
     # Run a quantized / half-precision model in float32 (true), as stored (false); unset:
     # float32 on the CPU for small models (omlx.models.cpu_weights).  Applied on next load.
-    "dequantize": _typed(bool),
+    "dequantize": typed(bool),
     # oMLX's: a cap on this model's context, a default thinking budget, sampling defaults
     # that win over the request's (temperature, top_p, top_k), and template kwargs that do.
-    "max_context_window": lambda v, f: _optional_positive(v, f, (int,)),
-    "thinking_budget": _optional_non_negative_int,
+    "max_context_window": optional_positive_int,
+    "thinking_budget": optional_non_negative_int,
     # Speculative decoding for this model: on/off, the most draft tokens per step, and a
     # smaller model with the same tokenizer to draft with (default: prompt lookup).
-    "speculative_decoding": _typed(bool),
-    "num_draft_tokens": _optional_non_negative_int,
-    "draft_model": _typed(str),
-    "force_sampling": _typed(bool),
-    "forced_ct_kwargs": lambda v, f: _string_list(v, f),
+    "speculative_decoding": typed(bool),
+    "num_draft_tokens": optional_non_negative_int,
+    "draft_model": typed(str),
+    "force_sampling": typed(bool),
+    "forced_ct_kwargs": string_list,
 }
 
 
-def _string_list(value, field: str):
-    if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
-        raise SettingsError(f"'{field}' must be a list of strings", field)
-    return value
-
-
-def _kv_bits(value, field: str):
-    if value is not None and value not in (0, 4, 8):
-        raise SettingsError(f"'{field}' must be 4, 8 or 0 (unquantized), got {value!r}", field)
-    return value
-
 GLOBAL_KEYS: dict[str, Callable] = {
-    "host": _typed(str),
-    "port": _typed(int),
-    "model_dirs": _typed(list, str),
-    "api_key": _typed(str),
-    "api_keys": _typed(dict),
-    "max_model_memory": lambda v, f: None if v is None else parse_bytes(v, f),
-    "kv_cache_gb": _optional_positive,
-    "sampling": lambda v, f: None if v is None else validate_sampling(v, f),
-    "max_tokens": lambda v, f: _optional_positive(v, f, (int,)),
-    "max_num_seqs": lambda v, f: _optional_positive(v, f, (int,)),
-    "max_num_batched_tokens": lambda v, f: _optional_positive(v, f, (int,)),
-    "max_vision_prompts_per_step": lambda v, f: _optional_positive(v, f, (int,)),
-    "state_snapshot_tokens": lambda v, f: _optional_positive(v, f, (int,)),
-    "block_size": lambda v, f: _optional_positive(v, f, (int,)),
-    "kv_bits": lambda v, f: _optional_positive(v, f, (int,)),
-    "kv_group_size": lambda v, f: _optional_positive(v, f, (int,)),
-    "quantized_kv_start": _optional_non_negative_int,
-    "kv_cache_dir": _typed(str),
-    "kv_disk_gb": _optional_positive,
-    "kv_disk": _typed(bool),
-    "prefix_cache": _typed(bool),
-    "speculative_decoding": _typed(bool),
-    "num_draft_tokens": _optional_non_negative_int,
-    "draft_model": _typed(str),
-    "max_model_len": lambda v, f: _optional_positive(v, f, (int,)),
-    "ttl": _optional_positive,
-    "hf_cache": _typed(bool),
-    "trust_remote_code": _typed(bool),
-    "chat_template_kwargs": _typed(dict),
-    "log_level": _typed(str),
-    "mcp_config": _typed(str),  # the MCP config file (oMLX's mcp.config_path)
-    "mcp_expose_tools": _typed(bool),  # offer MCP tools to models (oMLX's mcp.expose_tools)
-    "hf_endpoint": _typed(str),  # a Hugging Face mirror for `omlx pull` (oMLX's huggingface.endpoint)
+    "host": typed(str),
+    "port": typed(int),
+    "model_dirs": typed(list, str),
+    "api_key": typed(str),
+    "api_keys": typed(dict),
+    "max_model_memory": optional_size,
+    "kv_cache_gb": optional_positive,
+    "sampling": optional_sampling,
+    "max_tokens": optional_positive_int,
+    "max_num_seqs": optional_positive_int,
+    "max_num_batched_tokens": optional_positive_int,
+    "max_vision_prompts_per_step": optional_positive_int,
+    "state_snapshot_tokens": optional_positive_int,
+    "block_size": optional_positive_int,
+    "kv_bits": optional_positive_int,
+    "kv_group_size": optional_positive_int,
+    "quantized_kv_start": optional_non_negative_int,
+    "kv_cache_dir": typed(str),
+    "kv_disk_gb": optional_positive,
+    "kv_disk": typed(bool),
+    "prefix_cache": typed(bool),
+    "speculative_decoding": typed(bool),
+    "num_draft_tokens": optional_non_negative_int,
+    "draft_model": typed(str),
+    "max_model_len": optional_positive_int,
+    "ttl": optional_positive,
+    "hf_cache": typed(bool),
+    "trust_remote_code": typed(bool),
+    "chat_template_kwargs": typed(dict),
+    "log_level": typed(str),
+    "mcp_config": typed(str),  # the MCP config file (oMLX's mcp.config_path)
+    "mcp_expose_tools": typed(bool),  # offer MCP tools to models (oMLX's mcp.expose_tools)
+    "hf_endpoint": typed(str),  # a Hugging Face mirror for `omlx pull` (oMLX's huggingface.endpoint)
 }
 
 
@@ -504,28 +398,10 @@ class Option:
     env_parse: Mapping[str, Callable[[str], Any]] = field(default_factory=dict)
 
 
-def _bool_text(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"expected true/false, got {text!r}")
-
-
-def _dirs_text(text: str) -> list[str]:
-    # oMLX separates dirs with commas, the shell's PATH convention with os.pathsep.
-    return [part.strip() for chunk in text.split(",") for part in chunk.split(os.pathsep) if part.strip()]
-
-
-def _gib_from_size(text: str) -> float:
-    return parse_bytes(text, "size") / 2**30
-
-
 SERVER_OPTIONS: tuple[Option, ...] = (
     Option("host", ("OMLX_HOST",), str, "127.0.0.1"),
     Option("port", ("OMLX_PORT",), int, 8000),
-    Option("model_dirs", ("OMLX_MODEL_DIR", "OMLX_MODEL_DIRS"), _dirs_text),
+    Option("model_dirs", ("OMLX_MODEL_DIR", "OMLX_MODEL_DIRS"), dirs_text),
     Option("api_key", ("OMLX_API_KEY",), str),
     Option("max_model_memory", ("OMLX_MAX_MODEL_MEMORY",), parse_bytes),
     Option("kv_cache_gb", ("OMLX_KV_CACHE_GB",), float),
@@ -542,26 +418,26 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     Option("kv_group_size", ("OMLX_KV_GROUP_SIZE", "KV_GROUP_SIZE"), int, 64),
     # QUANTIZED_KV_START (mlx-vlm / mlx-lm's --quantized-kv-start): with kv_bits, a sequence's
     # KV stays in the model's dtype until it holds this many tokens (0: quantized from the first).
-    Option("quantized_kv_start", ("OMLX_QUANTIZED_KV_START", "QUANTIZED_KV_START"), _non_negative_int_text, 0),
+    Option("quantized_kv_start", ("OMLX_QUANTIZED_KV_START", "QUANTIZED_KV_START"), non_negative_int_text, 0),
     # The prefix cache's disk tier (default $OMLX_HOME/cache), its size cap, and its switch.
     # (oMLX: OMLX_SSD_CACHE_DIR, OMLX_SSD_CACHE_MAX_SIZE as a size, OMLX_HOT_CACHE_ONLY meaning
     # no disk tier, OMLX_CACHE_ENABLED.)
     Option("kv_cache_dir", ("OMLX_KV_CACHE_DIR", "OMLX_SSD_CACHE_DIR"), str),
     Option("kv_disk_gb", ("OMLX_KV_DISK_GB", "OMLX_SSD_CACHE_MAX_SIZE"), float, 10.0,
-           {"OMLX_SSD_CACHE_MAX_SIZE": _gib_from_size}),
-    Option("kv_disk", ("OMLX_KV_DISK", "OMLX_HOT_CACHE_ONLY"), _bool_text, True,
-           {"OMLX_HOT_CACHE_ONLY": lambda text: not _bool_text(text)}),
-    Option("prefix_cache", ("OMLX_PREFIX_CACHE", "OMLX_CACHE_ENABLED"), _bool_text, True),
+           {"OMLX_SSD_CACHE_MAX_SIZE": gib_from_size}),
+    Option("kv_disk", ("OMLX_KV_DISK", "OMLX_HOT_CACHE_ONLY"), bool_text, True,
+           {"OMLX_HOT_CACHE_ONLY": lambda text: not bool_text(text)}),
+    Option("prefix_cache", ("OMLX_PREFIX_CACHE", "OMLX_CACHE_ENABLED"), bool_text, True),
     # Speculative decoding inside the batch (prompt lookup, or a draft model) and the most
     # draft tokens a sequence verifies per step (mlx-lm's --num-draft-tokens).
-    Option("speculative_decoding", ("OMLX_SPECULATIVE_DECODING",), _bool_text, True),
-    Option("num_draft_tokens", ("OMLX_NUM_DRAFT_TOKENS",), _non_negative_int_text, 8),
+    Option("speculative_decoding", ("OMLX_SPECULATIVE_DECODING",), bool_text, True),
+    Option("num_draft_tokens", ("OMLX_NUM_DRAFT_TOKENS",), non_negative_int_text, 8),
     Option("draft_model", ("OMLX_DRAFT_MODEL",), str),
     Option("max_tokens", ("OMLX_MAX_TOKENS",), int),
     Option("ttl", ("OMLX_TTL",), float),
-    Option("hf_cache", ("OMLX_HF_CACHE", "OMLX_HF_CACHE_ENABLED"), _bool_text, True),
+    Option("hf_cache", ("OMLX_HF_CACHE", "OMLX_HF_CACHE_ENABLED"), bool_text, True),
     Option("hf_endpoint", ("OMLX_HF_ENDPOINT",), str),
-    Option("trust_remote_code", ("OMLX_TRUST_REMOTE_CODE", "MLX_TRUST_REMOTE_CODE"), _bool_text, False),
+    Option("trust_remote_code", ("OMLX_TRUST_REMOTE_CODE", "MLX_TRUST_REMOTE_CODE"), bool_text, False),
     Option("log_level", ("OMLX_LOG_LEVEL",), str, "info"),
     Option("preload", ("OMLX_PRELOAD_MODEL", "PRELOAD_MODEL"), lambda t: [m for m in t.split(",") if m]),
     Option("preload_adapter", ("OMLX_PRELOAD_ADAPTER", "PRELOAD_ADAPTER"), str),
@@ -581,7 +457,7 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     Option("image_fetch_timeout", ("OMLX_IMAGE_FETCH_TIMEOUT",), float, 10.0),
     Option("image_max_count", ("OMLX_IMAGE_MAX_COUNT",), int, 16),
     Option("mcp_config", ("OMLX_MCP_CONFIG",), str),
-    Option("mcp_expose_tools", ("OMLX_MCP_EXPOSE_TOOLS",), _bool_text, True),
+    Option("mcp_expose_tools", ("OMLX_MCP_EXPOSE_TOOLS",), bool_text, True),
 )
 
 def resolve_server_options(cli: Mapping[str, Any], env: Mapping[str, str], file: Mapping[str, Any]) -> dict:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from omlx.settings_values import SettingsError, parse_bytes
+
 log = logging.getLogger("omlx.settings")
 
 # ---------------------------------------------------------------------------- model_settings.json
@@ -141,8 +143,6 @@ def global_from_omlx(raw: dict) -> dict:
         out["kv_cache_dir"] = cache["ssd_cache_dir"]
     size = cache.get("ssd_cache_max_size")
     if size is not None and size != "auto":
-        from omlx.settings import SettingsError, parse_bytes
-
         try:
             out["kv_disk_gb"] = parse_bytes(size, "cache.ssd_cache_max_size") / 2**30
         except SettingsError as exc:

@@ -131,7 +131,7 @@ def load_embedder(info: DiscoveredModel) -> LoadedEmbedder:
 
     from mlx_embeddings.utils import load
 
-    from omlx.models.pool import parameter_bytes
+    from omlx.models.facts import parameter_bytes
 
     started = time.monotonic()
     model, tokenizer = load(str(info.path))

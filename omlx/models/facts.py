@@ -1,8 +1,11 @@
-"""What a model folder says about itself: parameter count, quantization, capabilities.
+"""What a model says about itself: parameter count, quantization, capabilities from its
+folder, and the bytes its weights hold once loaded.
 
-Everything is read from the files (config.json, the safetensors headers, the chat template),
-never looked up in a table, so a model dropped into the model dir describes itself.  Headers
-are read once per file version (path, size, mtime).
+Everything is read from the files (config.json, the safetensors headers, the chat template)
+or the loaded arrays, never looked up in a table, so a model dropped into the model dir
+describes itself.  Headers are read once per file version (path, size, mtime).  A leaf of
+the model layer: the engine, the pool and every loader (embeddings, rerankers) use it
+without importing one another.
 """
 
 from __future__ import annotations
@@ -23,6 +26,13 @@ _DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "F8_E4M3": 8, "F8_E5
 class WeightStats:
     parameters: int  # logical weights (packed quantized values unpacked)
     dtype: str | None  # the dtype most of the bytes are stored in
+
+
+def parameter_bytes(model) -> int:
+    """Bytes a loaded model's arrays hold (what it counts against the memory budget)."""
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
 def weight_stats(info: DiscoveredModel) -> WeightStats:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omlx.scheduler import AsyncEngine, EngineConfig, LLMEngine, default_kv_cache_bytes
-from omlx.scheduler.engine import parameter_bytes
+from .facts import parameter_bytes
 from omlx.scheduler.fallback_engine import FallbackEngine
 from omlx.scheduler.layer_kinds import UnsupportedLayout
 from omlx.settings import SettingsStore

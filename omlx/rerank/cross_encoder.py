@@ -141,7 +141,7 @@ def load_cross_encoder(info: DiscoveredModel) -> LoadedCrossEncoder:
     import mlx.nn as nn
     from transformers import AutoTokenizer
 
-    from omlx.models.pool import parameter_bytes
+    from omlx.models.facts import parameter_bytes
 
     started = time.monotonic()
     path = Path(info.path)

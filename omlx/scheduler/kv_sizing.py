@@ -9,6 +9,8 @@ import logging
 import mlx.core as mx
 import numpy as np
 
+from omlx.models.facts import parameter_bytes
+
 from .engine_config import INITIAL_KV_BYTES
 from .kv_cache import KVLayout, PagedKVStorage
 
@@ -53,12 +55,6 @@ def _initial_and_max(layout, block_size: int, initial_bytes: int, cap_bytes: int
     max_blocks = PagedKVStorage.blocks_for_budget(layout, block_size, cap_bytes, kv_bits, group_size)
     initial = PagedKVStorage.blocks_for_budget(layout, block_size, initial_bytes, kv_bits, group_size)
     return min(max_blocks, initial), max_blocks
-
-
-def parameter_bytes(model) -> int:
-    from mlx.utils import tree_flatten
-
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
 def default_kv_cache_bytes(weights_bytes: int, memory_budget: int | None = None) -> int:
