@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from omlx.audio.clips import AudioLimits
 from omlx.vision.images import ImageLimits
 
 
@@ -44,6 +45,8 @@ class ServingLimits:
     memory_reserve_bytes: int | None = None
     # How large, how many and how slow to fetch the images of a request may be.
     images: ImageLimits = field(default_factory=ImageLimits)
+    # How large, how long, how many and how slow to fetch the audio clips of a request may be.
+    audio: AudioLimits = field(default_factory=AudioLimits)
 
 
 LIMITS = web.AppKey("limits", ServingLimits)

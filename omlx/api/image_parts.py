@@ -34,6 +34,14 @@ class MessageContent:
         self.parts.append({"type": "image", SOURCE_KEY: dataclasses.asdict(source)})
         self.has_image = True
 
+    def audio(self, source) -> None:
+        """An audio clip (omlx.audio.clips.AudioSource): the part omni templates place clips
+        from (see audio_parts)."""
+        from .audio_parts import SOURCE_KEY as AUDIO_KEY
+
+        self.parts.append({"type": "audio", AUDIO_KEY: dataclasses.asdict(source)})
+        self.has_image = True  # media: the content stays a list of parts
+
     def value(self) -> str | list[dict]:
         if not self.has_image:
             return "".join(p["text"] for p in self.parts)

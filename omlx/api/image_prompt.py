@@ -24,6 +24,9 @@ def image_error(exc: ImageError) -> APIError:
 
 
 def check_takes_images(loaded: LoadedModel, request: TurnRequest) -> None:
+    from .audio_prompt import check_takes_audio
+
+    check_takes_audio(loaded, request)
     images = request.conversation.images if request.conversation is not None else []
     if images and not loaded.takes_images:
         raise invalid(f"'{loaded.model_id}' accepts text only and cannot take images; "
@@ -39,10 +42,14 @@ def ocr_conversation(loaded: LoadedModel, request: TurnRequest):
     return dataclasses.replace(conversation, messages=with_default_prompt(conversation.messages, ocr))
 
 
-async def image_prompt(loaded: LoadedModel, request: TurnRequest,
-                       limits: ImageLimits) -> tuple[list[int], MultimodalInput | None]:
+async def image_prompt(loaded: LoadedModel, request: TurnRequest, limits: ImageLimits,
+                       audio_limits=None) -> tuple[list[int], MultimodalInput | None]:
     side = loaded.vision
     conversation = ocr_conversation(loaded, request)
+    from .audio_prompt import audio_prompt, request_clips
+
+    if request_clips(request):  # clips (and any images) go through the omni model's processor
+        return await audio_prompt(loaded, request, conversation, audio_limits, limits)
     sources = conversation.images
     if side.max_images is not None and len(sources) > side.max_images:
         raise invalid(f"'{loaded.model_id}' ({side.family}) takes at most {side.max_images} image(s) per "

@@ -16,6 +16,7 @@ from .chat_tools import message_tool_fields, parse_tools
 from .conversation import Conversation, template_kwargs
 from .errors import invalid
 from .image_parts import MessageContent, openai_image
+from .audio_parts import PART_TYPES as AUDIO_PART_TYPES, openai_audio
 from .sampling_fields import OPENAI_RANGES, SamplingRequest
 from .turn_request import TurnRequest, parse_vlm_fields, thinking_kwargs
 from .wire import boolean, model_name, number
@@ -113,10 +114,15 @@ def _message_content(content: Any, index: int, takes_images: bool = False) -> st
                     raise invalid(f"messages[{index}] cannot carry images (only user messages can)", where,
                                   "unsupported_content")
                 out.image(openai_image(part, where))
-            elif part["type"] in ("input_image", "input_audio", "file"):
+            elif part["type"] in AUDIO_PART_TYPES:
+                if not takes_images:
+                    raise invalid(f"messages[{index}] cannot carry audio (only user messages can)", where,
+                                  "unsupported_content")
+                out.audio(openai_audio(part, where))
+            elif part["type"] in ("input_image", "file"):
                 raise invalid(
                     f"messages[{index}] has a '{part['type']}' part, which chat completions do not take "
-                    "(images go in 'image_url' parts)",
+                    "(images go in 'image_url' parts, audio in 'input_audio' parts)",
                     where,
                     "unsupported_content",
                 )

@@ -23,6 +23,7 @@ from .conversation import (
 )
 from .errors import invalid
 from .image_parts import MessageContent, responses_image
+from .audio_parts import PART_TYPES as AUDIO_PART_TYPES, openai_audio
 from . import mcp_history
 from .sampling_fields import OPENAI_RANGES, SamplingRequest
 from .turn_request import TurnRequest, parse_vlm_fields, thinking_kwargs
@@ -117,7 +118,9 @@ def _content_text(content: Any, where: str, takes_images: bool = False) -> str |
             texts.text(str(part.get("refusal") or ""))
         elif kind == "input_image" and takes_images:
             texts.image(responses_image(part, at))
-        elif kind in ("input_image", "input_file", "input_audio"):
+        elif kind in AUDIO_PART_TYPES and takes_images:
+            texts.audio(openai_audio(part, at))
+        elif kind in ("input_image", "input_file", *AUDIO_PART_TYPES):
             raise invalid(f"{at} is an '{kind}' part, but this model accepts text only", at, "unsupported_content")
         else:
             raise invalid(f"{at} has unknown type {kind!r}", at)

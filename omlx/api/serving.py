@@ -64,7 +64,8 @@ class Serving:
         resolved = apply_defaults(request, self.defaults(loaded))
         check_takes_images(loaded, request)
         if loaded.takes_images and request.conversation is not None:
-            prompt_ids, multimodal = await image_prompt(loaded, request, limits_of(http.app).images)
+            limits = limits_of(http.app)
+            prompt_ids, multimodal = await image_prompt(loaded, request, limits.images, audio_limits=limits.audio)
             return loaded, resolved, prompt_ids, multimodal
         return loaded, resolved, self._prompt_ids(loaded, request), None
 

@@ -31,6 +31,10 @@ class LoadedModel:
         return self.vision is not None
 
     @property
+    def takes_audio(self) -> bool:
+        return self.vision is not None and getattr(self.vision, "takes_audio", False)
+
+    @property
     def model_id(self) -> str:
         return self.info.model_id
 

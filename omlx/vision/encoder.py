@@ -88,6 +88,17 @@ class PassInputs:
         self.packed_tower = "grid_thw" in inspect.signature(vlm.vision_tower.__call__).parameters
         self.vision_calls = 0  # tower invocations (statistics, tests)
         self.images_encoded = 0
+        self.audio_token_id = audio_token_id(vlm)
+        self.clips_encoded = 0
+        # Gemma 4's get_input_embeddings scales the text rows itself and its decoder takes
+        # `inputs_embeds` as they are: the rows of a pass built here are scaled the same way.
+        body = vlm.language_model.model
+        self.text_scale = getattr(body, "embed_scale", None) if getattr(vlm, "model_type", "") == "gemma4" else None
+        # Per-layer token embeddings (Gemma 4 E2B / E4B): mlx-vlm looks them up with every
+        # image / audio position as token 0.
+        self.per_layer = bool(getattr(body, "hidden_size_per_layer_input", 0)) and hasattr(body, "get_per_layer_inputs")
+        self.media_token_ids = [t for t in (self.image_token_id, self.audio_token_id,
+                                            getattr(vlm.config, "video_token_id", None)) if isinstance(t, int)]
 
     # ------------------------------------------------------------------ one pass
     def for_pass(self, seqs, order, num_new_tokens, tokens: np.ndarray, positions: np.ndarray) -> dict:
@@ -110,12 +121,17 @@ class PassInputs:
                           if seq.request.multimodal.embeddings is None
                           and seq.request.multimodal.touches_image(start, end)])
             extra["inputs_embeds"] = self._embeddings(chunks, tokens)
+            if self.per_layer:
+                ids = np.where(np.isin(tokens, self.media_token_ids), 0, tokens)
+                extra["per_layer_inputs"] = self.language.model.get_per_layer_inputs(mx.array(ids)[:, None])
         if self.mrope:
             extra["position_ids"] = self._positions(chunks, positions)
         return extra
 
     def _embeddings(self, chunks, tokens: np.ndarray) -> mx.array:
         text = self.embed_tokens(mx.array(tokens))
+        if self.text_scale is not None:
+            text = text * self.text_scale
         pieces = []
         for seq, start, end, row in chunks:
             mm = seq.request.multimodal
@@ -159,10 +175,12 @@ class PassInputs:
             mm = seq.request.multimodal
             arrays = {k: mx.array(v) for k, v in mm.arrays.items()}
             ids = mx.array(seq.token_ids[: seq.num_prompt_tokens])[None]
-            out = self.vlm.get_input_embeddings(ids, arrays.pop("pixel_values"), **arrays)
+            out = self.vlm.get_input_embeddings(ids, arrays.pop("pixel_values", None), **arrays)
             mm.embeddings = out.inputs_embeds[0]
             self.vision_calls += 1
-            self.images_encoded += len(mm.spans)
+            clips = sum(1 for span in mm.spans if span.digest.startswith(b"audio:"))
+            self.clips_encoded += clips
+            self.images_encoded += len(mm.spans) - clips
 
     def _encode_packed(self, seqs) -> None:
         """Every prompt's images through the tower in one call, features split back by image."""
@@ -208,3 +226,13 @@ def _image_token_id(config) -> int | None:
         if isinstance(value, int):
             return value
     return None
+
+
+def audio_token_id(vlm, processor=None) -> int | None:
+    """The token a clip's features replace, for a model whose audio tower mlx-vlm built."""
+    if getattr(vlm, "audio_tower", None) is None:
+        return None
+    value = getattr(vlm.config, "audio_token_id", None)
+    if not isinstance(value, int):
+        value = getattr(processor, "audio_token_id", None)
+    return value if isinstance(value, int) else None

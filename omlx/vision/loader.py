@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from .encoder import LanguageAdapter, PassInputs, _image_token_id
+from .encoder import LanguageAdapter, PassInputs, _image_token_id, audio_token_id
 from .ocr import OCRDefaults, ocr_defaults
 
 log = logging.getLogger("omlx.vision")
@@ -24,10 +24,23 @@ class VisionSide:
     image_token_id: int | None
     family: str  # config model_type
     ocr: OCRDefaults | None = None
+    # The token the processor expands each audio clip into; None: the model takes no audio
+    # (no audio tower, or one mlx-vlm did not build).
+    audio_token_id: int | None = None
 
     @property
     def max_images(self) -> int | None:
         return 1 if self.family in SINGLE_IMAGE_FAMILIES else None
+
+    @property
+    def takes_audio(self) -> bool:
+        return self.audio_token_id is not None
+
+    @property
+    def max_clips(self) -> int | None:
+        from omlx.audio.prompt import max_clips
+
+        return max_clips(self.family)
 
 
 def load_vision_model(path: str, config: dict, model_type: str, trust_remote_code: bool = False):
@@ -49,5 +62,5 @@ def load_vision_model(path: str, config: dict, model_type: str, trust_remote_cod
     tokenizer = load_tokenizer(Path(path), {"trust_remote_code": True} if trust_remote_code else None,
                                eos_token_ids=eos_ids or None)
     side = VisionSide(vlm, processor, _image_token_id(vlm.config), str(config.get("model_type") or ""),
-                      ocr_defaults(config) if model_type == "ocr" else None)
+                      ocr_defaults(config) if model_type == "ocr" else None, audio_token_id(vlm, processor))
     return LanguageAdapter(vlm), PassInputs(vlm), tokenizer, side
