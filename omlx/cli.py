@@ -148,6 +148,14 @@ def _add_limit_flags(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--image-fetch-timeout", type=float, metavar="SECONDS",
                        help="an http(s) image must arrive within this long (10)")
     serve.add_argument("--image-max-count", type=int, metavar="N", help="images per request (16)")
+    serve.add_argument("--audio-max-bytes", type=_size, metavar="SIZE",
+                       help="an audio clip in a request (or an upload to /v1/audio/*) may be this large, "
+                            "encoded (25MB)")
+    serve.add_argument("--audio-max-seconds", type=float, metavar="SECONDS",
+                       help="an audio clip may last this long, decoded (600)")
+    serve.add_argument("--audio-fetch-timeout", type=float, metavar="SECONDS",
+                       help="an http(s) audio clip must arrive within this long (10)")
+    serve.add_argument("--audio-max-count", type=int, metavar="N", help="audio clips per request (8)")
     serve.add_argument("--memory-reserve", type=_size, metavar="SIZE",
                        help="machine memory to keep available: below it new generation requests get "
                             "503 insufficient_memory (default: 5%% of the machine's, at most 1GB)")
@@ -155,6 +163,7 @@ def _add_limit_flags(serve: argparse.ArgumentParser) -> None:
 
 def serving_limits(options: dict):
     from omlx.serving_limits import ServingLimits
+    from omlx.audio.clips import AudioLimits
     from omlx.vision.images import ImageLimits
 
     return ServingLimits(
@@ -169,6 +178,8 @@ def serving_limits(options: dict):
         memory_reserve_bytes=options.get("memory_reserve"),
         images=ImageLimits(options["image_max_bytes"], options["image_max_pixels"],
                            options["image_fetch_timeout"], options["image_max_count"]),
+        audio=AudioLimits(options["audio_max_bytes"], options["audio_max_seconds"],
+                          options["audio_fetch_timeout"], options["audio_max_count"]),
     )
 
 

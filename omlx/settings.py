@@ -456,6 +456,11 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     Option("image_max_pixels", ("OMLX_IMAGE_MAX_PIXELS",), int, 40_000_000),
     Option("image_fetch_timeout", ("OMLX_IMAGE_FETCH_TIMEOUT",), float, 10.0),
     Option("image_max_count", ("OMLX_IMAGE_MAX_COUNT",), int, 16),
+    # Audio clips in requests (omlx.audio.clips.AudioLimits).
+    Option("audio_max_bytes", ("OMLX_AUDIO_MAX_BYTES",), parse_bytes, 25 << 20),
+    Option("audio_max_seconds", ("OMLX_AUDIO_MAX_SECONDS",), float, 600.0),
+    Option("audio_fetch_timeout", ("OMLX_AUDIO_FETCH_TIMEOUT",), float, 10.0),
+    Option("audio_max_count", ("OMLX_AUDIO_MAX_COUNT",), int, 8),
     Option("mcp_config", ("OMLX_MCP_CONFIG",), str),
     Option("mcp_expose_tools", ("OMLX_MCP_EXPOSE_TOOLS",), bool_text, True),
 )
