@@ -352,6 +352,9 @@ def serve(args, options: dict) -> None:
     from omlx.kernels.backend import attention_backend
 
     attention_backend()  # logs which attention implementation runs, and why
+    from omlx.kernels.linear import matmul_path
+
+    matmul_path()  # logs which matmul path the weights run on, and why
     log.info("serving on http://%s:%d/v1 (models from %s)%s", options["host"], options["port"],
              ", ".join(str(d) for d in model_dirs), "; API key required" if options.get("api_key") else "")
     mcp_config = _mcp_config(options)

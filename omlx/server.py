@@ -30,6 +30,7 @@ from omlx.blas import blas_info
 from omlx.graceful_stop import GracefulStop, exit_process
 from omlx.memory_watch import machine_memory, process_memory
 from omlx.kernels.backend import attention_backend
+from omlx.kernels.linear import matmul_path
 from omlx.metrics import ServerMetrics
 from omlx.models.loaded import LoadedModel
 from omlx.models.pool import ModelPool
@@ -190,7 +191,7 @@ async def health(request: web.Request) -> web.Response:
         "uptime_s": round(time.time() - request.app[STARTED], 1),
         "loaded_model": latest.info.settings_id if latest else None,
         "loaded_adapter": latest.adapter_path if latest else None,
-        "compute": {**blas_info(), "kernels": attention_backend().info()},
+        "compute": {**blas_info(), "kernels": attention_backend().info(), "matmul": matmul_path().info()},
         "models_available": [m.model_id for m in pool.servable()],
         "models_loaded": models,
         "embedding_models_loaded": embedders,

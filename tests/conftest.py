@@ -3,10 +3,16 @@ in-process mlx-lm greedy reference to compare the server's tokens against."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
+
+# Token-exact tests compare against mlx-lm in float32: the suite runs today's float32 matmul
+# path unless told otherwise (tests/test_packed_linear.py asks for the packed bf16 one itself).
+# omlx_process passes the same choice to the servers it starts.
+os.environ.setdefault("OMLX_MATMUL", "float32")
 
 from omlx_process import RunningServer, omlx_server  # noqa: F401  (RunningServer: for tests)
 from omlx.testing.reference import greedy_reference

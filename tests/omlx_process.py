@@ -64,6 +64,8 @@ def omlx_server(
            "--no-demo", "--no-hf-cache", "--block-size", str(block_size), *args]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("OMLX_")}
     full_env["OMLX_HOME"] = str(home)
+    # The matmul path is part of what a test asserts (float32 for token-exact ones, see conftest).
+    full_env["OMLX_MATMUL"] = os.environ.get("OMLX_MATMUL", "float32")
     full_env.update(env or {})
     root = f"http://127.0.0.1:{port}"
     fail = failure or _raise

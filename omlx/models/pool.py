@@ -38,6 +38,8 @@ from .discovery import DiscoveredModel, SkippedModel, discover_hf_cache, discove
 from .loaded import LoadedModel
 from .content_hash import folder_fingerprint
 from .cpu_weights import should_dequantize, to_float32
+from . import packed_weights
+from omlx.kernels.linear import matmul_path
 from .memory_ledger import MemoryLedger
 
 log = logging.getLogger("omlx.pool")
@@ -455,7 +457,10 @@ class ModelPool:
         )
         window = context_window_of(info.config)
         dequantized = should_dequantize(settings.get("dequantize"), model, self.memory_budget)
-        if dequantized:
+        packed = packed_weights.prepare(model, settings.get("dequantize"), dequantized)
+        if packed:
+            log.info("%s runs with bf16 weights packed for this CPU (%s)", info.model_id, matmul_path().isa)
+        elif dequantized:
             to_float32(model)
             log.info("%s runs dequantized in float32 (faster on this CPU; model setting "
                      "'dequantize': false keeps the stored weights)", info.model_id)
@@ -463,7 +468,7 @@ class ModelPool:
         # not where it lives: its files' content (weights, config, tokenizer, adapter) and
         # the form its weights run in.  A moved or renamed model keeps its cached blocks; one
         # overwritten in place never reads blocks computed for the old weights.
-        scope = b"content:" + folder_fingerprint(folder, adapter) + (b":float32" if dequantized else b"")
+        scope = b"content:" + folder_fingerprint(folder, adapter) + (b":bf16-packed" if packed else b":float32" if dequantized else b"")
         loaded = self._serve(info, model, tokenizer, scope, window, settings)
         log.info("loaded %s in %.1fs (context %d)", info.model_id, time.monotonic() - started, window)
         return loaded
@@ -523,6 +528,8 @@ class ModelPool:
 
                 folder = converted_folder(draft_info.path)
             draft, draft_tokenizer = load(str(folder))
+            # The draft's weights take the same form as a served model's (packed bf16 here).
+            packed_weights.prepare(draft, None, should_dequantize(None, draft, self.memory_budget))
             if draft_tokenizer.vocab_size != tokenizer.vocab_size or (
                     draft_tokenizer.encode("speculative check: 12345 tokens") != tokenizer.encode("speculative check: 12345 tokens")):
                 raise ValueError("its tokenizer differs from the model's")

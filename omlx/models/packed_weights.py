@@ -1,0 +1,78 @@
+"""A model's weights packed bf16 at load, on CPUs with a bf16 dot-product unit.
+
+Where `omlx.kernels.linear.matmul_path()` chose the packed bf16 path, every `nn.Linear` and
+`nn.QuantizedLinear` of a loaded model becomes a `PackedLinear`, and every `nn.Embedding` /
+`nn.QuantizedEmbedding` a `PackedEmbedding` (its lookup and its `as_linear`, the tied LM
+head, share one packed copy), swapped in place the way `nn.quantize` swaps layers: mlx-lm's
+model code is unchanged.  bf16 checkpoints are packed without widening; float16 / float32
+weights and 4- / 8-bit ones (dequantized first) are rounded to bf16 once.  The remaining
+small parameters (norms, MoE experts not swapped yet) are widened to float32 as on the
+float32 path, so activations stay float32 between layers.  Resident weight bytes are the
+packed bytes: about half of the float32 path's.
+
+The per-model setting `dequantize` keeps its meaning: false keeps the weights as stored;
+true, or unset for a model that is not quantized (or that the float32 path would have
+dequantized), runs it in packed bf16 instead of float32.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map_with_path, tree_unflatten
+
+from omlx.kernels.linear import PackedEmbedding, PackedLinear, matmul_path
+
+log = logging.getLogger("omlx.pool")
+
+LINEARS = (nn.Linear, nn.QuantizedLinear)
+EMBEDDINGS = (nn.Embedding, nn.QuantizedEmbedding)
+
+
+def should_pack(model: nn.Module, setting: bool | None, dequantize: bool) -> bool:
+    """Whether this model runs packed bf16: the path is chosen, the setting does not keep
+    the weights as stored, and quantized layers would have been dequantized anyway."""
+    if not matmul_path().bf16 or setting is False:
+        return False
+    quantized = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+    return dequantize or not quantized
+
+
+def pack_model(model: nn.Module) -> int:
+    """Swap the model's linear and embedding layers for packed bf16 ones, in place; widen
+    what is left to float32.  Returns the number of layers swapped."""
+    replacements = []
+    for name, module in model.named_modules():
+        # Exact types only: subclasses (LoRA / DoRA wrappers, custom heads) may read .weight.
+        if type(module) in LINEARS:
+            replacements.append((name, PackedLinear.from_linear(module)))
+        elif type(module) in EMBEDDINGS:
+            replacements.append((name, PackedEmbedding.from_embedding(module)))
+    if replacements:
+        model.update_modules(tree_unflatten(replacements))
+        # Evaluate layer by layer so the transient dequantized / padded copies of one layer
+        # are freed before the next is built (peak memory stays near the packed size).
+        for _, module in replacements:
+            mx.eval(module.parameters())
+    packed = {name for name, _ in replacements}
+
+    def widen(path: str, value: mx.array) -> mx.array:
+        owner = path.rsplit(".", 1)[0]
+        if owner in packed or value.dtype not in (mx.float16, mx.bfloat16):
+            return value
+        return value.astype(mx.float32)
+
+    model.update(tree_map_with_path(widen, model.parameters()))
+    mx.eval(model.parameters())
+    log.debug("packed %d layer(s) in bf16", len(replacements))
+    return len(replacements)
+
+
+def prepare(model: nn.Module, setting: bool | None, dequantize: bool) -> bool:
+    """The load hook: pack the model when it should run packed bf16 (True if it was)."""
+    if not should_pack(model, setting, dequantize):
+        return False
+    pack_model(model)
+    return True
