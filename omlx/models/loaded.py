@@ -100,35 +100,33 @@ class LoadedModel:
         return engine.serving_info() if hasattr(engine, "serving_info") else None
 
     def engine_stats(self) -> dict:
-        """Queue lengths, counters and KV statistics for /health."""
-        engine = self.engine.engine
+        """Queue lengths, counters and KV statistics for /health: the engine's last published
+        snapshot (omlx.scheduler.engine_stats), never a read of its scheduler from this thread."""
+        snapshot = self.engine.engine.stats
         stats = {
             "context_window": self.context_window,
-            "running": len(engine.scheduler.running),
-            "waiting": len(engine.scheduler.waiting),
+            "running": snapshot.running,
+            "waiting": snapshot.waiting,
             "queued": self.queued_requests,  # waiting, plus admitted and not yet submitted
-            "preemptions": engine.scheduler.num_preemptions,
-            "prefilling": engine.prefilling(),
-            "steps": engine.stats.steps,
-            "prefill_tokens": engine.stats.prefill_tokens,
-            "generated_tokens": engine.stats.generated_tokens,
-            "kv_cache": engine.kv_stats(),
+            "preemptions": snapshot.preemptions,
+            "prefilling": list(snapshot.prefilling),
+            "steps": snapshot.steps,
+            "prefill_tokens": snapshot.prefill_tokens,
+            "generated_tokens": snapshot.generated_tokens,
+            "kv_cache": snapshot.kv_cache,
         }
         serving = self.serving_info()
         if serving is not None:
             stats["serving"] = serving
-        speculator = engine.scheduler.speculator
-        stats["speculative_decoding"] = speculator.stats() if speculator is not None else {"enabled": False}
-        profile = getattr(engine, "profile", None)  # per-phase step timings, where measured
-        if profile is not None:
-            stats["step_profile"] = profile.report()
+        stats["speculative_decoding"] = snapshot.speculative_decoding
+        if snapshot.step_profile is not None:  # per-phase step timings, where measured
+            stats["step_profile"] = snapshot.step_profile
         if self.adapter_path:
             stats["adapter_path"] = self.adapter_path
         stats["vision"] = self.takes_images
         if self.takes_images:
-            inputs = engine.runner.vision
             stats["vision_stats"] = {"family": self.vision.family, "ocr": self.vision.ocr is not None,
-                                     "tower_calls": inputs.vision_calls, "images_encoded": inputs.images_encoded}
+                                     **(snapshot.vision or {"tower_calls": 0, "images_encoded": 0})}
         return stats
 
     @property

@@ -167,6 +167,7 @@ class AsyncEngine:
                 return
             if not engine.has_work:
                 self.busy_since = None
+                engine.publish_stats()  # what the requests applied between steps changed
                 self._deliver(events)
                 self._wake.wait()
                 continue

@@ -68,6 +68,7 @@ class BlockManager:
         # The disk tier (omlx.scheduler.disk.DiskKVCache), when the engine has one:
         # published blocks are written behind, and prefixes continue from it past memory.
         self.disk = None
+        self._disk_loads: list[tuple[int, bytes]] = []  # see take_disk_loads
         # Layers whose KV lives in a pool of their own, keyed by this pool's blocks (sliding
         # windows: omlx.scheduler.window_kv), hear when a block is published in the prefix
         # cache and when it is taken for other tokens.
@@ -217,7 +218,14 @@ class BlockManager:
         self.ref_counts[block] = 1
         self.hash_to_block[h] = block
         self.block_hash[block] = h
+        self._disk_loads.append((block, h))
         return block
+
+    def take_disk_loads(self) -> list[tuple[int, bytes]]:
+        """The (block, hash) pairs read back from the disk tier since the last call: the step
+        contract's KV operations (another rank loads the same blocks from its own tier)."""
+        loads, self._disk_loads = self._disk_loads, []
+        return loads
 
     def record_prefix_lookup(self, prompt_tokens: int, hit_tokens: int) -> None:
         self.prefix_queries += prompt_tokens

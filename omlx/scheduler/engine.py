@@ -2,17 +2,17 @@
 
 `LLMEngine.step()` runs one scheduler iteration - every running sequence's next token and
 this step's prompt chunks in one ragged forward pass - and returns each request's new token.
-`async_engine.AsyncEngine` runs the steps on a thread of their own for asyncio clients.
+A step is three calls over plain data (omlx.scheduler.step): `Scheduler.schedule()` gives a
+`SchedulerOutput`, `ModelRunner.execute()` makes a `RunnerOutput` of it, and
+`Scheduler.update_from_output()` turns that into events.  After each step the engine publishes
+an `EngineStats` snapshot for readers on other threads.  `async_engine.AsyncEngine` runs the
+steps on a thread of their own for asyncio clients.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Callable
-
-import mlx.core as mx
-import numpy as np
 
 from .block_manager import BlockManager
 from .kv_cache import KVLayout, PagedKVStorage, install_attention_hook
@@ -30,14 +30,14 @@ from .state_manager import StateManager
 from .window_kv import WindowKV, split_window_layers
 from .engine_requests import EngineRequests
 from .request import FinishReason, GenerationRequest, RequestRejected, TokenEvent, check_prompt_length
-from .runner import ModelRunner
-from .parallel_sampling import fork_siblings, request_finished
+from .runner import ModelRunner, prefill_groups  # noqa: F401 (re-exported)
+from .parallel_sampling import request_finished
 from .sampler import Sampler
-from .scheduler import Scheduler, SchedulerConfig
+from .scheduler import Scheduler, SchedulerConfig, logit_rows  # noqa: F401 (re-exported)
 from .sequence import Sequence
 from .draft_model import DraftModelDrafter
 from .speculation import SpeculationConfig, Speculator
-from .verification import verify_drafts
+from .engine_stats import EngineStats, StepCounters
 from .step_profile import StepProfile
 
 log = logging.getLogger("omlx.engine")
@@ -135,11 +135,18 @@ class LLMEngine(EngineRequests):
             self.scheduler.speculator = Speculator(spec_config, drafter)
         self.runner.vision = vision
         self.sampler = Sampler()
+        # The runner samples on this rank: the scheduler's sequences carry each request's
+        # sampling state (random streams, constraints).
+        self.runner.sampler = self.sampler
+        self.runner.resolve = self.scheduler.scheduled
+        self.runner.pools = [pool.storage for pool in self.pools]
         self.sequences: dict[str, Sequence] = {}
         self._stepping: set[str] | None = None  # request ids of the step being run
-        self.stats = EngineStats()
+        self.counters = StepCounters()
         self.profile = StepProfile()
         self.runner.profile = self.profile
+        self.scheduler.profile = self.profile
+        self.stats = EngineStats.of(self)
         for pool in self.pools:
             log.info(
                 "KV %s pool: %d blocks x %d tokens (%.1f MiB%s), %d layers, %s%s", pool.name,
@@ -325,92 +332,33 @@ class LLMEngine(EngineRequests):
             self.scheduler.speculator.active = self.runner.ragged
         self._stepping = None
         with self.profile.phase("schedule"):
-            batch = self.scheduler.schedule()
+            out = self.scheduler.schedule()
         # The requests this step runs: the ones a failed step ends (see fail_step).
-        self._stepping = {s.request_id for s, _ in batch.prefills} | {s.request_id for s in batch.decodes}
-        # Requests that can never get their blocks end here (the batch is empty then, unless
+        self._stepping = out.request_ids
+        # Requests that can never get their blocks end here (the step is empty then, unless
         # a float sequence found the quantized pool too small for it: the rest still run).
         ended = self._out_of_memory() if self.scheduler.out_of_memory else []
-        if batch.empty:
+        if out.empty:
+            self.publish_stats()
             return ended
-        speculator = self.scheduler.speculator
-        if speculator is not None and not speculator.drafter.immediate:
-            drafting = [s for s in batch.decodes if s.draft_rows]
-            with self.profile.phase("draft"):
-                speculator.draft(drafting, [s.draft_rows for s in drafting])
-        events: list[tuple[Sequence, TokenEvent]] = []
-        for rows in self._passes(batch):
-            for part, pools in self._by_pool(rows):
-                seqs = [s for s, _ in part]
-                counts = [n for _, n in part]
-                want = [logit_rows(s, n) for s, n in part]
-                events += self._run(seqs, counts, want, pools)
-        self.stats.prefill_tokens += sum(n for _, n in batch.prefills)
-        self.stats.steps += 1
+        result = self.runner.execute(out)
+        with self.profile.phase("postprocess"):
+            events = self.scheduler.update_from_output(out, result)
+        self.counters.prefill_tokens += out.num_prefill_tokens
+        self.counters.steps += 1
         self.profile.steps += 1
-        out = ended
         for seq, event in events:
             if event.token_id is not None:
-                self.stats.generated_tokens += 1
+                self.counters.generated_tokens += 1
             if event.finish_reason is not None and request_finished(seq):
                 self.sequences.pop(seq.request_id, None)
-            out.append((seq.request_id, event))
-        return out
+            ended.append((seq.request_id, event))
+        self.publish_stats()
+        return ended
 
-    def _passes(self, batch) -> list[list[tuple[Sequence, int]]]:
-        """The forward passes of a step: one ragged pass for everything when the runner can
-        (decodes and prefill chunks side by side, weights read once); else prefill chunks
-        grouped by length (they are padded), then the decodes."""
-        decodes = [(s, 1 + len(s.draft)) for s in batch.decodes]
-        if self.runner.ragged:
-            return [batch.prefills + decodes]
-        return prefill_groups(batch.prefills) + ([decodes] if decodes else [])
-
-    def _by_pool(self, rows: list[tuple[Sequence, int]]):
-        """A pass's rows grouped by the pool their blocks live in: one pass for all pools
-        when the model's attention is routed to the cache, else one pass per pool.
-        Returns [(rows, [(pool storage, how many consecutive rows)])]."""
-        runs = [[r for r in rows if r[0].pool == index] for index in range(len(self.pools))]
-        runs = [(self.pools[index].storage, run) for index, run in enumerate(runs) if run]
-        if len(runs) == 1 or not self.runner.hooked:
-            return [(run, [(storage, len(run))]) for storage, run in runs]
-        return [([r for _, run in runs for r in run], [(storage, len(run)) for storage, run in runs])]
-
-    def _run(self, seqs: list[Sequence], counts: list[int], want: list[int], pools):
-        logits = self.runner.forward(seqs, counts, want, pools)
-        # Logit rows come sequence after sequence: one to sample, or a draft's to verify.
-        first_row = np.cumsum([0] + want[:-1])
-        verifying = [i for i, s in enumerate(seqs) if s.draft]
-        plain = [i for i, s in enumerate(seqs) if not s.draft]
-        sampled: dict[int, int] = {}
-        siblings: list[Sequence] = []
-        verified = []
-        if verifying:
-            picks = np.concatenate([np.arange(first_row[i], first_row[i] + want[i]) for i in verifying])
-            with self.profile.phase("verify"):
-                verified = verify_drafts(self.sampler, logits[mx.array(picks)], [seqs[i] for i in verifying])
-        rows = [i for i in plain if want[i]]
-        if rows:
-            sampling = [seqs[i] for i in rows]
-            row_logits = logits if not verifying else logits[mx.array(first_row[rows])]
-            # n > 1: a request sampling its first token forks; its siblings share the row.
-            row_logits, siblings = fork_siblings(self.scheduler, row_logits, sampling, [counts[i] for i in rows])
-            with self.profile.phase("sample"):
-                tokens = self.sampler(row_logits, sampling + siblings)
-            sampled = dict(zip(rows, tokens))
-        with self.profile.phase("postprocess"):
-            events = self.scheduler.postprocess([seqs[i] for i in plain], [counts[i] for i in plain],
-                                                {k: sampled[i] for k, i in enumerate(plain) if i in sampled})
-            for i, (tokens_out, logprobs) in zip(verifying, verified):
-                drafted = len(seqs[i].draft)
-                events += self.scheduler.apply_verified(seqs[i], tokens_out, logprobs)
-                if self.state is not None and len(tokens_out) - 1 < drafted:
-                    # Rejected rows went through the recurrent state too: take them back.
-                    self.state.take_back(self.runner.last_state_plan, i, seqs[i], len(tokens_out))
-        for sibling, token in zip(siblings, tokens[len(rows) :] if siblings else ()):
-            events += self.scheduler.postprocess([sibling], [0], {0: token})
-        self.layers.after_step(self.runner.last_state_plan, seqs)
-        return events
+    def publish_stats(self) -> None:
+        """The snapshot readers on other threads see (engine thread)."""
+        self.stats = EngineStats.of(self)
 
     def _out_of_memory(self) -> list[tuple[str, TokenEvent]]:
         """End the requests the scheduler found can never get their KV blocks."""
@@ -435,39 +383,3 @@ class LLMEngine(EngineRequests):
         for member in members:
             self.scheduler.finish(member, reason)
 
-
-def logit_rows(seq: Sequence, fed: int) -> int:
-    """Logits rows a sequence needs from a pass that feeds it `fed` tokens: a draft's rows to
-    verify, one to sample (a decode, or the prefill chunk reaching the prompt's end), or none."""
-    if seq.draft:
-        return 1 + len(seq.draft)
-    return 1 if seq.num_computed_tokens + fed == seq.num_tokens else 0
-
-
-def prefill_groups(prefills: list[tuple[Sequence, int]], max_padding: float = 0.25):
-    """Split prefill chunks into forward passes whose rows have similar lengths.
-
-    Rows of one pass are padded to its longest chunk; a 500-token chunk next to a 12-token
-    one would nearly double the work, while one pass per chunk would re-read the weights for
-    each.  Chunks are grouped, longest first, while padding stays under `max_padding`.
-    """
-    groups: list[list[tuple[Sequence, int]]] = []
-    real = 0
-    for seq, n in sorted(prefills, key=lambda p: p[1], reverse=True):
-        if groups:
-            group = groups[-1]
-            longest = group[0][1]
-            if longest * (len(group) + 1) <= (1 + max_padding) * (real + n):
-                group.append((seq, n))
-                real += n
-                continue
-        groups.append([(seq, n)])
-        real = n
-    return groups
-
-
-@dataclass
-class EngineStats:
-    steps: int = 0
-    prefill_tokens: int = 0
-    generated_tokens: int = 0

@@ -29,7 +29,8 @@ from typing import Callable
 import mlx.core as mx
 
 from .emission import emit_token
-from .engine import EngineConfig, EngineStats, default_kv_cache_bytes, parameter_bytes
+from .engine import EngineConfig, default_kv_cache_bytes, parameter_bytes
+from .engine_stats import EngineStats, StepCounters
 from .fallback_runner import FallbackRunner, cache_kinds
 from .parallel_sampling import request_finished
 from .engine_requests import EngineRequests
@@ -87,13 +88,14 @@ class FallbackEngine(EngineRequests):
         self.sampler = Sampler()
         self.sequences: dict[str, Sequence] = {}
         self._stepping: set[str] | None = None
-        self.stats = EngineStats()
+        self.counters = StepCounters()
         self.profile = StepProfile()
         self.layer_kinds = cache_kinds(model)
         log.info(
             "%s: served by the fallback engine (%s); caches %s; limits: %s", label or "model", self.reason,
             ", ".join(f"{k} x{n}" for k, n in self.layer_kinds.items()), "; ".join(self.limits),
         )
+        self.stats = EngineStats.of(self)
 
     # ------------------------------------------------------------------ what it is
     @property
@@ -198,6 +200,7 @@ class FallbackEngine(EngineRequests):
                 ended += self._out_of_memory([self.scheduler.waiting[0]])  # it cannot fit even alone
         self._stepping = {s.request_id for s in decodes} | {s.request_id for s, _ in chunks}
         if not decodes and not chunks:
+            self.publish_stats()
             return ended
         sampled, logits = self.runner.forward(decodes, chunks, self.profile)
         with self.profile.phase("postprocess"):
@@ -214,10 +217,15 @@ class FallbackEngine(EngineRequests):
                 tokens = self.sampler(logits, sampled + [child for _, child in siblings])
         with self.profile.phase("postprocess"):
             events = self._apply(sampled + [child for _, child in siblings], tokens)
-        self.stats.prefill_tokens += sum(n for _, n in chunks)
-        self.stats.steps += 1
+        self.counters.prefill_tokens += sum(n for _, n in chunks)
+        self.counters.steps += 1
         self.profile.steps += 1
+        self.publish_stats()
         return ended + events
+
+    def publish_stats(self) -> None:
+        """The snapshot readers on other threads see (engine thread); the paged engine's kind."""
+        self.stats = EngineStats.of(self)
 
     def _prefill_chunks(self, budget: int) -> list[tuple[Sequence, int]]:
         """This step's prompt chunks within `budget` tokens: sequences part-way through
@@ -297,7 +305,7 @@ class FallbackEngine(EngineRequests):
             logprobs, seq.step_logprobs = seq.step_logprobs, None
             event = emit_token(seq, token, logprobs, self.max_model_len)
             if event.token_id is not None:
-                self.stats.generated_tokens += 1
+                self.counters.generated_tokens += 1
             if event.finish_reason is not None:
                 seq.status, seq.finish_reason = SequenceStatus.FINISHED, event.finish_reason
                 ended.append(seq)

@@ -1,4 +1,11 @@
-"""Arrays in, logits out: one batched forward pass of an mlx-lm model over the paged cache."""
+"""A step in, its tokens out: the forward passes of an mlx-lm model over the paged cache.
+
+`execute(SchedulerOutput) -> RunnerOutput` runs a step's rows - in one ragged pass when the
+model's attention is routed to the cache, else in padded passes of similar lengths - and
+samples or verifies their logits (pass_sampling).  `forward()` is one pass: arrays in, logits
+out.  The rows are plain data: a runner that does not own the scheduler (another rank, with its
+own pool) runs the same step from them alone.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +22,10 @@ from omlx.kernels.paged_attention import RaggedPlan, padded_tables
 from .block_manager import SCRATCH_BLOCK
 from .kv_cache import BatchLayout, MultiPoolLayerCache, PagedKVStorage, PagedLayerCache, install_attention_hook
 from .layer_kinds import Kind, LayerKind
-from .sequence import Sequence
+from .pass_sampling import sample_pass
+from .sequence import FLOAT_POOL, Sequence
 from .state_cache import StateLayerCache, StatePlan
+from .step import KVOps, RunnerOutput, ScheduledRow, SchedulerOutput
 
 log = logging.getLogger("omlx.runner")
 
@@ -71,11 +80,79 @@ class ModelRunner:
         # features where a prompt has an image) and, for multimodal RoPE, their positions
         # (omlx.vision.encoder.PassInputs).  None for text models.
         self.vision = None
+        # The step contract (execute): each pool's storage by index (the engine sets both of
+        # a two-pool model's), the sampler, and how a row's sequence is found - the
+        # scheduler's, on the rank that owns it; None on a rank that only runs the pass.
+        self.pools: list[PagedKVStorage] = [storage]
+        self.sampler = None
+        self.resolve = None
+        # A rank without the scheduler applies the step's KV operations itself (the
+        # scheduler's rank has applied them where they were decided).
+        self.replica = False
 
     @property
     def ragged(self) -> bool:
         """Whether a step's sequences, whatever their chunk lengths, share one pass."""
         return self.hooked
+
+    # ------------------------------------------------------------------ the step
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        """Run a step's rows and sample (or verify) the logits they want.  Without a
+        `resolve` (a rank that runs the pass only) the output has no tokens."""
+        rows = out.rows
+        if self.replica and out.kv_ops:
+            self.apply_kv_ops(out.kv_ops)
+        result = RunnerOutput(sampled=[[] for _ in rows], logprobs=[None] * len(rows), accepted=[0] * len(rows))
+        # Layer kinds whose managers key their storage by sequence (state slots, window
+        # tables, image features) still need the sequence objects; the rest runs from the rows.
+        bound = self.state is not None or self.window is not None or self.vision is not None
+        if bound and self.resolve is None:
+            raise ValueError("this model's state, window or vision layers need the scheduler's sequences")
+        feed = [self.resolve(r.request_id, r.index) for r in rows] if bound else [RowView(r) for r in rows]
+        for members in self._passes(rows):
+            for part, pools in self._by_pool(rows, members):
+                logits = self.forward([feed[k] for k in part], [rows[k].num_tokens for k in part],
+                                      [rows[k].want_logits for k in part], pools)
+                plan = self.last_state_plan
+                result.local.append((plan, part))
+                if logits is None or self.resolve is None or self.sampler is None:
+                    continue
+                take_back = None
+                if self.state is not None:
+                    take_back = lambda i, seq, keep, plan=plan: self.state.take_back(plan, i, seq, keep)  # noqa: E731
+                sample_pass(self.sampler, logits, rows, part, self.resolve, result, self.profile, take_back)
+        return result
+
+    def _passes(self, rows: list[ScheduledRow]) -> list[list[int]]:
+        """The forward passes of a step (row indices): one ragged pass for everything when
+        the runner can (decodes and prefill chunks side by side, weights read once); else
+        prefill chunks grouped by length (they are padded), then the decodes."""
+        if self.ragged:
+            return [list(range(len(rows)))]
+        prefills = [k for k, r in enumerate(rows) if r.prefill]
+        decodes = [k for k, r in enumerate(rows) if not r.prefill]
+        groups = prefill_groups([(k, rows[k].num_tokens) for k in prefills])
+        return [[k for k, _ in group] for group in groups] + ([decodes] if decodes else [])
+
+    def _by_pool(self, rows: list[ScheduledRow], members: list[int]):
+        """A pass's rows grouped by the pool their blocks live in: one pass for all pools
+        when the model's attention is routed to the cache, else one pass per pool.
+        Returns [(row indices, [(pool storage, how many consecutive rows)])]."""
+        runs = [[k for k in members if rows[k].pool == index] for index in range(len(self.pools))]
+        runs = [(self.pools[index], run) for index, run in enumerate(runs) if run]
+        if len(runs) == 1 or not self.hooked:
+            return [(run, [(storage, len(run))]) for storage, run in runs]
+        return [([k for _, run in runs for k in run], [(storage, len(run)) for storage, run in runs])]
+
+    def apply_kv_ops(self, ops: KVOps) -> None:
+        """The scheduler's KV operations, on this rank's pools."""
+        for pool, src, dst in ops.copies:
+            self.pools[pool].copy_blocks([src], [dst])
+        if ops.migrations:
+            src, dst = zip(*ops.migrations)
+            self.pools[0].copy_blocks_from(self.pools[FLOAT_POOL], list(src), list(dst))
+        if ops.disk_loads:
+            raise NotImplementedError("a rank without the scheduler has no disk tier of its own yet")
 
     def forward(
         self, seqs: list[Sequence], num_new_tokens: list[int], want_logits: list[int],
@@ -252,7 +329,7 @@ class ModelRunner:
         tables = np.full((batch, num_table_blocks), SCRATCH_BLOCK, dtype=np.int32)
         for row, (seq, n) in enumerate(zip(seqs, num_new_tokens)):
             start = seq.num_computed_tokens
-            tokens[row, :n] = seq.token_ids[start : start + n]
+            tokens[row, :n] = seq.tokens_to_feed(start, n)
             offsets[row] = start
             table = seq.block_table
             tables[row, : len(table)] = table
@@ -290,3 +367,41 @@ class ModelRunner:
             return picked if len(rows) == x.shape[0] else picked[mx.array(rows)]
         cols = [num_new_tokens[r] - 1 for r in rows]
         return x[mx.array(rows), mx.array(cols)]
+
+
+class RowView:
+    """What a pass reads of a sequence, from a step's row alone."""
+
+    __slots__ = ("block_table", "num_computed_tokens", "draft", "tokens")
+
+    def __init__(self, row: ScheduledRow):
+        self.block_table = row.block_table
+        self.num_computed_tokens = row.start
+        self.draft = row.draft
+        self.tokens = row.tokens
+
+    def tokens_to_feed(self, start: int, n: int) -> list[int]:
+        assert start == self.num_computed_tokens and n <= len(self.tokens), "a row feeds its own tokens"
+        return self.tokens[:n]
+
+
+def prefill_groups(prefills: list[tuple[object, int]], max_padding: float = 0.25):
+    """Split prefill chunks into forward passes whose rows have similar lengths.
+
+    Rows of one pass are padded to its longest chunk; a 500-token chunk next to a 12-token
+    one would nearly double the work, while one pass per chunk would re-read the weights for
+    each.  Chunks are grouped, longest first, while padding stays under `max_padding`.
+    """
+    groups: list[list[tuple[object, int]]] = []
+    real = 0
+    for key, n in sorted(prefills, key=lambda p: p[1], reverse=True):
+        if groups:
+            group = groups[-1]
+            longest = group[0][1]
+            if longest * (len(group) + 1) <= (1 + max_padding) * (real + n):
+                group.append((key, n))
+                real += n
+                continue
+        groups.append([(key, n)])
+        real = n
+    return groups

@@ -1,4 +1,10 @@
-"""Waiting and running queues; `schedule()` picks each step's work, `postprocess()` applies it.
+"""Waiting and running queues; `schedule()` picks each step's work, `update_from_output()`
+applies what the runner made of it.
+
+A step is a contract in plain data (omlx.scheduler.step): `schedule()` returns a
+`SchedulerOutput` - the rows of the pass and the KV operations made on the pools - and
+`update_from_output()` takes the runner's `RunnerOutput` (sampled tokens, log-probabilities,
+accepted draft lengths) and turns it into each request's events.
 
 Each step every running sequence that has a token to decode gets one, and the rest of the
 per-step token budget goes to prefill chunks (sequences part-way through their prompt
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import contextmanager
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,6 +38,7 @@ from .layer_managers import LayerManagers
 from .multimodal import needs_vision
 from .request import FinishReason, TokenEvent
 from .sequence import FLOAT_POOL, MAIN_POOL, Sequence, SequenceStatus
+from .step import KVOps, RunnerOutput, ScheduledRow, SchedulerOutput
 
 
 @dataclass
@@ -89,6 +97,12 @@ class Scheduler:
         # Sequences ended because they can never get the KV blocks they need (see
         # `_unstick`); the engine reports them and clears the list.
         self.out_of_memory: list[Sequence] = []
+        # The step contract: steps scheduled, the KV operations made since the last step's
+        # output, and the sequences of the step in flight by (request id, completion index).
+        self.steps = 0
+        self._kv_ops = KVOps()
+        self._scheduled: dict[tuple[str, int], Sequence] = {}
+        self.profile = None  # the engine's StepProfile (a draft model's pass is timed)
 
     @property
     def has_work(self) -> bool:
@@ -101,7 +115,54 @@ class Scheduler:
         return self.pools[seq.pool]
 
     # ------------------------------------------------------------------ schedule
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self) -> SchedulerOutput:
+        """The next step: prompt chunks first, then decodes (with their drafts)."""
+        batch = self._pick()
+        speculator = self.speculator
+        if speculator is not None and not speculator.drafter.immediate:
+            drafting = [s for s in batch.decodes if s.draft_rows]
+            if drafting:
+                with self.profile.phase("draft") if self.profile is not None else _no_phase():
+                    speculator.draft(drafting, [s.draft_rows for s in drafting])
+        return self._output(batch)
+
+    def scheduled(self, request_id: str, index: int = 0) -> Sequence:
+        """A sequence of the step in flight (for the runner's sampler, and its layer managers)."""
+        return self._scheduled[(request_id, index)]
+
+    def _output(self, batch: ScheduledBatch) -> SchedulerOutput:
+        self.steps += 1
+        for pool_index, pool in enumerate(self.pools):
+            for block, block_hash in pool.take_disk_loads():
+                self._kv_ops.disk_loads.append((pool_index, block, block_hash))
+        out = SchedulerOutput(step=self.steps, kv_ops=self._kv_ops)
+        self._kv_ops = KVOps()
+        self._scheduled = {}
+        chunks = [(s, n, True) for s, n in batch.prefills] + [(s, 1 + len(s.draft), False) for s in batch.decodes]
+        for seq, n, prefill in chunks:
+            want = logit_rows(seq, n)
+            out.rows.append(ScheduledRow(
+                request_id=seq.request_id, index=seq.index, pool=seq.pool, start=seq.num_computed_tokens,
+                tokens=seq.tokens_to_feed(seq.num_computed_tokens, n), block_table=list(seq.block_table),
+                want_logits=want, draft=list(seq.draft), prefill=prefill,
+                fan_out=self._fan_out(seq) if want == 1 and not seq.draft else 1))
+            self._scheduled[(seq.request_id, seq.index)] = seq
+        return out
+
+    def _fan_out(self, seq: Sequence) -> int:
+        """n > 1: a request about to sample its first token gets its other completions now,
+        as sequences that sample from its logits row this step and take their share of its
+        blocks once the row is computed (see parallel_sampling)."""
+        request = seq.request
+        if request.n <= 1 or seq.group is not None or seq.num_output_tokens:
+            return 1
+        group = [seq] + [Sequence(request, index=index) for index in range(1, request.n)]
+        for member in group:
+            member.group = group
+            self._scheduled[(seq.request_id, member.index)] = member
+        return request.n
+
+    def _pick(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
         if self.float_blocks is not None:
@@ -334,6 +395,7 @@ class Scheduler:
         src, dst = self._copies
         if src:
             self.copy_blocks(src, dst)
+            self._kv_ops.migrations.extend(zip(src, dst))
         for seq in self._moved:
             if seq.status is SequenceStatus.RUNNING and not seq.in_float_pool:
                 self.blocks.cache_full_blocks(seq)
@@ -363,14 +425,57 @@ class Scheduler:
                 return
             copied = (parent.block_table[tail], child.block_table[tail])
             self.copy_within(child.pool, [copied[0]], [copied[1]])
+            self._kv_ops.copies.append((child.pool, *copied))
             child.num_computed_tokens = computed
         self.layers.fork(parent, child, copied)
 
-    # ------------------------------------------------------------------ postprocess
+    # ------------------------------------------------------------------ after the pass
+    def update_from_output(self, out: SchedulerOutput, result: RunnerOutput) -> list[tuple[Sequence, TokenEvent]]:
+        """Apply a step the runner has run: advance every row's sequence, emit its tokens,
+        keep what a verified draft accepted, and start the n > 1 completions that forked."""
+        seqs = [self._scheduled[(r.request_id, r.index)] for r in out.rows]
+        plain = [k for k, row in enumerate(out.rows) if not row.draft]
+        siblings = []
+        for k in plain:
+            if out.rows[k].fan_out > 1 and result.sampled[k]:
+                siblings += self._fork(seqs[k], out.rows[k], result.sampled[k], result.logprobs[k])
+        events = self.postprocess(
+            [seqs[k] for k in plain], [out.rows[k].num_tokens for k in plain],
+            {i: result.sampled[k][0] for i, k in enumerate(plain) if result.sampled[k]},
+            {i: result.logprobs[k][0] for i, k in enumerate(plain) if result.sampled[k] and result.logprobs[k]})
+        for k, row in enumerate(out.rows):
+            if row.draft:
+                events += self.apply_verified(seqs[k], result.sampled[k], result.logprobs[k])
+        for sibling, token, logprobs in siblings:
+            events += self.postprocess([sibling], [0], {0: token}, {0: logprobs} if logprobs is not None else None)
+        for plan, part in result.local:
+            self.layers.after_step(plan, [seqs[k] for k in part])
+        self._scheduled = {}
+        return events
+
+    def _fork(self, seq: Sequence, row: ScheduledRow, tokens: list[int], logprobs) -> list:
+        """The other completions of `seq`'s request take references on its prompt's blocks
+        (a model with state layers: copies of its state and partial block, `fork_exact`).
+        Returns (sibling, its first token, its logprobs) for each."""
+        computed = seq.num_computed_tokens + row.num_tokens  # the whole prompt, once applied
+        out = []
+        for sibling, token, entry in zip(seq.group[1:], tokens[1:], (logprobs or [None] * len(tokens))[1:]):
+            sibling.pool = seq.pool  # shares the pool its blocks are in
+            self.pool_of(seq).fork(seq, sibling, computed)
+            if self.layers.exact_fork:
+                self.fork_exact(seq, sibling, computed)
+            sibling.status = SequenceStatus.RUNNING
+            sibling.reported_cache_hit = True  # the prompt's cache hit is reported once, by index 0
+            self.running.append(sibling)
+            out.append((sibling, token, entry))
+        return out
+
     def postprocess(
-        self, seqs: list[Sequence], num_new_tokens: list[int], sampled: dict[int, int]
+        self, seqs: list[Sequence], num_new_tokens: list[int], sampled: dict[int, int],
+        logprobs: dict[int, tuple] | None = None,
     ) -> list[tuple[Sequence, TokenEvent]]:
-        """Advance each scheduled sequence; `sampled[i]` is the token for `seqs[i]` if any."""
+        """Advance each scheduled sequence; `sampled[i]` is the token for `seqs[i]` if any
+        (and `logprobs[i]` its log-probabilities, where the request asks)."""
         events = []
         for i, (seq, n) in enumerate(zip(seqs, num_new_tokens)):
             seq.num_computed_tokens += n
@@ -378,8 +483,7 @@ class Scheduler:
             token = sampled.get(i)
             if token is None:
                 continue
-            logprobs, seq.step_logprobs = seq.step_logprobs, None
-            events.append((seq, self._emit(seq, token, logprobs)))
+            events.append((seq, self._emit(seq, token, (logprobs or {}).get(i))))
         return events
 
     def apply_verified(self, seq: Sequence, tokens: list[int], logprobs: list | None) -> list[tuple[Sequence, TokenEvent]]:
@@ -431,3 +535,16 @@ class Scheduler:
             self.speculator.release(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+
+
+def logit_rows(seq: Sequence, fed: int) -> int:
+    """Logits rows a sequence needs from a pass that feeds it `fed` tokens: a draft's rows to
+    verify, one to sample (a decode, or the prefill chunk reaching the prompt's end), or none."""
+    if seq.draft:
+        return 1 + len(seq.draft)
+    return 1 if seq.num_computed_tokens + fed == seq.num_tokens else 0
+
+
+@contextmanager
+def _no_phase():
+    yield
