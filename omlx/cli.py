@@ -148,6 +148,14 @@ def _add_limit_flags(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--image-fetch-timeout", type=float, metavar="SECONDS",
                        help="an http(s) image must arrive within this long (10)")
     serve.add_argument("--image-max-count", type=int, metavar="N", help="images per request (16)")
+    serve.add_argument("--allowed-media-domains", type=lambda t: [d for d in t.split(",") if d.strip()],
+                       metavar="HOST[,HOST...]",
+                       help="image / audio URLs are fetched only from these hosts (default: any public host)")
+    serve.add_argument("--allow-local-media-urls", action="store_true", default=None,
+                       help="let image / audio URLs reach loopback, private and other non-public addresses "
+                            "(refused by default)")
+    serve.add_argument("--allowed-local-media-path", metavar="DIR",
+                       help="file:// image / audio URLs are read from under this directory (refused by default)")
     serve.add_argument("--audio-max-bytes", type=_size, metavar="SIZE",
                        help="an audio clip in a request (or an upload to /v1/audio/*) may be this large, "
                             "encoded (25MB)")
@@ -370,6 +378,11 @@ def serve(args, options: dict) -> None:
                             if options.get(k) is not None},
         limits=serving_limits(options),
     )
+    from omlx import media_policy
+
+    media_policy.configure(media_policy.MediaPolicy.from_options(
+        options.get("allowed_media_domains"), options.get("allow_local_media_urls", False),
+        options.get("allowed_local_media_path")))
     run(config)
 
 

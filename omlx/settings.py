@@ -456,6 +456,12 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     Option("image_max_pixels", ("OMLX_IMAGE_MAX_PIXELS",), int, 40_000_000),
     Option("image_fetch_timeout", ("OMLX_IMAGE_FETCH_TIMEOUT",), float, 10.0),
     Option("image_max_count", ("OMLX_IMAGE_MAX_COUNT",), int, 16),
+    # Which image / audio URLs the server fetches (omlx.media_policy).
+    Option("allowed_media_domains", ("OMLX_ALLOWED_MEDIA_DOMAINS",),
+           lambda t: [d.strip() for d in t.split(",") if d.strip()]),
+    Option("allow_local_media_urls", ("OMLX_ALLOW_LOCAL_MEDIA_URLS",),
+           lambda t: t.strip().lower() in ("1", "true", "yes", "on"), False),
+    Option("allowed_local_media_path", ("OMLX_ALLOWED_LOCAL_MEDIA_PATH",), str),
     # Audio clips in requests (omlx.audio.clips.AudioLimits).
     Option("audio_max_bytes", ("OMLX_AUDIO_MAX_BYTES",), parse_bytes, 25 << 20),
     Option("audio_max_seconds", ("OMLX_AUDIO_MAX_SECONDS",), float, 600.0),

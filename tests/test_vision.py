@@ -92,8 +92,11 @@ def vserver(vision_models, tmp_path_factory):
     env = {"OMLX_IMAGE_MAX_BYTES": str(MAX_BYTES), "OMLX_IMAGE_FETCH_TIMEOUT": str(FETCH_TIMEOUT_S)}
     # A small step budget: image prompts are prefilled in several chunks, some ending inside
     # an image's tokens.
+    # The image host is a local server: this server may fetch from local addresses (refused
+    # by default: tests/test_media_urls.py).
     with omlx_server(vision_models, tmp_path_factory.mktemp("vision-server"), "--kv-cache-gb", "0.05",
-                     "--max-num-batched-tokens", "24", "--image-max-pixels", str(MAX_PIXELS), env=env,
+                     "--max-num-batched-tokens", "24", "--image-max-pixels", str(MAX_PIXELS),
+                     "--allow-local-media-urls", env=env,
                      block_size=16, failure=pytest.fail) as running:
         yield running
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from .errors import invalid
+from .errors import APIError, invalid
+from .prompt_bound import PromptTooLong, check_chars, encode_within
 
 # Keys the server sets itself; a client's chat_template_kwargs may not override them.
 _RESERVED_TEMPLATE_KWARGS = {"tools", "add_generation_prompt", "tokenize", "conversation", "messages"}
@@ -127,3 +128,33 @@ def render_prompt(tokenizer, conversation: Conversation, param: str = "messages"
     if isinstance(ids, dict):  # some tokenizers return a BatchEncoding
         ids = ids["input_ids"]
     return list(ids)
+
+
+def prompt_ids_within(tokenizer, prompt: "Conversation | str", window: int, param: str = "messages") -> list[int]:
+    """Prompt token ids of a conversation (through its chat template) or of a raw completion
+    prompt, refused with context_length_exceeded as soon as it is certain they cannot leave
+    room in `window` (without tokenizing all of a prompt that is far too long).  CPU work:
+    run it in omlx.api.offload."""
+    if isinstance(prompt, str):
+        text, add_special = prompt, True
+    else:
+        text, add_special = render_prompt(tokenizer, prompt, param, tokenize=False), False
+    try:
+        return encode_within(tokenizer, text, window, add_special_tokens=add_special)
+    except PromptTooLong as exc:
+        raise context_too_long(exc, window, param) from None
+
+
+def check_prompt_chars(tokenizer, text: str, window: int, param: str = "messages") -> None:
+    """context_length_exceeded when a rendered prompt's length alone proves it cannot fit."""
+    try:
+        check_chars(tokenizer, text, window)
+    except PromptTooLong as exc:
+        raise context_too_long(exc, window, param) from None
+
+
+def context_too_long(exc: PromptTooLong, window: int, param: str) -> APIError:
+    count = f"{exc.at_least} tokens" if exc.exact else f"at least {exc.at_least} tokens"
+    return invalid(
+        f"This model's maximum context length is {window} tokens, but the prompt has {count}. "
+        "Shorten the prompt.", param, "context_length_exceeded")

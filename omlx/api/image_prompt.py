@@ -4,7 +4,6 @@ the images fetched and decoded under limits, and the model's processor run over 
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 
 from omlx.models.loaded import LoadedModel
@@ -13,8 +12,9 @@ from omlx.vision.images import ImageError, ImageLimits, load_images
 from omlx.vision.ocr import with_default_prompt
 from omlx.vision.prompt import ImagePromptError, prepare
 
-from .conversation import render_prompt
+from .conversation import check_prompt_chars, render_prompt
 from .errors import APIError, invalid
+from .offload import offload
 from .turn_request import TurnRequest
 
 
@@ -43,7 +43,9 @@ def ocr_conversation(loaded: LoadedModel, request: TurnRequest):
 
 
 async def image_prompt(loaded: LoadedModel, request: TurnRequest, limits: ImageLimits,
-                       audio_limits=None) -> tuple[list[int], MultimodalInput | None]:
+                       size: int | None = 0, audio_limits=None) -> tuple[list[int], MultimodalInput | None]:
+    """`size`: the request body's bytes, which the template and the processor's work scale
+    with (they run in the offload pool's lane for that size)."""
     side = loaded.vision
     conversation = ocr_conversation(loaded, request)
     from .audio_prompt import audio_prompt, request_clips
@@ -54,13 +56,20 @@ async def image_prompt(loaded: LoadedModel, request: TurnRequest, limits: ImageL
     if side.max_images is not None and len(sources) > side.max_images:
         raise invalid(f"'{loaded.model_id}' ({side.family}) takes at most {side.max_images} image(s) per "
                       f"request; this one has {len(sources)}", sources[side.max_images].param, "too_many_images")
-    text = render_prompt(loaded.tokenizer, conversation, request.prompt_param, tokenize=False)
+    # A prompt whose text alone cannot fit is refused before any image is fetched.
+    text = await offload(_rendered_text, loaded, conversation, request.prompt_param, size=size)
     try:
         images = await load_images(sources, limits)
     except ImageError as exc:
         raise image_error(exc) from None
     try:
-        return await asyncio.to_thread(prepare, side.processor, side.image_token_id, text, images,
-                                       request.resize_shape)
+        return await offload(prepare, side.processor, side.image_token_id, text, images,
+                             request.resize_shape, size=size)
     except ImagePromptError as exc:
         raise invalid(str(exc), sources[0].param, "invalid_image") from None
+
+
+def _rendered_text(loaded: LoadedModel, conversation, param: str) -> str:
+    text = render_prompt(loaded.tokenizer, conversation, param, tokenize=False)
+    check_prompt_chars(loaded.tokenizer, text, loaded.context_window, param)
+    return text

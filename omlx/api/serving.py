@@ -10,7 +10,6 @@ formats what comes out (JSON or its SSE events).
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -22,12 +21,14 @@ from omlx.vision.ocr import with_ocr_defaults
 
 from .admission import admit, check_memory
 from .assistant_turn import AssistantTurn
-from .conversation import render_prompt
+from .conversation import prompt_ids_within
 from .errors import invalid
 from .generation import GenerationStream, build_request
 from .sse import GENERATION_KEY
 from .image_prompt import check_takes_images, image_prompt
 from .model_access import lease_for_request
+from .offload import offload
+from .prompt_bound import longest_token_chars
 from .turn_options import decoding_constraint, output_room, tool_parser_of
 from .turn_request import ModelDefaults, Resolved, TurnRequest, apply_defaults
 
@@ -63,11 +64,14 @@ class Serving:
         loaded = await lease_for_request(http, self.pool, request.model, adapter_path=request.adapter_path)
         resolved = apply_defaults(request, self.defaults(loaded))
         check_takes_images(loaded, request)
+        # Rendering and tokenizing scale with the body: off the event loop, in the lane its
+        # size picks (None, a chunked body: the large lane).
+        size = http.content_length
         if loaded.takes_images and request.conversation is not None:
             limits = limits_of(http.app)
-            prompt_ids, multimodal = await image_prompt(loaded, request, limits.images, audio_limits=limits.audio)
+            prompt_ids, multimodal = await image_prompt(loaded, request, limits.images, size, audio_limits=limits.audio)
             return loaded, resolved, prompt_ids, multimodal
-        return loaded, resolved, self._prompt_ids(loaded, request), None
+        return loaded, resolved, await offload(self._prompt_ids, loaded, request, size=size), None
 
     async def start(self, http: web.Request, request: TurnRequest) -> RunningTurn:
         check_memory(http)
@@ -77,17 +81,21 @@ class Serving:
         if request.conversation is not None:
             # Grammar compilation (and, once per model, the grammar engine's tokenizer) runs
             # off the event loop.
-            constraint = await asyncio.to_thread(
+            constraint = await offload(
                 decoding_constraint, loaded, request.conversation, request.response_format,
                 resolved.thinking_budget, prompt_ids, tool_parser, request.format_param,
+                size=http.content_length,
             )
+        predicted_ids = ()
+        if request.prediction:
+            predicted_ids = await offload(self._predicted_ids, loaded, request.prediction,
+                                          size=len(request.prediction))
         engine_request = build_request(
             loaded, prompt_ids, self._max_tokens(loaded, resolved, len(prompt_ids)), resolved.sampling,
             request.id_prefix, request.max_tokens_param, request.prompt_param,
             logprobs=request.logprobs, n=request.n, constraint=constraint, multimodal=multimodal,
             speculative=request.speculative is not False,
-            predicted_token_ids=loaded.tokenizer.encode(request.prediction, add_special_tokens=False)
-            if request.prediction else (),
+            predicted_token_ids=predicted_ids,
         )
         admit(http, self.pool, loaded, engine_request.request_id)
         stream = GenerationStream(loaded, engine_request, resolved.stop, self.pool.metrics)
@@ -99,14 +107,26 @@ class Serving:
 
     @staticmethod
     def _prompt_ids(loaded: LoadedModel, request: TurnRequest) -> list[int]:
+        """CPU work (run it in the offload pool); a prompt that cannot fit the context is
+        refused before it is tokenized in full (omlx.api.prompt_bound)."""
+        window = loaded.context_window
         if request.conversation is not None:
-            return render_prompt(loaded.tokenizer, request.conversation, request.prompt_param)
+            return prompt_ids_within(loaded.tokenizer, request.conversation, window, request.prompt_param)
         if isinstance(request.prompt, str):
-            return loaded.tokenizer.encode(request.prompt)
+            return prompt_ids_within(loaded.tokenizer, request.prompt, window, request.prompt_param)
+        if len(request.prompt) >= window:
+            return list(request.prompt)  # build_request refuses it, with its length
         vocab = len(loaded.tokenizer)
         if max(request.prompt) >= vocab:
             raise invalid(f"'prompt' has token ids outside the vocabulary (size {vocab})", "prompt", "invalid_value")
         return list(request.prompt)
+
+    @staticmethod
+    def _predicted_ids(loaded: LoadedModel, prediction: str) -> list[int]:
+        """A prediction's tokens (CPU work: run it in the offload pool).  Drafts never go
+        past the context, so text beyond what the window could hold is not tokenized."""
+        usable = loaded.context_window * longest_token_chars(loaded.tokenizer)
+        return loaded.tokenizer.encode(prediction[:usable], add_special_tokens=False)
 
     @staticmethod
     def _max_tokens(loaded: LoadedModel, resolved: Resolved, prompt_tokens: int) -> int | None:

@@ -1,5 +1,7 @@
 """Images from requests: `data:` URLs, bare base64 and http(s) URLs, fetched and decoded
-under limits, each with a hash of its decoded pixels.
+under limits, each with a hash of its decoded pixels.  URLs are fetched inside the server's
+media policy (omlx.media_fetch: public addresses only unless the operator opens more, every
+redirect checked); `file://` URLs only from a directory the operator allows.
 
 Every failure is an `ImageError` naming the request field it came from, which the API layer
 returns as a 4xx in the route family's shape; nothing here can take the server down.
@@ -66,8 +68,10 @@ async def load_images(sources: list[ImageSource], limits: ImageLimits = ImageLim
 
 async def load_image(source: ImageSource, limits: ImageLimits = ImageLimits(),
                      session: aiohttp.ClientSession | None = None) -> DecodedImage:
+    from omlx.api.offload import offload
+
     data = await _image_bytes(source, limits, session)
-    return await asyncio.to_thread(decode, data, source.param, limits)
+    return await offload(decode, data, source.param, limits, size=len(data))
 
 
 async def _image_bytes(source: ImageSource, limits: ImageLimits, session) -> bytes:
@@ -88,7 +92,7 @@ async def _image_bytes(source: ImageSource, limits: ImageLimits, session) -> byt
             raise ImageError(f"unsupported image media type {media!r}; use one of {sorted(MEDIA_TYPES)}",
                              source.param, "unsupported_image_format")
         return _b64(payload, source.param, limits)
-    if url.startswith(("http://", "https://")):
+    if url.startswith(("http://", "https://", "file:")):
         return await _fetch(url, source.param, limits, session)
     raise ImageError("an image URL must be a data: URL or an http(s) URL", source.param)
 
@@ -102,34 +106,17 @@ def _b64(payload: str, param: str, limits: ImageLimits) -> bytes:
         raise ImageError("the image is not valid base64", param) from None
 
 
-async def _fetch(url: str, param: str, limits: ImageLimits, session) -> bytes:
-    timeout = aiohttp.ClientTimeout(total=limits.fetch_timeout_s)
-    own = session is None
-    if own:
-        session = aiohttp.ClientSession(timeout=timeout)
+async def _fetch(url: str, param: str, limits: ImageLimits, session=None, policy=None) -> bytes:
+    """The image at an http(s) (or allowed file://) URL, inside the media policy (`policy`,
+    default the server's).  `session` is accepted for older callers and not used: each hop
+    of a fetch gets a connection pinned to the addresses its policy check passed."""
+    from omlx.media_fetch import MediaFetchError, fetch_url
+
     try:
-        async with session.get(url, timeout=timeout, allow_redirects=True, max_redirects=5) as response:
-            if response.status != 200:
-                raise ImageError(f"fetching the image from {url} failed: HTTP {response.status}", param,
-                                 "image_fetch_failed")
-            if response.content_length is not None and response.content_length > limits.max_bytes:
-                raise ImageError(f"the image at {url} is larger than the {limits.max_bytes} byte limit",
-                                 param, "image_too_large", 413)
-            data = bytearray()
-            async for chunk in response.content.iter_chunked(1 << 16):
-                data += chunk
-                if len(data) > limits.max_bytes:
-                    raise ImageError(f"the image at {url} is larger than the {limits.max_bytes} byte limit",
-                                     param, "image_too_large", 413)
-            return bytes(data)
-    except asyncio.TimeoutError:
-        raise ImageError(f"fetching the image from {url} timed out after {limits.fetch_timeout_s:g} s",
-                         param, "image_fetch_timeout") from None
-    except aiohttp.ClientError as exc:
-        raise ImageError(f"fetching the image from {url} failed: {exc}", param, "image_fetch_failed") from None
-    finally:
-        if own:
-            await session.close()
+        return await fetch_url(url, max_bytes=limits.max_bytes, timeout_s=limits.fetch_timeout_s,
+                               what="image", policy=policy)
+    except MediaFetchError as exc:
+        raise ImageError(exc.message, param, exc.code, exc.status) from None
 
 
 def decode(data: bytes, param: str, limits: ImageLimits = ImageLimits()) -> DecodedImage:

@@ -1,0 +1,100 @@
+"""The CPU work a request brings with it, run off the event loop in a bounded pool.
+
+Rendering a chat template, tokenizing a prompt, decoding an image, running a vision
+processor and compiling a grammar all take time in proportion to what the client sent.  On
+the event loop, one 20 MiB body would hold every other client for seconds; here it holds one
+worker thread.  Two lanes keep small requests from queueing behind big ones: a request whose
+body is small runs in a lane of its own, so a burst of hostile bodies can fill the large
+lane, never the small one.  The large lane has a bound on the work it accepts: past it, a
+new large job is answered 503 (529 on Anthropic's routes) with Retry-After at once instead
+of piling up.
+
+Threads are enough (bench/hostile_body_bench.py measures it): HF fast tokenizers release the
+GIL while they encode, and the work that holds it (Jinja over a huge body, Pillow's decode
+setup) runs in slices the interpreter hands back to the event loop every few milliseconds;
+the prompt-length bound (omlx.api.prompt_bound) makes sure a body that cannot fit is never
+tokenized in full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+from .errors import overloaded
+
+# A job whose input (request body, text, image bytes) is below this runs in the small lane.
+SMALL_JOB_BYTES = 256 << 10
+
+
+class OffloadPool:
+    """Two thread pools (small and large jobs) and the bound on queued large jobs."""
+
+    def __init__(self, large_workers: int | None = None, small_workers: int = 2,
+                 max_large_jobs: int | None = None, retry_after_s: float = 2.0):
+        cores = os.cpu_count() or 2
+        # More threads than cores only adds GIL contention for the Python parts of the work.
+        self.large_workers = large_workers or max(2, min(8, cores))
+        self.small_workers = small_workers
+        # Running plus waiting: a few rounds of the pool's width, so a burst of big (but
+        # legitimate) prompts queues briefly, and a flood of them is told to come back.
+        self.max_large_jobs = max_large_jobs or 4 * self.large_workers
+        self.retry_after_s = retry_after_s
+        self._large = ThreadPoolExecutor(self.large_workers, thread_name_prefix="omlx-prep")
+        self._small = ThreadPoolExecutor(small_workers, thread_name_prefix="omlx-prep-small")
+        self._lock = threading.Lock()
+        self._large_jobs = 0  # accepted and not yet finished (a cancelled wait does not end the job)
+
+    @property
+    def large_jobs(self) -> int:
+        return self._large_jobs
+
+    async def run(self, fn: Callable[..., Any], *args, size: int | None = 0, **kwargs) -> Any:
+        """`fn(*args, **kwargs)` in a worker; `size` is the bytes of input it scales with
+        (None: unknown, treated as large)."""
+        loop = asyncio.get_running_loop()
+        call = functools.partial(fn, *args, **kwargs)
+        if size is not None and size < SMALL_JOB_BYTES:
+            return await loop.run_in_executor(self._small, call)
+        with self._lock:
+            if self._large_jobs >= self.max_large_jobs:
+                raise overloaded(f"the server is already preparing {self._large_jobs} large requests; "
+                                 "retry shortly", self.retry_after_s)
+            self._large_jobs += 1
+        try:
+            future = self._large.submit(call)
+        except BaseException:
+            self._job_done(None)
+            raise
+        future.add_done_callback(self._job_done)  # counts the job until it ends, even if its waiter left
+        return await asyncio.wrap_future(future)
+
+    def _job_done(self, _future) -> None:
+        with self._lock:
+            self._large_jobs -= 1
+
+    def shutdown(self) -> None:
+        self._large.shutdown(wait=False, cancel_futures=True)
+        self._small.shutdown(wait=False, cancel_futures=True)
+
+
+_pool: OffloadPool | None = None
+_pool_lock = threading.Lock()
+
+
+def offload_pool() -> OffloadPool:
+    """The process's pool (one per server: it is sized from the machine, not per app)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = OffloadPool()
+        return _pool
+
+
+async def offload(fn: Callable[..., Any], *args, size: int | None = 0, **kwargs) -> Any:
+    """Run `fn` in the process's pool (see OffloadPool.run)."""
+    return await offload_pool().run(fn, *args, size=size, **kwargs)
