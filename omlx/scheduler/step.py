@@ -76,7 +76,9 @@ class SchedulerOutput:
 
     def to_plain(self) -> dict:
         plain = asdict(self)
-        plain["kv_ops"]["disk_loads"] = [[p, b, h.hex()] for p, b, h in self.kv_ops.disk_loads]
+        ops = self.kv_ops
+        plain["kv_ops"] = {"copies": [list(c) for c in ops.copies], "migrations": [list(m) for m in ops.migrations],
+                           "disk_loads": [[p, b, h.hex()] for p, b, h in ops.disk_loads]}
         return plain
 
     @classmethod

@@ -1,0 +1,206 @@
+"""The step contract: `schedule()` -> SchedulerOutput -> `runner.execute()` -> RunnerOutput ->
+`update_from_output()`.
+
+Both outputs are plain data that survive pickle and a JSON / msgpack-style encoding; a step
+driven by hand gives the engine's tokens (and mlx-lm's); and a SchedulerOutput sent through
+that encoding to a second runner with its own KV pool (another rank, as part 2 of issue #25
+runs them) produces the same RunnerOutput.
+"""
+
+import pickle
+import random
+
+import mlx.core as mx
+import orjson
+import pytest
+from mlx_lm import load
+
+from omlx.scheduler import EngineConfig, GenerationRequest, LLMEngine, SamplingParams
+from omlx.scheduler.kv_cache import PagedKVStorage
+from omlx.scheduler.runner import ModelRunner
+from omlx.scheduler.sampler import Sampler
+from omlx.scheduler.step import KVOps, RunnerOutput, ScheduledRow, SchedulerOutput
+from omlx.testing.reference import greedy_reference
+from omlx.testing.tiny_models import TinyModelSpec, build_model
+
+pytestmark = pytest.mark.usefixtures("attention_kernel")
+
+MAX_NEW = 12
+PREFIX = [random.Random(11).randrange(5, 500) for _ in range(40)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = build_model(tmp_path_factory.mktemp("qwen3") / "m", TinyModelSpec(model_type="qwen3", seed=5))
+    model, tokenizer = load(str(path))
+    return model, frozenset(tokenizer.eos_token_ids)
+
+
+def _requests(eos) -> list[GenerationRequest]:
+    """Shared prefixes (prefix cache hits), a prompt that repeats itself (prompt-lookup drafts
+    that verify), one asking for logprobs, one n = 2 (a fork), lengths that chunk."""
+    rnd = random.Random(3)
+    repeat = [rnd.randrange(5, 500) for _ in range(9)]
+    return [
+        GenerationRequest("a", PREFIX + [7, 8, 9], MAX_NEW, stop_token_ids=eos),
+        GenerationRequest("b", PREFIX + [rnd.randrange(5, 500) for _ in range(13)], MAX_NEW, stop_token_ids=eos,
+                          logprobs=2),
+        GenerationRequest("c", repeat * 4, MAX_NEW, stop_token_ids=eos),
+        GenerationRequest("d", PREFIX[:20] + [3, 1, 4], 5, stop_token_ids=eos,
+                          sampling=SamplingParams(temperature=0.8, seed=42), n=2),
+    ]
+
+
+def _engine(model, **overrides) -> LLMEngine:
+    config = dict(block_size=8, num_blocks=64, max_num_batched_tokens=24, num_draft_tokens=4, speculative=True)
+    return LLMEngine(model, EngineConfig(**{**config, **overrides}), context_window=4096)
+
+
+def _is_plain(value) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, list):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+def _wire(out: SchedulerOutput) -> SchedulerOutput:
+    """What another rank receives: the step through a JSON encoding (msgpack takes the same)."""
+    return SchedulerOutput.from_plain(orjson.loads(orjson.dumps(out.to_plain())))
+
+
+def _by_hand(engine: LLMEngine, requests, on_step=None) -> dict[tuple[str, int], list[int]]:
+    """Drive the engine's three calls directly; returns each completion's tokens."""
+    for request in requests:
+        engine.add_request(request)
+    tokens: dict[tuple[str, int], list[int]] = {}
+    for _ in range(500):
+        if not engine.has_work:
+            break
+        out = engine.scheduler.schedule()
+        if out.empty:
+            continue
+        result = engine.runner.execute(out)
+        if on_step is not None:
+            on_step(out, result)
+        for seq, event in engine.scheduler.update_from_output(out, result):
+            if event.token_id is not None:
+                tokens.setdefault((seq.request_id, event.index), []).append(event.token_id)
+            if event.finish_reason is not None:
+                tokens.setdefault((seq.request_id, event.index), [])
+    assert not engine.has_work
+    return tokens
+
+
+def _through_engine(engine: LLMEngine, requests) -> dict[tuple[str, int], list[int]]:
+    for request in requests:
+        engine.add_request(request)
+    tokens: dict[tuple[str, int], list[int]] = {}
+    for _ in range(500):
+        if not engine.has_work:
+            break
+        for request_id, event in engine.step():
+            if event.token_id is not None:
+                tokens.setdefault((request_id, event.index), []).append(event.token_id)
+            elif event.finish_reason is not None:
+                tokens.setdefault((request_id, event.index), [])
+    assert not engine.has_work
+    return tokens
+
+
+def test_contract_types_are_plain_data_and_round_trip(tiny):
+    model, eos = tiny
+    engine = _engine(model)
+    outputs = []
+    _by_hand(engine, _requests(eos), lambda out, result: outputs.append((out, result)))
+    assert any(r.draft for out, _ in outputs for r in out.rows), "no step carried a draft"
+    assert any(r.fan_out == 2 for out, _ in outputs for r in out.rows), "no step forked"
+    assert any(lp for _, result in outputs for lp in result.logprobs), "no logprobs came back"
+    assert any(out.kv_ops.copies or out.kv_ops.migrations or out.kv_ops.disk_loads for out, _ in outputs) is False
+    # KV operations of every kind travel too (bytes as hex in the plain form).
+    outputs.append((SchedulerOutput(step=99, rows=[ScheduledRow("x", 1, 1, 16, [5, 6], [3, 4, 9], 1, [6], False, 1)],
+                                    kv_ops=KVOps(copies=[(0, 4, 7)], migrations=[(2, 5)],
+                                                 disk_loads=[(0, 8, bytes(range(16)))])),
+                    RunnerOutput(sampled=[[1, 2]], logprobs=[[(-0.5, [(1, -0.5), (3, -1.25)])] * 2], accepted=[1])))
+    for out, result in outputs:
+        for value in (out, result):
+            assert pickle.loads(pickle.dumps(value)) == value
+            plain = value.to_plain()
+            assert _is_plain(plain), plain
+            assert type(value).from_plain(orjson.loads(orjson.dumps(plain))) == value
+
+
+def test_a_step_driven_by_hand_gives_the_engines_tokens(tiny):
+    model, eos = tiny
+    by_hand = _by_hand(_engine(model), _requests(eos))
+    engine = _engine(model)
+    assert _through_engine(engine, _requests(eos)) == by_hand
+    for request in _requests(eos):
+        if request.sampling.greedy:
+            assert by_hand[(request.request_id, 0)] == greedy_reference(model, request.prompt_token_ids,
+                                                                       request.max_tokens, eos)
+    assert len([key for key in by_hand if key[0] == "d"]) == 2  # both completions of n = 2
+    # The engine's stats: one snapshot, published by the step.
+    stats = engine.stats
+    assert stats.steps > 0 and stats.running == stats.waiting == 0
+    assert stats.generated_tokens == sum(len(t) for t in by_hand.values())
+    assert stats.prefill_tokens >= sum(len(r.prompt_token_ids) for r in _requests(eos)) - len(PREFIX)
+    assert stats.speculative_decoding["accepted_tokens"] > 0
+
+
+def test_a_step_replayed_on_another_runner_gives_the_same_output(tiny):
+    """A second runner with its own pool (and no scheduler) runs every step from the plain
+    data alone and produces the same RunnerOutput, step after step: its pool then holds the
+    same KV, prefix-cache hits, drafts and preemptions included."""
+    model, eos = tiny
+    # A pool small enough that sequences are preempted and recomputed.
+    engine = _engine(model, num_blocks=13, max_num_batched_tokens=16)
+    layout = engine.storage.layout
+    replica = ModelRunner(model, PagedKVStorage(layout, engine.storage.num_blocks, engine.storage.block_size),
+                          engine.kinds)
+    replica.replica = True
+    replica.sampler = Sampler()
+    replica.resolve = engine.scheduler.scheduled  # sampling state lives with the scheduler's rank
+    assert replica.ragged == engine.runner.ragged
+    compared = []
+
+    def replay(out, result):
+        sent = _wire(out)
+        assert sent == out
+        again = replica.execute(sent)
+        assert again.sampled == result.sampled
+        assert again.accepted == result.accepted
+        for mine, theirs in zip(result.logprobs, again.logprobs):
+            assert (mine is None) == (theirs is None)
+            for (lp, top), (lp2, top2) in zip(mine or [], theirs or []):
+                assert lp2 == pytest.approx(lp, abs=1e-5) and [t for t, _ in top] == [t for t, _ in top2]
+        compared.append(out)
+
+    greedy = [r for r in _requests(eos) if r.sampling.greedy]  # seeded rows would draw twice
+    _by_hand(engine, greedy, replay)
+    assert engine.scheduler.num_preemptions > 0
+    assert any(r.draft for out in compared for r in out.rows)
+    assert engine.pool_growths == 0  # the replica's pool has the engine's size throughout
+    # And the replica's pool holds the same KV as the engine's, block for block.
+    for mine, theirs in zip(engine.storage.arrays(), replica.storage.arrays()):
+        assert mx.allclose(mine, theirs).item()
+
+
+def test_a_runner_without_the_scheduler_runs_the_pass_only(tiny):
+    """No `resolve`: the rows still run (the KV lands in the pool) but nothing is sampled -
+    a rank that is not the scheduler's leaves sampling to it."""
+    model, eos = tiny
+    engine = _engine(model, speculative=False)
+    replica = ModelRunner(model, PagedKVStorage(engine.storage.layout, engine.storage.num_blocks,
+                                                engine.storage.block_size), engine.kinds)
+    replica.replica = True
+    engine.add_request(GenerationRequest("a", PREFIX, 3, stop_token_ids=eos))
+    out = engine.scheduler.schedule()
+    result = replica.execute(_wire(out))
+    assert result.sampled == [[]] * len(out.rows) and len(result.local) == 1
+    # The KV it wrote is what the scheduler's own runner writes for the same step.
+    engine.scheduler.update_from_output(out, engine.runner.execute(out))
+    for mine, theirs in zip(engine.storage.arrays(), replica.storage.arrays()):
+        assert mx.abs(theirs).sum().item() > 0 and mx.allclose(mine, theirs).item()
