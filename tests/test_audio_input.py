@@ -10,8 +10,15 @@ on the same clip and prompt, whatever else is in flight and whether the prefix w
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -24,9 +31,6 @@ from omlx.scheduler.engine import EngineConfig, LLMEngine
 from omlx.scheduler.request import GenerationRequest
 from omlx.testing.tiny_audio import TinyAudioSpec, build_audio_model
 from omlx.vision.encoder import LanguageAdapter, PassInputs
-
-# The engine invariants hold with the fused attention kernel and with the portable path.
-pytestmark = pytest.mark.usefixtures("attention_kernel")
 
 MAX_TOKENS = 8
 
@@ -227,6 +231,7 @@ def test_clips_change_the_answer(omni):
     assert len({tuple(a) for a in answers.values()}) == len(CLIPS), answers
 
 
+@pytest.mark.usefixtures("attention_kernel")  # the fused kernel and the portable path
 @pytest.mark.parametrize("fmt", ["wav", "flac", "mp3"])
 def test_one_clip_matches_mlx_vlm(omni, fmt):
     ids, multimodal, reference = omni.prompt("sweep", 1, fmt)
@@ -243,6 +248,7 @@ request_plans = st.lists(
 )
 
 
+@pytest.mark.usefixtures("attention_kernel")  # the fused kernel and the portable path
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(plan=request_plans, budget=st.integers(5, 96), num_blocks=st.integers(40, 120), repeat=st.booleans(),
        vision_prompts=st.integers(1, 3))
@@ -261,6 +267,7 @@ def test_mixed_requests_match_mlx_vlm_alone(omni, plan, budget, num_blocks, repe
         assert engine.blocks.leaked_blocks() == []
 
 
+@pytest.mark.usefixtures("attention_kernel")  # the fused kernel and the portable path
 def test_repeated_clip_hits_the_prefix_cache_and_another_never_does(omni):
     engine = _engine(omni, budget=512)
     ids, multimodal, reference = omni.prompt("sweep", 3)
@@ -283,3 +290,316 @@ def test_repeated_clip_hits_the_prefix_cache_and_another_never_does(omni):
     assert engine.kv_stats()["prefix_cache_hit_tokens"] - before <= other.spans[0].start
     assert engine.runner.vision.vision_calls == calls + 1
     assert engine.blocks.leaked_blocks() == []
+
+
+# ---------------------------------------------------------------------------- the server
+# A tiny Gemma 4 with an audio tower (it has a vision tower too), the same family without an
+# audio tower, and a text LLM, served by a real `omlx serve`; requests through the openai SDK.
+OMNI, NO_AUDIO, TEXT = "tiny-gemma4-audio", "tiny-gemma4-vision", "tiny-text"
+FETCH_TIMEOUT_S = 1.5
+MAX_SECONDS = 3.0
+PROMPT = "what do you hear in this clip"
+
+
+class _ClipHandler(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        if self.path.startswith("/clip/"):
+            body = clip_bytes(self.path.rsplit("/", 1)[1], "mp3")
+            self.send_response(200)
+            self.send_header("Content-Type", "audio/mpeg")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        elif self.path == "/slow":
+            time.sleep(FETCH_TIMEOUT_S * 3)
+            self.send_response(200)
+            self.end_headers()
+        else:
+            self.send_response(404)
+            self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def clip_host():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _ClipHandler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def audio_models(tmp_path_factory):
+    from omlx.testing.tiny_models import TinyModelSpec, build_model
+
+    root = tmp_path_factory.mktemp("audio-models")
+    build_audio_model(root / OMNI)
+    build_audio_model(root / NO_AUDIO, TinyAudioSpec(with_audio=False, seed=1))
+    build_model(root / TEXT, TinyModelSpec())
+    return root
+
+
+@pytest.fixture(scope="module")
+def aserver(audio_models, tmp_path_factory):
+    import importlib.util
+
+    from omlx_process import omlx_server
+
+    # The clip host is a local server: where the media URL policy exists, it must let this
+    # server fetch from local addresses.
+    local = ["--allow-local-media-urls"] if importlib.util.find_spec("omlx.media_policy") else []
+    env = {"OMLX_AUDIO_FETCH_TIMEOUT": str(FETCH_TIMEOUT_S)}
+    # A small step budget: clip prompts are prefilled in several chunks, some ending inside
+    # a clip's tokens.
+    with omlx_server(audio_models, tmp_path_factory.mktemp("audio-server"), "--kv-cache-gb", "0.05",
+                     "--max-num-batched-tokens", "24", "--audio-max-seconds", str(MAX_SECONDS),
+                     "--audio-max-bytes", "200KB", *local, env=env, block_size=16,
+                     failure=pytest.fail) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def oai(aserver):
+    import openai
+
+    with openai.OpenAI(base_url=aserver.base_url, api_key="unused", max_retries=0, timeout=120) as c:
+        yield c
+
+
+_loaded: dict = {}
+
+
+def reference_text(path, messages: list[dict], clips: list[bytes], max_tokens: int, images=()) -> str:
+    """What `mlx_vlm.generate` answers, greedy and alone, to the chat-templated messages and
+    the clips decoded by mlx-vlm's own `load_audio`."""
+    from mlx_vlm import generate, load
+    from mlx_vlm.utils import load_audio
+
+    key = str(path)
+    if key not in _loaded:
+        _loaded[key] = load(key)
+    model, processor = _loaded[key]
+    prompt = processor.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    audio = [load_audio(io.BytesIO(c), sr=SAMPLE_RATE) for c in clips] or None
+    pictures = None
+    if images:
+        from PIL import Image
+
+        pictures = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
+    result = generate(model, processor, prompt, audio=audio, image=pictures, max_tokens=max_tokens,
+                      temperature=0.0, verbose=False)
+    eos = set(model.config.eos_token_id)
+    tokens = []
+    for token in result.token_ids:
+        if token in eos:
+            break
+        tokens.append(token)
+    return processor.tokenizer.decode(tokens)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def audio_message(clip: str, fmt: str = "wav", text: str = PROMPT, form: str = "input_audio") -> tuple[dict, dict]:
+    """(OpenAI chat message, template message) with this clip then the text."""
+    data = clip_bytes(clip, fmt)
+    if form == "input_audio":
+        part = {"type": "input_audio", "input_audio": {"data": b64(data), "format": fmt}}
+    else:  # mlx-vlm's server form
+        media = {"wav": "audio/wav", "flac": "audio/flac", "mp3": "audio/mpeg"}[fmt]
+        part = {"type": "audio_url", "audio_url": {"url": f"data:{media};base64,{b64(data)}"}}
+    return ({"role": "user", "content": [part, {"type": "text", "text": text}]},
+            {"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": text}]})
+
+
+@pytest.mark.parametrize("fmt, form", [("wav", "input_audio"), ("flac", "input_audio"), ("mp3", "input_audio"),
+                                       ("wav", "audio_url")])
+def test_chat_clip_matches_mlx_vlm(oai, aserver, fmt, form):
+    wire, template = audio_message("sweep", fmt, form=form)
+    response = oai.chat.completions.create(model=OMNI, messages=[wire], max_tokens=10, temperature=0)
+    expected = reference_text(aserver.model_path(OMNI), [template], [clip_bytes("sweep", fmt)], 10)
+    assert response.choices[0].message.content == expected
+
+
+def test_responses_input_audio(oai, aserver):
+    data = clip_bytes("noise", "flac")
+    response = oai.responses.create(model=OMNI, max_output_tokens=8, temperature=0, input=[{
+        "role": "user", "content": [{"type": "input_audio", "input_audio": {"data": b64(data), "format": "flac"}},
+                                    {"type": "input_text", "text": PROMPT}]}])
+    template = {"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": PROMPT}]}
+    assert response.output_text == reference_text(aserver.model_path(OMNI), [template], [data], 8)
+
+
+def test_http_clip_url(oai, aserver, clip_host):
+    response = oai.chat.completions.create(model=OMNI, max_tokens=8, temperature=0, messages=[{
+        "role": "user", "content": [{"type": "audio_url", "audio_url": {"url": f"{clip_host}/clip/silence"}},
+                                    {"type": "text", "text": PROMPT}]}])
+    template = {"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": PROMPT}]}
+    expected = reference_text(aserver.model_path(OMNI), [template], [clip_bytes("silence", "mp3")], 8)
+    assert response.choices[0].message.content == expected
+
+
+def test_concurrent_clips_images_and_text_match_alone(aserver):
+    """Clips of four lengths (mlx-vlm's own server stacks their features and fails), an image
+    and text requests in flight together, arriving staggered: each answer equals the model's
+    answer alone."""
+    import openai
+    from PIL import Image
+
+    picture = io.BytesIO()
+    Image.fromarray((np.random.RandomState(3).rand(64, 80, 3) * 255).astype(np.uint8)).save(picture, "PNG")
+    picture = picture.getvalue()
+    cases = []
+    for k, (clip, fmt) in enumerate([("sweep", "wav"), ("noise", "mp3"), ("long-sweep", "flac"), ("silence", "wav")]):
+        wire, template = audio_message(clip, fmt, PROMPT + " now" * k)
+        cases.append(([wire], [template], [clip_bytes(clip, fmt)], []))
+    image_wire = {"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(picture)}},
+        {"type": "text", "text": "what is in the picture"}]}
+    image_template = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is in the picture"}]}
+    cases.append(([image_wire], [image_template], [], [picture]))
+    for text in ("tell me about the river and the mountain", "the cat and the model"):
+        message = {"role": "user", "content": text}
+        cases.append(([message], [message], [], []))
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=aserver.base_url, api_key="unused", max_retries=0, timeout=120) as c:
+            async def one(k, messages):
+                await asyncio.sleep(0.1 * k)
+                r = await c.chat.completions.create(model=OMNI, messages=messages, max_tokens=10, temperature=0)
+                return r.choices[0].message.content
+            return await asyncio.gather(*(one(k, w) for k, (w, _, _, _) in enumerate(cases)))
+
+    answers = asyncio.run(run())
+    for (_, template, clips, images), answer in zip(cases, answers):
+        assert answer == reference_text(aserver.model_path(OMNI), template, clips, 10, images), template
+
+
+def test_repeated_clip_reports_cached_tokens(oai, aserver):
+    wire, template = audio_message("long-sweep", "wav", "tell me what you hear, in a few words")
+    first = oai.chat.completions.create(model=OMNI, messages=[wire], max_tokens=8, temperature=0)
+    again = oai.chat.completions.create(model=OMNI, messages=[wire], max_tokens=8, temperature=0)
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert again.usage.prompt_tokens_details.cached_tokens >= 48  # the clip is 53 tokens, blocks of 16
+    # Another clip of the same length: the same token ids, but nothing past the clip's start hits.
+    other = encode(noise(2.1, seed=9), "wav")
+    part = {"type": "input_audio", "input_audio": {"data": b64(other), "format": "wav"}}
+    response = oai.chat.completions.create(model=OMNI, max_tokens=8, temperature=0, messages=[
+        {"role": "user", "content": [part, wire["content"][1]]}])
+    assert response.usage.prompt_tokens_details.cached_tokens == 0  # the clip starts in the first block
+    assert response.choices[0].message.content == reference_text(aserver.model_path(OMNI), [template], [other], 8)
+
+
+def test_status_says_which_models_take_audio(aserver):
+    def get(path):
+        with urllib.request.urlopen(aserver.root + path, timeout=10) as r:
+            return json.loads(r.read())
+
+    status = {m["id"]: m for m in get("/v1/models/status")["models"]}
+    assert status[OMNI]["audio"] is True and status[OMNI]["vision"] is True
+    assert status[NO_AUDIO]["audio"] is False and status[TEXT]["audio"] is False
+    lm = {m["key"]: m for m in get("/api/v1/models")["models"]}
+    assert lm[OMNI]["capabilities"]["audio"] is True
+    assert lm[NO_AUDIO]["capabilities"]["audio"] is False
+
+
+# ---------------------------------------------------------------------------- bad input
+def _post(server, path: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(server.root + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _chat_with(part: dict, model: str = OMNI) -> dict:
+    return {"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": [
+        part, {"type": "text", "text": "hi"}]}]}
+
+
+def _input_audio(data, fmt="wav") -> dict:
+    return {"type": "input_audio", "input_audio": {"data": data if isinstance(data, str) else b64(data), "format": fmt}}
+
+
+def bad_inputs(clip_host) -> list[tuple[str, dict, int, str]]:
+    wav = clip_bytes("sweep", "wav")
+    return [
+        ("corrupt base64", _input_audio("@@@not-base64@@@"), 400, "invalid_audio"),
+        ("not audio", _input_audio(b"hello, this is not audio at all" * 3), 400, "unsupported_audio_format"),
+        ("an image", _input_audio(b"\x89PNG\r\n\x1a\n" + bytes(100)), 400, "unsupported_audio_format"),
+        ("truncated header", _input_audio(wav[:30]), 400, "invalid_audio"),
+        ("unsupported format", _input_audio(wav, "aiff-c-raw"), 400, "unsupported_audio_format"),
+        ("no data", {"type": "input_audio", "input_audio": {"format": "wav"}}, 400, "invalid_audio"),
+        ("over the duration limit", _input_audio(encode(silence(MAX_SECONDS + 1), "flac"), "flac"), 413,
+         "audio_too_long"),
+        ("over the byte limit", _input_audio(encode(noise(MAX_SECONDS - 0.1, rate=48_000), "wav", 48_000)), 413,
+         "audio_too_large"),
+        ("url 404", {"type": "audio_url", "audio_url": {"url": f"{clip_host}/missing.wav"}}, 400,
+         "audio_fetch_failed"),
+        ("url timeout", {"type": "audio_url", "audio_url": {"url": f"{clip_host}/slow"}}, 400,
+         "audio_fetch_timeout"),
+        ("file path", {"type": "audio_url", "audio_url": {"url": "/etc/passwd"}}, 400, "invalid_audio"),
+    ]
+
+
+def test_bad_clips_get_4xx_while_others_are_served(aserver, clip_host):
+    """Every bad clip is a clear 4xx (OpenAI shape), and a good request in flight at the same
+    time is answered as if alone."""
+    wire, template = audio_message("noise", "wav", "and now, what is this")
+    results: dict = {}
+
+    def good():
+        results["good"] = _post(aserver, "/v1/chat/completions",
+                                {"model": OMNI, "max_tokens": 10, "temperature": 0, "messages": [wire]})
+
+    thread = threading.Thread(target=good)
+    thread.start()
+    for name, part, status, code in bad_inputs(clip_host):
+        got_status, body = _post(aserver, "/v1/chat/completions", _chat_with(part))
+        assert got_status == status, (name, body)
+        assert body["error"]["code"] == code, (name, body)
+        assert body["error"]["param"].startswith("messages[0].content"), (name, body)
+        assert body["error"]["message"]
+    thread.join()
+    status, body = results["good"]
+    assert status == 200
+    assert body["choices"][0]["message"]["content"] == reference_text(
+        aserver.model_path(OMNI), [template], [clip_bytes("noise", "wav")], 10)
+
+
+@pytest.mark.parametrize("model", [NO_AUDIO, TEXT])
+def test_audio_to_a_model_without_an_audio_tower_is_refused(aserver, model):
+    status, body = _post(aserver, "/v1/chat/completions", _chat_with(_input_audio(clip_bytes("sweep")), model))
+    assert status == 400 and body["error"]["code"] == "unsupported_content", body
+    assert "audio" in body["error"]["message"]
+
+
+def test_second_clip_for_a_single_clip_family_is_refused(aserver):
+    body = {"model": OMNI, "max_tokens": 4, "messages": [{"role": "user", "content": [
+        _input_audio(clip_bytes("sweep")), _input_audio(clip_bytes("noise"))]}]}
+    status, out = _post(aserver, "/v1/chat/completions", body)
+    assert status == 400 and out["error"]["code"] == "too_many_audio_clips", out
+    assert out["error"]["param"] == "messages[0].content"
+
+
+def test_audio_token_spelled_in_text_is_refused(aserver):
+    body = _chat_with(_input_audio(clip_bytes("sweep")))
+    body["messages"][0]["content"][1]["text"] = "look <|audio|> here"
+    status, out = _post(aserver, "/v1/chat/completions", body)
+    assert status == 400 and out["error"]["code"] == "invalid_audio", out
+    status, _ = _post(aserver, "/v1/chat/completions", _chat_with(_input_audio(clip_bytes("sweep"))))
+    assert status == 200
+
+
+def test_audio_limits_from_flags_env_and_defaults():
+    from omlx.cli import build_parser, resolve_options, serving_limits
+
+    limits = serving_limits(resolve_options(build_parser().parse_args(["serve", "--audio-max-seconds", "30"])))
+    assert limits.audio == AudioLimits(max_seconds=30.0)

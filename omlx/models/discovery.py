@@ -44,7 +44,7 @@ _HEAD_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "For
 class DiscoveredModel:
     model_id: str
     path: Path
-    model_type: str  # "llm", "vlm", "ocr", "embedding" or "reranker"
+    model_type: str  # "llm", "vlm", "ocr", "stt", "embedding" or "reranker"
     architecture: str | None
     # Excluded from comparison and hashing: dicts are unhashable, and the id and path
     # already identify the model.
@@ -60,6 +60,11 @@ class DiscoveredModel:
     def settings_id(self) -> str:
         """The id its per-model settings are kept under."""
         return self.base_id or self.model_id
+
+    @property
+    def takes_audio(self) -> bool:
+        """Speech-to-text models, and omni models whose config has an audio tower."""
+        return self.model_type == "stt" or (self.model_type in ("vlm", "ocr") and bool(self.config.get("audio_config")))
 
 
 @dataclass(frozen=True)
@@ -290,7 +295,7 @@ def _architecture(config: dict) -> str | None:
 
 
 def detect_model_type(config: dict, path: Path | None = None, model_id: str | None = None) -> str:
-    """Classify a model as "reranker", "embedding", "ocr", "vlm" or (by default) "llm"."""
+    """Classify a model as "reranker", "embedding", "ocr", "stt", "vlm" or (by default) "llm"."""
     architectures = _architectures(config)
     if any(name.endswith("ForSequenceClassification") for name in architectures):
         return "reranker"
@@ -305,6 +310,8 @@ def detect_model_type(config: dict, path: Path | None = None, model_id: str | No
     names = [*architectures, str(config.get("model_type") or "")]
     if any("ocr" in name.lower() for name in names):
         return "ocr"
+    if _is_speech_to_text(config, architectures):
+        return "stt"
     if "vision_config" in config:
         return "vlm"
     if _is_bare_encoder(config, architectures):
@@ -316,6 +323,14 @@ def detect_model_type(config: dict, path: Path | None = None, model_id: str | No
 # Qwen3-Reranker); without them its name says so ("Qwen3-Reranker-0.6B"), as nothing else in
 # its config differs from the base model's.
 _LLM_RERANKER_KEYS = ("is_original_qwen3_reranker", "classifier_from_token")
+
+
+def _is_speech_to_text(config: dict, architectures: list[str]) -> bool:
+    """Whisper checkpoints: Hugging Face's (WhisperForConditionalGeneration) and mlx-whisper's
+    (its ModelDimensions as config.json, `n_audio_ctx`...)."""
+    if any(name.startswith("Whisper") for name in architectures) or config.get("model_type") == "whisper":
+        return True
+    return "n_audio_ctx" in config and "n_text_ctx" in config
 
 
 def _is_llm_reranker(config: dict, architectures: list[str], name: str) -> bool:

@@ -43,6 +43,37 @@ class VisionSide:
         return max_clips(self.family)
 
 
+def evaluate_constants(vlm) -> None:
+    """Evaluate the arrays towers keep outside their parameters (Gemma 4's audio attention
+    builds its relative-position timescales in __init__ on a helper object).  Left lazy, they
+    would be computed first on the engine thread from a graph made on the loading thread,
+    which MLX refuses ("There is no Stream(cpu, 0) in current thread")."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    found, seen = [], set()
+
+    def collect(value, depth: int) -> None:
+        if isinstance(value, mx.array):
+            found.append(value)
+            return
+        if depth > 3 or id(value) in seen or not hasattr(value, "__dict__"):
+            return
+        seen.add(id(value))
+        # A module's private attributes live in its __dict__ (helpers made with __new__, as
+        # Gemma 4's relative-position embedding is, are not among named_modules()).
+        for inner in vars(value).values():
+            collect(inner, depth + 1)
+        if isinstance(value, nn.Module):
+            for inner in value.values():
+                collect(inner, depth + 1)
+
+    for _, module in vlm.named_modules():
+        collect(module, 0)
+    if found:
+        mx.eval(found)
+
+
 def load_vision_model(path: str, config: dict, model_type: str, trust_remote_code: bool = False):
     """(language adapter for the engine, its PassInputs, tokenizer wrapper, VisionSide)."""
     from pathlib import Path
@@ -51,6 +82,7 @@ def load_vision_model(path: str, config: dict, model_type: str, trust_remote_cod
     from mlx_vlm import load
 
     vlm, processor = load(path, trust_remote_code=trust_remote_code)
+    evaluate_constants(vlm)
     if not hasattr(vlm, "vision_tower") or not hasattr(vlm, "language_model"):
         return None, None, None, VisionSide(vlm, processor, None, str(config.get("model_type") or ""))
     eos = config.get("eos_token_id")
