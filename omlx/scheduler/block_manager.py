@@ -33,6 +33,31 @@ def hash_block(parent: bytes, token_ids: list[int], extra: bytes = b"") -> bytes
     return digest.digest()
 
 
+def prefix_hashes(seq: Sequence, scope: bytes, bs: int, n: int) -> list[bytes]:
+    """The chained hashes of `seq`'s first `n` full blocks under `scope`, each computed once
+    per sequence: admission after a preemption, the disk tier's read-ahead and a move between
+    pools ask again for hashes already made.  (A sequence's tokens only grow, so a full
+    block's hash never changes; a draft model's shadow sequence gets a new token list when it
+    resyncs, and its hashes are made anew.)"""
+    memo = seq.hash_memo
+    if memo is None or memo[0] is not seq.token_ids:
+        memo = seq.hash_memo = (seq.token_ids, {})
+    chain = memo[1].setdefault((scope, bs), [])
+    while len(chain) < n:
+        chain.append(hash_seq_block(chain[-1] if chain else scope, seq, len(chain), bs))
+    return chain if len(chain) == n else chain[:n]
+
+
+def _remember_hash(seq: Sequence, scope: bytes, bs: int, i: int, h: bytes) -> None:
+    """Keep a hash `cache_full_blocks` made for block `i`, when the chain reaches it."""
+    memo = seq.hash_memo
+    if memo is None or memo[0] is not seq.token_ids:
+        memo = seq.hash_memo = (seq.token_ids, {})
+    chain = memo[1].setdefault((scope, bs), [])
+    if len(chain) == i:
+        chain.append(h)
+
+
 def hash_seq_block(parent: bytes, seq: Sequence, i: int, bs: int) -> bytes:
     """The hash of a sequence's block `i`, chained on `parent`."""
     return hash_block(parent, seq.token_ids[i * bs : (i + 1) * bs], block_key(seq.request, i * bs, (i + 1) * bs))
@@ -141,11 +166,9 @@ class BlockManager:
         assert not seq.block_table
         bs = self.block_size
         max_blocks = (seq.num_tokens - 1) // bs if self.prefix_cache else 0
-        parent = self.scope
         hits = 0
         hashes: list[bytes] = []
-        for i in range(max_blocks):
-            h = hash_seq_block(parent, seq, i, bs)
+        for h in prefix_hashes(seq, self.scope, bs, max_blocks):
             block = self.hash_to_block.get(h)
             if block is not None:
                 self._acquire(block)
@@ -156,7 +179,6 @@ class BlockManager:
                     break
             seq.block_table.append(block)
             hashes.append(h)
-            parent = h
             hits += 1
         seq.block_hashes = hashes
         seq.num_hashed_blocks = hits
@@ -185,15 +207,12 @@ class BlockManager:
         if self.disk is None or not self.prefix_cache or not self.disk.prefetch_enabled:
             return
         bs = self.block_size
-        parent = self.scope
         wanted: list[bytes] = []
-        for i in range((seq.num_tokens - 1) // bs):
-            h = hash_seq_block(parent, seq, i, bs)
+        for h in prefix_hashes(seq, self.scope, bs, (seq.num_tokens - 1) // bs):
             if h not in self.hash_to_block:
                 if h not in self.disk:
                     break
                 wanted.append(h)
-            parent = h
         if wanted:
             self.disk.prefetch(wanted, seq.arrival)
 
@@ -238,6 +257,7 @@ class BlockManager:
         parent = seq.block_hashes[-1] if seq.block_hashes else self.scope
         for i in range(seq.num_hashed_blocks, num_full):
             h = hash_seq_block(parent, seq, i, bs)
+            _remember_hash(seq, self.scope, bs, i, h)
             seq.block_hashes.append(h)
             block = seq.block_table[i]
             # Another sequence may have computed the same prefix concurrently; the first
@@ -277,7 +297,8 @@ class BlockManager:
             self.free_blocks[block] = None
             self.free_blocks.move_to_end(block, last=False)  # empty: handed out first
 
-    def adopt(self, token_ids: list[int], num_tokens: int, request=None) -> tuple[list[int], list[bytes], list[int]] | None:
+    def adopt(self, token_ids: list[int], num_tokens: int, request=None,
+              seq: Sequence | None = None) -> tuple[list[int], list[bytes], list[int]] | None:
         """Blocks in this pool for the first `num_tokens` tokens of a sequence whose KV another
         pool holds (`--quantized-kv-start`: a float sequence moving to the quantized pool).
 
@@ -290,15 +311,20 @@ class BlockManager:
         total = -(-num_tokens // bs)
         shared: list[int] = []
         hashes: list[bytes] = []
-        parent = self.scope
-        for i in range(num_tokens // bs if self.prefix_cache else 0):
-            h = hash_block(parent, token_ids[i * bs : (i + 1) * bs], block_key(request, i * bs, (i + 1) * bs))
+        count = num_tokens // bs if self.prefix_cache else 0
+        if seq is not None:
+            chain = prefix_hashes(seq, self.scope, bs, count)
+        else:
+            chain, parent = [], self.scope
+            for i in range(count):
+                parent = hash_block(parent, token_ids[i * bs : (i + 1) * bs], block_key(request, i * bs, (i + 1) * bs))
+                chain.append(parent)
+        for h in chain:
             block = self.hash_to_block.get(h)
             if block is None:
                 break
             shared.append(block)
             hashes.append(h)
-            parent = h
         fresh = total - len(shared)
         # Shared blocks nobody references sit in the free list: taking them uses it up too.
         needed = fresh + sum(1 for b in shared if self.ref_counts[b] == 0)

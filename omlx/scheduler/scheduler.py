@@ -375,7 +375,7 @@ class Scheduler:
     def _migrate(self, seq: Sequence) -> bool:
         """Quantize a float sequence's blocks into the main pool (sharing blocks it caches
         under the same prefix) and release the float ones, which stay cached for others."""
-        adopted = self.blocks.adopt(seq.token_ids, seq.num_computed_tokens, seq.request)
+        adopted = self.blocks.adopt(seq.token_ids, seq.num_computed_tokens, seq.request, seq)
         if adopted is None:
             return False
         table, hashes, fresh = adopted

@@ -37,6 +37,7 @@ class Sequence:
         "block_table",
         "num_hashed_blocks",
         "block_hashes",
+        "hash_memo",
         "status",
         "finish_reason",
         "cached_prompt_tokens",
@@ -64,6 +65,8 @@ class Sequence:
         # Prefix hashes of this sequence's full blocks, in order (chain of the whole prefix).
         self.block_hashes: list[bytes] = []
         self.num_hashed_blocks = 0
+        # Every prefix hash made for it, per pool scope (block_manager.prefix_hashes).
+        self.hash_memo: tuple[list[int], dict] | None = None
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.cached_prompt_tokens = 0
