@@ -61,6 +61,7 @@ class LLMEngine(EngineRequests):
         # What each layer keeps (UnsupportedLayout for caches the pool cannot hold: the model
         # pool then serves the model with the fallback engine).
         self.kinds = layer_kinds(model)
+        self._kinds_described = describe(self.kinds)  # in every stats snapshot: made once
         layout = KVLayout.probe(model)
         kv_bits, group_size = quantization_for(layout, config.kv_bits, config.kv_group_size)
         self.quantized_kv_start = config.quantized_kv_start if kv_bits is not None else 0
@@ -263,7 +264,7 @@ class LLMEngine(EngineRequests):
 
     def kv_stats(self) -> dict:
         stats = self._kv_pool_stats()
-        stats["layer_kinds"] = describe(self.kinds)
+        stats["layer_kinds"] = self._kinds_described
         stats.update(self.layers.stats())
         stats["bytes"], stats["max_bytes"] = self.kv_bytes, self.max_kv_bytes
         return stats

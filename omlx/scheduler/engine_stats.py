@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .step_profile import StepProfile
+
 
 @dataclass
 class StepCounters:
@@ -32,9 +34,16 @@ class EngineStats:
     prefilling: tuple[dict, ...] = ()
     kv_cache: dict = field(default_factory=dict)
     speculative_decoding: dict = field(default_factory=lambda: {"enabled": False})
-    step_profile: dict | None = None  # per-phase step timings, where measured
+    # The step profile's totals (a copy); `step_profile` turns them into the report when a
+    # reader asks, rather than on every step.
+    profile: StepProfile | None = field(default=None, compare=False, repr=False)
     # A vision-language model's encoder: tower calls and images encoded (None: text only).
     vision: dict | None = None
+
+    @property
+    def step_profile(self) -> dict | None:
+        """Per-phase step timings, where measured."""
+        return self.profile.report() if self.profile is not None else None
 
     @classmethod
     def of(cls, engine) -> EngineStats:
@@ -54,7 +63,7 @@ class EngineStats:
             prefilling=tuple(engine.prefilling()),
             kv_cache=engine.kv_stats(),
             speculative_decoding=speculator.stats() if speculator is not None else {"enabled": False},
-            step_profile=profile.report() if profile is not None else None,
+            profile=StepProfile(profile.steps, dict(profile.seconds)) if profile is not None else None,
             vision=None if inputs is None else {"tower_calls": getattr(inputs, "vision_calls", 0),
                                                "images_encoded": getattr(inputs, "images_encoded", 0)},
         )

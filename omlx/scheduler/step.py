@@ -15,7 +15,7 @@ give a form that any JSON / msgpack encoder carries (bytes go as hex).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -75,8 +75,13 @@ class SchedulerOutput:
         return {r.request_id for r in self.rows}
 
     def to_plain(self) -> dict:
-        plain = asdict(self)
         ops = self.kv_ops
+        # By hand rather than dataclasses.asdict (which deep-copies through every list): this
+        # runs once per step for every other rank.
+        plain = {"step": self.step, "rows": [{
+            "request_id": r.request_id, "index": r.index, "pool": r.pool, "start": r.start, "tokens": r.tokens,
+            "block_table": r.block_table, "want_logits": r.want_logits, "draft": r.draft, "prefill": r.prefill,
+            "fan_out": r.fan_out} for r in self.rows]}
         plain["kv_ops"] = {"copies": [list(c) for c in ops.copies], "migrations": [list(m) for m in ops.migrations],
                            "disk_loads": [[p, b, h.hex()] for p, b, h in ops.disk_loads]}
         return plain
