@@ -333,25 +333,7 @@ def serve(args, options: dict) -> None:
         default_model_dir().mkdir(parents=True, exist_ok=True)
     default = None if args.no_demo else ensure_demo_model(model_dirs)
     demo = default if default == DEMO_MODEL_ID else None
-    engine = EngineConfig(
-        block_size=options["block_size"],
-        kv_cache_bytes=int(options["kv_cache_gb"] * 2**30) if options.get("kv_cache_gb") else None,
-        max_num_seqs=options["max_num_seqs"],
-        max_num_batched_tokens=options["max_num_batched_tokens"],
-        max_vision_prompts_per_step=options["max_vision_prompts_per_step"],
-        state_snapshot_tokens=options["state_snapshot_tokens"],
-        max_model_len=options["max_model_len"],
-        kv_bits=options["kv_bits"],
-        kv_group_size=options["kv_group_size"],
-        quantized_kv_start=options["quantized_kv_start"],
-        kv_cache_dir=(str(Path(options["kv_cache_dir"] or omlx_home() / "cache").expanduser())
-                      if options["kv_disk"] and options["prefix_cache"] else None),
-        kv_disk_bytes=int(options["kv_disk_gb"] * 2**30),
-        prefix_cache=options["prefix_cache"],
-        speculative=options["speculative_decoding"],
-        num_draft_tokens=options["num_draft_tokens"],
-        draft_model=options.get("draft_model"),
-    )
+    engine = EngineConfig.from_settings(options, home=omlx_home())
     if options.get("preload_adapter") and not options.get("preload"):
         log.warning("PRELOAD_ADAPTER is ignored without PRELOAD_MODEL (the model it adapts)")
     info = blas_info()

@@ -79,13 +79,13 @@ class GracefulStop:
         if busy:
             log.warning("stopping: %s; ending %d request(s) still in flight", why, busy)
         for model in self._engines():
-            model.engine.fail_all()
+            model.fail_all()
 
     def _engines(self) -> list[LoadedModel]:
-        return [m for m in self.pool.loaded.values() if isinstance(m, LoadedModel)]
+        return [m for m in self.pool.loaded.values() if m.generates]
 
     def _requests_in_flight(self) -> int:
-        return sum(m.engine.requests_in_flight for m in self._engines())
+        return sum(m.requests_in_flight for m in self._engines())
 
 
 def exit_process(code: int = 0) -> None:

@@ -32,7 +32,6 @@ from omlx.memory_watch import machine_memory, process_memory
 from omlx.kernels.backend import attention_backend
 from omlx.kernels.linear import matmul_path
 from omlx.metrics import ServerMetrics
-from omlx.models.loaded import LoadedModel
 from omlx.models.pool import ModelPool
 from omlx.scheduler import EngineConfig
 from omlx.serving_limits import LIMITS, ServingLimits, limits_of
@@ -175,16 +174,12 @@ async def root(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     pool: ModelPool = request.app[POOL]
     models, embedders, rerankers = {}, {}, {}
-    for model_id, loaded in pool.loaded.items():
-        if not isinstance(loaded, LoadedModel):  # an encoder (embeddings, cross-encoder): no generation engine
-            encoders = rerankers if loaded.info.model_type == "reranker" else embedders
-            encoders[model_id] = {"memory_bytes": loaded.memory_bytes, "batches": loaded.stats.batches,
-                                  "inputs": loaded.stats.inputs, "tokens": loaded.stats.tokens}
-            continue
-        models[model_id] = loaded.engine_stats()
+    for model_id, resident in pool.loaded.items():
+        # Generating models by their engine; encoders (embeddings, cross-encoders) by kind.
+        group = models if resident.generates else rerankers if resident.info.model_type == "reranker" else embedders
+        group[model_id] = resident.health()
     # The mlx-vlm server's fields: it holds one model; here, the most recently loaded LLM.
-    latest = max((m for m in pool.loaded.values() if isinstance(m, LoadedModel)),
-                 key=lambda m: m.loaded_at, default=None)
+    latest = max((m for m in pool.loaded.values() if m.generates), key=lambda m: m.loaded_at, default=None)
     body = {
         "status": "ok",
         "version": __version__,

@@ -27,6 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from omlx.settings_typed import (
+    NO_MODEL_SETTINGS,
+    GlobalSettings,
+    ModelSettings,
+    RequestDefaults,
+    first_set,
+    model_request_defaults,
+)
 from omlx.settings_omlx import (
     global_from_omlx,
     is_omlx_global_file,
@@ -273,14 +281,14 @@ class SettingsStore:
     def models_path(self) -> Path:
         return self._models.path
 
-    def _parse_global(self, raw) -> dict:
+    def _parse_global(self, raw) -> GlobalSettings:
         if raw is None:
-            return {}
+            return GlobalSettings()
         if is_omlx_global_file(raw):
             raw = global_from_omlx(raw)
-        return _lenient(raw, GLOBAL_KEYS, str(self.home / GLOBAL_FILE))
+        return GlobalSettings.from_dict(_lenient(raw, GLOBAL_KEYS, str(self.home / GLOBAL_FILE)))
 
-    def _parse_models(self, raw) -> dict[str, dict]:
+    def _parse_models(self, raw) -> dict[str, ModelSettings]:
         if raw is None:
             return {}
         where = str(self.home / MODELS_FILE)
@@ -289,55 +297,61 @@ class SettingsStore:
         if not isinstance(raw, dict):
             log.warning("%s: expected an object mapping model ids to settings; ignoring it", where)
             return {}
-        return {model_id: _lenient(entry, MODEL_KEYS, f"{where} [{model_id}]")
+        return {model_id: ModelSettings.from_dict(_lenient(entry, MODEL_KEYS, f"{where} [{model_id}]"))
                 for model_id, entry in raw.items() if isinstance(model_id, str)}
 
-    # ------------------------------------------------------------------ reading
+    # ------------------------------------------------------------------ reading, typed
+    def globals(self) -> GlobalSettings:
+        """settings.json with the command line's overrides of its request-level keys."""
+        parsed = self._global.value()
+        if not self.overrides:
+            return parsed
+        return GlobalSettings.from_dict({**parsed.as_dict(), **self.overrides})
+
+    def models(self) -> dict[str, ModelSettings]:
+        return dict(self._models.value())
+
+    def of_model(self, model_id: str) -> ModelSettings:
+        return self._models.value().get(model_id, NO_MODEL_SETTINGS)
+
+    def defaults(self, model_id: str, family: RequestDefaults | None = None) -> RequestDefaults:
+        """What a request for `model_id` gets for the fields it does not set itself: the
+        model's settings > `family` (a model family's own defaults, e.g. an OCR family's) >
+        the global settings."""
+        return model_request_defaults(self.of_model(model_id), self.globals(), family)
+
+    # ------------------------------------------------------------------ reading, as the files say
     def global_settings(self) -> dict:
-        return {**self._global.value(), **self.overrides}
+        return self.globals().as_dict()
 
     def all_models(self) -> dict[str, dict]:
-        return {k: dict(v) for k, v in self._models.value().items()}
+        return {k: v.as_dict() for k, v in self._models.value().items()}
 
     def model(self, model_id: str) -> dict:
-        return dict(self._models.value().get(model_id, {}))
+        return self.of_model(model_id).as_dict()
 
     def alias_target(self, name: str) -> str | None:
         """The model id whose alias is `name`, if any."""
         for model_id, entry in self._models.value().items():
-            if entry.get("alias") == name:
+            if entry.alias == name:
                 return model_id
         return None
 
     def ttl(self, model_id: str) -> float | None:
         """Seconds an idle model stays loaded; None means until evicted."""
-        value = self.model(model_id).get("ttl")
-        return value if value is not None else self.global_settings().get("ttl")
+        return first_set(self.of_model(model_id).ttl, self.globals().ttl)
 
     def pinned(self, model_id: str) -> bool:
-        return bool(self.model(model_id).get("pinned"))
+        return bool(self.of_model(model_id).pinned)
 
     def trust_remote_code(self, model_id: str) -> bool:
-        value = self.model(model_id).get("trust_remote_code")
-        return bool(value if value is not None else self.global_settings().get("trust_remote_code", False))
+        return bool(first_set(self.of_model(model_id).trust_remote_code, self.globals().trust_remote_code))
 
     def request_defaults(self, model_id: str) -> dict:
-        """What a request for `model_id` gets for the fields it does not set itself: sampling
-        keys, max_tokens, chat_template_kwargs, and the model's thinking_budget,
-        force_sampling and forced_ct_kwargs."""
-        glob, model = self.global_settings(), self.model(model_id)
-        out = {**glob.get("sampling", {}), **model.get("sampling", {})}
-        out = {k: v for k, v in out.items() if v is not None}
-        max_tokens = model.get("max_tokens", glob.get("max_tokens"))
-        if max_tokens is not None:
-            out["max_tokens"] = max_tokens
-        template = {**glob.get("chat_template_kwargs", {}), **model.get("chat_template_kwargs", {})}
-        if template:
-            out["chat_template_kwargs"] = template
-        for key in ("thinking_budget", "force_sampling", "forced_ct_kwargs"):
-            if model.get(key) is not None:
-                out[key] = model[key]
-        return out
+        """`defaults` in the request body's form: sampling keys, max_tokens,
+        chat_template_kwargs, and the model's thinking_budget, force_sampling and
+        forced_ct_kwargs."""
+        return self.defaults(model_id).as_fields()
 
     # ------------------------------------------------------------------ writing
     def update_model(self, model_id: str, patch: dict) -> dict:
@@ -346,7 +360,7 @@ class SettingsStore:
         patch = validate_model_settings(patch)
         alias = patch.get("alias")
         with self._lock:
-            models = {k: dict(v) for k, v in self._models.value().items()}
+            models = self.all_models()
             if alias is not None:
                 owner = next((m for m, e in models.items() if e.get("alias") == alias and m != model_id), None)
                 if owner is not None:
@@ -470,6 +484,12 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     Option("mcp_config", ("OMLX_MCP_CONFIG",), str),
     Option("mcp_expose_tools", ("OMLX_MCP_EXPOSE_TOOLS",), bool_text, True),
 )
+
+def option_default(key: str):
+    """The built-in default of a server option, declared once in SERVER_OPTIONS (the engine's
+    config takes its defaults from here too)."""
+    return next(option.default for option in SERVER_OPTIONS if option.key == key)
+
 
 def resolve_server_options(cli: Mapping[str, Any], env: Mapping[str, str], file: Mapping[str, Any]) -> dict:
     """CLI value (when given) > env var > settings.json > default, for every server option.

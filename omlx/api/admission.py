@@ -46,7 +46,7 @@ def admit(http: web.Request, pool: ModelPool, loaded: LoadedModel, request_id: s
             limits.retry_after_s,
         )
     if limits.max_waiting_total is not None:
-        total = sum(m.queued_requests for m in pool.loaded.values() if isinstance(m, LoadedModel))
+        total = sum(m.queued_requests for m in pool.loaded.values())  # encoders queue none
         if total >= limits.max_waiting_total:
             raise overloaded(
                 f"{total} requests are waiting, the most this server queues over all models "

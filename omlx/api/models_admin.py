@@ -23,8 +23,8 @@ from aiohttp import web
 
 from omlx.models import facts
 from omlx.models.discovery import DiscoveredModel
-from omlx.models.loaded import LoadedModel
 from omlx.models.pool import ModelPool, context_window_of
+from omlx.scheduler.engine_config import EngineConfig
 from omlx.settings import SettingsError
 
 from .errors import APIError, invalid
@@ -36,28 +36,28 @@ log = logging.getLogger("omlx.api.models")
 
 def context_window(pool: ModelPool, info: DiscoveredModel) -> int:
     """What a request to this model can use: the loaded engine's window, else the config's,
-    capped like the engine caps it."""
+    capped as its engine will be (the server's max_model_len, the model's max_context_window)."""
     loaded = pool.loaded.get(info.model_id)
-    if loaded is not None and hasattr(loaded, "context_window"):
+    if loaded is not None and loaded.generates:
         return loaded.context_window
     window = context_window_of(info.config)
-    caps = [c for c in (pool.engine_config.max_model_len,
-                        pool.settings.model(info.settings_id).get("max_context_window")) if c]
-    return min([window, *caps])
+    cap = EngineConfig.from_settings(pool.settings.of_model(info.settings_id), base=pool.engine_config).max_model_len
+    return min(window, cap) if cap else window
 
 
 def model_status(pool: ModelPool, info: DiscoveredModel) -> dict:
     resident = pool.resident(info.model_id)
-    settings = pool.settings.model(info.settings_id)
+    settings = pool.settings.of_model(info.settings_id)
     window = context_window(pool, info)
-    max_tokens = settings.get("max_tokens") or pool.settings.global_settings().get("max_tokens") or window
+    # What a request that sets no limit gets: the settings' precedence, else the window.
+    max_tokens = pool.settings.defaults(info.settings_id).max_tokens or window
     status = {
         "id": info.model_id,
         "object": "model.status",
         "model_type": info.model_type,
         "vision": info.model_type in ("vlm", "ocr"),  # takes images
         "audio": info.takes_audio,  # takes audio clips (omni models) or transcribes (stt)
-        "alias": settings.get("alias"),
+        "alias": settings.alias,
         "loaded": resident is not None,
         "loading": pool.is_loading(info.model_id),
         "pinned": pool.is_pinned(info.model_id),
@@ -74,7 +74,7 @@ def model_status(pool: ModelPool, info: DiscoveredModel) -> dict:
         "adapter_path": info.adapter_path,
     }
     # A loaded generative model: which engine serves it (paged, or the fallback) and its limits.
-    serving = resident.model.serving_info() if resident and isinstance(resident.model, LoadedModel) else None
+    serving = resident.model.serving_info() if resident else None
     if serving is not None:
         status["serving"] = serving
     return status

@@ -17,7 +17,6 @@ from aiohttp import web
 from omlx.models.loaded import LoadedModel
 from omlx.models.pool import ModelPool
 from omlx.serving_limits import limits_of
-from omlx.vision.ocr import with_ocr_defaults
 
 from .admission import admit, check_memory
 from .assistant_turn import AssistantTurn
@@ -51,11 +50,15 @@ class Serving:
         self.pool = pool
 
     def defaults(self, loaded: LoadedModel) -> ModelDefaults:
-        merged = self.pool.settings.request_defaults(loaded.info.settings_id)
+        # The settings' one precedence (omlx.settings_typed), with an OCR family's sampling,
+        # stops and length under the model's own settings.
         ocr = getattr(loaded.vision, "ocr", None)
-        if ocr is not None:  # an OCR family's sampling, stops and length, under the model's own settings
-            merged = with_ocr_defaults(merged, self.pool.settings.model(loaded.info.settings_id), ocr)
-        return ModelDefaults.from_settings(merged)
+        found = self.pool.settings.defaults(loaded.info.settings_id, ocr.request_layer() if ocr is not None else None)
+        return ModelDefaults(
+            sampling=dict(found.sampling), max_tokens=found.max_tokens, template_kwargs=dict(found.template_kwargs),
+            forced_template_kwargs=found.forced_template_kwargs, thinking_budget=found.thinking_budget,
+            stop=list(found.stop) if found.stop is not None else None, forced_sampling=found.forced_sampling,
+        )
 
     async def prepare(self, http: web.Request, request: TurnRequest):
         """Lease the model, apply its defaults and render the prompt (also all that

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from omlx.models.discovery import DiscoveredModel
+from omlx.models.resident import EncoderResident
 
 log = logging.getLogger("omlx.embeddings")
 
@@ -57,7 +58,7 @@ class EmbedderStats:
 
 
 @dataclass
-class LoadedEmbedder:
+class LoadedEmbedder(EncoderResident):
     info: DiscoveredModel
     model: object  # an mlx-embeddings model
     tokenizer: object  # mlx-embeddings TokenizerWrapper (a transformers tokenizer inside)

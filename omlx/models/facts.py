@@ -28,6 +28,20 @@ class WeightStats:
     dtype: str | None  # the dtype most of the bytes are stored in
 
 
+_CONTEXT_KEYS = ("max_position_embeddings", "max_sequence_length", "seq_length", "n_ctx", "n_positions")
+DEFAULT_CONTEXT_WINDOW = 4096
+
+
+def context_window_of(config: dict) -> int:
+    """The context length a model's config declares (its text config's, for a VLM)."""
+    for source in (config, config.get("text_config") or {}):
+        for key in _CONTEXT_KEYS:
+            value = source.get(key)
+            if isinstance(value, int) and value > 0:
+                return value
+    return DEFAULT_CONTEXT_WINDOW
+
+
 def parameter_bytes(model) -> int:
     """Bytes a loaded model's arrays hold (what it counts against the memory budget)."""
     from mlx.utils import tree_flatten

@@ -17,6 +17,11 @@ from .discovery import DiscoveredModel
 
 @dataclass
 class LoadedModel:
+    """A generating model (LLM, vision-language, OCR, LLM reranker): implements
+    omlx.models.resident.Resident with an engine behind it."""
+
+    generates = True  # (a class attribute: not a dataclass field)
+
     info: DiscoveredModel
     tokenizer: object  # mlx_lm TokenizerWrapper
     engine: AsyncEngine
@@ -88,6 +93,18 @@ class LoadedModel:
     def shrink_kv_pool(self):
         """A future of the bytes freed by shrinking the KV pool back (on the engine thread)."""
         return self.engine.shrink_pool()
+
+    @property
+    def requests_in_flight(self) -> int:
+        return self.engine.requests_in_flight
+
+    def fail_all(self) -> None:
+        """End every request in flight with the server's shutdown error (a graceful stop)."""
+        self.engine.fail_all()
+
+    def health(self) -> dict:
+        """Its line in /health: the engine's statistics."""
+        return self.engine_stats()
 
     def engine_settings(self) -> dict:
         config = self.engine.engine.config

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from omlx.models.discovery import DiscoveredModel
+from omlx.models.resident import EncoderResident
 
 from .chunks import document_pieces
 from .heads import CROSS_ENCODERS, num_labels, relevance
@@ -43,7 +44,7 @@ class RerankerStats:
 
 
 @dataclass
-class LoadedCrossEncoder:
+class LoadedCrossEncoder(EncoderResident):
     info: DiscoveredModel
     model: object  # an omlx.rerank.heads cross-encoder module
     tokenizer: object  # a transformers tokenizer

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from omlx.settings_typed import ModelSettings, RequestDefaults, request_defaults
+from omlx.settings_values import SAMPLING_KEYS
+
 GREEDY = {"temperature": 0.0}  # transcription wants the most likely text
 
 
@@ -18,6 +21,11 @@ class OCRDefaults:
     stop: tuple[str, ...]
     max_tokens: int = 4096
     sampling: dict = field(default_factory=lambda: dict(GREEDY))
+
+    def request_layer(self) -> RequestDefaults:
+        """These defaults as a layer of the settings' precedence: under the model's own
+        settings, over the global ones (oMLX's order)."""
+        return RequestDefaults(sampling=dict(self.sampling), stop=self.stop or None, max_tokens=self.max_tokens)
 
 
 # By mlx-vlm model type (config.json "model_type").
@@ -54,15 +62,12 @@ def with_default_prompt(messages: list[dict], defaults: OCRDefaults) -> list[dic
 
 
 def with_ocr_defaults(merged: dict, model_settings: dict, defaults: OCRDefaults) -> dict:
-    """Request defaults for an OCR model, in oMLX's order: the model's own settings, then the
-    OCR family's defaults, then the global settings (`merged` holds model over global)."""
-    out = dict(merged)
-    model_sampling = model_settings.get("sampling") or {}
-    for key, value in defaults.sampling.items():
-        if model_sampling.get(key) is None:
-            out[key] = value
-    if model_settings.get("max_tokens") is None:
-        out["max_tokens"] = defaults.max_tokens
-    if model_sampling.get("stop") is None and defaults.stop:
-        out["stop"] = list(defaults.stop)
-    return out
+    """`merged` (request defaults in the request body's form, model over global) with the OCR
+    family's defaults placed under the model's own settings (`model_settings`, one model's
+    entry).  The serving path passes the family's layer to SettingsStore.defaults instead;
+    this is the same precedence for callers holding the dict forms."""
+    below = RequestDefaults.from_sampling({k: v for k, v in merged.items() if k in SAMPLING_KEYS},
+                                          max_tokens=merged.get("max_tokens"))
+    model = ModelSettings.from_dict(model_settings).request_layer()
+    layered = request_defaults(model, defaults.request_layer(), below).as_fields()
+    return {**merged, **layered}
