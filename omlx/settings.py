@@ -302,11 +302,10 @@ class SettingsStore:
 
     # ------------------------------------------------------------------ reading, typed
     def globals(self) -> GlobalSettings:
-        """settings.json with the command line's overrides of its request-level keys."""
+        """settings.json with the command line's overrides of its request-level keys (a copy
+        with those fields replaced: nothing is parsed again)."""
         parsed = self._global.value()
-        if not self.overrides:
-            return parsed
-        return GlobalSettings.from_dict({**parsed.as_dict(), **self.overrides})
+        return parsed.with_values(self.overrides) if self.overrides else parsed
 
     def models(self) -> dict[str, ModelSettings]:
         return dict(self._models.value())

@@ -116,6 +116,13 @@ class _Settings:
         known = {k: v for k, v in values.items() if k in names}
         return cls(**known, extra={k: v for k, v in values.items() if k not in names})
 
+    def with_values(self, values: Mapping[str, Any]):
+        """A copy with `values` (already checked) in place of its own."""
+        names = {f.name for f in dataclasses.fields(self)} - {"extra"}
+        extra = {k: v for k, v in values.items() if k not in names}
+        return dataclasses.replace(self, **{k: v for k, v in values.items() if k in names},
+                                   extra={**self.extra, **extra})
+
     def as_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         out = {k: dict(v) if isinstance(v, Mapping) else list(v) if isinstance(v, list) else v
