@@ -31,7 +31,8 @@ PREFIX = [random.Random(11).randrange(5, 500) for _ in range(40)]
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    path = build_model(tmp_path_factory.mktemp("qwen3") / "m", TinyModelSpec(model_type="qwen3", seed=5))
+    # head_dim 32: its KV quantizes (groups of 32), for the two-pool replay.
+    path = build_model(tmp_path_factory.mktemp("qwen3") / "m", TinyModelSpec(model_type="qwen3", head_dim=32, seed=5))
     model, tokenizer = load(str(path))
     return model, frozenset(tokenizer.eos_token_ids)
 
@@ -204,3 +205,36 @@ def test_a_runner_without_the_scheduler_runs_the_pass_only(tiny):
     engine.scheduler.update_from_output(out, engine.runner.execute(out))
     for mine, theirs in zip(engine.storage.arrays(), replica.storage.arrays()):
         assert mx.abs(theirs).sum().item() > 0 and mx.allclose(mine, theirs).item()
+
+
+def test_a_replica_follows_pool_growth_and_moves_between_pools(tiny):
+    """Two pools (`quantized_kv_start`: sequences move, quantized, from the float pool to the
+    main one) that grow with the load: a replica that starts at the pools' initial sizes
+    follows both from the steps' `pool_blocks` and KV operations alone."""
+    model, eos = tiny
+    probe = _engine(model, speculative=False)
+    per_block = probe.storage.bytes_per_block
+    engine = LLMEngine(model, EngineConfig(block_size=8, initial_kv_bytes=8 * per_block, kv_cache_bytes=400 * per_block,
+                                           kv_bits=8, kv_group_size=32, quantized_kv_start=16,
+                                           max_num_batched_tokens=16, speculative=False), context_window=4096)
+    assert engine.float_pool is not None
+    pools = [PagedKVStorage(s.layout, s.num_blocks, s.block_size, s.kv_bits, s.group_size)
+             for s in (engine.storage, engine.float_storage)]
+    replica = ModelRunner(model, pools[0], engine.kinds)
+    replica.pools = pools
+    replica.replica = True
+    replica.sampler = Sampler()
+    replica.resolve = engine.scheduler.scheduled
+    moved = []
+
+    def replay(out, result):
+        moved.extend(out.kv_ops.migrations)
+        assert replica.execute(_wire(out)).sampled == result.sampled
+
+    tokens = _by_hand(engine, [r for r in _requests(eos) if r.sampling.greedy], replay)
+    assert engine.pool_growths > 0 and moved
+    assert [p.num_blocks for p in pools] == [engine.storage.num_blocks, engine.float_storage.num_blocks]
+    for mine, theirs in zip(engine.storage.arrays() + engine.float_storage.arrays(),
+                            pools[0].arrays() + pools[1].arrays()):
+        assert mx.array_equal(mine, theirs).item()
+    assert all(tokens.values())

@@ -100,8 +100,12 @@ class ModelRunner:
         """Run a step's rows and sample (or verify) the logits they want.  Without a
         `resolve` (a rank that runs the pass only) the output has no tokens."""
         rows = out.rows
-        if self.replica and out.kv_ops:
-            self.apply_kv_ops(out.kv_ops)
+        if self.replica:
+            for storage, num_blocks in zip(self.pools, out.pool_blocks):
+                if storage.num_blocks != num_blocks:  # the scheduler's pool grew or shrank
+                    storage.grow(num_blocks) if num_blocks > storage.num_blocks else storage.shrink(num_blocks)
+            if out.kv_ops:
+                self.apply_kv_ops(out.kv_ops)
         result = RunnerOutput(sampled=[[] for _ in rows], logprobs=[None] * len(rows), accepted=[0] * len(rows))
         # Layer kinds whose managers key their storage by sequence (state slots, window
         # tables, image features) still need the sequence objects; the rest runs from the rows.

@@ -135,7 +135,7 @@ class Scheduler:
         for pool_index, pool in enumerate(self.pools):
             for block, block_hash in pool.take_disk_loads():
                 self._kv_ops.disk_loads.append((pool_index, block, block_hash))
-        out = SchedulerOutput(step=self.steps, kv_ops=self._kv_ops)
+        out = SchedulerOutput(step=self.steps, kv_ops=self._kv_ops, pool_blocks=[p.num_blocks for p in self.pools])
         self._kv_ops = KVOps()
         self._scheduled = {}
         chunks = [(s, n, True) for s, n in batch.prefills] + [(s, 1 + len(s.draft), False) for s in batch.decodes]

@@ -61,6 +61,9 @@ class SchedulerOutput:
     step: int  # the scheduler's step counter
     rows: list[ScheduledRow] = field(default_factory=list)  # prompt chunks first, then decodes
     kv_ops: KVOps = field(default_factory=KVOps)
+    # Each pool's size in blocks now (pools grow and shrink with the memory budget): another
+    # rank sizes its own pools to match before it runs the rows.
+    pool_blocks: list[int] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -81,7 +84,7 @@ class SchedulerOutput:
         plain = {"step": self.step, "rows": [{
             "request_id": r.request_id, "index": r.index, "pool": r.pool, "start": r.start, "tokens": r.tokens,
             "block_table": r.block_table, "want_logits": r.want_logits, "draft": r.draft, "prefill": r.prefill,
-            "fan_out": r.fan_out} for r in self.rows]}
+            "fan_out": r.fan_out} for r in self.rows], "pool_blocks": list(self.pool_blocks)}
         plain["kv_ops"] = {"copies": [list(c) for c in ops.copies], "migrations": [list(m) for m in ops.migrations],
                            "disk_loads": [[p, b, h.hex()] for p, b, h in ops.disk_loads]}
         return plain
@@ -95,6 +98,7 @@ class SchedulerOutput:
                                   "draft": list(r["draft"])}) for r in plain["rows"]],
             kv_ops=KVOps(copies=[tuple(c) for c in ops["copies"]], migrations=[tuple(m) for m in ops["migrations"]],
                          disk_loads=[(p, b, bytes.fromhex(h)) for p, b, h in ops["disk_loads"]]),
+            pool_blocks=list(plain.get("pool_blocks", [])),
         )
 
 
