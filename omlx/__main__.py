@@ -1,3 +1,6 @@
 from omlx.cli import main
 
-main()
+# Guarded: a worker process started with "spawn" (omlx.api.offload) imports this module
+# again and must not start a second server.
+if __name__ == "__main__":
+    main()

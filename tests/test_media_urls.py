@@ -7,7 +7,6 @@ URL is refused, it must not have been contacted at all."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
 import json
 import socket

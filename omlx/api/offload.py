@@ -9,26 +9,34 @@ lane, never the small one.  The large lane has a bound on the work it accepts: p
 new large job is answered 503 (529 on Anthropic's routes) with Retry-After at once instead
 of piling up.
 
-Threads are enough (bench/hostile_body_bench.py measures it): HF fast tokenizers release the
-GIL while they encode, and the work that holds it (Jinja over a huge body, Pillow's decode
-setup) runs in slices the interpreter hands back to the event loop every few milliseconds;
-the prompt-length bound (omlx.api.prompt_bound) makes sure a body that cannot fit is never
-tokenized in full.
+Threads are enough for that work (bench/hostile_body_bench.py measures it): HF fast
+tokenizers release the GIL while they encode, and the work that holds it (Jinja over a huge
+body, Pillow's decode setup) runs in slices the interpreter hands back to the event loop
+every few milliseconds; the prompt-length bound (omlx.api.prompt_bound) makes sure a body
+that cannot fit is never tokenized in full.  Parsing JSON is the exception: orjson holds the
+GIL for the whole document (about 50 ms for 20 MiB here), so from a thread it would stall the
+loop just the same.  A large body is parsed in a worker process instead (`parse_json`), and
+only the parsed value comes back: unpickling a 20 MiB string costs the loop a few ms.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import multiprocessing
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
 
 from .errors import overloaded
 
 # A job whose input (request body, text, image bytes) is below this runs in the small lane.
 SMALL_JOB_BYTES = 256 << 10
+# Request bodies from this size on are parsed in a worker process (below it, orjson takes
+# under a millisecond and the round trip would cost more than it saves).
+PROCESS_JSON_BYTES = 1 << 20
 
 
 class OffloadPool:
@@ -48,6 +56,7 @@ class OffloadPool:
         self._small = ThreadPoolExecutor(small_workers, thread_name_prefix="omlx-prep-small")
         self._lock = threading.Lock()
         self._large_jobs = 0  # accepted and not yet finished (a cancelled wait does not end the job)
+        self._processes: ProcessPoolExecutor | None = None  # started on the first large body
 
     @property
     def large_jobs(self) -> int:
@@ -77,9 +86,44 @@ class OffloadPool:
         with self._lock:
             self._large_jobs -= 1
 
+    async def parse_json(self, raw: bytes):
+        """`(True, value)` or `(False, message)` for a JSON document; a large one is parsed in a
+        worker process (counted as a large job), a small one right here."""
+        from .json_child import loads
+
+        if len(raw) < PROCESS_JSON_BYTES:
+            return loads(raw)
+        with self._lock:
+            if self._large_jobs >= self.max_large_jobs:
+                raise overloaded(f"the server is already preparing {self._large_jobs} large requests; "
+                                 "retry shortly", self.retry_after_s)
+            self._large_jobs += 1
+            if self._processes is None:
+                # spawn: a fresh interpreter, never a fork of a process with MLX's threads.
+                self._processes = ProcessPoolExecutor(self.small_workers, mp_context=multiprocessing.get_context("spawn"))
+            processes = self._processes
+        try:
+            future = processes.submit(loads, raw)
+        except (BrokenProcessPool, RuntimeError):
+            self._job_done(None)
+            with self._lock:
+                if self._processes is processes:
+                    self._processes = None  # a worker died (killed for memory?): the next body starts anew
+            return loads(raw)
+        future.add_done_callback(self._job_done)
+        try:
+            return await asyncio.wrap_future(future)
+        except BrokenProcessPool:
+            with self._lock:
+                if self._processes is processes:
+                    self._processes = None
+            return loads(raw)
+
     def shutdown(self) -> None:
         self._large.shutdown(wait=False, cancel_futures=True)
         self._small.shutdown(wait=False, cancel_futures=True)
+        if self._processes is not None:
+            self._processes.shutdown(wait=False, cancel_futures=True)
 
 
 _pool: OffloadPool | None = None
@@ -98,3 +142,8 @@ def offload_pool() -> OffloadPool:
 async def offload(fn: Callable[..., Any], *args, size: int | None = 0, **kwargs) -> Any:
     """Run `fn` in the process's pool (see OffloadPool.run)."""
     return await offload_pool().run(fn, *args, size=size, **kwargs)
+
+
+async def parse_json(raw: bytes):
+    """`(True, value)` or `(False, message)` (see OffloadPool.parse_json)."""
+    return await offload_pool().parse_json(raw)

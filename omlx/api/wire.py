@@ -30,10 +30,11 @@ async def read_json(request: web.Request) -> Any:
                        None, "request_timeout", headers={"Connection": "close"}) from None
     if not raw:
         raise invalid("the request body is empty; expected a JSON object")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise invalid(f"the request body is not valid JSON: {exc}") from None
+    from .offload import parse_json
+
+    parsed, body = await parse_json(raw)  # a large body in a worker process, off the event loop
+    if not parsed:
+        raise invalid(f"the request body is not valid JSON: {body}")
     if _too_deep(body, MAX_NESTING):
         raise invalid(f"the request body nests JSON deeper than {MAX_NESTING} levels")
     return body

@@ -1,0 +1,134 @@
+"""Hostile bodies: how fast a prompt far too long for the context is refused, and how much it
+slows everyone else (issue #24).
+
+Starts `omlx serve` on a freshly built tiny model (or uses --url) and measures:
+  * one 20 MiB body alone, per route (chat, Anthropic messages, Responses, completions):
+    the seconds to its 4xx;
+  * a small chat request (8 tokens) alone, then while 1 and 8 clients keep posting 20 MiB
+    chat bodies back to back: its median and worst latency, and the ratio to alone.
+
+Targets: the 4xx in under 1 s; the small request within 1.5x its time alone, with 1 or 8
+hostile clients.  `--source DIR` serves from another checkout (e.g. the tree before the fix,
+`git archive <commit> | tar -x -C DIR`) so both can be measured on the same machine state,
+alternating: `--source` runs first, then this checkout.
+
+    python bench/hostile_body_bench.py                      # this checkout
+    python bench/hostile_body_bench.py --source /tmp/before  # before, then this checkout
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from omlx.testing.hostile_bodies import hostile_body, measure_stall, post  # noqa: E402
+
+ROUTES = ("/v1/chat/completions", "/v1/messages", "/v1/responses", "/v1/completions")
+MODEL = "tiny"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(source: Path, models: Path, work: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMLX_")}
+    env.update(OMLX_HOME=str(work / "home"), PYTHONPATH=str(source))
+    log = open(work / "omlx.log", "wb")
+    process = subprocess.Popen([sys.executable, "-m", "omlx", "serve", "--model-dir", str(models), "--port", str(port),
+                                "--no-demo", "--no-hf-cache", "--kv-cache-gb", "0.1"],
+                               stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(source))
+    root = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            urllib.request.urlopen(root + "/health", timeout=5).read()
+            return process, root
+        except OSError:
+            if process.poll() is not None:
+                break
+            time.sleep(0.5)
+    raise SystemExit(f"omlx did not start; see {work / 'omlx.log'}")
+
+
+async def refusal_times(root: str, mib: int) -> dict:
+    import aiohttp
+
+    out = {}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        for route in ROUTES:
+            body = hostile_body(route, MODEL, mib << 20)
+            status, reply, elapsed = await post(session, root + route, body)
+            error = reply.get("error") or {}
+            out[route] = {"status": status, "seconds": round(elapsed, 3),
+                          "code": error.get("code") or error.get("type")}
+    return out
+
+
+async def run(root: str, mib: int, samples: int) -> dict:
+    results = {"refusal": await refusal_times(root, mib)}
+    body = hostile_body("/v1/chat/completions", MODEL, mib << 20)
+    for hostile in (1, 8):
+        stall = await measure_stall(root, MODEL, hostile=hostile, samples=samples, body=body)
+        results[f"small_during_{hostile}"] = {
+            "alone_median_s": round(stall.alone, 3), "during_median_s": round(stall.during, 3),
+            "during_worst_s": round(stall.worst_during, 3), "ratio_median": round(stall.ratio, 2),
+            "ratio_worst": round(stall.worst_during / stall.alone, 2),
+            "hostile_answers": len(stall.hostile_s),
+            "hostile_median_s": round(sorted(stall.hostile_s)[len(stall.hostile_s) // 2], 3) if stall.hostile_s else None,
+            "hostile_statuses": sorted(set(stall.hostile_statuses)),
+        }
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="an omlx server already running (serving a model named 'tiny')")
+    parser.add_argument("--source", type=Path, help="also measure the checkout in DIR (first)")
+    parser.add_argument("--mib", type=int, default=20, help="size of a hostile body (20)")
+    parser.add_argument("--samples", type=int, default=5, help="small requests per measurement (5)")
+    parser.add_argument("--json", type=Path, help="write the results here too")
+    args = parser.parse_args()
+    if args.url:
+        results = {"url": asyncio.run(run(args.url.rstrip("/"), args.mib, args.samples))}
+    else:
+        from omlx.testing.tiny_models import TinyModelSpec, build_model
+
+        results = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            models = Path(tmp) / "models"
+            build_model(models / MODEL, TinyModelSpec())
+            sources = ([("before", args.source)] if args.source else []) + [("this checkout", REPO)]
+            for name, source in sources:
+                work = Path(tmp) / name.replace(" ", "-")
+                work.mkdir()
+                process, root = start_server(source.resolve(), models, work)
+                try:
+                    results[name] = asyncio.run(run(root, args.mib, args.samples))
+                finally:
+                    process.terminate()
+                    process.wait(timeout=30)
+                print(f"== {name} ({source})")
+                print(json.dumps(results[name], indent=2))
+    if args.url:
+        print(json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Hostile request bodies and the stall they cause, shared by tests/test_hostile_requests.py and
+bench/hostile_body_bench.py.
+
+A hostile body is a request far too long for any context window but under the server's body
+size limit (20 MiB of text in one message).  The server must answer it with its family's 4xx
+quickly and, above all, keep answering everyone else meanwhile: `measure_stall` times a small
+chat request alone, then again while `hostile` clients post such bodies back to back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+import orjson
+
+WORDS = ("the cat sat on a mat while seven quick zebras jumped over lazy dogs near the river bank "
+         "alpha beta gamma delta epsilon 12345 67890 hello world function return value").split()
+
+
+def filler_text(n_bytes: int, seed: int = 0) -> str:
+    """About `n_bytes` of plain words (ASCII: bytes == characters)."""
+    rng = random.Random(seed)
+    chunk = " ".join(rng.choice(WORDS) for _ in range(4096)) + " "
+    return (chunk * (n_bytes // len(chunk) + 1))[:n_bytes]
+
+
+def hostile_body(route: str, model: str, n_bytes: int = 20 << 20) -> bytes:
+    """The JSON body of a request to `route` whose prompt is `n_bytes` of text."""
+    text = filler_text(n_bytes)
+    if route == "/v1/chat/completions":
+        body = {"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": text}]}
+    elif route in ("/v1/messages", "/v1/messages/count_tokens"):
+        body = {"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": text}]}
+    elif route == "/v1/responses":
+        body = {"model": model, "max_output_tokens": 16, "input": text}
+    elif route == "/v1/completions":
+        body = {"model": model, "max_tokens": 8, "prompt": text}
+    else:
+        raise ValueError(f"no hostile body for {route}")
+    return orjson.dumps(body)
+
+
+# The small request generates this many tokens: on the test's tiny model on a 2-core machine
+# it takes about 0.25 s alone, the one-line chat request of issue #24.
+SMALL_TOKENS = 48
+
+
+def small_body(model: str, max_tokens: int = SMALL_TOKENS) -> bytes:
+    return orjson.dumps({"model": model, "max_tokens": max_tokens, "temperature": 0,
+                         "messages": [{"role": "user", "content": "Say hello to the cat."}]})
+
+
+async def post(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[int, dict, float]:
+    """(status, JSON reply, seconds from sending to the whole answer)."""
+    start = time.perf_counter()
+    async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
+        raw = await response.read()
+        elapsed = time.perf_counter() - start
+    try:
+        reply = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        reply = {"raw": raw[:200].decode(errors="replace")}
+    return response.status, reply, elapsed
+
+
+@dataclass
+class StallResult:
+    alone_s: list[float]
+    during_s: list[float]
+    hostile_s: list[float] = field(default_factory=list)  # each hostile body's time to its answer
+    hostile_statuses: list[int] = field(default_factory=list)
+
+    @property
+    def alone(self) -> float:
+        return statistics.median(self.alone_s)
+
+    @property
+    def during(self) -> float:
+        return statistics.median(self.during_s)
+
+    @property
+    def worst_during(self) -> float:
+        return max(self.during_s)
+
+    @property
+    def ratio(self) -> float:
+        return self.during / self.alone
+
+
+async def measure_stall(root: str, model: str, hostile: int = 8, samples: int = 5,
+                        body: bytes | None = None, route: str = "/v1/chat/completions",
+                        small_tokens: int = SMALL_TOKENS) -> StallResult:
+    """Small chat requests' latency alone, then while `hostile` clients keep posting `body`
+    (default: a 20 MiB chat body) to `route`; the small ones are sent one after another, each
+    once every hostile client has a body in flight."""
+    body = body if body is not None else hostile_body(route, model)
+    small = small_body(model, small_tokens)
+    chat_url = root + "/v1/chat/completions"
+    timeout = aiohttp.ClientTimeout(total=600)
+    connector = aiohttp.TCPConnector(limit=hostile + 4)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        await post(session, chat_url, small)  # warm: the model loaded, the first prefill done
+        alone = [(await post(session, chat_url, small))[2] for _ in range(samples)]
+        result = StallResult(alone, [])
+        stop = asyncio.Event()
+        started = [asyncio.Event() for _ in range(hostile)]
+
+        async def attacker(k: int) -> None:
+            while not stop.is_set():
+                started[k].set()
+                status, _, elapsed = await post(session, root + route, body)
+                result.hostile_s.append(elapsed)
+                result.hostile_statuses.append(status)
+
+        attackers = [asyncio.create_task(attacker(k)) for k in range(hostile)]
+        try:
+            for _ in range(samples):
+                await asyncio.gather(*(e.wait() for e in started))
+                await asyncio.sleep(0.05)  # the bodies are on their way, the server busy with them
+                status, reply, elapsed = await post(session, chat_url, small)
+                if status != 200:
+                    raise AssertionError(f"the small request failed during the hostile load: {status} {reply}")
+                result.during_s.append(elapsed)
+        finally:
+            stop.set()
+            await asyncio.gather(*attackers, return_exceptions=True)
+    return result
