@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from omlx.models.discovery import DiscoveredModel
-from omlx.models.resident import EncoderResident
+from omlx.models.resident import EncoderResident, EncoderStats
 
 log = logging.getLogger("omlx.embeddings")
 
@@ -51,13 +51,6 @@ def max_sequence_length(path: Path, config: dict) -> int:
 
 
 @dataclass
-class EmbedderStats:
-    batches: int = 0  # forward passes
-    inputs: int = 0
-    tokens: int = 0
-
-
-@dataclass
 class LoadedEmbedder(EncoderResident):
     info: DiscoveredModel
     model: object  # an mlx-embeddings model
@@ -66,16 +59,8 @@ class LoadedEmbedder(EncoderResident):
     pooling: str | None
     weights_bytes: int
     loaded_at: float
-    stats: EmbedderStats = field(default_factory=EmbedderStats)
+    stats: EncoderStats = field(default_factory=EncoderStats)
     batcher: object | None = None  # omlx.embeddings.batcher.EmbeddingBatcher, made on first use
-
-    @property
-    def model_id(self) -> str:
-        return self.info.model_id
-
-    @property
-    def memory_bytes(self) -> int:
-        return self.weights_bytes
 
     @property
     def vocab_size(self) -> int:

@@ -9,6 +9,7 @@ class.  A new model kind is a class implementing this plus a loader (omlx.models
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -51,14 +52,29 @@ class Resident(Protocol):
         """Stop its threads and drop its arrays (the pool frees the memory after)."""
 
 
+@dataclass
+class EncoderStats:
+    batches: int = 0  # forward passes
+    inputs: int = 0  # texts embedded, or (query, document piece) pairs scored
+    tokens: int = 0
+
+
 class EncoderResident:
-    """The `Resident` members an encoder (embeddings, cross-encoder reranker) shares: no
-    generation engine, no queue the admission bound counts, no KV pool; it reports its
-    forward passes (`stats`: batches, inputs, tokens) in /health."""
+    """The `Resident` members an encoder (embeddings, cross-encoder reranker) shares: it holds
+    its weights (`weights_bytes`) and nothing that grows, no generation engine, no queue the
+    admission bound counts; it reports its forward passes (`stats`, EncoderStats) in /health."""
 
     generates = False
     queued_requests = 0
     kv_pool_grown = False
+
+    @property
+    def model_id(self) -> str:
+        return self.info.model_id  # type: ignore[attr-defined]
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.weights_bytes  # type: ignore[attr-defined]
 
     def shrink_kv_pool(self):
         raise NotImplementedError("an encoder has no KV pool")

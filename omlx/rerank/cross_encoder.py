@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from omlx.models.discovery import DiscoveredModel
-from omlx.models.resident import EncoderResident
+from omlx.models.resident import EncoderResident, EncoderStats
 
 from .chunks import document_pieces
 from .heads import CROSS_ENCODERS, num_labels, relevance
@@ -37,13 +37,6 @@ class UnsupportedReranker(ValueError):
 
 
 @dataclass
-class RerankerStats:
-    batches: int = 0  # forward passes
-    inputs: int = 0  # (query, document piece) pairs scored
-    tokens: int = 0
-
-
-@dataclass
 class LoadedCrossEncoder(EncoderResident):
     info: DiscoveredModel
     model: object  # an omlx.rerank.heads cross-encoder module
@@ -51,16 +44,8 @@ class LoadedCrossEncoder(EncoderResident):
     max_length: int
     weights_bytes: int
     loaded_at: float
-    stats: RerankerStats = field(default_factory=RerankerStats)
+    stats: EncoderStats = field(default_factory=EncoderStats)
     batcher: object | None = None  # omlx.embeddings.batcher.PassBatcher, made on first use
-
-    @property
-    def model_id(self) -> str:
-        return self.info.model_id
-
-    @property
-    def memory_bytes(self) -> int:
-        return self.weights_bytes
 
     def encode_pairs(self, query: str, documents: list[str], max_chunks: int = 1,
                      max_doc_tokens: int | None = None) -> tuple[list[tuple[list[int], list[int]]], list[int]]:
