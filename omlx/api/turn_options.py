@@ -25,7 +25,7 @@ def output_room(loaded: LoadedModel, prompt_tokens: int) -> int:
 def tool_parser_of(pool: ModelPool, loaded: LoadedModel) -> str | None:
     """The per-model `tool_parser` setting (an mlx_lm.tool_parsers module name), if set:
     it overrides the parser mlx-lm inferred from the chat template."""
-    return pool.settings.model(loaded.info.settings_id).get("tool_parser")
+    return pool.settings.of_model(loaded.info.settings_id).tool_parser
 
 
 def decoding_constraint(
