@@ -13,14 +13,16 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from omlx.audio.clips import AudioLimits
+from omlx.settings import option_default
 from omlx.vision.images import ImageLimits
 
 
 @dataclass(frozen=True)
 class ServingLimits:
+    # (Defaults: the server options' own, omlx.settings.SERVER_OPTIONS.)
     # SIGTERM / SIGINT: streams in flight get this long to finish before they are ended
     # with their API's error event.
-    shutdown_grace_s: float = 30.0
+    shutdown_grace_s: float = option_default("shutdown_grace")
     # Requests queued (submitted, not yet scheduled) per model, and over all models; past
     # either, a new request is answered 503 (529 on Anthropic's routes) at once.  None: no cap.
     max_waiting_requests: int | None = None
@@ -30,16 +32,16 @@ class ServingLimits:
     # What the Retry-After header of an overload answer says.
     retry_after_s: float = 2.0
     # Request bodies over this size get 413.
-    max_request_bytes: int = 64 << 20
+    max_request_bytes: int = option_default("max_request_size")
     # A client that sends headers and then stalls its body is answered 408 after this long,
     # before any model or engine slot is taken.
-    client_read_timeout_s: float = 60.0
+    client_read_timeout_s: float = option_default("client_read_timeout")
     # A streaming client that stops reading for this long is dropped (its request aborted).
-    client_write_timeout_s: float = 300.0
+    client_write_timeout_s: float = option_default("client_write_timeout")
     # An SSE stream with nothing to say (a long prefill, a long wait in the queue) sends its
     # API's own no-op event this often, so that clients with an idle timeout (Codex CLI
     # counts events, not bytes) keep the connection.
-    sse_keepalive_s: float = 10.0
+    sse_keepalive_s: float = option_default("sse_keepalive")
     # Available machine memory below which new generation requests get 503 (None: 5% of the
     # machine's memory, at most 1 GiB; see omlx.memory_watch).
     memory_reserve_bytes: int | None = None
