@@ -24,6 +24,7 @@ from omlx.api.models_admin import ModelAdminRoutes
 from omlx.api.openapi import OpenAPIRoute
 from omlx.api.openai import OpenAIRoutes
 from omlx.api.rerank import RerankRoutes
+from omlx.api.transcriptions import TranscriptionRoutes
 from omlx.api.response_store import ResponseStore
 from omlx.api.responses import ResponsesRoutes
 from omlx.blas import blas_info
@@ -123,6 +124,7 @@ def create_app(config: ServerConfig) -> web.Application:
     LMStudioRoutes(pool).register(app)
     EmbeddingRoutes(pool).register(app)
     RerankRoutes(pool).register(app)
+    TranscriptionRoutes(pool).register(app)
     OpenAIRoutes(pool).register(app)
     AnthropicRoutes(pool).register(app)
     ResponsesRoutes(pool, ResponseStore(home / "responses")).register(app)

