@@ -267,6 +267,22 @@ def test_mixed_requests_match_mlx_vlm_alone(omni, plan, budget, num_blocks, repe
         assert engine.blocks.leaked_blocks() == []
 
 
+def test_per_layer_inputs_model_matches_mlx_vlm(tmp_path):
+    """Gemma 4 E2B / E4B (the checkpoints with audio towers) add per-layer token embeddings,
+    which mlx-vlm looks up with every audio position as token 0: clips and text in one batch
+    still give mlx-vlm's tokens."""
+    per_layer = Omni(build_audio_model(tmp_path / "ple", TinyAudioSpec(per_layer_inputs=True, seed=2)))
+    requests, expected = [], {}
+    for k, (clip, words) in enumerate([("sweep", 1), (None, 2), ("noise", 0), ("long-sweep", 3)]):
+        ids, multimodal, reference = per_layer.prompt(clip, words)
+        requests.append((k, GenerationRequest(f"r{k}", ids, MAX_TOKENS, multimodal=multimodal)))
+        expected[f"r{k}"] = reference
+    engine = _engine(per_layer, budget=24)
+    assert engine.runner.vision.per_layer
+    assert _run(engine, requests) == expected
+    assert engine.blocks.leaked_blocks() == []
+
+
 @pytest.mark.usefixtures("attention_kernel")  # the fused kernel and the portable path
 def test_repeated_clip_hits_the_prefix_cache_and_another_never_does(omni):
     engine = _engine(omni, budget=512)
