@@ -9,7 +9,9 @@ The per-model setting `dequantize`: true runs the model in float32 (quantized la
 dequantized, half-precision weights widened), false keeps the weights as stored, unset
 (the default) decides by backend and size: float32 on the CPU when the float32 weights stay
 under AUTO_MAX_BYTES and a quarter of the memory budget, as stored everywhere else (on
-Metal and CUDA quantized kernels are the fast path).
+Metal and CUDA quantized kernels are the fast path).  On a CPU with a bf16 dot-product unit
+the same decision packs the weights in bf16 instead of widening them to float32
+(omlx/models/packed_weights.py): half the bytes, and faster.
 """
 
 from __future__ import annotations
