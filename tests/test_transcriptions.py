@@ -17,9 +17,10 @@ import pytest
 
 from omlx.audio.clips import SAMPLE_RATE, decode
 from omlx.testing.tiny_audio import build_audio_model
+from omlx.testing.tiny_models import TinyModelSpec, build_model
 from omlx.testing.tiny_whisper import build_whisper
 
-WHISPER, OMNI = "tiny-whisper", "tiny-gemma4-audio"
+WHISPER, OMNI, TEXT = "tiny-whisper", "tiny-gemma4-audio", "tiny-text"
 
 
 def sweep(seconds: float) -> np.ndarray:
@@ -44,6 +45,7 @@ def stt_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("stt-models")
     build_whisper(root / WHISPER)
     build_audio_model(root / OMNI)
+    build_model(root / TEXT, TinyModelSpec())
     return root
 
 
@@ -150,6 +152,40 @@ def test_long_clip_is_cut_into_windows(oai, sserver):
     assert max(s.end for s in result.segments) > 30.0  # segments past the first window
 
 
+@pytest.mark.parametrize("task", ["transcribe", "translate"])
+def test_omni_model_transcribes_through_the_chat_path(oai, sserver, task):
+    """An omni model answers a transcription instruction about the clip: the text is what
+    mlx_vlm.generate answers alone to that turn (greedy)."""
+    import math
+
+    from mlx_vlm import generate, load
+    from mlx_vlm.utils import load_audio
+
+    from omlx.api.omni_transcription import MIN_TOKENS, TOKENS_PER_SECOND, instruction
+
+    data = encode(sweep(1.6), "mp3")
+    if task == "transcribe":
+        result = oai.audio.transcriptions.create(model=OMNI, file=("clip.mp3", data), language="en",
+                                                 response_format="verbose_json")
+    else:
+        result = oai.audio.translations.create(model=OMNI, file=("clip.mp3", data), response_format="verbose_json")
+    model, processor = load(str(sserver.model_path(OMNI)))
+    messages = [{"role": "user", "content": [
+        {"type": "audio"}, {"type": "text", "text": instruction(task, "en" if task == "transcribe" else None, None)}]}]
+    prompt = processor.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    samples = load_audio(io.BytesIO(data), sr=SAMPLE_RATE)
+    max_tokens = max(MIN_TOKENS, math.ceil(len(samples) / SAMPLE_RATE * TOKENS_PER_SECOND))
+    reference = generate(model, processor, prompt, audio=[samples], max_tokens=max_tokens, temperature=0.0,
+                         verbose=False)
+    eos = set(model.config.eos_token_id)
+    tokens = [t for t in reference.token_ids]
+    tokens = tokens[:next((i for i, t in enumerate(tokens) if t in eos), len(tokens))]
+    expected = processor.tokenizer.decode(tokens).strip()
+    assert expected
+    assert result.text == expected
+    assert [s.text for s in result.segments] == [expected] and abs(result.duration - 1.6) < 0.01
+
+
 # ---------------------------------------------------------------------------- bad input
 def _multipart(fields: dict, file: tuple[str, bytes] | None) -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex
@@ -189,7 +225,10 @@ def _post(server, path: str, body: bytes, content_type: str) -> tuple[int, dict]
     ("too long", {"model": WHISPER}, ("a.flac", encode(np.zeros(91 * SAMPLE_RATE, np.float32), "flac")), 413,
      "audio_too_long"),
     ("too large", {"model": WHISPER}, ("a.wav", bytes(44) + bytes(3 << 20)), 413, "audio_too_large"),
-    ("not an stt model", {"model": OMNI}, ("a.wav", encode(sweep(0.5), "wav")), 400, "model_not_stt"),
+    ("a model without audio", {"model": TEXT}, ("a.wav", encode(sweep(0.5), "wav")), 400, "model_not_stt"),
+    ("word timestamps from an omni model", {"model": OMNI, "response_format": "verbose_json",
+                                            "timestamp_granularities[]": "word"},
+     ("a.wav", encode(sweep(0.5), "wav")), 400, "invalid_value"),
     ("unknown model", {"model": "no-such-model"}, ("a.wav", encode(sweep(0.5), "wav")), 404, None),
 ])
 def test_bad_uploads_get_4xx(sserver, name, fields, file, status, code):

@@ -6,7 +6,8 @@ audio limits), `model`, and optionally `language` (ISO-639-1; transcriptions onl
 (json, text, srt, vtt, verbose_json), `temperature` and `timestamp_granularities[]` (segment
 and / or word, with verbose_json).  Served by the speech-to-text models of the model dirs
 (omlx.audio.transcription: Whisper through mlx-whisper, which cuts long clips into 30 s windows
-and joins their text).
+and joins their text) and by omni models with a transcription instruction
+(omlx.api.omni_transcription).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from . import transcription_formats as formats
 from .audio_prompt import audio_error
 from .errors import invalid
 from .model_access import lease_for_request
+from .omni_transcription import omni_transcript
+from .serving import Serving
 
 GRANULARITIES = ("segment", "word")
 
@@ -30,6 +33,7 @@ GRANULARITIES = ("segment", "word")
 class TranscriptionRoutes:
     def __init__(self, pool: ModelPool):
         self.pool = pool
+        self.serving = Serving(pool)  # omni models transcribe through the chat path
 
     def register(self, app: web.Application) -> None:
         app.router.add_post("/v1/audio/transcriptions", self.transcriptions)
@@ -52,9 +56,16 @@ class TranscriptionRoutes:
             raise audio_error(exc) from None
         info = self.pool.resolve(fields["model"]) if _known(self.pool, fields["model"]) else None
         if info is not None and info.model_type != "stt":
-            raise invalid(f"'{fields['model']}' is a{'n' if info.model_type[0] in 'aeiou' else ''} "
-                          f"{info.model_type} model; /v1/audio/{'transcriptions' if task == 'transcribe' else 'translations'}"
-                          " is served by speech-to-text (stt) models", "model", "model_not_stt")
+            if not info.takes_audio:
+                raise invalid(f"'{fields['model']}' is a{'n' if info.model_type[0] in 'aeiou' else ''} "
+                              f"{info.model_type} model without an audio tower; /v1/audio/* is served by "
+                              "speech-to-text (stt) and omni models", "model", "model_not_stt")
+            if "word" in fields["granularities"]:
+                raise invalid("word timestamps come from speech-to-text (Whisper) models only", "timestamp_granularities",
+                              "invalid_value")
+            transcript = await omni_transcript(self.serving, request, fields["model"], data, clip.seconds, task,
+                                               fields)
+            return respond(transcript, fields["response_format"], task, fields["granularities"])
         transcriber = await lease_for_request(request, self.pool, fields["model"], "stt")
         transcript = await transcriber.transcribe(
             clip.samples, task=task, language=fields["language"], prompt=fields["prompt"],
