@@ -283,6 +283,30 @@ def test_per_layer_inputs_model_matches_mlx_vlm(tmp_path):
     assert engine.blocks.leaked_blocks() == []
 
 
+def test_e2b_shaped_model_takes_audio_on_the_fallback_engine(tmp_path):
+    """A Gemma 4 shaped like the E2B / E4B checkpoints (wider full-attention heads, layers that
+    read an earlier layer's KV, per-layer inputs) is refused by the paged engine and served by
+    the fallback engine over mlx-vlm's own caches: clips and text in flight together still
+    give mlx-vlm's tokens."""
+    from omlx.scheduler.fallback_engine import FallbackEngine
+    from omlx.scheduler.layer_kinds import UnsupportedLayout
+
+    spec = TinyAudioSpec(num_hidden_layers=4, global_head_dim=32, kv_shared_layers=2, per_layer_inputs=True, seed=3)
+    e2b = Omni(build_audio_model(tmp_path / "e2b", spec))
+    config = EngineConfig(block_size=8, num_blocks=96, max_num_batched_tokens=24)
+    with pytest.raises(UnsupportedLayout) as refused:
+        LLMEngine(LanguageAdapter(e2b.model), config, context_window=4096, vision=PassInputs(e2b.model))
+    engine = FallbackEngine(LanguageAdapter(e2b.model), config, context_window=4096, reason=str(refused.value),
+                            vision=PassInputs(e2b.model))
+    requests, expected = [], {}
+    for k, (clip, words) in enumerate([("sweep", 1), (None, 2), ("noise", 0), ("long-sweep", 3)]):
+        ids, multimodal, reference = e2b.prompt(clip, words)
+        requests.append((k, GenerationRequest(f"r{k}", ids, MAX_TOKENS, multimodal=multimodal)))
+        expected[f"r{k}"] = reference
+    assert _run(engine, requests) == expected
+    assert engine.runner.vision.clips_encoded == 3
+
+
 @pytest.mark.usefixtures("attention_kernel")  # the fused kernel and the portable path
 def test_repeated_clip_hits_the_prefix_cache_and_another_never_does(omni):
     engine = _engine(omni, budget=512)

@@ -104,8 +104,8 @@ class FallbackEngine(EngineRequests):
                   "no KV quantization", "no disk KV cache", "prompts prefilled one sequence per forward pass"]
         if not self.runner.batched:
             limits.append(f"decodes one sequence per forward pass ({self.runner.batch_problem})")
-        if self.runner.vision is not None:
-            limits.append("text prompts only (no images)")
+        if self.runner.vision is not None and getattr(self.runner.vision, "mrope", False):
+            limits.append("text prompts only (no images: multimodal RoPE positions are not served here)")
         return limits
 
     def serving_info(self) -> dict:
@@ -171,7 +171,7 @@ class FallbackEngine(EngineRequests):
     def check(self, request: GenerationRequest) -> None:
         """Raise RequestRejected if the request could never be served."""
         n = check_prompt_length(request, self.max_model_len)
-        if request.multimodal is not None:
+        if request.multimodal is not None and (self.runner.vision is None or getattr(self.runner.vision, "mrope", False)):
             raise RequestRejected("this model is served by the fallback engine, which takes text prompts only")
         total = min(n + request.max_tokens, self.max_model_len)
         if total > self.blocks.max_usable_blocks:

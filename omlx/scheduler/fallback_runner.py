@@ -39,8 +39,9 @@ PROBE_TOLERANCE = 0.05
 class FallbackRunner:
     def __init__(self, model, vision=None):
         self.model = model
-        # The vision side of a vision-language model (omlx.vision.encoder.PassInputs), for
-        # its statistics: the fallback engine itself takes text prompts only.
+        # The vision side of a vision-language model (omlx.vision.encoder.PassInputs): prompt
+        # chunks with images or audio take their input embeddings from it (not for
+        # multimodal-RoPE families, which the engine refuses media for).
         self.vision = vision
         self.footprint, self.batch_problem = probe(model)
         # Sequences with caches of their own: prefilling, or (unbatched) decoding.
@@ -85,7 +86,9 @@ class FallbackRunner:
             if cache is None:
                 cache = self.caches[seq] = make_prompt_cache(self.model)
             start = seq.num_computed_tokens
-            out = self._call(mx.array([seq.token_ids[start : start + n]]), cache)
+            # A prompt with images / audio: its rows' embeddings come from the towers.
+            extra = self.vision.prompt_chunk(seq, start, n) if self.takes_media(seq) else {}
+            out = self._call(mx.array([seq.token_ids[start : start + n]]), cache, **extra)
             touched += cache
             if start + n == seq.num_tokens:  # the prompt is in: its last row samples
                 pieces.append(out[:, -1, :])
@@ -98,8 +101,12 @@ class FallbackRunner:
             profile.add("compute", time.perf_counter() - built)
         return sampled, logits
 
-    def _call(self, tokens: mx.array, cache) -> mx.array:
-        out = self.model(tokens, cache=cache)
+    def takes_media(self, seq: Sequence) -> bool:
+        return (self.vision is not None and seq.request.multimodal is not None
+                and seq.num_computed_tokens < seq.num_prompt_tokens)
+
+    def _call(self, tokens: mx.array, cache, **extra) -> mx.array:
+        out = self.model(tokens, cache=cache, **extra)
         return getattr(out, "logits", out)  # mlx-vlm language models return an output object
 
     # ------------------------------------------------------------------ membership

@@ -8,9 +8,10 @@ the processor finds them), a processor config (Gemma 4's numpy mel feature extra
 `mlx_vlm.load(path)` loads the folder like a checkpoint from the hub, and
 `mlx_vlm.generate(..., audio=[...])` runs it.
 
-The language model is kept to what the paged engine runs (one head size for full and
-sliding layers, no KV-sharing layers); `per_layer_inputs=True` adds Gemma 4's per-layer
-token embeddings (the E2B / E4B models that carry audio towers have them).
+By default the language model is kept to what the paged engine runs (one head size for full
+and sliding layers, no KV-sharing layers); `per_layer_inputs=True` adds Gemma 4's per-layer
+token embeddings, `global_head_dim` / `kv_shared_layers` the rest of what the E2B / E4B
+checkpoints (the ones with audio towers) have.
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ class TinyAudioSpec:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     head_dim: int = 16
+    # Real Gemma 4 E2B / E4B: full-attention layers with wider heads and layers that read an
+    # earlier layer's KV (the paged engine refuses both; the fallback engine serves them).
+    global_head_dim: int | None = None
+    kv_shared_layers: int = 0
     vocab_size: int = 512
     sliding_window: int = 64
     audio_hidden: int = 32
@@ -110,8 +115,8 @@ def _config(spec: TinyAudioSpec, tokenizer, vocab: int) -> dict:
         "num_attention_heads": spec.num_attention_heads,
         "num_key_value_heads": spec.num_key_value_heads,
         "head_dim": spec.head_dim,
-        "global_head_dim": spec.head_dim,
-        "num_kv_shared_layers": 0,
+        "global_head_dim": spec.global_head_dim or spec.head_dim,
+        "num_kv_shared_layers": spec.kv_shared_layers,
         "vocab_size": vocab,
         "vocab_size_per_layer_input": vocab,
         "hidden_size_per_layer_input": 8 if spec.per_layer_inputs else 0,

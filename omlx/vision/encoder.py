@@ -128,6 +128,24 @@ class PassInputs:
             extra["position_ids"] = self._positions(chunks, positions)
         return extra
 
+    def prompt_chunk(self, seq, start: int, n: int) -> dict:
+        """Keyword arguments for one sequence's prompt chunk [start, start + n) fed alone (the
+        fallback engine's prefill, over the model's own caches): its rows' input embeddings
+        (1, n, hidden) and per-layer inputs where the family has them.  Runs the towers the
+        first time a chunk of the prompt needs them."""
+        mm = seq.request.multimodal
+        if mm.embeddings is None:
+            self._encode([seq])
+        rows = mm.embeddings[start : start + n][None]
+        extra = {"inputs_embeds": rows}
+        if self.per_layer:
+            ids = np.asarray(seq.token_ids[start : start + n])
+            ids = np.where(np.isin(ids, self.media_token_ids), 0, ids)
+            extra["per_layer_inputs"] = self.language.model.get_per_layer_inputs(mx.array(ids)[None])
+        if start + n >= seq.num_prompt_tokens:
+            mm.embeddings = None  # the prompt is in the caches now; recomputed if preempted
+        return extra
+
     def _embeddings(self, chunks, tokens: np.ndarray) -> mx.array:
         text = self.embed_tokens(mx.array(tokens))
         if self.text_scale is not None:
