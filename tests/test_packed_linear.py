@@ -310,3 +310,29 @@ def test_packed_model_is_batch_invariant_in_the_engine(packed_tiny, requests, bl
     for i, r in enumerate(requests):
         assert outputs[i] == alone(prompts[i], r["max_tokens"]), f"request {i} diverged"
     assert engine.blocks.leaked_blocks() == []
+
+
+async def test_pool_loads_packed_and_counts_the_packed_bytes(tiny_path, tmp_path, matmul_env):
+    """Through the real loading path: the model's layers are packed, and the ledger holds
+    the packed weight bytes, about half of the float32 file's."""
+    from omlx.models.pool import ModelPool
+    from omlx.settings import SettingsStore
+
+    assert matmul_env("bf16").bf16
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "m").symlink_to(tiny_path)
+    (tmp_path / "home").mkdir()
+    pool = ModelPool([tmp_path / "models"], EngineConfig(block_size=16, num_blocks=32, max_num_batched_tokens=64),
+                     memory_budget=1 << 30, settings=SettingsStore(tmp_path / "home"))
+    try:
+        async with pool.lease("m") as leased:
+            assert leased.model_id == "m"
+        resident = pool.resident("m")
+        model = resident.model.engine.engine.model
+        assert any(isinstance(m, PackedLinear) for _, m in model.named_modules())
+        assert not any(type(m) is nn.Linear for _, m in model.named_modules())
+        assert resident.model.weights_bytes == parameter_bytes(model)
+        file_bytes = (tiny_path / "model.safetensors").stat().st_size
+        assert resident.model.weights_bytes < 0.75 * file_bytes
+    finally:
+        await pool.close()
