@@ -30,8 +30,10 @@
 // gives bit-identical results.
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <string>
@@ -79,8 +81,13 @@ bool cpu_has_vnni() {
 
 const bool kHasVnni = cpu_has_vnni();
 
+// x as given: row-contiguous, or any strides (copied to rows first, in the task).
+struct Strided {
+  std::vector<int64_t> shape, strides;  // in elements; empty when x is row-contiguous
+};
+
 struct Job {
-  const float* x;  // (M, K)
+  const float* x;  // (M, K) rows (after `strided` is resolved)
   float* y;  // (M, N)
   const uint8_t* w;  // tiles, see the layout above
   const void* scales;  // (tiles, groups, 16) float16 or float32
@@ -90,8 +97,15 @@ struct Job {
   int N, K, bits, group;
   bool half_scales;
   bool portable;
-  // Quantized activations: (M, K) int8, and per (row, group) xs and xs * sum(xq).
+  // Activation precision: 1 = int8 codes v in [-127, 127]; 2 = ~15-bit codes v in
+  // [-16256, 16256] held as two int8 parts v = 128 * hi + lo (hi in [-127, 127], lo in
+  // [-64, 63]), each multiplied with the same weight vector: twice the dot products,
+  // 128x finer activations, the same weight bytes.
+  int precision;
+  // Quantized activations: (M, K) int8 (the high parts when split) and the low parts,
+  // and per (row, group) xs and xs * sum(v).
   int8_t* xq;
+  int8_t* xl;
   float* xs;
   float* xsum;
 
@@ -117,44 +131,69 @@ inline float scale_at(const void* base, bool half, int64_t i) {
 }
 
 // ---------------------------------------------------------------------------- activations
-// Both versions give the same bits: max is exact, the scale is one float division, the
-// product one float multiply, rounding to nearest even (vcvtps2dq under the default MXCSR
-// and nearbyintf alike), and the sum of codes is an integer.
-void quantize_row_portable(const float* x, int K, int group, int8_t* q, float* xs, float* xsum) {
+// v = round(x * levels / max|x|) per group, levels 127 (int8) or 127 * 128 (split).  Both
+// versions give the same bits: max is exact, the scale one float division, the product one
+// float multiply, rounding to nearest even (vcvtps2dq under the default MXCSR and nearbyintf
+// alike), the split and the sum of codes integer arithmetic.
+constexpr int SPLIT_LEVELS = 127 * 128;
+
+inline int levels_of(int precision) {
+  return precision == 2 ? SPLIT_LEVELS : 127;
+}
+
+void quantize_row_portable(const float* x, int K, int group, int precision, int8_t* hi, int8_t* lo, float* xs,
+                           float* xsum) {
+  const int levels = levels_of(precision);
   for (int g = 0; g * group < K; ++g) {
     const float* xg = x + g * group;
     float amax = 0.f;
     for (int i = 0; i < group; ++i) amax = std::max(amax, std::fabs(xg[i]));
-    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    const float inv = amax > 0.f ? float(levels) / amax : 0.f;
     int sum = 0;
     for (int i = 0; i < group; ++i) {
-      const int v = std::clamp(int(std::nearbyintf(xg[i] * inv)), -127, 127);
-      q[g * group + i] = int8_t(v);
+      const int v = std::clamp(int(std::nearbyintf(xg[i] * inv)), -levels, levels);
       sum += v;
+      if (precision == 2) {
+        const int h = (v + 64) >> 7;  // floor((v + 64) / 128): v - 128 h in [-64, 63]
+        hi[g * group + i] = int8_t(h);
+        lo[g * group + i] = int8_t(v - 128 * h);
+      } else {
+        hi[g * group + i] = int8_t(v);
+      }
     }
-    xs[g] = amax / 127.f;
+    xs[g] = amax / float(levels);
     xsum[g] = float(sum) * xs[g];
   }
 }
 
-OMLX_VNNI void quantize_row_vnni(const float* x, int K, int group, int8_t* q, float* xs, float* xsum) {
+OMLX_VNNI void quantize_row_vnni(const float* x, int K, int group, int precision, int8_t* hi, int8_t* lo, float* xs,
+                                 float* xsum) {
+  const int levels = levels_of(precision);
   const __m512 sign = _mm512_set1_ps(-0.f);
+  const __m512i vmin = _mm512_set1_epi32(-levels), vmax = _mm512_set1_epi32(levels);
+  const __m512i half = _mm512_set1_epi32(64);
   for (int g = 0; g * group < K; ++g) {
     const float* xg = x + g * group;
     __m512 m = _mm512_setzero_ps();
     for (int i = 0; i < group; i += 16) m = _mm512_max_ps(m, _mm512_andnot_ps(sign, _mm512_loadu_ps(xg + i)));
     const float amax = _mm512_reduce_max_ps(m);
-    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    const float inv = amax > 0.f ? float(levels) / amax : 0.f;
     const __m512 vinv = _mm512_set1_ps(inv);
-    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
     __m512i sum = _mm512_setzero_si512();
     for (int i = 0; i < group; i += 16) {
       __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + i), vinv));
-      v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
+      v = _mm512_min_epi32(_mm512_max_epi32(v, vmin), vmax);
       sum = _mm512_add_epi32(sum, v);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + g * group + i), _mm512_cvtepi32_epi8(v));
+      if (precision == 2) {
+        const __m512i h = _mm512_srai_epi32(_mm512_add_epi32(v, half), 7);
+        const __m512i l = _mm512_sub_epi32(v, _mm512_slli_epi32(h, 7));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + g * group + i), _mm512_cvtepi32_epi8(h));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + g * group + i), _mm512_cvtepi32_epi8(l));
+      } else {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + g * group + i), _mm512_cvtepi32_epi8(v));
+      }
     }
-    xs[g] = amax / 127.f;
+    xs[g] = amax / float(levels);
     xsum[g] = float(_mm512_reduce_add_epi32(sum)) * xs[g];
   }
 }
@@ -162,10 +201,12 @@ OMLX_VNNI void quantize_row_vnni(const float* x, int K, int group, int8_t* q, fl
 void quantize_rows(const Job& j, int64_t r0, int64_t r1) {
   const int G = j.groups();
   for (int64_t r = r0; r < r1; ++r) {
+    int8_t* lo = j.precision == 2 ? j.xl + r * j.K : nullptr;
     if (j.portable)
-      quantize_row_portable(j.x + r * j.K, j.K, j.group, j.xq + r * j.K, j.xs + r * G, j.xsum + r * G);
+      quantize_row_portable(j.x + r * j.K, j.K, j.group, j.precision, j.xq + r * j.K, lo, j.xs + r * G,
+                            j.xsum + r * G);
     else
-      quantize_row_vnni(j.x + r * j.K, j.K, j.group, j.xq + r * j.K, j.xs + r * G, j.xsum + r * G);
+      quantize_row_vnni(j.x + r * j.K, j.K, j.group, j.precision, j.xq + r * j.K, lo, j.xs + r * G, j.xsum + r * G);
   }
 }
 
@@ -182,19 +223,24 @@ inline int32_t load4(const int8_t* p) {
 }
 
 // Rows r0 .. r0+R-1 of x against output tile t.
-template <int BITS, int R>
+template <int BITS, int R, bool SPLIT>
 OMLX_VNNI void tile_rows_vnni(const Job& j, int t, int64_t r0) {
   const int G = j.groups();
   const int K = j.K;
   const uint8_t* w = j.w + int64_t(t) * j.tile_bytes();
+  // a0 / a1: the dot with x's (high) codes, split over two chains; b0 / b1: the low parts.
   const int8_t* xq[R];
-  for (int r = 0; r < R; ++r) xq[r] = j.xq + (r0 + r) * K;
+  const int8_t* xl[R];
+  for (int r = 0; r < R; ++r) {
+    xq[r] = j.xq + (r0 + r) * K;
+    xl[r] = SPLIT ? j.xl + (r0 + r) * K : nullptr;
+  }
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   for (int g = 0; g < G; ++g) {
-    __m512i a0[R], a1[R];
-    for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_si512();
+    __m512i a0[R], a1[R], b0[R], b1[R];
+    for (int r = 0; r < R; ++r) a0[r] = a1[r] = b0[r] = b1[r] = _mm512_setzero_si512();
     const int k0 = g * j.group;
     if constexpr (BITS == 4) {
       for (int k = k0; k < k0 + j.group; k += 8, w += 64) {
@@ -204,6 +250,10 @@ OMLX_VNNI void tile_rows_vnni(const Job& j, int t, int64_t r0) {
         for (int r = 0; r < R; ++r) {
           a0[r] = _mm512_dpbusd_epi32(a0[r], lo, _mm512_set1_epi32(load4(xq[r] + k)));
           a1[r] = _mm512_dpbusd_epi32(a1[r], hi, _mm512_set1_epi32(load4(xq[r] + k + 4)));
+          if constexpr (SPLIT) {
+            b0[r] = _mm512_dpbusd_epi32(b0[r], lo, _mm512_set1_epi32(load4(xl[r] + k)));
+            b1[r] = _mm512_dpbusd_epi32(b1[r], hi, _mm512_set1_epi32(load4(xl[r] + k + 4)));
+          }
         }
       }
     } else {
@@ -213,6 +263,10 @@ OMLX_VNNI void tile_rows_vnni(const Job& j, int t, int64_t r0) {
         for (int r = 0; r < R; ++r) {
           a0[r] = _mm512_dpbusd_epi32(a0[r], v0, _mm512_set1_epi32(load4(xq[r] + k)));
           a1[r] = _mm512_dpbusd_epi32(a1[r], v1, _mm512_set1_epi32(load4(xq[r] + k + 4)));
+          if constexpr (SPLIT) {
+            b0[r] = _mm512_dpbusd_epi32(b0[r], v0, _mm512_set1_epi32(load4(xl[r] + k)));
+            b1[r] = _mm512_dpbusd_epi32(b1[r], v1, _mm512_set1_epi32(load4(xl[r] + k + 4)));
+          }
         }
       }
     }
@@ -221,7 +275,9 @@ OMLX_VNNI void tile_rows_vnni(const Job& j, int t, int64_t r0) {
     const __m512 b = load_scales(j.biases, j.half_scales, at);
     for (int r = 0; r < R; ++r) {
       const int64_t rg = (r0 + r) * G + g;
-      const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(a0[r], a1[r]));
+      __m512i idot = _mm512_add_epi32(a0[r], a1[r]);
+      if constexpr (SPLIT) idot = _mm512_add_epi32(_mm512_slli_epi32(idot, 7), _mm512_add_epi32(b0[r], b1[r]));
+      const __m512 dot = _mm512_cvtepi32_ps(idot);
       acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(s, _mm512_set1_ps(j.xs[rg])), acc[r]);
       acc[r] = _mm512_fmadd_ps(b, _mm512_set1_ps(j.xsum[rg]), acc[r]);
     }
@@ -234,14 +290,14 @@ OMLX_VNNI void tile_rows_vnni(const Job& j, int t, int64_t r0) {
     _mm512_mask_storeu_ps(j.y + (r0 + r) * j.N + n0, mask, _mm512_add_ps(acc[r], bias));
 }
 
-template <int BITS>
+template <int BITS, bool SPLIT>
 OMLX_VNNI void tile_vnni(const Job& j, int t, int64_t r0, int64_t r1) {
   int64_t r = r0;
-  for (; r + ROWS <= r1; r += ROWS) tile_rows_vnni<BITS, ROWS>(j, t, r);
+  for (; r + ROWS <= r1; r += ROWS) tile_rows_vnni<BITS, ROWS, SPLIT>(j, t, r);
   switch (r1 - r) {
-    case 3: tile_rows_vnni<BITS, 3>(j, t, r); break;
-    case 2: tile_rows_vnni<BITS, 2>(j, t, r); break;
-    case 1: tile_rows_vnni<BITS, 1>(j, t, r); break;
+    case 3: tile_rows_vnni<BITS, 3, SPLIT>(j, t, r); break;
+    case 2: tile_rows_vnni<BITS, 2, SPLIT>(j, t, r); break;
+    case 1: tile_rows_vnni<BITS, 1, SPLIT>(j, t, r); break;
     default: break;
   }
 }
@@ -255,6 +311,7 @@ void tile_portable(const Job& j, int t, int64_t r0, int64_t r1) {
   const int n0 = t * TILE;
   for (int64_t r = r0; r < r1; ++r) {
     const int8_t* xq = j.xq + r * j.K;
+    const int8_t* xl = j.precision == 2 ? j.xl + r * j.K : nullptr;
     for (int nl = 0; nl < TILE && n0 + nl < j.N; ++nl) {
       float acc = 0.f;
       for (int g = 0; g < G; ++g) {
@@ -267,7 +324,7 @@ void tile_portable(const Job& j, int t, int64_t r0, int64_t r1) {
           } else {
             q = w[(k / 4) * 64 + nl * 4 + k % 4];
           }
-          dot += q * xq[k];
+          dot += q * (xl ? 128 * xq[k] + xl[k] : xq[k]);
         }
         const int64_t at = (int64_t(t) * G + g) * TILE + nl;
         const float s = scale_at(j.scales, j.half_scales, at);
@@ -282,13 +339,46 @@ void tile_portable(const Job& j, int t, int64_t r0, int64_t r1) {
 }
 
 // ---------------------------------------------------------------------------- the call
-bool worth_threads(const Job& j) {
-  // Fork/join costs a few microseconds: below ~100k weight codes read one thread is faster.
-  return int64_t(j.N) * j.K * std::max<int64_t>(j.M, 1) >= (int64_t(1) << 17);
+int64_t min_thread_work() {
+  // Waking the pool's sleeping threads (OMP_WAIT_POLICY=PASSIVE, see backend.py) costs tens
+  // of microseconds: a matrix that one thread streams faster than that stays on one thread.
+  // bench/quant_matmul_bench.py measured the default; OMLX_QUANT_THREAD_WORK overrides.
+  const char* env = std::getenv("OMLX_QUANT_THREAD_WORK");
+  return env ? std::atoll(env) : (int64_t(1) << 21);
 }
 
-void run(Job j) {
-  std::vector<int8_t> xq(size_t(j.M) * j.K);
+std::atomic<int64_t> kMinThreadWork{min_thread_work()};
+
+bool worth_threads(const Job& j) {
+  return int64_t(j.N) * j.K * std::max<int64_t>(j.M, 1) >= kMinThreadWork.load(std::memory_order_relaxed);
+}
+
+// Gathers a strided x into rows (shape (..., K), element strides).
+void gather_rows(const float* src, const Strided& st, float* dst) {
+  const int nd = int(st.shape.size());
+  std::vector<int64_t> idx(nd, 0);
+  int64_t total = 1;
+  for (auto d : st.shape) total *= d;
+  for (int64_t i = 0; i < total; ++i) {
+    int64_t off = 0;
+    for (int d = 0; d < nd; ++d) off += idx[d] * st.strides[d];
+    dst[i] = src[off];
+    for (int d = nd - 1; d >= 0; --d) {
+      if (++idx[d] < st.shape[d]) break;
+      idx[d] = 0;
+    }
+  }
+}
+
+void run(Job j, const Strided& strided) {
+  std::vector<float> rows;
+  if (!strided.shape.empty()) {
+    rows.resize(size_t(j.M) * j.K);
+    gather_rows(j.x, strided, rows.data());
+    j.x = rows.data();
+  }
+  std::vector<int8_t> xq(size_t(j.M) * j.K), xl(j.precision == 2 ? size_t(j.M) * j.K : 0);
+  j.xl = xl.data();
   std::vector<float> xs(size_t(j.M) * j.groups()), xsum(size_t(j.M) * j.groups());
   j.xq = xq.data();
   j.xs = xs.data();
@@ -303,17 +393,18 @@ void run(Job j) {
       if (j.portable)
         tile_portable(j, t, c0, c1);
       else if (j.bits == 4)
-        tile_vnni<4>(j, t, c0, c1);
+        j.precision == 2 ? tile_vnni<4, true>(j, t, c0, c1) : tile_vnni<4, false>(j, t, c0, c1);
       else
-        tile_vnni<8>(j, t, c0, c1);
+        j.precision == 2 ? tile_vnni<8, true>(j, t, c0, c1) : tile_vnni<8, false>(j, t, c0, c1);
     }
   }
 }
 
 class QuantLinear : public mx::Primitive {
  public:
-  QuantLinear(mx::Stream stream, int n, int bits, int group, bool has_bias, bool portable)
-      : mx::Primitive(stream), n_(n), bits_(bits), group_(group), has_bias_(has_bias), portable_(portable) {}
+  QuantLinear(mx::Stream stream, int n, int bits, int group, int precision, bool has_bias, bool portable)
+      : mx::Primitive(stream), n_(n), bits_(bits), group_(group), precision_(precision), has_bias_(has_bias),
+        portable_(portable) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     // inputs: x (M, K) float32, packed (bytes,) uint8, scales, biases (tiles*groups*16,), [bias (N,)]
@@ -323,22 +414,31 @@ class QuantLinear : public mx::Primitive {
     for (auto& a : inputs) enc.set_input_array(a);
     enc.set_output_array(out);
     const auto& x = inputs[0];
+    for (size_t i = 1; i < inputs.size(); ++i)
+      if (!inputs[i].flags().row_contiguous)
+        throw std::invalid_argument("quant_linear: weights, scales, biases and bias must be contiguous");
     Job j{};
     j.x = x.data<float>();
+    Strided strided;
+    if (!x.flags().row_contiguous) {
+      strided.shape.assign(x.shape().begin(), x.shape().end());
+      strided.strides.assign(x.strides().begin(), x.strides().end());
+    }
     j.y = out.data<float>();
     j.w = inputs[1].data<uint8_t>();
     j.scales = inputs[2].data<void>();
     j.biases = inputs[3].data<void>();
     j.half_scales = inputs[2].dtype() == mx::float16;
     j.bias = has_bias_ ? inputs[4].data<float>() : nullptr;
-    j.M = x.shape(0);
-    j.K = int(x.shape(1));
+    j.K = int(x.shape(-1));
+    j.M = int64_t(x.size()) / j.K;
     j.N = n_;
     j.bits = bits_;
     j.group = group_;
+    j.precision = precision_;
     j.portable = portable_ || !kHasVnni;
     if (j.M == 0) return;
-    enc.dispatch([j]() { run(j); });
+    enc.dispatch([j, strided = std::move(strided)]() { run(j, strided); });
   }
 
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
@@ -351,24 +451,34 @@ class QuantLinear : public mx::Primitive {
 
   bool is_equivalent(const mx::Primitive& other) const override {
     auto* o = dynamic_cast<const QuantLinear*>(&other);
-    return o && o->n_ == n_ && o->bits_ == bits_ && o->group_ == group_ && o->has_bias_ == has_bias_ &&
+    return o && o->n_ == n_ && o->bits_ == bits_ && o->group_ == group_ && o->precision_ == precision_ &&
+           o->has_bias_ == has_bias_ &&
            o->portable_ == portable_;
   }
 
  private:
-  int n_, bits_, group_;
+  int n_, bits_, group_, precision_;
   bool has_bias_, portable_;
 };
 
-// x (M, K) any float dtype; packed / scales / biases as made by quant_linear.py's repack.
+// A contiguous operand as it is; anything else (a lazy or strided one) through mx::contiguous.
+// Parameters are evaluated and contiguous, so a layer call adds no node for them.
+mx::array as_rows(const mx::array& a, const mx::Stream& stream) {
+  if (a.is_available() && a.flags().row_contiguous) return a;
+  return mx::contiguous(a, false, stream);
+}
+
+// x (..., K) any float dtype; packed / scales / biases as made by quant_linear.py's repack.
 mx::array quant_linear(const mx::array& x, const mx::array& packed, const mx::array& scales,
                        const mx::array& biases, const std::optional<mx::array>& bias, int n, int bits,
-                       int group_size, bool portable, mx::StreamOrDevice s) {
+                       int group_size, int precision, bool portable, mx::StreamOrDevice s) {
+  if (precision != 1 && precision != 2)
+    throw std::invalid_argument("quant_linear: precision must be 1 (int8 x) or 2 (split ~15-bit x)");
   if (bits != 4 && bits != 8) throw std::invalid_argument("quant_linear: bits must be 4 or 8");
   if (group_size != 32 && group_size != 64 && group_size != 128)
     throw std::invalid_argument("quant_linear: group_size must be 32, 64 or 128");
-  if (x.ndim() != 2) throw std::invalid_argument("quant_linear: x must be (rows, K)");
-  const int k = int(x.shape(1));
+  if (x.ndim() < 1) throw std::invalid_argument("quant_linear: x must be (..., K)");
+  const int k = int(x.shape(-1));
   if (k <= 0 || k % group_size != 0) throw std::invalid_argument("quant_linear: K must be a multiple of group_size");
   if (n <= 0) throw std::invalid_argument("quant_linear: N must be positive");
   const int64_t tiles = (n + TILE - 1) / TILE;
@@ -384,16 +494,18 @@ mx::array quant_linear(const mx::array& x, const mx::array& packed, const mx::ar
   if (bias && (bias->ndim() != 1 || bias->shape(0) != n))
     throw std::invalid_argument("quant_linear: bias must have shape (N,)");
   const auto stream = mx::to_stream(s, mx::Device::cpu);
+  // x may stay strided (the task gathers it); the others must be contiguous.
   std::vector<mx::array> inputs = {
-      mx::contiguous(mx::astype(x, mx::float32, stream), false, stream),
-      mx::contiguous(mx::flatten(packed, stream), false, stream),
-      mx::contiguous(mx::flatten(scales, stream), false, stream),
-      mx::contiguous(mx::flatten(biases, stream), false, stream),
+      x.dtype() == mx::float32 ? x : mx::astype(x, mx::float32, stream),
+      as_rows(packed, stream),
+      as_rows(scales, stream),
+      as_rows(biases, stream),
   };
-  if (bias) inputs.push_back(mx::contiguous(mx::astype(*bias, mx::float32, stream), false, stream));
-  mx::Shape shape = {x.shape(0), n};
+  if (bias) inputs.push_back(as_rows(bias->dtype() == mx::float32 ? *bias : mx::astype(*bias, mx::float32, stream), stream));
+  mx::Shape shape = x.shape();
+  shape.back() = n;
   return mx::array(shape, mx::float32,
-                   std::make_shared<QuantLinear>(stream, n, bits, group_size, bias.has_value(), portable),
+                   std::make_shared<QuantLinear>(stream, n, bits, group_size, precision, bias.has_value(), portable),
                    std::move(inputs));
 }
 
@@ -402,11 +514,17 @@ mx::array quant_linear(const mx::array& x, const mx::array& packed, const mx::ar
 NB_MODULE(_quant_linear_cpu, m) {
   m.doc() = "omlx linear layers over 4/8-bit affine-quantized weights read as stored (MLX CPU primitive)";
   m.def("quant_linear", &quant_linear, "x"_a, "packed"_a, "scales"_a, "biases"_a, "bias"_a = nb::none(),
-        nb::kw_only(), "n"_a, "bits"_a, "group_size"_a, "portable"_a = false, "stream"_a = nb::none(),
-        "y = x @ dequant(W).T (+ bias) with x quantized per group to int8 (see omlx/kernels/quant_linear.py).");
+        nb::kw_only(), "n"_a, "bits"_a, "group_size"_a, "precision"_a = 2, "portable"_a = false, "stream"_a = nb::none(),
+        "y = x @ dequant(W).T (+ bias) with x quantized per group, to int8 (precision 1) or to ~15 bits held "
+        "as two int8 parts (precision 2) (see omlx/kernels/quant_linear.py).");
+  m.def("split_levels", []() { return SPLIT_LEVELS; });
   m.def("isa", []() { return std::string(kHasVnni ? "avx512-vnni" : "portable"); },
         "The instruction set the kernel uses on this CPU.");
   m.def("tile", []() { return TILE; });
+  m.def("min_thread_work", []() { return kMinThreadWork.load(); },
+        "Rows x N x K below which a call runs on one thread.");
+  m.def("set_min_thread_work", [](int64_t work) { kMinThreadWork.store(work); }, "work"_a,
+        "Set that threshold (the bench measures it; OMLX_QUANT_THREAD_WORK sets it at load).");
   m.def("num_threads", []() {
 #ifdef _OPENMP
     return omp_get_max_threads();
