@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from omlx.testing.hostile_bodies import hostile_body, measure_stall, post  # noqa: E402
+from omlx.testing.hostile_bodies import hostile_body, many_messages_body, measure_stall, post  # noqa: E402
 
 ROUTES = ("/v1/chat/completions", "/v1/messages", "/v1/responses", "/v1/completions")
 MODEL = "tiny"
@@ -76,23 +76,33 @@ async def refusal_times(root: str, mib: int) -> dict:
             error = reply.get("error") or {}
             out[route] = {"status": status, "seconds": round(elapsed, 3),
                           "code": error.get("code") or error.get("type")}
+        status, reply, elapsed = await post(session, root + "/v1/chat/completions", many_messages_body(MODEL, mib << 20))
+        error = reply.get("error") or {}
+        out["chat, many tiny messages"] = {"status": status, "seconds": round(elapsed, 3), "code": error.get("code")}
     return out
 
 
-async def run(root: str, mib: int, samples: int) -> dict:
-    results = {"refusal": await refusal_times(root, mib)}
-    body = hostile_body("/v1/chat/completions", MODEL, mib << 20)
-    for hostile in (1, 8):
-        stall = await measure_stall(root, MODEL, hostile=hostile, samples=samples, body=body)
-        results[f"small_during_{hostile}"] = {
-            "alone_median_s": round(stall.alone, 3), "during_median_s": round(stall.during, 3),
-            "during_worst_s": round(stall.worst_during, 3), "ratio_median": round(stall.ratio, 2),
-            "ratio_worst": round(stall.worst_during / stall.alone, 2),
-            "hostile_answers": len(stall.hostile_s),
-            "hostile_median_s": round(sorted(stall.hostile_s)[len(stall.hostile_s) // 2], 3) if stall.hostile_s else None,
-            "hostile_statuses": sorted(set(stall.hostile_statuses)),
-        }
+async def run(root: str, mib: int, samples: int, hostile_counts: list[int], shapes: list[str],
+              refusals: bool = True) -> dict:
+    results = {"refusal": await refusal_times(root, mib)} if refusals else {}
+    for shape in shapes:
+        body = (hostile_body("/v1/chat/completions", MODEL, mib << 20) if shape == "text"
+                else many_messages_body(MODEL, mib << 20))
+        for hostile in hostile_counts:
+            results[f"{shape}: small_during_{hostile}"] = await stall_row(root, body, hostile, samples)
     return results
+
+
+async def stall_row(root: str, body: bytes, hostile: int, samples: int) -> dict:
+    stall = await measure_stall(root, MODEL, hostile=hostile, samples=samples, body=body)
+    return {
+        "alone_median_s": round(stall.alone, 3), "during_median_s": round(stall.during, 3),
+        "during_worst_s": round(stall.worst_during, 3), "ratio_median": round(stall.ratio, 2),
+        "ratio_worst": round(stall.worst_during / stall.alone, 2),
+        "hostile_answers": len(stall.hostile_s),
+        "hostile_median_s": round(sorted(stall.hostile_s)[len(stall.hostile_s) // 2], 3) if stall.hostile_s else None,
+        "hostile_statuses": sorted(set(stall.hostile_statuses)),
+    }
 
 
 def main() -> None:
@@ -101,10 +111,17 @@ def main() -> None:
     parser.add_argument("--source", type=Path, help="also measure the checkout in DIR (first)")
     parser.add_argument("--mib", type=int, default=20, help="size of a hostile body (20)")
     parser.add_argument("--samples", type=int, default=5, help="small requests per measurement (5)")
+    parser.add_argument("--hostile", default="1,8", help="hostile client counts to measure under (1,8)")
+    parser.add_argument("--shapes", default="text,messages",
+                        help="hostile bodies: text (one 20 MiB message), messages (~600k tiny ones)")
+    parser.add_argument("--before-hostile", default="1",
+                        help="with --source: the hostile counts for the old checkout (1: each stall there lasts minutes)")
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args()
+    counts = [int(n) for n in args.hostile.split(",")]
+    shapes = args.shapes.split(",")
     if args.url:
-        results = {"url": asyncio.run(run(args.url.rstrip("/"), args.mib, args.samples))}
+        results = {"url": asyncio.run(run(args.url.rstrip("/"), args.mib, args.samples, counts, shapes))}
     else:
         from omlx.testing.tiny_models import TinyModelSpec, build_model
 
@@ -118,7 +135,11 @@ def main() -> None:
                 work.mkdir()
                 process, root = start_server(source.resolve(), models, work)
                 try:
-                    results[name] = asyncio.run(run(root, args.mib, args.samples))
+                    before = name == "before"
+                    results[name] = asyncio.run(run(
+                        root, args.mib, 1 if before else args.samples,
+                        [int(n) for n in args.before_hostile.split(",")] if before else counts,
+                        ["text"] if before else shapes, refusals=not before))
                 finally:
                     process.terminate()
                     process.wait(timeout=30)

@@ -80,7 +80,7 @@ async def fetch_url(url: str, *, max_bytes: int, timeout_s: float, what: str = "
 async def _fetch(url: str, max_bytes: int, what: str, policy: MediaPolicy, resolve) -> bytes:
     target = _parse(url, what)
     for _ in range(MAX_REDIRECTS + 1):
-        checked = await _checked_addresses(target, policy, resolve)
+        checked = await _checked_addresses(target, policy, resolve, what)
         connector = aiohttp.TCPConnector(resolver=_CheckedAddresses(target.raw_host, checked),
                                          use_dns_cache=False, force_close=True)
         async with aiohttp.ClientSession(connector=connector) as session:
@@ -107,7 +107,7 @@ def _parse(url: str, what: str) -> URL:
     return target
 
 
-async def _checked_addresses(target: URL, policy: MediaPolicy, resolve) -> list[dict]:
+async def _checked_addresses(target: URL, policy: MediaPolicy, resolve, what: str) -> list[dict]:
     host = target.raw_host  # as aiohttp will connect to it (an IDN name in punycode)
     policy.check_host(host, str(target))
     port = target.port or (443 if target.scheme == "https" else 80)
@@ -122,10 +122,11 @@ async def _checked_addresses(target: URL, policy: MediaPolicy, resolve) -> list[
         try:
             results = await resolve(host, port)
         except OSError as exc:
-            raise MediaFetchError(f"fetching media from {target} failed: cannot resolve {host}: {exc}",
-                                  "media_fetch_failed") from None
+            raise MediaFetchError(f"fetching the {what} from {target} failed: cannot resolve {host}: {exc}",
+                                  f"{what}_fetch_failed") from None
     if not results:
-        raise MediaFetchError(f"fetching media from {target} failed: {host} has no address", "media_fetch_failed")
+        raise MediaFetchError(f"fetching the {what} from {target} failed: {host} has no address",
+                              f"{what}_fetch_failed")
     policy.check_addresses(host, [r["host"] for r in results], str(target))
     return results
 

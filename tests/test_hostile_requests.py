@@ -137,10 +137,12 @@ def test_large_bodies_are_parsed_in_a_worker_process():
     raw = orjson.dumps(body)
 
     async def scenario():
-        assert await pool.parse_json(raw) == (True, body)
-        ok, message = await pool.parse_json(raw[:-1])
-        assert not ok and message
-        assert await pool.parse_json(b'{"a": 1}') == (True, {"a": 1})
+        assert await pool.parse_json(raw, 64) == (True, body)
+        ok, message = await pool.parse_json(raw[:-1], 64)
+        assert not ok and "not valid JSON" in message
+        ok, message = await pool.parse_json(raw, 2)
+        assert not ok and "deeper than 2 levels" in message
+        assert await pool.parse_json(b'{"a": 1}', 64) == (True, {"a": 1})
         assert pool._processes is not None  # the large ones went to the process
 
     try:
@@ -162,6 +164,16 @@ def test_openai_routes_refuse_a_hostile_body_in_their_shape(client, hostile_text
     with pytest.raises(openai.BadRequestError) as completion:
         client.completions.create(model="tiny", max_tokens=8, prompt=hostile_text)
     assert completion.value.code == "context_length_exceeded" and completion.value.param == "prompt"
+
+
+def test_a_body_of_many_tiny_messages_is_refused_unrendered(server):
+    from omlx_process import call
+
+    from omlx.testing.hostile_bodies import many_messages_body
+
+    status, reply = call(server, "POST", "/v1/chat/completions", many_messages_body("tiny", 4 << 20))
+    assert status == 400 and reply["error"]["code"] == "context_length_exceeded", reply
+    assert "at least" in reply["error"]["message"]
 
 
 def test_responses_refuses_a_hostile_body_in_its_shape(client, hostile_text):

@@ -181,6 +181,12 @@ def test_a_name_that_resolves_to_a_private_address_is_refused(probe):
     assert probe.hits == [] and calls == ["images.example.com"]
 
 
+def test_a_name_that_does_not_resolve_fails_as_a_fetch(probe):
+    with pytest.raises(MediaFetchError) as failed:
+        fetch(probe.url(host="nowhere.example.com"), MediaPolicy(), fake_dns({}))
+    assert failed.value.code == "image_fetch_failed" and "cannot resolve" in failed.value.message
+
+
 def test_allowed_local_fetch_connects_to_the_address_it_checked(probe):
     # The name is looked up once, and the connection goes to that answer (the probe), not to
     # a second lookup's: a DNS answer cannot change between the check and the connection.

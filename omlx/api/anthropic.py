@@ -21,6 +21,7 @@ from . import sse
 from .anthropic_protocol import parse_conversation, parse_messages
 from .assistant_turn import AssistantTurn, collect_turn
 from .generation import EngineFailure
+from .offload import offload
 from .output_parser import Reasoning, Text, ToolCallEvent
 from .server_tools import ServerToolCall, ServerToolResult, offer_mcp_tools
 from .serving import Serving
@@ -51,13 +52,14 @@ class AnthropicRoutes:
         # MCP tools it would be offered included.
         body = await read_json(request)
         offer = offer_mcp_tools(request.app, body, "messages")
-        _, _, prompt_ids, _ = await self.serving.prepare(request, parse_conversation(offer.body if offer else body))
+        parsed = await offload(parse_conversation, offer.body if offer else body, size=request.content_length)
+        _, _, prompt_ids, _ = await self.serving.prepare(request, parsed)
         return web.json_response({"input_tokens": len(prompt_ids)})
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         body = await read_json(request)
         offer = offer_mcp_tools(request.app, body, "messages")
-        parsed = parse_messages(offer.body if offer else body)
+        parsed = await offload(parse_messages, offer.body if offer else body, size=request.content_length)
         running = await self.serving.start(request, parsed)
         turn = offer.run(self.serving, request, running) if offer else running.turn
         message_id = _message_id()

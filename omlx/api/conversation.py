@@ -138,11 +138,20 @@ def prompt_ids_within(tokenizer, prompt: "Conversation | str", window: int, para
     if isinstance(prompt, str):
         text, add_special = prompt, True
     else:
+        check_message_count(prompt, window, param)
         text, add_special = render_prompt(tokenizer, prompt, param, tokenize=False), False
     try:
         return encode_within(tokenizer, text, window, add_special_tokens=add_special)
     except PromptTooLong as exc:
         raise context_too_long(exc, window, param) from None
+
+
+def check_message_count(conversation: Conversation, window: int, param: str = "messages") -> None:
+    """context_length_exceeded for more messages than the window has tokens, before any is
+    rendered: every chat template marks each message it renders with at least a role token,
+    and rendering hundreds of thousands of tiny messages would take seconds of CPU."""
+    if len(conversation.messages) >= window:
+        raise context_too_long(PromptTooLong(len(conversation.messages), exact=False), window, param)
 
 
 def check_prompt_chars(tokenizer, text: str, window: int, param: str = "messages") -> None:

@@ -1,15 +1,50 @@
-"""JSON parsing in a worker process (omlx.api.offload.parse_json): a leaf module, so a
-spawned worker imports nothing but orjson."""
+"""Parsing a request body's JSON, in a worker process for a large one (omlx.api.offload): a
+leaf module, so a spawned worker imports nothing but orjson.  The depth check runs here too,
+so the walk over a body of many small values never touches the event loop either."""
 
 from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
 
 import orjson
 
 
-def loads(raw: bytes):
-    """(True, value) or (False, the parser's message): the message, not the exception, crosses
-    the process boundary."""
+def loads(raw: bytes, max_depth: int):
+    """(True, value), or (False, what the client is told): a message, not an exception,
+    crosses the process boundary."""
     try:
-        return True, orjson.loads(raw)
+        value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        return False, str(exc)
+        return False, f"the request body is not valid JSON: {exc}"
+    if too_deep(value, max_depth):
+        return False, f"the request body nests JSON deeper than {max_depth} levels"
+    return True, value
+
+
+def too_deep(value: Any, limit: int) -> bool:
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, list):
+            continue
+        if depth > limit:
+            return True
+        pending.extend((child, depth + 1) for child in item if isinstance(child, (dict, list)))
+    return False
+
+
+def watch_parent(parent_pid: int) -> None:
+    """A worker's initializer: end the worker when the server that started it is gone (killed
+    without a chance to shut its pool down), instead of living on as an orphan."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="omlx-parent-watch", daemon=True).start()

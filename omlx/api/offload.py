@@ -86,13 +86,14 @@ class OffloadPool:
         with self._lock:
             self._large_jobs -= 1
 
-    async def parse_json(self, raw: bytes):
-        """`(True, value)` or `(False, message)` for a JSON document; a large one is parsed in a
-        worker process (counted as a large job), a small one right here."""
-        from .json_child import loads
+    async def parse_json(self, raw: bytes, max_depth: int):
+        """`(True, value)` or `(False, message for the client)` for a JSON document nested at
+        most `max_depth` deep; a large one is parsed in a worker process (counted as a large
+        job), a small one right here."""
+        from .json_child import loads, watch_parent
 
         if len(raw) < PROCESS_JSON_BYTES:
-            return loads(raw)
+            return loads(raw, max_depth)
         with self._lock:
             if self._large_jobs >= self.max_large_jobs:
                 raise overloaded(f"the server is already preparing {self._large_jobs} large requests; "
@@ -100,16 +101,17 @@ class OffloadPool:
             self._large_jobs += 1
             if self._processes is None:
                 # spawn: a fresh interpreter, never a fork of a process with MLX's threads.
-                self._processes = ProcessPoolExecutor(self.small_workers, mp_context=multiprocessing.get_context("spawn"))
+                self._processes = ProcessPoolExecutor(self.small_workers, mp_context=multiprocessing.get_context("spawn"),
+                                                      initializer=watch_parent, initargs=(os.getpid(),))
             processes = self._processes
         try:
-            future = processes.submit(loads, raw)
+            future = processes.submit(loads, raw, max_depth)
         except (BrokenProcessPool, RuntimeError):
             self._job_done(None)
             with self._lock:
                 if self._processes is processes:
                     self._processes = None  # a worker died (killed for memory?): the next body starts anew
-            return loads(raw)
+            return loads(raw, max_depth)
         future.add_done_callback(self._job_done)
         try:
             return await asyncio.wrap_future(future)
@@ -117,7 +119,7 @@ class OffloadPool:
             with self._lock:
                 if self._processes is processes:
                     self._processes = None
-            return loads(raw)
+            return loads(raw, max_depth)
 
     def shutdown(self) -> None:
         self._large.shutdown(wait=False, cancel_futures=True)
@@ -144,6 +146,6 @@ async def offload(fn: Callable[..., Any], *args, size: int | None = 0, **kwargs)
     return await offload_pool().run(fn, *args, size=size, **kwargs)
 
 
-async def parse_json(raw: bytes):
+async def parse_json(raw: bytes, max_depth: int):
     """`(True, value)` or `(False, message)` (see OffloadPool.parse_json)."""
-    return await offload_pool().parse_json(raw)
+    return await offload_pool().parse_json(raw, max_depth)

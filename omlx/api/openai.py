@@ -15,6 +15,7 @@ from .assistant_turn import AssistantTurn
 from .errors import model_not_found
 from .generation import EngineFailure, GenerationStream, collect_choices
 from .logprobs import chat_logprobs, completion_logprobs
+from .offload import offload
 from .openai_protocol import parse_chat, parse_completion
 from .serving import Serving
 from .server_tools import offer_mcp_tools
@@ -78,7 +79,8 @@ class OpenAIRoutes:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await read_json(request)
         offer = offer_mcp_tools(request.app, body, "chat")
-        running = await self.serving.start(request, parse_chat(offer.body if offer else body))
+        turn = await offload(parse_chat, offer.body if offer else body, size=request.content_length)
+        running = await self.serving.start(request, turn)
         if offer is not None:
             return await chat_with_server_tools(request, running, offer.run(self.serving, request, running))
         stream, turn, loaded = running.stream, running.turn, running.loaded
@@ -148,7 +150,7 @@ class OpenAIRoutes:
 
     # ------------------------------------------------------------------ completions
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        parsed = parse_completion(await read_json(request))
+        parsed = await offload(parse_completion, await read_json(request), size=request.content_length)
         running = await self.serving.start(request, parsed.turn)
         stream, loaded = running.stream, running.loaded
         prompt = parsed.turn.prompt

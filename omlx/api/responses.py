@@ -25,6 +25,7 @@ from omlx.models.pool import ModelPool
 from . import sse
 from .errors import APIError, invalid
 from .generation import EngineFailure
+from .offload import offload
 from .output_parser import Reasoning, ToolCallEvent
 from .response_store import ResponseStore
 from .responses_protocol import ResponsesRequest, parse_responses
@@ -207,7 +208,7 @@ class ResponsesRoutes:
     async def create(self, request: web.Request) -> web.StreamResponse:
         body = await read_json(request)
         offer = offer_mcp_tools(request.app, body, "responses")
-        parsed = parse_responses(offer.body if offer else body)
+        parsed = await offload(parse_responses, offer.body if offer else body, size=request.content_length)
         if offer is not None:
             parsed.raw_tools = offer.client_tools  # the response echoes the client's tools only
         history: list[dict] = []

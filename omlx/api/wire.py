@@ -32,11 +32,10 @@ async def read_json(request: web.Request) -> Any:
         raise invalid("the request body is empty; expected a JSON object")
     from .offload import parse_json
 
-    parsed, body = await parse_json(raw)  # a large body in a worker process, off the event loop
+    # Parsed and depth-checked in a worker process when large: off the event loop.
+    parsed, body = await parse_json(raw, MAX_NESTING)
     if not parsed:
-        raise invalid(f"the request body is not valid JSON: {body}")
-    if _too_deep(body, MAX_NESTING):
-        raise invalid(f"the request body nests JSON deeper than {MAX_NESTING} levels")
+        raise invalid(body)
     return body
 
 
@@ -46,17 +45,9 @@ MAX_NESTING = 64
 
 
 def _too_deep(value: Any, limit: int) -> bool:
-    pending = [(value, 1)]
-    while pending:
-        item, depth = pending.pop()
-        if isinstance(item, dict):
-            item = item.values()
-        elif not isinstance(item, list):
-            continue
-        if depth > limit:
-            return True
-        pending.extend((child, depth + 1) for child in item if isinstance(child, (dict, list)))
-    return False
+    from .json_child import too_deep
+
+    return too_deep(value, limit)
 
 
 def dumps(obj) -> str:

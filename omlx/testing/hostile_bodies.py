@@ -50,6 +50,15 @@ def hostile_body(route: str, model: str, n_bytes: int = 20 << 20) -> bytes:
 SMALL_TOKENS = 48
 
 
+def many_messages_body(model: str, n_bytes: int = 20 << 20) -> bytes:
+    """A chat body of about `n_bytes` made of tiny messages (~600k in 20 MiB): the other way to
+    make a body expensive, per message rather than per character."""
+    message = {"role": "user", "content": "hi"}
+    count = n_bytes // len(orjson.dumps(message))
+    messages = [message if i % 2 == 0 else {"role": "assistant", "content": "hi"} for i in range(count)]
+    return orjson.dumps({"model": model, "max_tokens": 8, "messages": messages})
+
+
 def small_body(model: str, max_tokens: int = SMALL_TOKENS) -> bytes:
     return orjson.dumps({"model": model, "max_tokens": max_tokens, "temperature": 0,
                          "messages": [{"role": "user", "content": "Say hello to the cat."}]})
