@@ -51,9 +51,7 @@ async def audio_prompt(loaded: LoadedModel, request: TurnRequest, conversation, 
     except AudioError as exc:
         raise audio_error(exc) from None
     except ImageError as exc:
-        from .image_prompt import image_error
-
-        raise image_error(exc) from None
+        raise APIError(exc.message, exc.status, "invalid_request_error", exc.param, exc.code) from None
     try:
         return await asyncio.to_thread(prepare, side.processor, side.image_token_id, side.audio_token_id, text,
                                        images, clips, request.resize_shape)
