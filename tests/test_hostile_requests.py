@@ -203,3 +203,14 @@ def test_a_small_request_is_not_stalled_by_eight_hostile_bodies(server):
     assert result.during <= bound, (
         f"small request: {result.during:.3f}s (median) during 8 hostile bodies against {result.alone:.3f}s alone "
         f"(ratio {result.ratio:.2f}; during: {[round(s, 3) for s in result.during_s]})")
+
+
+def test_embedding_input_far_too_long_is_cut_before_it_is_tokenized(hostile_text):
+    from omlx.api.embeddings import _token_ids
+    from omlx.embeddings import load_embedder
+    from omlx.embeddings.packaged import packaged_models
+
+    embedder = load_embedder(packaged_models()[0])
+    text = hostile_text[: 1 << 20]  # long enough to be cut, short enough for the full reference
+    assert _token_ids(embedder, [text]) == [embedder.tokenize(text)]
+    assert len(_token_ids(embedder, [hostile_text])[0]) == embedder.max_length

@@ -21,6 +21,8 @@ from omlx.models.pool import ModelPool
 
 from .errors import invalid
 from .model_access import lease_for_request
+from .offload import offload
+from .prompt_bound import longest_token_chars, word_cut
 from .wire import read_json
 
 MAX_INPUTS = 2048
@@ -96,15 +98,8 @@ class EmbeddingRoutes:
         if dimensions is not None and dimensions > embedder.dimensions:
             raise invalid(f"'dimensions' is {dimensions}, but this model's embeddings have "
                           f"{embedder.dimensions}", "dimensions", "invalid_value")
-        token_ids = []
-        vocab = embedder.vocab_size
-        for i, item in enumerate(inputs):
-            if isinstance(item, str):
-                token_ids.append(embedder.tokenize(item))
-            else:
-                if max(item) >= vocab:
-                    raise invalid(f"'input[{i}]' has token ids outside the vocabulary (size {vocab})", "input", "invalid_value")
-                token_ids.append(item[: embedder.max_length])
+        # Tokenizing scales with the body: off the event loop (omlx.api.offload).
+        token_ids = await offload(_token_ids, embedder, inputs, size=request.content_length)
         vectors = await batcher_of(embedder).embed(token_ids)
         if dimensions is not None:
             vectors = truncate_dimensions(vectors, dimensions)
@@ -121,3 +116,22 @@ class EmbeddingRoutes:
             }),
             content_type="application/json",
         )
+
+
+def _token_ids(embedder: LoadedEmbedder, inputs: list) -> list[list[int]]:
+    """Each input's token ids, truncated to the model's length.  A string far longer than
+    that is cut first (where a word ends, past what `max_length` tokens can cover), so a
+    20 MiB input costs what its first tokens cost.  CPU work: run it in the offload pool."""
+    token_ids = []
+    vocab = embedder.vocab_size
+    reach = (embedder.max_length + 64) * longest_token_chars(embedder.tokenizer)
+    for i, item in enumerate(inputs):
+        if isinstance(item, str):
+            if len(item) > reach:
+                item = item[: word_cut(item, reach) or reach]
+            token_ids.append(embedder.tokenize(item))
+        else:
+            if max(item) >= vocab:
+                raise invalid(f"'input[{i}]' has token ids outside the vocabulary (size {vocab})", "input", "invalid_value")
+            token_ids.append(item[: embedder.max_length])
+    return token_ids

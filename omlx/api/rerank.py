@@ -31,6 +31,7 @@ from .admission import admit
 from .errors import invalid
 from .generation import EngineFailure
 from .model_access import lease_for_request
+from .offload import offload
 from .wire import read_json
 
 MAX_DOCUMENTS = 4096
@@ -146,13 +147,16 @@ class RerankRoutes:
         try:
             if isinstance(reranker, LoadedModel):
                 scorer = self._llm_reranker(reranker)
-                rows, owners = scorer.prompts(query, documents, instruction, max_chunks, max_doc_tokens)
+                # Tokenizing the documents scales with the body: off the event loop.
+                rows, owners = await offload(scorer.prompts, query, documents, instruction, max_chunks,
+                                             max_doc_tokens, size=request.content_length)
                 # The call takes one place in the model's bounded queue, as a chat request does.
                 admit(request, self.pool, reranker, f"rerank-call-{uuid.uuid4().hex}")
                 scores = await scorer.score(rows)
                 tokens = sum(len(r) for r in rows)
             else:
-                rows, owners = reranker.encode_pairs(query, documents, max_chunks, max_doc_tokens)
+                rows, owners = await offload(reranker.encode_pairs, query, documents, max_chunks, max_doc_tokens,
+                                             size=request.content_length)
                 scores = await batcher_of(reranker).run(rows)
                 tokens = sum(len(ids) for ids, _ in rows)
         except QueryTooLong as exc:
