@@ -209,14 +209,14 @@ class FallbackEngine(EngineRequests):
             for seq, n in chunks:
                 seq.num_computed_tokens += n
             siblings = self._fork(sampled)
-        tokens = []
+        tokens, logprobs = [], []
         if sampled:
             rows = list(range(len(sampled))) + [sampled.index(parent) for parent, _ in siblings]
             logits = logits if not siblings else logits[mx.array(rows)]
             with self.profile.phase("sample"):
-                tokens = self.sampler(logits, sampled + [child for _, child in siblings])
+                tokens, logprobs = self.sampler.sample(logits, sampled + [child for _, child in siblings])
         with self.profile.phase("postprocess"):
-            events = self._apply(sampled + [child for _, child in siblings], tokens)
+            events = self._apply(sampled + [child for _, child in siblings], tokens, logprobs)
         self.counters.prefill_tokens += sum(n for _, n in chunks)
         self.counters.steps += 1
         self.profile.steps += 1
@@ -297,13 +297,12 @@ class FallbackEngine(EngineRequests):
                 member.group = group
         return pairs
 
-    def _apply(self, seqs: list[Sequence], tokens: list[int]) -> list[tuple[str, TokenEvent]]:
+    def _apply(self, seqs: list[Sequence], tokens: list[int], logprobs: list) -> list[tuple[str, TokenEvent]]:
         """Each sampled token's event; sequences that end leave, those whose prompt has just
         gone in start decoding."""
         out, ended, joining = [], [], []
-        for seq, token in zip(seqs, tokens):
-            logprobs, seq.step_logprobs = seq.step_logprobs, None
-            event = emit_token(seq, token, logprobs, self.max_model_len)
+        for seq, token, entry in zip(seqs, tokens, logprobs):
+            event = emit_token(seq, token, entry, self.max_model_len)
             if event.token_id is not None:
                 self.counters.generated_tokens += 1
             if event.finish_reason is not None:

@@ -56,10 +56,9 @@ def sample_pass(
     if extra:
         row_logits = row_logits[mx.array(list(range(len(plain))) + parents)]
     with _phase(profile, "sample"):
-        tokens = sampler(row_logits, seqs + extra)
-    for j, seq in enumerate(seqs + extra):
+        tokens, entries = sampler.sample(row_logits, seqs + extra)
+    for j, entry in enumerate(entries):
         k = part[plain[j if j < len(plain) else parents[j - len(plain)]]]
-        entry, seq.step_logprobs = seq.step_logprobs, None
         result.sampled[k].append(tokens[j])
         if entry is not None:
             result.logprobs[k] = (result.logprobs[k] or []) + [entry]

@@ -74,6 +74,11 @@ class Sampler:
         return float(seq.rng.random())
 
     def __call__(self, logits: mx.array, seqs: list[Sequence]) -> list[int]:
+        return self.sample(logits, seqs)[0]
+
+    def sample(self, logits: mx.array, seqs: list[Sequence]) -> tuple[list[int], list]:
+        """Each row's token, and its (logprob, top alternatives) where the request asks for
+        them (None elsewhere)."""
         logits = _adjust_logits(logits, seqs)
         constrained_rows = [r for r, s in enumerate(seqs) if s.constraint is not None]
         if constrained_rows:
@@ -96,14 +101,17 @@ class Sampler:
         for rows, ids in pending:
             for r, t in zip(rows, ids.tolist()):
                 tokens[r] = t
+        entries = [None] * len(seqs)
         if logprobs is not None:
-            _record_logprobs(np.asarray(logprobs), logprob_rows, seqs, tokens)
+            logprobs = np.asarray(logprobs)
+            for i, r in enumerate(logprob_rows):
+                entries[r] = logprob_entry(logprobs[i], seqs[r].request.logprobs, tokens[r])
         for r in constrained_rows:
             try:
                 seqs[r].constraint.accept(tokens[r])
             except Exception:  # its next mask fails too, which ends just this request
                 log.exception("request %s: its constraint rejected token %d", seqs[r].request_id, tokens[r])
-        return tokens
+        return tokens, entries
 
 
 def _apply_constraints(logits: mx.array, seqs: list[Sequence], rows: list[int]) -> mx.array:
@@ -147,11 +155,6 @@ def _log_softmax_rows(logits: mx.array, rows: list[int], num_rows: int) -> mx.ar
     """
     picked = logits if len(rows) == num_rows else logits[mx.array(rows)]
     return picked - mx.logsumexp(picked, axis=-1, keepdims=True)
-
-
-def _record_logprobs(logprobs: np.ndarray, rows: list[int], seqs: list[Sequence], tokens: list[int]) -> None:
-    for i, r in enumerate(rows):
-        seqs[r].step_logprobs = logprob_entry(logprobs[i], seqs[r].request.logprobs, tokens[r])
 
 
 def logprob_entry(row: np.ndarray, top_k: int, token: int) -> tuple[float, list[tuple[int, float]]]:

@@ -46,7 +46,6 @@ class Sequence:
         "reported_cache_hit",
         "index",
         "constraint",
-        "step_logprobs",
         "group",
         "pool",
         "draft",
@@ -79,10 +78,6 @@ class Sequence:
         if constraint is None and request.constraint is not None:
             constraint = request.constraint.new_state(request.max_tokens)
         self.constraint = constraint
-        # (logprob, top alternatives) of the token the sampler just picked, when the request
-        # asks for logprobs; postprocess moves it into the TokenEvent.  It rides on the
-        # sequence so that neither the engine nor postprocess change shape for it.
-        self.step_logprobs: tuple[float, list[tuple[int, float]]] | None = None
         # The n sequences of an n > 1 request (a list they share), once they have forked.
         self.group: list[Sequence] | None = None
         # Which of the engine's KV pools holds its blocks (FLOAT_POOL while under
