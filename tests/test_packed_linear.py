@@ -125,6 +125,26 @@ def test_inside_lazy_graphs_and_compile():
     assert np.array_equal(np.array(compiled(x + 1)), np.array(chain(x + 1)))
 
 
+def test_strided_and_half_precision_inputs():
+    """Views (transposed, sliced, broadcast) and float16 / bf16 activations give what their
+    contiguous float32 copies give."""
+    rng = np.random.default_rng(3)
+    packed = pack_bf16(mx.array(rng.standard_normal((40, 24)).astype(np.float32)))
+    base = mx.array(rng.standard_normal((24, 6)).astype(np.float32))
+    bias_base = mx.array(rng.standard_normal(80).astype(np.float32))
+    strided_x, strided_bias = base.T, bias_base[::2]
+    expected = packed_linear(mx.array(np.array(strided_x)), packed, mx.array(np.array(strided_bias)), 40)
+    assert np.array_equal(np.array(packed_linear(strided_x, packed, strided_bias, 40)), np.array(expected))
+    row = mx.broadcast_to(base.T[:1], (5, 24))
+    assert np.array_equal(np.array(packed_linear(row, packed, None, 40)),
+                          np.array(packed_linear(mx.array(np.array(row)), packed, None, 40)))
+    for dtype in (mx.float16, mx.bfloat16):
+        half = base.T.astype(dtype)
+        got = packed_linear(half, packed, None, 40)
+        assert got.dtype == mx.float32
+        assert np.array_equal(np.array(got), np.array(packed_linear(half.astype(mx.float32), packed, None, 40)))
+
+
 def test_bad_operands_are_refused():
     packed = pack_bf16(mx.zeros((10, 8)))
     with pytest.raises(ValueError, match="features"):

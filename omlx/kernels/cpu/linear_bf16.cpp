@@ -66,7 +66,23 @@ struct Problem {
   const float* bias;       // (N,) or null
   float* y;                // (M, N) float32
   int64_t m, n, k, k_pairs, panels;
+  std::vector<int64_t> x_shape, x_strides;  // set when x is not row-contiguous
+  int64_t bias_stride = 1;
 };
+
+// x's rows gathered through its strides (any rank; broadcast axes have stride 0).
+std::vector<float> gather_rows(const Problem& p) {
+  std::vector<float> rows(size_t(p.m * p.k));
+  const int nd = int(p.x_shape.size());
+  std::vector<int64_t> index(nd, 0);
+  for (int64_t i = 0; i < p.m * p.k; ++i) {
+    int64_t at = 0;
+    for (int d = 0; d < nd; ++d) at += index[d] * p.x_strides[d];
+    rows[i] = p.x[at];
+    for (int d = nd - 1; d >= 0 && ++index[d] == p.x_shape[d]; --d) index[d] = 0;
+  }
+  return rows;
+}
 
 // float32 -> bf16, round to nearest even (what vcvtneps2bf16 and MLX's astype do), NaN kept NaN.
 inline uint16_t to_bf16(float f) {
@@ -169,7 +185,18 @@ void panel_rows(const Problem& p, const uint32_t* pairs, int64_t panel) {
 }
 #endif
 
-void run(const Problem& p) {
+void run(const Problem& given) {
+  Problem p = given;
+  std::vector<float> gathered, bias;
+  if (!p.x_shape.empty()) {
+    gathered = gather_rows(p);
+    p.x = gathered.data();
+  }
+  if (p.bias && p.bias_stride != 1) {
+    bias.resize(size_t(p.n));
+    for (int64_t j = 0; j < p.n; ++j) bias[j] = p.bias[j * p.bias_stride];
+    p.bias = bias.data();
+  }
   std::vector<uint32_t> pairs(size_t(p.m * p.k_pairs));
   convert_rows(p, pairs.data());
   // Threads only pay off past a few hundred kFLOP (waking a sleeping OpenMP pool costs tens of
@@ -195,15 +222,26 @@ class PackedLinear : public mx::Primitive {
     Problem p{};
     p.x = x.data<float>();
     p.w = reinterpret_cast<const uint16_t*>(w.data<void>());
-    p.bias = has_bias_ ? inputs[2].data<float>() : nullptr;
     p.y = out.data<float>();
-    p.m = x.shape(0);
-    p.k = x.shape(1);
+    p.k = x.shape(-1);
+    p.m = p.k ? int64_t(x.size()) / p.k : 0;
     p.n = out_features_;
     p.panels = w.shape(0);
     p.k_pairs = w.shape(1);
+    // A strided x (a transposed, sliced or broadcast view) is read through its strides, as
+    // MLX's own matmul does, instead of a contiguous() node in every call's graph: decode
+    // builds ~200 of these calls per token and each graph node costs microseconds.
+    if (!x.flags().row_contiguous) {
+      p.x_shape.assign(x.shape().begin(), x.shape().end());
+      p.x_strides.assign(x.strides().begin(), x.strides().end());
+    }
+    if (has_bias_) {
+      const auto& b = inputs[2];
+      p.bias = b.data<float>();
+      p.bias_stride = b.strides(0);
+    }
     if (p.m == 0) return;
-    enc.dispatch([p]() { run(p); });
+    enc.dispatch([p = std::move(p)]() { run(p); });
   }
 
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
@@ -239,18 +277,17 @@ mx::array linear(const mx::array& x, const mx::array& packed, const std::optiona
   if (bias && (bias->ndim() != 1 || bias->shape(0) != out_features))
     throw std::invalid_argument("packed linear: bias must have shape (out_features,)");
   const auto stream = mx::to_stream(s, mx::Device::cpu);
-  mx::Shape lead(x.shape().begin(), x.shape().end() - 1);
-  int64_t rows = 1;
-  for (auto d : lead) rows *= d;
-  std::vector<mx::array> inputs = {
-      mx::contiguous(mx::reshape(mx::astype(x, mx::float32, stream), {int(rows), k}, stream), false, stream),
-      mx::contiguous(packed, false, stream),
+  // Only what is needed joins the graph: the weights are evaluated, contiguous parameters
+  // (checked here, copied only if not), and x is float32 in a float32 model.
+  auto ready = [&](const mx::array& a) {
+    return a.is_available() && a.flags().row_contiguous ? a : mx::contiguous(a, false, stream);
   };
-  if (bias) inputs.push_back(mx::contiguous(mx::astype(*bias, mx::float32, stream), false, stream));
-  auto y = mx::array({int(rows), out_features}, mx::float32,
-                     std::make_shared<PackedLinear>(stream, out_features, bias.has_value()), std::move(inputs));
-  lead.push_back(out_features);
-  return mx::reshape(y, lead, stream);
+  std::vector<mx::array> inputs = {x.dtype() == mx::float32 ? x : mx::astype(x, mx::float32, stream), ready(packed)};
+  if (bias) inputs.push_back(bias->dtype() == mx::float32 ? *bias : mx::astype(*bias, mx::float32, stream));
+  mx::Shape shape = x.shape();
+  shape.back() = out_features;
+  return mx::array(shape, mx::float32, std::make_shared<PackedLinear>(stream, out_features, bias.has_value()),
+                   std::move(inputs));
 }
 
 }  // namespace
