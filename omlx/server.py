@@ -175,10 +175,11 @@ async def root(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     pool: ModelPool = request.app[POOL]
-    models, embedders, rerankers = {}, {}, {}
+    models, others = {}, {}
     for model_id, resident in pool.loaded.items():
-        # Generating models by their engine; encoders (embeddings, cross-encoders) by kind.
-        group = models if resident.generates else rerankers if resident.info.model_type == "reranker" else embedders
+        # Generating models by their engine; the others (embeddings, cross-encoders, a kind
+        # added later) under "<kind>_models_loaded", with no change here.
+        group = models if resident.generates else others.setdefault(resident.info.model_type, {})
         group[model_id] = resident.health()
     # The mlx-vlm server's fields: it holds one model; here, the most recently loaded LLM.
     latest = max((m for m in pool.loaded.values() if m.generates), key=lambda m: m.loaded_at, default=None)
@@ -191,8 +192,9 @@ async def health(request: web.Request) -> web.Response:
         "compute": {**blas_info(), "kernels": attention_backend().info(), "matmul": matmul_path().info()},
         "models_available": [m.model_id for m in pool.servable()],
         "models_loaded": models,
-        "embedding_models_loaded": embedders,
-        "reranker_models_loaded": rerankers,
+        "embedding_models_loaded": others.pop("embedding", {}),
+        "reranker_models_loaded": others.pop("reranker", {}),
+        **{f"{kind}_models_loaded": loaded for kind, loaded in others.items()},
         "model_memory": {"budget_bytes": pool.memory_budget, "used_bytes": pool.used_bytes},
         "process": process_memory(),
         # "pressure": new generation requests get 503 until memory frees up.
