@@ -123,6 +123,11 @@ def test_inside_lazy_graphs_and_compile():
     compiled = mx.compile(chain)
     assert np.array_equal(np.array(compiled(x)), np.array(expected))
     assert np.array_equal(np.array(compiled(x + 1)), np.array(chain(x + 1)))
+    # One shapeless graph for any number of rows (a decode step's batch changes every step).
+    shapeless = mx.compile(chain, shapeless=True)
+    for rows in (1, 7, 2, 40):
+        xs = mx.array(rng.standard_normal((rows, 45)).astype(np.float32))
+        assert np.array_equal(np.array(shapeless(xs)), np.array(chain(xs)))
 
 
 def test_strided_and_half_precision_inputs():

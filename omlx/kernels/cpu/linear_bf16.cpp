@@ -252,6 +252,13 @@ class PackedLinear : public mx::Primitive {
     return "OmlxPackedLinearBf16";
   }
 
+  // Lets mx.compile(shapeless=True) reuse one compiled graph for every row count.
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    mx::Shape shape = inputs[0].shape();
+    shape.back() = out_features_;
+    return {shape};
+  }
+
   bool is_equivalent(const mx::Primitive& other) const override {
     auto* o = dynamic_cast<const PackedLinear*>(&other);
     return o && o->out_features_ == out_features_ && o->has_bias_ == has_bias_;
