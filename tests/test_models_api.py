@@ -191,7 +191,8 @@ def test_lmstudio_models_are_described_from_their_files(server, model_dir):
     assert a["quantization"]["bits_per_weight"] == pytest.approx(32, rel=0.02)
     assert a["params_string"] == f"{params / 1e3:.0f}K"
     assert a["max_context_length"] == 4096
-    assert a["capabilities"] == {"vision": False, "trained_for_tool_use": True, "reasoning": True}
+    assert a["capabilities"] == {"vision": False, "audio": False, "trained_for_tool_use": True,
+                                "reasoning": True}
     assert [i["id"] for i in a["loaded_instances"]] == ["a"]
     assert a["loaded_instances"][0]["config"]["context_length"] == 4096
 
