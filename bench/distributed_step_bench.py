@@ -25,7 +25,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm import load
 
-from omlx.distributed.ranks import follow, lead, shard_model
+from omlx.distributed.ranks import follow, shard_model
 from omlx.distributed.step_channel import StepChannel
 from omlx.scheduler import EngineConfig, GenerationRequest, LLMEngine
 from omlx.testing.tiny_models import TinyModelSpec, build_model
