@@ -102,12 +102,22 @@ class Methods:
             return quant_matmul(x, self.packed, precision=2)
         if method == "vnni-x8":  # x in int8 (llama.cpp's Q8_1 activations)
             return quant_matmul(x, self.packed, precision=1)
+        if method == "bf16":  # 4-bit codes unpacked to bf16 in registers, vdpbf16ps on bf16 x
+            return quant_matmul(x, self.packed, precision=3)
         if method == "float32":
             return x @ self.dense.T
         return mx.quantized_matmul(x, self.q, self.s, self.b, transpose=True, group_size=GROUP, bits=self.bits)
 
 
-METHODS = ("vnni-x15", "vnni-x8", "float32", "mlx-quant")
+METHODS = ("vnni-x15", "vnni-x8", "bf16", "float32", "mlx-quant")
+
+
+def applies(method: str, bits: int) -> bool:
+    if method == "bf16":
+        from omlx.kernels.quant_linear import kernel
+
+        return bits == 4 and kernel().has_bf16()
+    return True
 
 
 def time_call(fn, seconds: float) -> float:
@@ -139,6 +149,8 @@ def shape_table(rows: list[int], seconds: float, rounds: int) -> list[dict]:
                 for meth in METHODS:
                     if meth == "mlx-quant" and r * n * k > 64 * 576 * 1536:
                         continue  # MLX's quantized CPU matmul is too slow to wait for at large shapes
+                    if not applies(meth, bits):
+                        continue
                     times[meth].append(time_call(lambda: m.call(meth, x), seconds))
             med = {meth: statistics.median(v) for meth, v in times.items() if v}
             results.append({"shape": name, "rows": r, "n": n, "k": k, "bits": bits, **med})
@@ -148,6 +160,9 @@ def shape_table(rows: list[int], seconds: float, rounds: int) -> list[dict]:
             print(f"{name:22s} rows {r:4d}  {cells}  x15 vs float32 {ratio:5.2f}x", flush=True)
         del m
     return results
+
+
+STEP_METHODS = ("vnni-x15", "vnni-x8", "float32", "mlx-quant")
 
 
 def decode_step(seconds: float, rounds: int, bandwidth: float) -> None:
@@ -171,16 +186,16 @@ def decode_step(seconds: float, rounds: int, bandwidth: float) -> None:
 
     weight_bytes = sum(lin.packed.nbytes for layer in layers for lin in layer) + head.packed.nbytes
     dense_bytes = sum(lin.dense.nbytes for layer in layers for lin in layer) + head.dense.nbytes
-    times = {meth: [] for meth in METHODS}
+    times = {meth: [] for meth in STEP_METHODS}
     for _ in range(rounds):
-        for meth in METHODS:
+        for meth in STEP_METHODS:
             times[meth].append(time_call(lambda: step(meth), seconds))
     bound = weight_bytes / (bandwidth * 1e9)
     print(f"\none decode step, matmuls only ({LAYERS} layers x 7 + head, 1 row; weights as read: "
           f"packed {weight_bytes/2**20:.1f} MiB, float32 {dense_bytes/2**20:.1f} MiB)")
     print(f"bound from bandwidth: packed {bound*1e3:.2f} ms/token ({1/bound:.0f} tok/s); "
           f"float32 {dense_bytes/(bandwidth*1e9)*1e3:.2f} ms/token")
-    for meth in METHODS:
+    for meth in STEP_METHODS:
         t = statistics.median(times[meth])
         extra = f"  {bound/t*100:5.1f}% of the packed bound" if meth.startswith("vnni") else ""
         print(f"  {meth:10s} {t*1e3:8.2f} ms/step ({1/t:6.1f} steps/s){extra}")

@@ -94,8 +94,44 @@ def test_equals_the_reference_from_the_same_quantized_operands(kernel, bits, gro
     assert np.array_equal(portable, y)
 
 
-@pytest.mark.parametrize("precision, bound", [(1, 2e-2), (2, 2e-4)], ids=["x-int8", "x-split"])
+def bf16_reference(x: np.ndarray, w, s, b, group: int):
+    """dequant(W) @ bf16(x) in float64, and the bound on the kernel's float32 error: it sums
+    (128 + q) * x (see quant_linear.cpp), so its rounding scales with that magnitude."""
+    bits32 = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits32 + 0x7FFF + ((bits32 >> 16) & 1)) >> 16 << 16).astype(np.uint32).view(np.float32)
+    m, k = rounded.shape
+    g = k // group
+    codes = ql.unpack_codes(w, 4).astype(np.float64).reshape(-1, g, group)
+    scales = np.array(s.astype(mx.float32), np.float64)
+    biases = np.array(b.astype(mx.float32), np.float64)
+    xg = rounded.astype(np.float64).reshape(m, g, group)
+    dot = np.einsum("mgk,ngk->mng", xg, codes)
+    xsum = xg.sum(-1)[:, None, :]
+    y = (dot * scales[None] + biases[None] * xsum).sum(-1)
+    magnitude = (np.einsum("mgk,ngk->mng", np.abs(xg), codes + 128) * np.abs(scales[None])
+                 + np.abs(biases[None] * xsum)).sum(-1)
+    return y, 8 * (group + g) * EPS32 * magnitude
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("group", [32, 128])
+def test_bf16_variant_equals_the_reference_from_bf16_operands(kernel, shape, group):
+    if not kernel.has_bf16():
+        pytest.skip("this CPU has no AVX512-BF16 (the variant is not built for it)")
+    m, n, k = shape
+    if k % group:
+        k = group * (k // group + 1)
+    w, s, b = quantized(n, k, 4, group)
+    x = np.random.default_rng(4).standard_normal((m, k)).astype(np.float32)
+    y = np.array(ql.quant_matmul(mx.array(x), ql.repack(w, s, b, 4, group), precision=ql.BF16))
+    ref, tol = bf16_reference(x, w, s, b, group)
+    assert np.all(np.abs(y - ref) <= tol), float(np.max(np.abs(y - ref) - tol))
+
+
+@pytest.mark.parametrize("precision, bound", [(1, 2e-2), (2, 2e-4), (3, 1e-2)], ids=["x-int8", "x-split", "x-bf16"])
 def test_close_to_mlx_quantized_matmul(kernel, precision, bound):
+    if precision == ql.BF16 and not kernel.has_bf16():
+        pytest.skip("this CPU has no AVX512-BF16")
     """Against MLX's own float32 quantized matmul the only difference is x's rounding
     (int8: steps of max|x| / 127 per group; split: 128x finer)."""
     w, s, b = quantized(300, 576, 4, 32)
@@ -107,9 +143,11 @@ def test_close_to_mlx_quantized_matmul(kernel, precision, bound):
     assert rel.item() < bound
 
 
-@pytest.mark.parametrize("precision", [1, 2], ids=["x-int8", "x-split"])
+@pytest.mark.parametrize("precision", [1, 2, 3], ids=["x-int8", "x-split", "x-bf16"])
 @pytest.mark.parametrize("threaded", [False, True], ids=["one-thread", "threads"])
 def test_a_rows_output_does_not_depend_on_the_batch(kernel, threaded, precision):
+    if precision == ql.BF16 and not kernel.has_bf16():
+        pytest.skip("this CPU has no AVX512-BF16")
     w, s, b = quantized(200, 512, 4, 64)
     packed = ql.repack(w, s, b, 4, 64)
     bias = mx.random.normal((200,), key=mx.random.key(7))
@@ -181,6 +219,9 @@ def test_bad_operands_are_rejected(kernel):
         ql.repack(w, s, b, 3, 32)
     with pytest.raises(ValueError):
         ql.repack(w, s, None, 4, 32)
+    with pytest.raises(ValueError):  # the bf16 variant: 4-bit weights only
+        w8, s8, b8 = quantized(32, 128, 8, 32)
+        ql.quant_matmul(mx.zeros((2, 128)), ql.repack(w8, s8, b8, 8, 32), precision=ql.BF16)
     with pytest.raises(ValueError):
         kernel.quant_linear(mx.zeros((2, 128)), packed.packed, packed.scales, packed.biases, n=32, bits=8,
                             group_size=32)

@@ -42,11 +42,15 @@ SUPPORTED_BITS = (4, 8)
 SUPPORTED_GROUPS = (32, 64, 128)
 # x is quantized per weight group to integer codes v = round(x * levels / max|x|):
 #   1: int8 (levels 127), one VNNI dot per weight vector, as llama.cpp's Q8_1 activations;
-#   2: ~15 bits (levels 127 * 128) held as two int8 parts, two VNNI dots per weight vector.
+#   2: ~15 bits (levels 127 * 128) held as two int8 parts, two VNNI dots per weight vector;
+#   3: not quantized but rounded to bf16, the 4-bit codes unpacked to bf16 in registers and
+#      multiplied with vdpbf16ps (the alternative the issue asked to measure; 4-bit weights
+#      and AVX512-BF16 only).
 # Int8 activations moved SmolLM2's teacher-forced top-1 off float32's on 3.4% of tokens (and
 # it stopped answering "Paris"); the split keeps it >= 99% for the same weight bytes (see
 # bench/README.md, "Quantized weights read as stored").
 PRECISION_LEVELS = {1: 127, 2: 127 * 128}
+BF16 = 3
 PRECISION = 2
 
 

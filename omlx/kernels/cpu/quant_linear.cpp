@@ -81,6 +81,18 @@ bool cpu_has_vnni() {
 
 const bool kHasVnni = cpu_has_vnni();
 
+#define OMLX_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,f16c,fma")))
+
+bool cpu_has_bf16() {
+#if defined(__x86_64__) || defined(__i386__)
+  return kHasVnni && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+const bool kHasBf16 = cpu_has_bf16();
+
 // x as given: row-contiguous, or any strides (copied to rows first, in the task).
 struct Strided {
   std::vector<int64_t> shape, strides;  // in elements; empty when x is row-contiguous
@@ -106,6 +118,9 @@ struct Job {
   // and per (row, group) xs and xs * sum(v).
   int8_t* xq;
   int8_t* xl;
+  // Precision 3 (the bf16 alternative, 4-bit weights): x rounded to bf16, per 4-block in the
+  // order x0 x2 x1 x3, and xsum the per-group sums of the rounded values.
+  uint16_t* xb;
   float* xs;
   float* xsum;
 
@@ -302,6 +317,112 @@ OMLX_VNNI void tile_vnni(const Job& j, int t, int64_t r0, int64_t r1) {
   }
 }
 
+// ---------------------------------------------------------------------------- bf16 alternative
+// The other way the issue asked to try: unpack 4-bit codes to bf16 in registers and use
+// vdpbf16ps on x rounded to bf16 (no activation quantization).  A code q becomes the bf16
+// 128 + q by OR-ing its byte into 0x4300 (128.0; the mantissa step at 128 is 1), so each
+// 64-byte weight vector costs two masks per nibble half; the 128 * sum(x) this adds is taken
+// off per group.  A lane's 32 bits hold codes k..k+3 (low nibbles): its even bytes make the
+// bf16 pair (k, k+2) and its odd bytes (k+1, k+3), hence x's order x0 x2 x1 x3.
+inline uint16_t to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  bits += 0x7FFF + ((bits >> 16) & 1);  // round to nearest even (x is finite here)
+  return uint16_t(bits >> 16);
+}
+
+inline float from_bf16(uint16_t h) {
+  const uint32_t bits = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+void prepare_rows_bf16(const Job& j, int64_t r0, int64_t r1) {
+  const int G = j.groups();
+  static constexpr int order[4] = {0, 2, 1, 3};
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* x = j.x + r * j.K;
+    uint16_t* xb = j.xb + r * j.K;
+    for (int g = 0; g < G; ++g) {
+      float sum = 0.f;
+      for (int k = g * j.group; k < (g + 1) * j.group; k += 4)
+        for (int i = 0; i < 4; ++i) {
+          const uint16_t h = to_bf16(x[k + order[i]]);
+          xb[k + i] = h;
+          sum += from_bf16(h);
+        }
+      j.xsum[r * G + g] = sum;
+    }
+  }
+}
+
+template <int R>
+OMLX_BF16 void tile_rows_bf16(const Job& j, int t, int64_t r0) {
+  const int G = j.groups();
+  const uint8_t* w = j.w + int64_t(t) * j.tile_bytes();
+  const uint16_t* xb[R];
+  for (int r = 0; r < R; ++r) xb[r] = j.xb + (r0 + r) * j.K;
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512i even = _mm512_set1_epi32(0x00FF00FF);
+  const __m512i base = _mm512_set1_epi32(0x43004300);
+  const __m512 one28 = _mm512_set1_ps(128.f);
+  for (int g = 0; g < G; ++g) {
+    __m512 d0[R], d1[R];
+    for (int r = 0; r < R; ++r) d0[r] = d1[r] = _mm512_setzero_ps();
+    const int k0 = g * j.group;
+    for (int k = k0; k < k0 + j.group; k += 8, w += 64) {
+      const __m512i v = _mm512_loadu_si512(w);
+      const __m512i lo = _mm512_and_si512(v, nibble);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+      // (a & b) | c: ternary-logic table 0xEA.
+      const __m512i lo_e = _mm512_ternarylogic_epi32(lo, even, base, 0xEA);
+      const __m512i lo_o = _mm512_ternarylogic_epi32(_mm512_srli_epi32(lo, 8), even, base, 0xEA);
+      const __m512i hi_e = _mm512_ternarylogic_epi32(hi, even, base, 0xEA);
+      const __m512i hi_o = _mm512_ternarylogic_epi32(_mm512_srli_epi32(hi, 8), even, base, 0xEA);
+      for (int r = 0; r < R; ++r) {
+        int32_t p0, p1, p2, p3;
+        std::memcpy(&p0, xb[r] + k, 4);
+        std::memcpy(&p1, xb[r] + k + 2, 4);
+        std::memcpy(&p2, xb[r] + k + 4, 4);
+        std::memcpy(&p3, xb[r] + k + 6, 4);
+        d0[r] = _mm512_dpbf16_ps(d0[r], (__m512bh)lo_e, (__m512bh)_mm512_set1_epi32(p0));
+        d1[r] = _mm512_dpbf16_ps(d1[r], (__m512bh)lo_o, (__m512bh)_mm512_set1_epi32(p1));
+        d0[r] = _mm512_dpbf16_ps(d0[r], (__m512bh)hi_e, (__m512bh)_mm512_set1_epi32(p2));
+        d1[r] = _mm512_dpbf16_ps(d1[r], (__m512bh)hi_o, (__m512bh)_mm512_set1_epi32(p3));
+      }
+    }
+    const int64_t at = (int64_t(t) * G + g) * TILE;
+    const __m512 s = load_scales(j.scales, j.half_scales, at);
+    const __m512 b = load_scales(j.biases, j.half_scales, at);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xsum = _mm512_set1_ps(j.xsum[(r0 + r) * G + g]);
+      const __m512 dot = _mm512_fnmadd_ps(one28, xsum, _mm512_add_ps(d0[r], d1[r]));
+      acc[r] = _mm512_fmadd_ps(dot, s, acc[r]);
+      acc[r] = _mm512_fmadd_ps(b, xsum, acc[r]);
+    }
+  }
+  const int n0 = t * TILE;
+  const int valid = std::min(TILE, j.N - n0);
+  const __mmask16 mask = valid == TILE ? __mmask16(0xFFFF) : __mmask16((1u << valid) - 1);
+  const __m512 bias = j.bias ? _mm512_maskz_loadu_ps(mask, j.bias + n0) : _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r)
+    _mm512_mask_storeu_ps(j.y + (r0 + r) * j.N + n0, mask, _mm512_add_ps(acc[r], bias));
+}
+
+OMLX_BF16 void tile_bf16(const Job& j, int t, int64_t r0, int64_t r1) {
+  int64_t r = r0;
+  for (; r + ROWS <= r1; r += ROWS) tile_rows_bf16<ROWS>(j, t, r);
+  switch (r1 - r) {
+    case 3: tile_rows_bf16<3>(j, t, r); break;
+    case 2: tile_rows_bf16<2>(j, t, r); break;
+    case 1: tile_rows_bf16<1>(j, t, r); break;
+    default: break;
+  }
+}
+
 // ---------------------------------------------------------------------------- portable
 // The same operations, one (row, output) at a time: the code of output n_local for k sits
 // at byte (k / step) * 64 + n_local * 4 + k % 4 of its tile (4-bit: nibble k % 8 / 4).
@@ -377,8 +498,11 @@ void run(Job j, const Strided& strided) {
     gather_rows(j.x, strided, rows.data());
     j.x = rows.data();
   }
-  std::vector<int8_t> xq(size_t(j.M) * j.K), xl(j.precision == 2 ? size_t(j.M) * j.K : 0);
+  const bool bf16 = j.precision == 3;
+  std::vector<int8_t> xq(bf16 ? 0 : size_t(j.M) * j.K), xl(j.precision == 2 ? size_t(j.M) * j.K : 0);
+  std::vector<uint16_t> xb(bf16 ? size_t(j.M) * j.K : 0);
   j.xl = xl.data();
+  j.xb = xb.data();
   std::vector<float> xs(size_t(j.M) * j.groups()), xsum(size_t(j.M) * j.groups());
   j.xq = xq.data();
   j.xs = xs.data();
@@ -387,10 +511,15 @@ void run(Job j, const Strided& strided) {
   const int tiles = j.tiles();
   for (int64_t c0 = 0; c0 < j.M; c0 += ROW_CHUNK) {
     const int64_t c1 = std::min(j.M, c0 + ROW_CHUNK);
-    quantize_rows(j, c0, c1);
+    if (bf16)
+      prepare_rows_bf16(j, c0, c1);
+    else
+      quantize_rows(j, c0, c1);
 #pragma omp parallel for schedule(static) if (threads)
     for (int t = 0; t < tiles; ++t) {
-      if (j.portable)
+      if (bf16)
+        tile_bf16(j, t, c0, c1);
+      else if (j.portable)
         tile_portable(j, t, c0, c1);
       else if (j.bits == 4)
         j.precision == 2 ? tile_vnni<4, true>(j, t, c0, c1) : tile_vnni<4, false>(j, t, c0, c1);
@@ -472,8 +601,10 @@ mx::array as_rows(const mx::array& a, const mx::Stream& stream) {
 mx::array quant_linear(const mx::array& x, const mx::array& packed, const mx::array& scales,
                        const mx::array& biases, const std::optional<mx::array>& bias, int n, int bits,
                        int group_size, int precision, bool portable, mx::StreamOrDevice s) {
-  if (precision != 1 && precision != 2)
-    throw std::invalid_argument("quant_linear: precision must be 1 (int8 x) or 2 (split ~15-bit x)");
+  if (precision != 1 && precision != 2 && precision != 3)
+    throw std::invalid_argument("quant_linear: precision must be 1 (int8 x), 2 (split ~15-bit x) or 3 (bf16)");
+  if (precision == 3 && (bits != 4 || portable || !kHasBf16))
+    throw std::invalid_argument("quant_linear: the bf16 variant needs 4-bit weights and a CPU with AVX512-BF16");
   if (bits != 4 && bits != 8) throw std::invalid_argument("quant_linear: bits must be 4 or 8");
   if (group_size != 32 && group_size != 64 && group_size != 128)
     throw std::invalid_argument("quant_linear: group_size must be 32, 64 or 128");
@@ -518,6 +649,7 @@ NB_MODULE(_quant_linear_cpu, m) {
         "y = x @ dequant(W).T (+ bias) with x quantized per group, to int8 (precision 1) or to ~15 bits held "
         "as two int8 parts (precision 2) (see omlx/kernels/quant_linear.py).");
   m.def("split_levels", []() { return SPLIT_LEVELS; });
+  m.def("has_bf16", []() { return kHasBf16; }, "Whether the bf16 variant (precision 3) runs here.");
   m.def("isa", []() { return std::string(kHasVnni ? "avx512-vnni" : "portable"); },
         "The instruction set the kernel uses on this CPU.");
   m.def("tile", []() { return TILE; });
