@@ -152,3 +152,26 @@ def test_every_model_kind_implements_resident(kind):
     missing = [m for m in members + annotations if not hasattr(cls, m) and m not in fields]
     assert missing == []
     assert cls.generates is (kind == "llm")
+
+
+def test_the_dict_forms_agree_with_the_typed_precedence(tmp_path):
+    # SettingsStore.request_defaults and vision.ocr.with_ocr_defaults are the dict forms of
+    # the same precedence (kept for callers holding dicts); they must say what it says.
+    from omlx.api.turn_request import ModelDefaults
+    from omlx.vision.ocr import with_ocr_defaults
+
+    store = _store(
+        tmp_path,
+        {"sampling": {"temperature": 0.5, "top_p": 0.9, "stop": ["G"]}, "max_tokens": 100,
+         "chat_template_kwargs": {"enable_thinking": False}},
+        {"m": {"sampling": {"temperature": 0.1}, "max_tokens": 20, "chat_template_kwargs": {"style": "x"},
+               "force_sampling": True, "forced_ct_kwargs": ["style"], "thinking_budget": 7}},
+    )
+    for model_id in ("m", "other"):
+        for family in (None, OCR_FAMILIES["glm_ocr"], OCR_FAMILIES["dots_ocr"]):
+            merged = store.request_defaults(model_id)
+            if family is not None:
+                merged = with_ocr_defaults(merged, store.model(model_id), family)
+            typed = store.defaults(model_id, family.request_layer() if family is not None else None)
+            assert ModelDefaults.from_settings(merged) == ModelDefaults.from_settings(typed.as_fields())
+            assert merged == typed.as_fields()

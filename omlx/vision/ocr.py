@@ -67,7 +67,8 @@ def with_ocr_defaults(merged: dict, model_settings: dict, defaults: OCRDefaults)
     entry).  The serving path passes the family's layer to SettingsStore.defaults instead;
     this is the same precedence for callers holding the dict forms."""
     below = RequestDefaults.from_sampling({k: v for k, v in merged.items() if k in SAMPLING_KEYS},
-                                          max_tokens=merged.get("max_tokens"))
+                                          max_tokens=merged.get("max_tokens"),
+                                          template_kwargs=merged.get("chat_template_kwargs") or {})
     model = ModelSettings.from_dict(model_settings).request_layer()
     layered = request_defaults(model, defaults.request_layer(), below).as_fields()
     return {**merged, **layered}
