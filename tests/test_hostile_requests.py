@@ -171,9 +171,13 @@ def test_a_body_of_many_tiny_messages_is_refused_unrendered(server):
 
     from omlx.testing.hostile_bodies import many_messages_body
 
-    status, reply = call(server, "POST", "/v1/chat/completions", many_messages_body("tiny", 4 << 20))
+    # More messages than the context has tokens: refused before the template runs.
+    status, reply = call(server, "POST", "/v1/chat/completions", many_messages_body("tiny", 2 << 20))
     assert status == 400 and reply["error"]["code"] == "context_length_exceeded", reply
     assert "at least" in reply["error"]["message"]
+    # More than any request may carry: refused where the body is parsed (~600k messages).
+    status, reply = call(server, "POST", "/v1/chat/completions", many_messages_body("tiny", 20 << 20))
+    assert status == 400 and "at most 100000" in reply["error"]["message"], reply
 
 
 def test_responses_refuses_a_hostile_body_in_its_shape(client, hostile_text):

@@ -12,6 +12,14 @@ from typing import Any
 import orjson
 
 
+# The most messages (or input items) one request may carry: Anthropic's documented limit for
+# /v1/messages, far above any context window's worth of turns.  Checked here, where a large
+# body is parsed, so a body of hundreds of thousands of tiny messages is refused before it is
+# handed back to the server (unpickling them would hold the event loop's GIL).
+MAX_ITEMS = 100_000
+ITEM_LISTS = ("messages", "input")
+
+
 def loads(raw: bytes, max_depth: int):
     """(True, value), or (False, what the client is told): a message, not an exception,
     crosses the process boundary."""
@@ -19,6 +27,11 @@ def loads(raw: bytes, max_depth: int):
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         return False, f"the request body is not valid JSON: {exc}"
+    if isinstance(value, dict):
+        for key in ITEM_LISTS:
+            items = value.get(key)
+            if isinstance(items, list) and len(items) > MAX_ITEMS:
+                return False, f"'{key}' has {len(items)} items; a request may carry at most {MAX_ITEMS}"
     if too_deep(value, max_depth):
         return False, f"the request body nests JSON deeper than {max_depth} levels"
     return True, value
