@@ -190,15 +190,41 @@ def quant_matmul(x: mx.array, w: PackedWeights, bias: mx.array | None = None, *,
 
 
 # ---------------------------------------------------------------------------- layers
+def precision_for(rows: int, bits: int) -> int:
+    """Which activation precision a call of `rows` rows uses (see PRECISION_LEVELS)."""
+    return PRECISION
+
+
+@dataclass(frozen=True)
+class _Dims:
+    n: int
+    k: int
+    bits: int
+    group_size: int
+
+
+def _install(layer: nn.Module, packed: PackedWeights) -> None:
+    # The arrays are parameters (so update() / parameters() / memory accounting see them);
+    # the dims are a plain attribute.
+    layer._dims = _Dims(packed.n, packed.k, packed.bits, packed.group_size)
+    layer.packed, layer.packed_scales, layer.packed_biases = packed.packed, packed.scales, packed.biases
+
+
+def _apply(layer: nn.Module, x: mx.array, bias: mx.array | None) -> mx.array:
+    """The layer's kernel call, kept to a few Python operations: a decode step makes hundreds."""
+    d = layer._dims
+    rows = x.size // d.k if d.k else 0
+    y = kernel().quant_linear(x, layer["packed"], layer["packed_scales"], layer["packed_biases"], bias, n=d.n,
+                              bits=d.bits, group_size=d.group_size, precision=precision_for(rows, d.bits))
+    return y if x.dtype == mx.float32 else y.astype(x.dtype)
+
+
 class QuantLinear(nn.Module):
     """Drop-in for `nn.QuantizedLinear` (affine, 4 / 8 bits, groups 32 / 64 / 128)."""
 
     def __init__(self, packed: PackedWeights, bias: mx.array | None = None):
         super().__init__()
-        self._w = packed  # kept out of the parameter tree: a plain attribute of a dataclass
-        self.packed = packed.packed
-        self.packed_scales = packed.scales
-        self.packed_biases = packed.biases
+        _install(self, packed)
         if bias is not None:
             self.bias = bias.astype(mx.float32)
         self.freeze()
@@ -210,23 +236,18 @@ class QuantLinear(nn.Module):
 
     @property
     def bits(self) -> int:
-        return self._w.bits
+        return self._dims.bits
 
     @property
     def group_size(self) -> int:
-        return self._w.group_size
+        return self._dims.group_size
 
     def _extra_repr(self) -> str:
-        return f"input_dims={self._w.k}, output_dims={self._w.n}, bias={'bias' in self}, bits={self._w.bits}, " \
-               f"group_size={self._w.group_size}"
-
-    def _packed(self) -> PackedWeights:
-        # Parameters may have been replaced through update(); read the current arrays.
-        w = self._w
-        return PackedWeights(self.packed, self.packed_scales, self.packed_biases, w.n, w.k, w.bits, w.group_size)
+        d = self._dims
+        return f"input_dims={d.k}, output_dims={d.n}, bias={'bias' in self}, bits={d.bits}, group_size={d.group_size}"
 
     def __call__(self, x: mx.array) -> mx.array:
-        return quant_matmul(x, self._packed(), self.get("bias"))
+        return _apply(self, x, self.get("bias"))
 
 
 class QuantEmbedding(nn.QuantizedEmbedding):
@@ -242,16 +263,12 @@ class QuantEmbedding(nn.QuantizedEmbedding):
         new.weight, new.scales = layer.weight, layer.scales
         if layer.get("biases") is not None:
             new.biases = layer.biases
-        packed = repack(layer.weight, layer.scales, layer.get("biases"), layer.bits, layer.group_size)
-        new._w = packed
-        new.packed, new.packed_scales, new.packed_biases = packed.packed, packed.scales, packed.biases
+        _install(new, repack(layer.weight, layer.scales, layer.get("biases"), layer.bits, layer.group_size))
         new.freeze()
         return new
 
     def as_linear(self, x: mx.array) -> mx.array:
-        w = self._w
-        return quant_matmul(x, PackedWeights(self.packed, self.packed_scales, self.packed_biases, w.n, w.k, w.bits,
-                                             w.group_size))
+        return _apply(self, x, None)
 
 
 def supports(layer: nn.Module) -> bool:
