@@ -36,7 +36,6 @@ from omlx.api.errors import APIError, invalid
 from omlx.api.wire import json_response
 from omlx.hub import PullError
 from omlx.metrics.serving_stats import ServingStats
-from omlx.models.loaded import LoadedModel
 from omlx.models.pool import ModelPool
 
 from . import downloads as hub
@@ -150,8 +149,8 @@ class AdminRoutes:
             if model is None:
                 continue
             entry = {"id": model_id, "memory_bytes": model.memory_bytes,
-                     "kind": "llm" if isinstance(model, LoadedModel) else "embedding"}
-            if isinstance(model, LoadedModel):
+                     "kind": "llm" if model.generates else model.info.model_type}
+            if model.generates:
                 engine = model.engine_stats()
                 kv = engine["kv_cache"]
                 entry.update(

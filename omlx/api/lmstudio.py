@@ -15,7 +15,6 @@ from aiohttp import web
 
 from omlx.models import facts
 from omlx.models.discovery import DiscoveredModel
-from omlx.models.loaded import LoadedModel
 from omlx.models.pool import ModelPool, context_window_of
 
 from .errors import invalid
@@ -30,7 +29,7 @@ def lmstudio_model(pool: ModelPool, info: DiscoveredModel) -> dict:
     instances = []
     if resident is not None:
         config = {"context_length": window}
-        if isinstance(resident.model, LoadedModel):
+        if resident.model.generates:  # an engine to describe (encoders have none)
             engine = resident.model.engine_settings()
             config.update({
                 "eval_batch_size": engine["max_num_batched_tokens"],

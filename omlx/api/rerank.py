@@ -145,7 +145,7 @@ class RerankRoutes:
 
         reranker = await lease_for_request(request, self.pool, model, "reranker")
         try:
-            if isinstance(reranker, LoadedModel):
+            if reranker.generates:  # a causal LM scored on its yes / no logits
                 scorer = self._llm_reranker(reranker)
                 # Tokenizing the documents scales with the body: off the event loop.
                 rows, owners = await offload(scorer.prompts, query, documents, instruction, max_chunks,

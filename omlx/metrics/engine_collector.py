@@ -51,8 +51,6 @@ class EngineCollector(Collector):
         return []  # metric names vary with what is loaded; collect() is cheap enough to probe
 
     def collect(self):
-        from omlx.models.loaded import LoadedModel
-
         gauges = {
             "num_requests_running": "Requests in the engine's running batch.",
             "num_requests_waiting": "Requests waiting to be scheduled (queued or preempted).",
@@ -74,8 +72,8 @@ class EngineCollector(Collector):
             if model is None:
                 continue
             resident.add_metric([model_name], model.memory_bytes)
-            if not isinstance(model, LoadedModel):
-                continue  # an embedding model: no generation engine
+            if not model.generates:
+                continue  # an encoder (embeddings, cross-encoder, speech to text): no generation engine
             stats = model.engine_stats()
             kv = stats["kv_cache"]
             max_blocks = kv["max_blocks"] or 1
