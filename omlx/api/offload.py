@@ -56,7 +56,7 @@ class OffloadPool:
         self._small = ThreadPoolExecutor(small_workers, thread_name_prefix="omlx-prep-small")
         self._lock = threading.Lock()
         self._large_jobs = 0  # accepted and not yet finished (a cancelled wait does not end the job)
-        self._processes: ProcessPoolExecutor | None = None  # started on the first large body
+        self._processes: ProcessPoolExecutor | None = None  # JSON workers: see start_processes
 
     @property
     def large_jobs(self) -> int:
@@ -90,7 +90,7 @@ class OffloadPool:
         """`(True, value)` or `(False, message for the client)` for a JSON document nested at
         most `max_depth` deep; a large one is parsed in a worker process (counted as a large
         job), a small one right here."""
-        from .json_child import loads, watch_parent
+        from .json_child import loads
 
         if len(raw) < PROCESS_JSON_BYTES:
             return loads(raw, max_depth)
@@ -99,11 +99,7 @@ class OffloadPool:
                 raise overloaded(f"the server is already preparing {self._large_jobs} large requests; "
                                  "retry shortly", self.retry_after_s)
             self._large_jobs += 1
-            if self._processes is None:
-                # spawn: a fresh interpreter, never a fork of a process with MLX's threads.
-                self._processes = ProcessPoolExecutor(self.small_workers, mp_context=multiprocessing.get_context("spawn"),
-                                                      initializer=watch_parent, initargs=(os.getpid(),))
-            processes = self._processes
+            processes = self._process_pool()
         try:
             future = processes.submit(loads, raw, max_depth)
         except (BrokenProcessPool, RuntimeError):
@@ -120,6 +116,31 @@ class OffloadPool:
                 if self._processes is processes:
                     self._processes = None
             return loads(raw, max_depth)
+
+    def _process_pool(self) -> ProcessPoolExecutor:
+        """The JSON workers (call with the lock held), started if they are not."""
+        from .json_child import watch_parent
+
+        if self._processes is None:
+            # spawn: a fresh interpreter, never a fork of a process with MLX's threads.
+            self._processes = ProcessPoolExecutor(self.small_workers, mp_context=multiprocessing.get_context("spawn"),
+                                                  initializer=watch_parent, initargs=(os.getpid(),))
+        return self._processes
+
+    def start_processes(self) -> None:
+        """Start the JSON workers now, from a thread of their own, so the first large body
+        does not wait for an interpreter to start (and the event loop never forks)."""
+        from .json_child import loads
+
+        def start() -> None:
+            with self._lock:
+                processes = self._process_pool()
+            try:
+                processes.submit(loads, b"0", 1)
+            except (BrokenProcessPool, RuntimeError):
+                pass
+
+        threading.Thread(target=start, name="omlx-json-workers", daemon=True).start()
 
     def shutdown(self) -> None:
         self._large.shutdown(wait=False, cancel_futures=True)
@@ -138,6 +159,7 @@ def offload_pool() -> OffloadPool:
     with _pool_lock:
         if _pool is None:
             _pool = OffloadPool()
+            _pool.start_processes()
         return _pool
 
 
