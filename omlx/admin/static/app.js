@@ -389,8 +389,11 @@ async function refreshChatModels() {
     const status = await api("GET", "/v1/models/status");
     const select = $("#chat-model");
     const current = select.value;
-    const llms = status.models.filter((m) => m.model_type === "llm");
-    select.replaceChildren(...llms.map((m) => el("option", { value: m.id, selected: m.id === current }, m.id + (m.loaded ? "" : " (not loaded)"))));
+    // Text models, and omni models (which take an audio clip with the message).
+    const llms = status.models.filter((m) => m.model_type === "llm" || (m.audio && m.model_type !== "stt"));
+    select.replaceChildren(...llms.map((m) => el("option", { value: m.id, selected: m.id === current, "data-audio": m.audio ? "1" : "" },
+                                                 m.id + (m.audio ? " (audio)" : "") + (m.loaded ? "" : " (not loaded)"))));
+    showAudioAttach();
   } catch (error) { showError($("#chat-error"), error); }
 }
 
@@ -415,6 +418,22 @@ function messageNode(message) {
   return el("div", { class: "msg " + message.role }, el("div", { class: "who" }, message.role === "user" ? "you" : message.model || "assistant"), body);
 }
 
+function showAudioAttach() {
+  const option = $("#chat-model").selectedOptions[0];
+  $("#chat-audio-box").hidden = !(option && option.dataset.audio);
+  if ($("#chat-audio-box").hidden) $("#chat-audio").value = "";
+}
+$("#chat-model").addEventListener("change", showAudioAttach);
+
+// A clip attached to the message: an OpenAI input_audio part (base64 and the file's format).
+async function audioPart(file) {
+  const bytes = new Uint8Array(await file.arrayBuffer());
+  let binary = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) binary += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  const format = (file.name.split(".").pop() || "wav").toLowerCase();
+  return { type: "input_audio", input_audio: { data: btoa(binary), format } };
+}
+
 $("#chat-input").addEventListener("keydown", (event) => {
   if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); $("#chat-form").requestSubmit(); }
 });
@@ -433,11 +452,14 @@ $("#chat-form").addEventListener("submit", async (event) => {
       return showError($("#chat-error"), new Error("the tools are not valid JSON: " + error.message));
     }
   }
+  const clip = $("#chat-audio").files[0];
+  const parts = clip ? [await audioPart(clip), { type: "text", text }] : null;
   $("#chat-input").value = "";
+  $("#chat-audio").value = "";
   showError($("#chat-error"), null);
-  state.chat.push({ role: "user", content: text });
+  state.chat.push({ role: "user", content: clip ? text + " [clip: " + clip.name + "]" : text, parts });
   const reply = { role: "assistant", model, content: "", reasoning: "", tool_calls: [], streaming: true };
-  const history = state.chat.map((m) => m.role === "user" ? { role: "user", content: m.content }
+  const history = state.chat.map((m) => m.role === "user" ? { role: "user", content: m.parts || m.content }
                                                           : { role: "assistant", content: m.content || "" });
   state.chat.push(reply);
   renderChat();
