@@ -36,7 +36,7 @@ def sample_pass(
         picks = np.concatenate([np.arange(first_row[i], first_row[i] + want[i]) for i in verifying])
         seqs = [resolve(rows[part[i]].request_id, rows[part[i]].index) for i in verifying]
         with _phase(profile, "verify"):
-            verified = verify_drafts(sampler, logits[mx.array(picks)], seqs)
+            verified = verify_drafts(sampler, logits[mx.array(picks)], seqs, [rows[part[i]].draft for i in verifying])
         for i, seq, (tokens, entries) in zip(verifying, seqs, verified):
             k = part[i]
             result.sampled[k], result.logprobs[k], result.accepted[k] = tokens, entries, len(tokens) - 1

@@ -27,11 +27,13 @@ from .sampler import Sampler, _adjust_logits, kept_in_rank_order, logprob_entry
 from .sequence import Sequence
 
 
-def verify_drafts(sampler: Sampler, logits: mx.array, seqs: list[Sequence]):
-    """`logits`: for each sequence in turn, 1 + len(seq.draft) rows.  Returns, per sequence,
+def verify_drafts(sampler: Sampler, logits: mx.array, seqs: list[Sequence], drafts: list[list[int]] | None = None):
+    """`logits`: for each sequence in turn, 1 + len(draft) rows, where `drafts` are the
+    drafts fed (the step's rows; default: each sequence's own).  Returns, per sequence,
     the tokens it emits this step (accepted drafts, then the model's own token) and, where
     the request asks for them, their (logprob, top alternatives)."""
-    row_seqs = [seq for seq in seqs for _ in range(1 + len(seq.draft))]
+    drafts = drafts if drafts is not None else [seq.draft for seq in seqs]
+    row_seqs = [seq for seq, draft in zip(seqs, drafts) for _ in range(1 + len(draft))]
     logits = _adjust_logits(logits, row_seqs)  # logit_bias (penalised requests never draft)
     greedy_rows = [r for r, s in enumerate(row_seqs) if s.request.sampling.greedy]
     sampled_rows = [r for r, s in enumerate(row_seqs) if not s.request.sampling.greedy]
@@ -53,12 +55,12 @@ def verify_drafts(sampler: Sampler, logits: mx.array, seqs: list[Sequence]):
 
     results = []
     row = 0
-    for seq in seqs:
-        k = len(seq.draft)
+    for seq, draft in zip(seqs, drafts):
+        k = len(draft)
         if seq.request.sampling.greedy:
-            tokens = _accept_greedy(seq.draft, [argmax[row + j] for j in range(k + 1)])
+            tokens = _accept_greedy(draft, [argmax[row + j] for j in range(k + 1)])
         else:
-            tokens = _accept_sampled(sampler, seq, [probs[prob_row[row + j]] for j in range(k + 1)])
+            tokens = _accept_sampled(sampler, seq, draft, [probs[prob_row[row + j]] for j in range(k + 1)])
         entries = None
         if seq.request.logprobs is not None:
             entries = [logprob_entry(logprobs[logprob_row[row + j]], seq.request.logprobs, t) for j, t in enumerate(tokens)]
@@ -81,9 +83,9 @@ def _accept_greedy(draft: list[int], choices: list[int]) -> list[int]:
     return tokens
 
 
-def _accept_sampled(sampler: Sampler, seq: Sequence, rows: list[np.ndarray]) -> list[int]:
+def _accept_sampled(sampler: Sampler, seq: Sequence, draft: list[int], rows: list[np.ndarray]) -> list[int]:
     tokens = []
-    for proposed, p in zip(seq.draft, rows):
+    for proposed, p in zip(draft, rows):
         if sampler._uniform(seq) < p[proposed]:
             tokens.append(proposed)
             continue
@@ -91,7 +93,7 @@ def _accept_sampled(sampler: Sampler, seq: Sequence, rows: list[np.ndarray]) -> 
         residual[proposed] = 0.0
         tokens.append(_inverse_cdf(residual, sampler._uniform(seq)))
         return tokens
-    tokens.append(_inverse_cdf(rows[len(seq.draft)], sampler._uniform(seq)))
+    tokens.append(_inverse_cdf(rows[len(draft)], sampler._uniform(seq)))
     return tokens
 
 
