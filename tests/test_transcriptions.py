@@ -249,3 +249,9 @@ def test_language_is_not_a_translation_field(sserver):
     body, content_type = _multipart({"model": WHISPER, "language": "en"}, ("a.wav", encode(sweep(0.5), "wav")))
     got, out = _post(sserver, "/v1/audio/translations", body, content_type)
     assert got == 400 and out["error"]["param"] == "language"
+
+
+def test_health_lists_the_transcriber(oai, sserver):
+    oai.audio.transcriptions.create(model=WHISPER, file=("clip.wav", encode(sweep(0.5), "wav")))
+    loaded = sserver.health()["stt_models_loaded"][WHISPER]
+    assert loaded["batches"] >= 1 and loaded["inputs"] >= 1 and loaded["memory_bytes"] > 0
