@@ -22,6 +22,7 @@ from omlx.api.mcp import MCP, MCPRoutes, mcp_of
 from omlx.api.model_access import release_leases
 from omlx.api.models_admin import ModelAdminRoutes
 from omlx.api.openapi import OpenAPIRoute
+from omlx.api.offload import offload_pool
 from omlx.api.openai import OpenAIRoutes
 from omlx.api.rerank import RerankRoutes
 from omlx.api.transcriptions import TranscriptionRoutes
@@ -139,6 +140,7 @@ def create_app(config: ServerConfig) -> web.Application:
 
     async def start_pool(_app):
         await pool.start()  # pinned / preloaded models, TTL watch
+        offload_pool()  # the request-preparation pool and its JSON workers, ready for the first body
         if (mcp := mcp_of(_app)) is not None:
             mcp.start()  # each MCP server connects in its own task: nothing waits for them here
 

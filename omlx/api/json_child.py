@@ -51,9 +51,23 @@ def too_deep(value: Any, limit: int) -> bool:
     return False
 
 
+# Niceness of a worker: parsing a hostile body must not take the CPU from the engine's
+# decoding and the event loop (the worker's work is a client's, theirs everyone's).
+WORKER_NICENESS = 10
+
+
+def start_worker(parent_pid: int) -> None:
+    """A worker's initializer: a lower CPU priority than the server, and a watch on it."""
+    try:
+        os.nice(WORKER_NICENESS)
+    except OSError:
+        pass
+    watch_parent(parent_pid)
+
+
 def watch_parent(parent_pid: int) -> None:
-    """A worker's initializer: end the worker when the server that started it is gone (killed
-    without a chance to shut its pool down), instead of living on as an orphan."""
+    """End the worker when the server that started it is gone (killed without a chance to
+    shut its pool down), instead of living on as an orphan."""
 
     def watch() -> None:
         while os.getppid() == parent_pid:

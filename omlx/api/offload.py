@@ -25,6 +25,7 @@ import asyncio
 import functools
 import multiprocessing
 import os
+import sys
 import threading
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -34,6 +35,8 @@ from .errors import overloaded
 
 # A job whose input (request body, text, image bytes) is below this runs in the small lane.
 SMALL_JOB_BYTES = 256 << 10
+# Niceness of the large lane's threads (see lower_thread_priority).
+LARGE_LANE_NICENESS = 10
 # Request bodies from this size on are parsed in a worker process (below it, orjson takes
 # under a millisecond and the round trip would cost more than it saves).
 PROCESS_JSON_BYTES = 1 << 20
@@ -52,7 +55,8 @@ class OffloadPool:
         # legitimate) prompts queues briefly, and a flood of them is told to come back.
         self.max_large_jobs = max_large_jobs or 4 * self.large_workers
         self.retry_after_s = retry_after_s
-        self._large = ThreadPoolExecutor(self.large_workers, thread_name_prefix="omlx-prep")
+        self._large = ThreadPoolExecutor(self.large_workers, thread_name_prefix="omlx-prep",
+                                         initializer=lower_thread_priority)
         self._small = ThreadPoolExecutor(small_workers, thread_name_prefix="omlx-prep-small")
         self._lock = threading.Lock()
         self._large_jobs = 0  # accepted and not yet finished (a cancelled wait does not end the job)
@@ -119,12 +123,12 @@ class OffloadPool:
 
     def _process_pool(self) -> ProcessPoolExecutor:
         """The JSON workers (call with the lock held), started if they are not."""
-        from .json_child import watch_parent
+        from .json_child import start_worker
 
         if self._processes is None:
             # spawn: a fresh interpreter, never a fork of a process with MLX's threads.
             self._processes = ProcessPoolExecutor(self.small_workers, mp_context=multiprocessing.get_context("spawn"),
-                                                  initializer=watch_parent, initargs=(os.getpid(),))
+                                                  initializer=start_worker, initargs=(os.getpid(),))
         return self._processes
 
     def start_processes(self) -> None:
@@ -147,6 +151,18 @@ class OffloadPool:
         self._small.shutdown(wait=False, cancel_futures=True)
         if self._processes is not None:
             self._processes.shutdown(wait=False, cancel_futures=True)
+
+
+def lower_thread_priority() -> None:
+    """A large-lane thread's initializer: below the engine and the event loop for the CPU, so
+    a flood of big bodies slows their own answers rather than everyone's (Linux, where a
+    thread has a niceness of its own; elsewhere nothing changes)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LARGE_LANE_NICENESS)
+    except OSError:
+        pass
 
 
 _pool: OffloadPool | None = None

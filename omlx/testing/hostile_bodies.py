@@ -104,38 +104,43 @@ class StallResult:
 async def measure_stall(root: str, model: str, hostile: int = 8, samples: int = 5,
                         body: bytes | None = None, route: str = "/v1/chat/completions",
                         small_tokens: int = SMALL_TOKENS) -> StallResult:
-    """Small chat requests' latency alone, then while `hostile` clients keep posting `body`
-    (default: a 20 MiB chat body) to `route`; the small ones are sent one after another, each
-    once every hostile client has a body in flight."""
+    """Small chat requests' latency alone and while `hostile` clients keep posting `body`
+    (default: a 20 MiB chat body) to `route`, in pairs: each sample times one small request
+    alone, then starts the hostile clients, times one more once every hostile client has a
+    body in flight, and lets them finish.  Pairs see the same machine state, so the ratio
+    holds on a machine whose load from other work comes and goes."""
     body = body if body is not None else hostile_body(route, model)
     small = small_body(model, small_tokens)
     chat_url = root + "/v1/chat/completions"
     timeout = aiohttp.ClientTimeout(total=600)
     connector = aiohttp.TCPConnector(limit=hostile + 4)
+    result = StallResult([], [])
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-        await post(session, chat_url, small)  # warm: the model loaded, the first prefill done
-        alone = [(await post(session, chat_url, small))[2] for _ in range(samples)]
-        result = StallResult(alone, [])
-        stop = asyncio.Event()
-        started = [asyncio.Event() for _ in range(hostile)]
 
-        async def attacker(k: int) -> None:
+        async def small_request() -> float:
+            status, reply, elapsed = await post(session, chat_url, small)
+            if status != 200:
+                raise AssertionError(f"the small request failed: {status} {reply}")
+            return elapsed
+
+        async def attacker(started: asyncio.Event, stop: asyncio.Event) -> None:
             while not stop.is_set():
-                started[k].set()
+                started.set()
                 status, _, elapsed = await post(session, root + route, body)
                 result.hostile_s.append(elapsed)
                 result.hostile_statuses.append(status)
 
-        attackers = [asyncio.create_task(attacker(k)) for k in range(hostile)]
-        try:
-            for _ in range(samples):
+        await small_request()  # warm: the model loaded, the first prefill done
+        for _ in range(samples):
+            result.alone_s.append(await small_request())
+            stop = asyncio.Event()
+            started = [asyncio.Event() for _ in range(hostile)]
+            attackers = [asyncio.create_task(attacker(e, stop)) for e in started]
+            try:
                 await asyncio.gather(*(e.wait() for e in started))
                 await asyncio.sleep(0.05)  # the bodies are on their way, the server busy with them
-                status, reply, elapsed = await post(session, chat_url, small)
-                if status != 200:
-                    raise AssertionError(f"the small request failed during the hostile load: {status} {reply}")
-                result.during_s.append(elapsed)
-        finally:
-            stop.set()
-            await asyncio.gather(*attackers, return_exceptions=True)
+                result.during_s.append(await small_request())
+            finally:
+                stop.set()
+                await asyncio.gather(*attackers, return_exceptions=True)
     return result
