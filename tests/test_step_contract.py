@@ -13,6 +13,8 @@ import random
 import mlx.core as mx
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from mlx_lm import load
 
 from omlx.scheduler import EngineConfig, GenerationRequest, LLMEngine, SamplingParams
@@ -238,3 +240,53 @@ def test_a_replica_follows_pool_growth_and_moves_between_pools(tiny):
                             pools[0].arrays() + pools[1].arrays()):
         assert mx.array_equal(mine, theirs).item()
     assert all(tokens.values())
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    requests=st.lists(st.fixed_dictionaries({
+        "shared": st.integers(0, len(PREFIX)), "suffix": st.lists(st.integers(5, 500), min_size=1, max_size=20),
+        "max_tokens": st.integers(1, MAX_NEW), "arrival": st.integers(0, 8),
+        "abort_after": st.one_of(st.none(), st.integers(0, 10)), "repeat": st.booleans(),
+    }), min_size=1, max_size=6),
+    block_size=st.sampled_from([4, 8]),
+    budget=st.sampled_from([8, 32]),
+    spare_blocks=st.integers(0, 24),
+)
+def test_any_schedule_replays_on_another_runner(tiny, requests, block_size, budget, spare_blocks):
+    """Hypothesis picks the schedule (arrivals, shared prefixes, drafts from repeated prompts,
+    aborts, a pool from just enough to roomy): every step, sent through the plain encoding,
+    gives the same output on a replica runner with its own pool."""
+    model, eos = tiny
+    prompts = []
+    for r in requests:
+        prompt = PREFIX[: r["shared"]] + r["suffix"]
+        prompts.append(prompt + prompt if r["repeat"] else prompt)
+    longest = max(len(p) + r["max_tokens"] for p, r in zip(prompts, requests))
+    engine = _engine(model, block_size=block_size, max_num_batched_tokens=budget,
+                     num_blocks=-(-longest // block_size) + 3 + spare_blocks)
+    replica = ModelRunner(model, PagedKVStorage(engine.storage.layout, engine.storage.num_blocks, block_size),
+                          engine.kinds)
+    replica.replica, replica.sampler, replica.resolve = True, Sampler(), engine.scheduler.scheduled
+    finished: set[str] = set()
+    for step in range(400):
+        for i, r in enumerate(requests):
+            if r["arrival"] == step:
+                engine.add_request(GenerationRequest(str(i), prompts[i], r["max_tokens"], stop_token_ids=eos))
+            if r["abort_after"] is not None and r["arrival"] + r["abort_after"] == step and str(i) not in finished:
+                engine.abort(str(i))
+                finished.add(str(i))
+        if not engine.has_work and step > max(r["arrival"] for r in requests):
+            break
+        out = engine.scheduler.schedule()
+        if out.empty:
+            continue
+        result = engine.runner.execute(out)
+        again = replica.execute(_wire(out))
+        assert (again.sampled, again.accepted) == (result.sampled, result.accepted), out.step
+        for seq, event in engine.scheduler.update_from_output(out, result):
+            if event.finish_reason is not None:
+                finished.add(seq.request_id)
+                engine.sequences.pop(seq.request_id, None)
+    assert not engine.has_work
+    assert not engine.blocks.leaked_blocks()
