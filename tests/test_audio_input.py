@@ -385,13 +385,11 @@ def audio_models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def aserver(audio_models, tmp_path_factory):
-    import importlib.util
-
     from omlx_process import omlx_server
 
-    # The clip host is a local server: where the media URL policy exists, it must let this
-    # server fetch from local addresses.
-    local = ["--allow-local-media-urls"] if importlib.util.find_spec("omlx.media_policy") else []
+    # The clip host is a local server: this server may fetch from local addresses (refused by
+    # default: tests/test_transcriptions.py, test_audio_urls_follow_the_media_policy).
+    local = ["--allow-local-media-urls"]
     env = {"OMLX_AUDIO_FETCH_TIMEOUT": str(FETCH_TIMEOUT_S)}
     # A small step budget: clip prompts are prefilled in several chunks, some ending inside
     # a clip's tokens.

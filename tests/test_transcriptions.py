@@ -255,3 +255,13 @@ def test_health_lists_the_transcriber(oai, sserver):
     oai.audio.transcriptions.create(model=WHISPER, file=("clip.wav", encode(sweep(0.5), "wav")))
     loaded = sserver.health()["stt_models_loaded"][WHISPER]
     assert loaded["batches"] >= 1 and loaded["inputs"] >= 1 and loaded["memory_bytes"] > 0
+
+
+def test_audio_urls_follow_the_media_policy(sserver):
+    """Audio URLs are fetched inside the server's media URL policy, as images are: this
+    server allows no local addresses, so a clip URL on the loopback is refused, unfetched."""
+    body = {"model": OMNI, "max_tokens": 4, "messages": [{"role": "user", "content": [
+        {"type": "audio_url", "audio_url": {"url": f"{sserver.root}/health"}}, {"type": "text", "text": "hi"}]}]}
+    got, out = _post(sserver, "/v1/chat/completions", json.dumps(body).encode(), "application/json")
+    assert got == 400 and out["error"]["code"] == "media_url_not_allowed", out
+    assert out["error"]["param"] == "messages[0].content"

@@ -105,7 +105,7 @@ async def clip_bytes(source: AudioSource, limits: AudioLimits) -> bytes:
         if media in MEDIA_TYPES:
             _check_declared(MEDIA_TYPES[media], source.param)
         return _b64(payload, source.param, limits)
-    if url.startswith(("http://", "https://")):
+    if url.startswith(("http://", "https://", "file:")):
         return await _fetch(url, source.param, limits)
     raise AudioError("an audio URL must be a data: URL or an http(s) URL", source.param)
 
@@ -129,17 +129,14 @@ def _b64(payload: str, param: str, limits: AudioLimits) -> bytes:
 
 
 async def _fetch(url: str, param: str, limits: AudioLimits) -> bytes:
-    """The image fetch (its URL policy, redirects, size cap and timeout), its errors in
-    audio's words."""
-    from omlx.vision import images
+    """The fetch images use (omlx.media_fetch: the server's media URL policy on every hop,
+    redirects, the size cap and the timeout), with audio's error codes."""
+    from omlx.media_fetch import MediaFetchError, fetch_url
 
-    image_limits = images.ImageLimits(max_bytes=limits.max_bytes, fetch_timeout_s=limits.fetch_timeout_s)
     try:
-        return await images._fetch(url, param, image_limits, None)
-    except images.ImageError as exc:
-        code = exc.code.replace("image", "audio")
-        raise AudioError(exc.message.replace("the image", "the audio clip").replace("image", "audio clip"),
-                         param, code, exc.status) from None
+        return await fetch_url(url, max_bytes=limits.max_bytes, timeout_s=limits.fetch_timeout_s, what="audio")
+    except MediaFetchError as exc:
+        raise AudioError(exc.message, param, exc.code, exc.status) from None
 
 
 def decode(data: bytes, param: str, limits: AudioLimits = AudioLimits(), declared: str | None = None) -> DecodedAudio:
