@@ -161,11 +161,11 @@ def shape_table(rows: list[int], seconds: float, rounds: int) -> list[dict]:
             cells = "  ".join(f"{meth} {med[meth]*1e3:7.3f} ms {flops/med[meth]/1e9:5.0f} GF/s" for meth in med)
             ratio = med["float32"] / med["vnni-x15"]
             print(f"{name:22s} rows {r:4d}  {cells}  x15 vs float32 {ratio:5.2f}x", flush=True)
-        del m
+
     return results
 
 
-METHODS = ("vnni-x15", "vnni-x8", "float32", "mlx-quant")
+STEP_METHODS = ("vnni-x15", "vnni-x8", "float32", "mlx-quant")
 
 
 def decode_step(seconds: float, rounds: int, bandwidth: float) -> None:
@@ -240,7 +240,6 @@ def model_decode(tokens: int, rounds: int) -> None:
     from pathlib import Path
 
     import mlx.core as mx
-    from mlx.utils import tree_map
     from mlx_lm.generate import generate_step
     from mlx_lm import load
 
@@ -258,9 +257,7 @@ def model_decode(tokens: int, rounds: int) -> None:
         dense, tokenizer = load(folder)
         to_float32(dense)
         quant, _ = load(folder)
-        quant.update(tree_map(lambda v: v.astype(mx.float32) if v.dtype in (mx.float16, mx.bfloat16) else v,
-                              quant.parameters()))
-        swapped = swap_quantized_linears(quant)
+        swapped = swap_quantized_linears(quant, widen_rest=True)
         mx.eval(dense.parameters(), quant.parameters())
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Write a short story about a lighthouse keeper."}],
                                            add_generation_prompt=True)

@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten
 
 from omlx.kernels import quant_linear as ql
 
@@ -289,9 +289,9 @@ def smollm2_agreement(folder: str) -> dict:
     model, _ = load(folder)
     # Norms and the embedding's scales in float32 as on the float32 path; the quantized
     # codes, scales and biases are read as stored.
-    model.update(tree_map(lambda v: v.astype(mx.float32) if v.dtype in (mx.float16, mx.bfloat16) else v,
-                          model.parameters()))
-    swapped = ql.swap_quantized_linears(model)
+    swapped = ql.swap_quantized_linears(model, widen_rest=True)
+    half = [name for name, v in tree_flatten(model.parameters()) if v.dtype in (mx.float16, mx.bfloat16)]
+    assert all(name.endswith(("packed_scales", "packed_biases")) for name in half), half
     ids = real_text_ids(tokenizer)
     agree = 0
     for start in range(0, len(ids), CHUNK):

@@ -20,6 +20,14 @@ order of `vpdpbusd`), scales and biases per (tile, group) in float16 when that i
 `nn.quantize` swaps them; mlx-lm's model code is unchanged.  Without the built extension,
 on a device other than the CPU, or (unless asked) on a CPU without AVX512-VNNI, it swaps
 nothing and `availability()` says why.
+
+For the loader: on the CPU, for a model with quantized layers that is *not* dequantized to
+float32, after `mlx_lm.load` call `swap_quantized_linears(model, widen_rest=True)` once (the
+remaining float16 / bfloat16 parameters, norms and the embedding's scales, become float32, so
+activations stay float32 as on the float32 path); it serves every row count (decode and prefill
+chunks alike: bench/README.md has the per-shape numbers), a row's result is independent of
+the batch, and it needs no setting per call.  `availability().info()` is what /health can
+report.
 """
 
 from __future__ import annotations
@@ -279,15 +287,23 @@ def supports(layer: nn.Module) -> bool:
             and (layer.weight.shape[1] * 32 // layer.bits) % layer.group_size == 0)
 
 
-def swap_quantized_linears(model: nn.Module, *, embeddings: bool = True, force: bool = False) -> int:
+def swap_quantized_linears(model: nn.Module, *, embeddings: bool = True, widen_rest: bool = False,
+                           force: bool = False) -> int:
     """Replace the model's supported `nn.QuantizedLinear` layers (and, with `embeddings`, the
-    `nn.QuantizedEmbedding`s, for a tied LM head) by kernel-backed ones, in place.  Returns the
-    number swapped; 0 (and a log line) where the kernel is not available here, unless `force`
-    (tests: the portable path)."""
+    `nn.QuantizedEmbedding`s, for a tied LM head) by kernel-backed ones, in place.  With
+    `widen_rest`, the float16 / bfloat16 parameters first become float32 (norms, embedding
+    scales), so activations run in float32.  Returns the number swapped; 0 (and a log line,
+    the model untouched) where the kernel is not available here, unless `force` (tests: the
+    portable path)."""
     avail = availability()
     if not avail.ok and not (force and avail.module is not None):
         log.info("quantized weights: kernel not used (%s)", avail.reason)
         return 0
+    if widen_rest:
+        from mlx.utils import tree_map
+
+        model.update(tree_map(lambda v: v.astype(mx.float32) if v.dtype in (mx.float16, mx.bfloat16) else v,
+                              model.parameters()))
     replacements = []
     for name, module in model.named_modules():
         if not supports(module):
