@@ -332,8 +332,7 @@ class LLMEngine(EngineRequests):
             # route attention away from the cache to compare the per-pool passes).
             self.scheduler.speculator.active = self.runner.ragged
         self._stepping = None
-        with self.profile.phase("schedule"):
-            out = self.scheduler.schedule()
+        out = self.scheduler.schedule()  # timed by the scheduler (a draft model's pass apart)
         # The requests this step runs: the ones a failed step ends (see fail_step).
         self._stepping = out.request_ids
         # Requests that can never get their blocks end here (the step is empty then, unless

@@ -109,15 +109,21 @@ class Scheduler(TwoPoolMoves):
 
     # ------------------------------------------------------------------ schedule
     def schedule(self) -> SchedulerOutput:
-        """The next step: prompt chunks first, then decodes (with their drafts)."""
-        batch = self._pick()
+        """The next step: prompt chunks first, then decodes (with their drafts).  Timed in
+        the engine's profile as "schedule", a draft model's pass apart as "draft"."""
+        with self._phase("schedule"):
+            batch = self._pick()
         speculator = self.speculator
         if speculator is not None and not speculator.drafter.immediate:
             drafting = [s for s in batch.decodes if s.draft_rows]
             if drafting:
-                with self.profile.phase("draft") if self.profile is not None else _no_phase():
+                with self._phase("draft"):
                     speculator.draft(drafting, [s.draft_rows for s in drafting])
-        return self._output(batch)
+        with self._phase("schedule"):
+            return self._output(batch)
+
+    def _phase(self, name: str):
+        return self.profile.phase(name) if self.profile is not None else _no_phase()
 
     def scheduled(self, request_id: str, index: int = 0) -> Sequence:
         """A sequence of the step in flight (for the runner's sampler, and its layer managers)."""
