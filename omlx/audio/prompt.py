@@ -5,8 +5,9 @@ tokens sit with its content hash (the prefix cache keys blocks on them).
 
 Several clips: mlx-vlm's Gemma 4 / Gemma 3n models encode a request's clips as one padded
 batch and scatter the flattened features over the audio tokens, so a second clip of another
-length would take the padding of the first; such families take one clip per request
-(`max_clips`), and a request with more gets a 400 rather than a wrong answer.
+length would take the padding of the first.  The engine encodes Gemma 4's clips one by one
+(omlx.audio.clip_features); families it does not (`max_clips`) take one clip per request,
+and a request with more gets a 400 rather than a wrong answer.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from omlx.vision.prompt import ImagePromptError, check_runs, image_runs
 
 from .clips import SAMPLE_RATE, DecodedAudio
 
-# Families whose mlx-vlm model merges the features of one clip per prompt correctly.
-SINGLE_CLIP_FAMILIES = {"gemma4", "gemma3n"}
+# Families whose mlx-vlm model merges the features of one clip per prompt correctly, and
+# which the engine serves one clip a prompt (Gemma 4's clips go through the tower one by one:
+# omlx.audio.clip_features).
+SINGLE_CLIP_FAMILIES = {"gemma3n"}
 
 
 class AudioPromptError(ImagePromptError):

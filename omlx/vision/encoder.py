@@ -19,6 +19,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from omlx.audio import clip_features
+
 log = logging.getLogger("omlx.vision")
 
 
@@ -191,10 +193,16 @@ class PassInputs:
             return
         for seq in seqs:
             mm = seq.request.multimodal
-            arrays = {k: mx.array(v) for k, v in mm.arrays.items()}
+            several = clip_features.clip_wise(self.vlm, mm.spans)
+            # Several clips: the text and images here, each clip's features on its own below.
+            arrays = {k: mx.array(v) for k, v in mm.arrays.items()
+                      if not (several and k in clip_features.FEATURE_KEYS)}
             ids = mx.array(seq.token_ids[: seq.num_prompt_tokens])[None]
             out = self.vlm.get_input_embeddings(ids, arrays.pop("pixel_values", None), **arrays)
             mm.embeddings = out.inputs_embeds[0]
+            if several:
+                mm.embeddings = clip_features.merge(mm.embeddings, mm.spans,
+                                                    clip_features.clip_rows(self.vlm, mm.arrays, mm.spans))
             self.vision_calls += 1
             clips = sum(1 for span in mm.spans if span.digest.startswith(b"audio:"))
             self.clips_encoded += clips
