@@ -10,6 +10,7 @@ chat request alone, then again while `hostile` clients post such bodies back to 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import random
 import statistics
 import time
@@ -108,39 +109,74 @@ async def measure_stall(root: str, model: str, hostile: int = 8, samples: int = 
     (default: a 20 MiB chat body) to `route`, in pairs: each sample times one small request
     alone, then starts the hostile clients, times one more once every hostile client has a
     body in flight, and lets them finish.  Pairs see the same machine state, so the ratio
-    holds on a machine whose load from other work comes and goes."""
+    holds on a machine whose load from other work comes and goes.  The hostile clients run in
+    a process of their own, as other clients would: uploading 160 MiB does not slow the
+    measuring client's own event loop."""
     body = body if body is not None else hostile_body(route, model)
     small = small_body(model, small_tokens)
     chat_url = root + "/v1/chat/completions"
-    timeout = aiohttp.ClientTimeout(total=600)
-    connector = aiohttp.TCPConnector(limit=hostile + 4)
+    loop = asyncio.get_running_loop()
+    context = multiprocessing.get_context("spawn")
+    conn, child_conn = context.Pipe()
+    attackers = context.Process(target=_hostile_clients, args=(child_conn, root + route, body, hostile), daemon=True)
+    attackers.start()
     result = StallResult([], [])
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
 
-        async def small_request() -> float:
-            status, reply, elapsed = await post(session, chat_url, small)
-            if status != 200:
-                raise AssertionError(f"the small request failed: {status} {reply}")
-            return elapsed
+            async def small_request() -> float:
+                status, reply, elapsed = await post(session, chat_url, small)
+                if status != 200:
+                    raise AssertionError(f"the small request failed: {status} {reply}")
+                return elapsed
 
-        async def attacker(started: asyncio.Event, stop: asyncio.Event) -> None:
-            while not stop.is_set():
-                started.set()
-                status, _, elapsed = await post(session, root + route, body)
-                result.hostile_s.append(elapsed)
-                result.hostile_statuses.append(status)
-
-        await small_request()  # warm: the model loaded, the first prefill done
-        for _ in range(samples):
-            result.alone_s.append(await small_request())
-            stop = asyncio.Event()
-            started = [asyncio.Event() for _ in range(hostile)]
-            attackers = [asyncio.create_task(attacker(e, stop)) for e in started]
-            try:
-                await asyncio.gather(*(e.wait() for e in started))
+            await small_request()  # warm: the model loaded, the first prefill done
+            for _ in range(samples):
+                result.alone_s.append(await small_request())
+                conn.send("attack")
+                await loop.run_in_executor(None, conn.recv)  # every hostile client has sent a body
                 await asyncio.sleep(0.05)  # the bodies are on their way, the server busy with them
-                result.during_s.append(await small_request())
-            finally:
-                stop.set()
-                await asyncio.gather(*attackers, return_exceptions=True)
+                try:
+                    result.during_s.append(await small_request())
+                finally:
+                    conn.send("stop")
+                    times, statuses = await loop.run_in_executor(None, conn.recv)
+                    result.hostile_s += times
+                    result.hostile_statuses += statuses
+    finally:
+        conn.send("quit")
+        attackers.join(timeout=60)
+        if attackers.is_alive():
+            attackers.kill()
     return result
+
+
+def _hostile_clients(conn, url: str, body: bytes, hostile: int) -> None:
+    """The hostile clients' process: on "attack", `hostile` clients post `body` back to back
+    (reporting once each has sent one) until "stop"; then their times and statuses go back."""
+
+    async def attack() -> None:
+        stop = asyncio.Event()
+        started = [asyncio.Event() for _ in range(hostile)]
+        times: list[float] = []
+        statuses: list[int] = []
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600),
+                                         connector=aiohttp.TCPConnector(limit=hostile)) as session:
+
+            async def client(sent: asyncio.Event) -> None:
+                while not stop.is_set():
+                    sent.set()
+                    status, _, elapsed = await post(session, url, body)
+                    times.append(elapsed)
+                    statuses.append(status)
+
+            tasks = [asyncio.create_task(client(e)) for e in started]
+            await asyncio.gather(*(e.wait() for e in started))
+            conn.send("started")
+            await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # "stop"
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        conn.send((times, statuses))
+
+    while conn.recv() == "attack":
+        asyncio.run(attack())
