@@ -290,3 +290,22 @@ def test_any_schedule_replays_on_another_runner(tiny, requests, block_size, budg
                 engine.sequences.pop(seq.request_id, None)
     assert not engine.has_work
     assert not engine.blocks.leaked_blocks()
+
+
+def test_blocks_read_back_from_the_disk_tier_are_kv_operations_of_the_step(tiny, tmp_path):
+    """A prefix that comes back from the disk tier (here: after a restart) is loaded into the
+    pool by the scheduler; the step says which blocks, under which hashes, so that another
+    rank can load the same blocks from its own tier."""
+    model, eos = tiny
+    prompt = PREFIX + [9, 8, 7]
+    first = _engine(model, speculative=False, kv_cache_dir=str(tmp_path))
+    expected = _by_hand(first, [GenerationRequest("a", prompt, 4, stop_token_ids=eos)])
+    first.close()  # its blocks are on disk now
+    engine = _engine(model, speculative=False, kv_cache_dir=str(tmp_path))
+    loads = []
+    tokens = _by_hand(engine, [GenerationRequest("a", prompt, 4, stop_token_ids=eos)],
+                      lambda out, result: loads.extend(out.kv_ops.disk_loads))
+    assert tokens == expected
+    full_blocks = (len(prompt) - 1) // 8
+    assert [p for p, _, _ in loads] == [0] * full_blocks
+    assert all(engine.blocks.block_hash[b] == h for _, b, h in loads)

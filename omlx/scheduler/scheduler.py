@@ -134,8 +134,7 @@ class Scheduler(TwoPoolMoves):
         for pool_index, pool in enumerate(self.pools):
             for block, block_hash in pool.take_disk_loads():
                 self._kv_ops.disk_loads.append((pool_index, block, block_hash))
-        out = SchedulerOutput(step=self.steps, kv_ops=self._kv_ops, pool_blocks=[p.num_blocks for p in self.pools])
-        self._kv_ops = KVOps()
+        out = SchedulerOutput(step=self.steps, pool_blocks=[p.num_blocks for p in self.pools])
         self._scheduled = {}
         chunks = [(s, n, True) for s, n in batch.prefills] + [(s, 1 + len(s.draft), False) for s in batch.decodes]
         for seq, n, prefill in chunks:
@@ -146,6 +145,9 @@ class Scheduler(TwoPoolMoves):
                 want_logits=want, draft=list(seq.draft), prefill=prefill,
                 fan_out=self._fan_out(seq) if want == 1 and not seq.draft else 1))
             self._scheduled[(seq.request_id, seq.index)] = seq
+        if out.rows:
+            # An empty step runs nowhere: its KV operations wait for the next step that runs.
+            out.kv_ops, self._kv_ops = self._kv_ops, KVOps()
         return out
 
     def _fan_out(self, seq: Sequence) -> int:
