@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from contextlib import aclosing
 
 from aiohttp import web
 
@@ -19,12 +18,13 @@ from omlx.models.pool import ModelPool
 
 from . import sse
 from .anthropic_protocol import parse_conversation, parse_messages
-from .assistant_turn import AssistantTurn, collect_turn
-from .generation import EngineFailure
+from .assistant_turn import AssistantTurn, ChoiceStep, collect_turn
+from .generation import EngineFailure, Usage
 from .offload import offload
 from .output_parser import Reasoning, Text, ToolCallEvent
 from .server_tools import ServerToolCall, ServerToolResult, offer_mcp_tools
 from .serving import Serving
+from .sse_pump import pump
 from .turn_request import TurnRequest
 from .wire import dumps as _dumps
 from .wire import read_json
@@ -91,92 +91,89 @@ class AnthropicRoutes:
                 "content": content,
                 "stop_reason": _stop_reason(turn),
                 "stop_sequence": turn.matched_stop(),
-                "usage": _usage(turn),
+                "usage": _usage(turn.usage),
             },
             dumps=_dumps,
         )
 
     async def _stream(self, request, turn: AssistantTurn, parsed: TurnRequest, message_id: str):
-        response = await sse.open_stream(request)
+        return await pump(request, turn, _MessageEvents(turn, parsed.model, message_id))
 
-        async def send(kind: str, payload: dict) -> None:
-            await response.write(sse.named_event(kind, {"type": kind, **payload}))
 
-        start_usage = _usage(turn)
+class _MessageEvents:
+    """sse_pump's EventFormat for Messages: content blocks opened and closed as the kind of
+    output changes (thinking, text, tool_use, the MCP connector's blocks)."""
+
+    def __init__(self, turn: AssistantTurn, model: str, message_id: str):
+        self.turn, self.model, self.message_id = turn, model, message_id
+        self.index = -1
+        self.open_kind = None  # the kind of the content block being streamed, if one is open
+
+    def opening(self) -> bytes:
+        start_usage = _usage(self.turn.usage)
         start_usage["output_tokens"] = 0
-        await send(
-            "message_start",
-            {
-                "message": {
-                    "id": message_id,
-                    "type": "message",
-                    "role": "assistant",
-                    "model": parsed.model,
-                    "content": [],
-                    "stop_reason": None,
-                    "stop_sequence": None,
-                    "usage": start_usage,
-                }
-            },
-        )
-        await send("ping", {})
-        index = -1
-        open_kind = None  # the kind of the content block being streamed, if one is open
+        message = {
+            "id": self.message_id, "type": "message", "role": "assistant", "model": self.model, "content": [],
+            "stop_reason": None, "stop_sequence": None, "usage": start_usage,
+        }
+        return _event("message_start", {"message": message}) + _event("ping", {})
 
-        async def close_block() -> None:
-            nonlocal open_kind
-            if open_kind == "thinking":
-                # Anthropic ends a thinking block with its signature; a local model has none.
-                await send("content_block_delta", {"index": index, "delta": {"type": "signature_delta", "signature": ""}})
-            if open_kind is not None:
-                await send("content_block_stop", {"index": index})
-            open_kind = None
+    def keepalive(self) -> bytes:
+        return _event("ping", {})
 
-        async def open_block(block: dict) -> None:
-            nonlocal index, open_kind
-            await close_block()
-            index += 1
-            open_kind = block["type"]
-            await send("content_block_start", {"index": index, "content_block": block})
+    def step(self, step: ChoiceStep) -> bytes:
+        return b"".join(self._event_bytes(event) for event in step.events)
 
-        try:
-            async with aclosing(sse.with_keepalive(turn.events(), sse.keepalive_interval(request))) as events:
-                async for event in events:
-                    if event is None:  # nothing for a while (a long prefill): show we are alive
-                        await response.write(sse.progress_comment(request))
-                        await send("ping", {})
-                    elif isinstance(event, Reasoning):
-                        if open_kind != "thinking":
-                            await open_block({"type": "thinking", "thinking": "", "signature": ""})
-                        await send("content_block_delta",
-                                   {"index": index, "delta": {"type": "thinking_delta", "thinking": event.text}})
-                    elif isinstance(event, Text):
-                        if open_kind != "text":
-                            await open_block({"type": "text", "text": ""})
-                        await send("content_block_delta", {"index": index, "delta": {"type": "text_delta", "text": event.text}})
-                    elif isinstance(event, ToolCallEvent):
-                        call = event.call
-                        await open_block({"type": "tool_use", "id": call.id, "name": call.name, "input": {}})
-                        await send("content_block_delta",
-                                   {"index": index, "delta": {"type": "input_json_delta", "partial_json": call.arguments}})
-                    elif isinstance(event, ServerToolCall):  # an MCP tool the server runs
-                        await open_block(_mcp_tool_use(event))
-                        await send("content_block_delta", {"index": index, "delta": {
-                            "type": "input_json_delta", "partial_json": event.call.arguments}})
-                    elif isinstance(event, ServerToolResult):
-                        await open_block(_mcp_tool_result(event))
-        except EngineFailure as exc:
-            error = exc.api_error()
-            await response.write(sse.named_event("error", error.anthropic_body()))
-            return response
-        await close_block()
-        usage = _usage(turn)
-        await send(
-            "message_delta",
-            {"delta": {"stop_reason": _stop_reason(turn), "stop_sequence": turn.matched_stop()}, "usage": usage},
-        )
-        await send("message_stop", {})
-        return response
+    async def closing(self, usage: Usage) -> bytes:
+        delta = {"stop_reason": _stop_reason(self.turn), "stop_sequence": self.turn.matched_stop()}
+        return self._close_block() + _event("message_delta", {"delta": delta, "usage": _usage(usage)}) + _event(
+            "message_stop", {})
+
+    def failure(self, exc: EngineFailure) -> bytes:
+        return sse.named_event("error", exc.api_error().anthropic_body())
+
+    def _event_bytes(self, event) -> bytes:
+        if isinstance(event, Reasoning):
+            out = b"" if self.open_kind == "thinking" else self._open_block(
+                {"type": "thinking", "thinking": "", "signature": ""})
+            return out + _event("content_block_delta",
+                                {"index": self.index, "delta": {"type": "thinking_delta", "thinking": event.text}})
+        if isinstance(event, Text):
+            out = b"" if self.open_kind == "text" else self._open_block({"type": "text", "text": ""})
+            return out + _event("content_block_delta",
+                                {"index": self.index, "delta": {"type": "text_delta", "text": event.text}})
+        if isinstance(event, ToolCallEvent):
+            call = event.call
+            out = self._open_block({"type": "tool_use", "id": call.id, "name": call.name, "input": {}})
+            return out + _event("content_block_delta",
+                                {"index": self.index, "delta": {"type": "input_json_delta", "partial_json": call.arguments}})
+        if isinstance(event, ServerToolCall):  # an MCP tool the server runs
+            out = self._open_block(_mcp_tool_use(event))
+            return out + _event("content_block_delta", {"index": self.index, "delta": {
+                "type": "input_json_delta", "partial_json": event.call.arguments}})
+        if isinstance(event, ServerToolResult):
+            return self._open_block(_mcp_tool_result(event))
+        return b""
+
+    def _close_block(self) -> bytes:
+        out = b""
+        if self.open_kind == "thinking":
+            # Anthropic ends a thinking block with its signature; a local model has none.
+            out += _event("content_block_delta", {"index": self.index, "delta": {"type": "signature_delta", "signature": ""}})
+        if self.open_kind is not None:
+            out += _event("content_block_stop", {"index": self.index})
+        self.open_kind = None
+        return out
+
+    def _open_block(self, block: dict) -> bytes:
+        out = self._close_block()
+        self.index += 1
+        self.open_kind = block["type"]
+        return out + _event("content_block_start", {"index": self.index, "content_block": block})
+
+
+def _event(kind: str, payload: dict) -> bytes:
+    return sse.named_event(kind, {"type": kind, **payload})
 
 
 def _mcp_tool_use(event: ServerToolCall) -> dict:
@@ -198,8 +195,7 @@ def _stop_reason(turn: AssistantTurn) -> str:
     return _STOP_REASONS[turn.finish_reason()]
 
 
-def _usage(turn: AssistantTurn) -> dict:
-    usage = turn.usage
+def _usage(usage: Usage) -> dict:
     # Anthropic counts cached prompt tokens apart from the rest of the input.
     return {
         "input_tokens": usage.prompt_tokens - usage.cached_tokens,

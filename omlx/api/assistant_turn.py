@@ -3,15 +3,31 @@
 Wraps a GenerationStream (token ids to text deltas, stop strings) with one OutputParser per
 choice, so every API family formats the same events.  The finish reason becomes
 "tool_calls" when a choice ended by making calls.
+
+`steps()` is the typed event source every streaming writer reads (through omlx.api.sse_pump):
+one `ChoiceStep` per piece of a choice's output, with the logprobs of its tokens and whether
+the choice ended there.  A text completion (no parsing) is a `TextTurn` with the same steps.
 """
 
 from __future__ import annotations
 
 from contextlib import aclosing
+from dataclasses import dataclass, field
 
 from .conversation import Conversation
-from .generation import GenerationStream
+from .generation import GenerationStream, TokenLogprob
 from .output_parser import OutputEvent, OutputParser, Reasoning, Text, ToolCall, ToolCallEvent
+
+
+@dataclass
+class ChoiceStep:
+    """What one choice produced since the last step: its parsed events, the logprobs of its
+    new tokens (empty unless asked for) and whether it finished with them."""
+
+    index: int
+    events: list = field(default_factory=list)  # OutputEvents (and a tool loop's own events)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finished: bool = False
 
 
 class AssistantTurn:
@@ -70,21 +86,42 @@ class AssistantTurn:
             kept.append(event)
         return kept
 
-    async def choice_events(self):
-        """Yield (choice index, OutputEvent) as the generation goes."""
+    async def steps(self):
+        """Yield a ChoiceStep for each piece of output, in the order the engine makes it."""
         single = len(self.parsers) == 1
         async with aclosing(self.stream.choice_deltas()) as deltas:
             async for choice, delta in deltas:
-                for event in self.feed(choice, delta):
-                    yield choice.index, event
+                yield ChoiceStep(choice.index, self.feed(choice, delta), choice.take_logprobs(),
+                                 choice.finish_reason is not None)
                 if single and self.parsers[0].tool_calls and not self.parallel_tool_calls:
                     return  # its one call is made: leaving ends (aborts) the generation
 
     async def events(self):
         """The events of a single-choice turn."""
-        async with aclosing(self.choice_events()) as events:
-            async for _, event in events:
-                yield event
+        async with aclosing(self.steps()) as steps:
+            async for step in steps:
+                for event in step.events:
+                    yield event
+
+
+class TextTurn:
+    """A text completion's output as steps: its text unparsed (no reasoning, no tools)."""
+
+    def __init__(self, stream: GenerationStream):
+        self.stream = stream
+
+    @property
+    def usage(self):
+        return self.stream.usage
+
+    def finish_reason(self, index: int = 0) -> str:
+        return self.stream.choices[index].finish_reason or "stop"
+
+    async def steps(self):
+        async with aclosing(self.stream.choice_deltas()) as deltas:
+            async for choice, delta in deltas:
+                yield ChoiceStep(choice.index, [Text(delta)] if delta else [], choice.take_logprobs(),
+                                 choice.finish_reason is not None)
 
 
 async def collect_turn(turn: AssistantTurn) -> list[OutputEvent]:

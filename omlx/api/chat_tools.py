@@ -85,20 +85,6 @@ def _history_call(call: Any, where: str) -> dict:
 # ---------------------------------------------------------------------------- response side
 
 
-def stream_deltas(turn: AssistantTurn, choice, delta: str) -> list[dict]:
-    """Chat `delta` objects for a choice's new text (and its end, once it finished)."""
-    out = []
-    for event in turn.feed(choice, delta):
-        if isinstance(event, Text):
-            out.append({"content": event.text})
-        elif isinstance(event, Reasoning):
-            out.append({"reasoning_content": event.text})
-        else:
-            index = turn.tool_calls(choice.index).index(event.call)
-            out.append({"tool_calls": [dict(_call_json(event.call), index=index)]})
-    return out
-
-
 def message(turn: AssistantTurn, choice) -> dict:
     """The whole assistant message of a finished choice (non-streaming)."""
     events = turn.feed(choice, choice.text.text)
@@ -109,9 +95,9 @@ def message(turn: AssistantTurn, choice) -> dict:
     if reasoning:
         out["reasoning_content"] = reasoning
     if calls:
-        out["tool_calls"] = [_call_json(call) for call in calls]
+        out["tool_calls"] = [call_json(call) for call in calls]
     return out
 
 
-def _call_json(call) -> dict:
+def call_json(call) -> dict:
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from contextlib import aclosing
 
 from aiohttp import web
 
@@ -11,34 +10,21 @@ from omlx.models.pool import ModelNotFound, ModelPool
 
 from . import sse
 from . import chat_tools
-from .assistant_turn import AssistantTurn
+from .assistant_turn import ChoiceStep, TextTurn
+from .chat_events import ChatEvents, chat_usage
 from .errors import model_not_found
-from .generation import EngineFailure, GenerationStream, collect_choices
+from .generation import EngineFailure, Usage, collect_choices
 from .logprobs import chat_logprobs, completion_logprobs
 from .offload import offload
 from .openai_protocol import parse_chat, parse_completion
 from .serving import Serving
 from .server_tools import offer_mcp_tools
 from .server_tools_chat import chat_with_server_tools
-from .turn_request import TurnRequest
+from .sse_pump import pump
 from .wire import dumps as _dumps
 from .wire import read_json
 
 log = logging.getLogger("omlx.api.openai")
-
-
-def _usage_dict(stream: GenerationStream) -> dict:
-    usage = stream.usage
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
-        "completion_tokens_details": {
-            "accepted_prediction_tokens": usage.accepted_prediction_tokens,
-            "rejected_prediction_tokens": usage.rejected_prediction_tokens,
-        },
-    }
 
 
 class OpenAIRoutes:
@@ -85,7 +71,7 @@ class OpenAIRoutes:
             return await chat_with_server_tools(request, running, offer.run(self.serving, request, running))
         stream, turn, loaded = running.stream, running.turn, running.loaded
         if running.request.stream:
-            return await self._stream_chat(request, stream, running.request, turn)
+            return await self._stream_chat(request, running)
         await collect_choices(stream)
         logprobs = running.request.logprobs is not None
         return web.json_response(
@@ -103,50 +89,17 @@ class OpenAIRoutes:
                     }
                     for c in stream.choices
                 ],
-                "usage": _usage_dict(stream),
+                "usage": chat_usage(stream.usage),
             },
             dumps=_dumps,
         )
 
-    async def _stream_chat(self, request, stream: GenerationStream, options: TurnRequest, turn: AssistantTurn):
-        tokenizer = stream.loaded.tokenizer
-
-        def chunk(delta: dict, finish_reason=None, index: int = 0, logprobs=None) -> dict:
-            return {
-                "id": stream.request.request_id,
-                "object": "chat.completion.chunk",
-                "created": stream.created,
-                "model": stream.loaded.model_id,
-                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
-            }
-
-        response = await sse.open_stream(request)
-        for c in stream.choices:
-            await response.write(sse.data_event(chunk({"role": "assistant", "content": ""}, index=c.index)))
-        # Choices interleave in the order their tokens come out of the engine.
-        # While nothing comes (a long prefill, a wait in the queue): an empty delta, which
-        # clients skip but count as an event (Codex's idle timer ignores SSE comments).
-        ping = sse.data_event(chunk({}))
-        async for c, delta in _guarded_choices(stream, request, response, ping):
-            logprobs = None
-            if options.logprobs is not None:
-                entries = c.take_logprobs()
-                logprobs = chat_logprobs(tokenizer, entries) if entries else None
-            deltas = chat_tools.stream_deltas(turn, c, delta)
-            if logprobs and not deltas:
-                deltas = [{"content": ""}]  # text held back by the output parser; logprobs go now
-            for i, out in enumerate(deltas):
-                await response.write(sse.data_event(chunk(out, None, c.index, logprobs if i == 0 else None)))
-            if c.finish_reason is not None:
-                await response.write(sse.data_event(chunk({}, turn.finish_reason(c.index), c.index)))
-        if all(c.finish_reason is not None for c in stream.choices):
-            if options.include_usage:
-                final = chunk({})
-                final["choices"] = []
-                final["usage"] = _usage_dict(stream)
-                await response.write(sse.data_event(final))
-            await response.write(sse.DONE)
-        return response
+    async def _stream_chat(self, request, running):
+        stream = running.stream
+        fmt = ChatEvents(running.turn, stream.request.request_id, stream.created, running.loaded.model_id,
+                         len(stream.choices), running.loaded.tokenizer,
+                         logprobs=running.request.logprobs is not None, include_usage=running.request.include_usage)
+        return await pump(request, running.turn, fmt)
 
     # ------------------------------------------------------------------ completions
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -177,45 +130,48 @@ class OpenAIRoutes:
             result = body(
                 [choice(echo + c.text.text, c.finish_reason, c.index, c.logprobs, len(echo)) for c in stream.choices]
             )
-            result["usage"] = _usage_dict(stream)
+            result["usage"] = chat_usage(stream.usage)
             return web.json_response(result, dumps=_dumps)
 
-        response = await sse.open_stream(request)
-        if echo:
-            for c in stream.choices:
-                await response.write(sse.data_event(body([choice(echo, index=c.index)])))
-        offsets = [len(echo)] * len(stream.choices)
-        ping = sse.data_event(body([choice("")]))  # an empty text delta: see _stream_chat
-        async for c, delta in _guarded_choices(stream, request, response, ping):
-            entries = c.take_logprobs() if logprobs else None
-            if delta or entries:
-                await response.write(sse.data_event(body([choice(delta, None, c.index, entries, offsets[c.index])])))
-                offsets[c.index] += len(delta)
-            if c.finish_reason is not None:
-                await response.write(sse.data_event(body([choice("", c.finish_reason, c.index)])))
-        if all(c.finish_reason is not None for c in stream.choices):
-            if parsed.turn.include_usage:
-                final = body([])
-                final["usage"] = _usage_dict(stream)
-                await response.write(sse.data_event(final))
-            await response.write(sse.DONE)
-        return response
+        turn = TextTurn(stream)
+        fmt = _CompletionEvents(turn, body, choice, echo, len(stream.choices), parsed.turn.include_usage)
+        return await pump(request, turn, fmt)
 
 
-async def _guarded_choices(stream: GenerationStream, request: web.Request, response: web.StreamResponse,
-                           ping: bytes):
-    """`(choice, delta)` pairs of a stream that has already sent its headers: `ping` is
-    written whenever nothing came for the keepalive interval, and an engine failure becomes
-    an error event in the stream instead of an exception aiohttp would turn into a broken
-    reply."""
-    try:
-        async with aclosing(sse.with_keepalive(stream.choice_deltas(), sse.keepalive_interval(request))) as items:
-            async for item in items:
-                if item is None:
-                    await response.write(sse.progress_comment(request) + ping)
-                else:
-                    yield item
-    except EngineFailure as exc:
-        error = exc.api_error()
-        await response.write(sse.data_event(error.body()))
+class _CompletionEvents:
+    """sse_pump's EventFormat for text completions (`text_completion` chunks)."""
 
+    def __init__(self, turn: TextTurn, body, choice, echo: str, n: int, include_usage: bool):
+        self.turn = turn
+        self.body, self.choice, self.echo, self.include_usage = body, choice, echo, include_usage
+        self.offsets = [len(echo)] * n  # where each choice's next text starts, for logprobs
+
+    def opening(self) -> bytes:
+        if not self.echo:
+            return b""
+        return b"".join(sse.data_event(self.body([self.choice(self.echo, index=i)])) for i in range(len(self.offsets)))
+
+    def keepalive(self) -> bytes:
+        return sse.data_event(self.body([self.choice("")]))  # an empty text delta: see ChatEvents
+
+    def step(self, step: ChoiceStep) -> bytes:
+        out = []
+        text = "".join(event.text for event in step.events)
+        if text or step.logprobs:
+            chunk = self.choice(text, None, step.index, step.logprobs, self.offsets[step.index])
+            out.append(sse.data_event(self.body([chunk])))
+            self.offsets[step.index] += len(text)
+        if step.finished:
+            out.append(sse.data_event(self.body([self.choice("", self.turn.finish_reason(step.index), step.index)])))
+        return b"".join(out)
+
+    async def closing(self, usage: Usage) -> bytes:
+        out = []
+        if self.include_usage:
+            final = self.body([])
+            final["usage"] = chat_usage(usage)
+            out.append(sse.data_event(final))
+        return b"".join(out) + sse.DONE
+
+    def failure(self, exc: EngineFailure) -> bytes:
+        return sse.data_event(exc.api_error().body())

@@ -24,13 +24,15 @@ from omlx.models.pool import ModelPool
 
 from . import sse
 from .errors import APIError, invalid
-from .generation import EngineFailure
+from .assistant_turn import ChoiceStep
+from .generation import EngineFailure, Usage
 from .offload import offload
 from .output_parser import Reasoning, ToolCallEvent
 from .response_store import ResponseStore
 from .responses_protocol import ResponsesRequest, parse_responses
 from .server_tools import ServerToolCall, ServerToolResult, offer_mcp_tools
 from .serving import RunningTurn, Serving
+from .sse_pump import pump
 from .wire import dumps as _dumps
 from .wire import read_json
 
@@ -238,47 +240,7 @@ class ResponsesRoutes:
         return web.json_response(body, dumps=_dumps)
 
     async def _stream(self, request: web.Request, run: "_Run") -> web.StreamResponse:
-        response = await sse.open_stream(request)
-        sequence = 0
-
-        async def send(payload: dict) -> None:
-            nonlocal sequence
-            payload["sequence_number"] = sequence
-            sequence += 1
-            await response.write(sse.named_event(payload["type"], payload))
-
-        await send({"type": "response.created", "response": run.response_object(final=False)})
-        await send({"type": "response.in_progress", "response": run.response_object(final=False)})
-        try:
-            async with aclosing(sse.with_keepalive(run.turn.events(), sse.keepalive_interval(request))) as events:
-                async for event in events:
-                    if event is None:
-                        # Nothing for a while (a long prefill, a wait in the queue): the
-                        # in-progress event again.  Codex's idle timer counts SSE events, not
-                        # bytes (a comment would not reset it), and ignores this one.
-                        await response.write(sse.progress_comment(request))
-                        await send({"type": "response.in_progress", "response": run.response_object(final=False)})
-                        continue
-                    for payload in run.output.add(event):
-                        await send(payload)
-        except EngineFailure as exc:
-            code = exc.api_error().code
-            await send({"type": "error", "code": code, "message": str(exc), "param": None})
-            # The stream's terminal event: Codex and the SDKs' stream helpers end a response
-            # on response.completed / .incomplete / .failed, and report a stream closed
-            # without one as a broken connection.
-            failed = run.response_object(final=False)
-            failed["status"] = "failed"
-            failed["error"] = {"code": code, "message": str(exc)}
-            await send({"type": "response.failed", "response": failed})
-            return response
-        for payload in run.output.close():
-            await send(payload)
-        body = run.response_object(final=True)
-        await self._save(run, body)
-        kind = "response.completed" if body["status"] == "completed" else "response.incomplete"
-        await send({"type": kind, "response": body})
-        return response
+        return await pump(request, run.turn, _ResponseEvents(run, self._save))
 
     async def _save(self, run: "_Run", body: dict) -> None:
         if not run.parsed.store:
@@ -292,6 +254,50 @@ class ResponsesRoutes:
             # is complete, so it still goes out.  Later lookups of this id get a 404.
             log.error("cannot store response %s (%s): %s; answering without storing it",
                       body["id"], self.store.directory, exc)
+
+
+class _ResponseEvents:
+    """sse_pump's EventFormat for Responses: every event numbered (`sequence_number`)."""
+
+    def __init__(self, run: "_Run", save):
+        self.run = run
+        self.save = save  # stores the finished response (previous_response_id, GET later)
+        self.sequence = 0
+
+    def _event(self, payload: dict) -> bytes:
+        payload["sequence_number"] = self.sequence
+        self.sequence += 1
+        return sse.named_event(payload["type"], payload)
+
+    def opening(self) -> bytes:
+        return (self._event({"type": "response.created", "response": self.run.response_object(final=False)})
+                + self.keepalive())
+
+    def keepalive(self) -> bytes:
+        # The in-progress event again: Codex's idle timer counts SSE events, not bytes (a
+        # comment would not reset it), and ignores this one.
+        return self._event({"type": "response.in_progress", "response": self.run.response_object(final=False)})
+
+    def step(self, step: ChoiceStep) -> bytes:
+        return b"".join(self._event(payload) for event in step.events for payload in self.run.output.add(event))
+
+    async def closing(self, usage: Usage) -> bytes:
+        out = b"".join(self._event(payload) for payload in self.run.output.close())
+        body = self.run.response_object(final=True)
+        await self.save(self.run, body)
+        kind = "response.completed" if body["status"] == "completed" else "response.incomplete"
+        return out + self._event({"type": kind, "response": body})
+
+    def failure(self, exc: EngineFailure) -> bytes:
+        code = exc.api_error().code
+        out = self._event({"type": "error", "code": code, "message": str(exc), "param": None})
+        # The stream's terminal event: Codex and the SDKs' stream helpers end a response on
+        # response.completed / .incomplete / .failed, and report a stream closed without
+        # one as a broken connection.
+        failed = self.run.response_object(final=False)
+        failed["status"] = "failed"
+        failed["error"] = {"code": code, "message": str(exc)}
+        return out + self._event({"type": "response.failed", "response": failed})
 
 
 class _Run:

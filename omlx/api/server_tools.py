@@ -25,13 +25,14 @@ import asyncio
 import copy
 import logging
 from contextlib import aclosing
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 from aiohttp import web
 
 from omlx.mcp.executor import MCPExecutor, ToolResult
 from omlx.mcp.tools import MCPTool
 
+from .assistant_turn import ChoiceStep
 from .conversation import ToolChoice, assistant_tool_call
 from .errors import APIError
 from .generation import EngineFailure, Usage
@@ -172,10 +173,7 @@ class ServerToolLoop:
 
     @property
     def usage(self) -> Usage:
-        current = self.turn.usage
-        return Usage(self._usage.prompt_tokens + current.prompt_tokens,
-                     self._usage.completion_tokens + current.completion_tokens,
-                     self._usage.cached_tokens + current.cached_tokens)
+        return _added(self._usage, self.turn.usage)
 
     def tool_calls(self, index: int = 0) -> list[ToolCall]:
         """The client's calls in the last round (MCP calls were the server's to make)."""
@@ -193,6 +191,13 @@ class ServerToolLoop:
         return self.turn.matched_stop(index) if self._finish is None else None
 
     # ------------------------------------------------------------------ rounds
+    async def steps(self):
+        """The events as the typed source every streaming writer reads (omlx.api.sse_pump):
+        one choice, whose finish is known only once the last round ends."""
+        async with aclosing(self.events()) as events:
+            async for event in events:
+                yield ChoiceStep(0, [event])
+
     async def events(self):
         """Text / Reasoning / ToolCallEvent (client calls) / ServerToolCall / ServerToolResult."""
         while True:
@@ -244,10 +249,7 @@ class ServerToolLoop:
 
     async def _next_round(self) -> bool:
         """Start the round that reads the tool results; False when the budget is spent."""
-        done = self.turn.usage
-        self._usage = Usage(self._usage.prompt_tokens + done.prompt_tokens,
-                            self._usage.completion_tokens + done.completion_tokens,
-                            self._usage.cached_tokens + done.cached_tokens)
+        self._usage = _added(self._usage, self.turn.usage)
         first = self.first_request
         budget = self.budget
         if budget is not None and self._usage.completion_tokens >= budget:
@@ -267,6 +269,11 @@ class ServerToolLoop:
         except APIError as exc:
             raise RoundFailure(exc) from None
         return True
+
+
+def _added(a: Usage, b: Usage) -> Usage:
+    """Two rounds' usage together (every count, speculative decoding's included)."""
+    return Usage(**{f.name: getattr(a, f.name) + getattr(b, f.name) for f in fields(Usage)})
 
 
 def _round_messages(text: str, reasoning: str, results: list[tuple[ToolCall, ToolResult]]) -> list[dict]:
