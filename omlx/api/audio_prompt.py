@@ -13,8 +13,8 @@ from omlx.scheduler.multimodal import MultimodalInput
 from omlx.vision.images import ImageError, ImageLimits, load_images
 
 from .audio_parts import conversation_audio
-from .conversation import render_prompt
 from .errors import APIError, invalid
+from .offload import offload
 from .turn_request import TurnRequest
 
 
@@ -33,18 +33,22 @@ def check_takes_audio(loaded: LoadedModel, request: TurnRequest) -> None:
                       "audio-capable (omni) model", clips[0].param, "unsupported_content")
 
 
-async def audio_prompt(loaded: LoadedModel, request: TurnRequest, conversation, limits: AudioLimits,
-                       image_limits: ImageLimits) -> tuple[list[int], MultimodalInput]:
+def check_clip_count(loaded: LoadedModel, sources: list) -> None:
+    most = loaded.vision.max_clips
+    if most is not None and len(sources) > most:
+        raise invalid(f"'{loaded.model_id}' ({loaded.vision.family}) takes at most {most} audio clip(s) per "
+                      f"request (mlx-vlm merges one clip's features per prompt for this family); this one has "
+                      f"{len(sources)}", sources[most].param, "too_many_audio_clips")
+
+
+async def audio_prompt(loaded: LoadedModel, request: TurnRequest, conversation, text: str,
+                       limits: AudioLimits | None, image_limits: ImageLimits,
+                       size: int | None = 0) -> tuple[list[int], MultimodalInput]:
+    """`text`: the rendered prompt (its length already checked against the context); `size`:
+    the request body's bytes, which pick the offload lane the processor runs in."""
     side = loaded.vision
     limits = limits or AudioLimits()
     sources = request_clips(request)
-    most = side.max_clips
-    if most is not None and len(sources) > most:
-        raise invalid(f"'{loaded.model_id}' ({side.family}) takes at most {most} audio clip(s) per request "
-                      f"(mlx-vlm merges one clip's features per prompt for this family); this one has "
-                      f"{len(sources)}", sources[most].param, "too_many_audio_clips")
-    text = await asyncio.to_thread(render_prompt, loaded.tokenizer, conversation, request.prompt_param,
-                                   tokenize=False)
     try:
         clips, images = await asyncio.gather(load_clips(sources, limits),
                                              load_images(conversation.images, image_limits))
@@ -53,7 +57,7 @@ async def audio_prompt(loaded: LoadedModel, request: TurnRequest, conversation, 
     except ImageError as exc:
         raise APIError(exc.message, exc.status, "invalid_request_error", exc.param, exc.code) from None
     try:
-        return await asyncio.to_thread(prepare, side.processor, side.image_token_id, side.audio_token_id, text,
-                                       images, clips, request.resize_shape)
+        return await offload(prepare, side.processor, side.image_token_id, side.audio_token_id, text,
+                             images, clips, request.resize_shape, size=size)
     except AudioPromptError as exc:
         raise invalid(str(exc), sources[0].param, "invalid_audio") from None

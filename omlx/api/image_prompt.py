@@ -48,16 +48,18 @@ async def image_prompt(loaded: LoadedModel, request: TurnRequest, limits: ImageL
     with (they run in the offload pool's lane for that size)."""
     side = loaded.vision
     conversation = ocr_conversation(loaded, request)
-    from .audio_prompt import audio_prompt, request_clips
+    from .audio_prompt import audio_prompt, check_clip_count, request_clips
 
-    if request_clips(request):  # clips (and any images) go through the omni model's processor
-        return await audio_prompt(loaded, request, conversation, audio_limits, limits)
+    clips = request_clips(request)
+    check_clip_count(loaded, clips)
     sources = conversation.images
     if side.max_images is not None and len(sources) > side.max_images:
         raise invalid(f"'{loaded.model_id}' ({side.family}) takes at most {side.max_images} image(s) per "
                       f"request; this one has {len(sources)}", sources[side.max_images].param, "too_many_images")
     # A prompt whose text alone cannot fit is refused before any image is fetched.
     text = await offload(_rendered_text, loaded, conversation, request.prompt_param, size=size)
+    if clips:  # clips (and any images) go through the omni model's processor
+        return await audio_prompt(loaded, request, conversation, text, audio_limits, limits, size)
     try:
         images = await load_images(sources, limits)
     except ImageError as exc:

@@ -12,8 +12,6 @@ and joins their text) and by omni models with a transcription instruction
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
 
 from omlx.audio.clips import AudioError, decode
@@ -24,6 +22,7 @@ from . import transcription_formats as formats
 from .audio_prompt import audio_error
 from .errors import invalid
 from .model_access import lease_for_request
+from .offload import offload
 from .omni_transcription import omni_transcript
 from .serving import Serving
 
@@ -51,7 +50,7 @@ class TranscriptionRoutes:
         limits = limits_of(request.app).audio
         data = _upload(form, limits.max_bytes)
         try:
-            clip = await asyncio.to_thread(decode, data, "file", limits)
+            clip = await offload(decode, data, "file", limits, size=len(data))
         except AudioError as exc:
             raise audio_error(exc) from None
         info = self.pool.resolve(fields["model"]) if _known(self.pool, fields["model"]) else None

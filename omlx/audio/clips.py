@@ -76,7 +76,8 @@ class AudioError(ValueError):
 
 
 async def load_clips(sources: list[AudioSource], limits: AudioLimits = AudioLimits()) -> list[DecodedAudio]:
-    """All of a request's clips, fetched concurrently, decoded off the event loop."""
+    """All of a request's clips, fetched concurrently, decoded off the event loop (in the
+server's offload pool, omlx.api.offload)."""
     if len(sources) > limits.max_clips:
         raise AudioError(f"a request may carry at most {limits.max_clips} audio clips, this one has {len(sources)}",
                          sources[limits.max_clips].param, "too_many_audio_clips")
@@ -84,8 +85,10 @@ async def load_clips(sources: list[AudioSource], limits: AudioLimits = AudioLimi
 
 
 async def load_clip(source: AudioSource, limits: AudioLimits = AudioLimits()) -> DecodedAudio:
+    from omlx.api.offload import offload  # the bounded worker pool request CPU work runs in
+
     data = await clip_bytes(source, limits)
-    return await asyncio.to_thread(decode, data, source.param, limits, source.format)
+    return await offload(decode, data, source.param, limits, source.format, size=len(data))
 
 
 async def clip_bytes(source: AudioSource, limits: AudioLimits) -> bytes:
