@@ -193,6 +193,30 @@ def test_chat_stream_shows_the_call_then_its_result_then_the_text(mcp_server, oa
     assert 0 < usage.completion_tokens <= 60
 
 
+def test_the_tool_loops_usage_has_plain_chats_fields(mcp_server, oai):
+    """The MCP loop streams through chat's own formatter: its usage chunk carries
+    completion_tokens_details (and every other field) as a plain chat stream's does."""
+
+    def final_usage(**kwargs):
+        stream = oai.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, temperature=0,
+                                             stream=True, stream_options={"include_usage": True}, **kwargs)
+        usages = [chunk.usage for chunk in stream if chunk.usage is not None]
+        assert len(usages) == 1
+        return usages[0].model_dump()
+
+    plain = final_usage(extra_body={"expose_mcp_tools": False})
+    looped = final_usage(tool_choice=FORCE_CHAT)
+    assert set(looped) == set(plain)
+    details = looped["completion_tokens_details"]
+    assert details is not None and plain["completion_tokens_details"] is not None
+    assert set(details) == set(plain["completion_tokens_details"])
+    assert details["accepted_prediction_tokens"] == 0 and details["rejected_prediction_tokens"] == 0
+    assert looped["prompt_tokens_details"]["cached_tokens"] >= 0
+    whole = oai.chat.completions.create(model=MODEL, messages=MESSAGES, tool_choice=FORCE_CHAT, max_tokens=20,
+                                        temperature=0)
+    assert whole.usage.model_dump()["completion_tokens_details"] == details
+
+
 def test_a_client_tool_of_the_same_name_wins(mcp_server, oai):
     mine = {"type": "function", "function": {"name": "local__add", "description": "the client's own",
                                              "parameters": {"type": "object", "properties": {"x": {"type": "string"}},
