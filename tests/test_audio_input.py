@@ -298,6 +298,36 @@ def test_several_clips_of_different_lengths_take_their_own_features(omni):
     assert engine.runner.vision.clips_encoded == 3
 
 
+@pytest.mark.parametrize("samples", [641, 20_481])
+def test_clips_one_feature_short_match_mlx_vlm(omni, samples):
+    """At these lengths the processor counts one audio token more than the tower gives
+    features (ceil(ms / 40) against the frames' subsampling); mlx-vlm's scatter wraps round
+    to the first rows.  Alone and among other clips, a clip gives what mlx-vlm gives it."""
+    import mlx.core as mx
+
+    from omlx.audio import clip_features
+
+    data = encode(sweep(samples / SAMPLE_RATE), "wav")
+    clip = decode(data, "audio")
+    assert len(clip.samples) == samples
+    template = omni.template("sweep", 1)
+    ids, multimodal = prepare(omni.processor, None, omni.audio_token, template, [], [clip])
+    expected = omni.reference(template, [clip.samples])
+    engine = _engine(omni)
+    assert _run(engine, [(0, GenerationRequest("a", ids, MAX_TOKENS, multimodal=multimodal))]) == {"a": expected}
+    # Among other clips: the same rows as alone.
+    others = [decode(clip_bytes("noise"), "audio"), clip]
+    content = [{"type": "audio"}, {"type": "text", "text": "and"}] * 2
+    both = omni.processor.tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                                        add_generation_prompt=True, tokenize=False)
+    _, several = prepare(omni.processor, None, omni.audio_token, both, [], others)
+    rows = clip_features.clip_rows(omni.model, several.arrays, several.spans)[1]
+    arrays = {k: mx.array(v) for k, v in multimodal.arrays.items()}
+    alone = omni.model.get_input_embeddings(mx.array(ids)[None], None, **arrays).inputs_embeds[0]
+    (span,) = multimodal.spans
+    np.testing.assert_array_equal(np.array(rows), np.array(alone[span.start:span.end]))
+
+
 def test_per_layer_inputs_model_matches_mlx_vlm(tmp_path):
     """Gemma 4 E2B / E4B (the checkpoints with audio towers) add per-layer token embeddings,
     which mlx-vlm looks up with every audio position as token 0: clips and text in one batch
@@ -604,6 +634,7 @@ def bad_inputs(clip_host) -> list[tuple[str, dict, int, str]]:
         ("not audio", _input_audio(b"hello, this is not audio at all" * 3), 400, "unsupported_audio_format"),
         ("an image", _input_audio(b"\x89PNG\r\n\x1a\n" + bytes(100)), 400, "unsupported_audio_format"),
         ("truncated header", _input_audio(wav[:30]), 400, "invalid_audio"),
+        ("shorter than a feature frame", _input_audio(encode(sweep(0.01), "wav")), 400, "invalid_audio"),
         ("unsupported format", _input_audio(wav, "aiff-c-raw"), 400, "unsupported_audio_format"),
         ("no data", {"type": "input_audio", "input_audio": {"format": "wav"}}, 400, "invalid_audio"),
         ("over the duration limit", _input_audio(encode(silence(MAX_SECONDS + 1), "flac"), "flac"), 413,

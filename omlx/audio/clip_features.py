@@ -35,9 +35,10 @@ def clip_rows(vlm, arrays: dict, spans) -> list[mx.array]:
         encoded, _ = vlm.audio_tower(clip, mx.zeros((1, frames), dtype=mx.bool_))
         rows = vlm.embed_audio(encoded)[0]
         wanted = span.end - span.start
-        if rows.shape[0] < wanted:
-            raise ValueError(f"clip {i} has {rows.shape[0]} audio features for {wanted} audio tokens")
-        out.append(rows[:wanted])
+        # The processor counts tokens by duration (ceil(ms / 40)), the tower by frames: at some
+        # lengths the tower gives one row less.  mlx-vlm's scatter then wraps round to the
+        # clip's first rows; so does this, so one clip gives what a prompt with it alone gives.
+        out.append(rows[mx.array(np.arange(wanted) % rows.shape[0])] if rows.shape[0] < wanted else rows[:wanted])
     return out
 
 

@@ -43,6 +43,11 @@ def prepare(processor, image_token_id: int | None, audio_token_id: int, prompt_t
         raise AudioPromptError(
             f"the rendered prompt places {prompt_text.count(marker)} audio clip(s) for {len(clips)} sent: the chat "
             f"template must place each clip once, and message text may not contain {marker!r}")
+    shortest = getattr(getattr(processor, "feature_extractor", None), "frame_length", 0) or 0
+    for i, clip in enumerate(clips):
+        if len(clip.samples) < shortest:
+            raise AudioPromptError(f"audio clip {i} lasts {clip.seconds * 1000:.1f} ms, shorter than one "
+                                   f"{shortest / SAMPLE_RATE * 1000:.0f} ms frame of the model's features")
     kwargs = {"audio": [clip.samples for clip in clips]}
     shape = None
     if images:
