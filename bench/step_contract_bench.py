@@ -5,9 +5,12 @@ encoding time of a step's SchedulerOutput as another rank would receive it.
 
     python bench/step_contract_bench.py [--rows 1,8,32] [--steps 40] [--context 256]
     python bench/step_contract_bench.py --plain-steps  # whole engine.step() only (any version)
+    python bench/step_contract_bench.py --plain-steps --host-only  # the model's pass stubbed
 
 `--plain-steps` times `engine.step()` alone, so the same command run against an older tree
 (PYTHONPATH=that tree) compares the engine before and after the contract side by side.
+`--host-only` replaces the model's forward pass with constant logits: what is left is the
+engine's own host work (scheduling, the step's data, sampling, postprocessing, stats).
 """
 
 from __future__ import annotations
@@ -42,8 +45,13 @@ def engine_with(model, rows: int, context: int, steps: int) -> LLMEngine:
     return engine
 
 
-def plain_steps(model, rows: int, context: int, steps: int) -> dict:
+def plain_steps(model, rows: int, context: int, steps: int, host_only: bool = False) -> dict:
     engine = engine_with(model, rows, context, steps)
+    if host_only:
+        import mlx.core as mx
+
+        vocab = model.args.vocab_size
+        engine.runner.forward = lambda seqs, counts, want, pools=None: mx.zeros((sum(want), vocab))
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -92,13 +100,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--plain-steps", action="store_true")
+    parser.add_argument("--host-only", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = build_model(Path(tmp) / "m", TinyModelSpec(model_type="qwen3", seed=1))
         model, _ = load(str(path))
-        run = plain_steps if args.plain_steps else split_steps
         for rows in [int(r) for r in args.rows.split(",")]:
-            print(json.dumps(run(model, rows, args.context, args.steps)), flush=True)
+            if args.plain_steps:
+                report = plain_steps(model, rows, args.context, args.steps, args.host_only)
+            else:
+                report = split_steps(model, rows, args.context, args.steps)
+            print(json.dumps(report), flush=True)
 
 
 if __name__ == "__main__":
