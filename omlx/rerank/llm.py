@@ -124,13 +124,14 @@ class LLMReranker:
         # One token: nothing for speculative decoding to draft.
         request = GenerationRequest(request_id=request_id, prompt_token_ids=prompt, max_tokens=1,
                                     logprobs=2, constraint=self.constraint, speculative=False)
-        try:
-            async for event in self.loaded.generate(request):
-                if event.error is not None:
-                    raise RerankFailed(event.error, event.error_code)
-                if event.top_logprobs is not None:
-                    odds = dict(event.top_logprobs)
-                    return math.exp(odds[self.yes]) if self.yes in odds else 0.0
+        try:  # checked here, where it is built: the engine trusts what it is given
+            self.loaded.check(request)
         except RequestRejected as exc:
             raise RerankFailed(str(exc), "rejected") from None
+        async for event in self.loaded.generate(request):
+            if event.error is not None:
+                raise RerankFailed(event.error, event.error_code)
+            if event.top_logprobs is not None:
+                odds = dict(event.top_logprobs)
+                return math.exp(odds[self.yes]) if self.yes in odds else 0.0
         raise RerankFailed("the engine ended the request without a token")

@@ -102,8 +102,11 @@ class AsyncEngine:
             self._queued.pop(request_id, None)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        """Yield the request's TokenEvents; leaving early (a disconnect) aborts it at once."""
-        self.engine.check(request)
+        """Yield the request's TokenEvents; leaving early (a disconnect) aborts it at once.
+
+        The request was checked where it was built (omlx.api.generation.build_request, the
+        rerankers: LoadedModel.check), so it is not checked again here; whatever the engine's
+        add_request still refuses comes back as an error event (see _drain_inbox)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         with self._lock:
