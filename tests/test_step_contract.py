@@ -252,11 +252,13 @@ def test_a_replica_follows_pool_growth_and_moves_between_pools(tiny):
     block_size=st.sampled_from([4, 8]),
     budget=st.sampled_from([8, 32]),
     spare_blocks=st.integers(0, 24),
+    ragged=st.booleans(),
 )
-def test_any_schedule_replays_on_another_runner(tiny, requests, block_size, budget, spare_blocks):
+def test_any_schedule_replays_on_another_runner(tiny, requests, block_size, budget, spare_blocks, ragged):
     """Hypothesis picks the schedule (arrivals, shared prefixes, drafts from repeated prompts,
-    aborts, a pool from just enough to roomy): every step, sent through the plain encoding,
-    gives the same output on a replica runner with its own pool."""
+    aborts, a pool from just enough to roomy, one ragged pass or padded passes grouped by
+    length): every step, sent through the plain encoding, gives the same output on a replica
+    runner with its own pool."""
     model, eos = tiny
     prompts = []
     for r in requests:
@@ -268,6 +270,9 @@ def test_any_schedule_replays_on_another_runner(tiny, requests, block_size, budg
     replica = ModelRunner(model, PagedKVStorage(engine.storage.layout, engine.storage.num_blocks, block_size),
                           engine.kinds)
     replica.replica, replica.sampler, replica.resolve = True, Sampler(), engine.scheduler.scheduled
+    # Padded passes (as for a model whose attention is not routed to the cache); no drafts then.
+    engine.runner.hooked = replica.hooked = ragged
+    engine.scheduler.speculator.active = ragged
     finished: set[str] = set()
     for step in range(400):
         for i, r in enumerate(requests):
