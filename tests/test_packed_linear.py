@@ -353,6 +353,11 @@ async def test_pool_loads_packed_and_counts_the_packed_bytes(tiny_path, tmp_path
         async with pool.lease("m") as leased:
             assert leased.model_id == "m"
         resident = pool.resident("m")
+        from omlx.scheduler.fallback_engine import FallbackEngine
+
+        # The paged engine serves it (its load-time self-check accepts bf16 rounding).
+        assert isinstance(resident.model.engine.engine, LLMEngine), type(resident.model.engine.engine)
+        assert not isinstance(resident.model.engine.engine, FallbackEngine)
         model = resident.model.engine.engine.model
         assert any(isinstance(m, PackedLinear) for _, m in model.named_modules())
         assert not any(type(m) is nn.Linear for _, m in model.named_modules())

@@ -112,6 +112,18 @@ def test_health_reports_the_bf16_path(bf16_server):
     assert "_linear_cpu" in matmul["library"] and matmul["reason"] == "OMLX_MATMUL=bf16"
 
 
+def test_the_paged_engine_serves_it(bf16_server):
+    """Not the fallback engine: the load-time self-check accepts the packed model."""
+    import openai
+
+    with openai.OpenAI(base_url=bf16_server.base_url, api_key="unused", max_retries=0, timeout=120) as client:
+        client.chat.completions.create(model=SMOL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    status, body = call(bf16_server, "GET", "/health")
+    loaded = body["models_loaded"][SMOL]
+    assert loaded["kv_cache"].get("engine") != "fallback", loaded["kv_cache"]
+    assert "fallback engine" not in bf16_server.log_path.read_text()
+
+
 @pytest.mark.parametrize(("question", "answers"), QUESTIONS)
 def test_smollm2_on_bf16_answers(bf16_server, question, answers):
     import openai

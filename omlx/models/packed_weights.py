@@ -70,6 +70,11 @@ def pack_model(model: nn.Module) -> int:
     return len(replacements)
 
 
+def is_packed(model: nn.Module) -> bool:
+    """Whether any of the model's layers computes in packed bf16."""
+    return any(isinstance(m, (PackedLinear, PackedEmbedding)) for _, m in model.named_modules())
+
+
 def prepare(model: nn.Module, setting: bool | None, dequantize: bool) -> bool:
     """The load hook: pack the model when it should run packed bf16 (True if it was)."""
     if not should_pack(model, setting, dequantize):

@@ -14,6 +14,8 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
+from omlx.models.packed_weights import is_packed
+
 from .layer_kinds import UnsupportedLayout
 from .request import GenerationRequest
 from .sequence import Sequence
@@ -49,7 +51,11 @@ def check_paged_pass(engine) -> None:
         # few percent of the logits' range (the ragged pass sums in another order).
         # Quantized KV changes the numbers by design: there only failures and non-finite
         # logits count.
-        tolerance = 1e-3 if engine.storage.layout.dtype == mx.float32 else 5e-2
+        # Weights packed in bf16 (omlx/kernels/linear.py) round every linear layer's input to
+        # bf16: the ragged pass's last-bit differences can flip one of those roundings, so
+        # such a model agrees to half precision, not float32 rounding.
+        exact = engine.storage.layout.dtype == mx.float32 and not is_packed(model)
+        tolerance = 1e-3 if exact else 5e-2
         if engine.storage.kv_bits is not None:
             tolerance = float("inf")
         _compare(got, mx.stack(want), tolerance)
