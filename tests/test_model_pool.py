@@ -137,44 +137,66 @@ async def test_a_model_larger_than_the_whole_budget_is_refused(model_dir, tmp_pa
         await pool.close()
 
 
-async def test_idle_model_past_its_ttl_is_unloaded(model_dir, tmp_path):
+class FakeClock:
+    """The pool's idle clock (omlx.models.residency.idle_clock), moved by hand: a TTL test
+    then says exactly how long a model was idle, however slow the machine is."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def idle_clock(monkeypatch) -> FakeClock:
+    clock = FakeClock()
+    monkeypatch.setattr("omlx.models.residency.idle_clock", clock)
+    return clock
+
+
+async def test_idle_model_past_its_ttl_is_unloaded(model_dir, tmp_path, idle_clock):
     pool = make_pool(model_dir, tmp_path, models_fitting=3.5, settings={"a": {"ttl": 0.2}})
     try:
         await use(pool, "a")
         await use(pool, "b")  # no TTL: stays
         async with pool.lease("a"):
-            await asyncio.sleep(0.3)
+            idle_clock.advance(0.3)
             assert await pool.expire_idle() == []  # leased: the clock only starts when idle
         assert await pool.expire_idle() == []  # just released
-        await asyncio.sleep(0.3)
+        idle_clock.advance(0.3)
         assert await pool.expire_idle() == ["a"]
         assert set(pool.loaded) == {"b"}
     finally:
         await pool.close()
 
 
-async def test_ttl_watch_runs_in_the_background(model_dir, tmp_path, monkeypatch):
+async def test_ttl_watch_runs_in_the_background(model_dir, tmp_path, monkeypatch, idle_clock):
     monkeypatch.setattr("omlx.models.pool.TTL_CHECK_INTERVAL_S", 0.05)
     pool = make_pool(model_dir, tmp_path, models_fitting=3.5, settings={"a": {"ttl": 0.1}})
     try:
         await pool.start()
         await use(pool, "a")
-        for _ in range(100):
-            if "a" not in pool.loaded:
-                break
+        idle_clock.advance(0.2)
+        # The watch's own timer, not the TTL, is what this waits on: a generous deadline.
+        deadline = asyncio.get_running_loop().time() + 30
+        while "a" in pool.loaded and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         assert "a" not in pool.loaded
     finally:
         await pool.close()
 
 
-async def test_pinned_models_load_at_start_and_are_never_evicted(model_dir, tmp_path):
+async def test_pinned_models_load_at_start_and_are_never_evicted(model_dir, tmp_path, idle_clock):
     pool = make_pool(model_dir, tmp_path, models_fitting=2.5,
                      settings={"a": {"pinned": True, "ttl": 0.01}}, pinned=["b"])
     try:
         await pool.start()
         assert set(pool.loaded) == {"a", "b"}
-        await asyncio.sleep(0.05)
+        idle_clock.advance(1.0)  # far past a's TTL
         assert await pool.expire_idle() == []  # pinned beats TTL
         with pytest.raises(InsufficientMemory, match="a \\(pinned\\), b \\(pinned\\)"):
             await use(pool, "c")

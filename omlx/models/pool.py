@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
@@ -183,7 +182,7 @@ class ModelPool:
         info = self._entry(name, None, adapter_path)
         while (residence := self.residency.get(info.model_id)) is None:
             await asyncio.shield(self._load_task(info))
-        residence.last_used = time.monotonic()  # asking for it is a use: it is wanted now
+        residence.mark_used()  # asking for it is a use: it is wanted now
         return residence
 
     def _load_task(self, info: DiscoveredModel) -> asyncio.Task:

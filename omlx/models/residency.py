@@ -27,6 +27,11 @@ from .resident import Resident
 log = logging.getLogger("omlx.pool")
 
 
+def idle_clock() -> float:
+    """The clock idle times (and so TTLs) are measured on; tests swap in a fake one."""
+    return time.monotonic()
+
+
 class InsufficientMemory(Exception):
     """The model does not fit in the memory budget and nothing idle can be evicted."""
 
@@ -42,7 +47,7 @@ class Residence:
     model: Resident | None
     loaded_at: float = field(default_factory=time.time)
     leases: int = 0
-    last_used: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=lambda: idle_clock())
     released_bytes: int = 0  # what it held when unloaded
 
     @property
@@ -52,7 +57,10 @@ class Residence:
 
     @property
     def idle_s(self) -> float:
-        return time.monotonic() - self.last_used
+        return idle_clock() - self.last_used
+
+    def mark_used(self) -> None:
+        self.last_used = idle_clock()
 
 
 class Residency:
@@ -94,13 +102,13 @@ class Residency:
         residence = self._residents.get(model_id)
         if residence is not None:
             residence.leases += 1
-            residence.last_used = time.monotonic()
+            residence.mark_used()
         return residence
 
     @staticmethod
     def end_lease(residence: Residence) -> None:
         residence.leases -= 1
-        residence.last_used = time.monotonic()
+        residence.mark_used()
 
     # ------------------------------------------------------------------ arrival
     def reserve(self, model_id: str, nbytes: int) -> str:
