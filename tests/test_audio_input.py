@@ -130,6 +130,19 @@ def test_truncated_clips_are_refused_or_shorter(fmt):
             assert 0 < clip.seconds <= 1.3 + 0.1
 
 
+def test_container_formats_need_ffmpeg():
+    """Ogg Vorbis decodes through ffmpeg only: without it, a clear 400 naming what is taken."""
+    import shutil
+
+    data = encode(sweep(0.5), "ogg")
+    if shutil.which("ffmpeg"):
+        assert decode(data, "x").seconds == pytest.approx(0.5, abs=0.05)
+        return
+    with pytest.raises(AudioError) as info:
+        decode(data, "x")
+    assert info.value.code == "unsupported_audio_format" and "wav, mp3, flac" in info.value.message
+
+
 def test_limits():
     data = clip_bytes("long-sweep")
     with pytest.raises(AudioError) as info:
@@ -532,6 +545,23 @@ def test_responses_input_audio(oai, aserver):
                                     {"type": "input_text", "text": PROMPT}]}])
     template = {"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": PROMPT}]}
     assert response.output_text == reference_text(aserver.model_path(OMNI), [template], [data], 8)
+
+
+def test_responses_history_keeps_its_clip(oai, aserver):
+    """A stored response's clip is part of the conversation a follow-up replays
+    (previous_response_id): the follow-up answers as mlx-vlm does to the whole history, and
+    the replayed prefix, clip included, comes from the cache."""
+    data = clip_bytes("sweep", "wav")
+    first = oai.responses.create(model=OMNI, max_output_tokens=6, temperature=0, input=[{
+        "role": "user", "content": [{"type": "input_audio", "input_audio": {"data": b64(data), "format": "wav"}},
+                                    {"type": "input_text", "text": PROMPT}]}])
+    follow = oai.responses.create(model=OMNI, max_output_tokens=6, temperature=0, previous_response_id=first.id,
+                                  input="and again")
+    template = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": PROMPT}]},
+                {"role": "assistant", "content": first.output_text},
+                {"role": "user", "content": "and again"}]
+    assert follow.output_text == reference_text(aserver.model_path(OMNI), template, [data], 6)
+    assert follow.usage.input_tokens_details.cached_tokens >= 32
 
 
 def test_http_clip_url(oai, aserver, clip_host):
