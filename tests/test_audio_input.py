@@ -357,6 +357,32 @@ def test_per_layer_inputs_model_matches_mlx_vlm(tmp_path):
     assert engine.blocks.leaked_blocks() == []
 
 
+def test_pass_inputs_are_mlx_vlms_input_embeddings(tmp_path):
+    """The rows a pass feeds a Gemma 4 with per-layer inputs are exactly mlx-vlm's own
+    get_input_embeddings: the clip's features, the text rows scaled, and the per-layer token
+    embeddings looked up with every audio position as token 0 (both the paged pass and the
+    fallback engine's prompt chunks)."""
+    from types import SimpleNamespace
+
+    import mlx.core as mx
+
+    model = Omni(build_audio_model(tmp_path / "ple", TinyAudioSpec(per_layer_inputs=True, seed=2)))
+    ids, multimodal, _ = model.prompt("sweep", 1)
+    arrays = {k: mx.array(v) for k, v in multimodal.arrays.items()}
+    reference = model.model.get_input_embeddings(mx.array(ids)[None], None, **arrays)
+    inputs = PassInputs(model.model)
+    seq = SimpleNamespace(request=SimpleNamespace(multimodal=multimodal), token_ids=ids, num_prompt_tokens=len(ids),
+                          num_computed_tokens=0)
+    tokens = np.asarray(ids)
+    extra = inputs.for_pass([seq], [0], [len(ids)], tokens, np.arange(len(ids)))
+    np.testing.assert_array_equal(np.array(extra["inputs_embeds"][:, 0]), np.array(reference.inputs_embeds[0]))
+    np.testing.assert_array_equal(np.array(extra["per_layer_inputs"][:, 0]), np.array(reference.per_layer_inputs[0]))
+    multimodal.embeddings = None
+    chunk = inputs.prompt_chunk(seq, 5, 40)
+    np.testing.assert_array_equal(np.array(chunk["inputs_embeds"][0]), np.array(reference.inputs_embeds[0, 5:45]))
+    np.testing.assert_array_equal(np.array(chunk["per_layer_inputs"][0]), np.array(reference.per_layer_inputs[0, 5:45]))
+
+
 def test_e2b_shaped_model_takes_audio_on_the_fallback_engine(tmp_path):
     """A Gemma 4 shaped like the E2B / E4B checkpoints (wider full-attention heads, layers that
     read an earlier layer's KV, per-layer inputs) is refused by the paged engine and served by
