@@ -88,7 +88,7 @@ async def load_clip(source: AudioSource, limits: AudioLimits = AudioLimits()) ->
     from omlx.api.offload import offload  # the bounded worker pool request CPU work runs in
 
     data = await clip_bytes(source, limits)
-    return await offload(decode, data, source.param, limits, source.format, size=len(data))
+    return await offload(decode, data, source.param, limits, size=len(data))
 
 
 async def clip_bytes(source: AudioSource, limits: AudioLimits) -> bytes:
@@ -142,7 +142,7 @@ async def _fetch(url: str, param: str, limits: AudioLimits) -> bytes:
         raise AudioError(exc.message, param, exc.code, exc.status) from None
 
 
-def decode(data: bytes, param: str, limits: AudioLimits = AudioLimits(), declared: str | None = None) -> DecodedAudio:
+def decode(data: bytes, param: str, limits: AudioLimits = AudioLimits()) -> DecodedAudio:
     """Decode one clip to 16 kHz mono float32 and check its length (CPU work: call it off the
     event loop).  Decoding stops just past the duration limit, so an hour-long upload costs
     no more than a clip at the limit."""
