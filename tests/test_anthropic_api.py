@@ -341,12 +341,13 @@ async def test_keepalive_pings_while_waiting_and_closes_the_source():
     from omlx.api.sse import with_keepalive
 
     closed = []
+    first_ready = asyncio.Event()  # set once three pings came: no race with the interval
 
     async def slow():
         try:
-            await asyncio.sleep(0.25)
+            await first_ready.wait()
             yield "first"
-            await asyncio.sleep(10)
+            await asyncio.Event().wait()  # nothing more, ever
             yield "never"
         finally:
             closed.append(True)
@@ -355,6 +356,8 @@ async def test_keepalive_pings_while_waiting_and_closes_the_source():
     async with aclosing(with_keepalive(slow(), 0.05)) as items:
         async for item in items:
             got.append(item)
+            if got.count(None) == 3:
+                first_ready.set()
             if item == "first":
                 break
     assert got[-1] == "first" and got.count(None) >= 3 and set(got[:-1]) == {None}

@@ -110,8 +110,12 @@ async def test_streams_that_finish_within_the_grace_period_complete_and_are_stor
             loop = asyncio.get_running_loop()
             stopping = loop.run_in_executor(None, _stop, server, signal.SIGTERM)
             ends = {family: await stream.rest() for family, stream in streams.items()}
-            # Nothing new is accepted once the stop has begun.
-            await asyncio.sleep(0.5)
+            # Nothing new is accepted once the stop has begun (the server logs that it has, after
+            # closing its listener): waited for as an event, not guessed with a sleep.
+            deadline = loop.time() + 60
+            while "stopping: no new connections" not in server.log_path.read_text(errors="replace"):
+                assert loop.time() < deadline, server.log_tail()
+                await asyncio.sleep(0.05)
             with pytest.raises(aiohttp.ClientConnectionError):
                 async with session.get(server.root + "/health") as response:
                     await response.read()
