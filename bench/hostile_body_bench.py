@@ -4,8 +4,12 @@ slows everyone else (issue #24).
 Starts `omlx serve` on a freshly built tiny model (or uses --url) and measures:
   * one 20 MiB body alone, per route (chat, Anthropic messages, Responses, completions):
     the seconds to its 4xx;
-  * a small chat request (8 tokens) alone, then while 1 and 8 clients keep posting 20 MiB
-    chat bodies back to back: its median and worst latency, and the ratio to alone.
+  * a small chat request (48 tokens) alone, then while 1 and 8 clients keep posting 20 MiB
+    chat bodies back to back (in pairs: alone, then during): its median and worst latency,
+    and the ratio to alone;
+  * the event loop's own lag: GET /health (no engine work) alone and during 8 hostile clients.
+The hostile clients run in a process of their own.  "text" bodies are one 20 MiB message,
+"messages" bodies ~600k tiny ones.
 
 Targets: the 4xx in under 1 s; the small request within 1.5x its time alone, with 1 or 8
 hostile clients.  `--source DIR` serves from another checkout (e.g. the tree before the fix,
@@ -33,7 +37,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from omlx.testing.hostile_bodies import hostile_body, many_messages_body, measure_stall, post  # noqa: E402
+from omlx.testing.hostile_bodies import (  # noqa: E402
+    LoopLag, hostile_body, many_messages_body, measure_loop_lag, measure_stall, post,
+)
 
 ROUTES = ("/v1/chat/completions", "/v1/messages", "/v1/responses", "/v1/completions")
 MODEL = "tiny"
@@ -90,6 +96,14 @@ async def run(root: str, mib: int, samples: int, hostile_counts: list[int], shap
                 else many_messages_body(MODEL, mib << 20))
         for hostile in hostile_counts:
             results[f"{shape}: small_during_{hostile}"] = await stall_row(root, body, hostile, samples)
+        lag = await measure_loop_lag(root, MODEL, hostile=max(hostile_counts), body=body)
+        results[f"{shape}: loop_lag_{max(hostile_counts)}"] = {
+            "health_alone_p50_s": round(LoopLag.quantile(lag.alone_s, 0.5), 4),
+            "health_during_p50_s": round(LoopLag.quantile(lag.during_s, 0.5), 4),
+            "health_during_p90_s": round(LoopLag.quantile(lag.during_s, 0.9), 4),
+            "health_during_max_s": round(max(lag.during_s), 4),
+            "samples": len(lag.during_s),
+        }
     return results
 
 

@@ -180,3 +180,56 @@ def _hostile_clients(conn, url: str, body: bytes, hostile: int) -> None:
 
     while conn.recv() == "attack":
         asyncio.run(attack())
+
+
+@dataclass
+class LoopLag:
+    alone_s: list[float]
+    during_s: list[float]
+
+    @staticmethod
+    def quantile(values: list[float], q: float) -> float:
+        ordered = sorted(values)
+        return ordered[int(q * (len(ordered) - 1))]
+
+
+async def measure_loop_lag(root: str, model: str, hostile: int = 8, seconds: float = 6.0,
+                           body: bytes | None = None, route: str = "/v1/chat/completions") -> LoopLag:
+    """`GET /health` latencies alone, then while `hostile` clients post `body` for `seconds`:
+    /health is answered on the event loop with no engine work, so its latency is the loop's
+    own lag (a stalled loop shows here first)."""
+    body = body if body is not None else hostile_body(route, model)
+    loop = asyncio.get_running_loop()
+    context = multiprocessing.get_context("spawn")
+    conn, child_conn = context.Pipe()
+    attackers = context.Process(target=_hostile_clients, args=(child_conn, root + route, body, hostile), daemon=True)
+    attackers.start()
+    lag = LoopLag([], [])
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+
+            async def health() -> float:
+                start = time.perf_counter()
+                async with session.get(root + "/health") as response:
+                    await response.read()
+                return time.perf_counter() - start
+
+            for _ in range(20):
+                lag.alone_s.append(await health())
+                await asyncio.sleep(0.02)
+            conn.send("attack")
+            await loop.run_in_executor(None, conn.recv)
+            deadline = time.perf_counter() + seconds
+            try:
+                while time.perf_counter() < deadline:
+                    lag.during_s.append(await health())
+                    await asyncio.sleep(0.02)
+            finally:
+                conn.send("stop")
+                await loop.run_in_executor(None, conn.recv)
+    finally:
+        conn.send("quit")
+        attackers.join(timeout=60)
+        if attackers.is_alive():
+            attackers.kill()
+    return lag
