@@ -53,10 +53,6 @@ def model_health(server, model: str) -> dict:
             "kv_cache": {"used_blocks": 0, "prefix_cache_hit_tokens": 0}}
 
 
-def total_steps(server) -> int:
-    return sum(m["steps"] for m in server.health()["models_loaded"].values())
-
-
 def wait_idle(server, timeout: float = 10.0) -> dict:
     """Wait until no model has running/waiting sequences or KV blocks in use; return /health."""
     deadline = time.monotonic() + timeout
@@ -244,15 +240,43 @@ async def _run_chat(async_client, case: dict) -> tuple[str, str, int, int]:
     return "".join(parts), finish, usage.prompt_tokens, usage.completion_tokens
 
 
+async def _assert_batched(server, n: int) -> None:
+    """n requests in flight are batched together, shown without depending on when they
+    arrive: n streams that cannot end soon (EOS barred, a long limit) are waited for until
+    all run at once, and while they do the engine makes more tokens than steps (one sequence
+    at a time would take at least a step per generated token)."""
+    model = "tiny"
+    bar_eos = {str(e): -100 for e in tokenizer_of(server.model_path(model)).eos_token_ids}
+    async with aiohttp.ClientSession() as session:
+        responses = await asyncio.gather(*(
+            session.post(server.base_url + "/completions", json={
+                "model": model, "prompt": f"story {i}: " + words(900 + i, 6), "max_tokens": 2000,
+                "temperature": 0, "stream": True, "logit_bias": bar_eos})
+            for i in range(n)))
+        try:
+            deadline = time.monotonic() + 120
+            while model_health(server, model)["running"] < n:
+                assert time.monotonic() < deadline, "the streams never ran all at once"
+                await asyncio.sleep(0.02)
+            before = model_health(server, model)
+            while (during := model_health(server, model))["generated_tokens"] - before["generated_tokens"] < 4 * n:
+                assert time.monotonic() < deadline, "the streams stopped generating"
+                await asyncio.sleep(0.02)
+            assert during["running"] == n
+            steps = during["steps"] - before["steps"]
+            assert steps < during["generated_tokens"] - before["generated_tokens"], "not batched together"
+        finally:
+            for response in responses:
+                response.close()
+    wait_idle(server, timeout=60)
+
+
 @pytest.mark.parametrize("n", [4, 16])
 async def test_concurrent_requests_are_token_exact(async_client, server, n):
     cases = _concurrent_cases(n, seed=n)
     expected = [expected_chat(server, c["model"], c["messages"], c["max_tokens"]) for c in cases]
-    steps_before = total_steps(server)
     results = await asyncio.gather(*(_run_chat(async_client, c) for c in cases))
-    steps = total_steps(server) - steps_before
-    # One sequence at a time would take at least a step per generated token.
-    assert steps < sum(r[3] for r in results), "the requests were not batched together"
+    await _assert_batched(server, n)
     for case, (prompt_ids, tokens, eos, text), (got, finish, prompt_tokens, completion_tokens) in zip(
         cases, expected, results
     ):
