@@ -62,8 +62,13 @@ def longest_token_chars(tokenizer) -> int:
         held = _longest_by_id.get(id(tokenizer))
         if held is not None and held[0] is tokenizer:
             return held[1]
-    vocab = tokenizer.get_vocab()
-    value = 2 * max((len(token) for token in vocab), default=1)
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    try:
+        vocab = get_vocab() if get_vocab is not None else None
+    except Exception:  # a tokenizer that cannot list its vocabulary: no bound from length
+        vocab = None
+    # Without a vocabulary, a bound no prompt reaches: only the prefix tokenization decides.
+    value = 2 * max((len(token) for token in vocab), default=1) if vocab else 1 << 40
     with _longest_lock:
         try:
             _longest[tokenizer] = value
