@@ -60,6 +60,11 @@ def named_event(event: str, payload: dict) -> bytes:
 
 DONE = b"data: [DONE]\n\n"
 
+# A bare comment for streams whose readers are browsers (the admin log stream): EventSource
+# skips it, and it keeps proxies from closing a quiet connection.  The API families' streams
+# send events their clients count instead (see sse_pump).
+KEEPALIVE = b": keepalive\n\n"
+
 # The request's running GenerationStream, set by Serving.start.
 GENERATION_KEY: web.RequestKey = web.RequestKey("omlx.generation", object)
 
