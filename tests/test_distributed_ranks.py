@@ -63,3 +63,58 @@ def test_two_ranks_give_mlx_lms_tokens(tmp_path, model_type):
         assert result["tokens"][r["id"]] == greedy_reference(model, r["prompt"], r["max_tokens"], eos), r["id"]
     assert result["ranks"] == 2 and result["steps"] > 0 and result["step_bytes"] > 0
     assert result["preemptions"] > 0 and result["prefix_hit_tokens"] > 0
+
+
+def _rank_pids(session: int) -> dict[int, int]:
+    """Rank -> pid of the ranks `mlx.launch` started in its session (their MLX_RANK)."""
+    ranks = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) != session:
+                continue
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ProcessLookupError):
+            continue
+        for item in environ:
+            if item.startswith(b"MLX_RANK="):
+                ranks[int(item[9:])] = int(entry.name)
+    return ranks
+
+
+def test_a_killed_rank_ends_the_group_without_a_hang(tmp_path):
+    """Rank 1 killed mid-run: rank 0 does not wait on it forever - the group ends within a
+    bound, and rank 0 does not report a result it could not finish."""
+    import time
+
+    path = build_model(tmp_path / "llama", TinyModelSpec(model_type="llama", seed=3))
+    # 32 sequences decoding up to the context: thousands of steps, far longer than the wait.
+    requests = [{"id": f"r{i}", "prompt": [5 + i, 9, 33, 70], "max_tokens": 4000, "arrival": 0} for i in range(32)]
+    (tmp_path / "requests.json").write_text(json.dumps(requests))
+    out = tmp_path / "tokens.json"
+    command = [str(LAUNCH), "--backend", "ring", "-n", "2", "--python", sys.executable, "--",
+               "-m", "omlx.distributed.generate", "--model", str(path), "--requests", str(tmp_path / "requests.json"),
+               "--out", str(out), "--num-blocks", "16400"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    try:
+        deadline = time.monotonic() + 120
+        ranks = {}
+        while len(ranks) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            ranks = _rank_pids(proc.pid)
+        assert len(ranks) == 2, "the ranks did not start"
+        time.sleep(8)  # into its run: building the engine, or decoding
+        assert proc.poll() is None, "the run ended before the fault"
+        os.kill(ranks[1], signal.SIGKILL)
+        log, _ = proc.communicate(timeout=60)  # the bound: no hang
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        pytest.fail(f"rank 0 hung after rank 1 died:\n{log[-3000:]}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "rank 1 exited with code" in log.replace("Node with rank", "rank"), log[-3000:]
+    assert not out.exists()
