@@ -103,6 +103,8 @@ class Methods:
             return quant_matmul(x, self.packed, precision=2)
         if method == "vnni-x8":  # x in int8 (llama.cpp's Q8_1 activations)
             return quant_matmul(x, self.packed, precision=1)
+        if method == "avx2-x15":  # the path of CPUs without AVX512-VNNI, forced
+            return quant_matmul(x, self.packed, precision=2, isa="avx2")
         if method == "bf16":  # 4-bit codes unpacked to bf16 in registers, vdpbf16ps on bf16 x
             return quant_matmul(x, self.packed, precision=3)
         if method == "float32":
@@ -112,7 +114,7 @@ class Methods:
 
 STAT = min  # of the rounds' seconds per call; main() may set statistics.median
 
-METHODS = ("vnni-x15", "vnni-x8", "bf16", "float32", "mlx-quant")
+METHODS = ("vnni-x15", "vnni-x8", "bf16", "avx2-x15", "float32", "mlx-quant")
 
 
 def applies(method: str, bits: int) -> bool:
@@ -120,7 +122,17 @@ def applies(method: str, bits: int) -> bool:
         from omlx.kernels.quant_linear import kernel
 
         return bits == 4 and kernel().has_bf16()
+    if method == "avx2-x15":
+        return _has_flags("avx2", "fma", "f16c")
     return True
+
+
+def _has_flags(*wanted: str) -> bool:
+    try:
+        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return False
+    return set(wanted) <= flags
 
 
 def time_call(fn, seconds: float) -> float:
@@ -165,7 +177,7 @@ def shape_table(rows: list[int], seconds: float, rounds: int) -> list[dict]:
     return results
 
 
-STEP_METHODS = ("vnni-x15", "vnni-x8", "float32", "mlx-quant")
+STEP_METHODS = ("vnni-x15", "vnni-x8", "avx2-x15", "float32", "mlx-quant")
 
 
 def decode_step(seconds: float, rounds: int, bandwidth: float) -> None:
@@ -204,7 +216,7 @@ def decode_step(seconds: float, rounds: int, bandwidth: float) -> None:
           f"float32 {dense_bytes/(bandwidth*1e9)*1e3:.2f} ms/token")
     for meth in STEP_METHODS:
         t = STAT(times[meth])
-        extra = f"  {bound/t*100:5.1f}% of the packed bound" if meth.startswith("vnni") else ""
+        extra = f"  {bound/t*100:5.1f}% of the packed bound" if meth in ("vnni-x15", "vnni-x8", "avx2-x15") else ""
         print(f"  {meth:10s} {t*1e3:8.2f} ms/step ({1/t:6.1f} steps/s){extra}")
     best = STAT(times["vnni-x15"])
     print(f"  vnni-x15 vs float32: {STAT(times['float32'])/best:.2f}x, "

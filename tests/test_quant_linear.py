@@ -26,6 +26,14 @@ def kernel():
     return avail.module
 
 
+def _has_avx2() -> bool:
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return {"avx2", "fma", "f16c"} <= set(flags)
+
+
 def quantized(n: int, k: int, bits: int, group: int, seed: int = 0, half_scales: bool = True):
     rng = np.random.default_rng(seed)
     w, s, b = mx.quantize(mx.array(rng.standard_normal((n, k)).astype(np.float32) * 0.1), group, bits)
@@ -90,8 +98,13 @@ def test_equals_the_reference_from_the_same_quantized_operands(kernel, bits, gro
     assert y.shape == (m, n)
     assert np.all(np.abs(y - ref) <= tol), float(np.max(np.abs(y - ref) - tol))
     # The scalar path (CPUs without AVX512-VNNI) does the same operations: the same bits.
-    portable = np.array(ql.quant_matmul(mx.array(x), packed, bias, precision=precision, portable=True))
-    assert np.array_equal(portable, y)
+    # The AVX2 and scalar paths (CPUs without AVX512-VNNI) do the same integer dots and float
+    # operations: the same bits.
+    for isa in ("avx2", "portable"):
+        if isa == "avx2" and not _has_avx2():
+            continue
+        other = np.array(ql.quant_matmul(mx.array(x), packed, bias, precision=precision, isa=isa))
+        assert np.array_equal(other, y), isa
 
 
 def bf16_reference(x: np.ndarray, w, s, b, group: int):

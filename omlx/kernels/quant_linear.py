@@ -45,7 +45,8 @@ log = logging.getLogger("omlx.kernels")
 
 MODULE = "_quant_linear_cpu"
 TILE = 16  # output rows per tile (one zmm of lanes); N is padded to a multiple of it
-ENV = "OMLX_QUANT_MATMUL"  # auto (default): only with AVX512-VNNI | portable: the scalar path too | off
+ENV = "OMLX_QUANT_MATMUL"  # auto (default): AVX512-VNNI or AVX2 | portable: the scalar path too | off
+FAST_ISAS = ("avx512-vnni", "avx2")  # the paths measured faster than float32 (bench/README.md)
 SUPPORTED_BITS = (4, 8)
 SUPPORTED_GROUPS = (32, 64, 128)
 # x is quantized per weight group to integer codes v = round(x * levels / max|x|):
@@ -93,9 +94,9 @@ def availability() -> Availability:
     except ImportError as exc:
         return Availability(False, f"{MODULE} failed to load: {exc}")
     isa = module.isa()
-    if isa != "avx512-vnni" and mode != "portable":
-        return Availability(False, f"this CPU has no AVX512-VNNI (the scalar path is slower than float32; "
-                                   f"{ENV}=portable forces it)", isa, module)
+    if isa not in FAST_ISAS and mode != "portable":
+        return Availability(False, f"this CPU has neither AVX512-VNNI nor AVX2 (the scalar path is slower than "
+                                   f"float32; {ENV}=portable forces it)", isa, module)
     return Availability(True, f"MLX C++ extension, {isa}", isa, module)
 
 
@@ -187,13 +188,15 @@ def repack(weight: mx.array, scales: mx.array, biases: mx.array | None, bits: in
 
 
 def quant_matmul(x: mx.array, w: PackedWeights, bias: mx.array | None = None, *, precision: int | None = None,
-                 portable: bool = False) -> mx.array:
+                 isa: str = "auto") -> mx.array:
     """x (..., K) @ dequant(W).T (+ bias) -> (..., N), in x's dtype (computed in float32).
-    `precision`: how finely x is quantized per group (PRECISION_LEVELS), default PRECISION."""
+    `precision`: how finely x is quantized per group (PRECISION_LEVELS), default PRECISION;
+    `isa`: "auto" (the best this CPU has), or force "avx512-vnni", "avx2", "portable" (tests:
+    all three give the same bits)."""
     if x.shape[-1] != w.k:
         raise ValueError(f"x has {x.shape[-1]} features, the weights expect {w.k}")
     y = kernel().quant_linear(x, w.packed, w.scales, w.biases, bias, n=w.n, bits=w.bits,
-                              group_size=w.group_size, precision=precision or PRECISION, portable=portable)
+                              group_size=w.group_size, precision=precision or PRECISION, isa=isa)
     return y if x.dtype == mx.float32 else y.astype(x.dtype)
 
 

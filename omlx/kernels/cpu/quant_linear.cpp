@@ -26,7 +26,9 @@
 // Every row's arithmetic is the same sequence of operations whatever the other rows are
 // (rows are processed in register blocks, but each keeps its own accumulators, and threads
 // split output tiles, never K), so a row's result is bit-identical alone or in any batch.
-// The portable path (no AVX512-VNNI at run time) does the same operations in scalar code and
+// Without AVX512-VNNI an AVX2 path (vpmaddubsw + vpmaddwd, 8 lanes per half tile) and a
+// scalar portable path compute the same integer dots and the same float epilogue, so all three
+// give bit-identical results (the tests check it by forcing each).  The portable path
 // gives bit-identical results.
 
 #include <algorithm>
@@ -93,6 +95,42 @@ bool cpu_has_bf16() {
 
 const bool kHasBf16 = cpu_has_bf16();
 
+#define OMLX_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+const bool kHasAvx2 = cpu_has_avx2();
+
+enum class Isa { Auto, Vnni, Avx2, Portable };
+
+Isa best_isa() {
+  return kHasVnni ? Isa::Vnni : kHasAvx2 ? Isa::Avx2 : Isa::Portable;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Vnni: return "avx512-vnni";
+    case Isa::Avx2: return "avx2";
+    case Isa::Portable: return "portable";
+    default: return "auto";
+  }
+}
+
+Isa parse_isa(const std::string& name) {
+  if (name == "auto") return best_isa();
+  Isa isa = name == "avx512-vnni" ? Isa::Vnni : name == "avx2" ? Isa::Avx2 : name == "portable" ? Isa::Portable : Isa::Auto;
+  if (isa == Isa::Auto) throw std::invalid_argument("quant_linear: isa must be auto, avx512-vnni, avx2 or portable");
+  if ((isa == Isa::Vnni && !kHasVnni) || (isa == Isa::Avx2 && !kHasAvx2))
+    throw std::invalid_argument(std::string("quant_linear: this CPU cannot run the ") + name + " path");
+  return isa;
+}
+
 // x as given: row-contiguous, or any strides (copied to rows first, in the task).
 struct Strided {
   std::vector<int64_t> shape, strides;  // in elements; empty when x is row-contiguous
@@ -108,7 +146,7 @@ struct Job {
   int64_t M;
   int N, K, bits, group;
   bool half_scales;
-  bool portable;
+  Isa isa;  // the path this call runs (resolved: never Isa::Auto)
   // Activation precision: 1 = int8 codes v in [-127, 127]; 2 = ~15-bit codes v in
   // [-16256, 16256] held as two int8 parts v = 128 * hi + lo (hi in [-127, 127], lo in
   // [-64, 63]), each multiplied with the same weight vector: twice the dot products,
@@ -217,7 +255,7 @@ void quantize_rows(const Job& j, int64_t r0, int64_t r1) {
   const int G = j.groups();
   for (int64_t r = r0; r < r1; ++r) {
     int8_t* lo = j.precision == 2 ? j.xl + r * j.K : nullptr;
-    if (j.portable)
+    if (j.isa != Isa::Vnni)
       quantize_row_portable(j.x + r * j.K, j.K, j.group, j.precision, j.xq + r * j.K, lo, j.xs + r * G,
                             j.xsum + r * G);
     else
@@ -423,6 +461,95 @@ OMLX_BF16 void tile_bf16(const Job& j, int t, int64_t r0, int64_t r1) {
   }
 }
 
+// ---------------------------------------------------------------------------- AVX2
+// No vpdpbusd: vpmaddubsw multiplies u8 codes by s8 activations into 16-bit pair sums
+// (|.| <= 2 * 15 * 127: 8-bit codes go as two nibbles so nothing saturates) and vpmaddwd
+// adds pairs into 32 bits with a weight: 1, 16 for an 8-bit code's high nibble, 128 for the
+// high part of a split activation.  One exact int32 accumulator per row and half tile.
+OMLX_AVX2 inline __m256 load_scales8(const void* base, bool half, int64_t at) {
+  if (half) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + at)));
+  return _mm256_loadu_ps(static_cast<const float*>(base) + at);
+}
+
+OMLX_AVX2 inline __m256i dot_pairs(__m256i codes, int32_t x4, __m256i weight) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(codes, _mm256_set1_epi32(x4)), weight);
+}
+
+template <int BITS, int R, bool SPLIT>
+OMLX_AVX2 void tile_rows_avx2(const Job& j, int t, int64_t r0) {
+  const int G = j.groups();
+  const int K = j.K;
+  const uint8_t* w = j.w + int64_t(t) * j.tile_bytes();
+  const int8_t* xq[R];
+  const int8_t* xl[R];
+  for (int r = 0; r < R; ++r) {
+    xq[r] = j.xq + (r0 + r) * K;
+    xl[r] = SPLIT ? j.xl + (r0 + r) * K : nullptr;
+  }
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const __m256i one = _mm256_set1_epi16(1);
+  const __m256i x_hi = _mm256_set1_epi16(SPLIT ? 128 : 1);  // weight of x's (high) codes
+  const __m256i c16 = _mm256_set1_epi16(16);
+  const __m256i c16_hi = _mm256_set1_epi16(SPLIT ? 2048 : 16);
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int g = 0; g < G; ++g) {
+    __m256i a[R][2];
+    for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm256_setzero_si256();
+    const int k0 = g * j.group;
+    for (int k = k0; k < k0 + j.group; k += BITS == 4 ? 8 : 4, w += 64) {
+      for (int h = 0; h < 2; ++h) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * h));
+        const __m256i lo = _mm256_and_si256(v, nibble);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+        for (int r = 0; r < R; ++r) {
+          __m256i sum;
+          if constexpr (BITS == 4) {  // low nibbles: k..k+3, high nibbles: k+4..k+7
+            sum = _mm256_add_epi32(dot_pairs(lo, load4(xq[r] + k), x_hi), dot_pairs(hi, load4(xq[r] + k + 4), x_hi));
+            if constexpr (SPLIT)
+              sum = _mm256_add_epi32(sum, _mm256_add_epi32(dot_pairs(lo, load4(xl[r] + k), one),
+                                                           dot_pairs(hi, load4(xl[r] + k + 4), one)));
+          } else {  // both nibbles of codes k..k+3
+            sum = _mm256_add_epi32(dot_pairs(lo, load4(xq[r] + k), x_hi), dot_pairs(hi, load4(xq[r] + k), c16_hi));
+            if constexpr (SPLIT)
+              sum = _mm256_add_epi32(sum, _mm256_add_epi32(dot_pairs(lo, load4(xl[r] + k), one),
+                                                           dot_pairs(hi, load4(xl[r] + k), c16)));
+          }
+          a[r][h] = _mm256_add_epi32(a[r][h], sum);
+        }
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const int64_t at = (int64_t(t) * G + g) * TILE + 8 * h;
+      const __m256 s = load_scales8(j.scales, j.half_scales, at);
+      const __m256 b = load_scales8(j.biases, j.half_scales, at);
+      for (int r = 0; r < R; ++r) {
+        const int64_t rg = (r0 + r) * G + g;
+        const __m256 dot = _mm256_cvtepi32_ps(a[r][h]);
+        acc[r][h] = _mm256_fmadd_ps(dot, _mm256_mul_ps(s, _mm256_set1_ps(j.xs[rg])), acc[r][h]);
+        acc[r][h] = _mm256_fmadd_ps(b, _mm256_set1_ps(j.xsum[rg]), acc[r][h]);
+      }
+    }
+  }
+  const int n0 = t * TILE;
+  for (int h = 0; h < 2; ++h) {
+    const int valid = std::clamp(j.N - n0 - 8 * h, 0, 8);
+    if (valid == 0) break;
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid), lanes);
+    const __m256 bias = j.bias ? _mm256_maskload_ps(j.bias + n0 + 8 * h, mask) : _mm256_setzero_ps();
+    for (int r = 0; r < R; ++r)
+      _mm256_maskstore_ps(j.y + (r0 + r) * j.N + n0 + 8 * h, mask, _mm256_add_ps(acc[r][h], bias));
+  }
+}
+
+template <int BITS, bool SPLIT>
+OMLX_AVX2 void tile_avx2(const Job& j, int t, int64_t r0, int64_t r1) {
+  int64_t r = r0;
+  for (; r + 2 <= r1; r += 2) tile_rows_avx2<BITS, 2, SPLIT>(j, t, r);
+  if (r < r1) tile_rows_avx2<BITS, 1, SPLIT>(j, t, r);
+}
+
 // ---------------------------------------------------------------------------- portable
 // The same operations, one (row, output) at a time: the code of output n_local for k sits
 // at byte (k / step) * 64 + n_local * 4 + k % 4 of its tile (4-bit: nibble k % 8 / 4).
@@ -519,8 +646,14 @@ void run(Job j, const Strided& strided) {
     for (int t = 0; t < tiles; ++t) {
       if (bf16)
         tile_bf16(j, t, c0, c1);
-      else if (j.portable)
+      else if (j.isa == Isa::Portable)
         tile_portable(j, t, c0, c1);
+      else if (j.isa == Isa::Avx2) {
+        if (j.bits == 4)
+          j.precision == 2 ? tile_avx2<4, true>(j, t, c0, c1) : tile_avx2<4, false>(j, t, c0, c1);
+        else
+          j.precision == 2 ? tile_avx2<8, true>(j, t, c0, c1) : tile_avx2<8, false>(j, t, c0, c1);
+      }
       else if (j.bits == 4)
         j.precision == 2 ? tile_vnni<4, true>(j, t, c0, c1) : tile_vnni<4, false>(j, t, c0, c1);
       else
@@ -531,9 +664,9 @@ void run(Job j, const Strided& strided) {
 
 class QuantLinear : public mx::Primitive {
  public:
-  QuantLinear(mx::Stream stream, int n, int bits, int group, int precision, bool has_bias, bool portable)
+  QuantLinear(mx::Stream stream, int n, int bits, int group, int precision, bool has_bias, Isa isa)
       : mx::Primitive(stream), n_(n), bits_(bits), group_(group), precision_(precision), has_bias_(has_bias),
-        portable_(portable) {}
+        isa_(isa) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     // inputs: x (M, K) float32, packed (bytes,) uint8, scales, biases (tiles*groups*16,), [bias (N,)]
@@ -565,7 +698,7 @@ class QuantLinear : public mx::Primitive {
     j.bits = bits_;
     j.group = group_;
     j.precision = precision_;
-    j.portable = portable_ || !kHasVnni;
+    j.isa = isa_;
     if (j.M == 0) return;
     enc.dispatch([j, strided = std::move(strided)]() { run(j, strided); });
   }
@@ -582,12 +715,13 @@ class QuantLinear : public mx::Primitive {
     auto* o = dynamic_cast<const QuantLinear*>(&other);
     return o && o->n_ == n_ && o->bits_ == bits_ && o->group_ == group_ && o->precision_ == precision_ &&
            o->has_bias_ == has_bias_ &&
-           o->portable_ == portable_;
+           o->isa_ == isa_;
   }
 
  private:
   int n_, bits_, group_, precision_;
-  bool has_bias_, portable_;
+  bool has_bias_;
+  Isa isa_;
 };
 
 // A contiguous operand as it is; anything else (a lazy or strided one) through mx::contiguous.
@@ -600,10 +734,11 @@ mx::array as_rows(const mx::array& a, const mx::Stream& stream) {
 // x (..., K) any float dtype; packed / scales / biases as made by quant_linear.py's repack.
 mx::array quant_linear(const mx::array& x, const mx::array& packed, const mx::array& scales,
                        const mx::array& biases, const std::optional<mx::array>& bias, int n, int bits,
-                       int group_size, int precision, bool portable, mx::StreamOrDevice s) {
+                       int group_size, int precision, const std::string& isa_name_, mx::StreamOrDevice s) {
+  const Isa isa = parse_isa(isa_name_);
   if (precision != 1 && precision != 2 && precision != 3)
     throw std::invalid_argument("quant_linear: precision must be 1 (int8 x), 2 (split ~15-bit x) or 3 (bf16)");
-  if (precision == 3 && (bits != 4 || portable || !kHasBf16))
+  if (precision == 3 && (bits != 4 || isa != Isa::Vnni || !kHasBf16))
     throw std::invalid_argument("quant_linear: the bf16 variant needs 4-bit weights and a CPU with AVX512-BF16");
   if (bits != 4 && bits != 8) throw std::invalid_argument("quant_linear: bits must be 4 or 8");
   if (group_size != 32 && group_size != 64 && group_size != 128)
@@ -636,7 +771,7 @@ mx::array quant_linear(const mx::array& x, const mx::array& packed, const mx::ar
   mx::Shape shape = x.shape();
   shape.back() = n;
   return mx::array(shape, mx::float32,
-                   std::make_shared<QuantLinear>(stream, n, bits, group_size, precision, bias.has_value(), portable),
+                   std::make_shared<QuantLinear>(stream, n, bits, group_size, precision, bias.has_value(), isa),
                    std::move(inputs));
 }
 
@@ -645,12 +780,12 @@ mx::array quant_linear(const mx::array& x, const mx::array& packed, const mx::ar
 NB_MODULE(_quant_linear_cpu, m) {
   m.doc() = "omlx linear layers over 4/8-bit affine-quantized weights read as stored (MLX CPU primitive)";
   m.def("quant_linear", &quant_linear, "x"_a, "packed"_a, "scales"_a, "biases"_a, "bias"_a = nb::none(),
-        nb::kw_only(), "n"_a, "bits"_a, "group_size"_a, "precision"_a = 2, "portable"_a = false, "stream"_a = nb::none(),
+        nb::kw_only(), "n"_a, "bits"_a, "group_size"_a, "precision"_a = 2, "isa"_a = "auto", "stream"_a = nb::none(),
         "y = x @ dequant(W).T (+ bias) with x quantized per group, to int8 (precision 1) or to ~15 bits held "
         "as two int8 parts (precision 2) (see omlx/kernels/quant_linear.py).");
   m.def("split_levels", []() { return SPLIT_LEVELS; });
   m.def("has_bf16", []() { return kHasBf16; }, "Whether the bf16 variant (precision 3) runs here.");
-  m.def("isa", []() { return std::string(kHasVnni ? "avx512-vnni" : "portable"); },
+  m.def("isa", []() { return std::string(isa_name(best_isa())); },
         "The instruction set the kernel uses on this CPU.");
   m.def("tile", []() { return TILE; });
   m.def("min_thread_work", []() { return kMinThreadWork.load(); },
