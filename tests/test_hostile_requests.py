@@ -27,9 +27,12 @@ from omlx.testing.hostile_bodies import filler_text, measure_stall
 
 HOSTILE_BYTES = 20 << 20
 # The small request during 8 hostile clients: at most this ratio to its time alone, plus the
-# slack below for a machine shared with other work (the ratio before the fix: 20x and more).
+# slack below for a 2-core machine shared with other work, where 8 bodies' parsing and
+# rendering take CPU from the engine's decoding even off the event loop (bench numbers in
+# bench/README.md).  Before the fix the small request waited out every body's tokenization:
+# 120 s for one body on the same machine.
 STALL_RATIO = 1.5
-STALL_SLACK_S = 1.0
+STALL_SLACK_S = 2.0
 
 
 @pytest.fixture(scope="module")
