@@ -50,6 +50,8 @@ class SchedulerConfig:
 class ScheduledBatch:
     decodes: list[Sequence] = field(default_factory=list)
     prefills: list[tuple[Sequence, int]] = field(default_factory=list)
+    # (decode, draft rows reserved) where a drafter that needs a pass (a draft model) fills them.
+    draft_rows: list[tuple[Sequence, int]] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -115,10 +117,9 @@ class Scheduler(TwoPoolMoves):
             batch = self._pick()
         speculator = self.speculator
         if speculator is not None and not speculator.drafter.immediate:
-            drafting = [s for s in batch.decodes if s.draft_rows]
-            if drafting:
+            if batch.draft_rows:
                 with self._phase("draft"):
-                    speculator.draft(drafting, [s.draft_rows for s in drafting])
+                    speculator.draft([s for s, _ in batch.draft_rows], [k for _, k in batch.draft_rows])
         with self._phase("schedule"):
             return self._output(batch)
 
@@ -186,7 +187,7 @@ class Scheduler(TwoPoolMoves):
                 batch.decodes.append(seq)
                 budget -= 1
         if self.speculator is not None and batch.decodes:
-            budget -= self._reserve_drafts(batch.decodes, budget)
+            budget -= self._reserve_drafts(batch, budget)
 
         # Prefill chunks for sequences already admitted.
         vision_room = self.config.max_vision_prompts_per_step
@@ -238,20 +239,21 @@ class Scheduler(TwoPoolMoves):
             self._unstick()
         return batch
 
-    def _reserve_drafts(self, decodes: list[Sequence], budget: int) -> int:
+    def _reserve_drafts(self, batch: ScheduledBatch, budget: int) -> int:
         """Draft rows for this step's decodes, within the token budget (half of what is left
         when prompts are waiting for it) and the blocks free now: a draft never preempts
         anyone.  Returns the rows reserved."""
         if self.waiting or any(s.is_prefilling for s in self.running):
             budget //= 2
         reserved = 0
-        for seq in decodes:
+        for seq in batch.decodes:
             cap = min(self.speculator.config.max_draft_tokens, budget - reserved, self._draft_room(seq))
             k = self.speculator.plan(seq, cap)
             if k and not self.pool_of(seq).allocate(seq, 1 + k):
                 seq.draft = []
                 k = 0
-            seq.draft_rows = k
+            if k:
+                batch.draft_rows.append((seq, k))
             reserved += k
         return reserved
 
@@ -401,7 +403,6 @@ class Scheduler(TwoPoolMoves):
         only such rows go back to the pool.  Nothing unverified is ever hashed."""
         drafted = len(seq.draft)
         seq.draft = []
-        seq.draft_rows = 0
         if self.speculator is not None:
             self.speculator.record(seq, drafted, len(tokens) - 1)
         events = []

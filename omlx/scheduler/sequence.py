@@ -49,7 +49,6 @@ class Sequence:
         "group",
         "pool",
         "draft",
-        "draft_rows",
         "speculation",
         "arrived_at",
         "scheduled_at",
@@ -87,7 +86,6 @@ class Sequence:
         # after it (never part of `token_ids` until verified), and the sequence's drafting
         # state (omlx.scheduler.speculation.SequenceSpeculation), made when it first drafts.
         self.draft: list[int] = []
-        self.draft_rows = 0  # rows reserved for this step's draft (a draft model fills them)
         self.speculation = None
         # When it was queued and first admitted (time.monotonic()): its queue time.
         self.arrived_at = time.monotonic()
