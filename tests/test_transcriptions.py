@@ -186,6 +186,41 @@ def test_omni_model_transcribes_through_the_chat_path(oai, sserver, task):
     assert [s.text for s in result.segments] == [expected] and abs(result.duration - 1.6) < 0.01
 
 
+def test_omni_model_cuts_a_long_clip_into_windows(oai, sserver):
+    """Gemma 4 hears at most 30 s of a clip: 40 s become two 20 s windows, each transcribed as
+    mlx_vlm.generate does alone, their texts joined, one segment each."""
+    import math
+
+    from mlx_vlm import generate, load
+
+    from omlx.api.omni_transcription import MIN_TOKENS, TOKENS_PER_SECOND, instruction, pcm16_wav, windows
+
+    samples = noise(40.0, seed=6)
+    data = encode(samples, "flac")
+    result = oai.audio.transcriptions.create(model=OMNI, file=("long.flac", data), language="en",
+                                             response_format="verbose_json")
+    decoded = decode(data, "file").samples
+    parts = windows(decoded)
+    assert [len(p) for p in parts] == [320_000, 320_000]
+    # The windows travel as 16-bit PCM: from a 16-bit FLAC, exactly.
+    assert all(np.array_equal(decode(pcm16_wav(part), "x").samples, part) for part in parts)
+    model, processor = load(str(sserver.model_path(OMNI)))
+    prompt = processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": instruction("transcribe", "en", None)}]}],
+        add_generation_prompt=True, tokenize=False)
+    eos = set(model.config.eos_token_id)
+    texts = []
+    for part in parts:
+        out = generate(model, processor, prompt, audio=[part], temperature=0.0, verbose=False,
+                       max_tokens=max(MIN_TOKENS, math.ceil(len(part) / SAMPLE_RATE * TOKENS_PER_SECOND)))
+        tokens = list(out.token_ids)
+        texts.append(processor.tokenizer.decode(tokens[:next((i for i, t in enumerate(tokens) if t in eos),
+                                                             len(tokens))]).strip())
+    assert all(texts)  # both windows say something: the join is checked
+    assert result.text == " ".join(texts)
+    assert [(s.start, s.end, s.text) for s in result.segments] == [(0.0, 20.0, texts[0]), (20.0, 40.0, texts[1])]
+
+
 # ---------------------------------------------------------------------------- bad input
 def _multipart(fields: dict, file: tuple[str, bytes] | None) -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex

@@ -62,7 +62,7 @@ class TranscriptionRoutes:
             if "word" in fields["granularities"]:
                 raise invalid("word timestamps come from speech-to-text (Whisper) models only", "timestamp_granularities",
                               "invalid_value")
-            transcript = await omni_transcript(self.serving, request, fields["model"], data, clip.seconds, task,
+            transcript = await omni_transcript(self.serving, request, fields["model"], data, clip.samples, task,
                                                fields)
             return respond(transcript, fields["response_format"], task, fields["granularities"])
         transcriber = await lease_for_request(request, self.pool, fields["model"], "stt")
