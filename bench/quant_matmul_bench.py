@@ -173,7 +173,6 @@ def shape_table(rows: list[int], seconds: float, rounds: int) -> list[dict]:
             cells = "  ".join(f"{meth} {med[meth]*1e3:7.3f} ms {flops/med[meth]/1e9:5.0f} GF/s" for meth in med)
             ratio = med["float32"] / med["vnni-x15"]
             print(f"{name:22s} rows {r:4d}  {cells}  x15 vs float32 {ratio:5.2f}x", flush=True)
-
     return results
 
 
