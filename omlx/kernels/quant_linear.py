@@ -3,12 +3,13 @@
 MLX's affine-quantized layers (`nn.QuantizedLinear`, the tied LM head of an
 `nn.QuantizedEmbedding`; GGUF Q4_0 / Q4_1 / Q8_0 arrive in this form, see omlx/gguf/weights.py)
 run here through `_quant_linear_cpu` (omlx/kernels/cpu/quant_linear.cpp): each row of x is
-quantized to int8 per weight group and multiplied against the 4/8-bit codes with
-AVX512-VNNI int8 dot products, the group's scale and bias folded in afterwards.  One stream
+quantized per weight group (to ~15 bits held as two int8 parts, see PRECISION) and multiplied
+against the 4/8-bit codes with AVX512-VNNI int8 dot products (AVX2 `vpmaddubsw` where VNNI is
+missing), the group's scale and bias folded in afterwards.  One stream
 of a small model is bound by weight bytes per token: this reads ~5 bits per weight (4-bit
 codes + float16 scale and bias per group of 32) where the float32-dequantized path reads 32.
 
-Numbers differ slightly from float32: the result equals `dequant(W) @ dequant(quant8(x))`
+Numbers differ slightly from float32: the result equals `dequant(W) @ dequant(quant(x))`
 (the tests check that, and top-1 agreement on the real SmolLM2).  Rows never influence each
 other: a row's output is bit-identical alone or in any batch.
 
@@ -18,8 +19,8 @@ order of `vpdpbusd`), scales and biases per (tile, group) in float16 when that i
 
 `swap_quantized_linears(model)` replaces a model's quantized layers in place, the way
 `nn.quantize` swaps them; mlx-lm's model code is unchanged.  Without the built extension,
-on a device other than the CPU, or (unless asked) on a CPU without AVX512-VNNI, it swaps
-nothing and `availability()` says why.
+on a device other than the CPU, or (unless asked) on a CPU with neither AVX512-VNNI nor AVX2,
+it swaps nothing and `availability()` says why.
 
 For the loader: on the CPU, for a model with quantized layers that is *not* dequantized to
 float32, after `mlx_lm.load` call `swap_quantized_linears(model, widen_rest=True)` once (the

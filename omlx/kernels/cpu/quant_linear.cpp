@@ -3,11 +3,14 @@
 //
 // Why: one stream of a small model is bound by the bytes of weights it reads per token.
 // Widening 4-bit weights to float32 reads 8x the bytes, and MLX's own CPU quantized matmul
-// is an unblocked scalar loop.  Here each row of x is quantized on the fly to int8, one
-// symmetric scale per weight group (xq = round(x * 127 / max|x|)), and the int8 dot
-// products run on AVX512-VNNI (`vpdpbusd`: u8 x s8 -> i32, four products per lane).  MLX's
-// affine codes q are unsigned (0..15 or 0..255), so they are the u8 operand and the signed
-// activations the s8 one: no sign trick is needed.  Per group g of one output n:
+// is an unblocked scalar loop.  Here each row of x is quantized on the fly, one symmetric
+// scale per weight group (xq = round(x * levels / max|x|)), and the integer dot products run
+// on AVX512-VNNI (`vpdpbusd`: u8 x s8 -> i32, four products per lane).  MLX's affine codes q
+// are unsigned (0..15 or 0..255), so they are the u8 operand and the signed activations the
+// s8 one: no sign trick is needed.  Activations are int8 (levels 127, precision 1) or, the
+// default, ~15 bits (levels 127 * 128) held as two int8 parts, each dotted with the same
+// weight vector (precision 2): int8 activations cost SmolLM2 3.4% of its float32 top-1
+// choices, the split none (bench/README.md).  Per group g of one output n:
 //
 //   sum_k w_k x_k  ~=  xs_g * (scale_g * sum_k q_k xq_k + bias_g * sum_k xq_k)
 //
@@ -28,8 +31,8 @@
 // split output tiles, never K), so a row's result is bit-identical alone or in any batch.
 // Without AVX512-VNNI an AVX2 path (vpmaddubsw + vpmaddwd, 8 lanes per half tile) and a
 // scalar portable path compute the same integer dots and the same float epilogue, so all three
-// give bit-identical results (the tests check it by forcing each).  The portable path
-// gives bit-identical results.
+// give bit-identical results (the tests check it by forcing each).  Precision 3 is the
+// measured alternative: 4-bit codes unpacked to bf16 in registers and vdpbf16ps on bf16 x.
 
 #include <algorithm>
 #include <atomic>
