@@ -3,6 +3,7 @@ in-process mlx-lm greedy reference to compare the server's tokens against."""
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -61,6 +62,36 @@ def server(model_dir, tmp_path_factory):
         block_size=BLOCK_SIZE, failure=pytest.fail,
     ) as running:
         yield running
+
+
+# ---------------------------------------------------------------------------- the slow set
+
+
+def _starts_a_server(function) -> bool:
+    try:
+        return "omlx_server(" in inspect.getsource(function)
+    except (OSError, TypeError):
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """`slow` for every test that starts an `omlx serve` process, itself or through any fixture
+    it uses (a server costs seconds to start and each request through it more), so that
+    `pytest -m "not slow"` is the in-process set.  Long in-process tests carry the mark in
+    their own file."""
+    starts: dict = {}  # fixture function -> whether it starts a server
+    slow = pytest.mark.slow
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            continue
+        functions = [getattr(item, "function", None)]
+        info = getattr(item, "_fixtureinfo", None)
+        if info is not None:
+            functions += [d.func for defs in info.name2fixturedefs.values() for d in defs]
+        for function in functions:
+            if function is not None and starts.setdefault(function, _starts_a_server(function)):
+                item.add_marker(slow)
+                break
 
 
 @pytest.hookimpl(hookwrapper=True)

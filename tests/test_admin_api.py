@@ -242,6 +242,7 @@ async def wait_for_task(s, server, task_id: str, status: str) -> dict:
     raise AssertionError(f"download {task_id} never reached {status}: {task}")
 
 
+@pytest.mark.slow
 async def test_downloader_searches_lists_downloads_cancels_and_resumes(model_dir, hub_repo, tmp_path, monkeypatch):
     hub = FakeHub({"test-org/tiny-download": hub_repo}, held={"model.safetensors"})
     with RunningHub(hub):
@@ -290,6 +291,7 @@ async def test_downloader_searches_lists_downloads_cancels_and_resumes(model_dir
             await server.close()
 
 
+@pytest.mark.slow
 async def test_a_download_goes_into_the_model_dir_asked_for(hub_repo, tmp_path, monkeypatch):
     hub = FakeHub({"test-org/tiny-download": hub_repo})
     with RunningHub(hub):

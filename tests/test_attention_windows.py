@@ -201,6 +201,7 @@ limits = st.one_of(
     half_queries=st.booleans(),
     seed=st.integers(0, 2**16),
 )
+@pytest.mark.slow
 def test_limited_attention_matches_dense_reference(seqs, shared_blocks, block_size, kv_heads, ratio, dims, form,
                                                    limit, with_sinks, half_queries, seed):
     window, chunk = limit

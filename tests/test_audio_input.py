@@ -71,6 +71,7 @@ def clip_bytes(name: str, fmt: str = "wav") -> bytes:
 
 # ---------------------------------------------------------------------------- decoding
 @pytest.mark.parametrize("fmt", ["wav", "flac", "mp3"])
+@pytest.mark.slow
 def test_decode_gives_mlx_vlm_samples(fmt):
     from mlx_vlm.utils import load_audio
 
@@ -265,6 +266,7 @@ request_plans = st.lists(
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(plan=request_plans, budget=st.integers(5, 96), num_blocks=st.integers(40, 120), repeat=st.booleans(),
        vision_prompts=st.integers(1, 3))
+@pytest.mark.slow
 def test_mixed_requests_match_mlx_vlm_alone(omni, plan, budget, num_blocks, repeat, vision_prompts):
     """Clips of different lengths and text prompts, arriving at any step, under any step budget
     (prefill chunks ending inside a clip's tokens), pool size and prefix-cache state."""
@@ -383,6 +385,7 @@ def test_pass_inputs_are_mlx_vlms_input_embeddings(tmp_path):
     np.testing.assert_array_equal(np.array(chunk["per_layer_inputs"][0]), np.array(reference.per_layer_inputs[0, 5:45]))
 
 
+@pytest.mark.slow
 def test_e2b_shaped_model_takes_audio_on_the_fallback_engine(tmp_path):
     """A Gemma 4 shaped like the E2B / E4B checkpoints (wider full-attention heads, layers that
     read an earlier layer's KV, per-layer inputs) is refused by the paged engine and served by
@@ -770,6 +773,7 @@ def test_audio_token_spelled_in_text_is_refused(aserver):
     assert status == 200
 
 
+@pytest.mark.slow
 def test_audio_limits_from_flags_env_and_defaults():
     from omlx.cli import build_parser, resolve_options, serving_limits
 

@@ -20,7 +20,10 @@ from omlx.testing.reference import greedy_reference
 from omlx.testing.tiny_models import TinyModelSpec, build_model
 
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
-pytestmark = pytest.mark.skipif(not LAUNCH.exists(), reason="mlx.launch is not installed next to this Python")
+pytestmark = [
+    pytest.mark.skipif(not LAUNCH.exists(), reason="mlx.launch is not installed next to this Python"),
+    pytest.mark.slow,  # two ranks launched as processes per test
+]
 
 
 def _requests(seed: int) -> list[dict]:

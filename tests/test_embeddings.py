@@ -145,6 +145,7 @@ def embedder():
     return load_embedder(packaged_models()[0])
 
 
+@pytest.mark.slow
 async def test_concurrent_embeds_share_forward_passes(embedder):
     batcher = EmbeddingBatcher(embedder)
     try:

@@ -63,6 +63,7 @@ request_strategy = st.fixed_dictionaries(
     budget=st.sampled_from([5, 16, 64]),
     spare_blocks=st.integers(0, 40),
 )
+@pytest.mark.slow
 def test_engine_matches_mlx_lm_alone(tiny, requests, block_size, budget, spare_blocks):
     model, eos, reference = tiny
     prompts = [SHARED_PREFIX[: r["shared"]] + r["suffix"] for r in requests]
@@ -103,6 +104,7 @@ def test_engine_matches_mlx_lm_alone(tiny, requests, block_size, budget, spare_b
     assert engine.blocks.num_free_blocks == engine.blocks.usable_blocks
 
 
+@pytest.mark.slow
 async def test_async_engine_many_concurrent_clients_with_disconnects(tiny):
     """20 asyncio clients with staggered arrivals; some walk away mid-stream."""
     model, eos, reference = tiny

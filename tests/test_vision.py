@@ -466,6 +466,7 @@ def test_anthropic_bad_images_in_anthropic_shape(vserver, image_host):
     assert got == 400 and body["type"] == "error"
 
 
+@pytest.mark.slow
 def test_image_limits_from_flags_env_and_defaults():
     from omlx.cli import build_parser, serving_limits
     from omlx.settings import SettingsError, resolve_server_options

@@ -129,6 +129,7 @@ request_plans = st.lists(
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(plan=request_plans, budget=st.integers(5, 64), num_blocks=st.integers(24, 80), repeat=st.booleans(),
        vision_prompts=st.integers(1, 3))
+@pytest.mark.slow
 def test_mixed_requests_match_mlx_vlm_alone(families, name, plan, budget, num_blocks, repeat, vision_prompts):
     family = families[name]
     engine = _engine(family, budget, num_blocks, vision_prompts=vision_prompts)
