@@ -154,6 +154,11 @@ def test_bad_operands_are_refused():
     packed = pack_bf16(mx.zeros((10, 8)))
     with pytest.raises(ValueError, match="features"):
         packed_linear(mx.zeros((2, 9)), packed, None, 10)
+    odd = pack_bf16(mx.zeros((10, 7)))  # K padded to 8: only in_features tells 7 from 8
+    with pytest.raises(ValueError, match="features"):
+        packed_linear(mx.zeros((2, 8)), odd, None, 10, in_features=7)
+    with pytest.raises(ValueError, match="features"):
+        PackedLinear(mx.zeros((10, 7)))(mx.zeros((2, 8)))
     with pytest.raises(ValueError, match="out_features"):
         packed_linear(mx.zeros((2, 8)), packed, None, 100)
     with pytest.raises(ValueError, match="bias"):
@@ -333,7 +338,8 @@ def test_packed_model_is_batch_invariant_in_the_engine(packed_tiny, requests, bl
             break
     assert len(finished) == len(requests)
     for i, r in enumerate(requests):
-        assert outputs[i] == alone(prompts[i], r["max_tokens"]), f"request {i} diverged"
+        assert outputs[i] == alone(prompts[i], r["max_tokens"]), \
+            f"request {i} diverged: {requests}, block_size={block_size}, budget={budget}"
     assert engine.blocks.leaked_blocks() == []
 
 

@@ -137,8 +137,11 @@ def unpack_rows(packed: mx.array, rows: mx.array, in_features: int) -> mx.array:
     return picked.reshape(*rows.shape, 2 * pairs)[..., :in_features]
 
 
-def packed_linear(x: mx.array, packed: mx.array, bias: mx.array | None, out_features: int) -> mx.array:
-    return kernel().linear(x, packed, bias, out_features=out_features)
+def packed_linear(x: mx.array, packed: mx.array, bias: mx.array | None, out_features: int,
+                  in_features: int = -1) -> mx.array:
+    """y = x @ W.T (+ bias), float32, W packed by pack_bf16 (in_features, when given, is
+    checked: the packing pads K to even, so the packed shape alone cannot tell K from K + 1)."""
+    return kernel().linear(x, packed, bias, out_features=out_features, in_features=in_features)
 
 
 class PackedLinear(nn.Module):
@@ -161,7 +164,7 @@ class PackedLinear(nn.Module):
         return f"input_dims={self.in_features}, output_dims={self.out_features}, bias={'bias' in self}, bf16 packed"
 
     def __call__(self, x: mx.array) -> mx.array:
-        return packed_linear(x, self.weight, self.get("bias"), self.out_features)
+        return packed_linear(x, self.weight, self.get("bias"), self.out_features, self.in_features)
 
 
 class PackedEmbedding(nn.Module):
@@ -184,7 +187,7 @@ class PackedEmbedding(nn.Module):
         return unpack_rows(self.weight, ids, self.dims).astype(mx.float32)
 
     def as_linear(self, x: mx.array) -> mx.array:
-        return packed_linear(x, self.weight, None, self.num_embeddings)
+        return packed_linear(x, self.weight, None, self.num_embeddings, self.dims)
 
 
 def dense_weight(layer: nn.Module) -> mx.array:

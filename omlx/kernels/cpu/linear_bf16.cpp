@@ -271,12 +271,12 @@ class PackedLinear : public mx::Primitive {
 
 // x (..., K) any float dtype; packed (N_pad / 64, K_pad / 2, 128) bfloat16; bias (N,) or None.
 mx::array linear(const mx::array& x, const mx::array& packed, const std::optional<mx::array>& bias,
-                 int out_features, mx::StreamOrDevice s) {
+                 int out_features, int in_features, mx::StreamOrDevice s) {
   if (x.ndim() < 1) throw std::invalid_argument("packed linear: x must have a feature axis");
   if (packed.ndim() != 3 || packed.shape(2) != 2 * PANEL || packed.dtype() != mx::bfloat16)
     throw std::invalid_argument("packed linear: weights must be packed bf16 (panels, k_pairs, 128)");
   const int k = x.shape(-1);
-  if ((k + 1) / 2 != packed.shape(1))
+  if ((k + 1) / 2 != packed.shape(1) || (in_features >= 0 && k != in_features))
     throw std::invalid_argument("packed linear: x has " + std::to_string(k) + " features, the weights " +
                                 std::to_string(2 * packed.shape(1)) + " (padded)");
   if (out_features <= 0 || (out_features + PANEL - 1) / PANEL != packed.shape(0))
@@ -302,7 +302,7 @@ mx::array linear(const mx::array& x, const mx::array& packed, const std::optiona
 NB_MODULE(_linear_cpu, m) {
   m.doc() = "omlx packed bf16 linear layer (MLX CPU primitive)";
   m.def("linear", &linear, "x"_a, "packed"_a, "bias"_a = nb::none(), nb::kw_only(), "out_features"_a,
-        "stream"_a = nb::none(), "y = x @ W.T (+ bias) with W packed bf16 (see omlx/kernels/linear.py).");
+        "in_features"_a = -1, "stream"_a = nb::none(), "y = x @ W.T (+ bias) with W packed bf16 (see omlx/kernels/linear.py).");
   m.attr("PANEL") = PANEL;
   m.def("isa", []() { return std::string(OMLX_DPBF16 ? "avx512_bf16" : "portable"); });
   m.def("num_threads", []() {
