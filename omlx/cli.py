@@ -94,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="do not offer MCP tools to models in generation requests (the /v1/mcp "
                             "routes still work)")
     serve.add_argument("--hf-endpoint", help="a Hugging Face mirror for `omlx pull` (sets HF_ENDPOINT)")
+    from omlx.distributed.usage import SERVE_EPILOG
+
+    serve.add_argument("--distributed", action="store_true",
+                       help="run as one rank of an mlx.launch group serving one model sharded over the "
+                            "ranks (see below)")
+    serve.add_argument("--distributed-step-timeout", type=float, metavar="SECONDS", default=60.0,
+                       help="with --distributed: a step that takes longer means a rank hangs; every "
+                            "request ends with an error and rank 0 exits 1 (60)")
+    serve.epilog, serve.formatter_class = SERVE_EPILOG, argparse.RawDescriptionHelpFormatter
 
     launch = commands.add_parser(
         "launch", help="point codex, claude or opencode at a running omlx server and run it "
@@ -365,6 +374,11 @@ def serve(args, options: dict) -> None:
     media_policy.configure(media_policy.MediaPolicy.from_options(
         options.get("allowed_media_domains"), options.get("allow_local_media_urls", False),
         options.get("allowed_local_media_path")))
+    if args.distributed:
+        from omlx.distributed.serve import serve_distributed
+
+        serve_distributed(config, args.distributed_step_timeout)  # rank 0 serves; the others follow
+        return
     run(config)
 
 

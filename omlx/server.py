@@ -207,9 +207,13 @@ async def health(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
-def run(config: ServerConfig) -> None:
-    """Serve until SIGTERM / SIGINT, stop cleanly (see omlx.graceful_stop), exit 0."""
+def run(config: ServerConfig, prepare=None) -> None:
+    """Serve until SIGTERM / SIGINT, stop cleanly (see omlx.graceful_stop), exit 0.
+    `prepare(app)` runs on the app before it serves (omlx.distributed.serve makes its group's
+    model resident there)."""
     app = create_app(config)
+    if prepare is not None:
+        prepare(app)
     # handler_cancellation: a client that disconnects cancels its handler, which aborts its
     # sequence in the engine and frees its KV blocks at once.
     web.run_app(
