@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser("convert", help="convert a GGUF file into an MLX model folder")
     convert.add_argument("gguf", type=Path, help="the .gguf file")
     convert.add_argument("out_dir", type=Path, help="the MLX folder to write (new or empty)")
+
+    from omlx.cluster import add_cluster_parser
+
+    add_cluster_parser(commands)
     return parser
 
 
@@ -440,8 +444,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     # `omlx launch TOOL ...` hands every argument it does not know to the tool, as oMLX's does.
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "launch":
+    if extra and args.command not in ("launch", "cluster"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "cluster":
+        # Its own flags only; every other argument is for each replica's `omlx serve`.
+        from omlx.cluster import run_cluster_command
+
+        raise SystemExit(run_cluster_command(args, [a for a in extra if a != "--"]))
     if getattr(args, "base_path", None) is not None:
         os.environ["OMLX_HOME"] = str(args.base_path.expanduser())
     try:
