@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -148,6 +149,7 @@ def create_app(config: ServerConfig) -> web.Application:
         if (mcp := mcp_of(_app)) is not None:
             await mcp.stop()  # closes sessions and ends stdio servers' processes
         await pool.close()
+        await asyncio.to_thread(offload_pool().stop_processes)  # the JSON workers end with the server
 
     app.on_startup.append(start_pool)
     app.on_cleanup.append(shutdown)

@@ -146,11 +146,33 @@ class OffloadPool:
 
         threading.Thread(target=start, name="omlx-json-workers", daemon=True).start()
 
+    def stop_processes(self) -> None:
+        """End the JSON workers, waiting for them (and any body they are parsing): the
+        server's processes end with it.  A later large body starts new ones."""
+        with self._lock:
+            processes, self._processes = self._processes, None
+        if processes is not None:
+            processes.shutdown(wait=True)
+            _stop_resource_tracker()
+
     def shutdown(self) -> None:
         self._large.shutdown(wait=False, cancel_futures=True)
         self._small.shutdown(wait=False, cancel_futures=True)
         if self._processes is not None:
             self._processes.shutdown(wait=False, cancel_futures=True)
+
+
+def _stop_resource_tracker() -> None:
+    """multiprocessing's resource tracker (started for the workers' queues) would outlive the
+    server by a moment; end it with them (it starts again if anything needs it)."""
+    from multiprocessing import resource_tracker
+
+    stop = getattr(resource_tracker._resource_tracker, "_stop", None)
+    if stop is not None:
+        try:
+            stop()
+        except Exception:  # already gone, or another version's internals: it ends with us anyway
+            pass
 
 
 def lower_thread_priority() -> None:
