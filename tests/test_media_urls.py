@@ -197,6 +197,24 @@ def test_allowed_local_fetch_connects_to_the_address_it_checked(probe):
     assert probe.hits == ["/image.png"]
 
 
+def test_a_rebinding_name_cannot_reach_the_probe(probe):
+    # The first answer is public and passes the check; any later lookup would say loopback.
+    # The connection goes to the checked (unreachable) address, never to the probe.
+    answers = iter([["93.184.215.14"]])
+    calls = []
+
+    async def rebinding(host: str, port: int):
+        calls.append(host)
+        address = next(answers, ["127.0.0.1"])[0]
+        return [{"hostname": host, "host": address, "port": port, "proto": 0, "flags": 0, "family": socket.AF_INET}]
+
+    with pytest.raises(MediaFetchError) as failed:
+        asyncio.run(fetch_url(probe.url(host="rebind.example.com"), max_bytes=1 << 20, timeout_s=1.5, what="image",
+                              policy=MediaPolicy(), resolve=rebinding))
+    assert failed.value.code in ("image_fetch_failed", "image_fetch_timeout")
+    assert calls == ["rebind.example.com"] and probe.hits == []
+
+
 class _TrustsOneHost(MediaPolicy):
     """The policy, except that one test host counts as public: the probe plays a public
     server whose redirect must still be checked like any URL."""
