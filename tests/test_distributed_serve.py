@@ -187,3 +187,18 @@ def test_a_killed_rank_ends_every_stream_with_an_error_and_rank_0(group):
     log = group.log()
     assert all(o.startswith("error:") for o in outcomes.values()) and len(outcomes) == 4, (outcomes, log[-3000:])
     assert "rank 0 exits with status 1" in log, log[-3000:]
+
+
+def test_a_model_without_shard_is_refused_at_load_on_every_rank(tmp_path):
+    from omlx.testing.tiny_families import build_family_model
+
+    build_family_model(tmp_path / "models" / "tiny-gemma3", "gemma3_text", seed=1)  # mlx-lm gives it no shard()
+    group = Group(tmp_path, tmp_path / "models")
+    try:
+        group.proc.wait(timeout=START_TIMEOUT_S)
+    finally:
+        group.close()
+    log = group.log()
+    assert "rank 0): " in log and "rank 1): " in log and "has no shard()" in log, log[-3000:]
+    # Both ranks exit 2 on their own (mlx.launch reports the first non-zero exit it sees).
+    assert "exited with code 2" in log, log[-3000:]

@@ -13,7 +13,8 @@ model's own shard(): llama, qwen2/3, deepseek and others), launched by MLX's mlx
         -m omlx serve --distributed --model-dir /same/path/models --no-demo --host 0.0.0.0
     where hosts.json lists the machines, rank 0 first (it runs the HTTP server):
     [{"ssh": "mac1.local", "ips": ["10.0.0.1"]}, {"ssh": "mac2.local", "ips": ["10.0.0.2"]}]
-    (`mlx.distributed_config --hosts mac1.local,mac2.local --over ethernet` writes one).
+    (`mlx.distributed_config --hosts mac1.local,mac2.local --over ethernet --output-hostfile
+    hosts.json` writes one).
 
 Rank 0 serves HTTP, schedules and samples; the other ranks run each step on their shard.  A
 rank that dies or hangs ends every request in flight with an error and rank 0 exits 1 (let a
