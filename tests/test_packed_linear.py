@@ -267,6 +267,27 @@ def test_swap_packs_every_linear_and_halves_the_weight_bytes(tiny_path):
     assert logits.dtype == mx.float32 and logits.shape == (1, 5, 509)
 
 
+def test_a_model_that_reads_weights_itself_keeps_its_layers(tiny_path):
+    """Model code that reads a layer's weight directly (not through its call) cannot run on
+    packed layers: the swap is undone and the model runs as loaded."""
+    model, _ = load(str(tiny_path))
+
+    class ReadsHeadWeight(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def __call__(self, ids):
+            hidden = self.inner.model(ids)
+            return hidden @ self.inner.lm_head.weight.T
+
+    wrapped = ReadsHeadWeight(model)
+    before = np.array(wrapped(mx.array([[3, 4, 5]])))
+    assert packed_weights.pack_model(wrapped) == 0
+    assert any(type(m) is nn.Linear for _, m in wrapped.named_modules())
+    assert np.array_equal(np.array(wrapped(mx.array([[3, 4, 5]]))), before)
+
+
 def test_quantized_model_is_packed_when_it_would_have_been_dequantized(tmp_path, matmul_env):
     model, _ = load(str(build_model(tmp_path / "m", TinyModelSpec(seed=4))))
     nn.quantize(model, group_size=32, bits=4)

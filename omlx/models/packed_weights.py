@@ -42,20 +42,32 @@ def should_pack(model: nn.Module, setting: bool | None, dequantize: bool) -> boo
 
 def pack_model(model: nn.Module) -> int:
     """Swap the model's linear and embedding layers for packed bf16 ones, in place; widen
-    what is left to float32.  Returns the number of layers swapped."""
-    replacements = []
+    what is left to float32.  Returns the number of layers swapped: 0 when the model's own
+    code reads a swapped layer's weight directly (a forward pass fails), after putting its
+    layers back as they were."""
+    originals, replacements = [], []
     for name, module in model.named_modules():
         # Exact types only: subclasses (LoRA / DoRA wrappers, custom heads) may read .weight.
         if type(module) in LINEARS:
+            originals.append((name, module))
             replacements.append((name, PackedLinear.from_linear(module)))
         elif type(module) in EMBEDDINGS:
+            originals.append((name, module))
             replacements.append((name, PackedEmbedding.from_embedding(module)))
-    if replacements:
-        model.update_modules(tree_unflatten(replacements))
-        # Evaluate layer by layer so the transient dequantized / padded copies of one layer
-        # are freed before the next is built (peak memory stays near the packed size).
-        for _, module in replacements:
-            mx.eval(module.parameters())
+    if not replacements:
+        return 0
+    model.update_modules(tree_unflatten(replacements))
+    # Evaluate layer by layer so the transient dequantized / padded copies of one layer
+    # are freed before the next is built.
+    for _, module in replacements:
+        mx.eval(module.parameters())
+    try:
+        mx.eval(model(mx.array([[1, 2]])))
+    except Exception as exc:  # noqa: BLE001 - any failure: this model keeps its own layers
+        model.update_modules(tree_unflatten(originals))
+        log.warning("bf16 packing skipped: the model fails with packed layers (%s: %s)", type(exc).__name__, exc)
+        return 0
+    del originals
     packed = {name for name, _ in replacements}
 
     def widen(path: str, value: mx.array) -> mx.array:
@@ -79,5 +91,4 @@ def prepare(model: nn.Module, setting: bool | None, dequantize: bool) -> bool:
     """The load hook: pack the model when it should run packed bf16 (True if it was)."""
     if not should_pack(model, setting, dequantize):
         return False
-    pack_model(model)
-    return True
+    return pack_model(model) > 0
