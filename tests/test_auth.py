@@ -69,6 +69,7 @@ async def fetch(server, method, path, headers=None):
             return response.status, body, response.headers
 
 
+@pytest.mark.slow
 async def test_every_route_but_health_requires_a_key(app_server):
     checked = routes(app_server.app)
     assert ("POST", "/v1/chat/completions") in checked and ("GET", "/v1/models/status") in checked

@@ -149,6 +149,7 @@ def test_which_models_decode_batched(tiny):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.slow
 def test_every_tiny_family_batches_token_exact(family, tmp_path):
     """Whatever a family's caches (windows and chunks, recurrent state, CacheList), the
     fallback serves it, with prompts past its windows chunked across steps; batched unless
@@ -178,6 +179,7 @@ request_strategy = st.fixed_dictionaries({
     max_num_seqs=st.sampled_from([2, 8]),
     memory=st.one_of(st.none(), st.floats(1.0, 3.0)),
 )
+@pytest.mark.slow
 def test_greedy_tokens_match_mlx_lm_alone(tiny, requests, budget, max_num_seqs, memory):
     """Arrivals at any step, chunked prompts, aborts mid-stream, max_tokens, too few slots,
     and (with `memory`) a memory budget that holds `memory` times the longest request, so
@@ -247,6 +249,7 @@ def test_context_window_and_rejections(tiny):
     assert_released(engine)
 
 
+@pytest.mark.slow
 def test_seeded_sampling_does_not_depend_on_the_batch(tiny):
     """A seeded request samples the same tokens alone and among others; with n = 3 its
     first completion is that same stream (seed + 0), the others their own."""
@@ -275,6 +278,7 @@ def test_seeded_sampling_does_not_depend_on_the_batch(tiny):
     assert forked[1] != forked[0] and forked[2] != forked[1]
 
 
+@pytest.mark.slow
 async def test_async_clients_with_disconnects(tiny):
     """The fallback engine behind AsyncEngine, as the server runs it: concurrent clients,
     some leaving mid-stream, n = 2 greedy completions both equal to mlx-lm's."""

@@ -98,6 +98,7 @@ def run(engine, eos) -> dict[str, list[int]]:
 
 
 @pytest.mark.parametrize("family", list(ALL_FAMILIES))
+@pytest.mark.slow
 def test_family_serves_token_exact(tmp_path, family):
     model, tokenizer = load(str(build_sweep_model(tmp_path / "m", family, seed=3)))
     eos = frozenset(tokenizer.eos_token_ids)

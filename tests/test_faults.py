@@ -56,6 +56,7 @@ def _generate(engine: LLMEngine, prompt: list[int], eos, rid: str) -> list[int]:
     return tokens
 
 
+@pytest.mark.slow
 def test_a_full_disk_pauses_the_tier_with_one_warning_and_changes_no_output(tiny, tmp_path, monkeypatch, caplog):
     model, eos = tiny
     config = EngineConfig(block_size=BLOCK, num_blocks=64, max_num_batched_tokens=64,

@@ -78,6 +78,7 @@ sequence = st.tuples(
     form=st.sampled_from(["float32", "float32", "float16", "bfloat16", "q4", "q8"]),
     seed=st.integers(0, 2**16),
 )
+@pytest.mark.slow
 def test_kernel_matches_portable_path(seqs, shared_blocks, block_size, kv_heads, ratio, dims, form, seed):
     key_dim, value_dim = dims
     group_size = 32

@@ -53,6 +53,7 @@ def _load(path):
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+@pytest.mark.slow
 def test_converted_weights_and_greedy_tokens_equal_the_reference(fixtures, converted, case):
     files, _ = fixtures
     model, tokenizer = _load(converted[case])

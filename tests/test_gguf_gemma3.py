@@ -77,6 +77,7 @@ def _greedy(model, tokenizer, prompt: str, max_tokens: int) -> list[int]:
     return tokens
 
 
+@pytest.mark.slow
 def test_config_is_gemma3_text_with_llama_cpps_layer_layout(gemma3_folder, gemma3_model):
     config = json.loads((gemma3_folder / "config.json").read_text())
     assert config["model_type"] == "gemma3_text"
@@ -142,6 +143,7 @@ def test_tokenizer_round_trips_and_adds_bos(gemma3_model):
     assert tokenizer.encode("<end_of_turn>")[1:] == [106]
 
 
+@pytest.mark.slow
 def test_greedy_continuation_names_paris(gemma3_model):
     from mlx_lm import generate
     from mlx_lm.sample_utils import make_sampler

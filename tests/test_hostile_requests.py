@@ -213,6 +213,7 @@ def test_a_small_request_is_not_stalled_by_eight_hostile_bodies(server):
 
 
 @pytest.mark.slow  # loads the packaged embedding model and tokenizes 1 MiB for the reference
+@pytest.mark.slow
 def test_embedding_input_far_too_long_is_cut_before_it_is_tokenized(hostile_text):
     from omlx.api.embeddings import _token_ids
     from omlx.embeddings import load_embedder

@@ -45,6 +45,7 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_pull_downloads_the_serving_files_and_resumes_a_dropped_transfer(hub_repo, tmp_path):
     hub = FakeHub({"mlx-community/tiny-chat": hub_repo}, fail_once={"model.safetensors": 16 << 20})
     with RunningHub(hub):
@@ -80,6 +81,7 @@ def test_pulled_model_is_served_without_restart(hub_repo, tmp_path, monkeypatch)
     assert pool.resolve("org/pulled").model_type == "llm"  # picked up by the rescan
 
 
+@pytest.mark.slow
 def test_pull_errors_are_plain_messages(hub_repo, tmp_path):
     with RunningHub(FakeHub({"org/exists": hub_repo})) as hub:
         env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "OMLX_HOME": str(tmp_path / "home")}
@@ -163,6 +165,7 @@ def test_hf_cache_models_join_the_pool_behind_the_model_dirs(hf_cache, tmp_path)
     assert "mlx-community/chat-4bit" in {m.model_id for m in pool.servable()}
 
 
+@pytest.mark.slow
 def test_cli_models_lists_the_hf_cache_unless_told_not_to(hf_cache, tmp_path):
     env = {"HF_HUB_CACHE": str(hf_cache), "OMLX_HOME": str(tmp_path / "home")}
     (tmp_path / "models").mkdir()

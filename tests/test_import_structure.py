@@ -12,6 +12,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import omlx
 
 PACKAGE = Path(omlx.__file__).parent
@@ -136,6 +138,7 @@ def test_no_import_cycles_anywhere_in_the_package():
     assert found == [], "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
 
 
+@pytest.mark.slow
 def test_the_settings_and_model_layers_are_in_no_cycle():
     named = {"omlx.settings", "omlx.settings_omlx", "omlx.settings_values", "omlx.settings_typed",
              "omlx.embeddings", "omlx.embeddings.model", "omlx.rerank", "omlx.rerank.cross_encoder",

@@ -183,6 +183,7 @@ def test_lru_cap_evicts_least_recently_used(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("seed", [5, 6])
+@pytest.mark.slow
 def test_small_pool_reloads_evicted_prefixes_from_disk(tiny, tmp_path, seed):
     """A pool too small to keep the prefixes: concurrent requests keep evicting each other's
     blocks, which come back from disk, and every output is still mlx-lm's own."""

@@ -122,6 +122,7 @@ def test_block_manager_grows_before_evicting_cached_prefixes():
     budget_blocks=st.integers(0, 10),
     seed=st.integers(0, 1000),
 )
+@pytest.mark.slow
 def test_growing_pool_matches_mlx_lm_alone(tiny, prompts, budget_blocks, seed):
     """The pool starts at 2 blocks; a budget (like another model's weights taking memory)
     stops its growth somewhere random; outputs never change and no block leaks."""

@@ -117,6 +117,7 @@ def _manager(http_url: str, timing: Timing = FAST, timeout: float = 3, **extra) 
     return MCPManager(parse_config({"servers": servers}), timing)
 
 
+@pytest.mark.slow
 async def test_list_execute_validate_over_stdio_and_http(http_server, monkeypatch):
     monkeypatch.setenv("OMLX_TEST_SECRET", "s3cret")  # this process's environment: not the server's
     manager = _manager(http_server)
@@ -152,6 +153,7 @@ async def test_list_execute_validate_over_stdio_and_http(http_server, monkeypatc
 
 
 @pytest.mark.parametrize("notify", [True, False])
+@pytest.mark.slow
 async def test_tool_list_changes_are_picked_up(notify):
     """Notified: at once (`tools/list_changed`).  Not notified: at the next periodic listing
     (shortened here from minutes)."""
@@ -172,6 +174,7 @@ async def test_tool_list_changes_are_picked_up(notify):
         await manager.stop()
 
 
+@pytest.mark.slow
 async def test_slow_tool_times_out_and_the_connection_survives(http_server):
     manager = _manager(http_server)
     manager.start()
@@ -187,6 +190,7 @@ async def test_slow_tool_times_out_and_the_connection_survives(http_server):
         await manager.stop()
 
 
+@pytest.mark.slow
 async def test_a_killed_server_is_reported_retried_and_the_others_keep_working(http_server):
     manager = _manager(http_server)
     manager.start()
@@ -212,6 +216,7 @@ async def test_a_killed_server_is_reported_retried_and_the_others_keep_working(h
         await manager.stop()
 
 
+@pytest.mark.slow
 async def test_broken_and_hanging_servers_never_block_the_others(http_server):
     # A hanging server's attempts end after its own 0.5 s; the others get 20 s to connect.
     hang_timing = Timing(ping_interval=0.5, first_backoff=0.2, max_backoff=1.0, min_session_timeout=0.0)
@@ -234,6 +239,7 @@ async def test_broken_and_hanging_servers_never_block_the_others(http_server):
         await manager.stop()
 
 
+@pytest.mark.slow
 async def test_stop_ends_stdio_server_processes(http_server):
     manager = _manager(http_server)
     manager.start()
@@ -259,6 +265,7 @@ async def test_stop_interrupts_a_hanging_connection_attempt(tmp_path):
     await _wait_for(lambda: not process_alive(pid), timeout=10)
 
 
+@pytest.mark.slow
 async def test_sse_transport(tmp_path):
     with http_tools_server("sse") as url:
         manager = MCPManager(parse_config({"servers": {"old": {"transport": "sse", "url": url}}}), FAST)

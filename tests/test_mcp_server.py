@@ -374,6 +374,7 @@ def test_round_limit_and_shutdown_without_leftover_processes(model_dir, tmp_path
     assert not any(process_alive(p) for p in pids)
 
 
+@pytest.mark.slow
 def test_a_broken_config_stops_the_server_with_the_reason(model_dir, tmp_path):
     config = tmp_path / "mcp.json"
     config.write_text(json.dumps({"servers": {"x": {"transport": "stdio"}}}))

@@ -164,6 +164,7 @@ def test_local_files_only_from_the_allowed_directory(tmp_path):
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::ffff:127.0.0.1]", "0.0.0.0", "127.1"])
+@pytest.mark.slow
 def test_loopback_urls_are_refused_before_any_byte_is_sent(probe, host):
     with pytest.raises(MediaFetchError) as refused:
         fetch(probe.url(host=host), MediaPolicy())

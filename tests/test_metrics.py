@@ -91,6 +91,7 @@ async def test_metrics_need_the_api_key(app_server):
             assert (await r.json())["error"]["code"] == "invalid_api_key"
 
 
+@pytest.mark.slow
 async def test_counters_and_histograms_follow_a_known_workload(app_server):
     base = str(app_server.make_url("/v1"))
     oai = openai.AsyncOpenAI(base_url=base, api_key=KEY, max_retries=0, timeout=120)
@@ -191,6 +192,7 @@ async def test_a_client_that_leaves_is_counted_as_an_abort(app_server):
 
 
 @pytest.mark.two_models
+@pytest.mark.slow
 async def test_loads_evictions_and_resident_bytes_follow_the_pool(app_server):
     headers = {"Authorization": f"Bearer {KEY}"}
     oai = openai.AsyncOpenAI(base_url=str(app_server.make_url("/v1")), api_key=KEY, max_retries=0, timeout=120)

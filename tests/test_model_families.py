@@ -119,6 +119,7 @@ request_strategy = st.fixed_dictionaries({
     spare_blocks=st.integers(0, 24),
     snapshot_tokens=st.sampled_from([4, 16, 32]),
 )
+@pytest.mark.slow
 def test_greedy_tokens_match_mlx_lm_alone(family, requests, block_size, budget, spare_blocks, snapshot_tokens):
     _, model, eos, reference = family
     prompts = [SHARED[: r["shared"]] + r["suffix"] for r in requests]
@@ -145,6 +146,7 @@ def test_greedy_tokens_match_mlx_lm_alone(family, requests, block_size, budget, 
     assert_nothing_leaked(engine)
 
 
+@pytest.mark.slow
 def test_second_turn_resumes_from_the_prefix_cache_exactly(family):
     """An agent's next turn resends the conversation: it is served from the cache (for state
     layers: from the last snapshot inside the cached prefix) and stays token-exact."""
@@ -163,6 +165,7 @@ def test_second_turn_resumes_from_the_prefix_cache_exactly(family):
     assert_nothing_leaked(engine)
 
 
+@pytest.mark.slow
 def test_n_completions_share_the_prompt(family):
     """n > 1: siblings fork after the prompt (state models copy the state and the partial
     block); greedy siblings all give mlx-lm's tokens."""
@@ -181,6 +184,7 @@ def test_n_completions_share_the_prompt(family):
     assert_nothing_leaked(engine)
 
 
+@pytest.mark.slow
 def test_seeded_sampling_is_independent_of_the_batch(family):
     name, model, eos, _ = family
     prompt = SHARED[:30]
@@ -209,6 +213,7 @@ def test_models_the_paged_pass_cannot_run_are_refused_at_load(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["qwen3_5", "gemma3_text"])
+@pytest.mark.slow
 def test_second_turn_after_a_restart_resumes_from_the_disk_tier(tmp_path, name):
     """Memory empty after a restart: the KV blocks and (for state layers) the snapshots come
     back from the disk tier, and the tokens are still exact."""
@@ -232,6 +237,7 @@ def test_second_turn_after_a_restart_resumes_from_the_disk_tier(tmp_path, name):
 
 
 @pytest.mark.parametrize("name, kinds", [("qwen3_5", {"state": 2, "full": 2}), ("gemma3", {"window:8": 2, "full": 2})])
+@pytest.mark.slow
 def test_vision_language_families_run_their_language_model_exactly(name, kinds):
     """Qwen3.5 and Gemma 3 checkpoints are vision-language models, loaded through mlx-vlm: the
     engine reads the layer kinds from mlx-vlm's own caches and runs its layers (with the pass
@@ -264,6 +270,7 @@ def test_vision_language_families_run_their_language_model_exactly(name, kinds):
     assert_nothing_leaked(engine)
 
 
+@pytest.mark.slow
 def test_sliding_window_kv_is_bounded_by_the_window(tmp_path):
     """Gemma-style: the windowed layers' pool holds, per running sequence, at most its window
     plus one pass's rows, however long the sequence gets; the full layers' pool holds it all."""
@@ -296,6 +303,7 @@ def test_sliding_window_kv_is_bounded_by_the_window(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["gemma3_text", "qwen3_5"])
+@pytest.mark.slow
 def test_quantized_kv_on_windowed_and_state_models(tmp_path, name):
     """8-bit KV: the window pool is quantized like the main one (the same rows, so the same
     tokens as with windowed layers kept in the main pool), and a hybrid model quantizes its
@@ -325,6 +333,7 @@ def test_quantized_kv_on_windowed_and_state_models(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ["qwen3_5", "lfm2", "nemotron_h"])
+@pytest.mark.slow
 def test_speculative_decoding_takes_rejected_rows_back_out_of_the_state(tmp_path, name):
     """Drafts on a hybrid model: rejected rows went through the recurrent layers too; the
     state is replayed to the accepted rows, and greedy output stays exactly mlx-lm's.  The

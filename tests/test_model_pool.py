@@ -60,6 +60,7 @@ async def use(pool: ModelPool, name: str) -> None:
         assert model.model_id == name
 
 
+@pytest.mark.slow
 async def test_lru_idle_model_is_evicted_when_the_next_one_does_not_fit(model_dir, tmp_path):
     pool = make_pool(model_dir, tmp_path, models_fitting=2.5)
     try:
@@ -81,6 +82,7 @@ async def test_lru_idle_model_is_evicted_when_the_next_one_does_not_fit(model_di
         await pool.close()
 
 
+@pytest.mark.slow
 async def test_leased_model_is_never_evicted_and_the_newcomer_gets_a_clear_error(model_dir, tmp_path):
     pool = make_pool(model_dir, tmp_path, models_fitting=1.5)
     try:
@@ -158,6 +160,7 @@ def idle_clock(monkeypatch) -> FakeClock:
     return clock
 
 
+@pytest.mark.slow
 async def test_idle_model_past_its_ttl_is_unloaded(model_dir, tmp_path, idle_clock):
     pool = make_pool(model_dir, tmp_path, models_fitting=3.5, settings={"a": {"ttl": 0.2}})
     try:
@@ -190,6 +193,7 @@ async def test_ttl_watch_runs_in_the_background(model_dir, tmp_path, monkeypatch
         await pool.close()
 
 
+@pytest.mark.slow
 async def test_pinned_models_load_at_start_and_are_never_evicted(model_dir, tmp_path, idle_clock):
     pool = make_pool(model_dir, tmp_path, models_fitting=2.5,
                      settings={"a": {"pinned": True, "ttl": 0.01}}, pinned=["b"])
@@ -205,6 +209,7 @@ async def test_pinned_models_load_at_start_and_are_never_evicted(model_dir, tmp_
         await pool.close()
 
 
+@pytest.mark.slow
 async def test_unload_stops_the_engine_thread_and_frees_the_memory(model_dir, tmp_path):
     pool = make_pool(model_dir, tmp_path, models_fitting=3.5)
     try:

@@ -42,6 +42,7 @@ def run(engine: LLMEngine, requests: list[GenerationRequest]) -> dict[tuple[str,
 
 
 @pytest.mark.parametrize("prompt_len", [16, 20])  # the prompt fills its blocks exactly / leaves a tail
+@pytest.mark.slow
 def test_completions_equal_their_seeds_alone(tiny, prompt_len):
     model, tokenizer = tiny
     eos = frozenset(tokenizer.eos_token_ids)

@@ -326,6 +326,7 @@ def smollm2_folder(tmp_path_factory):
     return converted_folder(gguf, tmp_path_factory.mktemp("smollm2"))
 
 
+@pytest.mark.slow
 def test_real_smollm2_agrees_with_float32_and_answers(kernel, smollm2_folder):
     import json
     import subprocess

@@ -55,6 +55,7 @@ def run(engine, requests, eos):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.slow
 def test_batched_quantized_engine_matches_mlx_lm_quantized_cache(model, bits):
     model, eos = model
     rng = random.Random(bits)

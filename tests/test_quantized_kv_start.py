@@ -129,6 +129,7 @@ request_strategy = st.fixed_dictionaries(
     budget=st.sampled_from([5, 16, 64]),
     spare_blocks=st.integers(0, 30),
 )
+@pytest.mark.slow
 def test_engine_matches_mlx_lm_converting_at_the_threshold(tiny, requests, bits, start, block_size, budget, spare_blocks):
     model, eos, reference = tiny
     prompts = [SHARED_PREFIX[: r["shared"]] + r["suffix"] for r in requests]
@@ -157,6 +158,7 @@ def test_engine_matches_mlx_lm_converting_at_the_threshold(tiny, requests, bits,
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("one_pass", [True, False])
+@pytest.mark.slow
 def test_batched_shared_prefix_and_preemption(tiny, bits, one_pass):
     """A fixed schedule crossing the threshold in prefill and in decode, sharing prefixes in
     both pools, in pools small enough to preempt.  Rows of both pools share a forward pass;
@@ -266,6 +268,7 @@ def test_growable_pools_share_the_cap_and_the_budget(tiny):
     assert_no_leaks(engine)
 
 
+@pytest.mark.slow
 def test_disk_tier_keeps_each_pool_apart(tiny, tmp_path):
     model, eos, reference = tiny
     config = EngineConfig(block_size=8, num_blocks=40, kv_bits=8, quantized_kv_start=16, kv_cache_dir=str(tmp_path))
@@ -292,6 +295,7 @@ def test_disk_tier_keeps_each_pool_apart(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("start", [12, 20, 26])  # the fork happens past, at, or under the threshold
+@pytest.mark.slow
 def test_n_completions_share_blocks_in_either_pool(tiny, start):
     from omlx.scheduler import SamplingParams
 

@@ -117,6 +117,7 @@ request_strategy = st.fixed_dictionaries({
     max_draft=st.integers(1, 8),
     seed=st.integers(0, 1000),
 )
+@pytest.mark.slow
 def test_greedy_tokens_equal_mlx_lm_alone(tiny, requests, block_size, budget, spare_blocks, drafter,
                                           error_rate, max_draft, seed):
     path, model, eos = tiny
@@ -253,6 +254,7 @@ def _chi_square(counts: np.ndarray, probs: np.ndarray) -> float:
     SamplingParams(temperature=1.3, top_p=0.8),
 ])
 @pytest.mark.parametrize("draft_token", [0, 2, 5])
+@pytest.mark.slow
 def test_rejection_rule_keeps_the_distribution(params, draft_token):
     """Over a 6-token vocabulary: the first token emitted with a one-token draft is
     distributed as the non-speculative sampler's distribution, and so is the token after an
@@ -397,6 +399,7 @@ def small_draft(tmp_path_factory):
     max_draft=st.integers(1, 6),
     same_model=st.booleans(),
 )
+@pytest.mark.slow
 def test_draft_model_greedy_tokens_equal_mlx_lm_alone(tiny, small_draft, requests, block_size, budget,
                                                       spare_blocks, max_draft, same_model):
     """Drafts from a draft model, batched over all drafting sequences in its own paged KV:

@@ -254,6 +254,7 @@ def test_a_replica_follows_pool_growth_and_moves_between_pools(tiny):
     spare_blocks=st.integers(0, 24),
     ragged=st.booleans(),
 )
+@pytest.mark.slow
 def test_any_schedule_replays_on_another_runner(tiny, requests, block_size, budget, spare_blocks, ragged):
     """Hypothesis picks the schedule (arrivals, shared prefixes, drafts from repeated prompts,
     aborts, a pool from just enough to roomy, one ragged pass or padded passes grouped by

@@ -183,6 +183,7 @@ schemas = _object(st.one_of(_leaf, _array(_leaf), _object(_leaf)))
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(schema=schemas, seed=st.integers(0, 2**31 - 1), room=st.integers(0, 120))
+@pytest.mark.slow
 def test_random_schemas_always_validate(tiny, schema, seed, room):
     _, tokenizer, engine = tiny
     jsonschema.Draft202012Validator.check_schema(schema)

@@ -51,6 +51,7 @@ def test_grammar_text_for_the_hermes_format():
 
 
 @pytest.mark.parametrize("forced", [None, "get_weather", "add"])
+@pytest.mark.slow
 def test_engine_output_is_one_valid_call(model_dir, forced):
     model, tokenizer = load_reference(model_dir / "tiny")
     engine = LLMEngine(model, EngineConfig(block_size=16, num_blocks=300), 4096)
