@@ -22,7 +22,6 @@ from omlx.kernels.linear import PackedEmbedding, PackedLinear, matmul_path, pack
 from omlx.models import packed_weights
 from omlx.models.facts import parameter_bytes
 from omlx.scheduler import EngineConfig, GenerationRequest, LLMEngine
-from omlx.testing.reference import greedy_reference
 from omlx.testing.tiny_models import TinyModelSpec, build_model
 
 FEATURES = cpu_features.cpu_features()
@@ -308,15 +307,29 @@ def packed_tiny(request, tmp_path_factory):
                        TinyModelSpec(model_type=request.param, seed=3))
     model, tokenizer = load(str(path))
     packed_weights.pack_model(model)
-    eos = frozenset(tokenizer.eos_token_ids)
-    cache: dict[tuple, list[int]] = {}
+    return model, frozenset(tokenizer.eos_token_ids)
 
-    def alone(prompt: list[int], max_tokens: int) -> list[int]:
-        if tuple(prompt) not in cache:
-            cache[tuple(prompt)] = greedy_reference(model, prompt, 16, eos)
-        return cache[tuple(prompt)][:max_tokens]
 
-    return model, eos, alone
+def run_engine(model, eos, prompts, max_tokens, arrivals, block_size, budget) -> dict[int, list[int]]:
+    longest = max(len(p) + m for p, m in zip(prompts, max_tokens))
+    engine = LLMEngine(model, EngineConfig(block_size=block_size, num_blocks=len(prompts) * (-(-longest // block_size) + 2),
+                                           max_num_batched_tokens=budget), context_window=4096)
+    outputs = {i: [] for i in range(len(prompts))}
+    finished = set()
+    for step in range(3000):
+        for i, arrival in enumerate(arrivals):
+            if arrival == step:
+                engine.add_request(GenerationRequest(str(i), prompts[i], max_tokens[i], stop_token_ids=eos))
+        for request_id, event in engine.step():
+            if event.token_id is not None:
+                outputs[int(request_id)].append(event.token_id)
+            if event.finish_reason is not None:
+                finished.add(request_id)
+        if len(finished) == len(prompts) and not engine.has_work:
+            break
+    assert len(finished) == len(prompts)
+    assert engine.blocks.leaked_blocks() == []
+    return outputs
 
 
 SHARED = [int(t) for t in np.random.default_rng(11).integers(5, 500, 50)]
@@ -336,32 +349,18 @@ SHARED = [int(t) for t in np.random.default_rng(11).integers(5, 500, 50)]
 )
 @requires_bf16_unit
 def test_packed_model_is_batch_invariant_in_the_engine(packed_tiny, requests, block_size, budget):
-    """A request's greedy tokens on the packed bf16 model are the ones it gets alone (mlx-lm,
-    same packed weights), whatever else is in flight, when it arrives and how its prompt is
-    chunked."""
-    model, eos, alone = packed_tiny
+    """A request's greedy tokens on the packed bf16 model are the ones it gets alone in the
+    engine, whatever else is in flight, when it arrives, how its prompt is chunked and whether
+    its prefix is shared.  (Against mlx-lm's own forward pass it agrees only to bf16 rounding:
+    the paged attention's last bits can flip the rounding of a later layer's input, which the
+    float32 path absorbs; the load-time self-check and the SmolLM2 agreement test cover that.)"""
+    model, eos = packed_tiny
     prompts = [SHARED[: r["shared"]] + r["suffix"] for r in requests]
-    longest = max(len(p) + r["max_tokens"] for p, r in zip(prompts, requests))
-    engine = LLMEngine(model, EngineConfig(block_size=block_size, num_blocks=-(-longest // block_size) + 24,
-                                           max_num_batched_tokens=budget), context_window=4096)
-    outputs = {i: [] for i in range(len(requests))}
-    finished = set()
-    for step in range(3000):
-        for i, r in enumerate(requests):
-            if r["arrival"] == step:
-                engine.add_request(GenerationRequest(str(i), prompts[i], r["max_tokens"], stop_token_ids=eos))
-        for request_id, event in engine.step():
-            if event.token_id is not None:
-                outputs[int(request_id)].append(event.token_id)
-            if event.finish_reason is not None:
-                finished.add(request_id)
-        if len(finished) == len(requests) and not engine.has_work:
-            break
-    assert len(finished) == len(requests)
-    for i, r in enumerate(requests):
-        assert outputs[i] == alone(prompts[i], r["max_tokens"]), \
-            f"request {i} diverged: {requests}, block_size={block_size}, budget={budget}"
-    assert engine.blocks.leaked_blocks() == []
+    max_tokens = [r["max_tokens"] for r in requests]
+    together = run_engine(model, eos, prompts, max_tokens, [r["arrival"] for r in requests], block_size, budget)
+    for i, prompt in enumerate(prompts):
+        alone = run_engine(model, eos, [prompt], [max_tokens[i]], [0], block_size, budget)[0]
+        assert together[i] == alone, f"request {i} diverged: {requests}, block_size={block_size}, budget={budget}"
 
 
 async def test_pool_loads_packed_and_counts_the_packed_bytes(tiny_path, tmp_path, matmul_env):
