@@ -127,13 +127,14 @@ def test_two_ranks_serve_mlx_lms_tokens_and_stop_cleanly(group, model_dir):
         messages = [{"role": "user", "content": prompts[i]}]
         reply = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=5 + i,
                                                temperature=0)
-        return messages, 5 + i, reply.choices[0].message.content
+        assert reply.usage.completion_tokens <= 5 + i
+        return messages, 5 + i, reply.choices[0].message.content, reply.usage.completion_tokens
 
     with ThreadPoolExecutor(len(prompts)) as pool:  # concurrent: batched steps across both ranks
         answers = list(pool.map(ask, range(len(prompts))))
-    for messages, max_tokens, text in answers:
+    for messages, max_tokens, text, count in answers:
         expected, _ = reference_greedy(path, chat_prompt_ids(path, messages), max_tokens)
-        assert text == tokenizer.decode(expected), messages
+        assert (text, count) == (tokenizer.decode(expected), len(expected)), messages
     health = urllib.request.urlopen(f"http://127.0.0.1:{group.port}/health", timeout=10).read()
     assert b"tiny-llama" in health
 

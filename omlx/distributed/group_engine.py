@@ -24,6 +24,7 @@ from .step_channel import StepChannel
 log = logging.getLogger("omlx.distributed")
 
 GROUP_LOST_CODE = "distributed_group_lost"
+STOP_TIMEOUT_S = 10.0  # for the other ranks to answer the stop message
 EXIT_FLUSH_S = 1.0  # for the error events to reach the clients before the process goes
 
 
@@ -66,15 +67,31 @@ class GroupEngine(AsyncEngine):
             if self._thread.is_alive():  # stuck in a step: the group cannot take a stop message
                 self._lose("the engine thread did not stop (a rank hangs)")
             else:
-                try:
-                    self.channel.stop()
-                    log.info("told the other %d rank(s) to stop", self.channel.group.size() - 1)
-                except Exception as exc:
-                    self._lose(f"the stop message did not reach the other ranks ({exc})")
+                self._stop_others()
         if self.lost is not None:
             # A stop after a fault (mlx.launch sends SIGTERM to the others when a rank dies)
             # still exits non-zero: the group did not end cleanly.
             self._end_and_exit(flush_s=0.2)
+
+    def _stop_others(self) -> None:
+        """The stop message, answered by every other rank within STOP_TIMEOUT_S (a rank that
+        is gone may leave the collective waiting: it runs in a thread of its own)."""
+        answered: list = []
+
+        def send_stop():
+            try:
+                answered.append(self.channel.stop())
+            except Exception as exc:
+                answered.append(exc)
+
+        sender = threading.Thread(target=send_stop, name="omlx-rank-stop", daemon=True)
+        sender.start()
+        sender.join(STOP_TIMEOUT_S)
+        if answered == [True]:
+            log.info("told the other %d rank(s) to stop", self.channel.group.size() - 1)
+        else:
+            why = answered[0] if answered else f"no answer within {STOP_TIMEOUT_S:g}s"
+            self._lose(f"the other ranks did not answer the stop message ({why})")
 
     # ------------------------------------------------------------------ faults
     def _watch_steps(self) -> None:

@@ -32,18 +32,26 @@ class StepChannel:
         assert self.leader, "only rank 0 sends steps"
         self._broadcast(STEP, orjson.dumps(out.to_plain()))
 
-    def stop(self) -> None:
-        """Tell the other ranks there are no more steps."""
+    def stop(self) -> bool:
+        """Tell the other ranks there are no more steps; True when every one of them answered.
+        (A send to a rank that is gone can look delivered: the answer is what shows it was.)"""
         assert self.leader, "only rank 0 stops the others"
         self._broadcast(STOP, b"")
+        return self._acknowledge() == self.group.size() - 1
 
     def receive(self) -> SchedulerOutput | None:
         """The next step from rank 0, or None when it stopped."""
         assert not self.leader, "rank 0 does not receive steps"
         kind, payload = self._broadcast(0, b"")
         if kind == STOP:
+            self._acknowledge()
             return None
         return SchedulerOutput.from_plain(orjson.loads(payload))
+
+    def _acknowledge(self) -> int:
+        """A sum to which each rank above 0 adds one: how many heard the stop."""
+        mine = mx.array([0 if self.leader else 1], dtype=mx.int32)
+        return int(np.array(mx.distributed.all_sum(mine, group=self.group))[0])
 
     def _broadcast(self, kind: int, payload: bytes) -> tuple[int, bytes]:
         header = np.array([kind, len(payload)] if self.leader else [0, 0], dtype=np.int32)
