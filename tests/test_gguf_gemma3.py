@@ -24,6 +24,8 @@ from omlx.gguf.header import read_header
 from omlx.testing.gemma3_gguf import gemma3_gguf
 from omlx.tokenizer_seams import token_bytes
 
+pytestmark = pytest.mark.slow  # every test reads the real Gemma 3 270M GGUF (assembled per module)
+
 MODEL = "google/gemma-3-270m"  # LM Studio's layout: DIR/publisher/model/file.gguf
 # A base model continues text; this is the shape of text whose continuation names Paris.
 # ("The capital of France is" continues " the capital of the country ..." greedily, in the

@@ -348,6 +348,7 @@ SHARED = [int(t) for t in np.random.default_rng(11).integers(5, 500, 50)]
     budget=st.sampled_from([5, 16, 64]),
 )
 @requires_bf16_unit
+@pytest.mark.slow
 def test_packed_model_is_batch_invariant_in_the_engine(packed_tiny, requests, block_size, budget):
     """A request's greedy tokens on the packed bf16 model are the ones it gets alone in the
     engine, whatever else is in flight, when it arrives, how its prompt is chunked and whether
