@@ -2,6 +2,7 @@
 
 Rank 0 owns the scheduler and sampling; every step it sends its `SchedulerOutput`
 (omlx.scheduler.step) to the other ranks, and each rank runs the same pass over its shard of
-the weights (the model's own `shard()`, tensor parallel) and its own paged KV pool.  Not wired
-into `omlx serve` yet: `python -m omlx.distributed.generate` runs requests through it.
+the weights (the model's own `shard()`, tensor parallel) and its own paged KV pool.
+`omlx serve --distributed` (serve.py, group_engine.py) serves a model this way under
+`mlx.launch`; `python -m omlx.distributed.generate` runs scripted requests without HTTP.
 """
