@@ -1,6 +1,6 @@
 """`omlx cluster`: N local `omlx serve` replicas behind an existing cache-aware router.
 
-The router is vLLM's `vllm-router` (PyPI `vllm-router`, `--policy cache_aware`): it keeps an
+The default router is vLLM's `vllm-router` (PyPI `vllm-router`, `--policy cache_aware`): it keeps an
 approximate radix tree of the prompts it has sent to each replica and sends a request to the
 replica whose tree shares the longest prefix with it, so agents that share a system prompt land
 where that prompt's KV already sits in omlx's prefix cache; prompts that match nothing go to the
@@ -8,11 +8,12 @@ replica with the smallest tree, which spreads unrelated traffic. It needs nothin
 beyond what omlx serves (`GET /health` for its health checks, the OpenAI routes it forwards),
 and it retries a request on another replica when one does not answer.
 
-The Shepherd Model Gateway (`smg launch --policy cache_aware`) was measured too and not chosen:
-it registers each worker under the *first* id of its `GET /v1/models` and routes only that model
-(omlx lists every model it can serve, the packaged embedding model first), so chat requests for
-the served model get 404 `model_not_found`; its multi-model mode (`--enable-igw`) registers
-nothing from `--worker-urls` and wants workers added through its admin API.
+`--router smg` runs the Shepherd Model Gateway instead (`smg launch --policy cache_aware`; it has
+macOS wheels, vllm-router has Linux ones only). Given `--worker-urls`, smg registers each worker
+under the *first* id of its `GET /v1/models` and routes only that model; omlx lists every model it
+can serve, the packaged embedding model first, so chat requests would get 404 `model_not_found`.
+The cluster therefore starts smg with no workers (`--enable-igw`) and registers each replica
+through smg's `POST /workers`, naming the model it serves (`--served-model`).
 
 This module only starts, watches and stops processes: replicas on consecutive ports, each with its
 own disk-tier folder (two servers must not share one), the router once every replica answers
@@ -57,6 +58,8 @@ class ClusterPlan:
     kv_root: Path
     policy: str = "cache_aware"
     router_metrics_port: int | None = None
+    router: str = "vllm-router"  # or "smg"
+    served_model: str | None = None  # smg: the model id each replica is registered under
 
     @property
     def replica_ports(self) -> list[int]:
@@ -73,17 +76,23 @@ class ClusterPlan:
         return [sys.executable, "-m", "omlx", "serve", "--host", self.host, "--port", str(port),
                 "--paged-ssd-cache-dir", str(self.kv_root / f"replica-{port}"), *self.serve_args]
 
+    @property
+    def metrics_port(self) -> int:
+        # Both routers' Prometheus exporters bind a fixed port (29000) by default: two clusters
+        # on one machine would collide, so it takes the port after the last replica's.
+        return self.router_metrics_port or self.replica_ports[-1] + 1
+
     def router_command(self) -> list[str]:
-        binary = shutil.which("vllm-router") or str(Path(sys.executable).with_name("vllm-router"))
+        binary = shutil.which(self.router) or str(Path(sys.executable).with_name(self.router))
         if not Path(binary).exists():
-            raise ClusterError("vllm-router is not installed (pip install 'omlx[cluster]' or "
-                               "pip install vllm-router)")
+            raise ClusterError(f"{self.router} is not installed (pip install {self.router})")
+        if self.router == "smg":
+            return [binary, "launch", "--enable-igw", "--host", self.host, "--port", str(self.router_port),
+                    "--policy", self.policy, "--prometheus-port", str(self.metrics_port)]
         return [binary, "--host", self.host, "--port", str(self.router_port),
                 "--worker-urls", *[self.replica_url(p) for p in self.replica_ports],
                 "--policy", self.policy,
-                # Its Prometheus exporter binds a fixed port (29000) by default: two clusters on
-                # one machine would collide, so it takes the port after the last replica's.
-                "--prometheus-port", str(self.router_metrics_port or self.replica_ports[-1] + 1),
+                "--prometheus-port", str(self.metrics_port),
                 "--health-check-endpoint", "/health",
                 "--health-check-interval-secs", str(HEALTH_CHECK_INTERVAL_S),
                 "--worker-startup-timeout-secs", str(int(STARTUP_TIMEOUT_S))]
@@ -95,6 +104,29 @@ def check_serve_args(serve_args: list[str]) -> None:
         if name in RESERVED_SERVE_FLAGS:
             raise ClusterError(f"{name} is set by omlx cluster for each replica; use --router-port, "
                                "--first-replica-port, --cluster-host or --kv-root instead")
+
+
+def first_chat_model(replica_url: str) -> str:
+    """The replica's first model that is not a packaged embedding model: what smg routes when the
+    user names none."""
+    from omlx.embeddings.packaged import PACKAGED_MODELS
+
+    packaged = {model_id for _, _, model_id in PACKAGED_MODELS}
+    with urllib.request.urlopen(replica_url + "/v1/models", timeout=10) as response:
+        ids = [m["id"] for m in json.loads(response.read())["data"]]
+    chat = [i for i in ids if i not in packaged]
+    if not chat:
+        raise ClusterError("the replicas serve no chat model")
+    return chat[0]
+
+
+def registered_workers(router_url: str, model: str) -> int:
+    try:
+        with urllib.request.urlopen(router_url + "/workers", timeout=5) as response:
+            workers = json.loads(response.read())["workers"]
+    except (urllib.error.URLError, OSError, ValueError, KeyError):
+        return 0
+    return sum(1 for w in workers if w.get("model_id") == model and w.get("is_healthy"))
 
 
 def answers(url: str, timeout: float = 2.0) -> bool:
@@ -133,6 +165,27 @@ class Cluster:
             lambda port: self.replicas[port], "replica")
         self.router = self._spawn(plan.router_command(), "router")
         self._wait_for({plan.router_port: plan.router_url + "/health"}, lambda _: self.router, "router")
+        if plan.router == "smg":
+            self._register_with_smg()
+
+    def _register_with_smg(self) -> None:
+        plan = self.plan
+        model = plan.served_model or first_chat_model(plan.replica_url(plan.replica_ports[0]))
+        for port in plan.replica_ports:
+            body = {"url": plan.replica_url(port), "models": [{"id": model}],
+                    "labels": {"served_model_name": model}}
+            request = urllib.request.Request(plan.router_url + "/workers", data=json.dumps(body).encode(),
+                                             method="POST", headers={"Content-Type": "application/json"})
+            try:
+                urllib.request.urlopen(request, timeout=10).close()
+            except (urllib.error.URLError, OSError) as exc:
+                raise ClusterError(f"smg refused replica {port}: {exc}") from None
+        # Registration is queued inside smg: wait until it routes the model to every replica.
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while registered_workers(plan.router_url, model) < plan.replicas:
+            if time.monotonic() > deadline:
+                raise ClusterError(f"smg did not register the replicas for {model}")
+            time.sleep(0.2)
 
     def _wait_for(self, urls: dict[int, str], process_of, what: str) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -161,6 +214,7 @@ class Cluster:
     def describe(self) -> dict:
         return {
             "router": self.plan.router_url + "/v1",
+            "router_kind": self.plan.router,
             "policy": self.plan.policy,
             "replicas": [{"url": self.plan.replica_url(port) + "/v1", "pid": process.pid}
                          for port, process in self.replicas.items()],
@@ -199,7 +253,7 @@ def run_cluster(plan: ClusterPlan, log_dir: Path | None = None) -> int:
             print(f"omlx cluster: {exc}", file=sys.stderr)
             return 1
         print(json.dumps(cluster.describe()), flush=True)
-        print(f"omlx cluster: router listening on {plan.router_url}/v1 "
+        print(f"omlx cluster: {plan.router} listening on {plan.router_url}/v1 "
               f"({plan.policy}) in front of {plan.replicas} replicas on ports "
               f"{plan.replica_ports[0]}-{plan.replica_ports[-1]}", flush=True)
         reported_dead: set[int] = set()
@@ -230,6 +284,11 @@ def add_cluster_parser(commands) -> None:
                          help="replica i listens on this + i (default: router port + 1)")
     cluster.add_argument("--cluster-host", default="127.0.0.1",
                          help="the address the router and the replicas bind (127.0.0.1)")
+    cluster.add_argument("--router", choices=("vllm-router", "smg"), default="vllm-router",
+                         help="which router (vllm-router; smg has macOS wheels)")
+    cluster.add_argument("--served-model", metavar="MODEL",
+                         help="with --router smg: the model smg routes (default: the replicas' first "
+                              "chat model)")
     cluster.add_argument("--policy", default="cache_aware",
                          help="the router's policy (cache_aware; round_robin to measure what it buys)")
     cluster.add_argument("--kv-root", type=Path,
@@ -249,7 +308,8 @@ def run_cluster_command(args, serve_args: list[str]) -> int:
         replicas=args.replicas, router_port=args.router_port,
         first_replica_port=args.first_replica_port or args.router_port + 1,
         host=args.cluster_host, serve_args=serve_args,
-        kv_root=(args.kv_root or omlx_home() / "cluster-kv").expanduser(), policy=args.policy)
+        kv_root=(args.kv_root or omlx_home() / "cluster-kv").expanduser(), policy=args.policy,
+        router=args.router, served_model=args.served_model)
     try:
         return run_cluster(plan, args.log_dir)
     except ClusterError as exc:
