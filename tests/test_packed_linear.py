@@ -393,3 +393,28 @@ async def test_pool_loads_packed_and_counts_the_packed_bytes(tiny_path, tmp_path
         assert resident.model.weights_bytes < 0.75 * file_bytes
     finally:
         await pool.close()
+
+
+async def test_the_draft_model_is_packed_too(tmp_path, matmul_env):
+    """A draft model loads through the same path as the model it drafts for."""
+    from omlx.models.pool import ModelPool
+    from omlx.settings import SettingsStore
+
+    assert matmul_env("bf16").bf16
+    for name, seed in (("main", 0), ("draft", 1)):
+        build_model(tmp_path / "models" / name, TinyModelSpec(seed=seed))
+    (tmp_path / "home").mkdir()
+    config = EngineConfig(block_size=16, num_blocks=32, max_num_batched_tokens=64, speculative=True,
+                          draft_model="draft")
+    pool = ModelPool([tmp_path / "models"], config, memory_budget=1 << 30, settings=SettingsStore(tmp_path / "home"))
+    try:
+        async with pool.lease("main"):
+            pass
+        engine = pool.resident("main").model.engine.engine
+        drafter = engine.scheduler.speculator.drafter
+        assert drafter is not None, "the draft model was not used"
+        draft = drafter.runner.model
+        assert any(isinstance(m, PackedLinear) for _, m in draft.named_modules())
+        assert not any(type(m) is nn.Linear for _, m in draft.named_modules())
+    finally:
+        await pool.close()
