@@ -75,6 +75,7 @@ CHILD = (
 
 
 @pytest.mark.slow
+@pytest.mark.slow  # two forward passes of the real model over 3,072 tokens in a child process
 def test_top1_agrees_with_float32_and_weights_halve(smol_folder):
     code = CHILD.format(tests=str(Path(__file__).parent), folder=str(smol_folder))
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "OMLX_BLAS_REEXEC")}
