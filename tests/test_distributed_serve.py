@@ -94,6 +94,7 @@ class Group:
 @pytest.fixture
 def model_dir(tmp_path):
     build_model(tmp_path / "models" / "tiny-llama", TinyModelSpec(model_type="llama", seed=3))
+    build_model(tmp_path / "models" / "other-llama", TinyModelSpec(model_type="llama", seed=4))
     return tmp_path / "models"
 
 
@@ -101,7 +102,7 @@ def model_dir(tmp_path):
 def group(tmp_path, model_dir, request):
     # A rank killed inside a collective leaves the others waiting in it (the ring backend
     # raises only for a peer lost between collectives): the step timeout is what notices.
-    g = Group(tmp_path, model_dir, *getattr(request, "param", ()))
+    g = Group(tmp_path, model_dir, "--preload", "tiny-llama", *getattr(request, "param", ()))
     try:
         g.wait_up()
         yield g
@@ -137,6 +138,9 @@ def test_two_ranks_serve_mlx_lms_tokens_and_stop_cleanly(group, model_dir):
         assert (text, count) == (tokenizer.decode(expected), len(expected)), messages
     health = urllib.request.urlopen(f"http://127.0.0.1:{group.port}/health", timeout=10).read()
     assert b"tiny-llama" in health
+    # The group runs its one model: another one in the model dirs is a 400, not a load on rank 0 alone.
+    with pytest.raises(openai.BadRequestError, match="loads no other model"):
+        client.chat.completions.create(model="other-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
 
     ranks = group.rank_pids()
     assert set(ranks) == {0, 1}, ranks
