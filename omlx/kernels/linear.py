@@ -101,7 +101,7 @@ def kernel():
     from . import build
 
     if build.built_module(MODULE) is None:
-        raise RuntimeError(f"the bf16 kernel is not built (run: python -m omlx.kernels.build)")
+        raise RuntimeError("the bf16 kernel is not built (run: python -m omlx.kernels.build)")
     if not build.is_current(MODULE):
         raise RuntimeError("the bf16 kernel was built for another MLX version or source (run: python -m omlx.kernels.build)")
     # Idle OpenMP threads sleep rather than spin (see omlx/kernels/backend.py).
