@@ -208,3 +208,13 @@ def test_a_model_without_shard_is_refused_at_load(tmp_path):
     # before they print their reason: one reason and one exit 2 are what is sure to be seen.
     assert "omlx serve --distributed (rank " in log and "has no shard()" in log, log[-3000:]
     assert "exited with code 2" in log, log[-3000:]
+
+
+def test_serve_help_shows_the_launch_commands():
+    from omlx.cli import build_parser
+
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    text = serve.format_help()
+    assert "--distributed" in text and "--distributed-step-timeout" in text
+    assert "mlx.launch --backend ring -n 2 --python .venv/bin/python --" in text  # one machine
+    assert "--hostfile hosts.json" in text and "passwordless SSH" in text  # two hosts
