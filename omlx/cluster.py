@@ -1,19 +1,21 @@
 """`omlx cluster`: N local `omlx serve` replicas behind an existing cache-aware router.
 
-The default router is vLLM's `vllm-router` (PyPI `vllm-router`, `--policy cache_aware`): it keeps an
-approximate radix tree of the prompts it has sent to each replica and sends a request to the
-replica whose tree shares the longest prefix with it, so agents that share a system prompt land
-where that prompt's KV already sits in omlx's prefix cache; prompts that match nothing go to the
-replica with the smallest tree, which spreads unrelated traffic. It needs nothing from a worker
-beyond what omlx serves (`GET /health` for its health checks, the OpenAI routes it forwards),
-and it retries a request on another replica when one does not answer.
+The default router is the Shepherd Model Gateway (PyPI `smg`, `smg launch --policy cache_aware`):
+it keeps an approximate radix tree of the prompts it has sent to each replica and sends a request
+to the replica whose tree shares the longest prefix with it, so agents that share a system prompt
+land where that prompt's KV already sits in omlx's prefix cache, and it retries a request on
+another replica when one does not answer. `--router vllm-router` runs vLLM's router instead
+(Linux wheels only). Picked by measurement (bench/cluster_routing_bench.py, README "Several
+replicas"): taking turns, both send every agent of a system prompt to one replica; with eight
+requests in flight, vllm-router's cache_aware spreads them by load and recomputes as much as
+round robin, while smg still follows the prefix.
 
-`--router smg` runs the Shepherd Model Gateway instead (`smg launch --policy cache_aware`; it has
-macOS wheels, vllm-router has Linux ones only). Given `--worker-urls`, smg registers each worker
-under the *first* id of its `GET /v1/models` and routes only that model; omlx lists every model it
-can serve, the packaged embedding model first, so chat requests would get 404 `model_not_found`.
-The cluster therefore starts smg with no workers (`--enable-igw`) and registers each replica
-through smg's `POST /workers`, naming the model it serves (`--served-model`).
+What smg needs from a worker that omlx does not give the way smg expects: given `--worker-urls`,
+smg registers each worker under the *first* id of its `GET /v1/models` and routes only that
+model, and omlx lists every model it serves (the packaged embedding model first). So the cluster
+starts smg with no workers (`--enable-igw`) and registers each replica through smg's
+`POST /workers`, naming the model it serves (`--served-model`, default the first chat model).
+Health (`GET /health`) and the OpenAI routes it forwards are omlx's own.
 
 This module only starts, watches and stops processes: replicas on consecutive ports, each with its
 own disk-tier folder (two servers must not share one), the router once every replica answers
@@ -58,7 +60,7 @@ class ClusterPlan:
     kv_root: Path
     policy: str = "cache_aware"
     router_metrics_port: int | None = None
-    router: str = "vllm-router"  # or "smg"
+    router: str = "smg"  # or "vllm-router"
     served_model: str | None = None  # smg: the model id each replica is registered under
 
     @property
@@ -85,7 +87,8 @@ class ClusterPlan:
     def router_command(self) -> list[str]:
         binary = shutil.which(self.router) or str(Path(sys.executable).with_name(self.router))
         if not Path(binary).exists():
-            raise ClusterError(f"{self.router} is not installed (pip install {self.router})")
+            raise ClusterError(f"{self.router} is not installed (pip install 'omlx[cluster]' or "
+                               f"pip install {self.router})")
         if self.router == "smg":
             return [binary, "launch", "--enable-igw", "--host", self.host, "--port", str(self.router_port),
                     "--policy", self.policy, "--prometheus-port", str(self.metrics_port)]
@@ -276,7 +279,7 @@ def run_cluster(plan: ClusterPlan, log_dir: Path | None = None) -> int:
 
 def add_cluster_parser(commands) -> None:
     cluster = commands.add_parser(
-        "cluster", help="start N omlx replicas behind a cache-aware router (vllm-router); "
+        "cluster", help="start N omlx replicas behind a cache-aware router (smg); "
                         "arguments it does not know go to every `omlx serve`")
     cluster.add_argument("--replicas", type=int, default=2, help="how many replicas (2)")
     cluster.add_argument("--router-port", type=int, default=8000, help="where the router listens (8000)")
@@ -284,8 +287,9 @@ def add_cluster_parser(commands) -> None:
                          help="replica i listens on this + i (default: router port + 1)")
     cluster.add_argument("--cluster-host", default="127.0.0.1",
                          help="the address the router and the replicas bind (127.0.0.1)")
-    cluster.add_argument("--router", choices=("vllm-router", "smg"), default="vllm-router",
-                         help="which router (vllm-router; smg has macOS wheels)")
+    cluster.add_argument("--router", choices=("smg", "vllm-router"), default="smg",
+                         help="which router: smg (the Shepherd Model Gateway) or vllm-router "
+                              "(Linux only; spreads concurrent requests by load, see README)")
     cluster.add_argument("--served-model", metavar="MODEL",
                          help="with --router smg: the model smg routes (default: the replicas' first "
                               "chat model)")

