@@ -24,7 +24,6 @@ import pytest
 from omlx.cluster import HEALTH_CHECK_INTERVAL_S
 from omlx.testing.tiny_models import TinyModelSpec, build_endless_model
 
-pytestmark = pytest.mark.slow
 
 # One model (smg routes one model per cluster), which never stops by itself: every answer runs to
 # max_tokens, so the kill test's streams are surely in flight when a replica dies.
@@ -94,7 +93,7 @@ class RunningCluster:
                          for p in sorted(self.log_dir.glob("*.log")))
 
 
-@pytest.fixture(scope="module", params=["vllm-router", "smg"])
+@pytest.fixture(scope="module", params=["smg", "vllm-router"])
 def cluster(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster")
     build_endless_model(root / "models" / MODEL, TinyModelSpec())
@@ -142,6 +141,7 @@ def _delta(after: list[dict], before: list[dict], key: str) -> list[float]:
     return [a[key] - b[key] for a, b in zip(after, before)]
 
 
+@pytest.mark.slow
 def test_distinct_prompts_spread_over_both_replicas(cluster):
     # Eight unrelated agents at once. What vllm-router does with a prompt that matches no
     # replica's past prompts is pick by load (requests in flight), so unrelated traffic that
@@ -159,6 +159,7 @@ def test_distinct_prompts_spread_over_both_replicas(cluster):
     assert sum(served) == 8 and min(served) >= 1, (served, cluster.logs())
 
 
+@pytest.mark.slow
 def test_agents_sharing_a_system_prompt_land_on_one_replica(cluster):
     client = cluster.client()
     before = cluster.counters()
@@ -184,6 +185,7 @@ def test_agents_sharing_a_system_prompt_land_on_one_replica(cluster):
     assert hits[1 - home] == 0, hits
 
 
+@pytest.mark.slow
 def test_killed_replica_costs_only_its_in_flight_requests(cluster):
     client = cluster.client()
     started = [threading.Event() for _ in range(6)]
@@ -226,3 +228,21 @@ def test_killed_replica_costs_only_its_in_flight_requests(cluster):
     for i in range(4):
         assert _ask(client, None, f"after the crash {i}")
     assert _counters(cluster.replicas[0])["served"] - before[0]["served"] == survivor_served + 4
+
+
+def _cluster_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMLX_")}
+    return subprocess.run([sys.executable, "-m", "omlx", "cluster", *args], capture_output=True,
+                          text=True, timeout=60, env=env)
+
+
+def test_flags_the_cluster_sets_per_replica_are_refused():
+    result = _cluster_cli("--replicas", "2", "--port", "9000")
+    assert result.returncode == 1
+    assert "--port is set by omlx cluster for each replica" in result.stderr
+
+
+def test_replicas_must_be_at_least_one():
+    result = _cluster_cli("--replicas", "0")
+    assert result.returncode == 2
+    assert "--replicas must be at least 1" in result.stderr
