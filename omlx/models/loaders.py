@@ -19,17 +19,15 @@ import logging
 import time
 from collections.abc import Callable
 
-from omlx.kernels.linear import matmul_path
 from omlx.scheduler import AsyncEngine, EngineConfig, LLMEngine, default_kv_cache_bytes
 from omlx.scheduler.fallback_engine import FallbackEngine
 from omlx.scheduler.layer_kinds import UnsupportedLayout
 from omlx.settings import SettingsStore
 from omlx.settings_typed import ModelSettings
 
-from . import packed_weights
+from . import weight_form
 from .catalog import GENERATIVE_TYPES, ModelUnavailable
 from .content_hash import folder_fingerprint
-from .cpu_weights import should_dequantize, to_float32
 from .discovery import DiscoveredModel
 from .facts import context_window_of, parameter_bytes
 from .loaded import LoadedModel
@@ -150,19 +148,14 @@ class Loaders:
             adapter_path=adapter,
         )
         window = context_window_of(info.config)
-        dequantized = should_dequantize(settings.dequantize, model, self.memory_budget)
-        packed = packed_weights.prepare(model, settings.dequantize, dequantized)
-        if packed:
-            log.info("%s runs with bf16 weights packed for this CPU (%s)", info.model_id, matmul_path().isa)
-        elif dequantized:
-            to_float32(model)
-            log.info("%s runs dequantized in float32 (faster on this CPU; model setting "
-                     "'dequantize': false keeps the stored weights)", info.model_id)
+        form = weight_form.apply(model, settings.dequantize, self.memory_budget)
+        if form != weight_form.STORED:
+            log.info("%s runs with %s", info.model_id, weight_form.describe(form))
         # The model's identity for the prefix cache and its disk tier is what it computes,
         # not where it lives: its files' content (weights, config, tokenizer, adapter) and
         # the form its weights run in.  A moved or renamed model keeps its cached blocks; one
         # overwritten in place never reads blocks computed for the old weights.
-        scope = b"content:" + folder_fingerprint(folder, adapter) + (b":bf16-packed" if packed else b":float32" if dequantized else b"")
+        scope = b"content:" + folder_fingerprint(folder, adapter) + (b"" if form == weight_form.STORED else b":" + form.encode())
         loaded = self._serve(info, model, tokenizer, scope, window, settings)
         log.info("loaded %s in %.1fs (context %d)", info.model_id, time.monotonic() - started, window)
         return loaded
@@ -241,8 +234,8 @@ class Loaders:
 
                 folder = converted_folder(draft_info.path)
             draft, draft_tokenizer = load(str(folder))
-            # The draft's weights take the same form as a served model's (packed bf16 here).
-            packed_weights.prepare(draft, None, should_dequantize(None, draft, self.memory_budget))
+            # The draft's weights take the same form as a served model's would.
+            weight_form.apply(draft, None, self.memory_budget)
             if draft_tokenizer.vocab_size != tokenizer.vocab_size or (
                     draft_tokenizer.encode("speculative check: 12345 tokens") != tokenizer.encode("speculative check: 12345 tokens")):
                 raise ValueError("its tokenizer differs from the model's")

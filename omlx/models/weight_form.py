@@ -1,0 +1,87 @@
+"""The form a loaded model's weights run in on this machine, chosen once at load.
+
+Four forms, one per model (never mixed by batch size: a row's numbers would then depend on
+how many other rows share its step, and batching must not change a request's tokens):
+
+  bf16-packed      linear layers packed bf16 for the CPU's bf16 dot-product unit
+                   (omlx/kernels/linear.py); half the bytes of float32
+  quantized-kernel 4- / 8-bit layers read as stored by omlx's VNNI / AVX2 kernel
+                   (omlx/kernels/quant_linear.py); a quarter of bf16's bytes
+  float32          dequantized / widened, MLX's matmul through OpenBLAS (the old CPU path)
+  stored           as loaded (MLX's own kernels: Metal, CUDA, or a setting that asks for it)
+
+The per-model `dequantize` setting decides with the CPU:
+  - unset (auto): what bench/weight_form_bench.py measured fastest for serving here.  On
+    SmolLM2 Q4_1 (AMD EPYC, AVX512-BF16 + VNNI) packed bf16 won the 32-row decode step
+    (1.51x float32, the quantized kernel 1.16x) and prefill, the quantized kernel won one
+    stream (3.3x against bf16's 2.8x); the server's workload is many streams, so a CPU with
+    a bf16 unit runs quantized models packed bf16, and a CPU without one runs them through
+    the quantized kernel (faster than float32 at every decode size measured).
+  - true: dequantized (packed bf16 where the CPU has the unit, else float32).
+  - false: the weights as stored, read by the quantized kernel where it runs here (MLX's
+    own CPU quantized matmul is 8-20x slower), else by MLX.
+`OMLX_MATMUL=float32` keeps the old float32 path for every model (the token-exact tests pin
+it); `OMLX_QUANT_MATMUL=off` turns the quantized kernel off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import mlx.nn as nn
+
+from omlx.kernels import linear as linear_kernel
+from omlx.kernels import quant_linear
+
+from . import packed_weights
+from .cpu_weights import should_dequantize, to_float32
+
+log = logging.getLogger("omlx.pool")
+
+BF16_PACKED = "bf16-packed"
+QUANTIZED_KERNEL = "quantized-kernel"
+FLOAT32 = "float32"
+STORED = "stored"
+
+
+def apply(model: nn.Module, setting: bool | None, memory_budget: int) -> str:
+    """Put the model's weights in the form they run in here, in place; returns the form."""
+    dequantize = should_dequantize(setting, model, memory_budget)
+    if packed_weights.prepare(model, setting, dequantize):
+        return BF16_PACKED
+    if setting is not True and _quantized(model) and _quantized_kernel_allowed():
+        if quant_linear.swap_quantized_linears(model, widen_rest=True) > 0:
+            return QUANTIZED_KERNEL
+    if dequantize:
+        to_float32(model)
+        return FLOAT32
+    return STORED
+
+
+def runs_exactly(model: nn.Module) -> bool:
+    """Whether the model's linear layers compute in float32 from float32 operands, so a
+    ragged pass matches mlx-lm's to float32 rounding (the load-time self-check's bar)."""
+    reduced = (linear_kernel.PackedLinear, linear_kernel.PackedEmbedding,
+               quant_linear.QuantLinear, quant_linear.QuantEmbedding)
+    return not any(isinstance(m, reduced) for _, m in model.named_modules())
+
+
+def describe(form: str) -> str:
+    return {
+        BF16_PACKED: f"bf16 weights packed for this CPU ({linear_kernel.matmul_path().isa})",
+        QUANTIZED_KERNEL: f"quantized weights read as stored ({quant_linear.availability().isa})",
+        FLOAT32: "dequantized in float32 (model setting 'dequantize': false keeps the stored weights)",
+        STORED: "weights as stored",
+    }[form]
+
+
+def _quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+
+
+def _quantized_kernel_allowed() -> bool:
+    # OMLX_MATMUL=float32 asks for the old path for every model: the quantized kernel's
+    # activations are rounded to ~15 bits, so it is not float32-exact either.
+    return os.environ.get(linear_kernel.ENV, "auto").strip().lower() != "float32" \
+        and quant_linear.availability().ok
