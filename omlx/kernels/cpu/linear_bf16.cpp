@@ -31,14 +31,6 @@
 #include <string>
 #include <vector>
 
-#include <nanobind/nanobind.h>
-#include <nanobind/stl/optional.h>
-#include <nanobind/stl/string.h>
-#include <nanobind/stl/variant.h>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
 #define OMLX_DPBF16 1
@@ -46,14 +38,7 @@
 #define OMLX_DPBF16 0
 #endif
 
-#include "mlx/allocator.h"
-#include "mlx/backend/cpu/encoder.h"
-#include "mlx/mlx.h"
-#include "mlx/primitives.h"
-
-namespace nb = nanobind;
-using namespace nb::literals;
-namespace mx = mlx::core;
+#include "common.h"
 
 namespace {
 
@@ -213,10 +198,7 @@ class PackedLinear : public mx::Primitive {
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& out = outputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : inputs) enc.set_input_array(a);
-    enc.set_output_array(out);
+    auto& enc = omlx_cpu::begin_cpu_eval(stream(), inputs, out);
     const auto& x = inputs[0];
     const auto& w = inputs[1];
     Problem p{};
@@ -286,10 +268,8 @@ mx::array linear(const mx::array& x, const mx::array& packed, const std::optiona
   const auto stream = mx::to_stream(s, mx::Device::cpu);
   // Only what is needed joins the graph: the weights are evaluated, contiguous parameters
   // (checked here, copied only if not), and x is float32 in a float32 model.
-  auto ready = [&](const mx::array& a) {
-    return a.is_available() && a.flags().row_contiguous ? a : mx::contiguous(a, false, stream);
-  };
-  std::vector<mx::array> inputs = {x.dtype() == mx::float32 ? x : mx::astype(x, mx::float32, stream), ready(packed)};
+  std::vector<mx::array> inputs = {x.dtype() == mx::float32 ? x : mx::astype(x, mx::float32, stream),
+                                   omlx_cpu::as_rows(packed, stream)};
   if (bias) inputs.push_back(bias->dtype() == mx::float32 ? *bias : mx::astype(*bias, mx::float32, stream));
   mx::Shape shape = x.shape();
   shape.back() = out_features;
@@ -305,11 +285,5 @@ NB_MODULE(_linear_cpu, m) {
         "in_features"_a = -1, "stream"_a = nb::none(), "y = x @ W.T (+ bias) with W packed bf16 (see omlx/kernels/linear.py).");
   m.attr("PANEL") = PANEL;
   m.def("isa", []() { return std::string(OMLX_DPBF16 ? "avx512_bf16" : "portable"); });
-  m.def("num_threads", []() {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-  });
+  m.def("num_threads", &omlx_cpu::openmp_threads);
 }

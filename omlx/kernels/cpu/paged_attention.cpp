@@ -39,25 +39,11 @@
 #include <optional>
 #include <vector>
 
-#include <nanobind/nanobind.h>
-#include <nanobind/stl/optional.h>
-#include <nanobind/stl/string.h>
-#include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
-#include "mlx/allocator.h"
-#include "mlx/backend/cpu/encoder.h"
-#include "mlx/mlx.h"
-#include "mlx/primitives.h"
 #include "mlx/types/half_types.h"
 
-namespace nb = nanobind;
-using namespace nb::literals;
-namespace mx = mlx::core;
+#include "common.h"
 
 namespace {
 
@@ -616,10 +602,7 @@ class PagedAttention : public mx::Primitive {
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     // inputs: q, tables, seqs, groups, k parts (1 or 3), v parts (1 or 3), [sinks]
     auto& out = outputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : inputs) enc.set_input_array(a);
-    enc.set_output_array(out);
+    auto& enc = omlx_cpu::begin_cpu_eval(stream(), inputs, out);
 
     const auto& q = inputs[0];
     Step st{};
@@ -749,11 +732,5 @@ NB_MODULE(_paged_attention_cpu, m) {
         nb::kw_only(), "kv_heads"_a, "block_size"_a, "scale"_a, "bits"_a = 0, "group_size"_a = 64,
         "window"_a = 0, "chunk"_a = 0, "sinks"_a = nb::none(), "stream"_a = nb::none(),
         "Attention of ragged query tokens over a paged KV pool (see omlx/kernels/paged_attention.py).");
-  m.def("num_threads", []() {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-  });
+  m.def("num_threads", &omlx_cpu::openmp_threads);
 }

@@ -46,24 +46,9 @@
 
 #include <immintrin.h>
 
-#include <nanobind/nanobind.h>
-#include <nanobind/stl/optional.h>
-#include <nanobind/stl/string.h>
-#include <nanobind/stl/variant.h>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
-#include "mlx/allocator.h"
-#include "mlx/backend/cpu/encoder.h"
-#include "mlx/mlx.h"
-#include "mlx/primitives.h"
 #include "mlx/types/half_types.h"
 
-namespace nb = nanobind;
-using namespace nb::literals;
-namespace mx = mlx::core;
+#include "common.h"
 
 namespace {
 
@@ -71,44 +56,28 @@ constexpr int TILE = 16;  // output rows per tile: one zmm of int32 / float32 la
 constexpr int ROWS = 4;  // rows of x per register block
 constexpr int ROW_CHUNK = 64;  // rows whose quantized x stays in cache while all tiles pass
 
-#define OMLX_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
+// __builtin_cpu_supports takes only a literal name, and only on x86.
+#if defined(__x86_64__) || defined(__i386__)
+#define OMLX_CPU_SUPPORTS(feature) __builtin_cpu_supports(feature)
+#else
+#define OMLX_CPU_SUPPORTS(feature) false
+#endif
 
 bool cpu_has_vnni() {
 #if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512vnni");
-#else
-  return false;
+  __builtin_cpu_init();  // static initialisers may run before the runtime's own
 #endif
+  return OMLX_CPU_SUPPORTS("avx512f") && OMLX_CPU_SUPPORTS("avx512bw") && OMLX_CPU_SUPPORTS("avx512vl") &&
+         OMLX_CPU_SUPPORTS("avx512dq") && OMLX_CPU_SUPPORTS("avx512vnni");
 }
 
 const bool kHasVnni = cpu_has_vnni();
+const bool kHasBf16 = kHasVnni && OMLX_CPU_SUPPORTS("avx512bf16");
+const bool kHasAvx2 = OMLX_CPU_SUPPORTS("avx2") && OMLX_CPU_SUPPORTS("fma") && OMLX_CPU_SUPPORTS("f16c");
 
+#define OMLX_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
 #define OMLX_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,f16c,fma")))
-
-bool cpu_has_bf16() {
-#if defined(__x86_64__) || defined(__i386__)
-  return kHasVnni && __builtin_cpu_supports("avx512bf16");
-#else
-  return false;
-#endif
-}
-
-const bool kHasBf16 = cpu_has_bf16();
-
 #define OMLX_AVX2 __attribute__((target("avx2,fma,f16c")))
-
-bool cpu_has_avx2() {
-#if defined(__x86_64__) || defined(__i386__)
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#else
-  return false;
-#endif
-}
-
-const bool kHasAvx2 = cpu_has_avx2();
 
 enum class Isa { Auto, Vnni, Avx2, Portable };
 
@@ -674,10 +643,7 @@ class QuantLinear : public mx::Primitive {
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     // inputs: x (M, K) float32, packed (bytes,) uint8, scales, biases (tiles*groups*16,), [bias (N,)]
     auto& out = outputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : inputs) enc.set_input_array(a);
-    enc.set_output_array(out);
+    auto& enc = omlx_cpu::begin_cpu_eval(stream(), inputs, out);
     const auto& x = inputs[0];
     for (size_t i = 1; i < inputs.size(); ++i)
       if (!inputs[i].flags().row_contiguous)
@@ -727,13 +693,6 @@ class QuantLinear : public mx::Primitive {
   Isa isa_;
 };
 
-// A contiguous operand as it is; anything else (a lazy or strided one) through mx::contiguous.
-// Parameters are evaluated and contiguous, so a layer call adds no node for them.
-mx::array as_rows(const mx::array& a, const mx::Stream& stream) {
-  if (a.is_available() && a.flags().row_contiguous) return a;
-  return mx::contiguous(a, false, stream);
-}
-
 // x (..., K) any float dtype; packed / scales / biases as made by quant_linear.py's repack.
 mx::array quant_linear(const mx::array& x, const mx::array& packed, const mx::array& scales,
                        const mx::array& biases, const std::optional<mx::array>& bias, int n, int bits,
@@ -766,11 +725,11 @@ mx::array quant_linear(const mx::array& x, const mx::array& packed, const mx::ar
   // x may stay strided (the task gathers it); the others must be contiguous.
   std::vector<mx::array> inputs = {
       x.dtype() == mx::float32 ? x : mx::astype(x, mx::float32, stream),
-      as_rows(packed, stream),
-      as_rows(scales, stream),
-      as_rows(biases, stream),
+      omlx_cpu::as_rows(packed, stream),
+      omlx_cpu::as_rows(scales, stream),
+      omlx_cpu::as_rows(biases, stream),
   };
-  if (bias) inputs.push_back(as_rows(bias->dtype() == mx::float32 ? *bias : mx::astype(*bias, mx::float32, stream), stream));
+  if (bias) inputs.push_back(omlx_cpu::as_rows(bias->dtype() == mx::float32 ? *bias : mx::astype(*bias, mx::float32, stream), stream));
   mx::Shape shape = x.shape();
   shape.back() = n;
   return mx::array(shape, mx::float32,
@@ -795,11 +754,5 @@ NB_MODULE(_quant_linear_cpu, m) {
         "Rows x N x K below which a call runs on one thread.");
   m.def("set_min_thread_work", [](int64_t work) { kMinThreadWork.store(work); }, "work"_a,
         "Set that threshold (the bench measures it; OMLX_QUANT_THREAD_WORK sets it at load).");
-  m.def("num_threads", []() {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-  });
+  m.def("num_threads", &omlx_cpu::openmp_threads);
 }
