@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
+from .model_folder import write_chatml_tokenizer, write_weights
 from .tiny_models import CONTROL_TOKENS, SPECIAL_TOKENS, build_tokenizer
 
 # Gemma 4's multimodal markup: a part's placeholder, and the begin / end tokens the processor
@@ -89,10 +89,7 @@ def build_audio_model(path: str | Path, spec: TinyAudioSpec | None = None) -> Pa
     config = _config(spec, tokenizer, vocab)
     model = _random_model(spec, config)
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.astype(mx.float32) for k, v in tree_flatten(model.parameters())}
-    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
-    (path / "config.json").write_text(json.dumps(config, indent=2))
+    write_weights(path, model, config)
     _write_tokenizer(path, spec, tokenizer, media)
     (path / "processor_config.json").write_text(json.dumps({
         "processor_class": "Gemma4Processor",
@@ -186,31 +183,8 @@ def _random_model(spec: TinyAudioSpec, config: dict):
 
 
 def _write_tokenizer(path: Path, spec: TinyAudioSpec, tokenizer, media: list[str]) -> None:
-    tokenizer.save(str(path / "tokenizer.json"))
-    special = set(CONTROL_TOKENS) | set(media)
-    markup = SPECIAL_TOKENS + media
-    tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": None,
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": None,
-        "model_max_length": spec.max_position_embeddings,
-        "chat_template": chat_template(),
-        # transformers gives the tokenizer these as attributes (`audio_token`,
-        # `audio_token_id`...), which Gemma 4's processor reads its markup from.
-        "extra_special_tokens": dict(MEDIA_TOKENS),
-        "added_tokens_decoder": {
-            str(tokenizer.token_to_id(t)): {
-                "content": t, "special": t in special, "lstrip": False, "rstrip": False,
-                "normalized": False, "single_word": False,
-            }
-            for t in markup
-        },
-    }
-    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
-    (path / "special_tokens_map.json").write_text(
-        json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
-    (path / "chat_template.json").write_text(json.dumps({"chat_template": chat_template()}))
-    eos = tokenizer.token_to_id("<|im_end|>")
-    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos]}))
+    # transformers gives the tokenizer the `extra_special_tokens` as attributes (`audio_token`,
+    # `audio_token_id`...), which Gemma 4's processor reads its markup from.
+    write_chatml_tokenizer(path, tokenizer, max_length=spec.max_position_embeddings, chat_template=chat_template(),
+                           markup=SPECIAL_TOKENS + media, special=set(CONTROL_TOKENS) | set(media),
+                           extra={"extra_special_tokens": dict(MEDIA_TOKENS)})

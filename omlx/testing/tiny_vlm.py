@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
+from .model_folder import write_chatml_tokenizer, write_weights
 from .tiny_models import CONTROL_TOKENS, SPECIAL_TOKENS, build_tokenizer
 
 # Where an image part goes in the prompt, per family; the processor expands it to one
@@ -94,10 +94,7 @@ def build_vlm(path: str | Path, spec: TinyVLMSpec | None = None) -> Path:
     if spec.printable_only:
         _printable_only(model, tokenizer)
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.astype(mx.float32) for k, v in tree_flatten(model.parameters())}
-    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
-    (path / "config.json").write_text(json.dumps(config, indent=2))
+    write_weights(path, model, config)
     _write_tokenizer(path, spec, tokenizer, family_tokens)
     (path / "preprocessor_config.json").write_text(json.dumps(_preprocessor(spec), indent=2))
     if spec.family == "llava":
@@ -210,34 +207,10 @@ def _printable_only(model, tokenizer) -> None:
 
 
 def _write_tokenizer(path: Path, spec: TinyVLMSpec, tokenizer, family_tokens: list[str]) -> None:
-    tokenizer.save(str(path / "tokenizer.json"))
-    special = set(CONTROL_TOKENS) | set(family_tokens)
-    markup = SPECIAL_TOKENS + family_tokens
-    tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": None,
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": None,
-        "model_max_length": spec.max_position_embeddings,
-        "chat_template": chat_template(spec.family),
-        "added_tokens_decoder": {
-            str(tokenizer.token_to_id(t)): {
-                "content": t, "special": t in special, "lstrip": False, "rstrip": False,
-                "normalized": False, "single_word": False,
-            }
-            for t in markup
-        },
-    }
-    if spec.family == "llava":
-        tokenizer_config["image_token"] = "<image>"
-    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
-    (path / "special_tokens_map.json").write_text(
-        json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
-    )
-    (path / "chat_template.json").write_text(json.dumps({"chat_template": chat_template(spec.family)}))
-    eos = tokenizer.token_to_id("<|im_end|>")
-    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos]}))
+    write_chatml_tokenizer(path, tokenizer, max_length=spec.max_position_embeddings,
+                           chat_template=chat_template(spec.family), markup=SPECIAL_TOKENS + family_tokens,
+                           special=set(CONTROL_TOKENS) | set(family_tokens),
+                           extra={"image_token": "<image>"} if spec.family == "llava" else None)
 
 
 def _preprocessor(spec: TinyVLMSpec) -> dict:
