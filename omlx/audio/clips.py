@@ -12,14 +12,14 @@ API layer answers as a 4xx in the route family's shape.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hashlib
 import io
 import shutil
 from dataclasses import dataclass
 
 import numpy as np
+
+from omlx.media_payload import MediaError, MediaKind, decode_base64, fetch_media, split_data_url
 
 SAMPLE_RATE = 16_000
 # What miniaudio decodes in-process; the rest need an ffmpeg binary on PATH.
@@ -66,13 +66,12 @@ class DecodedAudio:
         return len(self.samples) / SAMPLE_RATE
 
 
-class AudioError(ValueError):
-    def __init__(self, message: str, param: str, code: str = "invalid_audio", status: int = 400):
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.code = code
-        self.status = status
+class AudioError(MediaError):
+    default_code = "invalid_audio"
+
+
+AUDIO = MediaKind(error=AudioError, item="the audio clip", data="the audio data", noun="clip",
+                  data_url_example="data:audio/wav;base64,...", too_large_code="audio_too_large", fetch_what="audio")
 
 
 async def load_clips(sources: list[AudioSource], limits: AudioLimits = AudioLimits()) -> list[DecodedAudio]:
@@ -97,19 +96,16 @@ async def clip_bytes(source: AudioSource, limits: AudioLimits) -> bytes:
         raise AudioError("the audio source is empty", source.param)
     _check_declared(source.format, source.param)
     if source.base64:
-        return _b64(url, source.param, limits)
+        return decode_base64(url, source.param, limits.max_bytes, AUDIO)
     if url.startswith("data:"):
-        header, sep, payload = url.partition(",")
-        if not sep or ";base64" not in header:
-            raise AudioError("a data: URL clip must be base64-encoded (data:audio/wav;base64,...)", source.param)
-        media = header[5:].split(";")[0].lower()
+        media, payload = split_data_url(url, source.param, AUDIO)
         if media and media not in MEDIA_TYPES and media != "application/octet-stream":
             raise AudioError(f"unsupported audio media type {media!r}", source.param, "unsupported_audio_format")
         if media in MEDIA_TYPES:
             _check_declared(MEDIA_TYPES[media], source.param)
-        return _b64(payload, source.param, limits)
+        return decode_base64(payload, source.param, limits.max_bytes, AUDIO)
     if url.startswith(("http://", "https://", "file:")):
-        return await _fetch(url, source.param, limits)
+        return await fetch_media(url, source.param, limits.max_bytes, limits.fetch_timeout_s, AUDIO)
     raise AudioError("an audio URL must be a data: URL or an http(s) URL", source.param)
 
 
@@ -119,27 +115,6 @@ def _check_declared(fmt: str | None, param: str) -> None:
     if not isinstance(fmt, str) or fmt.lower() not in supported_formats():
         raise AudioError(f"unsupported audio format {fmt!r}; this server decodes {', '.join(supported_formats())}",
                          param, "unsupported_audio_format")
-
-
-def _b64(payload: str, param: str, limits: AudioLimits) -> bytes:
-    if len(payload) > limits.max_bytes * 4 // 3 + 4:
-        raise AudioError(f"the audio clip is larger than the {limits.max_bytes} byte limit", param,
-                         "audio_too_large", 413)
-    try:
-        return base64.b64decode(payload.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise AudioError("the audio data is not valid base64", param) from None
-
-
-async def _fetch(url: str, param: str, limits: AudioLimits) -> bytes:
-    """The fetch images use (omlx.media_fetch: the server's media URL policy on every hop,
-    redirects, the size cap and the timeout), with audio's error codes."""
-    from omlx.media_fetch import MediaFetchError, fetch_url
-
-    try:
-        return await fetch_url(url, max_bytes=limits.max_bytes, timeout_s=limits.fetch_timeout_s, what="audio")
-    except MediaFetchError as exc:
-        raise AudioError(exc.message, param, exc.code, exc.status) from None
 
 
 def decode(data: bytes, param: str, limits: AudioLimits = AudioLimits()) -> DecodedAudio:

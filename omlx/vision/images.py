@@ -10,13 +10,13 @@ returns as a 4xx in the route family's shape; nothing here can take the server d
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hashlib
 import io
 from dataclasses import dataclass
 
 import aiohttp
+
+from omlx.media_payload import MediaError, MediaKind, decode_base64, fetch_media, split_data_url
 
 # Formats Pillow decodes that clients send; others (PDF, SVG, TIFF stacks...) are refused.
 FORMATS = {"PNG", "JPEG", "GIF", "WEBP", "BMP"}
@@ -48,13 +48,12 @@ class DecodedImage:
     digest: bytes  # hash of the decoded pixels and their size
 
 
-class ImageError(ValueError):
-    def __init__(self, message: str, param: str, code: str = "invalid_image", status: int = 400):
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.code = code
-        self.status = status
+class ImageError(MediaError):
+    default_code = "invalid_image"
+
+
+IMAGE = MediaKind(error=ImageError, item="the image", data="the image", noun="image",
+                  data_url_example="data:image/png;base64,...", too_large_code="image_too_large", fetch_what="image")
 
 
 async def load_images(sources: list[ImageSource], limits: ImageLimits = ImageLimits(),
@@ -82,41 +81,23 @@ async def _image_bytes(source: ImageSource, limits: ImageLimits, session) -> byt
         if source.media_type is not None and source.media_type.lower() not in MEDIA_TYPES:
             raise ImageError(f"unsupported image media type {source.media_type!r}; use one of "
                              f"{sorted(MEDIA_TYPES)}", source.param, "unsupported_image_format")
-        return _b64(url, source.param, limits)
+        return decode_base64(url, source.param, limits.max_bytes, IMAGE)
     if url.startswith("data:"):
-        header, sep, payload = url.partition(",")
-        if not sep or ";base64" not in header:
-            raise ImageError("a data: URL image must be base64-encoded (data:image/png;base64,...)", source.param)
-        media = header[5:].split(";")[0].lower()
+        media, payload = split_data_url(url, source.param, IMAGE)
         if media and media not in MEDIA_TYPES:
             raise ImageError(f"unsupported image media type {media!r}; use one of {sorted(MEDIA_TYPES)}",
                              source.param, "unsupported_image_format")
-        return _b64(payload, source.param, limits)
+        return decode_base64(payload, source.param, limits.max_bytes, IMAGE)
     if url.startswith(("http://", "https://", "file:")):
         return await _fetch(url, source.param, limits, session)
     raise ImageError("an image URL must be a data: URL or an http(s) URL", source.param)
-
-
-def _b64(payload: str, param: str, limits: ImageLimits) -> bytes:
-    if len(payload) > limits.max_bytes * 4 // 3 + 4:
-        raise ImageError(f"the image is larger than the {limits.max_bytes} byte limit", param, "image_too_large", 413)
-    try:
-        return base64.b64decode(payload.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise ImageError("the image is not valid base64", param) from None
 
 
 async def _fetch(url: str, param: str, limits: ImageLimits, session=None, policy=None) -> bytes:
     """The image at an http(s) (or allowed file://) URL, inside the media policy (`policy`,
     default the server's).  `session` is accepted for older callers and not used: each hop
     of a fetch gets a connection pinned to the addresses its policy check passed."""
-    from omlx.media_fetch import MediaFetchError, fetch_url
-
-    try:
-        return await fetch_url(url, max_bytes=limits.max_bytes, timeout_s=limits.fetch_timeout_s,
-                               what="image", policy=policy)
-    except MediaFetchError as exc:
-        raise ImageError(exc.message, param, exc.code, exc.status) from None
+    return await fetch_media(url, param, limits.max_bytes, limits.fetch_timeout_s, IMAGE, policy)
 
 
 def decode(data: bytes, param: str, limits: ImageLimits = ImageLimits()) -> DecodedImage:
