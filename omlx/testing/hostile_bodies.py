@@ -10,6 +10,7 @@ chat request alone, then again while `hostile` clients post such bodies back to 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import random
 import statistics
@@ -116,12 +117,8 @@ async def measure_stall(root: str, model: str, hostile: int = 8, samples: int = 
     small = small_body(model, small_tokens)
     chat_url = root + "/v1/chat/completions"
     loop = asyncio.get_running_loop()
-    context = multiprocessing.get_context("spawn")
-    conn, child_conn = context.Pipe()
-    attackers = context.Process(target=_hostile_clients, args=(child_conn, root + route, body, hostile), daemon=True)
-    attackers.start()
     result = StallResult([], [])
-    try:
+    with _hostile_process(root + route, body, hostile) as conn:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
 
             async def small_request() -> float:
@@ -143,12 +140,25 @@ async def measure_stall(root: str, model: str, hostile: int = 8, samples: int = 
                     times, statuses = await loop.run_in_executor(None, conn.recv)
                     result.hostile_s += times
                     result.hostile_statuses += statuses
+    return result
+
+
+@contextlib.contextmanager
+def _hostile_process(url: str, body: bytes, hostile: int):
+    """The hostile clients in a process of their own (`_hostile_clients`), for the block's
+    length: yields the pipe that drives them ("attack" / "stop"), and ends the process after,
+    killing it if it does not end in a minute."""
+    context = multiprocessing.get_context("spawn")
+    conn, child_conn = context.Pipe()
+    attackers = context.Process(target=_hostile_clients, args=(child_conn, url, body, hostile), daemon=True)
+    attackers.start()
+    try:
+        yield conn
     finally:
         conn.send("quit")
         attackers.join(timeout=60)
         if attackers.is_alive():
             attackers.kill()
-    return result
 
 
 def _hostile_clients(conn, url: str, body: bytes, hostile: int) -> None:
@@ -200,12 +210,8 @@ async def measure_loop_lag(root: str, model: str, hostile: int = 8, seconds: flo
     own lag (a stalled loop shows here first)."""
     body = body if body is not None else hostile_body(route, model)
     loop = asyncio.get_running_loop()
-    context = multiprocessing.get_context("spawn")
-    conn, child_conn = context.Pipe()
-    attackers = context.Process(target=_hostile_clients, args=(child_conn, root + route, body, hostile), daemon=True)
-    attackers.start()
     lag = LoopLag([], [])
-    try:
+    with _hostile_process(root + route, body, hostile) as conn:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
 
             async def health() -> float:
@@ -227,9 +233,4 @@ async def measure_loop_lag(root: str, model: str, hostile: int = 8, seconds: flo
             finally:
                 conn.send("stop")
                 await loop.run_in_executor(None, conn.recv)
-    finally:
-        conn.send("quit")
-        attackers.join(timeout=60)
-        if attackers.is_alive():
-            attackers.kill()
     return lag
