@@ -247,19 +247,25 @@ inline int32_t load4(const int8_t* p) {
   return v;
 }
 
+// Where rows r0 .. r0+R-1's quantized activations start: their (high) codes, and with SPLIT
+// their low parts (null without).  The VNNI and AVX2 register blocks read the same rows.
+template <int R, bool SPLIT>
+inline void row_codes(const Job& j, int64_t r0, const int8_t* (&xq)[R], const int8_t* (&xl)[R]) {
+  for (int r = 0; r < R; ++r) {
+    xq[r] = j.xq + (r0 + r) * j.K;
+    xl[r] = SPLIT ? j.xl + (r0 + r) * j.K : nullptr;
+  }
+}
+
 // Rows r0 .. r0+R-1 of x against output tile t.
 template <int BITS, int R, bool SPLIT>
 OMLX_VNNI void tile_rows_vnni(const Job& j, int t, int64_t r0) {
   const int G = j.groups();
-  const int K = j.K;
   const uint8_t* w = j.w + int64_t(t) * j.tile_bytes();
   // a0 / a1: the dot with x's (high) codes, split over two chains; b0 / b1: the low parts.
   const int8_t* xq[R];
   const int8_t* xl[R];
-  for (int r = 0; r < R; ++r) {
-    xq[r] = j.xq + (r0 + r) * K;
-    xl[r] = SPLIT ? j.xl + (r0 + r) * K : nullptr;
-  }
+  row_codes<R, SPLIT>(j, r0, xq, xl);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   const __m512i nibble = _mm512_set1_epi8(0x0F);
@@ -450,14 +456,10 @@ OMLX_AVX2 inline __m256i dot_pairs(__m256i codes, int32_t x4, __m256i weight) {
 template <int BITS, int R, bool SPLIT>
 OMLX_AVX2 void tile_rows_avx2(const Job& j, int t, int64_t r0) {
   const int G = j.groups();
-  const int K = j.K;
   const uint8_t* w = j.w + int64_t(t) * j.tile_bytes();
   const int8_t* xq[R];
   const int8_t* xl[R];
-  for (int r = 0; r < R; ++r) {
-    xq[r] = j.xq + (r0 + r) * K;
-    xl[r] = SPLIT ? j.xl + (r0 + r) * K : nullptr;
-  }
+  row_codes<R, SPLIT>(j, r0, xq, xl);
   const __m256i nibble = _mm256_set1_epi8(0x0F);
   const __m256i one = _mm256_set1_epi16(1);
   const __m256i x_hi = _mm256_set1_epi16(SPLIT ? 128 : 1);  // weight of x's (high) codes
