@@ -3,7 +3,8 @@
 `tiny_vlm` and `tiny_audio` build different mlx-vlm architectures but lay out the folder the
 same way a hub checkpoint is laid out: float32 safetensors weights with their `config.json`,
 and the byte-level BPE tokenizer of `tiny_models` with its ChatML markup (`<|im_end|>` ends a
-turn and a generation, `<|endoftext|>` pads) plus the family's media tokens.
+turn and a generation, `<|endoftext|>` pads) plus the family's media tokens, and a ChatML chat
+template that places media parts as the family's markup.
 """
 
 from __future__ import annotations
@@ -13,6 +14,29 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
+
+
+def chatml_template(image_markup: str, audio_markup: str | None = None) -> str:
+    """ChatML with list content: text parts verbatim, image parts (and with `audio_markup`,
+    audio parts) as the family's placeholder markup, which its processor expands."""
+
+    def literal(markup: str) -> str:
+        return "{{- '" + markup.replace("'", "\\'") + "' }}"
+
+    audio = ("{%- elif part.type == 'audio' or part.type == 'input_audio' %}" + literal(audio_markup)
+             if audio_markup is not None else "")
+    return (
+        "{%- for message in messages %}"
+        "{{- '<|im_start|>' + message.role + '\\n' }}"
+        "{%- if message.content is string %}{{- message.content }}"
+        "{%- else %}{%- for part in message.content %}"
+        "{%- if part.type == 'image' or part.type == 'image_url' %}" + literal(image_markup) + audio +
+        "{%- elif part.type == 'text' %}{{- part.text }}{%- endif %}"
+        "{%- endfor %}{%- endif %}"
+        "{{- '<|im_end|>\\n' }}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    )
 
 
 def write_weights(path: Path, model, config: dict) -> None:

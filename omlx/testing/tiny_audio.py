@@ -22,7 +22,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .model_folder import write_chatml_tokenizer, write_weights
+from .model_folder import chatml_template, write_chatml_tokenizer, write_weights
 from .tiny_models import CONTROL_TOKENS, SPECIAL_TOKENS, build_tokenizer
 
 # Gemma 4's multimodal markup: a part's placeholder, and the begin / end tokens the processor
@@ -38,19 +38,7 @@ SAMPLE_RATE = 16_000
 
 def chat_template() -> str:
     """ChatML with list content: text verbatim, image and audio parts as Gemma 4's placeholders."""
-    return (
-        "{%- for message in messages %}"
-        "{{- '<|im_start|>' + message.role + '\\n' }}"
-        "{%- if message.content is string %}{{- message.content }}"
-        "{%- else %}{%- for part in message.content %}"
-        "{%- if part.type == 'image' or part.type == 'image_url' %}{{- '<|image|>' }}"
-        "{%- elif part.type == 'audio' or part.type == 'input_audio' %}{{- '<|audio|>' }}"
-        "{%- elif part.type == 'text' %}{{- part.text }}{%- endif %}"
-        "{%- endfor %}{%- endif %}"
-        "{{- '<|im_end|>\\n' }}"
-        "{%- endfor %}"
-        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-    )
+    return chatml_template(MEDIA_TOKENS["image_token"], MEDIA_TOKENS["audio_token"])
 
 
 @dataclass

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .model_folder import write_chatml_tokenizer, write_weights
+from .model_folder import chatml_template, write_chatml_tokenizer, write_weights
 from .tiny_models import CONTROL_TOKENS, SPECIAL_TOKENS, build_tokenizer
 
 # Where an image part goes in the prompt, per family; the processor expands it to one
@@ -32,19 +32,7 @@ FAMILY_TOKENS = {
 
 def chat_template(family: str) -> str:
     """ChatML with list content: text parts verbatim, image parts as the family's markup."""
-    image = IMAGE_MARKUP[family].replace("'", "\\'")
-    return (
-        "{%- for message in messages %}"
-        "{{- '<|im_start|>' + message.role + '\\n' }}"
-        "{%- if message.content is string %}{{- message.content }}"
-        "{%- else %}{%- for part in message.content %}"
-        "{%- if part.type == 'image' or part.type == 'image_url' %}{{- '" + image + "' }}"
-        "{%- elif part.type == 'text' %}{{- part.text }}{%- endif %}"
-        "{%- endfor %}{%- endif %}"
-        "{{- '<|im_end|>\\n' }}"
-        "{%- endfor %}"
-        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-    )
+    return chatml_template(IMAGE_MARKUP[family])
 
 
 @dataclass
