@@ -1,7 +1,7 @@
 """The files of a generated checkpoint folder that the tiny multimodal fixtures write alike.
 
-`tiny_vlm` and `tiny_audio` build different mlx-vlm architectures but lay out the folder the
-same way a hub checkpoint is laid out: float32 safetensors weights with their `config.json`,
+`tiny_models` (and the text fixtures built on it), `tiny_vlm` and `tiny_audio` build different
+architectures but lay out the folder the same way a hub checkpoint is laid out: float32 safetensors weights with their `config.json`,
 and the byte-level BPE tokenizer of `tiny_models` with its ChatML markup (`<|im_end|>` ends a
 turn and a generation, `<|endoftext|>` pads) plus the family's media tokens, and a ChatML chat
 template that places media parts as the family's markup.
@@ -48,10 +48,14 @@ def write_weights(path: Path, model, config: dict) -> None:
 
 
 def write_chatml_tokenizer(path: Path, tokenizer, *, max_length: int, chat_template: str,
-                           markup: list[str], special: set[str], extra: dict | None = None) -> None:
-    """Write the tokenizer files transformers / mlx-vlm load: `markup` are the added tokens
-    (those in `special` flagged special), `extra` more `tokenizer_config.json` keys (what a
-    family's processor reads its media tokens from)."""
+                           markup: list[str], special: set[str], extra: dict | None = None,
+                           template_file: bool = True, eos_token_id: int | None = None) -> None:
+    """Write the tokenizer files transformers / mlx-lm / mlx-vlm load: `markup` are the added
+    tokens (those in `special` flagged special), `extra` more `tokenizer_config.json` keys (what
+    a family's processor reads its media tokens from).  `template_file`: the chat template also
+    in `chat_template.json`, where multimodal processors look for it (text checkpoints keep it in
+    `tokenizer_config.json` only).  `eos_token_id`: what generation stops on, by default
+    `<|im_end|>`."""
     tokenizer.save(str(path / "tokenizer.json"))
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -73,6 +77,7 @@ def write_chatml_tokenizer(path: Path, tokenizer, *, max_length: int, chat_templ
     (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     (path / "special_tokens_map.json").write_text(
         json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
-    (path / "chat_template.json").write_text(json.dumps({"chat_template": chat_template}))
-    eos = tokenizer.token_to_id("<|im_end|>")
+    if template_file:
+        (path / "chat_template.json").write_text(json.dumps({"chat_template": chat_template}))
+    eos = tokenizer.token_to_id("<|im_end|>") if eos_token_id is None else eos_token_id
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos]}))

@@ -9,13 +9,14 @@ exactly like a model from the hub.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
+
+from .model_folder import write_chatml_tokenizer, write_weights
 
 # A ChatML template in the Qwen / Hermes style: tools listed in the system turn, calls as
 # `<tool_call>{"name": ..., "arguments": ...}</tool_call>` in assistant turns, results as
@@ -301,39 +302,10 @@ def _random_model(spec: TinyModelSpec, tokenizer):
 
 
 def _write_folder(path: Path, spec: TinyModelSpec, config: dict, model, tokenizer, markup=SPECIAL_TOKENS) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    eos_id = config["eos_token_id"]
-    weights = dict(tree_flatten(model.parameters()))
-    weights = {k: v.astype(mx.float32) for k, v in weights.items()}
-    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
-
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    tokenizer.save(str(path / "tokenizer.json"))
-    tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": None,
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": None,
-        "model_max_length": spec.max_position_embeddings,
-        "chat_template": CHAT_TEMPLATE,
-        "added_tokens_decoder": {
-            str(tokenizer.token_to_id(t)): {
-                "content": t,
-                "special": t in CONTROL_TOKENS,
-                "lstrip": False,
-                "rstrip": False,
-                "normalized": False,
-                "single_word": False,
-            }
-            for t in markup
-        },
-    }
-    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
-    (path / "special_tokens_map.json").write_text(
-        json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
-    )
-    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos_id]}))
+    write_weights(path, model, config)
+    write_chatml_tokenizer(path, tokenizer, max_length=spec.max_position_embeddings, chat_template=CHAT_TEMPLATE,
+                           markup=markup, special=set(CONTROL_TOKENS), template_file=False,
+                           eos_token_id=config["eos_token_id"])
     return path
 
 
