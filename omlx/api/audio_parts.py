@@ -18,6 +18,7 @@ from __future__ import annotations
 from omlx.audio.clips import AudioSource
 
 from .errors import invalid
+from .media_parts import conversation_sources
 
 SOURCE_KEY = "omlx_audio"
 PART_TYPES = ("input_audio", "audio_url", "audio")
@@ -48,10 +49,4 @@ def openai_audio(part: dict, where: str) -> AudioSource:
 
 def conversation_audio(messages: list[dict]) -> list[AudioSource]:
     """The clips of a conversation's messages, in order."""
-    out = []
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list):
-            out += [AudioSource(**part[SOURCE_KEY]) for part in content
-                    if isinstance(part, dict) and part.get("type") == "audio" and SOURCE_KEY in part]
-    return out
+    return conversation_sources(messages, "audio", SOURCE_KEY, AudioSource)

@@ -17,6 +17,7 @@ import dataclasses
 from omlx.vision.images import ImageSource
 
 from .errors import invalid
+from .media_parts import conversation_sources
 
 
 SOURCE_KEY = "omlx_image"
@@ -92,10 +93,4 @@ def anthropic_image(block: dict, where: str) -> ImageSource:
 
 def conversation_images(messages: list[dict]) -> list[ImageSource]:
     """The images of a conversation's messages, in order."""
-    out = []
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list):
-            out += [ImageSource(**part[SOURCE_KEY]) for part in content
-                    if isinstance(part, dict) and part.get("type") == "image" and SOURCE_KEY in part]
-    return out
+    return conversation_sources(messages, "image", SOURCE_KEY, ImageSource)
