@@ -29,12 +29,15 @@ KERNEL_DIR = Path(__file__).resolve().parent
 SOURCE_DIR = KERNEL_DIR / "cpu"
 ATTENTION = "_paged_attention_cpu"
 # Each module target of cpu/CMakeLists.txt and the prefix of its source files (its stamp covers
-# those and CMakeLists.txt).  Append a line here with each new omlx_kernel(...) target.
+# those and SHARED_SOURCES).  Append a line here with each new omlx_kernel(...) target.
 MODULES: dict[str, str] = {
     ATTENTION: "paged_attention",
     "_linear_cpu": "linear_",
     "_quant_linear_cpu": "quant_linear",
 }
+# Sources every module builds with (cpu/common.h is included by each module's .cpp), so each
+# module's stamp covers them too.
+SHARED_SOURCES = ("CMakeLists.txt", "common.h")
 MODULE = ATTENTION  # the attention kernel, for callers that predate several modules
 STAMP = KERNEL_DIR / f"{ATTENTION}.stamp"
 
@@ -53,7 +56,7 @@ def stamp_text(module: str = ATTENTION) -> str:
     prefix = MODULES[module]
     digest = hashlib.sha256()
     for source in sorted(SOURCE_DIR.iterdir()):
-        if source.is_file() and (source.name.startswith(prefix) or source.name == "CMakeLists.txt"):
+        if source.is_file() and (source.name.startswith(prefix) or source.name in SHARED_SOURCES):
             digest.update(source.name.encode() + b"\0" + source.read_bytes())
     return f"mlx={mx.__version__} source={digest.hexdigest()[:16]}\n"
 
