@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from mlx_lm import load
 
+from omlx.testing.rank_processes import rank_pids
 from omlx.testing.reference import greedy_reference
 from omlx.testing.tiny_models import TinyModelSpec, build_model
 
@@ -68,24 +69,6 @@ def test_two_ranks_give_mlx_lms_tokens(tmp_path, model_type):
     assert result["preemptions"] > 0 and result["prefix_hit_tokens"] > 0
 
 
-def _rank_pids(session: int) -> dict[int, int]:
-    """Rank -> pid of the ranks `mlx.launch` started in its session (their MLX_RANK)."""
-    ranks = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if os.getpgid(int(entry.name)) != session:
-                continue
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except (OSError, ProcessLookupError):
-            continue
-        for item in environ:
-            if item.startswith(b"MLX_RANK="):
-                ranks[int(item[9:])] = int(entry.name)
-    return ranks
-
-
 def test_a_killed_rank_ends_the_group_without_a_hang(tmp_path):
     """Rank 1 killed mid-run: rank 0 does not wait on it forever - the group ends within a
     bound, and rank 0 does not report a result it could not finish."""
@@ -106,7 +89,7 @@ def test_a_killed_rank_ends_the_group_without_a_hang(tmp_path):
         ranks = {}
         while len(ranks) < 2 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.5)
-            ranks = _rank_pids(proc.pid)
+            ranks = rank_pids(proc.pid)
         assert len(ranks) == 2, "the ranks did not start"
         time.sleep(8)  # into its run: building the engine, or decoding
         assert proc.poll() is None, "the run ended before the fault"

@@ -20,6 +20,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from omlx.testing.rank_processes import rank_pids
 from omlx.testing.tiny_models import TinyModelSpec, build_model
 from conftest import chat_prompt_ids, reference_greedy, tokenizer_of
 
@@ -67,22 +68,7 @@ class Group:
 
     def rank_pids(self) -> dict[int, int]:
         """Rank -> pid of each rank's Python process (MLX_RANK in its environment)."""
-        ranks = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                if os.getpgid(int(entry.name)) != self.proc.pid:
-                    continue
-                if b"omlx" not in (entry / "cmdline").read_bytes() or b"python" not in (entry / "cmdline").read_bytes():
-                    continue
-                environ = (entry / "environ").read_bytes().split(b"\0")
-            except (OSError, ProcessLookupError):
-                continue
-            for item in environ:
-                if item.startswith(b"MLX_RANK="):
-                    ranks[int(item[9:])] = int(entry.name)
-        return ranks
+        return rank_pids(self.proc.pid)
 
     def close(self) -> None:
         if self.proc.poll() is None:
