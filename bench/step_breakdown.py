@@ -31,6 +31,8 @@ import numpy as np  # noqa: E402
 from mlx_lm import load, stream_generate  # noqa: E402
 
 from omlx.kernels.backend import attention_backend  # noqa: E402
+from omlx.kernels.linear import PackedLinear, matmul_path  # noqa: E402
+from omlx.models import packed_weights  # noqa: E402
 from omlx.scheduler import EngineConfig, GenerationRequest, LLMEngine  # noqa: E402
 from omlx.scheduler import kv_cache  # noqa: E402
 
@@ -73,9 +75,8 @@ def timed_steps(engine: LLMEngine, steps: int) -> dict:
 
 def matmul_ms(model, rows: int, repeats: int = 5) -> float:
     """The step's matmuls alone: every Linear (and the head) on a (rows, in) input."""
-    linears = [m for _, m in model.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
-    inputs = [mx.random.normal((rows, m.weight.shape[1] if isinstance(m, nn.Linear) else m.weight.shape[1] * 32 // m.bits))
-              for m in linears]
+    linears = [m for _, m in model.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear, PackedLinear))]
+    inputs = [mx.random.normal((rows, in_features(m))) for m in linears]
     mx.eval(inputs)
 
     def run():
@@ -90,9 +91,17 @@ def matmul_ms(model, rows: int, repeats: int = 5) -> float:
     return best * 1e3
 
 
-def stub_attention(queries, pool_k, pool_v, plan, scale):
+def stub_attention(queries, pool_k, pool_v, plan, scale, window=0, chunk=0, sinks=None):
     anchor = pool_k.packed if isinstance(pool_k, kv_cache.QuantizedRows) else pool_k
     return queries + (anchor[:1, :1] * 0).astype(queries.dtype)
+
+
+def in_features(layer: nn.Module) -> int:
+    if isinstance(layer, PackedLinear):
+        return layer.in_features
+    if isinstance(layer, nn.QuantizedLinear):
+        return layer.weight.shape[1] * 32 // layer.bits
+    return layer.weight.shape[1]
 
 
 def single_stream(model, tokenizer, rng, tokens: int = 48) -> tuple[float, float]:
@@ -118,14 +127,21 @@ def main() -> None:
     parser.add_argument("--rows", default="1,8,32")
     parser.add_argument("--contexts", default="1024,4096")
     parser.add_argument("--steps", type=int, default=10)  # two timed runs of this many: stay under max_tokens
+    parser.add_argument("--weights", choices=("float32", "bf16"), default="float32",
+                        help="bf16: the packed bf16 linear layers omlx serves with on a CPU with a bf16 unit")
     args = parser.parse_args()
     if not args.model.exists():
         from omlx.testing.tiny_models import BENCH_200M, build_model
 
         build_model(args.model, BENCH_200M)
     model, tokenizer = load(str(args.model))
+    if args.weights == "bf16":
+        if matmul_path().name != "bf16-packed":
+            sys.exit(f"no packed bf16 path here: {matmul_path().reason}")
+        packed_weights.pack_model(model)
     rng = np.random.default_rng(0)
-    print(f"# Decode step breakdown: {args.model.name}, attention: {attention_backend().name}\n")
+    print(f"# Decode step breakdown: {args.model.name}, weights: {args.weights}, "
+          f"attention: {attention_backend().name}\n")
     print("| rows | context | step ms | schedule | prepare | compute | (attention | matmuls | other ops) | sample | postprocess | host share |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     real_attention = kv_cache.ragged_attention
