@@ -277,12 +277,18 @@ mx::array linear(const mx::array& x, const mx::array& packed, const std::optiona
                    std::move(inputs));
 }
 
+// MoE experts: the same panel kernel, rows grouped by expert (gather_mm's job).
+#include "linear_bf16_experts.h"
+
 }  // namespace
 
 NB_MODULE(_linear_cpu, m) {
   m.doc() = "omlx packed bf16 linear layer (MLX CPU primitive)";
   m.def("linear", &linear, "x"_a, "packed"_a, "bias"_a = nb::none(), nb::kw_only(), "out_features"_a,
         "in_features"_a = -1, "stream"_a = nb::none(), "y = x @ W.T (+ bias) with W packed bf16 (see omlx/kernels/linear.py).");
+  m.def("expert_linear", &expert_linear, "x"_a, "experts"_a, "packed"_a, "bias"_a = nb::none(), nb::kw_only(),
+        "out_features"_a, "in_features"_a = -1, "stream"_a = nb::none(),
+        "y[r] = x[r / fan] @ W[experts[r]].T (+ bias[experts[r]]), W packed bf16 per expert (omlx/kernels/expert_linear.py).");
   m.attr("PANEL") = PANEL;
   m.def("isa", []() { return std::string(OMLX_DPBF16 ? "avx512_bf16" : "portable"); });
   m.def("num_threads", &omlx_cpu::openmp_threads);

@@ -1,0 +1,111 @@
+"""MoE expert layers with every expert's weights packed bf16 for the CPU's bf16 unit.
+
+mlx-lm's MoE blocks (`SwitchGLU` / `SwitchMLP`) call a `SwitchLinear` or
+`QuantizedSwitchLinear` per projection: `mx.gather_mm(x, W.T, rhs_indices=indices)`, each
+token's row multiplied by the weights of the experts its router chose.  `PackedSwitchLinear`
+is the drop-in that omlx/models/packed_weights.py swaps in at load on the packed bf16 path:
+all experts packed once, in the layout of omlx/kernels/linear.py, and one call of the
+extension's `expert_linear` per projection, which groups the step's rows by expert where the
+router's choices are known (inside the kernel's task, so the graph needs no host sync) and
+streams each chosen expert's weights once for all its rows.
+
+A row's result is computed by the same instruction sequence as a one-row packed linear call:
+it equals a float32 reference on the same bf16-rounded operands to accumulation tolerance,
+and does not depend on the other rows of the step (tests/test_packed_experts.py).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .linear import kernel, pack_bf16
+
+
+def switch_linear_types() -> tuple[type, ...]:
+    """The expert layer classes of mlx-lm (and mlx-vlm, whose copy has the same interface)."""
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    found: list[type] = [SwitchLinear, QuantizedSwitchLinear]
+    try:
+        from mlx_vlm.models import switch_layers as vlm_switch
+
+        found += [vlm_switch.SwitchLinear, vlm_switch.QuantizedSwitchLinear]
+    except ImportError:
+        pass
+    return tuple(found)
+
+
+def expert_weights(layer: nn.Module) -> mx.array:
+    """A SwitchLinear's (E, N, K) weights as stored; a QuantizedSwitchLinear's dequantized
+    (scales widened first, so the affine map is computed in float32 before the one bf16
+    rounding), expert by expert so the float32 copy of one expert is all that is transient."""
+    if "scales" not in layer:
+        return layer.weight
+    biases = layer.get("biases")
+    global_scale = getattr(layer, "global_scale", None)
+    experts = []
+    for e in range(layer.weight.shape[0]):
+        experts.append(mx.dequantize(
+            layer.weight[e], layer.scales[e].astype(mx.float32),
+            None if biases is None else biases[e].astype(mx.float32),
+            group_size=layer.group_size, bits=layer.bits, mode=getattr(layer, "mode", "affine"),
+            global_scale=None if global_scale is None else global_scale[e]).astype(mx.bfloat16))
+    return mx.stack(experts)
+
+
+def pack_experts(weights: mx.array) -> mx.array:
+    """(E, N, K) -> (E, N_pad / 64, K_pad / 2, 128) bf16: each expert in pack_bf16's layout."""
+    return mx.stack([pack_bf16(weights[e]) for e in range(weights.shape[0])])
+
+
+def _rows(x: mx.array, indices: mx.array) -> tuple[mx.array, mx.array, tuple[int, ...]]:
+    """gather_mm's broadcasting as the kernel's rows: (x rows, expert per output row, output
+    batch shape).  mlx-lm's calls take one of two forms, neither copied: a token's row
+    expanded over its top-k (x (..., 1, 1, K), indices (..., k): the kernel reads x row r // k
+    for output row r), or one row per output row (x (..., 1, K) matching indices)."""
+    lead, m = x.shape[:-2], x.shape[-2]
+    batch = tuple(np.broadcast_shapes(lead, indices.shape))
+    expanded = m == 1 and len(lead) == len(batch) and lead[:-1] == batch[:-1] and lead[-1:] == (1,)
+    if m == 1 and (lead == batch or expanded):
+        experts = indices if indices.shape == batch else mx.broadcast_to(indices, batch)
+        return x, experts.reshape(-1), batch
+    # Any other broadcast (not made by mlx-lm's layers): materialized, one x row per output row.
+    x = mx.broadcast_to(x, batch + (m, x.shape[-1]))
+    experts = mx.broadcast_to(mx.expand_dims(indices, -1), batch + (m,))
+    return x, experts.reshape(-1), batch
+
+
+def expert_linear(x: mx.array, indices: mx.array, packed: mx.array, bias: mx.array | None,
+                  out_features: int, in_features: int = -1) -> mx.array:
+    """gather_mm(x, W.T, rhs_indices=indices) (+ bias[indices]) with W packed by pack_experts:
+    x (..., M, K) float, indices broadcastable with x's batch axes -> (batch..., M, N) float32."""
+    rows, experts, batch = _rows(x, indices)
+    y = kernel().expert_linear(rows, experts, packed, bias, out_features=out_features, in_features=in_features)
+    return y.reshape(*batch, x.shape[-2], out_features)
+
+
+class PackedSwitchLinear(nn.Module):
+    """`SwitchLinear` / `QuantizedSwitchLinear` with every expert packed bf16."""
+
+    def __init__(self, weights: mx.array, bias: mx.array | None = None):
+        super().__init__()
+        # Plain int attributes (not parameters), named as SwitchLinear's properties.
+        self.num_experts, self.output_dims, self.input_dims = weights.shape
+        self.weight = pack_experts(weights)
+        if bias is not None:
+            self.bias = bias.astype(mx.float32)
+        self.freeze()
+
+    @classmethod
+    def from_switch(cls, layer: nn.Module) -> "PackedSwitchLinear":
+        return cls(expert_weights(layer), layer.get("bias") if "bias" in layer else None)
+
+    def _extra_repr(self) -> str:
+        return (f"input_dims={self.input_dims}, output_dims={self.output_dims}, num_experts={self.num_experts}, "
+                f"bias={'bias' in self}, bf16 packed")
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        # sorted_indices is a hint for gather_mm; the kernel groups rows by expert itself.
+        return expert_linear(x, indices, self["weight"], self.get("bias"), self.output_dims, self.input_dims)
