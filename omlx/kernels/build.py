@@ -34,6 +34,7 @@ MODULES: dict[str, str] = {
     ATTENTION: "paged_attention",
     "_linear_cpu": "linear_",
     "_quant_linear_cpu": "quant_linear",
+    "_quant_bf16_cpu": "quant_bf16",
 }
 # Sources every module builds with (cpu/common.h is included by each module's .cpp), so each
 # module's stamp covers them too.

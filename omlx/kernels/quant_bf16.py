@@ -1,0 +1,271 @@
+"""Linear layers that hold 4- / 8-bit quantized weights as stored and compute in bf16.
+
+The third form of a quantized model's weights on a CPU with AVX512-BF16 (beside packed bf16,
+omlx/kernels/linear.py, and the int8 kernel, omlx/kernels/quant_linear.py): MLX's affine
+groups (`nn.QuantizedLinear`, `nn.QuantizedEmbedding` and its tied LM head; GGUF Q4_0 / Q4_1 /
+Q8_0 arrive in this form) stay in their codes, scales and biases, and `_quant_bf16_cpu`
+(omlx/kernels/cpu/quant_bf16.cpp) unpacks each 64-column panel to bf16 on the fly and runs the
+packed bf16 path's `vdpbf16ps` micro-kernel on it.  Resident bytes are the stored bytes (a
+4-bit model holds a quarter of its packed bf16 bytes) and a decode step reads them, not 2
+bytes per weight.
+
+Its results are bit-identical to packing the dequantized weights bf16 (`PackedLinear`): the
+same dequantization (mx.dequantize's scale * q + bias), the same bf16 rounding of weights and
+activations, the same float32 accumulation order.  So a model in this form answers exactly as
+the packed bf16 model does, and a row's output does not depend on its batch.
+
+The weights are repacked once, at load (`repack`), into the kernel's panel order; the scales
+and biases keep their stored dtype (float16, bfloat16 or float32).  `supports(layer)` says
+which layers it takes: affine mode, 4 or 8 bits, groups of 32 / 64 / 128.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .cpu_features import cpu_features
+from .quant_linear import unpack_codes
+
+log = logging.getLogger("omlx.kernels")
+
+MODULE = "_quant_bf16_cpu"
+PANEL = 64  # output columns per panel: must equal PANEL in quant_bf16.cpp
+SUPPORTED_BITS = (4, 8)
+SUPPORTED_GROUPS = (32, 64, 128)
+SCALE_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
+
+
+@dataclass(frozen=True)
+class Availability:
+    ok: bool
+    reason: str
+    module: object | None = None
+
+
+@functools.lru_cache(maxsize=None)
+def availability() -> Availability:
+    """Whether the kernel runs here: built for this MLX and source, on a CPU with AVX512-BF16
+    (without it the module's portable loop is far slower than the other forms)."""
+    if mx.default_device() != mx.cpu:
+        return Availability(False, f"the quantized bf16 kernel is CPU-only (device: {mx.default_device()})")
+    from . import build
+
+    if build.built_module(MODULE) is None:
+        return Availability(False, f"{MODULE} is not built (run: python -m omlx.kernels.build)")
+    if not build.is_current(MODULE):
+        return Availability(False, f"{MODULE} was built for another MLX version or source "
+                                   "(run: python -m omlx.kernels.build)")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see backend.py: idle threads must sleep
+    try:
+        from . import _quant_bf16_cpu as module  # type: ignore[attr-defined]
+    except ImportError as exc:
+        return Availability(False, f"{MODULE} failed to load: {exc}")
+    if module.PANEL != PANEL:
+        return Availability(False, f"{MODULE}'s panel width differs from omlx/kernels/quant_bf16.py's")
+    if module.isa() != "avx512_bf16" or not cpu_features().avx512_bf16:
+        return Availability(False, "this CPU (or the build) has no AVX512-BF16", module)
+    return Availability(True, f"MLX C++ extension, {module.isa()}", module)
+
+
+def kernel():
+    """The extension module, or raise with the reason it cannot be used."""
+    avail = availability()
+    if avail.module is None:
+        raise RuntimeError(avail.reason)
+    return avail.module
+
+
+# ---------------------------------------------------------------------------- repacking
+@dataclass
+class QuantBf16Weights:
+    codes: mx.array  # uint8 (N_pad / 64, K / 2, 64 | 128)
+    scales: mx.array  # stored dtype, (N_pad / 64, K / group_size, 64)
+    biases: mx.array
+    n: int
+    k: int
+    bits: int
+    group_size: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scales.nbytes + self.biases.nbytes
+
+
+def _panel_order(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Codes (N_pad, K) -> per (panel, k pair) the four 16-column registers' bytes: register t's
+    b half is columns 16t .. 16t+7, its a half 16t+8 .. 16t+15, each lane pair (k, k+1) of one
+    column (see quant_bf16.cpp); 4-bit packs a's code in the high nibble of b's byte."""
+    n_pad, k = codes.shape
+    # [panel, t, half, column in half, k pair, k in pair] -> [panel, k pair, t, half, column, k]
+    c = codes.reshape(n_pad // PANEL, 4, 2, 8, k // 2, 2).transpose(0, 4, 1, 2, 3, 5)
+    if bits == 4:
+        c = c[:, :, :, 0] | (c[:, :, :, 1] << 4)
+    return np.ascontiguousarray(c).reshape(n_pad // PANEL, k // 2, -1)
+
+
+def _panel_groups(a: mx.array, n_pad: int) -> mx.array:
+    """Scales or biases (N, groups) -> (panels, groups, 64) in their own dtype, zero rows padding N."""
+    n, groups = a.shape
+    if n_pad != n:
+        a = mx.concatenate([a, mx.zeros((n_pad - n, groups), a.dtype)])
+    return mx.contiguous(a.reshape(n_pad // PANEL, PANEL, groups).transpose(0, 2, 1))
+
+
+def repack(weight: mx.array, scales: mx.array, biases: mx.array | None, bits: int, group_size: int) -> QuantBf16Weights:
+    """MLX affine-quantized (weight, scales, biases) -> the kernel's panels (same bytes, N padded
+    to a multiple of 64)."""
+    if bits not in SUPPORTED_BITS or group_size not in SUPPORTED_GROUPS:
+        raise ValueError(f"quant_bf16 supports bits {SUPPORTED_BITS} and group sizes {SUPPORTED_GROUPS}, "
+                         f"not bits={bits} group_size={group_size}")
+    if biases is None:
+        raise ValueError("quant_bf16 needs affine biases (mode='affine')")
+    codes = unpack_codes(weight, bits)
+    n, k = codes.shape
+    if k % group_size:
+        raise ValueError(f"K={k} is not a multiple of group_size={group_size}")
+    n_pad = -(-n // PANEL) * PANEL
+    if n_pad != n:
+        codes = np.concatenate([codes, np.zeros((n_pad - n, k), np.uint8)])
+    dtype = scales.dtype if scales.dtype in SCALE_DTYPES else mx.float32
+    if biases.dtype != dtype:  # one dtype for both; widening to float32 is exact
+        dtype = mx.float32
+    return QuantBf16Weights(mx.array(_panel_order(codes, bits)), _panel_groups(scales.astype(dtype), n_pad),
+                            _panel_groups(biases.astype(dtype), n_pad), n, k, bits, group_size)
+
+
+def quant_bf16_matmul(x: mx.array, w: QuantBf16Weights, bias: mx.array | None = None) -> mx.array:
+    """x (..., K) @ dequant(W).T (+ bias) -> (..., N) float32, computed in bf16."""
+    if x.shape[-1] != w.k:
+        raise ValueError(f"x has {x.shape[-1]} features, the weights expect {w.k}")
+    return kernel().linear(x, w.codes, w.scales, w.biases, bias, out_features=w.n, bits=w.bits,
+                           group_size=w.group_size)
+
+
+def dequantized_rows(w: QuantBf16Weights, rows: mx.array) -> mx.array:
+    """Rows `rows` of dequant(W) rounded to bf16, as float32 (..., K): an embedding lookup read
+    from the panels the tied LM head already holds.  Computed as mx.dequantize does (scale * q,
+    then + bias), so it equals the packed bf16 embedding's rows."""
+    panels = w.codes.shape[0]
+    panel, column = rows // PANEL, rows % PANEL
+    t, half, lane = column // 16, (column % 16) // 8, column % 8
+    if w.bits == 4:
+        grid = w.codes.reshape(panels, w.k // 2, 4, 8, 2)
+        picked = grid[panel, :, t, lane, :]  # rows.shape + (k pairs, 2)
+        shift = (4 * half).astype(mx.uint8).reshape(*rows.shape, 1, 1)
+        codes = mx.right_shift(picked, shift) & 0x0F
+    else:
+        grid = w.codes.reshape(panels, w.k // 2, 4, 2, 8, 2)
+        codes = grid[panel, :, t, half, lane, :]
+    codes = codes.reshape(*rows.shape, w.k).astype(mx.float32)
+    scales = mx.repeat(w.scales[panel, :, column].astype(mx.float32), w.group_size, axis=-1)
+    biases = mx.repeat(w.biases[panel, :, column].astype(mx.float32), w.group_size, axis=-1)
+    return (codes * scales + biases).astype(mx.bfloat16).astype(mx.float32)
+
+
+# ---------------------------------------------------------------------------- layers
+@dataclass(frozen=True)
+class _Dims:
+    n: int
+    k: int
+    bits: int
+    group_size: int
+
+
+def _install(layer: nn.Module, w: QuantBf16Weights) -> None:
+    # The arrays are parameters (update() / parameters() / the memory ledger see them), named
+    # apart from a quantized layer's `scales` (code that finds those dequantizes `.weight`); the
+    # dims are a plain attribute.
+    layer._dims = _Dims(w.n, w.k, w.bits, w.group_size)
+    layer.codes, layer.panel_scales, layer.panel_biases = w.codes, w.scales, w.biases
+
+
+def _weights(layer: nn.Module) -> QuantBf16Weights:
+    d = layer._dims
+    return QuantBf16Weights(layer["codes"], layer["panel_scales"], layer["panel_biases"], d.n, d.k, d.bits, d.group_size)
+
+
+class QuantBf16Linear(nn.Module):
+    """Drop-in for `nn.QuantizedLinear` (affine, 4 / 8 bits, groups 32 / 64 / 128) computing
+    exactly what `PackedLinear` of its dequantized weight computes."""
+
+    def __init__(self, w: QuantBf16Weights, bias: mx.array | None = None):
+        super().__init__()
+        _install(self, w)
+        if bias is not None:
+            self.bias = bias.astype(mx.float32)
+        self.freeze()
+
+    @classmethod
+    def from_quantized(cls, layer: nn.QuantizedLinear) -> "QuantBf16Linear":
+        w = repack(layer.weight, layer.scales, layer.get("biases"), layer.bits, layer.group_size)
+        return cls(w, layer.get("bias"))
+
+    @property
+    def bits(self) -> int:
+        return self._dims.bits
+
+    @property
+    def group_size(self) -> int:
+        return self._dims.group_size
+
+    def _extra_repr(self) -> str:
+        d = self._dims
+        return (f"input_dims={d.k}, output_dims={d.n}, bias={'bias' in self}, bits={d.bits}, "
+                f"group_size={d.group_size}, bf16 compute")
+
+    def __call__(self, x: mx.array) -> mx.array:
+        # Kept to a few Python operations: a decode step makes hundreds of these calls.
+        d = self._dims
+        return kernel().linear(x, self["codes"], self["panel_scales"], self["panel_biases"], self.get("bias"),
+                               out_features=d.n, bits=d.bits, group_size=d.group_size)
+
+
+class QuantBf16Embedding(nn.Module):
+    """Drop-in for `nn.QuantizedEmbedding`, held once in the kernel's panels: lookups
+    dequantize the picked rows, `as_linear` (a tied LM head) runs the kernel over the same bytes."""
+
+    def __init__(self, w: QuantBf16Weights):
+        super().__init__()
+        _install(self, w)
+        self.num_embeddings, self.dims = w.n, w.k
+        self.freeze()
+
+    @classmethod
+    def from_quantized(cls, layer: nn.QuantizedEmbedding) -> "QuantBf16Embedding":
+        return cls(repack(layer.weight, layer.scales, layer.get("biases"), layer.bits, layer.group_size))
+
+    @property
+    def bits(self) -> int:
+        return self._dims.bits
+
+    @property
+    def group_size(self) -> int:
+        return self._dims.group_size
+
+    def _extra_repr(self) -> str:
+        d = self._dims
+        return f"{d.n}, {d.k}, bits={d.bits}, group_size={d.group_size}, bf16 compute"
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        return dequantized_rows(_weights(self), ids)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        d = self._dims
+        return kernel().linear(x, self["codes"], self["panel_scales"], self["panel_biases"], None, out_features=d.n,
+                               bits=d.bits, group_size=d.group_size)
+
+
+def supports(layer: nn.Module) -> bool:
+    """Whether a layer (exactly an `nn.QuantizedLinear` / `nn.QuantizedEmbedding`: subclasses
+    may read .weight) can run through this kernel."""
+    return (type(layer) in (nn.QuantizedLinear, nn.QuantizedEmbedding)
+            and getattr(layer, "mode", "affine") == "affine" and layer.get("biases") is not None
+            and layer.bits in SUPPORTED_BITS and layer.group_size in SUPPORTED_GROUPS
+            and (layer.weight.shape[1] * 32 // layer.bits) % layer.group_size == 0)
