@@ -60,30 +60,25 @@ def pack_experts(weights: mx.array) -> mx.array:
     return mx.stack([pack_bf16(weights[e]) for e in range(weights.shape[0])])
 
 
-def _rows(x: mx.array, indices: mx.array) -> tuple[mx.array, mx.array, tuple[int, ...]]:
-    """gather_mm's broadcasting as the kernel's rows: (x rows, expert per output row, output
-    batch shape).  mlx-lm's calls take one of two forms, neither copied: a token's row
-    expanded over its top-k (x (..., 1, 1, K), indices (..., k): the kernel reads x row r // k
-    for output row r), or one row per output row (x (..., 1, K) matching indices)."""
-    lead, m = x.shape[:-2], x.shape[-2]
-    batch = tuple(np.broadcast_shapes(lead, indices.shape))
-    expanded = m == 1 and len(lead) == len(batch) and lead[:-1] == batch[:-1] and lead[-1:] == (1,)
-    if m == 1 and (lead == batch or expanded):
-        experts = indices if indices.shape == batch else mx.broadcast_to(indices, batch)
-        return x, experts.reshape(-1), batch
-    # Any other broadcast (not made by mlx-lm's layers): materialized, one x row per output row.
-    x = mx.broadcast_to(x, batch + (m, x.shape[-1]))
-    experts = mx.broadcast_to(mx.expand_dims(indices, -1), batch + (m,))
-    return x, experts.reshape(-1), batch
-
-
 def expert_linear(x: mx.array, indices: mx.array, packed: mx.array, bias: mx.array | None,
                   out_features: int, in_features: int = -1) -> mx.array:
     """gather_mm(x, W.T, rhs_indices=indices) (+ bias[indices]) with W packed by pack_experts:
-    x (..., M, K) float, indices broadcastable with x's batch axes -> (batch..., M, N) float32."""
-    rows, experts, batch = _rows(x, indices)
-    y = kernel().expert_linear(rows, experts, packed, bias, out_features=out_features, in_features=in_features)
-    return y.reshape(*batch, x.shape[-2], out_features)
+    x (..., M, K) float, indices broadcastable with x's batch axes -> (batch..., M, N) float32.
+
+    mlx-lm's layers call it in one of two forms, both passed to the kernel as they are (a
+    decode step makes hundreds of these calls; each extra graph node costs microseconds): a
+    token's row expanded over its top-k (x (..., 1, 1, K), indices (..., k): output row r
+    reads x row r // k), or one row per output row (x (..., 1, K) matching indices)."""
+    lead, m = x.shape[:-2], x.shape[-2]
+    if m == 1 and len(lead) == indices.ndim and (
+            lead == indices.shape or (lead[:-1] == indices.shape[:-1] and lead[-1] == 1)):
+        return kernel().expert_linear(x, indices, packed, bias, out_features=out_features,
+                                      in_features=in_features, row_axis=True)
+    # Any other broadcast (not made by mlx-lm's layers): one materialized x row per output row.
+    batch = tuple(np.broadcast_shapes(lead, indices.shape))
+    rows = mx.broadcast_to(x, batch + (m, x.shape[-1]))
+    experts = mx.broadcast_to(mx.expand_dims(indices, -1), batch + (m,))
+    return kernel().expert_linear(rows, experts, packed, bias, out_features=out_features, in_features=in_features)
 
 
 class PackedSwitchLinear(nn.Module):

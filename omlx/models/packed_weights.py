@@ -3,11 +3,13 @@
 Where `omlx.kernels.linear.matmul_path()` chose the packed bf16 path, every `nn.Linear` and
 `nn.QuantizedLinear` of a loaded model becomes a `PackedLinear`, and every `nn.Embedding` /
 `nn.QuantizedEmbedding` a `PackedEmbedding` (its lookup and its `as_linear`, the tied LM
-head, share one packed copy), swapped in place the way `nn.quantize` swaps layers: mlx-lm's
-model code is unchanged.  bf16 checkpoints are packed without widening; float16 / float32
-weights and 4- / 8-bit ones (dequantized first) are rounded to bf16 once.  The remaining
-small parameters (norms, MoE experts not swapped yet) are widened to float32 as on the
-float32 path, so activations stay float32 between layers.  Resident weight bytes are the
+head, share one packed copy), and every MoE expert layer (mlx-lm's `SwitchLinear` /
+`QuantizedSwitchLinear`) a `PackedSwitchLinear` (omlx/kernels/expert_linear.py: faster than
+float32 gather_mm at 1 and 32 rows, bench/expert_linear_bench.py), swapped in place the way
+`nn.quantize` swaps layers: mlx-lm's model code is unchanged.  bf16 checkpoints are packed
+without widening; float16 / float32 weights and 4- / 8-bit ones (dequantized first) are
+rounded to bf16 once.  The remaining small parameters (norms, routers' biases) are widened to
+float32 as on the float32 path, so activations stay float32 between layers.  Resident weight bytes are the
 packed bytes: about half of the float32 path's.
 
 The per-model setting `dequantize` keeps its meaning: false keeps the weights as stored;
@@ -23,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path, tree_unflatten
 
+from omlx.kernels.expert_linear import PackedSwitchLinear, switch_linear_types
 from omlx.kernels.linear import PackedEmbedding, PackedLinear, matmul_path
 
 log = logging.getLogger("omlx.pool")
@@ -40,12 +43,14 @@ def should_pack(model: nn.Module, setting: bool | None, dequantize: bool) -> boo
     return dequantize or not quantized
 
 
-def pack_model(model: nn.Module) -> int:
-    """Swap the model's linear and embedding layers for packed bf16 ones, in place; widen
-    what is left to float32.  Returns the number of layers swapped: 0 when the model's own
-    code reads a swapped layer's weight directly (a forward pass fails), after putting its
-    layers back as they were."""
+def pack_model(model: nn.Module, experts: bool = True) -> int:
+    """Swap the model's linear, embedding and (with `experts`; bench/expert_linear_bench.py
+    turns it off to measure the form before) MoE expert layers for packed bf16 ones, in
+    place; widen what is left to float32.  Returns the number of layers swapped: 0 when the
+    model's own code reads a swapped layer's weight directly (a forward pass fails), after
+    putting its layers back as they were."""
     originals, replacements = [], []
+    switches = switch_linear_types() if experts else ()
     for name, module in model.named_modules():
         # Exact types only: subclasses (LoRA / DoRA wrappers, custom heads) may read .weight.
         if type(module) in LINEARS:
@@ -54,6 +59,9 @@ def pack_model(model: nn.Module) -> int:
         elif type(module) in EMBEDDINGS:
             originals.append((name, module))
             replacements.append((name, PackedEmbedding.from_embedding(module)))
+        elif type(module) in switches:
+            originals.append((name, module))
+            replacements.append((name, PackedSwitchLinear.from_switch(module)))
     if not replacements:
         return 0
     model.update_modules(tree_unflatten(replacements))
@@ -84,7 +92,7 @@ def pack_model(model: nn.Module) -> int:
 
 def is_packed(model: nn.Module) -> bool:
     """Whether any of the model's layers computes in packed bf16."""
-    return any(isinstance(m, (PackedLinear, PackedEmbedding)) for _, m in model.named_modules())
+    return any(isinstance(m, (PackedLinear, PackedEmbedding, PackedSwitchLinear)) for _, m in model.named_modules())
 
 
 def prepare(model: nn.Module, setting: bool | None, dequantize: bool) -> bool:

@@ -33,6 +33,7 @@ import mlx.nn as nn
 
 from omlx.kernels import linear as linear_kernel
 from omlx.kernels import quant_linear
+from omlx.kernels.expert_linear import PackedSwitchLinear
 
 from . import packed_weights
 from .cpu_weights import should_dequantize, to_float32
@@ -62,7 +63,7 @@ def apply(model: nn.Module, setting: bool | None, memory_budget: int) -> str:
 def runs_exactly(model: nn.Module) -> bool:
     """Whether the model's linear layers compute in float32 from float32 operands, so a
     ragged pass matches mlx-lm's to float32 rounding (the load-time self-check's bar)."""
-    reduced = (linear_kernel.PackedLinear, linear_kernel.PackedEmbedding,
+    reduced = (linear_kernel.PackedLinear, linear_kernel.PackedEmbedding, PackedSwitchLinear,
                quant_linear.QuantLinear, quant_linear.QuantEmbedding)
     return not any(isinstance(m, reduced) for _, m in model.named_modules())
 

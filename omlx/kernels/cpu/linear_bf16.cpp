@@ -287,7 +287,7 @@ NB_MODULE(_linear_cpu, m) {
   m.def("linear", &linear, "x"_a, "packed"_a, "bias"_a = nb::none(), nb::kw_only(), "out_features"_a,
         "in_features"_a = -1, "stream"_a = nb::none(), "y = x @ W.T (+ bias) with W packed bf16 (see omlx/kernels/linear.py).");
   m.def("expert_linear", &expert_linear, "x"_a, "experts"_a, "packed"_a, "bias"_a = nb::none(), nb::kw_only(),
-        "out_features"_a, "in_features"_a = -1, "stream"_a = nb::none(),
+        "out_features"_a, "in_features"_a = -1, "row_axis"_a = false, "stream"_a = nb::none(),
         "y[r] = x[r / fan] @ W[experts[r]].T (+ bias[experts[r]]), W packed bf16 per expert (omlx/kernels/expert_linear.py).");
   m.attr("PANEL") = PANEL;
   m.def("isa", []() { return std::string(OMLX_DPBF16 ? "avx512_bf16" : "portable"); });

@@ -17,8 +17,8 @@
 
 struct ExpertProblem {
   Problem x_rows;            // the X distinct input rows (x, m = X, k, strides when not contiguous)
-  const uint32_t* experts;   // (R,) the expert of each output row, `expert_stride` apart
-  int64_t expert_stride;
+  const uint32_t* experts;   // the expert of each output row (R of them, any shape, read
+  std::vector<int64_t> expert_shape, expert_strides;  // through these: often a strided slice)
   const uint16_t* w;         // packed bf16 (E, panels, k_pairs, 128)
   const float* bias;         // (E, N) row-contiguous, or null
   float* y;                  // (R, N) float32
@@ -33,7 +33,16 @@ void run_experts(const ExpertProblem& e) {
     xp.x = gathered.data();
   }
   std::vector<uint32_t> experts(size_t(e.rows));
-  for (int64_t r = 0; r < e.rows; ++r) experts[r] = e.experts[r * e.expert_stride];
+  {
+    const int nd = int(e.expert_shape.size());
+    std::vector<int64_t> index(size_t(nd), 0);
+    for (int64_t r = 0; r < e.rows; ++r) {
+      int64_t at = 0;
+      for (int d = 0; d < nd; ++d) at += index[d] * e.expert_strides[d];
+      experts[r] = e.experts[at];
+      for (int d = nd - 1; d >= 0 && ++index[d] == e.expert_shape[d]; --d) index[d] = 0;
+    }
+  }
   const int64_t kp = xp.k_pairs, n = e.n;
   const int64_t fan = xp.m ? e.rows / xp.m : 1;
   // Each input row rounded to bf16 pairs once, however many experts it feeds.
@@ -89,8 +98,8 @@ void run_experts(const ExpertProblem& e) {
 
 class PackedExpertLinear : public mx::Primitive {
  public:
-  PackedExpertLinear(mx::Stream stream, int out_features, bool has_bias)
-      : mx::Primitive(stream), out_features_(out_features), has_bias_(has_bias) {}
+  PackedExpertLinear(mx::Stream stream, int out_features, bool has_bias, bool row_axis)
+      : mx::Primitive(stream), out_features_(out_features), has_bias_(has_bias), row_axis_(row_axis) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& out = outputs[0];
@@ -108,10 +117,11 @@ class PackedExpertLinear : public mx::Primitive {
       xp.x_shape.assign(x.shape().begin(), x.shape().end());
       xp.x_strides.assign(x.strides().begin(), x.strides().end());
     }
-    // Read through its stride: the router's top-k indices are a slice, and a contiguous()
-    // node per call would cost more than the copy run_experts makes of them.
+    // Read through their strides: the router's top-k indices are a slice, and a reshape or
+    // contiguous() node per call would cost more than the copy run_experts makes of them.
     e.experts = experts.data<uint32_t>();
-    e.expert_stride = experts.strides(0);
+    e.expert_shape.assign(experts.shape().begin(), experts.shape().end());
+    e.expert_strides.assign(experts.strides().begin(), experts.strides().end());
     e.w = reinterpret_cast<const uint16_t*>(w.data<void>());
     e.bias = has_bias_ ? inputs[3].data<float>() : nullptr;
     e.y = out.data<float>();
@@ -132,23 +142,33 @@ class PackedExpertLinear : public mx::Primitive {
   }
 
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    return {{inputs[1].shape(0), out_features_}};
+    return {output_shape(inputs[1].shape(), out_features_, row_axis_)};
   }
 
   bool is_equivalent(const mx::Primitive& other) const override {
     auto* o = dynamic_cast<const PackedExpertLinear*>(&other);
-    return o && o->out_features_ == out_features_ && o->has_bias_ == has_bias_;
+    return o && o->out_features_ == out_features_ && o->has_bias_ == has_bias_ && o->row_axis_ == row_axis_;
+  }
+
+  static mx::Shape output_shape(const mx::Shape& experts, int out_features, bool row_axis) {
+    mx::Shape shape = experts;
+    if (row_axis) shape.push_back(1);
+    shape.push_back(out_features);
+    return shape;
   }
 
  private:
   int out_features_;
   bool has_bias_;
+  bool row_axis_;
 };
 
-// x (X, K) or (..., K) any float dtype; experts (R,) integer, R a multiple of X; packed
-// (E, N_pad / 64, K_pad / 2, 128) bfloat16; bias (E, N) or None.  Returns (R, N) float32.
+// x (..., K) any float dtype, X rows; experts (...) integer, R of them, R a multiple of X;
+// packed (E, N_pad / 64, K_pad / 2, 128) bfloat16; bias (E, N) or None.  Returns float32 of
+// shape experts.shape + (N,), or experts.shape + (1, N) with `row_axis` (gather_mm's shape
+// for one row per matrix product, what mlx-lm's expert layers get back).
 mx::array expert_linear(const mx::array& x, const mx::array& experts, const mx::array& packed,
-                        const std::optional<mx::array>& bias, int out_features, int in_features,
+                        const std::optional<mx::array>& bias, int out_features, int in_features, bool row_axis,
                         mx::StreamOrDevice s) {
   if (x.ndim() < 1) throw std::invalid_argument("packed expert linear: x must have a feature axis");
   if (packed.ndim() != 4 || packed.shape(3) != 2 * PANEL || packed.dtype() != mx::bfloat16)
@@ -159,10 +179,10 @@ mx::array expert_linear(const mx::array& x, const mx::array& experts, const mx::
                                 std::to_string(2 * packed.shape(2)) + " (padded)");
   if (out_features <= 0 || (out_features + PANEL - 1) / PANEL != packed.shape(1))
     throw std::invalid_argument("packed expert linear: out_features does not match the packed panels");
-  if (experts.ndim() != 1 || !mx::issubdtype(experts.dtype(), mx::integer))
-    throw std::invalid_argument("packed expert linear: experts must be a 1-D integer array");
+  if (!mx::issubdtype(experts.dtype(), mx::integer))
+    throw std::invalid_argument("packed expert linear: experts must be integers");
   const int64_t x_rows = k ? int64_t(x.size()) / k : 0;
-  if (x_rows == 0 ? experts.shape(0) != 0 : experts.shape(0) % x_rows != 0)
+  if (x_rows == 0 ? experts.size() != 0 : int64_t(experts.size()) % x_rows != 0)
     throw std::invalid_argument("packed expert linear: the rows of experts must be a multiple of x's rows");
   if (bias && (bias->ndim() != 2 || bias->shape(0) != packed.shape(0) || bias->shape(1) != out_features))
     throw std::invalid_argument("packed expert linear: bias must have shape (experts, out_features)");
@@ -173,6 +193,7 @@ mx::array expert_linear(const mx::array& x, const mx::array& experts, const mx::
   if (bias)
     inputs.push_back(omlx_cpu::as_rows(bias->dtype() == mx::float32 ? *bias : mx::astype(*bias, mx::float32, stream),
                                        stream));
-  return mx::array({experts.shape(0), out_features}, mx::float32,
-                   std::make_shared<PackedExpertLinear>(stream, out_features, bias.has_value()), std::move(inputs));
+  return mx::array(PackedExpertLinear::output_shape(experts.shape(), out_features, row_axis), mx::float32,
+                   std::make_shared<PackedExpertLinear>(stream, out_features, bias.has_value(), row_axis),
+                   std::move(inputs));
 }
