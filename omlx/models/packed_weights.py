@@ -20,6 +20,7 @@ dequantized), runs it in packed bf16 instead of float32.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -43,17 +44,23 @@ def should_pack(model: nn.Module, setting: bool | None, dequantize: bool) -> boo
     return dequantize or not quantized
 
 
-def pack_model(model: nn.Module, experts: bool = True) -> int:
+def pack_model(model: nn.Module, experts: bool = True,
+               keep_quantized: Callable[[nn.Module], nn.Module | None] | None = None) -> int:
     """Swap the model's linear, embedding and (with `experts`; bench/expert_linear_bench.py
     turns it off to measure the form before) MoE expert layers for packed bf16 ones, in
-    place; widen what is left to float32.  Returns the number of layers swapped: 0 when the
-    model's own code reads a swapped layer's weight directly (a forward pass fails), after
-    putting its layers back as they were."""
+    place; widen what is left to float32.  `keep_quantized` (the quantized-bf16 form,
+    omlx/models/quantized_bf16.py) may give a layer its own replacement first, left unwidened.
+    Returns the number of layers swapped: 0 when the model's own code reads a swapped layer's
+    weight directly (a forward pass fails), after putting its layers back as they were."""
     originals, replacements = [], []
     switches = switch_linear_types() if experts else ()
     for name, module in model.named_modules():
+        kept = keep_quantized(module) if keep_quantized is not None else None
+        if kept is not None:
+            originals.append((name, module))
+            replacements.append((name, kept))
         # Exact types only: subclasses (LoRA / DoRA wrappers, custom heads) may read .weight.
-        if type(module) in LINEARS:
+        elif type(module) in LINEARS:
             originals.append((name, module))
             replacements.append((name, PackedLinear.from_linear(module)))
         elif type(module) in EMBEDDINGS:
