@@ -80,39 +80,38 @@ def build_request(
     predicted_token_ids=(),
     multimodal=None,
 ) -> GenerationRequest:
-    """Check lengths against the model's context window and make the engine request."""
+    """Make the engine request, checked once, here: its own fields where it is constructed
+    (GenerationRequest), its fit in the model's context and KV pool by the engine
+    (LoadedModel.check), which then takes it as checked.  Whatever they refuse is this API's
+    400, named by the client's parameter."""
     window = loaded.context_window
     if max_tokens is not None and max_tokens > window:
+        # The client's own limit is refused rather than cut to fit: a rule of the API, not
+        # of the engine (which gets the limit below, cut to the room the prompt leaves).
         raise invalid(
             f"'{max_tokens_param}' is {max_tokens}, more than this model's context window of {window} tokens",
             max_tokens_param,
             "invalid_value",
         )
-    if len(prompt_ids) >= window:
-        raise invalid(
-            f"This model's maximum context length is {window} tokens, but the prompt has "
-            f"{len(prompt_ids)} tokens. Shorten the prompt.",
-            prompt_param,
-            "context_length_exceeded",
-        )
-    room = window - len(prompt_ids)
-    request = GenerationRequest(
-        request_id=new_request_id(prefix),
-        prompt_token_ids=list(prompt_ids),
-        max_tokens=min(max_tokens or room, room),
-        sampling=sampling,
-        stop_token_ids=loaded.stop_token_ids,
-        logprobs=logprobs,
-        constraint=constraint,
-        n=n,
-        speculative=speculative,
-        predicted_token_ids=tuple(predicted_token_ids),
-        multimodal=multimodal,
-    )
+    room = window - len(prompt_ids)  # none: the engine's check refuses the prompt
+    params = {"prompt": prompt_param, "max_tokens": max_tokens_param}
     try:
+        request = GenerationRequest(
+            request_id=new_request_id(prefix),
+            prompt_token_ids=list(prompt_ids),
+            max_tokens=max(1, min(max_tokens or room, room)),
+            sampling=sampling,
+            stop_token_ids=loaded.stop_token_ids,
+            logprobs=logprobs,
+            constraint=constraint,
+            n=n,
+            speculative=speculative,
+            predicted_token_ids=tuple(predicted_token_ids),
+            multimodal=multimodal,
+        )
         loaded.check(request)
     except RequestRejected as exc:
-        raise invalid(str(exc), max_tokens_param, "context_length_exceeded") from None
+        raise invalid(str(exc), params.get(exc.field, exc.field), exc.code) from None
     return request
 
 

@@ -54,8 +54,8 @@ class LoadedModel:
     # ------------------------------------------------------------------ the engine facade
     def check(self, request: GenerationRequest) -> None:
         """Raise RequestRejected if the engine could never run this request (too long for
-        its KV pool or context)."""
-        self.engine.engine.check(request)
+        its KV pool or context); the engine takes a request checked here as it is."""
+        self.engine.engine.check_once(request)
 
     def generate(self, request: GenerationRequest):
         """The request's TokenEvents (an async iterator; closing it aborts the request)."""

@@ -121,10 +121,10 @@ class LLMReranker:
                                                for i, p in enumerate(prompts))), dtype=np.float32)
 
     async def _score_one(self, request_id: str, prompt: list[int]) -> float:
-        # One token: nothing for speculative decoding to draft.
-        request = GenerationRequest(request_id=request_id, prompt_token_ids=prompt, max_tokens=1,
-                                    logprobs=2, constraint=self.constraint, speculative=False)
         try:  # checked here, where it is built: the engine trusts what it is given
+            # One token: nothing for speculative decoding to draft.
+            request = GenerationRequest(request_id=request_id, prompt_token_ids=prompt, max_tokens=1,
+                                        logprobs=2, constraint=self.constraint, speculative=False)
             self.loaded.check(request)
         except RequestRejected as exc:
             raise RerankFailed(str(exc), "rejected") from None

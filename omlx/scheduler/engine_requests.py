@@ -3,6 +3,8 @@ new one as a `Sequence`, and answer, from other threads, how far each prompt is.
 
 from __future__ import annotations
 
+import weakref
+
 from .parallel_sampling import request_finished, request_sequences
 from .request import FinishReason, GenerationRequest, RequestRejected, TokenEvent
 from .sequence import Sequence
@@ -13,8 +15,19 @@ class EngineRequests:
     `_stepping` (the request ids of the step being run, or None), a `check(request)` and an
     `_end(sequences, reason)` of its own."""
 
-    def _register(self, request: GenerationRequest) -> Sequence:
+    def check_once(self, request: GenerationRequest) -> None:
+        """`check(request)` (RequestRejected if this engine could never serve it), unless this
+        engine already found it fits: the API layer checks a request when it builds it, to
+        answer a 400 before anything is queued, and add_request then takes it as checked.  A
+        request nobody checked (a bench, the distributed rank loop, a test) is checked here."""
+        checked_by = request.checked_by
+        if checked_by is not None and checked_by() is self:
+            return
         self.check(request)
+        request.checked_by = weakref.ref(self)
+
+    def _register(self, request: GenerationRequest) -> Sequence:
+        self.check_once(request)
         if request.request_id in self.sequences:
             raise RequestRejected(f"duplicate request id {request.request_id!r}")
         seq = Sequence(request)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -59,6 +60,24 @@ class GenerationRequest:
     predicted_token_ids: tuple[int, ...] = ()
     # A prompt with images (omlx.scheduler.multimodal.MultimodalInput); None for text.
     multimodal: object | None = None
+    # The engine that found this request fits it (a weak reference; see
+    # EngineRequests.check_once): the API layer checks when it builds the request, and the
+    # engine's add_request does not check it a second time.
+    checked_by: weakref.ref | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        """A request that could never run is refused where it is made, by whoever makes it
+        (an API route, the distributed rank loop, a bench): the engine takes it as it is."""
+        if not self.prompt_token_ids:
+            raise RequestRejected("the prompt is empty", "prompt", "invalid_value")
+        if self.max_tokens < 1:
+            raise RequestRejected(f"max_tokens is {self.max_tokens}; at least 1 token must be generated",
+                                  "max_tokens", "invalid_value")
+        if self.n < 1:
+            raise RequestRejected(f"n is {self.n}; a request has at least one completion", "n", "invalid_value")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise RequestRejected(f"logprobs is {self.logprobs}; it counts alternatives, 0 or more",
+                                  "logprobs", "invalid_value")
 
 
 class FinishReason(str, Enum):
@@ -96,18 +115,25 @@ class TokenEvent:
 
 
 class RequestRejected(ValueError):
-    """A request that can never run (too long for the context or the KV pool)."""
+    """A request that can never run (too long for the context or the KV pool, or a field no
+    engine runs).  `field` names what is wrong: "prompt", "max_tokens" (the room the request
+    needs in the KV pool), "n" or "logprobs"; `code` is "context_length_exceeded" for what
+    does not fit, "invalid_value" for a value no request may have.  The API layer turns it
+    into its 400, with the parameter's name in its wire format."""
+
+    def __init__(self, message: str, field: str = "max_tokens", code: str = "context_length_exceeded"):
+        super().__init__(message)
+        self.field = field
+        self.code = code
 
 
 def check_prompt_length(request: GenerationRequest, max_model_len: int) -> int:
-    """The prompt's token count; RequestRejected when it is empty or leaves no room in the
-    context window for a single generated token."""
+    """The prompt's token count; RequestRejected when it leaves no room in the context window
+    for a single generated token (the message is the one OpenAI clients know)."""
     n = len(request.prompt_token_ids)
-    if n == 0:
-        raise RequestRejected("the prompt is empty")
     if n >= max_model_len:
         raise RequestRejected(
-            f"the prompt has {n} tokens, but this model's context window is "
-            f"{max_model_len} tokens (and at least one must be left to generate)"
-        )
+            f"This model's maximum context length is {max_model_len} tokens, but the prompt has "
+            f"{n} tokens (its context window must leave room for at least one generated token). "
+            "Shorten the prompt.", field="prompt")
     return n
