@@ -1,0 +1,122 @@
+"""RoPE whose cosines and sines are computed once per pass, not once per call.
+
+On the CPU `mx.fast.rope` has no kernel: MLX builds its fallback graph at every call, about
+twenty nodes (positions, inverse frequencies, theta, cos, sin, the rotation), and that is the
+single largest share of a decode step's "other ops" on a 30-layer model (q and k of every
+layer: 60 calls a token, all with the same offsets).  `SharedRoPE` stands in for `nn.RoPE`
+(swapped at load; mlx-lm's model code is unchanged): the first call of a pass with given
+offsets computes the cos / sin table, every later call with the same offsets array (every
+layer's q and k: the paged cache hands them all one array) reuses it and only rotates.
+
+Bit-identical to `mx.fast.rope` on the CPU: the table is MLX's own fallback applied to a
+probe of ones and zeros (x1 = 1, x2 = 0 gives exactly cos and sin), and the rotation is the
+fallback's own sequence of multiplies, subtract, add and concatenate.  Elsewhere (Metal,
+CUDA: a real kernel) the swap is not made.
+
+Offsets are matched by identity (`is`, holding a reference) for arrays, by value for ints;
+only the last table is kept (per thread), so nothing outlives the next pass.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import mlx.core as mx
+import mlx.nn as nn
+
+_tables = threading.local()
+
+
+def _probe(dims: int, traditional: bool) -> mx.array:
+    """Ones where the rotation's x1 is read, zeros where x2 is."""
+    half = dims // 2
+    if traditional:
+        return mx.array([1.0, 0.0] * half, dtype=mx.float32)
+    return mx.concatenate([mx.ones((half,), mx.float32), mx.zeros((half,), mx.float32)])
+
+
+class SharedRoPE(nn.Module):
+    """`nn.RoPE` (same parameters, same results) with its table shared across calls."""
+
+    def __init__(self, dims: int, traditional: bool = False, base: float = 10000, scale: float = 1.0):
+        super().__init__()
+        self.dims = dims
+        self.traditional = traditional
+        self.base = base
+        self.scale = scale
+        # A plain attribute, not a parameter: a constant, built once.
+        object.__setattr__(self, "_pattern", _probe(dims, traditional))
+
+    @classmethod
+    def from_rope(cls, rope: nn.RoPE) -> "SharedRoPE":
+        return cls(rope.dims, rope.traditional, rope.base, rope.scale)
+
+    def _extra_repr(self) -> str:
+        return f"{self.dims}, traditional={self.traditional}, table shared per pass"
+
+    def table(self, x: mx.array, offset) -> tuple[mx.array, mx.array]:
+        """(cos, sin), each shaped as the fallback's: (B, 1, T, dims / 2) for per-row offsets,
+        (T, dims / 2) for one offset."""
+        key = (self.dims, self.traditional, self.base, self.scale, x.shape[2], x.dtype)
+        last = getattr(_tables, "last", None)
+        if last is not None and last[0] == key and _same_offset(last[1], offset):
+            return last[2]
+        rows = x.shape[0] if isinstance(offset, mx.array) and offset.size > 1 else 1
+        probe = mx.broadcast_to(self._pattern.astype(x.dtype), (rows, 1, x.shape[2], self.dims))
+        rotated = mx.fast.rope(probe, self.dims, traditional=self.traditional, base=self.base,
+                               scale=self.scale, offset=offset)
+        if self.traditional:
+            cos, sin = rotated[..., 0::2], rotated[..., 1::2]
+        else:
+            half = self.dims // 2
+            cos, sin = rotated[..., :half], rotated[..., half:]
+        if rows == 1:  # one offset: the fallback's table has no batch or head axis
+            cos, sin = cos[0, 0], sin[0, 0]
+        _tables.last = (key, offset, (cos, sin))
+        return cos, sin
+
+    def __call__(self, x: mx.array, offset=0) -> mx.array:
+        if x.ndim != 4:  # the fallback reshapes other ranks; leave those to it
+            return mx.fast.rope(x, self.dims, traditional=self.traditional, base=self.base,
+                                scale=self.scale, offset=offset)
+        cos, sin = self.table(x, offset)
+        dims, half = self.dims, self.dims // 2
+        if self.traditional:
+            x1, x2 = x[..., 0:dims:2], x[..., 1:dims:2]
+        else:
+            x1, x2 = x[..., :half], x[..., half:dims]
+        first = x1 * cos - x2 * sin
+        second = x1 * sin + x2 * cos
+        if self.traditional:
+            b, n, t, _ = x.shape
+            out = mx.concatenate([first[..., None], second[..., None]], axis=-1).reshape(b, n, t, dims)
+            parts = [out]
+        else:
+            parts = [first, second]
+        if dims < x.shape[-1]:
+            parts.append(x[..., dims:])
+        return mx.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+
+
+def _same_offset(cached, offset) -> bool:
+    if isinstance(offset, mx.array) or isinstance(cached, mx.array):
+        return cached is offset
+    return cached == offset
+
+
+def share_rope_tables(model: nn.Module) -> int:
+    """Swap the model's `nn.RoPE` layers (exact type: subclasses and mlx-lm's scaled ropes
+    keep theirs) for `SharedRoPE`, on the CPU only.  Returns how many were swapped."""
+    if mx.default_device() != mx.cpu:
+        return 0
+    swapped = 0
+    for _, parent in model.named_modules():
+        for name, child in list(parent.children().items()):
+            if type(child) is nn.RoPE:
+                parent[name] = SharedRoPE.from_rope(child)
+                swapped += 1
+    return swapped
+
+
+def forget() -> None:
+    _tables.last = None

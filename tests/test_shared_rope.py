@@ -1,0 +1,77 @@
+"""SharedRoPE (omlx/models/shared_rope.py): RoPE's cos / sin table computed once per pass and
+reused by every layer's q and k, bit-identical to `mx.fast.rope` on the CPU."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx_lm import load
+
+from omlx.models import shared_rope
+from omlx.models.shared_rope import SharedRoPE, share_rope_tables
+from omlx.testing.tiny_models import TinyModelSpec, build_model
+
+RNG = np.random.default_rng(0)
+
+
+@pytest.mark.parametrize("traditional", [False, True])
+@pytest.mark.parametrize("dims, head_dim", [(64, 64), (32, 64), (16, 18)])
+@pytest.mark.parametrize("b, n, t", [(1, 9, 1), (32, 3, 1), (1, 4, 7), (3, 2, 5)])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_bit_identical_to_fast_rope(traditional, dims, head_dim, b, n, t, dtype):
+    reference = nn.RoPE(dims, traditional=traditional, base=100000.0, scale=0.5)
+    shared = SharedRoPE.from_rope(reference)
+    x = mx.array(RNG.standard_normal((b, n, t, head_dim)).astype(np.float32)).astype(dtype)
+    offsets = [0, 37, mx.array(RNG.integers(0, 5000, size=b), dtype=mx.int32), mx.array([12], dtype=mx.int32)]
+    for offset in offsets:
+        expected = reference(x, offset=offset)
+        for _ in range(2):  # the second call reads the cached table
+            got = shared(x, offset=offset)
+            assert got.shape == expected.shape and got.dtype == expected.dtype
+            assert mx.array_equal(got, expected).item(), offset
+        shared_rope.forget()
+
+
+def test_one_table_per_offsets_array():
+    rope = SharedRoPE(16, base=10000.0)
+    offsets = mx.array([3, 70], dtype=mx.int32)
+    q, k = mx.ones((2, 4, 1, 16)), mx.ones((2, 2, 1, 16))
+    rope(q, offset=offsets)
+    first = shared_rope._tables.last[2]
+    rope(k, offset=offsets)
+    assert shared_rope._tables.last[2] is first  # k reused q's table
+    # Equal values in another array (the next pass's): a new table, never a stale one.
+    other = mx.array([4, 71], dtype=mx.int32)
+    got = rope(k, offset=other)
+    assert shared_rope._tables.last[2] is not first
+    assert mx.array_equal(got, nn.RoPE(16)(k, offset=other)).item()
+    # A different length: a new table too.
+    rope(mx.ones((2, 2, 3, 16)), offset=other)
+    assert shared_rope._tables.last[0][4] == 3
+
+
+def test_a_float32_model_keeps_its_logits_bit_for_bit(tmp_path):
+    path = build_model(tmp_path / "m", TinyModelSpec(model_type="llama", seed=2))
+    model, _ = load(str(path))
+    tokens = mx.array([[5, 9, 200, 31, 7, 8, 400]])
+    before = np.array(model(tokens))
+    assert share_rope_tables(model) == len(model.model.layers)
+    assert all(type(layer.self_attn.rope) is SharedRoPE for layer in model.model.layers)
+    assert np.array_equal(np.array(model(tokens)), before)
+
+
+def test_only_plain_rope_is_swapped():
+    class ScaledRoPE(nn.RoPE):  # a subclass may compute its own frequencies
+        pass
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.plain = nn.RoPE(8)
+            self.scaled = ScaledRoPE(8)
+
+    holder = Holder()
+    assert share_rope_tables(holder) == 1
+    assert type(holder.plain) is SharedRoPE and type(holder.scaled) is ScaledRoPE
