@@ -10,6 +10,7 @@ and the server's RSS must be back within a margin of what it was after warm-up (
 pools, which grow up to their configured cap when the prefix cache fills them).
 
     python bench/soak.py --minutes 30 --clients 32           # builds a tiny model, starts omlx
+    python bench/soak.py --minutes 10 --clients 64 --shape llama-85m
     python bench/soak.py --url http://127.0.0.1:8000 --model M --minutes 60
 
 Prints a JSON report (and writes it with --out); exits 1 if a check failed.
@@ -36,6 +37,7 @@ import aiohttp
 CANARY_PROMPT = "List three colours."
 RSS_MARGIN = 0.25  # end RSS may exceed the post-warm-up RSS by this fraction...
 RSS_SLACK_BYTES = 64 << 20  # ...plus this much (allocator and interpreter noise)
+SETTLE_S = 10.0  # quiet time before the end RSS is read (the server trims its heap after 4-6 s)
 
 
 def kv_pool_bytes(state: dict) -> int:
@@ -216,7 +218,21 @@ def wait_idle(root: str, limit_s: float = 120.0) -> dict:
         time.sleep(0.2)
 
 
-async def soak(root: str, model: str, clients: int, seconds: float, seed: int) -> dict:
+def memory_sample(state: dict, elapsed: float, requests: int) -> dict:
+    """One point of the memory timeline, in MiB: RSS, RSS less the KV pools, MLX's arrays
+    and buffer cache, malloc's free chunks (where /health reports them)."""
+    process, kv = state["process"], kv_pool_bytes(state)
+    caches = process.get("allocator_caches", {})
+    mib = lambda n: None if n is None else round(n / 2**20, 1)  # noqa: E731
+    return {"s": round(elapsed, 1), "requests": requests, "rss": mib(process["rss_bytes"]),
+            "rss_less_kv": mib(process["rss_bytes"] - kv), "kv_pools": mib(kv),
+            "mlx_active": mib(caches.get("mlx", {}).get("active_bytes")),
+            "mlx_cache": mib(caches.get("mlx", {}).get("cache_bytes")),
+            "malloc_free": mib(caches.get("malloc", {}).get("free_bytes"))}
+
+
+async def soak(root: str, model: str, clients: int, seconds: float, seed: int, sample_s: float = 30.0,
+               settle_s: float = SETTLE_S) -> dict:
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
         # Warm-up: every family once, so the model, its grammar engine and pools are loaded
@@ -226,6 +242,7 @@ async def soak(root: str, model: str, clients: int, seconds: float, seed: int) -
         for _ in range(8):
             await one_request(session, root, rng, model, warm)
         wait_idle(root)
+        time.sleep(settle_s)  # settled like the end figure, so the two compare
         state = health(root)
         start, kv_start = state["process"]["rss_bytes"], kv_pool_bytes(state)
         tally, answers = Tally(), []
@@ -234,13 +251,23 @@ async def soak(root: str, model: str, clients: int, seconds: float, seed: int) -
         tasks = [asyncio.ensure_future(client(session, root, model, seed + 1 + i, deadline, tally)) for i in range(clients)]
         tasks.append(asyncio.ensure_future(canary(session, root, model, deadline, answers)))
         pending = set(tasks)
+        began, timeline = time.monotonic(), [memory_sample(state, 0.0, 0)]
         while pending:
             _, pending = await asyncio.wait(pending, timeout=1.0)
-            peak = max(peak, health(root)["process"]["rss_bytes"])
+            now = health(root)
+            peak = max(peak, now["process"]["rss_bytes"])
+            elapsed = time.monotonic() - began
+            if elapsed - timeline[-1]["s"] >= sample_s:
+                timeline.append(memory_sample(now, elapsed, tally.requests))
         for task in tasks:
             task.result()  # a client that crashed is the soak's bug: let it show
+    wait_idle(root)
+    # The server gives its freed heap back once it has been quiet a few seconds
+    # (omlx.allocator_caches.HeapTrimmer): the end figure is the settled one.
+    time.sleep(settle_s)
     idle = wait_idle(root)
     end, kv_end = idle["process"]["rss_bytes"], kv_pool_bytes(idle)
+    timeline.append(memory_sample(idle, time.monotonic() - began, tally.requests) | {"idle": True})
     models = idle["models_loaded"]
     report = {
         "clients": clients,
@@ -261,6 +288,10 @@ async def soak(root: str, model: str, clients: int, seconds: float, seed: int) -
         "rss_bytes": {"start": start, "peak": peak, "end": end},
         "kv_pool_bytes": {"start": kv_start, "end": kv_end},
         "rss_without_kv_pool_bytes": {"start": start - kv_start, "end": end - kv_end},
+        # Where the memory was along the way (MiB): what grew, and when.
+        "memory_timeline_mib": timeline,
+        "allocator_caches": {"start": state["process"].get("allocator_caches"),
+                             "end": idle["process"].get("allocator_caches")},
     }
     report["checks"] = {
         "no_5xx": report["server_errors"] == 0,
@@ -274,14 +305,25 @@ async def soak(root: str, model: str, clients: int, seconds: float, seed: int) -
     return report
 
 
-def start_server(work: Path, port: int) -> subprocess.Popen:
-    """A server on a freshly built tiny model (repo checkout on PYTHONPATH)."""
+# Models the soak can build and serve (--shape), by name (their model id).  The 85M llama
+# (GPT-2-small-sized, float32 weights of 343 MB) is where the RSS growth of issue #24 was seen:
+# its activations and KV layer arrays are big enough to meet glibc's mmap threshold.
+SHAPES = {
+    "tiny": dict(max_position_embeddings=8192),
+    "llama-85m": dict(model_type="llama", hidden_size=768, num_hidden_layers=12, intermediate_size=2304,
+                      num_attention_heads=12, num_key_value_heads=4, head_dim=64, vocab_size=2048,
+                      max_position_embeddings=8192, logit_scale=4.0),
+}
+
+
+def start_server(work: Path, port: int, shape: str = "tiny") -> subprocess.Popen:
+    """A server on a freshly built model of `shape` (repo checkout on PYTHONPATH)."""
     repo = Path(__file__).resolve().parent.parent
     sys.path.insert(0, str(repo))
     from omlx.testing.tiny_models import TinyModelSpec, build_model
 
     models = work / "models"
-    build_model(models / "tiny", TinyModelSpec(max_position_embeddings=8192))
+    build_model(models / shape, TinyModelSpec(**SHAPES[shape]))
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMLX_")}
     env.update(OMLX_HOME=str(work / "home"), PYTHONPATH=str(repo))
     log = open(work / "omlx.log", "wb")
@@ -303,23 +345,27 @@ def start_server(work: Path, port: int) -> subprocess.Popen:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="a running server (default: start one on a tiny model)")
-    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
+                        help="the model to build and serve when no --url is given")
+    parser.add_argument("--model", help="the model id to ask for (default: the --shape's name)")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--seconds", type=float, help="instead of --minutes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=18555)
     parser.add_argument("--out", type=Path, help="also write the JSON report here")
+    parser.add_argument("--sample-s", type=float, default=30.0, help="seconds between memory timeline points")
     args = parser.parse_args()
     seconds = args.seconds if args.seconds is not None else args.minutes * 60
     process = None
     with tempfile.TemporaryDirectory(prefix="omlx-soak-") as work:
         root = args.url
         if root is None:
-            process = start_server(Path(work), args.port)
+            process = start_server(Path(work), args.port, args.shape)
             root = f"http://127.0.0.1:{args.port}"
         try:
-            report = asyncio.run(soak(root.rstrip("/"), args.model, args.clients, seconds, args.seed))
+            report = asyncio.run(soak(root.rstrip("/"), args.model or args.shape, args.clients, seconds, args.seed,
+                                      args.sample_s))
         finally:
             if process is not None:
                 process.terminate()

@@ -13,6 +13,8 @@ import os
 import resource
 import sys
 
+from omlx.allocator_caches import allocator_stats
+
 RESERVE_FRACTION = 0.05
 RESERVE_FLOOR_BYTES = 1 << 30
 
@@ -31,23 +33,30 @@ def _meminfo() -> dict[str, int]:
     return out
 
 
-def process_memory() -> dict:
-    """This process: pid, resident bytes now and at peak."""
-    rss = None
+def resident_bytes() -> int | None:
+    """This process's resident set now (None where /proc is missing)."""
     try:
         with open("/proc/self/statm") as f:
-            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
-        pass
+        return None
+
+
+def process_memory() -> dict:
+    """This process: pid, resident bytes now and at peak, and what its allocators hold."""
+    rss = resident_bytes()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak *= 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
     out = {"pid": os.getpid(), "rss_bytes": rss, "peak_rss_bytes": max(peak, rss or 0)}
     mlx = sys.modules.get("mlx.core")  # only once something has imported it
     if mlx is not None:
         # MLX's own view: arrays alive, and freed buffers its allocator keeps for reuse
-        # (counted in the RSS; mx.clear_cache() gives them back).
+        # (counted in the RSS, bounded by its cache limit).
         out["mlx_active_bytes"] = mlx.get_active_memory()
         out["mlx_cache_bytes"] = mlx.get_cache_memory()
+    # Freed memory the allocators keep (MLX's cache, malloc's free lists): each with its bound
+    # and what has been given back (see omlx.allocator_caches).
+    out["allocator_caches"] = allocator_stats()
     return out
 
 

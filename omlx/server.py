@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -29,12 +30,14 @@ from omlx.api.rerank import RerankRoutes
 from omlx.api.transcriptions import TranscriptionRoutes
 from omlx.api.response_store import ResponseStore
 from omlx.api.responses import ResponsesRoutes
+from omlx.allocator_caches import HeapTrimmer, configure_mlx_cache
 from omlx.blas import blas_info
 from omlx.graceful_stop import GracefulStop, exit_process
 from omlx.memory_watch import machine_memory, process_memory
 from omlx.kernels.backend import attention_backend
 from omlx.kernels.linear import matmul_path
 from omlx.metrics import ServerMetrics
+from omlx.models import residency
 from omlx.models.pool import ModelPool
 from omlx.scheduler import EngineConfig
 from omlx.serving_limits import LIMITS, ServingLimits, limits_of
@@ -140,6 +143,7 @@ def create_app(config: ServerConfig) -> web.Application:
     app.router.add_get("/", root)  # and HEAD: Claude Code probes the base URL first
 
     async def start_pool(_app):
+        configure_mlx_cache(pool.memory_budget)  # before any model: its bound, in /health
         await pool.start()  # pinned / preloaded models, TTL watch
         offload_pool()  # the request-preparation pool and its JSON workers, ready for the first body
         if (mcp := mcp_of(_app)) is not None:
@@ -153,7 +157,28 @@ def create_app(config: ServerConfig) -> web.Application:
 
     app.on_startup.append(start_pool)
     app.on_cleanup.append(shutdown)
+    app.cleanup_ctx.append(trimming_heap)
     return app
+
+
+async def trimming_heap(app):
+    """While serving: malloc's free pages go back to the system as they pile up, and when
+    the server goes quiet (see omlx.allocator_caches)."""
+    pool: ModelPool = app[POOL]
+
+    def quiet_since() -> float | None:
+        # Leases are held from a request's start to its last byte; the latest end is when
+        # the quiet began (on the residency's idle clock, as HeapTrimmer is given).
+        residences = [r for r in map(pool.resident, list(pool.loaded)) if r is not None]
+        if any(r.leases for r in residences):
+            return None
+        return max((r.last_used for r in residences), default=0.0)
+
+    task = asyncio.create_task(HeapTrimmer(quiet_since, clock=lambda: residency.idle_clock()).run())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def mcp_manager(config: ServerConfig):

@@ -25,6 +25,7 @@ import logging
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
+from omlx.allocator_caches import release_freed
 from omlx.scheduler import EngineConfig
 from omlx.settings import SettingsStore, default_model_memory_bytes
 
@@ -230,7 +231,11 @@ class ModelPool:
                 await residency.make_room(0, info.model_id)
 
     def _load_sync(self, info: DiscoveredModel) -> Resident:
-        return self.loaders.load(info)
+        model = self.loaders.load(info)
+        # What loading read and dropped (float32 weights packed to bf16, file buffers) would
+        # stay resident on malloc's free lists: 150 MiB for an 85M float32 llama.
+        release_freed()
+        return model
 
     async def unload(self, name: str) -> bool:
         """Unload a resident model now; False if it was not loaded.  Raises ModelBusy while

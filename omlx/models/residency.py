@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from omlx.allocator_caches import release_freed
+
 from .memory_ledger import MemoryLedger
 from .resident import Resident
 
@@ -258,12 +260,8 @@ def _release(residence: Residence) -> None:
     residence.model.shutdown()
     residence.model = None
     gc.collect()
-    try:
-        import mlx.core as mx
-
-        mx.clear_cache()
-    except Exception:  # an allocator without a cache to clear
-        pass
+    # To the system, not just out of MLX's cache: malloc would keep the weights' chunks.
+    release_freed()
 
 
 def gib(n: int) -> str:

@@ -28,6 +28,8 @@ from typing import Callable
 
 import mlx.core as mx
 
+from omlx.allocator_caches import release_freed
+
 from .emission import emit_token
 from .engine import EngineConfig, default_kv_cache_bytes, parameter_bytes
 from .engine_stats import EngineStats, StepCounters
@@ -132,7 +134,7 @@ class FallbackEngine(EngineRequests):
         if self.sequences or self.scheduler.has_work:
             return 0
         freed, self.granted = self.granted, 0
-        mx.clear_cache()
+        release_freed()  # the caches' buffers to the system, past MLX's cache and malloc's free lists
         return freed
 
     def kv_stats(self) -> dict:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
+from omlx.allocator_caches import release_freed
 from omlx.kernels.paged_attention import (
     CascadePlan,
     QuantizedRows,
@@ -138,7 +139,9 @@ class PagedKVStorage:
                     mx.eval(pools[i])
                 del pool
         self.num_blocks = num_blocks
-        mx.clear_cache()  # the old arrays' buffers go back to the system
+        # The old arrays' buffers go back to the system: clearing MLX's cache alone would
+        # leave them on malloc's free lists, resident for good (omlx.allocator_caches).
+        release_freed()
 
     def _empty(self, rows: int, dim: int):
         dtype = self.layout.dtype
