@@ -19,6 +19,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .multimodal import block_key
+from .partial_prefix import PartialBlockIndex
 from .sequence import Sequence
 
 SCRATCH_BLOCK = 0
@@ -88,6 +89,9 @@ class BlockManager:
             (b, None) for b in range(1, num_blocks)
         )
         self.prefix_cache = prefix_cache  # off: nothing is looked up, so nothing is reused
+        # Published blocks by parent hash, with their tokens: the sources of a partial block's
+        # KV for a sequence that shares part of it (omlx.scheduler.partial_prefix).
+        self.partial_blocks = PartialBlockIndex()
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of those, tokens served from it
         # The disk tier (omlx.scheduler.disk.DiskKVCache), when the engine has one:
@@ -265,6 +269,8 @@ class BlockManager:
             if h not in self.hash_to_block and self.block_hash[block] is None:
                 self.hash_to_block[h] = block
                 self.block_hash[block] = h
+                if not block_key(seq.request, i * bs, (i + 1) * bs):
+                    self.partial_blocks.add(parent, block, seq.token_ids[i * bs : (i + 1) * bs])
                 if self.disk is not None:
                     self.disk.publish(h, block)
                 if self.on_publish is not None:
@@ -285,6 +291,18 @@ class BlockManager:
             self.ref_counts[block] = 1
             seq.block_table.append(block)
         return True
+
+    def take_copy_target(self, seq: Sequence, source: int) -> int | None:
+        """A fresh block at the end of the sequence's table, to receive a copy of `source`
+        (omlx.scheduler.partial_prefix); None, taking nothing, if no block is free.  The
+        source is held meanwhile: a cached block in the free list must not be the one handed
+        out.  Released, it goes back to the free list as most recently used."""
+        self._acquire(source)
+        taken = self.allocate(seq, 1) and seq.block_table[-1]
+        self.ref_counts[source] -= 1
+        if self.ref_counts[source] == 0:
+            self.free_blocks[source] = None
+        return taken or None
 
     def trim(self, seq: Sequence) -> None:
         """Release the blocks past those holding the sequence's computed tokens (a rejected
@@ -381,6 +399,7 @@ class BlockManager:
         """`block` is taken for other tokens (or dropped): it no longer holds its prefix."""
         if self.on_evict is not None:
             self.on_evict(block)
+        self.partial_blocks.discard(block)
         h = self.block_hash[block]
         if h is not None:
             if self.hash_to_block.get(h) == block:

@@ -28,6 +28,7 @@ from .block_manager import BlockManager
 from .emission import emit_token
 from .layer_managers import LayerManagers
 from .multimodal import needs_vision
+from .partial_prefix import PartialPrefix
 from .request import FinishReason, TokenEvent
 from .sequence import MAIN_POOL, Sequence, SequenceStatus
 from .step import KVOps, RunnerOutput, ScheduledRow, SchedulerOutput
@@ -71,6 +72,9 @@ class Scheduler(TwoPoolMoves):
         # (n > 1 forks), both given by the engine.
         self.layers = LayerManagers([])
         self.copy_within: Callable[[int, list[int], list[int]], None] | None = None
+        # Token-granular reuse of the block after a new sequence's cached full blocks (None:
+        # whole blocks only, as a measurement's baseline).
+        self.partial_prefix: PartialPrefix | None = PartialPrefix()
         # Speculative decoding (omlx.scheduler.speculation.Speculator), or None: decoding
         # sequences then get one row each.
         self.speculator = speculator
@@ -214,6 +218,8 @@ class Scheduler(TwoPoolMoves):
             hit = self._match_prefix(seq)
             if hit >= 0:
                 hit = self.layers.admit(seq, self.pool_of(seq), hit)
+            if hit >= 0:
+                hit += self._extend_partial(seq)
             vision = hit >= 0 and needs_vision(seq, min(seq.num_pending_tokens, budget))
             if vision and vision_room <= 0:
                 self._release(seq)  # it keeps its place at the head of the queue
@@ -238,6 +244,27 @@ class Scheduler(TwoPoolMoves):
         if batch.empty and self.has_work:
             self._unstick()
         return batch
+
+    def _extend_partial(self, seq: Sequence) -> int:
+        """The tokens a new sequence shares past its cached full blocks, copied from a block
+        that has them (see partial_prefix); 0 where that cannot apply: layer kinds with
+        storage of their own resume only at their own blocks and snapshots."""
+        if self.partial_prefix is None or self.layers or self.copy_within is None:
+            return 0
+        if self._kv_ops.migrations:
+            # Another rank applies copies before migrations: a block moved this step must
+            # not be a copy's source there before it is written.
+            return 0
+        limit = seq.num_tokens - 1 - seq.num_computed_tokens  # the last token is always fed
+        if seq.in_float_pool:  # a float sequence must reach its threshold by computing
+            limit = min(limit, self.quantized_kv_start - 1 - seq.num_computed_tokens)
+        return self.partial_prefix.extend(
+            seq, self.pool_of(seq), self.running, lambda src, dst: self._copy_block(seq.pool, src, dst), limit)
+
+    def _copy_block(self, pool: int, src: int, dst: int) -> None:
+        """Copy a whole block within a pool now, and tell other ranks (a KV operation)."""
+        self.copy_within(pool, [src], [dst])
+        self._kv_ops.copies.append((pool, src, dst))
 
     def _reserve_drafts(self, batch: ScheduledBatch, budget: int) -> int:
         """Draft rows for this step's decodes, within the token budget (half of what is left

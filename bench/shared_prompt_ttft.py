@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""Eight agents on one cached prompt, in-process: warm TTFT p50 against one cold prompt's TTFT.
+
+    python bench/shared_prompt_ttft.py [--model-path bench/models/bench-200m] [--agents 8]
+        [--shared-tokens 1800] [--weights auto|float32] [--modes partial,full-blocks]
+
+The engine-level twin of agents_bench.py's shared-prompt workload, without HTTP: one engine
+(the server's defaults: 32-token blocks, 512 tokens per step), a cold request (system prompt
++ its own message) run to its end, then `--agents` requests with the same system prompt and
+their own short messages added together, each timed from its add to its first token.  With
+`--modes partial,full-blocks` the same run is made twice on fresh engines, once with
+token-granular reuse of the partial last block (omlx.scheduler.partial_prefix) and once
+without it (only full blocks shared), so both ratios come from one process.  It also prints
+the prompt tokens each warm wave computed and the step profile of the wave's steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from omlx.blas import ensure_optimized_blas
+
+ensure_optimized_blas(sys.argv)
+
+from mlx_lm import load  # noqa: E402
+
+from omlx.models import weight_form  # noqa: E402
+from omlx.scheduler import EngineConfig, GenerationRequest, LLMEngine  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from serving_bench import WORDS, PromptFactory, ensure_model  # noqa: E402
+
+
+def chat_ids(tokenizer, system: str, user: str) -> list[int]:
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5 returns a BatchEncoding
+
+
+def run_until_first_tokens(engine: LLMEngine, requests: list[GenerationRequest]) -> tuple[dict, int]:
+    """Add `requests` together and step until all finish; (seconds to each one's first
+    token, prompt tokens the engine computed before the last first token)."""
+    before = engine.counters.prefill_tokens
+    started = time.perf_counter()
+    for request in requests:
+        engine.add_request(request)
+    first: dict[str, float] = {}
+    computed = 0
+    while engine.has_work:
+        for request_id, event in engine.step():
+            if event.token_id is not None and request_id not in first:
+                first[request_id] = time.perf_counter() - started
+                if len(first) == len(requests):
+                    computed = engine.counters.prefill_tokens - before
+    return first, computed
+
+
+def one_mode(model, tokenizer, args, partial: bool) -> dict:
+    engine = LLMEngine(model, EngineConfig(kv_cache_bytes=1 << 30), context_window=8192)
+    if not partial:
+        engine.scheduler.partial_prefix = None  # full blocks only, as before partial reuse
+    rng = random.Random(11)
+    words = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))  # noqa: E731
+    factory = PromptFactory(args.model_path, seed=3)
+    # Warm-up on an unrelated prompt (first-call costs), then the measured cold prompt.
+    run_until_first_tokens(engine, [GenerationRequest("warmup", chat_ids(tokenizer, factory.text(300), "hi"),
+                                                      max_tokens=4)])
+    system = factory.text(args.shared_tokens)
+    cold_ids = chat_ids(tokenizer, system, "first " + words(16))
+    cold, cold_computed = run_until_first_tokens(engine, [GenerationRequest("cold", cold_ids, args.max_tokens)])
+    agents = [GenerationRequest(f"agent{i}", chat_ids(tokenizer, system, f"agent {i} " + words(16)), args.max_tokens)
+              for i in range(args.agents)]
+    engine.profile.reset()
+    warm, warm_computed = run_until_first_tokens(engine, agents)
+    profile = engine.profile.report()
+    alone, alone_computed = run_until_first_tokens(
+        engine, [GenerationRequest("alone", chat_ids(tokenizer, system, "alone " + words(16)), args.max_tokens)])
+    assert engine.blocks.leaked_blocks() == []
+    warm_p50 = statistics.median(warm.values())
+    return {
+        "prompt_tokens": len(cold_ids), "cold_ttft": cold["cold"], "cold_computed": cold_computed,
+        "warm_ttft_p50": warm_p50, "warm_computed": warm_computed, "alone_ttft": alone["alone"],
+        "alone_computed": alone_computed, "warm_vs_cold": cold["cold"] / warm_p50,
+        "alone_vs_cold": cold["cold"] / alone["alone"], "wave_profile_ms": profile["mean_ms"],
+        "wave_steps": profile["steps"],
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-path", type=Path, default=HERE / "models" / "bench-200m")
+    p.add_argument("--agents", type=int, default=8)
+    p.add_argument("--shared-tokens", type=int, default=1800)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--weights", choices=("auto", "float32"), default="auto",
+                   help="auto: the form the server picks here (packed bf16 on a CPU with a bf16 unit)")
+    p.add_argument("--modes", default="partial,full-blocks")
+    p.add_argument("--repeats", type=int, default=1)
+    args = p.parse_args(argv)
+    ensure_model(args.model_path)
+    model, tokenizer = load(str(args.model_path))
+    form = weight_form.apply(model, None, 16 << 30) if args.weights == "auto" else "float32 (as loaded)"
+    print(f"model {args.model_path.name}, weights {form}, {args.agents} agents, ~{args.shared_tokens}-token system prompt")
+    for _ in range(args.repeats):
+        for mode in args.modes.split(","):
+            row = one_mode(model, tokenizer, args, partial=(mode == "partial"))
+            print(f"{mode:12s} prompt {row['prompt_tokens']} tok | cold TTFT {row['cold_ttft']:.3f} s "
+                  f"({row['cold_computed']} computed) | {args.agents} warm TTFT p50 {row['warm_ttft_p50']:.3f} s "
+                  f"({row['warm_computed']} computed, {row['wave_steps']} steps) -> {row['warm_vs_cold']:.2f}x | "
+                  f"one warm alone {row['alone_ttft']:.3f} s ({row['alone_computed']} computed) -> "
+                  f"{row['alone_vs_cold']:.1f}x", flush=True)
+            print(f"{'':12s} wave step profile (mean ms): {row['wave_profile_ms']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

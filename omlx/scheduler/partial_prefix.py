@@ -1,0 +1,136 @@
+"""Token-granular prefix reuse: the block right after a new sequence's cached full blocks.
+
+The prefix cache shares whole blocks: a block's hash covers all of its tokens, so a request
+that shares a prefix with a cached one up to the middle of a block recomputes that block's
+shared tokens.  Eight agents with one long system prompt and their own messages each
+recompute the same 16-odd tokens of the block where the system prompt ends - on a 32-token
+block about as many tokens as their own messages.
+
+The keys and values at a position depend only on the tokens up to it, so any block that
+follows the same chain of full blocks (the same parent hash) holds valid KV for the tokens it
+has in common with the new sequence's next block, at the same positions.  At admission the
+sequence gets a fresh block with a copy of the best such block (the longest run of common
+tokens) and starts computing after the common tokens; the copy's rows past them are
+overwritten by its own prefill.  Sources are blocks published in the prefix cache (indexed
+here by parent hash, with their tokens) and the blocks of running sequences (their partial
+last block included, up to the tokens they have computed).  SGLang's radix cache does the
+same at token granularity throughout; here full blocks stay the unit of sharing and only the
+boundary block is copied.
+
+Where it does not apply, the sequence starts at its full blocks as before: layer kinds with
+storage of their own (sliding-window pools, recurrent state: a state can only resume at its
+snapshots), a block where an image starts (its tokens are placeholders, the pixels may
+differ), the prefix cache off, and a float sequence under `--quantized-kv-start` that would
+reach the threshold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from .multimodal import block_key
+from .sequence import Sequence
+
+
+class PartialBlockIndex:
+    """The prefix cache's blocks by parent hash, with their tokens: which cached blocks can
+    continue a given chain of full blocks.  Kept by the BlockManager as it publishes and
+    evicts blocks."""
+
+    def __init__(self) -> None:
+        self._children: dict[bytes, dict[int, np.ndarray]] = {}
+        self._parent_of: dict[int, bytes] = {}
+
+    def __len__(self) -> int:
+        return len(self._parent_of)
+
+    def add(self, parent: bytes, block: int, tokens: list[int]) -> None:
+        self.discard(block)
+        self._children.setdefault(parent, {})[block] = np.asarray(tokens, dtype=np.int64)
+        self._parent_of[block] = parent
+
+    def discard(self, block: int) -> None:
+        parent = self._parent_of.pop(block, None)
+        if parent is None:
+            return
+        siblings = self._children[parent]
+        del siblings[block]
+        if not siblings:
+            del self._children[parent]
+
+    def children(self, parent: bytes) -> Iterable[tuple[int, np.ndarray]]:
+        return self._children.get(parent, {}).items()
+
+
+def common_length(tokens: np.ndarray, wanted: np.ndarray) -> int:
+    """How many leading tokens the two arrays have in common."""
+    n = min(len(tokens), len(wanted))
+    differ = np.flatnonzero(tokens[:n] != wanted[:n])
+    return int(differ[0]) if len(differ) else n
+
+
+class PartialPrefix:
+    """The scheduler's side: at admission, extend a sequence's cached prefix into its next
+    block by copying another block's KV for the tokens they share."""
+
+    def __init__(self) -> None:
+        self.reused_tokens = 0  # tokens not computed thanks to a copied partial block
+        self.copies = 0
+
+    def extend(
+        self, seq: Sequence, pool, running: list[Sequence], copy: Callable[[int, int], None],
+        limit: int,
+    ) -> int:
+        """Give a freshly matched `seq` (its computed tokens are its full cached blocks) the
+        KV of up to `limit` more tokens from the best source block; returns the tokens added.
+        `pool` is the sequence's BlockManager, `copy(src, dst)` copies a block within it."""
+        bs = pool.block_size
+        index = len(seq.block_table)
+        start = index * bs
+        if not pool.prefix_cache or seq.num_computed_tokens != start or limit <= 0:
+            return 0
+        if block_key(seq.request, start, start + bs):
+            return 0  # an image starts in this block: equal tokens, maybe other pixels
+        if index and len(seq.block_hashes) != index:
+            return 0
+        parent = seq.block_hashes[index - 1] if index else pool.scope
+        wanted = np.asarray(seq.token_ids[start : start + min(bs, limit)], dtype=np.int64)
+        best_block, best = 0, 0
+        for block, tokens in self._sources(seq, pool, running, index, parent):
+            n = common_length(tokens, wanted)
+            if n > best:
+                best_block, best = block, n
+                if best == len(wanted):
+                    break
+        if best == 0:
+            return 0
+        target = pool.take_copy_target(seq, best_block)
+        if target is None:
+            return 0  # no free block now: it computes the tokens itself
+        copy(best_block, target)
+        seq.num_computed_tokens = start + best
+        self.reused_tokens += best
+        self.copies += 1
+        return best
+
+    @staticmethod
+    def _sources(seq: Sequence, pool, running: list[Sequence], index: int, parent: bytes):
+        """(block, its valid tokens) of every block that continues `seq`'s chain of `index`
+        full blocks: cached blocks under that parent, then running sequences' blocks (a
+        partial last block is valid up to the tokens its sequence has computed)."""
+        yield from pool.partial_blocks.children(parent)
+        bs = pool.block_size
+        start = index * bs
+        for other in running:
+            if other is seq or other.pool != seq.pool or len(other.block_table) <= index:
+                continue
+            valid = min(bs, other.num_computed_tokens - start)
+            if valid <= 0:
+                continue
+            if index and (len(other.block_hashes) < index or other.block_hashes[index - 1] != parent):
+                continue
+            if block_key(other.request, start, start + bs):
+                continue
+            yield other.block_table[index], np.asarray(other.token_ids[start : start + valid], dtype=np.int64)
