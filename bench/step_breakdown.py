@@ -40,11 +40,11 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE / "models" / "bench-200m"
 
 
-def engine_for(model, rows: int, context: int) -> LLMEngine:
+def engine_for(model, rows: int, context: int, kv_dtype: str = "auto") -> LLMEngine:
     block_size = 32
     blocks = rows * (-(-(context + 64) // block_size)) + 8
     return LLMEngine(model, EngineConfig(block_size=block_size, num_blocks=blocks, max_num_seqs=rows,
-                                         max_num_batched_tokens=2048, prefix_cache=False), 16384)
+                                         max_num_batched_tokens=2048, prefix_cache=False, kv_dtype=kv_dtype), 16384)
 
 
 def fill(engine: LLMEngine, rows: int, context: int, rng) -> None:
@@ -129,6 +129,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)  # two timed runs of this many: stay under max_tokens
     parser.add_argument("--weights", choices=("float32", "bf16"), default="float32",
                         help="bf16: the packed bf16 linear layers omlx serves with on a CPU with a bf16 unit")
+    parser.add_argument("--kv-dtype", default="auto",
+                        help="comma-separated KV pool dtypes to time side by side (auto, float32, bfloat16)")
     args = parser.parse_args()
     if not args.model.exists():
         from omlx.testing.tiny_models import BENCH_200M, build_model
@@ -142,12 +144,12 @@ def main() -> None:
     rng = np.random.default_rng(0)
     print(f"# Decode step breakdown: {args.model.name}, weights: {args.weights}, "
           f"attention: {attention_backend().name}\n")
-    print("| rows | context | step ms | schedule | prepare | compute | (attention | matmuls | other ops) | sample | postprocess | host share |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| rows | context | KV | step ms | schedule | prepare | compute | (attention | matmuls | other ops) | sample | postprocess | host share |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     real_attention = kv_cache.ragged_attention
     for context in [int(c) for c in args.contexts.split(",")]:
-        for rows in [int(r) for r in args.rows.split(",")]:
-            engine = engine_for(model, rows, context)
+        for rows, kv_dtype in [(int(r), d) for r in args.rows.split(",") for d in args.kv_dtype.split(",")]:
+            engine = engine_for(model, rows, context, kv_dtype)
             fill(engine, rows, context, rng)
             mean = timed_steps(engine, args.steps)
             kv_cache.ragged_attention = stub_attention
@@ -160,7 +162,8 @@ def main() -> None:
             other = mean["compute"] - attention - matmuls
             total = sum(mean.values())
             host = total - mean["compute"]
-            print(f"| {rows} | {context} | {total:.1f} | {mean['schedule']:.2f} | {mean['prepare']:.2f} | "
+            kv = engine.serving_info()["kv_dtype"]
+            print(f"| {rows} | {context} | {kv} | {total:.1f} | {mean['schedule']:.2f} | {mean['prepare']:.2f} | "
                   f"{mean['compute']:.1f} | {attention:.1f} | {matmuls:.1f} | {other:.1f} | {mean['sample']:.2f} | "
                   f"{mean['postprocess']:.2f} | {host / total:.0%} |", flush=True)
             del engine

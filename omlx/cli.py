@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="store KV blocks quantized to 4 or 8 bits (default: the model's dtype)")
     serve.add_argument("--kv-group-size", type=int, choices=(32, 64, 128),
                        help="values per quantization scale/bias in KV blocks (64)")
+    from omlx.settings_values import KV_DTYPES
+
+    serve.add_argument("--kv-dtype", choices=KV_DTYPES,
+                       help="what KV blocks store keys and values in (auto: bfloat16 where a float32 "
+                            "model's matmuls run packed bf16 on this CPU, else the model's dtype)")
     serve.add_argument("--quantized-kv-start", type=_non_negative, metavar="TOKENS",
                        help="with --kv-bits, keep each sequence's KV in the model's dtype until it "
                             "holds this many tokens, then quantize it (0: from the first token)")

@@ -50,6 +50,8 @@ from omlx.settings_values import (  # noqa: F401 - SettingsError, parse_bytes, .
     dirs_text,
     gib_from_size,
     kv_bits,
+    kv_dtype,
+    kv_dtype_text,
     model_type,
     non_negative_int_text,
     optional_non_negative_int,
@@ -109,6 +111,8 @@ MODEL_KEYS: dict[str, Callable] = {
     "kv_cache_gb": optional_positive,
     "kv_bits": kv_bits,
     "kv_group_size": optional_positive_int,
+    # The dtype of this model's KV pool: auto, float32, bfloat16, float16 (next load).
+    "kv_dtype": kv_dtype,
     # With kv_bits: tokens each sequence keeps in the model's dtype before its KV is quantized.
     "quantized_kv_start": optional_non_negative_int,
     # Run a quantized / half-precision model in float32 (true), as stored (false); unset:
@@ -145,6 +149,7 @@ GLOBAL_KEYS: dict[str, Callable] = {
     "block_size": optional_positive_int,
     "kv_bits": optional_positive_int,
     "kv_group_size": optional_positive_int,
+    "kv_dtype": kv_dtype,
     "quantized_kv_start": optional_non_negative_int,
     "kv_cache_dir": typed(str),
     "kv_disk_gb": optional_positive,
@@ -429,6 +434,9 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     # KV_BITS / KV_GROUP_SIZE (mlx-vlm): store KV blocks quantized.
     Option("kv_bits", ("OMLX_KV_BITS", "KV_BITS"), int),
     Option("kv_group_size", ("OMLX_KV_GROUP_SIZE", "KV_GROUP_SIZE"), int, 64),
+    # The dtype KV pools store keys and values in (auto: bf16 where the matmuls run packed
+    # bf16, else the model's own; see omlx.scheduler.kv_dtype).
+    Option("kv_dtype", ("OMLX_KV_DTYPE",), kv_dtype_text, "auto"),
     # QUANTIZED_KV_START (mlx-vlm / mlx-lm's --quantized-kv-start): with kv_bits, a sequence's
     # KV stays in the model's dtype until it holds this many tokens (0: quantized from the first).
     Option("quantized_kv_start", ("OMLX_QUANTIZED_KV_START", "QUANTIZED_KV_START"), non_negative_int_text, 0),

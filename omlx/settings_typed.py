@@ -151,6 +151,7 @@ class GlobalSettings(_Settings):
     block_size: int | None = None
     kv_bits: int | None = None
     kv_group_size: int | None = None
+    kv_dtype: str | None = None
     quantized_kv_start: int | None = None
     kv_cache_dir: str | None = None
     kv_disk_gb: float | None = None
@@ -192,6 +193,7 @@ class ModelSettings(_Settings):
     kv_cache_gb: float | None = None
     kv_bits: int | None = None
     kv_group_size: int | None = None
+    kv_dtype: str | None = None
     quantized_kv_start: int | None = None
     dequantize: bool | None = None
     max_context_window: int | None = None

@@ -13,6 +13,8 @@ import re
 from typing import Any, Callable
 
 MODEL_TYPES = ("llm", "vlm", "ocr", "embedding", "reranker")
+# What a KV pool may store keys and values in (omlx.scheduler.kv_dtype): auto picks.
+KV_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # Request-body keys a user may give defaults for, and the type check each default must pass
 # (the range checks stay in the API's own request parser, which sees the merged body).
@@ -154,6 +156,12 @@ def kv_bits(value, field: str):
     return value
 
 
+def kv_dtype(value, field: str):
+    if value is not None and value not in KV_DTYPES:
+        raise SettingsError(f"'{field}' must be one of {', '.join(KV_DTYPES)}, got {value!r}", field)
+    return value
+
+
 # ---------------------------------------------------------------------------- env / flag text
 
 
@@ -161,6 +169,13 @@ def non_negative_int_text(text: str) -> int:
     value = int(text)
     if value < 0:
         raise ValueError(f"must be 0 or more, got {value}")
+    return value
+
+
+def kv_dtype_text(text: str) -> str:
+    value = text.strip().lower()
+    if value not in KV_DTYPES:
+        raise ValueError(f"expected one of {', '.join(KV_DTYPES)}, got {text!r}")
     return value
 
 

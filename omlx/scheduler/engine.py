@@ -11,12 +11,14 @@ steps on a thread of their own for asyncio clients.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Callable
 
 from .block_manager import BlockManager
 from .kv_cache import KVLayout, PagedKVStorage, install_attention_hook
 from .engine_config import DRAFT_KV_CAP, INITIAL_KV_BYTES, EngineConfig  # noqa: F401 (re-exported)
+from .kv_dtype import choose_kv_dtype, dtype_name
 from .kv_pool import KVPool
 from .kv_sizing import (  # noqa: F401 (re-exported)
     default_kv_cache_bytes, parameter_bytes, pool_plans, quantization_for, weights_fingerprint,
@@ -63,6 +65,9 @@ class LLMEngine(EngineRequests):
         self.kinds = layer_kinds(model)
         self._kinds_described = describe(self.kinds)  # in every stats snapshot: made once
         layout = KVLayout.probe(model)
+        # The pools' dtype: the model's own, or bf16 where its matmuls run packed bf16 (kv_dtype).
+        kv_dtype, self.kv_dtype_reason = choose_kv_dtype(config.kv_dtype, model, layout.dtype)
+        layout = dataclasses.replace(layout, dtype=kv_dtype)
         kv_bits, group_size = quantization_for(layout, config.kv_bits, config.kv_group_size)
         self.quantized_kv_start = config.quantized_kv_start if kv_bits is not None else 0
         if config.quantized_kv_start and kv_bits is None:
@@ -154,7 +159,7 @@ class LLMEngine(EngineRequests):
                 pool.storage.num_blocks, pool.block_size, pool.nbytes / 2**20,
                 f", may grow to {pool.blocks.max_blocks} blocks / {pool.max_bytes / 2**20:.0f} MiB"
                 if pool.blocks.max_blocks > pool.storage.num_blocks else "",
-                layout.num_layers, layout.dtype,
+                layout.num_layers, f"{dtype_name(layout.dtype)} ({self.kv_dtype_reason})",
                 f", quantized to {pool.storage.kv_bits} bits (groups of {group_size})" if pool.storage.kv_bits else
                 (f", for each sequence's first {self.quantized_kv_start} tokens" if pool is self.float_pool else ""),
             )
@@ -201,7 +206,8 @@ class LLMEngine(EngineRequests):
         if self.window is None and any(k.kind in (Kind.WINDOW, Kind.CHUNK) for k in self.kinds):
             limits.append("windowed layers keep every block of a sequence (the window is applied by attention)")
         return {"engine": "paged", "layer_kinds": describe(self.kinds), "limits": limits,
-                "speculative_decoding": self.scheduler.speculator is not None}
+                "speculative_decoding": self.scheduler.speculator is not None,
+                "kv_dtype": dtype_name(self.storage.layout.dtype), "kv_dtype_reason": self.kv_dtype_reason}
 
     # Views of the pools that the scheduler, the server and tests use.
     @property

@@ -46,6 +46,9 @@ class EngineConfig:
     # first token.  Above 0 the engine keeps a second, float pool for those sequences.
     quantized_kv_start: int = option_default("quantized_kv_start")
     num_float_blocks: int | None = None  # a fixed float pool of this many blocks (tests)
+    # The dtype KV pools store keys and values in: auto (the model's own, or bf16 where its
+    # matmuls run packed bf16: omlx.scheduler.kv_dtype), float32, bfloat16 or float16.
+    kv_dtype: str = option_default("kv_dtype")
     # The prefix cache's disk tier: full blocks are also written under this directory
     # (one subdirectory per model identity) and loaded back by later requests, also after a
     # restart.  None turns it off.
@@ -115,6 +118,7 @@ _FROM_SETTINGS = {
     "max_model_len": ("max_model_len", _same),
     "kv_bits": ("kv_bits", lambda bits: bits or None),  # 0: unquantized
     "kv_group_size": ("kv_group_size", _same),
+    "kv_dtype": ("kv_dtype", _same),
     "quantized_kv_start": ("quantized_kv_start", _same),
     "kv_disk_gb": ("kv_disk_bytes", gib_to_bytes),
     "prefix_cache": ("prefix_cache", _same),
