@@ -35,6 +35,7 @@ MODULES: dict[str, str] = {
     "_linear_cpu": "linear_",
     "_quant_linear_cpu": "quant_linear",
     "_quant_bf16_cpu": "quant_bf16",
+    "_fused_ops_cpu": "fused_ops",
 }
 # Sources every module builds with (cpu/common.h is included by each module's .cpp), so each
 # module's stamp covers them too.

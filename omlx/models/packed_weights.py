@@ -29,6 +29,7 @@ from mlx.utils import tree_map_with_path, tree_unflatten
 from omlx.kernels.expert_linear import PackedSwitchLinear, switch_linear_types
 from omlx.kernels.linear import PackedEmbedding, PackedLinear, matmul_path
 from omlx.models.fused_projections import fuse_projections
+from omlx.models.kernel_norms import swap_rms_norms
 from omlx.models.shared_rope import share_rope_tables
 
 log = logging.getLogger("omlx.pool")
@@ -96,9 +97,11 @@ def pack_model(model: nn.Module, experts: bool = True,
     model.update(tree_map_with_path(widen, model.parameters()))
     mx.eval(model.parameters())
     # Fewer graph nodes a token: q/k/v and gate/up of one input in one kernel call each
-    # (omlx/models/fused_projections.py), RoPE's table once a pass (omlx/models/shared_rope.py).
+    # (omlx/models/fused_projections.py), RoPE's table once a pass and its rotation one node
+    # (omlx/models/shared_rope.py), RMSNorm one node (omlx/models/kernel_norms.py).
     fuse_projections(model)
     share_rope_tables(model)
+    swap_rms_norms(model)
     log.debug("packed %d layer(s) in bf16", len(replacements))
     return len(replacements)
 

@@ -10,7 +10,8 @@ layer's q and k: the paged cache hands them all one array) reuses it and only ro
 
 Bit-identical to `mx.fast.rope` on the CPU: the table is MLX's own fallback applied to a
 probe of ones and zeros (x1 = 1, x2 = 0 gives exactly cos and sin), and the rotation is the
-fallback's own sequence of multiplies, subtract, add and concatenate.  Elsewhere (Metal,
+fallback's own sequence of multiplies, subtract, add and concatenate - one node of
+omlx/kernels/cpu/fused_ops.cpp for float32 where it is built, MLX's ops otherwise.  Elsewhere (Metal,
 CUDA: a real kernel) the swap is not made.
 
 Offsets are matched by identity (`is`, holding a reference) for arrays, by value for ints;
@@ -23,6 +24,8 @@ import threading
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from omlx.kernels import fused_ops
 
 _tables = threading.local()
 
@@ -54,9 +57,9 @@ class SharedRoPE(nn.Module):
     def _extra_repr(self) -> str:
         return f"{self.dims}, traditional={self.traditional}, table shared per pass"
 
-    def table(self, x: mx.array, offset) -> tuple[mx.array, mx.array]:
-        """(cos, sin), each shaped as the fallback's: (B, 1, T, dims / 2) for per-row offsets,
-        (T, dims / 2) for one offset."""
+    def table(self, x: mx.array, offset) -> tuple[mx.array, mx.array, mx.array]:
+        """(cos, sin, both), cos and sin shaped as the fallback's: (B, 1, T, dims / 2) for
+        per-row offsets, (T, dims / 2) for one offset; both: (B or 1, T, dims) for the kernel."""
         key = (self.dims, self.traditional, self.base, self.scale, x.shape[2], x.dtype)
         last = getattr(_tables, "last", None)
         if last is not None and last[0] == key and _same_offset(last[1], offset):
@@ -72,14 +75,19 @@ class SharedRoPE(nn.Module):
             cos, sin = rotated[..., :half], rotated[..., half:]
         if rows == 1:  # one offset: the fallback's table has no batch or head axis
             cos, sin = cos[0, 0], sin[0, 0]
-        _tables.last = (key, offset, (cos, sin))
-        return cos, sin
+        # The kernel's form: (rows, T, dims), cos / sin halves (or pairs) side by side.
+        tables = (cos, sin, rotated[:, 0])
+        _tables.last = (key, offset, tables)
+        return tables
 
     def __call__(self, x: mx.array, offset=0) -> mx.array:
         if x.ndim != 4:  # the fallback reshapes other ranks; leave those to it
             return mx.fast.rope(x, self.dims, traditional=self.traditional, base=self.base,
                                 scale=self.scale, offset=offset)
-        cos, sin = self.table(x, offset)
+        cos, sin, both = self.table(x, offset)
+        fused = fused_ops.kernel()
+        if fused is not None and x.dtype == mx.float32:
+            return fused.rope_rotate(x, both, self.dims, self.traditional)
         dims, half = self.dims, self.dims // 2
         if self.traditional:
             x1, x2 = x[..., 0:dims:2], x[..., 1:dims:2]
