@@ -35,12 +35,15 @@ from omlx.kernels import linear as linear_kernel
 from omlx.kernels import quant_linear
 from omlx.kernels.expert_linear import PackedSwitchLinear
 
-from . import packed_weights
+from omlx.kernels import quant_bf16
+
+from . import packed_weights, quantized_bf16
 from .cpu_weights import should_dequantize, to_float32
 
 log = logging.getLogger("omlx.pool")
 
 BF16_PACKED = "bf16-packed"
+QUANTIZED_BF16 = "quantized-bf16"
 QUANTIZED_KERNEL = "quantized-kernel"
 FLOAT32 = "float32"
 STORED = "stored"
@@ -64,13 +67,15 @@ def runs_exactly(model: nn.Module) -> bool:
     """Whether the model's linear layers compute in float32 from float32 operands, so a
     ragged pass matches mlx-lm's to float32 rounding (the load-time self-check's bar)."""
     reduced = (linear_kernel.PackedLinear, linear_kernel.PackedEmbedding, PackedSwitchLinear,
-               quant_linear.QuantLinear, quant_linear.QuantEmbedding)
+               quant_linear.QuantLinear, quant_linear.QuantEmbedding,
+               quant_bf16.QuantBf16Linear, quant_bf16.QuantBf16Embedding)
     return not any(isinstance(m, reduced) for _, m in model.named_modules())
 
 
 def describe(form: str) -> str:
     return {
         BF16_PACKED: f"bf16 weights packed for this CPU ({linear_kernel.matmul_path().isa})",
+        QUANTIZED_BF16: f"quantized weights held as stored, computed in bf16 ({linear_kernel.matmul_path().isa})",
         QUANTIZED_KERNEL: f"quantized weights read as stored ({quant_linear.availability().isa})",
         FLOAT32: "dequantized in float32 (model setting 'dequantize': false keeps the stored weights)",
         STORED: "weights as stored",
