@@ -198,6 +198,22 @@ def test_source_is_a_running_sequences_partial_last_block(tiny):
     assert_no_leaks(engine)
 
 
+def test_next_turn_resumes_inside_the_block_where_the_last_one_ended(tiny):
+    """A finished sequence's partial last block stays as a source: the conversation re-sent
+    with a new message copies the tokens of it that were computed."""
+    model, eos, reference = tiny
+    engine = engine_for(model)
+    prompt = SYSTEM[:21]  # 2 full blocks + 5 tokens
+    reply = run(engine, {0: [request("turn1", prompt, eos)]})["turn1"]
+    assert len(reply) == MAX_NEW  # the test's arithmetic below needs the whole reply
+    computed = len(prompt) + len(reply) - 1  # the last token sampled is never fed
+    turn2 = prompt + reply + [301, 302]
+    out = run(engine, {0: [request("turn2", turn2, eos)]})
+    assert engine.scheduler.partial_prefix.reused_tokens == computed % BS
+    assert out["turn2"] == reference(turn2)
+    assert_no_leaks(engine)
+
+
 def test_agents_admitted_together_all_reuse_the_cached_block(tiny):
     model, eos, reference = tiny
     engine = engine_for(model)
@@ -288,11 +304,12 @@ def test_quantized_kv_copies_as_stored(wide):
     assert outs[0] == outs[1]
 
 
-@pytest.mark.parametrize("start, reused", [(40, 3 * 5), (27, 0)])
+@pytest.mark.parametrize("start, reused", [(40, 3 * 5), (27, 3 * 2)])
 def test_float_pool_under_quantized_kv_start(wide, start, reused):
     """With a float pool the copy is made there, and the sequences still move to the 8-bit
-    pool at exactly the threshold.  (Start 27: the cold prompt's fourth block was never full
-    in the float pool, it moved at 27 tokens; nothing there to copy.)"""
+    pool at exactly the threshold.  (Start 27: the cold prompt moved at 27 tokens, leaving
+    its fourth block in the float pool with 3 tokens; each agent copies 2 of them and
+    computes the 27th itself, where it moves.)"""
     model, eos = wide
     prompts = [SYSTEM + [1, 2, 3]] + [SYSTEM + [60 + i, 61] for i in range(3)]
     outs = []

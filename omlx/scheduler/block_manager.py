@@ -19,7 +19,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .multimodal import block_key
-from .partial_prefix import PartialBlockIndex
+from .partial_prefix import PartialBlockIndex, partial_tail
 from .sequence import Sequence
 
 SCRATCH_BLOCK = 0
@@ -374,7 +374,9 @@ class BlockManager:
         child.num_computed_tokens = n * self.block_size
 
     def free(self, seq: Sequence) -> None:
-        """Release the sequence's blocks; its full blocks stay cached for later reuse."""
+        """Release the sequence's blocks; its full blocks stay cached for later reuse, and so
+        does its partial last block, as a source of token-granular reuse (partial_prefix)."""
+        tail = partial_tail(seq, self.block_size, self.scope) if self.prefix_cache else None
         # Tail blocks are released first so that they are also evicted first: a prefix is
         # only useful from its beginning.
         for block in reversed(seq.block_table):
@@ -382,8 +384,10 @@ class BlockManager:
             assert self.ref_counts[block] >= 0, "block freed twice"
             if self.ref_counts[block] == 0:
                 self.free_blocks[block] = None
-                if self.block_hash[block] is None:
+                if self.block_hash[block] is None and (tail is None or block != tail.block):
                     self.free_blocks.move_to_end(block, last=False)
+        if tail is not None and self.ref_counts[tail.block] == 0 and self.block_hash[tail.block] is None:
+            self.partial_blocks.add(tail.parent, tail.block, tail.tokens)
         seq.block_table = []
         seq.block_hashes = []
         seq.num_hashed_blocks = 0

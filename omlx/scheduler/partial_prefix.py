@@ -11,11 +11,13 @@ follows the same chain of full blocks (the same parent hash) holds valid KV for 
 has in common with the new sequence's next block, at the same positions.  At admission the
 sequence gets a fresh block with a copy of the best such block (the longest run of common
 tokens) and starts computing after the common tokens; the copy's rows past them are
-overwritten by its own prefill.  Sources are blocks published in the prefix cache (indexed
-here by parent hash, with their tokens) and the blocks of running sequences (their partial
-last block included, up to the tokens they have computed).  SGLang's radix cache does the
-same at token granularity throughout; here full blocks stay the unit of sharing and only the
-boundary block is copied.
+overwritten by its own prefill.  Sources are blocks published in the prefix cache and the
+partial last blocks of released sequences (both indexed here by parent hash, with their
+tokens; a released tail stays in the free list's LRU order until a block is needed), and the
+blocks of running sequences (up to the tokens they have computed).  A conversation re-sent
+with a new message thus resumes inside the block where its last turn ended.  SGLang's radix
+cache does the same at token granularity throughout; here full blocks stay the unit of
+sharing and only the boundary block is copied.
 
 Where it does not apply, the sequence starts at its full blocks as before: layer kinds with
 storage of their own (sliding-window pools, recurrent state: a state can only resume at its
@@ -27,6 +29,7 @@ reach the threshold.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -35,9 +38,9 @@ from .sequence import Sequence
 
 
 class PartialBlockIndex:
-    """The prefix cache's blocks by parent hash, with their tokens: which cached blocks can
-    continue a given chain of full blocks.  Kept by the BlockManager as it publishes and
-    evicts blocks."""
+    """Cached blocks by parent hash, with their tokens: which blocks can continue a given
+    chain of full blocks.  Kept by the BlockManager as it publishes full blocks, releases
+    sequences' partial last blocks and hands blocks out for other tokens."""
 
     def __init__(self) -> None:
         self._children: dict[bytes, dict[int, np.ndarray]] = {}
@@ -62,6 +65,27 @@ class PartialBlockIndex:
 
     def children(self, parent: bytes) -> Iterable[tuple[int, np.ndarray]]:
         return self._children.get(parent, {}).items()
+
+
+class Tail(NamedTuple):
+    block: int
+    parent: bytes
+    tokens: list[int]
+
+
+def partial_tail(seq: Sequence, block_size: int, scope: bytes) -> Tail | None:
+    """The sequence's partial last block as a source for others once it is released: the
+    block, the hash of the full blocks before it and its computed tokens.  None when it has
+    none (its computed tokens end on a block boundary), its full blocks are not all hashed,
+    or an image starts in it."""
+    index, valid = divmod(seq.num_computed_tokens, block_size)
+    if not valid or len(seq.block_table) <= index or seq.num_hashed_blocks != index or len(seq.block_hashes) < index:
+        return None
+    start = index * block_size
+    if block_key(seq.request, start, start + block_size):
+        return None
+    parent = seq.block_hashes[index - 1] if index else scope
+    return Tail(seq.block_table[index], parent, seq.token_ids[start : seq.num_computed_tokens])
 
 
 def common_length(tokens: np.ndarray, wanted: np.ndarray) -> int:
