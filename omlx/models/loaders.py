@@ -173,7 +173,13 @@ class Loaders:
             raise ModelUnavailable(
                 f"'{info.model_id}' is a {info.model_type} model, but mlx-vlm builds no vision model from its "
                 f"config (model_type {info.config.get('model_type')!r}); set its type to llm if it is text-only")
-        scope = b"content:" + folder_fingerprint(info.path, None)
+        from omlx.vision.tower_weights import pack_tower
+
+        tower_packed = pack_tower(side, settings.dequantize)
+        if tower_packed:
+            log.info("%s: vision tower runs with bf16 weights packed (%d layers)", info.model_id, tower_packed)
+        # Image features computed in bf16 differ from float32 ones: cached blocks say which.
+        scope = b"content:" + folder_fingerprint(info.path, None) + (b":tower-bf16" if tower_packed else b"")
         window = context_window_of(info.config.get("text_config") or info.config)
         loaded = self._serve(info, language, tokenizer, scope, window, settings, vision=inputs,
                              weights=parameter_bytes(side.vlm))

