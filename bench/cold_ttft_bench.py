@@ -66,6 +66,17 @@ def run_server(matmul: str, args, factory: PromptFactory, tag: str) -> dict:
         server.stop()
 
 
+def fallback_warning(default_rows: list[dict]) -> list[str]:
+    """A default round that ran float32 anyway (e.g. a kernel being rebuilt by someone else
+    at that moment) measured nothing about the bf16 path: say so above the table."""
+    for row in default_rows:
+        matmul = row.get("matmul") or {}
+        if matmul.get("matmul") == FLOAT32:
+            return [f"**WARNING: a default round ran float32 ({matmul.get('reason')}); its figures are not the"
+                    " default path's**", ""]
+    return []
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-path", type=Path, default=HERE / "models" / "bench-200m",
@@ -104,6 +115,7 @@ def main(argv=None) -> int:
              f"{os.getloadavg()[0]:.1f}, {args.rounds} round(s) (median shown), {args.max_tokens} output tokens",
              f"- default matmul: {d.get('matmul')} ({d.get('isa')}; {d.get('library')})",
              f"- OMLX_MATMUL=float32: {f.get('matmul')} ({f.get('library')})", "",
+             *fallback_warning(rows[DEFAULT]),
              f"| matmul | cold TTFT (alone) | warm TTFT p50 ({args.agents} at once) | warm vs cold |", "|---|---|---|---|"]
     for matmul in (DEFAULT, FLOAT32):
         lines.append(f"| {matmul} | {med(matmul, 'cold_ttft'):.2f} s | {med(matmul, 'warm_ttft_p50'):.2f} s | "

@@ -365,6 +365,7 @@ def parse_args(argv=None):
     p.add_argument("--concurrency", default="1,32", help="client counts, one round per server each (1,32)")
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--single-requests", type=int, default=4, help="questions the single client asks in turn (4)")
+    p.add_argument("--servers", default=f"{OMLX},{LLAMA}", help=f"which to run ({OMLX},{LLAMA})")
     p.add_argument("--repeats", type=int, default=1, help="rounds per server and client count (1)")
     p.add_argument("--slots", type=int, default=32, help="llama-server's parallel slots, -np (32)")
     p.add_argument("--slot-context", type=int, default=512,
@@ -391,7 +392,7 @@ def main(argv=None) -> int:
     if args._weight_bytes_worker:
         omlx_weight_bytes_worker(*args._weight_bytes_worker)
         return 0
-    if not args.llama_server.is_file():
+    if LLAMA in args.servers and not args.llama_server.is_file():
         found = shutil.which("llama-server")
         if found is None:
             raise SystemExit(f"no llama-server at {args.llama_server} nor on PATH: run bench/install_llama_server.sh")
@@ -428,7 +429,7 @@ def main(argv=None) -> int:
                 wl = Workload("chat", clients, [[[{"role": "user", "content": QUESTIONS[c % len(QUESTIONS)]}]]
                                                 for c in range(clients)], args.max_tokens)
             order = (OMLX, LLAMA) if (i + repeat) % 2 == 0 else (LLAMA, OMLX)
-            for kind in order:
+            for kind in (k for k in order if k in args.servers.split(",")):
                 index += 1
                 log(f"=== round {index}: {kind}, {clients} client(s)")
                 rows.append(run_round(kind, wl, args, factory, log_dir, index))
@@ -447,7 +448,7 @@ def main(argv=None) -> int:
         "cpu": cpu_facts(),
         "loadavg": f"{os.getloadavg()[0]:.1f}",
         "omlx_source": first_omlx.get("omlx_source", "?"),
-        "omlx_matmul": f"{matmul.get('matmul')} ({matmul.get('isa')}; {matmul.get('library')})" if matmul else "?",
+        "omlx_matmul": f"{matmul.get('matmul')} ({matmul.get('isa')}; {matmul.get('library')}; {matmul.get('reason')})" if matmul else "?",
         "weight_form": logged or weights["describe"],
         "omlx_weights": weights,
         "gguf_bytes_per_token": gguf_bytes_per_token(args.gguf),
