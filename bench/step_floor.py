@@ -1,0 +1,141 @@
+#!/usr/bin/env python
+"""The per-token graph: what each load-time graph reduction saves on a decode step, and the
+floor (the same layers with tiny dims, where the matmuls are nearly free).
+
+    OMLX_MATMUL=auto python bench/step_floor.py [--model bench/models/smollm2-135m-f32] [--rows 1,32]
+
+For the model and for its floor twin (same layer count and architecture; hidden 64, 2 heads,
+vocabulary 512) it loads one copy per variant, packed bf16, and times decode steps side by
+side, interleaved (best of `--repeats`), with the engine's StepProfile:
+- packed: the packed bf16 layers alone (the form before this work);
+- +fused: q/k/v and gate/up in one kernel call each (omlx/models/fused_projections.py);
+- +rope: RoPE's table once a pass, its rotation one node (omlx/models/shared_rope.py);
+- +norm: RMSNorm one node (omlx/models/kernel_norms.py): what omlx serves now.
+It also times mlx-lm's own decode (stream_generate, float32) on both, the reference the
+issue measured.  Needs a CPU with a bf16 unit and the kernels built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from omlx.blas import ensure_optimized_blas
+
+ensure_optimized_blas(sys.argv)
+
+import numpy as np  # noqa: E402
+from mlx_lm import load, stream_generate  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import step_breakdown  # noqa: E402
+
+from omlx.kernels.linear import matmul_path  # noqa: E402
+from omlx.models import packed_weights  # noqa: E402
+from omlx.models.fused_projections import fuse_projections  # noqa: E402
+from omlx.models.kernel_norms import swap_rms_norms  # noqa: E402
+from omlx.models.shared_rope import share_rope_tables  # noqa: E402
+from omlx.testing.tiny_models import TinyModelSpec, build_model  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+SWAPS = {"fuse_projections": fuse_projections, "share_rope_tables": share_rope_tables,
+         "swap_rms_norms": swap_rms_norms}
+VARIANTS = {
+    "packed": (),
+    "+fused": ("fuse_projections",),
+    "+rope": ("fuse_projections", "share_rope_tables"),
+    "+norm": ("fuse_projections", "share_rope_tables", "swap_rms_norms"),
+}
+
+
+def load_variant(path: Path, swaps: tuple[str, ...]):
+    """The model packed bf16 with only `swaps` of the load-time graph reductions applied."""
+    model, tokenizer = load(str(path))
+    for name in SWAPS:
+        setattr(packed_weights, name, lambda m: 0)
+    try:
+        packed_weights.pack_model(model)
+    finally:
+        for name, swap in SWAPS.items():
+            setattr(packed_weights, name, swap)
+    for name in swaps:
+        SWAPS[name](model)
+    return model, tokenizer
+
+
+def floor_twin(path: Path, work: Path) -> Path:
+    """The model's layers (count, architecture, rope) with tiny dims: the per-op floor."""
+    import json
+
+    config = json.loads((path / "config.json").read_text())
+    spec = TinyModelSpec(model_type="llama", hidden_size=64, num_hidden_layers=config["num_hidden_layers"],
+                         intermediate_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                         vocab_size=512, tie_word_embeddings=config.get("tie_word_embeddings", False),
+                         extra_config={"rope_theta": config.get("rope_theta", 10000.0)})
+    return build_model(work / "floor", spec)
+
+
+def mlx_lm_rate(path: Path, tokens: int = 40) -> float:
+    model, tokenizer = load(str(path))
+    prompt = np.random.default_rng(0).integers(10, 500, size=200).tolist()
+    last = None
+    for last in stream_generate(model, tokenizer, prompt, max_tokens=tokens):
+        pass
+    return last.generation_tps
+
+
+def measure(path: Path, rows_list: list[int], context: int, steps: int, repeats: int) -> dict:
+    models = {name: load_variant(path, swaps)[0] for name, swaps in VARIANTS.items()}
+    rng = np.random.default_rng(0)
+    results = {}
+    for rows in rows_list:
+        engines = {}
+        for name, model in models.items():
+            engines[name] = step_breakdown.engine_for(model, rows, context)
+            step_breakdown.fill(engines[name], rows, context, rng)
+        best = {name: None for name in models}
+        for _ in range(repeats):
+            for name, engine in engines.items():
+                mean = step_breakdown.timed_steps(engine, steps)
+                if best[name] is None or sum(mean.values()) < sum(best[name].values()):
+                    best[name] = mean
+        results[rows] = best
+        del engines
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=HERE / "models" / "smollm2-135m-f32")
+    parser.add_argument("--rows", default="1,32")
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if not matmul_path().bf16:
+        sys.exit(f"no packed bf16 path here: {matmul_path().reason}")
+    rows_list = [int(r) for r in args.rows.split(",")]
+    with tempfile.TemporaryDirectory(prefix="omlx-floor-") as work:
+        shapes = {args.model.name: args.model, "floor (tiny dims)": floor_twin(args.model, Path(work))}
+        print(f"# Per-token graph: {args.model.name} and its floor twin, packed bf16, context {args.context}\n")
+        print("| model | rows | variant | step ms | prepare | compute | vs packed |")
+        print("|---|---|---|---|---|---|---|")
+        for label, path in shapes.items():
+            for rows, best in measure(path, rows_list, args.context, args.steps, args.repeats).items():
+                base = sum(best["packed"].values())
+                for name, mean in best.items():
+                    total = sum(mean.values())
+                    print(f"| {label} | {rows} | {name} | {total:.1f} | {mean['prepare']:.2f} | {mean['compute']:.1f} | "
+                          f"{base / total:.2f}x |", flush=True)
+        print()
+        for label, path in shapes.items():
+            started = time.perf_counter()
+            print(f"mlx-lm stream_generate (float32), {label}: {mlx_lm_rate(path):.1f} tok/s "
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
