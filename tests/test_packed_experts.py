@@ -221,3 +221,52 @@ def test_packed_moe_agrees_with_float32(moe_path, bf16_path):
     want = np.array(mx.argmax(float32(tokens), axis=-1))
     got = np.array(mx.argmax(packed(tokens), axis=-1))
     assert np.mean(want == got) >= 0.95
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4", "qwen3_next", "deepseek_v32"])
+def test_moe_families_pack_every_expert_layer(tmp_path, family):
+    """Expert layers with biases and a custom activation (gpt_oss), a shared expert beside
+    the routed ones (llama4, qwen3_next), MLA with routed experts (deepseek_v32): every
+    SwitchLinear is swapped, each MoE block gives what its float32 experts give to bf16
+    rounding, and the model runs.  (Whole-model logits of a random tiny MoE are no measure:
+    rounding anywhere upstream flips its near-tied router choices.)"""
+    from mlx_lm.models.switch_layers import SwitchMLP
+
+    from omlx.kernels.expert_linear import switch_linear_types
+    from omlx.testing.tiny_sweep import build_sweep_model
+
+    path = build_sweep_model(tmp_path / family, family)
+    before, _ = load(str(path))
+    packed, _ = load(str(path))
+    experts = sum(type(m) in switch_linear_types() for _, m in before.named_modules())
+    assert experts > 0 and packed_weights.pack_model(packed) > 0
+    assert sum(isinstance(m, PackedSwitchLinear) for _, m in packed.named_modules()) == experts
+    assert not any(type(m) in switch_linear_types() for _, m in packed.named_modules())
+
+    blocks = dict(packed.named_modules())
+    checked = 0
+    for name, block in before.named_modules():
+        if not isinstance(block, (SwitchGLU, SwitchMLP)):
+            continue
+        first = block.gate_proj if isinstance(block, SwitchGLU) else block.fc1
+        x = mx.random.normal((7, first.input_dims), key=mx.random.key(checked))
+        idx = mx.argpartition(mx.random.normal((7, first.num_experts), key=mx.random.key(99)), kth=1,
+                              axis=-1)[..., :2]
+        want, got = block(x, idx), blocks[name](x, idx)
+        scale = mx.abs(want).max().item()
+        assert mx.abs(got - want).max().item() <= 0.03 * scale, (name, mx.abs(got - want).max().item(), scale)
+        checked += 1
+    assert checked > 0
+    logits = packed(mx.array([[int(t) for t in np.random.default_rng(5).integers(5, 500, 40)]]))
+    assert logits.shape[1] == 40 and bool(mx.all(mx.isfinite(logits)).item())
+
+
+def test_a_quantized_moe_packs_its_dequantized_experts(moe_path, bf16_path):
+    model, _ = load(str(moe_path))
+    nn.quantize(model, group_size=32, bits=4)
+    mx.eval(model.parameters())
+    assert any(isinstance(m, QuantizedSwitchLinear) for _, m in model.named_modules())
+    assert weight_form.apply(model, None, 1 << 30) == weight_form.BF16_PACKED
+    types = {type(m) for _, m in model.named_modules()}
+    assert PackedSwitchLinear in types and QuantizedSwitchLinear not in types
+    assert generate(model, [[5, 6, 7, 8]], 4)[0]
