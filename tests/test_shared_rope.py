@@ -39,17 +39,21 @@ def test_one_table_per_offsets_array():
     offsets = mx.array([3, 70], dtype=mx.int32)
     q, k = mx.ones((2, 4, 1, 16)), mx.ones((2, 2, 1, 16))
     rope(q, offset=offsets)
-    first = shared_rope._tables.last[2]
+    (first,) = shared_rope._tables.last[1].values()
     rope(k, offset=offsets)
-    assert shared_rope._tables.last[2] is first  # k reused q's table
-    # Equal values in another array (the next pass's): a new table, never a stale one.
+    assert list(shared_rope._tables.last[1].values()) == [first]  # k reused q's table
+    # Another configuration (Gemma 3's second base) keeps its own table beside it.
+    other_base = SharedRoPE(16, base=1e6)
+    assert mx.array_equal(other_base(k, offset=offsets), nn.RoPE(16, base=1e6)(k, offset=offsets)).item()
+    assert len(shared_rope._tables.last[1]) == 2 and rope.table(k, offsets) is first
+    # Equal values in another array (the next pass's): new tables, never a stale one.
     other = mx.array([4, 71], dtype=mx.int32)
     got = rope(k, offset=other)
-    assert shared_rope._tables.last[2] is not first
+    assert shared_rope._tables.last[0] is other and len(shared_rope._tables.last[1]) == 1
     assert mx.array_equal(got, nn.RoPE(16)(k, offset=other)).item()
     # A different length: a new table too.
     rope(mx.ones((2, 2, 3, 16)), offset=other)
-    assert shared_rope._tables.last[0][4] == 3
+    assert len(shared_rope._tables.last[1]) == 2
 
 
 def test_a_float32_model_keeps_its_logits_bit_for_bit(tmp_path):
@@ -75,3 +79,29 @@ def test_only_plain_rope_is_swapped():
     holder = Holder()
     assert share_rope_tables(holder) == 1
     assert type(holder.plain) is SharedRoPE and type(holder.scaled) is ScaledRoPE
+
+
+@pytest.mark.usefixtures("attention_kernel")
+def test_float32_engine_stays_token_exact_with_mlx_lm(tmp_path):
+    """The ragged engine on a float32 model with SharedRoPE (offsets per token, decodes and
+    prefill chunks in one pass) gives mlx-lm's own greedy tokens on the unswapped model."""
+    from omlx.scheduler import EngineConfig, GenerationRequest, LLMEngine
+    from omlx.testing.reference import greedy_reference
+
+    path = build_model(tmp_path / "m", TinyModelSpec(model_type="qwen3", seed=8))
+    reference_model, tokenizer = load(str(path))
+    model, _ = load(str(path))
+    assert share_rope_tables(model) == len(model.model.layers)
+    eos = frozenset(tokenizer.eos_token_ids)
+    prompts = [RNG.integers(5, 500, size=n).tolist() for n in (5, 23, 12)]
+    engine = LLMEngine(model, EngineConfig(block_size=8, num_blocks=48, max_num_batched_tokens=16),
+                       context_window=1024)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(GenerationRequest(str(i), prompt, 10, stop_token_ids=eos))
+    outputs = {i: [] for i in range(len(prompts))}
+    while engine.has_work:
+        for request_id, event in engine.step():
+            if event.token_id is not None:
+                outputs[int(request_id)].append(event.token_id)
+    for i, prompt in enumerate(prompts):
+        assert outputs[i] == greedy_reference(reference_model, prompt, 10, eos)

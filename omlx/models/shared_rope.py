@@ -15,7 +15,8 @@ omlx/kernels/cpu/fused_ops.cpp for float32 where it is built, MLX's ops otherwis
 CUDA: a real kernel) the swap is not made.
 
 Offsets are matched by identity (`is`, holding a reference) for arrays, by value for ints;
-only the last table is kept (per thread), so nothing outlives the next pass.
+only the tables of the last offsets are kept (per thread; one per rope configuration, e.g.
+Gemma 3's local and global bases), so nothing outlives the next pass.
 """
 
 from __future__ import annotations
@@ -62,8 +63,11 @@ class SharedRoPE(nn.Module):
         per-row offsets, (T, dims / 2) for one offset; both: (B or 1, T, dims) for the kernel."""
         key = (self.dims, self.traditional, self.base, self.scale, x.shape[2], x.dtype)
         last = getattr(_tables, "last", None)
-        if last is not None and last[0] == key and _same_offset(last[1], offset):
-            return last[2]
+        if last is None or not _same_offset(last[0], offset):
+            last = _tables.last = (offset, {})
+        found = last[1].get(key)
+        if found is not None:
+            return found
         rows = x.shape[0] if isinstance(offset, mx.array) and offset.size > 1 else 1
         probe = mx.broadcast_to(self._pattern.astype(x.dtype), (rows, 1, x.shape[2], self.dims))
         rotated = mx.fast.rope(probe, self.dims, traditional=self.traditional, base=self.base,
@@ -77,7 +81,7 @@ class SharedRoPE(nn.Module):
             cos, sin = cos[0, 0], sin[0, 0]
         # The kernel's form: (rows, T, dims), cos / sin halves (or pairs) side by side.
         tables = (cos, sin, rotated[:, 0])
-        _tables.last = (key, offset, tables)
+        last[1][key] = tables
         return tables
 
     def __call__(self, x: mx.array, offset=0) -> mx.array:

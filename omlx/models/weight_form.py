@@ -39,6 +39,7 @@ from omlx.kernels import quant_bf16
 
 from . import packed_weights, quantized_bf16
 from .cpu_weights import should_dequantize, to_float32
+from .shared_rope import share_rope_tables
 
 log = logging.getLogger("omlx.pool")
 
@@ -51,6 +52,14 @@ STORED = "stored"
 
 def apply(model: nn.Module, setting: bool | None, memory_budget: int) -> str:
     """Put the model's weights in the form they run in here, in place; returns the form."""
+    form = _apply(model, setting, memory_budget)
+    # RoPE's cos / sin once a pass instead of per call: bit-identical to mx.fast.rope, so
+    # every form takes it, the token-exact float32 path included (omlx/models/shared_rope.py).
+    share_rope_tables(model)
+    return form
+
+
+def _apply(model: nn.Module, setting: bool | None, memory_budget: int) -> str:
     dequantize = should_dequantize(setting, model, memory_budget)
     if packed_weights.prepare(model, setting, dequantize):
         return BF16_PACKED
