@@ -5,9 +5,10 @@
 // Why: the packed bf16 path (linear_bf16.cpp) is the fastest form for many rows, but a decode
 // step reads 2 bytes per weight (3.5x a 4-bit model's bytes) and holds 4x its stored bytes.
 // Here the weights stay in their quantized blocks; each 64-column panel is unpacked to bf16 in
-// registers (a few rows: the unpack feeds the dot products directly) or, for more rows, into a
-// per-thread scratch chunk of 16 KiB that every row block then reads from L1 (the unpack is
-// paid once per step, not per row).
+// registers (a few rows: the unpack feeds the dot products directly) or, for more rows, once
+// into a per-thread scratch panel (K x 256 bytes, L2-resident) that every block of rows then
+// streams as linear_bf16.cpp streams its packed panel (the unpack is paid once per step, not
+// per row).
 //
 // Bit-identical to linear_bf16.cpp on the dequantized weights: every weight is dequantized as
 // mx.dequantize does (scale * q rounded, then + bias rounded: two roundings, not a fused
@@ -16,8 +17,7 @@
 // output element is one float32 lane accumulated by vdpbf16ps over the k pairs in order from
 // zero, the bias added last.  (vcvtne2ps2bf16 flushes a denormal weight to zero where
 // astype(bfloat16) keeps it, but vdpbf16ps reads denormal inputs as zero, so the products
-// agree.)  Storing a partial accumulator to y between scratch chunks and loading it back is
-// exact, so the two paths (and any number of rows or threads) give the same bits.
+// agree.)  So the two paths (and any number of rows or threads) give the same bits.
 //
 // Layout (omlx/kernels/quant_bf16.py repacks it at load): N padded to a multiple of the panel;
 // per (panel, k pair) the four 16-column registers' codes.  vcvtne2ps2bf16(a, b) puts b's 16
@@ -54,7 +54,6 @@ namespace {
 constexpr int PANEL = 64;  // output columns per panel: four 16-lane registers (as linear_bf16.cpp)
 constexpr int ROWS = 6;  // rows per scratch micro-kernel call: 6 x 4 accumulators + 4 weights + 1 <= 32 zmm
 constexpr int FUSED_ROWS = 4;  // up to this many rows unpack in registers, each pair used R times
-constexpr int CHUNK_PAIRS = 64;  // k pairs per scratch chunk: 64 x 256 bytes = 16 KiB, in L1
 
 enum ScaleType { kF16 = 0, kBF16 = 1, kF32 = 2 };
 
@@ -133,9 +132,19 @@ void convert_rows(const Problem& p, uint32_t* pairs) {
 #if OMLX_DPBF16
 constexpr int ROUND = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 
-// One group's scales and biases for a panel, spread to the lane pairs of the b / a halves.
-struct GroupScales {
-  __m512 sb[4], sa[4], bb[4], ba[4];
+// Codes become floats without a conversion instruction (those compete with the multiplies
+// for the FP pipes): OR-ing a code q < 2^23 into the bits of 2^23 gives the float 2^23 + q,
+// and fma(2^23 + q, scale, -2^23 * scale) is exactly scale * q rounded once, which is
+// mx.dequantize's product (-2^23 * scale is exact: a power-of-two multiple).
+constexpr int MAGIC = 0x4B000000;  // 2^23 as float32 bits
+constexpr float TWO_23 = 8388608.0f;
+
+// One group's scales and biases for one 16-column register of a panel, spread to the lane
+// pairs of its b / a halves, with the offsets -2^23 * scale that undo the magic.  Six
+// registers: a register's columns run through a whole group with these held (the four
+// registers' 24 would spill, and reloading them costs more than the unpack).
+struct Scales {
+  __m512 sb, sa, ob, oa, bb, ba;
 };
 
 inline __m512 load16(const void* base, int type, int64_t at) {
@@ -145,39 +154,43 @@ inline __m512 load16(const void* base, int type, int64_t at) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-inline void load_group(const Problem& p, int64_t panel, int64_t g, GroupScales& s) {
+inline Scales load_scales(const Problem& p, int64_t panel, int64_t g, int t) {
   const __m512i low = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
   const __m512i high = _mm512_add_epi32(low, _mm512_set1_epi32(8));
-  const int64_t at = (panel * p.groups + g) * PANEL;
-  for (int t = 0; t < 4; ++t) {
-    const __m512 sc = load16(p.scales, p.scale_type, at + 16 * t);
-    const __m512 bi = load16(p.biases, p.scale_type, at + 16 * t);
-    s.sb[t] = _mm512_permutexvar_ps(low, sc);
-    s.sa[t] = _mm512_permutexvar_ps(high, sc);
-    s.bb[t] = _mm512_permutexvar_ps(low, bi);
-    s.ba[t] = _mm512_permutexvar_ps(high, bi);
-  }
+  const int64_t at = (panel * p.groups + g) * PANEL + 16 * t;
+  const __m512 sc = load16(p.scales, p.scale_type, at);
+  const __m512 bi = load16(p.biases, p.scale_type, at);
+  Scales s;
+  s.sb = _mm512_permutexvar_ps(low, sc);
+  s.sa = _mm512_permutexvar_ps(high, sc);
+  s.ob = _mm512_mul_ps(s.sb, _mm512_set1_ps(-TWO_23));
+  s.oa = _mm512_mul_ps(s.sa, _mm512_set1_ps(-TWO_23));
+  s.bb = _mm512_permutexvar_ps(low, bi);
+  s.ba = _mm512_permutexvar_ps(high, bi);
+  return s;
 }
 
-inline __m512 dequant(__m512i q, __m512 scale, __m512 bias) {
-  return _mm512_add_round_ps(_mm512_mul_round_ps(_mm512_cvtepi32_ps(q), scale, ROUND), bias, ROUND);
+// scale * q rounded, then + bias rounded (the add cannot be contracted: explicit rounding).
+inline __m512 dequant(__m512i magic_q, __m512 scale, __m512 offset, __m512 bias) {
+  return _mm512_add_round_ps(_mm512_fmadd_ps(_mm512_castsi512_ps(magic_q), scale, offset), bias, ROUND);
 }
 
-// One k pair of a panel (codes at `src`) as the four bf16 weight registers of linear_bf16.cpp.
+// Register t of one k pair of a panel (the pair's codes at `src`) as linear_bf16.cpp's bf16
+// weight register t.
 template <int BITS>
-inline void unpack_pair(const uint8_t* src, const GroupScales& s, __m512bh w[4]) {
-  for (int t = 0; t < 4; ++t) {
-    __m512i qb, qa;
-    if constexpr (BITS == 4) {
-      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16 * t)));
-      qb = _mm512_and_si512(v, _mm512_set1_epi32(0x0F));
-      qa = _mm512_srli_epi32(v, 4);
-    } else {
-      qb = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 32 * t)));
-      qa = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 32 * t + 16)));
-    }
-    w[t] = _mm512_cvtne2ps_pbh(dequant(qa, s.sa[t], s.ba[t]), dequant(qb, s.sb[t], s.bb[t]));
+inline __m512bh unpack(const uint8_t* src, int t, const Scales& s) {
+  const __m512i magic = _mm512_set1_epi32(MAGIC);
+  __m512i qb, qa;
+  if constexpr (BITS == 4) {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16 * t)));
+    qb = _mm512_ternarylogic_epi32(v, _mm512_set1_epi32(0x0F), magic, 0xEA);  // (v & 15) | magic
+    qa = _mm512_or_si512(_mm512_srli_epi32(v, 4), magic);
+  } else {
+    qb = _mm512_or_si512(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 32 * t))), magic);
+    qa = _mm512_or_si512(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 32 * t + 16))),
+                         magic);
   }
+  return _mm512_cvtne2ps_pbh(dequant(qa, s.sa, s.oa, s.ba), dequant(qb, s.sb, s.ob, s.bb));
 }
 
 inline __mmask16 column_mask(int cols, int t) {
@@ -185,79 +198,85 @@ inline __mmask16 column_mask(int cols, int t) {
   return left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
 }
 
-// Writes R rows' accumulators: the partial sums (exact in float32), or at the end + bias, as
-// linear_bf16.cpp's micro-kernel ends (a missing bias adds zero there too).
+// Writes R rows' accumulators + bias as linear_bf16.cpp's micro-kernel ends (a missing bias
+// adds zero there too).
 template <int R>
-inline void store_rows(__m512 (&acc)[R][4], float* y, int64_t n_stride, int cols, const float* bias, bool last) {
+inline void store_rows(__m512 (&acc)[R][4], float* y, int64_t n_stride, int cols, const float* bias) {
   for (int t = 0; t < 4; ++t) {
     const __mmask16 mask = column_mask(cols, t);
     if (!mask) break;
-    const __m512 b = last && bias ? _mm512_maskz_loadu_ps(mask, bias + 16 * t) : _mm512_setzero_ps();
-    for (int r = 0; r < R; ++r)
-      _mm512_mask_storeu_ps(y + r * n_stride + 16 * t, mask, last ? _mm512_add_ps(acc[r][t], b) : acc[r][t]);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + 16 * t) : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + r * n_stride + 16 * t, mask, _mm512_add_ps(acc[r][t], b));
   }
 }
 
-// Few rows: each k pair unpacked in registers and used by all R rows at once.
+// Register T's columns through group g for R rows: each k pair unpacked once in registers
+// and used by all R rows.  A column's pairs are still accumulated in k order.
+template <int BITS, int R, int T>
+inline void fused_register(const Problem& p, const uint32_t* x, int64_t panel, int64_t g, __m512 (&acc)[R][4]) {
+  const Scales s = load_scales(p, panel, g, T);
+  const int64_t kp0 = g * p.group_pairs;
+  const uint8_t* src = p.codes + (panel * p.k_pairs + kp0) * p.pair_bytes();
+  for (int64_t kp = kp0; kp < kp0 + p.group_pairs; ++kp, src += p.pair_bytes()) {
+    const __m512bh w = unpack<BITS>(src, T, s);
+    for (int r = 0; r < R; ++r)
+      acc[r][T] = _mm512_dpbf16_ps(acc[r][T], (__m512bh)_mm512_set1_epi32(int(x[r * p.k_pairs + kp])), w);
+  }
+}
+
+// Few rows: the weights unpacked in registers, never stored.
 template <int BITS, int R>
 void fused_rows(const Problem& p, const uint32_t* x, int64_t panel, float* y, int cols, const float* bias) {
   __m512 acc[R][4];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < 4; ++t) acc[r][t] = _mm512_setzero_ps();
-  const uint8_t* src = p.codes + panel * p.k_pairs * p.pair_bytes();
-  GroupScales s;
   for (int64_t g = 0; g < p.groups; ++g) {
-    load_group(p, panel, g, s);
-    for (int64_t kp = g * p.group_pairs; kp < (g + 1) * p.group_pairs; ++kp, src += p.pair_bytes()) {
-      __m512bh w[4];
-      unpack_pair<BITS>(src, s, w);
-      for (int r = 0; r < R; ++r) {
-        const __m512bh xb = (__m512bh)_mm512_set1_epi32(int(x[r * p.k_pairs + kp]));
-        for (int t = 0; t < 4; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], xb, w[t]);
-      }
+    fused_register<BITS, R, 0>(p, x, panel, g, acc);
+    if (cols > 16) fused_register<BITS, R, 1>(p, x, panel, g, acc);
+    if (cols > 32) fused_register<BITS, R, 2>(p, x, panel, g, acc);
+    if (cols > 48) fused_register<BITS, R, 3>(p, x, panel, g, acc);
+  }
+  store_rows<R>(acc, y, p.n, cols, bias);
+}
+
+// A whole panel unpacked into `scratch` in linear_bf16.cpp's packed layout (k pairs x 64
+// columns x 2 bf16).
+template <int BITS>
+void unpack_panel(const Problem& p, int64_t panel, uint16_t* scratch) {
+  for (int64_t g = 0; g < p.groups; ++g) {
+    for (int t = 0; t < 4; ++t) {
+      const Scales s = load_scales(p, panel, g, t);
+      const int64_t first = g * p.group_pairs;
+      const uint8_t* src = p.codes + (panel * p.k_pairs + first) * p.pair_bytes();
+      uint16_t* dst = scratch + first * (2 * PANEL) + 32 * t;
+      for (int64_t kp = 0; kp < p.group_pairs; ++kp, src += p.pair_bytes(), dst += 2 * PANEL)
+        _mm512_store_si512(dst, (__m512i)unpack<BITS>(src, t, s));
     }
   }
-  store_rows<R>(acc, y, p.n, cols, bias, true);
 }
 
-// Pairs [kp0, kp1) of a panel unpacked into `scratch` in linear_bf16.cpp's packed layout.
-template <int BITS>
-void unpack_chunk(const Problem& p, int64_t panel, int64_t kp0, int64_t kp1, uint16_t* scratch) {
-  const uint8_t* src = p.codes + (panel * p.k_pairs + kp0) * p.pair_bytes();
-  GroupScales s;
-  for (int64_t kp = kp0; kp < kp1; ++kp, src += p.pair_bytes(), scratch += 2 * PANEL) {
-    if (kp == kp0 || kp % p.group_pairs == 0) load_group(p, panel, kp / p.group_pairs, s);
-    __m512bh w[4];
-    unpack_pair<BITS>(src, s, w);
-    for (int t = 0; t < 4; ++t) _mm512_store_si512(scratch + 32 * t, (__m512i)w[t]);
-  }
-}
-
-// R rows against an unpacked chunk of `pairs` k pairs, carrying the accumulators through y.
+// R rows against an unpacked panel: linear_bf16.cpp's micro-kernel, instruction for instruction.
 template <int R>
-void chunk_rows(const uint32_t* x, int64_t x_stride, int64_t pairs, const uint16_t* scratch, float* y,
-                int64_t n_stride, int cols, const float* bias, bool first, bool last) {
+void micro(const uint32_t* x, int64_t kp, const uint16_t* panel, float* y, int64_t n_stride, int cols,
+           const float* bias) {
   __m512 acc[R][4];
-  for (int t = 0; t < 4; ++t) {
-    const __mmask16 mask = column_mask(cols, t);
-    for (int r = 0; r < R; ++r)
-      acc[r][t] = first || !mask ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask, y + r * n_stride + 16 * t);
-  }
-  for (int64_t k = 0; k < pairs; ++k) {
-    const uint16_t* wk = scratch + k * (2 * PANEL);
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < 4; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kp; ++k) {
+    const uint16_t* wk = panel + k * (2 * PANEL);
     const __m512bh w0 = (__m512bh)_mm512_load_si512(wk);
     const __m512bh w1 = (__m512bh)_mm512_load_si512(wk + 32);
     const __m512bh w2 = (__m512bh)_mm512_load_si512(wk + 64);
     const __m512bh w3 = (__m512bh)_mm512_load_si512(wk + 96);
     for (int r = 0; r < R; ++r) {
-      const __m512bh xb = (__m512bh)_mm512_set1_epi32(int(x[r * x_stride + k]));
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(int(x[r * kp + k]));
       acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xb, w0);
       acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xb, w1);
       acc[r][2] = _mm512_dpbf16_ps(acc[r][2], xb, w2);
       acc[r][3] = _mm512_dpbf16_ps(acc[r][3], xb, w3);
     }
   }
-  store_rows<R>(acc, y, n_stride, cols, bias, last);
+  store_rows<R>(acc, y, n_stride, cols, bias);
 }
 
 template <int BITS>
@@ -271,47 +290,45 @@ void panel_fused(const Problem& p, const uint32_t* pairs, int64_t panel, float* 
   }
 }
 
+// More rows: the panel unpacked once into the thread's scratch (K x 256 bytes, in L2 for
+// the models we run), then every block of rows streams it as linear_bf16.cpp streams its
+// packed panel.
 template <int BITS>
-void panel_scratch(const Problem& p, const uint32_t* pairs, int64_t panel, float* y0, int cols, const float* bias) {
-  alignas(64) uint16_t scratch[CHUNK_PAIRS * 2 * PANEL];
-  for (int64_t kp0 = 0; kp0 < p.k_pairs; kp0 += CHUNK_PAIRS) {
-    const int64_t kp1 = std::min(p.k_pairs, kp0 + CHUNK_PAIRS);
-    const bool first = kp0 == 0, last = kp1 == p.k_pairs;
-    unpack_chunk<BITS>(p, panel, kp0, kp1, scratch);
-    int64_t r = 0;
-    for (; r + ROWS <= p.m; r += ROWS)
-      chunk_rows<ROWS>(pairs + r * p.k_pairs + kp0, p.k_pairs, kp1 - kp0, scratch, y0 + r * p.n, p.n, cols, bias,
-                       first, last);
-    const uint32_t* x = pairs + r * p.k_pairs + kp0;
-    float* y = y0 + r * p.n;
-    const int64_t n = kp1 - kp0;
-    switch (p.m - r) {
-      case 1: chunk_rows<1>(x, p.k_pairs, n, scratch, y, p.n, cols, bias, first, last); break;
-      case 2: chunk_rows<2>(x, p.k_pairs, n, scratch, y, p.n, cols, bias, first, last); break;
-      case 3: chunk_rows<3>(x, p.k_pairs, n, scratch, y, p.n, cols, bias, first, last); break;
-      case 4: chunk_rows<4>(x, p.k_pairs, n, scratch, y, p.n, cols, bias, first, last); break;
-      case 5: chunk_rows<5>(x, p.k_pairs, n, scratch, y, p.n, cols, bias, first, last); break;
-      default: break;
-    }
+void panel_scratch(const Problem& p, const uint32_t* pairs, int64_t panel, float* y0, int cols, const float* bias,
+                   uint16_t* scratch) {
+  unpack_panel<BITS>(p, panel, scratch);
+  const int64_t kp = p.k_pairs;
+  int64_t r = 0;
+  for (; r + ROWS <= p.m; r += ROWS) micro<ROWS>(pairs + r * kp, kp, scratch, y0 + r * p.n, p.n, cols, bias);
+  const uint32_t* x = pairs + r * kp;
+  float* y = y0 + r * p.n;
+  switch (p.m - r) {
+    case 1: micro<1>(x, kp, scratch, y, p.n, cols, bias); break;
+    case 2: micro<2>(x, kp, scratch, y, p.n, cols, bias); break;
+    case 3: micro<3>(x, kp, scratch, y, p.n, cols, bias); break;
+    case 4: micro<4>(x, kp, scratch, y, p.n, cols, bias); break;
+    case 5: micro<5>(x, kp, scratch, y, p.n, cols, bias); break;
+    default: break;
   }
 }
 
-void panel_rows(const Problem& p, const uint32_t* pairs, int64_t panel) {
+// `scratch` (k_pairs x 128 bf16, 64-byte aligned) is the calling thread's, used past FUSED_ROWS rows.
+void panel_rows(const Problem& p, const uint32_t* pairs, int64_t panel, uint16_t* scratch) {
   const int64_t col0 = panel * PANEL;
   const int cols = int(std::min<int64_t>(PANEL, p.n - col0));
   const float* bias = p.bias ? p.bias + col0 : nullptr;
   float* y = p.y + col0;
   const bool fused = p.m <= FUSED_ROWS;
   if (p.bits == 4)
-    fused ? panel_fused<4>(p, pairs, panel, y, cols, bias) : panel_scratch<4>(p, pairs, panel, y, cols, bias);
+    fused ? panel_fused<4>(p, pairs, panel, y, cols, bias) : panel_scratch<4>(p, pairs, panel, y, cols, bias, scratch);
   else
-    fused ? panel_fused<8>(p, pairs, panel, y, cols, bias) : panel_scratch<8>(p, pairs, panel, y, cols, bias);
+    fused ? panel_fused<8>(p, pairs, panel, y, cols, bias) : panel_scratch<8>(p, pairs, panel, y, cols, bias, scratch);
 }
 #else
 // Without AVX512-BF16 at build time: the same products in the same pair order, one column at a
 // time (not bit-identical to the instruction, which flushes denormals; omlx chooses this
 // module only where the CPU has the instruction, as for linear_bf16.cpp).
-void panel_rows(const Problem& p, const uint32_t* pairs, int64_t panel) {
+void panel_rows(const Problem& p, const uint32_t* pairs, int64_t panel, uint16_t*) {
   const int64_t col0 = panel * PANEL;
   const int cols = int(std::min<int64_t>(PANEL, p.n - col0));
   const uint8_t* src = p.codes + panel * p.k_pairs * p.pair_bytes();
@@ -359,8 +376,15 @@ void run(const Problem& given) {
   // Threads pay off past a few hundred kFLOP (waking a sleeping OpenMP pool costs tens of
   // microseconds), as for linear_bf16.cpp.
   const bool parallel = p.panels > 1 && p.m * p.n * p.k >= (int64_t(1) << 19);
-#pragma omp parallel for schedule(static) if (parallel)
-  for (int64_t panel = 0; panel < p.panels; ++panel) panel_rows(p, pairs.data(), panel);
+  const size_t scratch_size = p.m > FUSED_ROWS ? size_t(p.k_pairs) * 2 * PANEL : 0;
+#pragma omp parallel if (parallel)
+  {
+    std::vector<uint16_t> scratch(scratch_size + 32);  // + 32: room to align to 64 bytes
+    const auto at = reinterpret_cast<uintptr_t>(scratch.data());
+    uint16_t* aligned = scratch.data() + ((64 - at % 64) % 64) / 2;
+#pragma omp for schedule(static)
+    for (int64_t panel = 0; panel < p.panels; ++panel) panel_rows(p, pairs.data(), panel, aligned);
+  }
 }
 
 class QuantBf16Linear : public mx::Primitive {
