@@ -18,6 +18,11 @@ alternating: `--source` runs first, then this checkout.
 
     python bench/hostile_body_bench.py                      # this checkout
     python bench/hostile_body_bench.py --source /tmp/before  # before, then this checkout
+    python bench/hostile_body_bench.py --source /tmp/before --rounds 6   # interleaved
+
+`--rounds N` (with --source) runs both servers at once and alternates between them, round by
+round (one small request alone, then one during 8 hostile clients, per server and round): on a
+machine whose load from other work comes and goes, both see the same drift.
 """
 
 from __future__ import annotations
@@ -119,6 +124,28 @@ async def stall_row(root: str, body: bytes, hostile: int, samples: int) -> dict:
     }
 
 
+async def interleaved(roots: dict[str, str], mib: int, rounds: int, hostile: int) -> dict:
+    """Stall pairs for each server in turn, `rounds` times (the order flips every round)."""
+    import statistics
+
+    body = hostile_body("/v1/chat/completions", MODEL, mib << 20)
+    pairs: dict[str, list[tuple[float, float]]] = {name: [] for name in roots}
+    names = list(roots)
+    for round_ in range(rounds):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            stall = await measure_stall(roots[name], MODEL, hostile=hostile, samples=1, body=body)
+            pairs[name].append((stall.alone, stall.during))
+    out = {}
+    for name, measured in pairs.items():
+        ratios = [during / alone for alone, during in measured]
+        out[name] = {"alone_median_s": round(statistics.median(a for a, _ in measured), 3),
+                     "during_median_s": round(statistics.median(d for _, d in measured), 3),
+                     "ratio_of_medians": round(statistics.median(d for _, d in measured)
+                                               / statistics.median(a for a, _ in measured), 2),
+                     "ratios": [round(r, 2) for r in ratios]}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="an omlx server already running (serving a model named 'tiny')")
@@ -130,6 +157,8 @@ def main() -> None:
                         help="hostile bodies: text (one 20 MiB message), messages (~600k tiny ones)")
     parser.add_argument("--before-hostile", default="1",
                         help="with --source: the hostile counts for the old checkout (1: each stall there lasts minutes)")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="with --source: both servers up at once, stall pairs alternating for N rounds")
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args()
     counts = [int(n) for n in args.hostile.split(",")]
@@ -144,6 +173,9 @@ def main() -> None:
             models = Path(tmp) / "models"
             build_model(models / MODEL, TinyModelSpec())
             sources = ([("before", args.source)] if args.source else []) + [("this checkout", REPO)]
+            if args.rounds:
+                results = asyncio.run(_interleave_servers(sources, Path(tmp), models, args, counts))
+                sources = []
             for name, source in sources:
                 work = Path(tmp) / name.replace(" ", "-")
                 work.mkdir()
@@ -163,6 +195,25 @@ def main() -> None:
         print(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+
+
+async def _interleave_servers(sources, tmp: Path, models: Path, args, counts: list[int]) -> dict:
+    processes, roots = [], {}
+    try:
+        for name, source in sources:
+            work = tmp / name.replace(" ", "-")
+            work.mkdir()
+            process, roots[name] = start_server(source.resolve(), models, work)
+            processes.append(process)
+        results = {}
+        for hostile in counts:
+            results[f"small_during_{hostile}"] = await interleaved(roots, args.mib, args.rounds, hostile)
+            print(json.dumps(results[f"small_during_{hostile}"], indent=2), flush=True)
+        return results
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(timeout=30)
 
 
 if __name__ == "__main__":

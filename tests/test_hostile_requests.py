@@ -107,6 +107,49 @@ def test_a_prompt_just_over_the_window_is_counted_exactly(tiny_tokenizer):
     assert refused.value.exact and refused.value.at_least == n
 
 
+class CountingTemplate(CountingTokenizer):
+    """A real tokenizer that records the characters of every conversation it renders."""
+
+    def __init__(self, inner, renders_user_text: bool = True):
+        super().__init__(inner)
+        self.rendered_chars: list[int] = []
+        self.renders = renders_user_text
+
+    def apply_chat_template(self, messages, **kwargs):
+        self.rendered_chars.append(sum(len(m.get("content") or "") for m in messages))
+        if not self.renders:  # a template that leaves what users say out of the prompt
+            messages = [{**m, "content": "?"} if m["role"] == "user" else m for m in messages]
+        return self.inner.apply_chat_template(messages, **kwargs)
+
+
+def test_a_conversation_whose_user_text_cannot_fit_is_refused_unrendered(tiny_tokenizer, hostile_text):
+    from omlx.api.conversation import Conversation, prompt_ids_within
+
+    counting = CountingTemplate(tiny_tokenizer)
+    conversation = Conversation(messages=[{"role": "user", "content": hostile_text}])
+    with pytest.raises(APIError) as refused:
+        prompt_ids_within(counting, conversation, CONTEXT_WINDOW)
+    assert refused.value.code == "context_length_exceeded" and refused.value.param == "messages"
+    assert max(counting.rendered_chars) < 100  # only the template's one probe was rendered
+    assert counting.encoded_chars == []
+
+
+def test_only_text_the_template_renders_counts_before_rendering(tiny_tokenizer, hostile_text):
+    """Whitespace around a user's text is not counted (a template may trim it), nor what a
+    template is seen to leave out: such a prompt is rendered, then bounded as before."""
+    from omlx.api.conversation import Conversation, prompt_ids_within
+    from omlx.api.prompt_bound import user_text_chars
+
+    spaces = Conversation(messages=[{"role": "user", "content": " " * len(hostile_text) + "hi\n"}])
+    assert user_text_chars(spaces.messages) == 2
+    counting = CountingTemplate(tiny_tokenizer, renders_user_text=False)
+    conversation = Conversation(messages=[{"role": "system", "content": "be brief"},
+                                          {"role": "user", "content": hostile_text}])
+    # Rendered in full (this template drops the text, so the prompt it makes fits).
+    assert prompt_ids_within(counting, conversation, CONTEXT_WINDOW)
+    assert max(counting.rendered_chars) > len(hostile_text)
+
+
 # ---------------------------------------------------------------------------- the pool
 
 

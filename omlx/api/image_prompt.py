@@ -12,7 +12,7 @@ from omlx.vision.images import ImageError, ImageLimits, load_images
 from omlx.vision.ocr import with_default_prompt
 from omlx.vision.prompt import ImagePromptError, prepare
 
-from .conversation import check_message_count, check_prompt_chars, render_prompt
+from .conversation import check_message_count, check_prompt_chars, check_user_text, render_prompt
 from .errors import APIError, invalid
 from .offload import offload
 from .turn_request import TurnRequest
@@ -73,6 +73,7 @@ async def image_prompt(loaded: LoadedModel, request: TurnRequest, limits: ImageL
 
 def _rendered_text(loaded: LoadedModel, conversation, param: str) -> str:
     check_message_count(conversation, loaded.context_window, param)
+    check_user_text(loaded.tokenizer, conversation, loaded.context_window, param)
     text = render_prompt(loaded.tokenizer, conversation, param, tokenize=False)
     check_prompt_chars(loaded.tokenizer, text, loaded.context_window, param)
     return text

@@ -37,6 +37,14 @@ def loads(raw: bytes, max_depth: int):
     return True, value
 
 
+def loads_file(path: str, max_depth: int):
+    """`loads` of a body spooled to `path` (omlx.api.body_spool): read here, in the worker,
+    so the body never crosses the pipe from the server."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    return loads(raw, max_depth)
+
+
 def too_deep(value: Any, limit: int) -> bool:
     pending = [(value, 1)]
     while pending:

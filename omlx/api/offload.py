@@ -98,6 +98,18 @@ class OffloadPool:
 
         if len(raw) < PROCESS_JSON_BYTES:
             return loads(raw, max_depth)
+        return await self._in_worker_process(loads, raw, max_depth)
+
+    async def parse_json_file(self, path: str, max_depth: int):
+        """`parse_json` of a body spooled to `path` (omlx.api.body_spool): the worker process
+        reads the file itself, so the body is not copied through the pipe."""
+        from .json_child import loads_file
+
+        return await self._in_worker_process(loads_file, path, max_depth)
+
+    async def _in_worker_process(self, fn, *args):
+        """`fn(*args)` in a JSON worker process, counted as a large job; here, if the workers
+        broke (one killed for memory?), and the next body starts new ones."""
         with self._lock:
             if self._large_jobs >= self.max_large_jobs:
                 raise overloaded(f"the server is already preparing {self._large_jobs} large requests; "
@@ -105,13 +117,13 @@ class OffloadPool:
             self._large_jobs += 1
             processes = self._process_pool()
         try:
-            future = processes.submit(loads, raw, max_depth)
+            future = processes.submit(fn, *args)
         except (BrokenProcessPool, RuntimeError):
             self._job_done(None)
             with self._lock:
                 if self._processes is processes:
-                    self._processes = None  # a worker died (killed for memory?): the next body starts anew
-            return loads(raw, max_depth)
+                    self._processes = None
+            return fn(*args)
         future.add_done_callback(self._job_done)
         try:
             return await asyncio.wrap_future(future)
@@ -119,7 +131,7 @@ class OffloadPool:
             with self._lock:
                 if self._processes is processes:
                     self._processes = None
-            return loads(raw, max_depth)
+            return fn(*args)
 
     def _process_pool(self) -> ProcessPoolExecutor:
         """The JSON workers (call with the lock held), started if they are not."""
@@ -209,3 +221,8 @@ async def offload(fn: Callable[..., Any], *args, size: int | None = 0, **kwargs)
 async def parse_json(raw: bytes, max_depth: int):
     """`(True, value)` or `(False, message)` (see OffloadPool.parse_json)."""
     return await offload_pool().parse_json(raw, max_depth)
+
+
+async def parse_json_file(path: str, max_depth: int):
+    """`(True, value)` or `(False, message)` of a spooled body (see OffloadPool.parse_json_file)."""
+    return await offload_pool().parse_json_file(path, max_depth)

@@ -40,9 +40,32 @@ class PromptTooLong(Exception):
         self.exact = exact
 
 
-_longest: "weakref.WeakKeyDictionary[object, int]" = weakref.WeakKeyDictionary()
-_longest_by_id: dict[int, tuple[object, int]] = {}  # tokenizers that cannot be weakly referenced
-_longest_lock = threading.Lock()
+_facts: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+_facts_by_id: dict[int, tuple[object, dict]] = {}  # tokenizers that cannot be weakly referenced
+_facts_lock = threading.Lock()
+
+
+def _tokenizer_fact(tokenizer, name: str, compute):
+    """`compute(tokenizer)`, once per tokenizer and fact (a tokenizer never changes)."""
+    with _facts_lock:
+        try:
+            facts = _facts.get(tokenizer)
+        except TypeError:
+            held = _facts_by_id.get(id(tokenizer))
+            facts = held[1] if held is not None and held[0] is tokenizer else None
+        if facts is not None and name in facts:
+            return facts[name]
+    value = compute(tokenizer)
+    with _facts_lock:
+        try:
+            facts = _facts.setdefault(tokenizer, {})
+        except TypeError:
+            held = _facts_by_id.get(id(tokenizer))
+            if held is None or held[0] is not tokenizer:
+                held = _facts_by_id[id(tokenizer)] = (tokenizer, {})
+            facts = held[1]
+        facts[name] = value
+    return value
 
 
 def longest_token_chars(tokenizer) -> int:
@@ -53,38 +76,72 @@ def longest_token_chars(tokenizer) -> int:
     itself.  Doubled, because a normalizer may fold several characters into one before the
     vocabulary sees them (NFKC composes accents, for instance).
     """
-    with _longest_lock:
-        try:
-            if tokenizer in _longest:
-                return _longest[tokenizer]
-        except TypeError:
-            pass
-        held = _longest_by_id.get(id(tokenizer))
-        if held is not None and held[0] is tokenizer:
-            return held[1]
+    return _tokenizer_fact(tokenizer, "longest_token_chars", _longest_token_chars)
+
+
+def _longest_token_chars(tokenizer) -> int:
     get_vocab = getattr(tokenizer, "get_vocab", None)
     try:
         vocab = get_vocab() if get_vocab is not None else None
     except Exception:  # a tokenizer that cannot list its vocabulary: no bound from length
         vocab = None
     # Without a vocabulary, a bound no prompt reaches: only the prefix tokenization decides.
-    value = 2 * max((len(token) for token in vocab), default=1) if vocab else 1 << 40
-    with _longest_lock:
-        try:
-            _longest[tokenizer] = value
-        except TypeError:
-            _longest_by_id[id(tokenizer)] = (tokenizer, value)
-    return value
+    return 2 * max((len(token) for token in vocab), default=1) if vocab else 1 << 40
+
+
+# What a user says in the probe conversation of renders_user_text: text no template makes.
+_PROBE_TEXT = "omlx probe: 7f3a9c user text"
+
+
+def renders_user_text(tokenizer) -> bool:
+    """Whether the model's chat template puts a user message's text in the prompt as it is
+    (seen once, on a probe conversation): then that text's length bounds the prompt's before
+    anything is rendered (user_text_chars)."""
+    return _tokenizer_fact(tokenizer, "renders_user_text", _renders_user_text)
+
+
+def _renders_user_text(tokenizer) -> bool:
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": _PROBE_TEXT}],
+                                             add_generation_prompt=True, tokenize=False)
+    except Exception:  # no template, or one that wants more than this: no bound from it
+        return False
+    return isinstance(text, str) and _PROBE_TEXT in text
+
+
+def user_text_chars(messages: list[dict]) -> int:
+    """Characters of the users' text messages that a template rendering them as they are puts
+    in the prompt: leading and trailing whitespace aside (a template may trim it)."""
+    return sum(_trimmed_length(m["content"]) for m in messages
+               if m.get("role") == "user" and isinstance(m.get("content"), str))
+
+
+def _trimmed_length(text: str) -> int:
+    """len(text.strip()), without copying a text that has no whitespace to trim (strip copies
+    all 20 MiB of a hostile one, holding the GIL)."""
+    if text[:1].isspace() or text[-1:].isspace():
+        return len(text.strip())
+    return len(text)
 
 
 def lower_bound(tokenizer, text: str) -> int:
     """Tokens the text has at least, from its length alone."""
-    return math.ceil(len(text) / longest_token_chars(tokenizer))
+    return length_bound(tokenizer, len(text))
+
+
+def length_bound(tokenizer, chars: int) -> int:
+    """Tokens that `chars` characters of text are at least."""
+    return math.ceil(chars / longest_token_chars(tokenizer))
 
 
 def check_chars(tokenizer, text: str, window: int) -> None:
     """PromptTooLong when the text's length alone proves it leaves no room in `window`."""
-    least = lower_bound(tokenizer, text)
+    check_length(tokenizer, len(text), window)
+
+
+def check_length(tokenizer, chars: int, window: int) -> None:
+    """PromptTooLong when a prompt of at least `chars` characters leaves no room in `window`."""
+    least = length_bound(tokenizer, chars)
     if least >= window:
         raise PromptTooLong(least, exact=False)
 

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from omlx.serving_limits import limits_of
 
+from .body_spool import BodySpool, read_body
 from .errors import APIError, invalid
 
 MISSING = object()
@@ -22,18 +23,27 @@ MISSING = object()
 async def read_json(request: web.Request) -> Any:
     # A client that sends its headers and then stalls (or trickles) its body is answered
     # 408 here, before it is admitted anywhere, instead of holding a handler without end.
-    timeout = limits_of(request.app).client_read_timeout_s
+    limits = limits_of(request.app)
+    timeout = limits.client_read_timeout_s
+    from .offload import PROCESS_JSON_BYTES, parse_json, parse_json_file
+
+    # A large body goes to a file as it arrives and a worker process parses it from there:
+    # neither the read nor the parse holds the event loop (omlx.api.body_spool).
     try:
-        raw = await asyncio.wait_for(request.read(), timeout)
+        received = await asyncio.wait_for(read_body(request, limits.max_request_bytes, PROCESS_JSON_BYTES), timeout)
     except asyncio.TimeoutError:
         raise APIError(f"the request body did not arrive within {timeout:g}s", 408, "invalid_request_error",
                        None, "request_timeout", headers={"Connection": "close"}) from None
-    if not raw:
-        raise invalid("the request body is empty; expected a JSON object")
-    from .offload import parse_json
-
-    # Parsed and depth-checked in a worker process when large: off the event loop.
-    parsed, body = await parse_json(raw, MAX_NESTING)
+    if isinstance(received, BodySpool):
+        try:
+            parsed, body = await parse_json_file(received.path, MAX_NESTING)
+        finally:
+            received.discard()
+    else:
+        if not received:
+            raise invalid("the request body is empty; expected a JSON object")
+        # Parsed and depth-checked in a worker process when large: off the event loop.
+        parsed, body = await parse_json(received, MAX_NESTING)
     if not parsed:
         raise invalid(body)
     return body
