@@ -160,6 +160,14 @@ def test_copy_target_never_takes_its_source():
 # ---------------------------------------------------------------------------- the engine
 
 
+def test_a_fresh_engine_has_no_source(tiny):
+    """The load-time self-check runs prompts through the pool but leaves nothing to copy:
+    other ranks never ran it."""
+    model, _, _ = tiny
+    engine = engine_for(model)
+    assert len(engine.blocks.partial_blocks) == 0 and engine.blocks.num_cached_blocks == 0
+
+
 def test_second_request_reuses_the_partial_block_and_gets_the_same_tokens(tiny):
     model, eos, reference = tiny
     engine = engine_for(model)

@@ -67,6 +67,9 @@ def check_paged_pass(engine) -> None:
         raise UnsupportedLayout(f"the paged pass failed on this model ({type(exc).__name__}: {exc})") from None
     finally:
         for seq in seqs:
+            # Nothing of the check is left as a cached prefix (a partial last block would be,
+            # see partial_prefix): other ranks never ran it, and the pools stay as they were.
+            seq.num_computed_tokens = 0
             blocks.free(seq)
             if engine.state is not None:
                 engine.state.release(seq)
