@@ -314,6 +314,36 @@ async def test_models_status_and_health_report_the_kv_dtype(tiny_path, tmp_path,
         linear.matmul_path.cache_clear()
 
 
+@requires_bf16_unit
+def test_a_served_model_reports_its_kv_dtype_and_the_setting_overrides_it(tiny_path, tmp_path):
+    """`omlx serve` on the packed path: /health and /v1/models/status say the pool is bf16, a
+    request is answered through the OpenAI SDK, and the model setting kv_dtype=float32
+    (applied on the next load) turns it back."""
+    import openai
+
+    from omlx_process import call, omlx_server
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny").symlink_to(tiny_path)
+    with omlx_server(tmp_path / "models", tmp_path, "--no-kv-disk", env={"OMLX_MATMUL": "bf16"}) as server:
+        with openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120) as client:
+            reply = client.completions.create(model="tiny", prompt="hello there", max_tokens=4, temperature=0)
+        assert reply.usage.completion_tokens >= 1
+        status, health = call(server, "GET", "/health")
+        assert status == 200 and health["compute"]["matmul"]["matmul"] == "bf16-packed"
+        assert health["models_loaded"]["tiny"]["serving"]["kv_dtype"] == "bfloat16", health["models_loaded"]
+        listed = {m["id"]: m for m in call(server, "GET", "/v1/models/status")[1]["models"]}
+        assert listed["tiny"]["serving"]["kv_dtype"] == "bfloat16"
+
+        status, _ = call(server, "PUT", "/v1/models/tiny/settings", {"kv_dtype": "float32"})
+        assert status == 200
+        status, body = call(server, "PUT", "/v1/models/tiny/settings", {"kv_dtype": "fp8"})
+        assert status == 400 and "kv_dtype" in json.dumps(body)
+        assert call(server, "POST", "/v1/models/tiny/unload")[0] == 200
+        status, loaded = call(server, "POST", "/v1/models/tiny/load")
+        assert status == 200 and loaded["serving"]["kv_dtype"] == "float32", loaded
+
+
 # ---------------------------------------------------------------------------- the real SmolLM2
 
 AGREEMENT_TOKENS = 2048
@@ -353,3 +383,6 @@ def test_smollm2_top1_agrees_with_float32_over_a_bf16_pool(smol_folder):
     assert bf16["kv_bytes_per_token"] * 2 == f32["kv_bytes_per_token"]
     assert f32["agree"] / AGREEMENT_TOKENS >= 0.99, result
     assert bf16["agree"] / AGREEMENT_TOKENS >= 0.99, result
+    # Equal agreement: bf16 KV costs no more than half a percent against a float32 pool
+    # (measured: 2036 vs 2033 of 2048 on AMD EPYC / AVX512-BF16).
+    assert bf16["agree"] >= f32["agree"] - 0.005 * AGREEMENT_TOKENS, result
