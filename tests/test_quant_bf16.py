@@ -154,6 +154,16 @@ def test_bad_operands_are_rejected():
     assert qb.quant_bf16_matmul(mx.zeros((0, 128)), w).shape == (0, 64)
 
 
+def test_sibling_projections_concatenate_into_one_call_with_the_same_bits():
+    parts = [qb.QuantBf16Linear.from_quantized(quantized_linear(n, 256, 4, 64, seed=n, bias=n == 64))
+             for n in (128, 64, 100)]
+    assert qb.QuantBf16Linear.can_concatenate(parts)
+    assert not qb.QuantBf16Linear.can_concatenate([parts[2], parts[0]])  # 100 columns end mid-panel
+    fused = qb.QuantBf16Linear.concatenate(parts)
+    x = mx.array(np.random.default_rng(8).standard_normal((6, 256)).astype(np.float32))
+    assert_same_bits(fused(x), mx.concatenate([p(x) for p in parts], axis=-1))
+
+
 # ---------------------------------------------------------------------------- models
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):
@@ -168,20 +178,22 @@ def quantized_model(path, bits: int = 4, group: int = 32) -> nn.Module:
 
 
 def test_model_in_the_form_keeps_stored_bytes_and_computes_the_packed_models_bits(tiny_path):
-    stored = dict(quantized_model(tiny_path).named_modules())
+    stored = [m for _, m in quantized_model(tiny_path).named_modules()
+              if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
     ours, packed = quantized_model(tiny_path), quantized_model(tiny_path)
-    assert quantized_bf16.swap_model(ours) > 0
+    assert quantized_bf16.swap_model(ours) == len(stored)
     assert pack_model(packed) > 0
-    swapped = [(name, m) for name, m in ours.named_modules() if isinstance(m, (qb.QuantBf16Linear, qb.QuantBf16Embedding))]
-    assert len(swapped) == sum(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for m in stored.values())
     assert not any(isinstance(m, (nn.QuantizedLinear, PackedLinear)) for _, m in ours.named_modules())
-    for name, layer in swapped:
-        # Each layer's codes, scales and biases are its stored bytes (N padded to whole panels).
-        original = stored[name]
-        n = original.weight.shape[0]
-        stored_bytes = sum(original[key].nbytes for key in ("weight", "scales", "biases"))
-        held = sum(layer[key].nbytes for key in ("codes", "panel_scales", "panel_biases"))
-        assert held * n == stored_bytes * (-(-n // qb.PANEL) * qb.PANEL), name
+    # The codes, scales and biases held are the stored bytes, N padded to whole panels (sibling
+    # projections fused into one layer hold their parts' panels side by side).
+    held = sum(m[key].nbytes for _, m in ours.named_modules()
+               if isinstance(m, (qb.QuantBf16Linear, qb.QuantBf16Embedding))
+               for key in ("codes", "panel_scales", "panel_biases"))
+    want = 0
+    for layer in stored:
+        n = layer.weight.shape[0]
+        want += sum(layer[key].nbytes for key in ("weight", "scales", "biases")) * (-(-n // qb.PANEL) * qb.PANEL) // n
+    assert held == want
     # 4-bit codes + float32 scale and bias per 32 weights: 6 bits a weight against bf16's 16.
     assert parameter_bytes(ours) < 0.45 * parameter_bytes(packed)
     ids = mx.array([[5, 17, 33, 2, 90, 41, 7, 7, 120]])

@@ -198,6 +198,7 @@ class QuantBf16Linear(nn.Module):
     def __init__(self, w: QuantBf16Weights, bias: mx.array | None = None):
         super().__init__()
         _install(self, w)
+        self.out_features, self.in_features = w.n, w.k
         if bias is not None:
             self.bias = bias.astype(mx.float32)
         self.freeze()
@@ -206,6 +207,33 @@ class QuantBf16Linear(nn.Module):
     def from_quantized(cls, layer: nn.QuantizedLinear) -> "QuantBf16Linear":
         w = repack(layer.weight, layer.scales, layer.get("biases"), layer.bits, layer.group_size)
         return cls(w, layer.get("bias"))
+
+    @staticmethod
+    def can_concatenate(parts: list) -> bool:
+        """Whether `concatenate` can join these layers: one input width, bits, group size and
+        scale dtype, and every part but the last filling whole panels (so the panels just
+        follow each other)."""
+        if not parts or not all(type(p) is QuantBf16Linear for p in parts):
+            return False
+        first = parts[0]
+        same = {(p._dims.k, p._dims.bits, p._dims.group_size, p["panel_scales"].dtype) for p in parts}
+        return len(same) == 1 and all(p._dims.n % PANEL == 0 for p in parts[:-1]) and first._dims.n > 0
+
+    @classmethod
+    def concatenate(cls, parts: list["QuantBf16Linear"]) -> "QuantBf16Linear":
+        """One layer whose output columns are the parts' outputs side by side (q/k/v, gate/up:
+        omlx/models/fused_projections.py), over the same bytes; each column's result is
+        unchanged, since the kernel computes every column alone."""
+        d = parts[0]._dims
+        n = sum(p._dims.n for p in parts)
+        w = QuantBf16Weights(*(mx.concatenate([p[key] for p in parts]) for key in ("codes", "panel_scales", "panel_biases")),
+                             n, d.k, d.bits, d.group_size)
+        bias = None
+        if any("bias" in p for p in parts):
+            bias = mx.concatenate([p["bias"] if "bias" in p else mx.zeros((p._dims.n,), mx.float32) for p in parts])
+        fused = cls(w, bias)
+        mx.eval(fused.parameters())
+        return fused
 
     @property
     def bits(self) -> int:

@@ -27,6 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from omlx.kernels.linear import PackedLinear, unpack_rows
+from omlx.kernels.quant_bf16 import QuantBf16Linear
 
 log = logging.getLogger("omlx.pool")
 
@@ -102,6 +103,8 @@ def dense_bf16(layer: PackedLinear) -> mx.array:
 
 def fuse_group(parts: list[PackedLinear]) -> PackedLinear:
     """One packed layer whose output columns are the parts' outputs, side by side."""
+    if type(parts[0]) is QuantBf16Linear:  # the quantized-bf16 form: its panels, joined as stored
+        return QuantBf16Linear.concatenate(parts)
     weight = mx.concatenate([dense_bf16(p) for p in parts], axis=0)
     biases = [p.get("bias") for p in parts]
     bias = None
@@ -118,7 +121,7 @@ def candidate_groups(model: nn.Module):
     for _, parent in model.named_modules():
         for fused_name, names in GROUPS:
             parts = [parent.get(n) if isinstance(parent, dict) else None for n in names]
-            if not all(type(p) is PackedLinear for p in parts):
+            if not (all(type(p) is PackedLinear for p in parts) or QuantBf16Linear.can_concatenate(parts)):
                 continue
             if len({p.in_features for p in parts}) != 1 or fused_name in parent:
                 continue

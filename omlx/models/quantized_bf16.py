@@ -41,11 +41,20 @@ def convert(layer: nn.Module) -> nn.Module | None:
 
 
 def swap_model(model: nn.Module) -> int:
-    """Put the model in the quantized-bf16 form in place; returns how many layers read their
-    quantized blocks (0, the model untouched, when a forward pass fails with swapped layers)."""
-    if packed_weights.pack_model(model, keep_quantized=convert) == 0:
+    """Put the model in the quantized-bf16 form in place; returns how many of its layers read
+    their quantized blocks (0, the model untouched, when a forward pass fails with swapped
+    layers).  Sibling projections then run as one call each (pack_model fuses them)."""
+    converted = []
+
+    def count(layer: nn.Module) -> nn.Module | None:
+        new = convert(layer)
+        if new is not None:
+            converted.append(new)
+        return new
+
+    if packed_weights.pack_model(model, keep_quantized=count) == 0:
         return 0
-    return sum(isinstance(m, (QuantBf16Linear, QuantBf16Embedding)) for _, m in model.named_modules())
+    return len(converted)
 
 
 def is_quantized_bf16(model: nn.Module) -> bool:
