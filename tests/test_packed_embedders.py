@@ -145,8 +145,9 @@ def test_vision_tower_packs_and_its_features_stay_close(tmp_path, matmul_mode, f
 
 
 def test_a_vlm_loaded_by_the_pool_runs_its_tower_packed(tmp_path, matmul_mode, monkeypatch):
-    """Through the loader: the tower is packed, and the prefix cache's scope says so (cached
-    blocks computed from float32 image features are not reused for bf16 ones)."""
+    """Through the loader: the tower and the language model are packed, and the prefix
+    cache's scope says so (blocks computed by float32 weights or image features are not
+    reused for bf16 ones)."""
     from omlx.models import loaders as loaders_module
     from omlx.models.loaders import Loaders
     from omlx.scheduler import EngineConfig
@@ -170,8 +171,68 @@ def test_a_vlm_loaded_by_the_pool_runs_its_tower_packed(tmp_path, matmul_mode, m
         matmul_mode(mode)
         loaded = loaders.load(info)
         try:
-            assert (packed_layers(loaded.vision.vlm.vision_tower) > 0) == (mode == "bf16")
-            assert loaded.weights_bytes == parameter_bytes(loaded.vision.vlm)
+            vlm = loaded.vision.vlm
+            assert (packed_layers(vlm.vision_tower) > 0) == (mode == "bf16")
+            # The language model takes an LLM's weight form too: packed where the tower is.
+            assert (packed_layers(vlm.language_model) > 0) == (mode == "bf16")
+            assert loaded.weights_bytes == parameter_bytes(vlm)
         finally:
             loaded.shutdown()
-    assert not scopes[0].endswith(b":tower-bf16") and scopes[1] == scopes[0] + b":tower-bf16"
+    # (A float32 checkpoint on the float32 path runs as stored: its scope is the content's.)
+    assert scopes[1] == scopes[0] + b":bf16-packed:tower-bf16"
+
+
+def test_a_packed_vlm_answers_images_the_same_alone_and_batched(tmp_path, matmul_mode):
+    """Language model and tower packed: each image request's greedy tokens are the ones it
+    gets alone in the engine, with another image request and a text one beside it."""
+    import io
+    import json
+
+    from PIL import Image
+
+    from omlx.models import weight_form
+    from omlx.scheduler import EngineConfig, GenerationRequest, LLMEngine
+    from omlx.testing.tiny_vlm import TinyVLMSpec, build_vlm
+    from omlx.vision.encoder import PassInputs
+    from omlx.vision.images import decode
+    from omlx.vision.loader import load_vision_model
+    from omlx.vision.prompt import prepare
+    from omlx.vision.tower_weights import pack_tower
+
+    matmul_mode("bf16")
+    path = build_vlm(tmp_path / "vlm", TinyVLMSpec(family="qwen2_vl"))
+    language, _, _, side = load_vision_model(str(path), json.loads((path / "config.json").read_text()), "vlm")
+    assert weight_form.apply(language, None, 1 << 30) == weight_form.BF16_PACKED
+    assert pack_tower(side) > 0
+    inputs = PassInputs(side.vlm)
+
+    def image_request(request_id: str, seed: int, words: str) -> GenerationRequest:
+        pixels = np.random.default_rng(seed).integers(0, 255, (80, 100, 3), dtype=np.uint8)
+        png = io.BytesIO()
+        Image.fromarray(pixels).save(png, "PNG")
+        content = [{"type": "image"}, {"type": "text", "text": words}]
+        text = side.processor.tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                                            add_generation_prompt=True, tokenize=False)
+        ids, multimodal = prepare(side.processor, side.image_token_id, text, [decode(png.getvalue(), "image")])
+        return GenerationRequest(request_id, ids, 8, multimodal=multimodal)
+
+    def run(requests) -> dict[str, list[int]]:
+        engine = LLMEngine(language, EngineConfig(block_size=8, num_blocks=96, max_num_batched_tokens=32),
+                           context_window=4096, vision=inputs)
+        out = {r.request_id: [] for r in requests}
+        for r in requests:
+            engine.add_request(r)
+        while engine.has_work:
+            for request_id, event in engine.step():
+                assert event.error is None, event.error
+                if event.token_id is not None:
+                    out[request_id].append(event.token_id)
+        return out
+
+    make = [lambda: image_request("a", 1, "describe the picture"), lambda: image_request("b", 2, "what is it?"),
+            lambda: GenerationRequest("t", [5, 9, 33, 70, 12, 8], 8)]
+    together = run([m() for m in make])
+    assert all(len(tokens) == 8 for tokens in together.values())
+    for m in make:
+        alone = run([m()])
+        assert alone == {k: together[k] for k in alone}

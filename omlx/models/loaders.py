@@ -173,13 +173,22 @@ class Loaders:
             raise ModelUnavailable(
                 f"'{info.model_id}' is a {info.model_type} model, but mlx-vlm builds no vision model from its "
                 f"config (model_type {info.config.get('model_type')!r}); set its type to llm if it is text-only")
+        from omlx.vision.encoder import PassInputs
         from omlx.vision.tower_weights import pack_tower
 
+        # The language model takes the form an LLM's weights take here; the tower is packed
+        # where that gains (omlx/vision/tower_weights.py).
+        form = weight_form.apply(language, settings.dequantize, self.memory_budget)
+        if form != weight_form.STORED:
+            log.info("%s: language model runs with %s", info.model_id, weight_form.describe(form))
+            inputs = PassInputs(side.vlm)  # it holds the embedding table, now in its new form
         tower_packed = pack_tower(side, settings.dequantize)
         if tower_packed:
             log.info("%s: vision tower runs with bf16 weights packed (%d layers)", info.model_id, tower_packed)
-        # Image features computed in bf16 differ from float32 ones: cached blocks say which.
-        scope = b"content:" + folder_fingerprint(info.path, None) + (b":tower-bf16" if tower_packed else b"")
+        # The prefix cache's identity includes what computes the blocks: the weights' form and
+        # whether image features come from a packed tower.
+        scope = b"content:" + folder_fingerprint(info.path, None) + (
+            b"" if form == weight_form.STORED else b":" + form.encode()) + (b":tower-bf16" if tower_packed else b"")
         window = context_window_of(info.config.get("text_config") or info.config)
         loaded = self._serve(info, language, tokenizer, scope, window, settings, vision=inputs,
                              weights=parameter_bytes(side.vlm))
