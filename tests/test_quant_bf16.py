@@ -20,6 +20,7 @@ from omlx.models import quantized_bf16
 from omlx.models.facts import parameter_bytes
 from omlx.models.packed_weights import pack_model
 from omlx.scheduler import EngineConfig, GenerationRequest, LLMEngine
+from omlx.scheduler.kv_dtype import runs_packed_bf16
 from omlx.testing.tiny_models import TinyModelSpec, build_model
 
 pytestmark = pytest.mark.skipif(not qb.availability().ok, reason=f"quant_bf16 does not run here: "
@@ -194,6 +195,8 @@ def test_model_in_the_form_keeps_stored_bytes_and_computes_the_packed_models_bit
         n = layer.weight.shape[0]
         want += sum(layer[key].nbytes for key in ("weight", "scales", "biases")) * (-(-n // qb.PANEL) * qb.PANEL) // n
     assert held == want
+    # Its KV pools are chosen as for a packed bf16 model (the same numbers reach them).
+    assert runs_packed_bf16(ours)
     # 4-bit codes + float32 scale and bias per 32 weights: 6 bits a weight against bf16's 16.
     assert parameter_bytes(ours) < 0.45 * parameter_bytes(packed)
     ids = mx.array([[5, 17, 33, 2, 90, 41, 7, 7, 120]])

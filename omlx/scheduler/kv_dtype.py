@@ -40,10 +40,13 @@ def check_setting(setting: str | None) -> str:
 
 
 def runs_packed_bf16(model: nn.Module) -> bool:
-    """Whether the model's linear layers were swapped for packed bf16 ones at load."""
+    """Whether the model's linear layers were swapped for packed bf16 ones at load (or for
+    quantized-bf16 ones, which compute the same bits from the stored codes)."""
     from omlx.kernels.linear import PackedEmbedding, PackedLinear
+    from omlx.kernels.quant_bf16 import QuantBf16Embedding, QuantBf16Linear
 
-    return any(isinstance(m, (PackedLinear, PackedEmbedding)) for _, m in model.named_modules())
+    bf16 = (PackedLinear, PackedEmbedding, QuantBf16Linear, QuantBf16Embedding)
+    return any(isinstance(m, bf16) for _, m in model.named_modules())
 
 
 def choose_kv_dtype(setting: str | None, model: nn.Module, model_dtype: mx.Dtype) -> tuple[mx.Dtype, str]:
