@@ -270,3 +270,35 @@ def test_a_quantized_moe_packs_its_dequantized_experts(moe_path, bf16_path):
     types = {type(m) for _, m in model.named_modules()}
     assert PackedSwitchLinear in types and QuantizedSwitchLinear not in types
     assert generate(model, [[5, 6, 7, 8]], 4)[0]
+
+
+def test_a_tiny_moe_served_on_the_bf16_path_generates(tmp_path):
+    """`omlx serve` on the packed path (a real server process, the openai SDK): the MoE model
+    loads with its experts packed, the paged engine serves it, and concurrent clients get the
+    tokens one client gets alone."""
+    import concurrent.futures
+
+    import openai
+
+    from omlx_process import call, omlx_server
+
+    models = tmp_path / "models"
+    build_from_config(models / "tiny-moe", TINY_MOE, seed=4)
+    with omlx_server(models, tmp_path, env={"OMLX_MATMUL": "bf16"}, failure=pytest.fail) as server:
+        with openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120) as client:
+            def ask(text: str) -> str:
+                reply = client.chat.completions.create(model="tiny-moe", messages=[{"role": "user", "content": text}],
+                                                       max_tokens=12, temperature=0)
+                assert reply.usage.completion_tokens > 0
+                return reply.choices[0].message.content
+
+            questions = ["hello there", "what is the weather like", "count to three", "tell me a story"]
+            alone = [ask(q) for q in questions]
+            with concurrent.futures.ThreadPoolExecutor(len(questions)) as pool:
+                together = list(pool.map(ask, questions))
+        assert together == alone
+        status, body = call(server, "GET", "/health")
+        assert status == 200 and body["compute"]["matmul"]["matmul"] == "bf16-packed"
+        assert body["models_loaded"]["tiny-moe"]["kv_cache"].get("engine") != "fallback"
+        log = server.log_path.read_text()
+        assert "tiny-moe runs with bf16 weights packed" in log and "fallback engine" not in log
