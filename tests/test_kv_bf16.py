@@ -6,6 +6,7 @@ top-1 still agrees with the float32 model."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -260,6 +261,26 @@ def test_window_layers_keep_their_bounded_pool_in_bf16(tmp_path):
     for rid, request in requests.items():
         alone, _ = drain(make_engine(model, num_blocks=96, kv_dtype="bfloat16"), {rid: request}, eos)
         assert together[rid] == alone[rid]
+
+
+@requires_bf16_unit
+def test_a_packed_draft_model_drafts_over_a_bf16_pool(packed, tmp_path):
+    """The draft model's pool follows the same rule, and holds as many tokens as before."""
+    model, eos = packed
+    draft, _ = load(str(build_model(tmp_path / "d", TinyModelSpec(seed=7))))
+    assert packed_weights.pack_model(draft) > 0
+    config = EngineConfig(block_size=BLOCK, num_blocks=64, max_num_batched_tokens=64, speculative=True,
+                          num_draft_tokens=4)
+    engine = LLMEngine(model, config, context_window=4096, draft_model=draft)
+    drafter = engine.scheduler.speculator.drafter
+    assert drafter.pool.storage.layout.dtype == mx.bfloat16
+    f32 = LLMEngine(model, dataclasses.replace(config, kv_dtype="float32"), context_window=4096, draft_model=draft)
+    assert f32.scheduler.speculator.drafter.pool.storage.layout.dtype == mx.float32
+    assert drafter.pool.storage.num_blocks == f32.scheduler.speculator.drafter.pool.storage.num_blocks
+    prompt = SHARED + [5, 6]
+    tokens, _ = drain(engine, {"r": (prompt, 12)}, eos)
+    plain, _ = drain(make_engine(model), {"r": (prompt, 12)}, eos)
+    assert tokens == plain  # drafts verified in the batch change no greedy token
 
 
 # ---------------------------------------------------------------------------- settings and status

@@ -38,8 +38,10 @@ class DraftModelDrafter:
     name = "draft_model"
     immediate = False  # drafts need the draft model's batched passes (engine: `draft`)
 
-    def __init__(self, model, block_size: int, kv_bytes: int, label: str = "draft", scope: bytes = b"draft"):
-        layout = KVLayout.probe(model)
+    def __init__(self, model, block_size: int, kv_bytes: int, label: str = "draft", scope: bytes = b"draft",
+                 layout: KVLayout | None = None):
+        """`layout`: the draft pool's (its dtype chosen as the main pool's is); default: probed."""
+        layout = layout or KVLayout.probe(model)
         blocks = max(8, PagedKVStorage.blocks_for_budget(layout, block_size, kv_bytes, None, 64))
         self.pool = KVPool(f"{label} draft", layout, block_size, blocks, blocks, scope=scope)
         self.runner = ModelRunner(model, self.pool.storage)

@@ -11,14 +11,13 @@ steps on a thread of their own for asyncio clients.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Callable
 
 from .block_manager import BlockManager
-from .kv_cache import KVLayout, PagedKVStorage, install_attention_hook
+from .kv_cache import PagedKVStorage, install_attention_hook
 from .engine_config import DRAFT_KV_CAP, INITIAL_KV_BYTES, EngineConfig  # noqa: F401 (re-exported)
-from .kv_dtype import choose_kv_dtype, dtype_name
+from .kv_dtype import dtype_name, pool_layout
 from .kv_pool import KVPool
 from .kv_sizing import (  # noqa: F401 (re-exported)
     default_kv_cache_bytes, parameter_bytes, pool_plans, quantization_for, weights_fingerprint,
@@ -64,10 +63,8 @@ class LLMEngine(EngineRequests):
         # pool then serves the model with the fallback engine).
         self.kinds = layer_kinds(model)
         self._kinds_described = describe(self.kinds)  # in every stats snapshot: made once
-        layout = KVLayout.probe(model)
         # The pools' dtype: the model's own, or bf16 where its matmuls run packed bf16 (kv_dtype).
-        kv_dtype, self.kv_dtype_reason = choose_kv_dtype(config.kv_dtype, model, layout.dtype)
-        layout = dataclasses.replace(layout, dtype=kv_dtype)
+        layout, self.kv_dtype_reason = pool_layout(model, config.kv_dtype)
         kv_bits, group_size = quantization_for(layout, config.kv_bits, config.kv_group_size)
         self.quantized_kv_start = config.quantized_kv_start if kv_bits is not None else 0
         if config.quantized_kv_start and kv_bits is None:
@@ -134,10 +131,11 @@ class LLMEngine(EngineRequests):
             drafter = None
             if draft_model is not None:
                 # Its KV: what the main pool may grow to, scaled by the models' KV per token.
-                ratio = KVLayout.probe(draft_model).bytes_per_token / max(1, layout.bytes_per_token)
+                draft_layout, _ = pool_layout(draft_model, config.kv_dtype)
+                ratio = draft_layout.bytes_per_token / max(1, layout.bytes_per_token)
                 kv_bytes = int(min(self.max_kv_bytes, DRAFT_KV_CAP) * ratio)
                 drafter = DraftModelDrafter(draft_model, config.block_size, kv_bytes, label or "model",
-                                            scope=b"draft:" + weights_fingerprint(draft_model))
+                                            scope=b"draft:" + weights_fingerprint(draft_model), layout=draft_layout)
             self.scheduler.speculator = Speculator(spec_config, drafter)
         self.runner.vision = vision
         self.sampler = Sampler()

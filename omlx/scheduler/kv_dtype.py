@@ -17,6 +17,8 @@ are; the dtype then decides the quantization scales and biases (and the float po
 
 from __future__ import annotations
 
+import dataclasses
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -47,6 +49,16 @@ def runs_packed_bf16(model: nn.Module) -> bool:
 
     bf16 = (PackedLinear, PackedEmbedding, QuantBf16Linear, QuantBf16Embedding)
     return any(isinstance(m, bf16) for _, m in model.named_modules())
+
+
+def pool_layout(model: nn.Module, setting: str | None):
+    """(the model's KV layout with the pools' dtype, why that dtype): what a pool over this
+    model holds per token (omlx.scheduler.kv_cache.KVLayout.probe, then `choose_kv_dtype`)."""
+    from .kv_cache import KVLayout
+
+    probed = KVLayout.probe(model)
+    dtype, reason = choose_kv_dtype(setting, model, probed.dtype)
+    return dataclasses.replace(probed, dtype=dtype), reason
 
 
 def choose_kv_dtype(setting: str | None, model: nn.Module, model_dtype: mx.Dtype) -> tuple[mx.Dtype, str]:
