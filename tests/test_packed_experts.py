@@ -262,11 +262,12 @@ def test_moe_families_pack_every_expert_layer(tmp_path, family):
 
 
 def test_a_quantized_moe_packs_its_dequantized_experts(moe_path, bf16_path):
+    """`dequantize: true` on a CPU with a bf16 unit: the packed bf16 form, experts included."""
     model, _ = load(str(moe_path))
     nn.quantize(model, group_size=32, bits=4)
     mx.eval(model.parameters())
     assert any(isinstance(m, QuantizedSwitchLinear) for _, m in model.named_modules())
-    assert weight_form.apply(model, None, 1 << 30) == weight_form.BF16_PACKED
+    assert weight_form.apply(model, True, 1 << 30) == weight_form.BF16_PACKED
     types = {type(m) for _, m in model.named_modules()}
     assert PackedSwitchLinear in types and QuantizedSwitchLinear not in types
     assert generate(model, [[5, 6, 7, 8]], 4)[0]
