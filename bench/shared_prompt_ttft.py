@@ -8,10 +8,10 @@ The engine-level twin of agents_bench.py's shared-prompt workload, without HTTP:
 (the server's defaults: 32-token blocks, 512 tokens per step), a cold request (system prompt
 + its own message) run to its end, then `--agents` requests with the same system prompt and
 their own short messages added together, each timed from its add to its first token.  With
-`--modes partial,full-blocks` the same run is made twice on fresh engines, once with
-token-granular reuse of the partial last block (omlx.scheduler.partial_prefix) and once
-without it (only full blocks shared), so both ratios come from one process.  It also prints
-the prompt tokens each warm wave computed and the step profile of the wave's steps.
+`--modes partial,full-blocks` the warm waves alternate (`--repeats` times each) between
+token-granular reuse of the partial last block (omlx.scheduler.partial_prefix) and whole
+blocks only, on the same engine after the same cold prompt, so both ratios come from one
+process and one cold TTFT.  It also prints the prompt tokens each warm wave computed.
 """
 
 from __future__ import annotations
@@ -61,35 +61,43 @@ def run_until_first_tokens(engine: LLMEngine, requests: list[GenerationRequest])
     return first, computed
 
 
-def one_mode(model, tokenizer, args, partial: bool) -> dict:
+def waves(model, tokenizer, args) -> tuple[dict, list[dict]]:
+    """One engine: a cold prompt, then warm waves alternating between the modes.  Every wave
+    has messages of its own (no wave finds another's whole prompt cached)."""
     engine = LLMEngine(model, EngineConfig(kv_cache_bytes=1 << 30), context_window=8192)
-    if not partial:
-        engine.scheduler.partial_prefix = None  # full blocks only, as before partial reuse
+    partial = engine.scheduler.partial_prefix
     rng = random.Random(11)
     words = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))  # noqa: E731
     factory = PromptFactory(args.model_path, seed=3)
-    # Warm-up on an unrelated prompt (first-call costs), then the measured cold prompt.
+    # The cold prompt as before partial reuse: whole blocks only (and nothing cached but the
+    # warm-up's unrelated prompt, which absorbs first-call costs).
+    engine.scheduler.partial_prefix = None
     run_until_first_tokens(engine, [GenerationRequest("warmup", chat_ids(tokenizer, factory.text(300), "hi"),
                                                       max_tokens=4)])
     system = factory.text(args.shared_tokens)
     cold_ids = chat_ids(tokenizer, system, "first " + words(16))
-    cold, cold_computed = run_until_first_tokens(engine, [GenerationRequest("cold", cold_ids, args.max_tokens)])
-    agents = [GenerationRequest(f"agent{i}", chat_ids(tokenizer, system, f"agent {i} " + words(16)), args.max_tokens)
-              for i in range(args.agents)]
-    engine.profile.reset()
-    warm, warm_computed = run_until_first_tokens(engine, agents)
-    profile = engine.profile.report()
-    alone, alone_computed = run_until_first_tokens(
-        engine, [GenerationRequest("alone", chat_ids(tokenizer, system, "alone " + words(16)), args.max_tokens)])
+    ttft, computed = run_until_first_tokens(engine, [GenerationRequest("cold", cold_ids, args.max_tokens)])
+    cold = {"prompt_tokens": len(cold_ids), "ttft": ttft["cold"], "computed": computed}
+    rows = []
+    for repeat in range(args.repeats):
+        for mode in args.modes.split(","):
+            engine.scheduler.partial_prefix = partial if mode == "partial" else None
+            agents = [GenerationRequest(f"{mode}{repeat}-{i}", chat_ids(tokenizer, system, f"agent {i} " + words(16)),
+                                        args.max_tokens) for i in range(args.agents)]
+            engine.profile.reset()
+            warm, warm_computed = run_until_first_tokens(engine, agents)
+            alone, alone_computed = run_until_first_tokens(engine, [GenerationRequest(
+                f"{mode}{repeat}-alone", chat_ids(tokenizer, system, "alone " + words(16)), args.max_tokens)])
+            rows.append({"mode": mode, "warm_ttft_p50": statistics.median(warm.values()),
+                         "warm_computed": warm_computed, "alone_ttft": next(iter(alone.values())),
+                         "alone_computed": alone_computed})
+            row = rows[-1]
+            print(f"{mode:12s} {args.agents} warm TTFT p50 {row['warm_ttft_p50']:.3f} s ({warm_computed} prompt "
+                  f"tokens computed) -> {cold['ttft'] / row['warm_ttft_p50']:.2f}x cold | one warm alone "
+                  f"{row['alone_ttft']:.3f} s ({alone_computed} computed) -> {cold['ttft'] / row['alone_ttft']:.1f}x",
+                  flush=True)
     assert engine.blocks.leaked_blocks() == []
-    warm_p50 = statistics.median(warm.values())
-    return {
-        "prompt_tokens": len(cold_ids), "cold_ttft": cold["cold"], "cold_computed": cold_computed,
-        "warm_ttft_p50": warm_p50, "warm_computed": warm_computed, "alone_ttft": alone["alone"],
-        "alone_computed": alone_computed, "warm_vs_cold": cold["cold"] / warm_p50,
-        "alone_vs_cold": cold["cold"] / alone["alone"], "wave_profile_ms": profile["mean_ms"],
-        "wave_steps": profile["steps"],
-    }
+    return cold, rows
 
 
 def main(argv=None) -> int:
@@ -107,15 +115,15 @@ def main(argv=None) -> int:
     model, tokenizer = load(str(args.model_path))
     form = weight_form.apply(model, None, 16 << 30) if args.weights == "auto" else "float32 (as loaded)"
     print(f"model {args.model_path.name}, weights {form}, {args.agents} agents, ~{args.shared_tokens}-token system prompt")
-    for _ in range(args.repeats):
-        for mode in args.modes.split(","):
-            row = one_mode(model, tokenizer, args, partial=(mode == "partial"))
-            print(f"{mode:12s} prompt {row['prompt_tokens']} tok | cold TTFT {row['cold_ttft']:.3f} s "
-                  f"({row['cold_computed']} computed) | {args.agents} warm TTFT p50 {row['warm_ttft_p50']:.3f} s "
-                  f"({row['warm_computed']} computed, {row['wave_steps']} steps) -> {row['warm_vs_cold']:.2f}x | "
-                  f"one warm alone {row['alone_ttft']:.3f} s ({row['alone_computed']} computed) -> "
-                  f"{row['alone_vs_cold']:.1f}x", flush=True)
-            print(f"{'':12s} wave step profile (mean ms): {row['wave_profile_ms']}", flush=True)
+    cold, rows = waves(model, tokenizer, args)
+    print(f"cold: {cold['prompt_tokens']}-token prompt, TTFT {cold['ttft']:.3f} s ({cold['computed']} computed)")
+    for mode in args.modes.split(","):
+        mine = [r for r in rows if r["mode"] == mode]
+        p50 = statistics.median(r["warm_ttft_p50"] for r in mine)
+        alone = statistics.median(r["alone_ttft"] for r in mine)
+        print(f"{mode:12s} median of {len(mine)} waves: warm TTFT p50 {p50:.3f} s -> {cold['ttft'] / p50:.2f}x cold; "
+              f"one warm alone {alone:.3f} s -> {cold['ttft'] / alone:.1f}x; prompt tokens computed per wave "
+              f"{mine[0]['warm_computed']}")
     return 0
 
 
