@@ -236,3 +236,36 @@ def test_a_packed_vlm_answers_images_the_same_alone_and_batched(tmp_path, matmul
     for m in make:
         alone = run([m()])
         assert alone == {k: together[k] for k in alone}
+
+
+def test_encoders_served_on_the_bf16_path(tmp_path):
+    """`omlx serve` on the packed path (a real server process): the packaged all-MiniLM-L6-v2
+    answers /v1/embeddings with its published similarity through the openai SDK, and a
+    cross-encoder ranks documents as its float32 form does."""
+    import openai
+
+    from omlx.rerank.cross_encoder import load_cross_encoder
+    from omlx.testing.minilm_cross_encoder import build_minilm_cross_encoder
+    from omlx_process import call, omlx_server
+
+    models = tmp_path / "models"
+    folder = build_minilm_cross_encoder(models / "minilm-rerank")
+    query, documents = "what is the man doing?", SENTENCES[:8]
+    # float32 in this process (conftest pins OMLX_MATMUL=float32): the order to keep.
+    reference = load_cross_encoder(inspect_model_folder("minilm-rerank", folder))
+    assert packed_layers(reference.model) == 0
+    rows, _ = reference.encode_pairs(query, documents)
+    want = list(np.argsort(-reference.score_rows(rows)))
+    with omlx_server(models, tmp_path, env={"OMLX_MATMUL": "bf16"}, failure=pytest.fail) as server:
+        with openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120) as client:
+            result = client.embeddings.create(model="all-MiniLM-L6-v2", input=SENTENCES[:3])
+        a, b, c = (np.array(d.embedding) for d in result.data)
+        assert float(cosines(a[None], b[None])[0]) == pytest.approx(0.755, abs=0.01)
+        assert float(cosines(a[None], c[None])[0]) < 0.3
+        status, body = call(server, "POST", "/v1/rerank", {"model": "minilm-rerank", "query": query,
+                                                            "documents": documents})
+        assert status == 200, body
+        assert [r["index"] for r in body["results"]] == want
+        lines = server.log_path.read_text().splitlines()
+        for kind in ("loaded embedding model", "loaded cross-encoder"):
+            assert any(kind in line and "linear layers packed bf16" in line for line in lines), kind
