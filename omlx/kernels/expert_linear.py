@@ -16,6 +16,8 @@ and does not depend on the other rows of the step (tests/test_packed_experts.py)
 
 from __future__ import annotations
 
+import sys
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -24,16 +26,14 @@ from .linear import kernel, pack_bf16
 
 
 def switch_linear_types() -> tuple[type, ...]:
-    """The expert layer classes of mlx-lm (and mlx-vlm, whose copy has the same interface)."""
-    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
-
-    found: list[type] = [SwitchLinear, QuantizedSwitchLinear]
-    try:
-        from mlx_vlm.models import switch_layers as vlm_switch
-
-        found += [vlm_switch.SwitchLinear, vlm_switch.QuantizedSwitchLinear]
-    except ImportError:
-        pass
+    """The expert layer classes of mlx-lm and mlx-vlm (whose copy has the same interface),
+    of those already imported: a model built from one has imported it, and importing the
+    other would cost a second or more for nothing."""
+    found: list[type] = []
+    for name in ("mlx_lm.models.switch_layers", "mlx_vlm.models.switch_layers"):
+        module = sys.modules.get(name)
+        if module is not None:
+            found += [module.SwitchLinear, module.QuantizedSwitchLinear]
     return tuple(found)
 
 
