@@ -34,6 +34,7 @@ class SpoolDir:
         return str(self.path)
 
     def left(self) -> list:
+        body_spool._writer.submit(lambda: None).result()  # the removals queued behind writes
         return list(self.path.iterdir())
 
 
@@ -109,3 +110,61 @@ async def test_a_declared_length_over_the_limit_is_refused_before_the_body_is_re
         writer.close()
     assert status_line.split()[1] == b"413", status_line
     assert spool_dir.made == 0 and spool_dir.left() == []  # nothing was spooled
+
+
+# ---------------------------------------------------------------------------- the worker's refusal
+
+WINDOW, LONGEST = 4096, 20
+CHARS = WINDOW * LONGEST  # the fewest characters that prove a prompt cannot fit
+
+
+@pytest.mark.parametrize("field, body, refused", [
+    ("messages", {"messages": [{"role": "system", "content": "x" * CHARS}, {"role": "user", "content": "hi"}]}, False),
+    ("messages", {"messages": [{"role": "user", "content": "x" * (CHARS // 2)}] * 2}, True),
+    ("messages", {"messages": [{"role": "user", "content": "x" * (CHARS - LONGEST)}]}, False),  # 4095 tokens at least
+    ("messages", {"messages": [{"role": "user", "content": " " * CHARS + "x" * (CHARS - LONGEST)}]}, False),
+    ("messages", {"messages": [{"role": "user", "content": [{"type": "text", "text": "x" * CHARS}]}]}, False),
+    ("input", {"input": "x" * CHARS}, True),
+    ("input", {"input": [{"type": "message", "role": "user", "content": "x" * CHARS}]}, True),
+    ("prompt", {"prompt": "x" * CHARS}, True),
+    ("prompt", {"prompt": [5] * CHARS}, False),  # token ids: the server counts them itself
+])
+def test_the_worker_refuses_only_what_the_server_would(field, body, refused):
+    from omlx.api.json_child import PromptLimits, TooLong
+
+    limits = PromptLimits(field, {"m": (WINDOW, LONGEST, True)})
+    result = limits.refuse({"model": "m", **body})
+    assert (result is not None) == refused
+    if refused:
+        assert result == TooLong("m", WINDOW, WINDOW)
+    assert limits.refuse({"model": "other", **body}) is None  # a model not loaded: the usual path
+
+
+def test_a_template_that_drops_user_text_bounds_only_completion_prompts():
+    from omlx.api.json_child import PromptLimits
+
+    drops = {"m": (WINDOW, LONGEST, False)}
+    assert PromptLimits("messages", drops).refuse({"model": "m", "messages": [{"role": "user", "content": "x" * CHARS}]}) is None
+    assert PromptLimits("prompt", drops).refuse({"model": "m", "prompt": "x" * CHARS}) is not None
+
+
+def test_a_refused_body_comes_back_from_the_worker_as_numbers(tmp_path):
+    from omlx.api.json_child import PromptLimits, TooLong
+    from omlx.api.offload import OffloadPool
+
+    path = tmp_path / "body.json"
+    body = {"model": "m", "messages": [{"role": "user", "content": filler_text(PROCESS_JSON_BYTES)}]}
+    path.write_bytes(orjson.dumps(body))
+    pool = OffloadPool(large_workers=1, small_workers=1)
+
+    async def scenario():
+        limits = PromptLimits("messages", {"m": (WINDOW, LONGEST, True)})
+        parsed, refused = await pool.parse_json_file(str(path), 64, limits)
+        assert not parsed and refused == TooLong("m", -(-PROCESS_JSON_BYTES // LONGEST), WINDOW)
+        assert await pool.parse_json_file(str(path), 64) == (True, body)
+        assert pool._processes is not None  # parsed (and refused) in the worker process
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        pool.shutdown()

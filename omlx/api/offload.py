@@ -100,12 +100,14 @@ class OffloadPool:
             return loads(raw, max_depth)
         return await self._in_worker_process(loads, raw, max_depth)
 
-    async def parse_json_file(self, path: str, max_depth: int):
+    async def parse_json_file(self, path: str, max_depth: int, limits=None):
         """`parse_json` of a body spooled to `path` (omlx.api.body_spool): the worker process
-        reads the file itself, so the body is not copied through the pipe."""
+        reads the file itself, so the body is not copied through the pipe, and with `limits`
+        (omlx.api.json_child.PromptLimits) refuses a prompt that cannot fit its model
+        there, so such a body never comes back to the server either."""
         from .json_child import loads_file
 
-        return await self._in_worker_process(loads_file, path, max_depth)
+        return await self._in_worker_process(loads_file, path, max_depth, limits)
 
     async def _in_worker_process(self, fn, *args):
         """`fn(*args)` in a JSON worker process, counted as a large job; here, if the workers
@@ -223,6 +225,7 @@ async def parse_json(raw: bytes, max_depth: int):
     return await offload_pool().parse_json(raw, max_depth)
 
 
-async def parse_json_file(path: str, max_depth: int):
-    """`(True, value)` or `(False, message)` of a spooled body (see OffloadPool.parse_json_file)."""
-    return await offload_pool().parse_json_file(path, max_depth)
+async def parse_json_file(path: str, max_depth: int, limits=None):
+    """`(True, value)` or `(False, message or TooLong)` of a spooled body (see
+    OffloadPool.parse_json_file)."""
+    return await offload_pool().parse_json_file(path, max_depth, limits)

@@ -19,6 +19,8 @@ import math
 import threading
 import weakref
 
+from .json_child import user_text_chars  # noqa: F401 (re-exported: the bound before rendering)
+
 # The first prefix holds this many characters per window token: plain text runs 3-5
 # characters per token, so a prefix this long that still fits means the text is unusual
 # (code, digits, another script) and the next prefix grows by PREFIX_GROWTH.
@@ -107,21 +109,6 @@ def _renders_user_text(tokenizer) -> bool:
     except Exception:  # no template, or one that wants more than this: no bound from it
         return False
     return isinstance(text, str) and _PROBE_TEXT in text
-
-
-def user_text_chars(messages: list[dict]) -> int:
-    """Characters of the users' text messages that a template rendering them as they are puts
-    in the prompt: leading and trailing whitespace aside (a template may trim it)."""
-    return sum(_trimmed_length(m["content"]) for m in messages
-               if m.get("role") == "user" and isinstance(m.get("content"), str))
-
-
-def _trimmed_length(text: str) -> int:
-    """len(text.strip()), without copying a text that has no whitespace to trim (strip copies
-    all 20 MiB of a hostile one, holding the GIL)."""
-    if text[:1].isspace() or text[-1:].isspace():
-        return len(text.strip())
-    return len(text)
 
 
 def lower_bound(tokenizer, text: str) -> int:

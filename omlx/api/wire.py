@@ -35,10 +35,18 @@ async def read_json(request: web.Request) -> Any:
         raise APIError(f"the request body did not arrive within {timeout:g}s", 408, "invalid_request_error",
                        None, "request_timeout", headers={"Connection": "close"}) from None
     if isinstance(received, BodySpool):
+        from .json_child import TooLong
+        from .prompt_limits import prompt_limits, too_long_error
+
         try:
-            parsed, body = await parse_json_file(received.path, MAX_NESTING)
+            # The worker refuses a prompt that cannot fit its (loaded) model, so a hostile
+            # body never comes back here (omlx.api.prompt_limits).
+            limits = await prompt_limits(request)
+            parsed, body = await parse_json_file(received.path, MAX_NESTING, limits)
         finally:
             received.discard()
+        if not parsed and isinstance(body, TooLong):
+            raise too_long_error(body, limits.field)
     else:
         if not received:
             raise invalid("the request body is empty; expected a JSON object")
