@@ -30,6 +30,7 @@ from agents_bench import shared_prompt  # noqa: E402  (the bench directory is no
 from serving_bench import (  # noqa: E402
     DEFAULT_BLAS,
     OMLX,
+    CpuMeter,
     PromptFactory,
     Server,
     ensure_model,
@@ -53,7 +54,9 @@ def run_server(matmul: str, args, factory: PromptFactory, tag: str) -> dict:
         server.wait_ready()
         server.warm_up(factory)
         log(f"omlx ({matmul} matmul): cold prompt alone, then {args.agents} agents on it")
+        meter = CpuMeter(server.proc.pid)
         row = shared_prompt(server, args, factory)
+        row["other_cores"] = round(meter.read()["other_cores"], 2)
         health = server.health() or {}
         row["matmul"] = (health.get("compute") or {}).get("matmul")
         loaded = (health.get("models_loaded") or {}).get(server.model_id) or {}
@@ -124,6 +127,7 @@ def main(argv=None) -> int:
                   "(target >= 3x); warm p50 vs cold on the default path: "
                   f"**{med(DEFAULT, 'cold_ttft') / med(DEFAULT, 'warm_ttft_p50'):.1f}x** (target >= 5x).",
               "Per round: " + "; ".join(f"{m} cold {row['cold_ttft']:.2f} s / warm {row['warm_ttft_p50']:.2f} s"
+                                          f" (other processes {row['other_cores']} cores)"
                                           for m in (DEFAULT, FLOAT32) for row in rows[m]),
               f"Total {time.monotonic() - started:.0f} s; server logs in {args.log_dir}"]
     md = "\n".join(lines)
