@@ -7,9 +7,10 @@ side by side (alternating, best of `--repeats`):
   layer   one SwitchGLU block (gate, up, down over the router's top-k) at 1 and 32 token rows,
           at a tiny shape (the test model's: hidden 64, 4 experts) and a mid-size one
           (hidden 1024, expert width 512, 64 experts, top 8: OLMoE-like, halved)
-  model   a tiny random qwen3_moe (omlx.testing.tiny_families.build_from_config), packed bf16
-          with its experts left float32 (the form before) or packed, one forward pass over
-          1 and 32 tokens
+  model   random qwen3_moe models (omlx.testing.tiny_families.build_from_config), the tiny
+          test shape and the mid-size block's shape in 2 layers, packed bf16 with their
+          experts left float32 (the form before) or packed, one forward pass over 1 and 32
+          tokens
 
 and prints each time and the ratio float32 / packed (higher: packed faster), with the CPU.
 
@@ -96,23 +97,32 @@ def layer_rows(repeats: int) -> list[tuple[str, int, float, float]]:
     return out
 
 
+# The mid-size block's shape as a model: 2 layers, 32 experts of 1024 -> 512, top 8.
+MID_MOE = {**TINY_MOE, "hidden_size": 1024, "intermediate_size": 2048, "moe_intermediate_size": 512,
+           "num_hidden_layers": 2, "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 64,
+           "num_experts": 32, "num_experts_per_tok": 8}
+
+
 def model_rows(repeats: int) -> list[tuple[str, int, float, float]]:
     from mlx_lm import load
 
     from omlx.models.packed_weights import pack_model
     from omlx.testing.tiny_families import build_from_config
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = build_from_config(Path(tmp) / "moe", TINY_MOE)
-        before, _ = load(str(path))
-        pack_model(before, experts=False)
-        after, _ = load(str(path))
-        pack_model(after)
     out = []
-    for rows in ROWS:
-        tokens = mx.array([[(7 * i + 3) % 400 for i in range(rows)]])
-        t_f32, t_bf16 = best_of(lambda: before(tokens), lambda: after(tokens), repeats)
-        out.append(("model tiny qwen3_moe (4 layers)", rows, t_f32, t_bf16))
+    for name, config in (("tiny qwen3_moe (4 layers, 64 wide)", TINY_MOE),
+                         ("mid qwen3_moe (2 layers, 1024 / 512, 32 experts, top 8)", MID_MOE)):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = build_from_config(Path(tmp) / "moe", config)
+            before, _ = load(str(path))
+            pack_model(before, experts=False)
+            after, _ = load(str(path))
+            pack_model(after)
+        for rows in ROWS:
+            tokens = mx.array([[(7 * i + 3) % 400 for i in range(rows)]])
+            t_f32, t_bf16 = best_of(lambda: before(tokens), lambda: after(tokens), repeats)
+            out.append((f"model {name}", rows, t_f32, t_bf16))
+        del before, after
     return out
 
 
@@ -123,9 +133,9 @@ def main() -> None:
     features = cpu_features()
     print(f"cpu: {features.summary()}; blas: {blas_info().get('blas')}; mlx {mx.__version__}; "
           f"load average {os.getloadavg()[0]:.1f}")
-    print(f"{'what':48} {'rows':>4} {'float32 gather_mm':>18} {'packed bf16':>12} {'ratio':>6}")
+    print(f"{'what':72} {'rows':>4} {'float32 gather_mm':>18} {'packed bf16':>12} {'ratio':>6}")
     for what, rows, t_f32, t_bf16 in layer_rows(args.repeats) + model_rows(args.repeats):
-        print(f"{what:48} {rows:>4} {t_f32 * 1e3:>15.3f} ms {t_bf16 * 1e3:>9.3f} ms {t_f32 / t_bf16:>5.2f}x")
+        print(f"{what:72} {rows:>4} {t_f32 * 1e3:>15.3f} ms {t_bf16 * 1e3:>9.3f} ms {t_f32 / t_bf16:>5.2f}x")
 
 
 if __name__ == "__main__":
