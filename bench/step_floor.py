@@ -11,8 +11,9 @@ side, interleaved (best of `--repeats`), with the engine's StepProfile:
 - +fused: q/k/v and gate/up in one kernel call each (omlx/models/fused_projections.py);
 - +rope: RoPE's table once a pass, its rotation one node (omlx/models/shared_rope.py);
 - +norm: RMSNorm one node (omlx/models/kernel_norms.py): what omlx serves now.
-It also times mlx-lm's own decode (stream_generate, float32) on both, the reference the
-issue measured.  Needs a CPU with a bf16 unit and the kernels built.
+First, per call: RMSNorm and RoPE as MLX's CPU fallback graph, under mx.compile, and as the
+one-node kernels.  Last, mlx-lm's own decode (stream_generate, float32) on both shapes, the
+reference the issue measured.  Needs a CPU with a bf16 unit and the kernels built.
 """
 
 from __future__ import annotations
@@ -78,6 +79,26 @@ def floor_twin(path: Path, work: Path) -> Path:
     return build_model(work / "floor", spec)
 
 
+def one_stream(path: Path, repeats: int, tokens: int = 48) -> dict[str, float]:
+    """tok/s of one greedy stream through the engine (200-token prompt), per variant,
+    interleaved, best of `repeats`."""
+    from omlx.scheduler import GenerationRequest
+
+    prompt = np.random.default_rng(1).integers(10, 500, size=200).tolist()
+    models = {name: load_variant(path, swaps)[0] for name, swaps in VARIANTS.items()}
+    best = {name: 0.0 for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            engine = step_breakdown.engine_for(model, 1, 400)
+            engine.add_request(GenerationRequest("one", prompt, max_tokens=tokens + 1))
+            engine.step()  # prefill + first token
+            started, produced = time.perf_counter(), 0
+            while engine.has_work:
+                produced += sum(1 for _, e in engine.step() if e.token_id is not None)
+            best[name] = max(best[name], produced / (time.perf_counter() - started))
+    return best
+
+
 def mlx_lm_rate(path: Path, tokens: int = 40) -> float:
     model, tokenizer = load(str(path))
     prompt = np.random.default_rng(0).integers(10, 500, size=200).tolist()
@@ -107,6 +128,44 @@ def measure(path: Path, rows_list: list[int], context: int, steps: int, repeats:
     return results
 
 
+def op_costs(rows_list: list[int], calls: int = 60, repeats: int = 7) -> None:
+    """Per call (build + eval, `calls` a step as a 30-layer model makes them) of RMSNorm and
+    RoPE three ways: MLX's CPU fallback graph, that graph under mx.compile (the other way to
+    cut nodes), and the one-node kernels omlx swaps in."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from omlx.kernels import fused_ops
+    from omlx.models.kernel_norms import KernelRMSNorm
+    from omlx.models.shared_rope import SharedRoPE
+
+    def per_call(fn) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            mx.eval([fn() for _ in range(calls)])
+            best = min(best, time.perf_counter() - started)
+        return best / calls * 1e6
+
+    norm = lambda x, w: mx.fast.rms_norm(x, w, 1e-5)  # noqa: E731
+    rope = nn.RoPE(64, base=100000.0)
+    rope_fn = lambda q, o: mx.fast.rope(q, 64, traditional=False, base=100000.0, scale=1.0, offset=o)  # noqa: E731
+    compiled_norm, compiled_rope = mx.compile(norm), mx.compile(rope_fn)
+    kernel_norm, shared = KernelRMSNorm(mx.ones((576,)), 1e-5), SharedRoPE.from_rope(rope)
+    print("| rows | op | MLX fallback us | mx.compile us | omlx kernel us |")
+    print("|---|---|---|---|---|")
+    for rows in rows_list:
+        x, w = mx.random.normal((rows, 1, 576)), mx.ones((576,))
+        q, offsets = mx.random.normal((rows, 9, 1, 64)), mx.arange(rows, dtype=mx.int32) + 200
+        mx.eval(x, w, q, offsets)
+        print(f"| {rows} | rms_norm | {per_call(lambda: norm(x, w)):.1f} | {per_call(lambda: compiled_norm(x, w)):.1f} | "
+              f"{per_call(lambda: kernel_norm(x)):.1f} |")
+        print(f"| {rows} | rope | {per_call(lambda: rope(q, offset=offsets)):.1f} | "
+              f"{per_call(lambda: compiled_rope(q, offsets)):.1f} | {per_call(lambda: shared(q, offset=offsets)):.1f} |")
+    print(f"\n(kernel built: {fused_ops.kernel() is not None}; the rope kernel's table is computed once per "
+          f"offsets array, so {calls} calls share one)\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=HERE / "models" / "smollm2-135m-f32")
@@ -118,6 +177,7 @@ def main() -> None:
     if not matmul_path().bf16:
         sys.exit(f"no packed bf16 path here: {matmul_path().reason}")
     rows_list = [int(r) for r in args.rows.split(",")]
+    op_costs(rows_list)
     with tempfile.TemporaryDirectory(prefix="omlx-floor-") as work:
         shapes = {args.model.name: args.model, "floor (tiny dims)": floor_twin(args.model, Path(work))}
         print(f"# Per-token graph: {args.model.name} and its floor twin, packed bf16, context {args.context}\n")
@@ -131,6 +191,10 @@ def main() -> None:
                     print(f"| {label} | {rows} | {name} | {total:.1f} | {mean['prepare']:.2f} | {mean['compute']:.1f} | "
                           f"{base / total:.2f}x |", flush=True)
         print()
+        for label, path in shapes.items():
+            rates = one_stream(path, args.repeats)
+            print(f"one stream, {label}: " + ", ".join(f"{name} {rate:.1f} tok/s" for name, rate in rates.items())
+                  + f" ({rates['+norm'] / rates['packed']:.2f}x)", flush=True)
         for label, path in shapes.items():
             started = time.perf_counter()
             print(f"mlx-lm stream_generate (float32), {label}: {mlx_lm_rate(path):.1f} tok/s "
