@@ -105,6 +105,21 @@ def test_each_row_is_bit_identical_alone_and_in_any_batch(tokens, n, k, seed, da
     assert np.array_equal(mixed[-1:, ::-1], alone)
 
 
+@pytest.mark.parametrize(("x_shape", "idx_shape"), [((5, 1, 3, 20), (5, 2)), ((1, 20), (4, 3)), ((2, 1, 1, 20), (2, 1))])
+def test_any_broadcast_gather_mm_takes(x_shape, idx_shape):
+    """Shapes mlx-lm's layers do not make (several rows per product, x shared by every
+    index): the kernel reads x through its strides and gives gather_mm's result."""
+    rng = np.random.default_rng(sum(x_shape))
+    x = mx.array(rng.standard_normal(x_shape).astype(np.float32))
+    w = mx.array(rng.standard_normal((4, 30, 20)).astype(np.float32))
+    idx = mx.array(rng.integers(0, 4, idx_shape).astype(np.uint32))
+    rounded = lambda a: a.astype(mx.bfloat16).astype(mx.float32)  # noqa: E731
+    want = mx.gather_mm(rounded(x), rounded(w).swapaxes(-1, -2), rhs_indices=idx)
+    got = expert_linear(x, idx, pack_experts(w), None, 30, 20)
+    assert got.shape == want.shape
+    assert mx.allclose(got, want, rtol=1e-5, atol=1e-4).item(), mx.abs(got - want).max().item()
+
+
 def test_switch_glu_with_packed_experts_matches_float32():
     """The whole MoE block (gate, up, activation, down; sorted above 64 rows) stays within
     bf16 rounding of the float32 block."""
