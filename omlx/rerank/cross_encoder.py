@@ -161,7 +161,7 @@ def load_cross_encoder(info: DiscoveredModel) -> LoadedCrossEncoder:
 
 def pack_linears(model, tokenizer) -> int:
     """Pack the cross-encoder's linear layers bf16 where that path runs here (half the weight
-    bytes; 1.03-1.1x the float32 batch, whose time GELU and attention dominate, with the
+    bytes; 1.03-1.3x the float32 batch, whose time GELU and attention dominate, with the
     scores' order unchanged: bench/encoder_bf16_bench.py); checked by one pair's forward
     pass.  Returns the number packed."""
     import mlx.core as mx
