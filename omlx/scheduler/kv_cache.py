@@ -222,8 +222,14 @@ class PagedKVStorage:
         within = mx.arange(rows_per_block, dtype=mx.int32)[None, :]
         src = (mx.array(src_blocks, dtype=mx.int32)[:, None] * rows_per_block + within).reshape(-1)
         dst = (mx.array(dst_blocks, dtype=mx.int32)[:, None] * rows_per_block + within).reshape(-1)
-        for array in self.arrays():
-            array[dst] = array[src]
+        arrays = self.arrays()
+        # The rows are read out first, on their own: a scatter whose rows are gathered from
+        # the same array in one graph cannot reuse that array's buffer, and MLX then copies
+        # the whole pool (measured: ~1 s per copy of a 768 MiB pool, against ~15 ms).
+        moved = [array[src] for array in arrays]
+        mx.eval(moved)
+        for array, rows in zip(arrays, moved):
+            array[dst] = rows
 
     def arrays(self) -> list[mx.array]:
         pools = self.keys + self.values
