@@ -15,8 +15,10 @@ body, Pillow's decode setup) runs in slices the interpreter hands back to the ev
 every few milliseconds; the prompt-length bound (omlx.api.prompt_bound) makes sure a body
 that cannot fit is never tokenized in full.  Parsing JSON is the exception: orjson holds the
 GIL for the whole document (about 50 ms for 20 MiB here), so from a thread it would stall the
-loop just the same.  A large body is parsed in a worker process instead (`parse_json`), and
-only the parsed value comes back: unpickling a 20 MiB string costs the loop a few ms.
+loop just the same.  A large body is parsed in a worker process instead: streamed into a
+spool file that the worker reads (`parse_json_file`, omlx.api.body_spool), and refused there
+when its prompt cannot fit its model (omlx.api.prompt_limits), so only a body that may be
+served comes back as a parsed value.
 """
 
 from __future__ import annotations
