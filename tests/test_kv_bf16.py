@@ -263,6 +263,26 @@ def test_window_layers_keep_their_bounded_pool_in_bf16(tmp_path):
         assert together[rid] == alone[rid]
 
 
+def test_state_layers_keep_their_dtype_beside_a_bf16_pool(tmp_path):
+    """A hybrid model (lfm2: convolution state + attention): the attention pool is bf16, the
+    recurrent state keeps the model's dtype, and a request's tokens are the same alone and
+    beside others, with the prefix cache resuming at a state snapshot."""
+    model, tokenizer = load(str(build_family_model(tmp_path / "h", "lfm2", seed=3)))
+    eos = frozenset(tokenizer.eos_token_ids)
+    make = lambda: make_engine(model, num_blocks=96, kv_dtype="bfloat16", state_snapshot_tokens=BLOCK)  # noqa: E731
+    engine = make()
+    assert engine.state is not None and engine.storage.layout.dtype == mx.bfloat16
+    assert {dtype for layer in engine.state.pool.layout.layers for _, dtype in layer} == {mx.float32}
+    prompt = [int(t) for t in np.random.default_rng(8).integers(5, 200, 70)]
+    requests = {"a": (prompt, 8), "b": (prompt[:40] + [3, 4], 8)}
+    together, _ = drain(engine, requests, eos)
+    again, cached = drain(engine, {"c": (prompt[:40] + [3, 4], 8)}, eos)
+    assert cached["c"] > 0 and again["c"] == together["b"]
+    for rid, request in requests.items():
+        alone, _ = drain(make(), {rid: request}, eos)
+        assert together[rid] == alone[rid]
+
+
 @requires_bf16_unit
 def test_a_packed_draft_model_drafts_over_a_bf16_pool(packed, tmp_path):
     """The draft model's pool follows the same rule, and holds as many tokens as before."""
