@@ -182,16 +182,19 @@ def test_packed_weights_over_a_bf16_pool_are_batch_invariant(packed, requests, b
     run_alone_and_together(*packed, requests, block_size, budget)
 
 
-def test_prefix_cache_hits_with_a_bf16_pool(tiny):
+@pytest.mark.usefixtures("attention_kernel")
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "float16"])
+def test_prefix_cache_hits_with_a_half_precision_pool(tiny, kv_dtype):
     model, eos = tiny
     first, second = SHARED + [11, 12, 13], SHARED + [40, 41]
-    engine = make_engine(model, kv_dtype="bfloat16")
+    engine = make_engine(model, kv_dtype=kv_dtype)
+    assert engine.storage.layout.dtype == getattr(mx, kv_dtype)
     tokens, cached = drain(engine, {"a": (first, 6)}, eos)
     tokens_b, cached_b = drain(engine, {"b": (second, 6)}, eos)
     assert cached["a"] == 0 and cached_b["b"] == len(SHARED) // BLOCK * BLOCK
     assert engine.blocks.stats()["prefix_cache_hit_tokens"] >= cached_b["b"]
     # A hit changes nothing: the same tokens as computing the whole prompt afresh.
-    fresh, _ = drain(make_engine(model, kv_dtype="bfloat16"), {"b": (second, 6)}, eos)
+    fresh, _ = drain(make_engine(model, kv_dtype=kv_dtype), {"b": (second, 6)}, eos)
     assert tokens_b["b"] == fresh["b"]
 
 
