@@ -316,7 +316,7 @@ SHAPES = {
 }
 
 
-def start_server(work: Path, port: int, shape: str = "tiny") -> subprocess.Popen:
+def start_server(work: Path, port: int, shape: str = "tiny", kv_cache_gb: float = 0.5) -> subprocess.Popen:
     """A server on a freshly built model of `shape` (repo checkout on PYTHONPATH)."""
     repo = Path(__file__).resolve().parent.parent
     sys.path.insert(0, str(repo))
@@ -328,7 +328,7 @@ def start_server(work: Path, port: int, shape: str = "tiny") -> subprocess.Popen
     env.update(OMLX_HOME=str(work / "home"), PYTHONPATH=str(repo))
     log = open(work / "omlx.log", "wb")
     process = subprocess.Popen([sys.executable, "-m", "omlx", "serve", "--model-dir", str(models), "--port", str(port),
-                                "--no-demo", "--no-hf-cache", "--kv-cache-gb", "0.5"],
+                                "--no-demo", "--no-hf-cache", "--kv-cache-gb", str(kv_cache_gb)],
                                stdout=log, stderr=subprocess.STDOUT, env=env)
     root = f"http://127.0.0.1:{port}"
     for _ in range(240):
@@ -347,6 +347,8 @@ def main() -> None:
     parser.add_argument("--url", help="a running server (default: start one on a tiny model)")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
                         help="the model to build and serve when no --url is given")
+    parser.add_argument("--kv-cache-gb", type=float, default=0.5,
+                        help="the started server's KV cap (its pool starts at half and doubles once the prefix cache fills it)")
     parser.add_argument("--model", help="the model id to ask for (default: the --shape's name)")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--minutes", type=float, default=5.0)
@@ -361,7 +363,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="omlx-soak-") as work:
         root = args.url
         if root is None:
-            process = start_server(Path(work), args.port, args.shape)
+            process = start_server(Path(work), args.port, args.shape, args.kv_cache_gb)
             root = f"http://127.0.0.1:{args.port}"
         try:
             report = asyncio.run(soak(root.rstrip("/"), args.model or args.shape, args.clients, seconds, args.seed,

@@ -68,7 +68,7 @@ def _load_libc():
 
 _LIBC = _load_libc()
 _lock = threading.Lock()
-_released = {"count": 0, "bytes": 0}  # trims done and the resident bytes they gave back
+_released = {"count": 0, "bytes": 0, "seconds": 0.0}  # trims done, the resident bytes they gave back, their time
 _mlx_cache_limit: int | None = None
 
 
@@ -118,8 +118,9 @@ def trim_heap() -> int:
     if _LIBC is None:
         return 0
     with _lock:  # one trim at a time: a second one meanwhile would find nothing to do
-        before = resident_bytes() or 0
+        before, started = resident_bytes() or 0, time.perf_counter()
         _LIBC.malloc_trim(0)
+        _released["seconds"] += time.perf_counter() - started
         released = max(0, before - (resident_bytes() or 0))
         _released["count"] += 1
         _released["bytes"] += released
@@ -139,7 +140,8 @@ def allocator_stats() -> dict:
         info = _LIBC.mallinfo2()
         out["malloc"] = {"arena_bytes": int(info.arena), "in_use_bytes": int(info.uordblks),
                          "free_bytes": int(info.fordblks), "mmapped_bytes": int(info.hblkhd),
-                         "trims": _released["count"], "trimmed_bytes": _released["bytes"]}
+                         "trims": _released["count"], "trimmed_bytes": _released["bytes"],
+                         "trim_seconds": round(_released["seconds"], 4)}
     return out
 
 

@@ -176,6 +176,7 @@ async def test_health_reports_each_allocator_cache_with_its_bound(app_server):
     assert mlx["active_bytes"] >= 0 and mlx["peak_bytes"] >= 0
     if GLIBC:
         malloc = caches["malloc"]
-        assert set(malloc) == {"arena_bytes", "in_use_bytes", "free_bytes", "mmapped_bytes", "trims", "trimmed_bytes"}
+        assert set(malloc) == {"arena_bytes", "in_use_bytes", "free_bytes", "mmapped_bytes", "trims", "trimmed_bytes",
+                               "trim_seconds"}
         assert malloc["arena_bytes"] >= malloc["in_use_bytes"] > 0
-        assert malloc["trims"] >= 0 and malloc["trimmed_bytes"] >= 0
+        assert malloc["trims"] >= 0 and malloc["trimmed_bytes"] >= 0 and malloc["trim_seconds"] >= 0
