@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from mlx_lm import load
 
-from omlx.kernels import linear, quant_linear
+from omlx.kernels import linear, quant_bf16, quant_linear
 from omlx.kernels.linear import PackedLinear, matmul_path
+from omlx.kernels.quant_bf16 import QuantBf16Linear
 from omlx.kernels.quant_linear import QuantLinear
 from omlx.models import weight_form
 from omlx.scheduler import EngineConfig, GenerationRequest, LLMEngine
@@ -55,6 +56,24 @@ def test_auto_runs_a_quantized_model_in_the_fastest_serving_form_here(tiny_path,
         assert form == weight_form.QUANTIZED_KERNEL and QuantLinear in layer_types(model)
     else:
         assert form == weight_form.FLOAT32 and nn.QuantizedLinear not in layer_types(model)
+
+
+def test_auto_keeps_a_quantized_model_too_large_to_dequantize_in_its_stored_bytes(tiny_path, matmul_mode):
+    """A budget whose quarter cannot hold the float32 weights: not dequantized, so on a bf16 CPU
+    the stored codes run through the quantized-bf16 kernel (ahead of the int8 kernel at many
+    rows), elsewhere through the int8 kernel."""
+    path = matmul_mode("auto")
+    model = quantized(tiny_path)
+    form = weight_form.apply(model, None, 1 << 20)
+    types = layer_types(model)
+    if path.bf16 and quant_bf16.availability().ok:
+        assert form == weight_form.QUANTIZED_BF16
+        assert QuantBf16Linear in types and nn.QuantizedLinear not in types and PackedLinear not in types
+        assert not weight_form.runs_exactly(model)
+    elif quant_linear.availability().ok:
+        assert form == weight_form.QUANTIZED_KERNEL and QuantLinear in types
+    else:
+        assert form == weight_form.STORED and nn.QuantizedLinear in types
 
 
 def test_false_reads_the_stored_weights_through_the_kernel(tiny_path, matmul_mode):

@@ -1,10 +1,13 @@
 """The form a loaded model's weights run in on this machine, chosen once at load.
 
-Four forms, one per model (never mixed by batch size: a row's numbers would then depend on
+Five forms, one per model (never mixed by batch size: a row's numbers would then depend on
 how many other rows share its step, and batching must not change a request's tokens):
 
   bf16-packed      linear layers packed bf16 for the CPU's bf16 dot-product unit
                    (omlx/kernels/linear.py); half the bytes of float32
+  quantized-bf16   4- / 8-bit layers held as stored, unpacked to bf16 inside the kernel
+                   (omlx/kernels/quant_bf16.py): bit-identical to bf16-packed, with the
+                   stored bytes (a quarter of bf16's for 4-bit)
   quantized-kernel 4- / 8-bit layers read as stored by omlx's VNNI / AVX2 kernel
                    (omlx/kernels/quant_linear.py); a quarter of bf16's bytes
   float32          dequantized / widened, MLX's matmul through OpenBLAS (the old CPU path)
@@ -12,11 +15,17 @@ how many other rows share its step, and batching must not change a request's tok
 
 The per-model `dequantize` setting decides with the CPU:
   - unset (auto): what bench/weight_form_bench.py measured fastest for serving here.  On
-    SmolLM2 Q4_1 (AMD EPYC, AVX512-BF16 + VNNI) packed bf16 won the 32-row decode step
-    (1.51x float32, the quantized kernel 1.16x) and prefill, the quantized kernel won one
-    stream (3.3x against bf16's 2.8x); the server's workload is many streams, so a CPU with
-    a bf16 unit runs quantized models packed bf16, and a CPU without one runs them through
-    the quantized kernel (faster than float32 at every decode size measured).
+    SmolLM2 Q4_1 (AMD EPYC, AVX512-BF16 + VNNI) packed bf16 won the 32-row decode step and
+    prefill against the int8 quantized kernel, which won one stream; the server's workload
+    is many streams, so a CPU with a bf16 unit runs a quantized model packed bf16 when it
+    would have been dequantized (cpu_weights.should_dequantize: small enough).
+    quantized-bf16 computes the same bits from the stored bytes but pays an in-kernel unpack
+    (~11 vector ops per 32 weights): level with packed bf16 on one stream and prefill, 0.8-0.9x
+    at 32 rows (compute-bound there), so it does not replace packed bf16; it does beat the
+    int8 kernel at 32 rows and prefill (1.2-1.4x), so a quantized model too large to
+    dequantize runs in quantized-bf16 on a bf16 CPU (resident bytes = stored bytes), and a
+    CPU without the unit runs it through the int8 kernel (faster than float32 at every
+    decode size measured).  bench/README.md, "Which form a 4-bit model runs in", has the runs.
   - true: dequantized (packed bf16 where the CPU has the unit, else float32).
   - false: the weights as stored, read by the quantized kernel where it runs here (MLX's
     own CPU quantized matmul is 8-20x slower), else by MLX.
@@ -63,6 +72,9 @@ def _apply(model: nn.Module, setting: bool | None, memory_budget: int) -> str:
     dequantize = should_dequantize(setting, model, memory_budget)
     if packed_weights.prepare(model, setting, dequantize):
         return BF16_PACKED
+    if setting is None and quantized_bf16.available() and quantized_bf16.has_supported_layers(model):
+        if quantized_bf16.swap_model(model) > 0:
+            return QUANTIZED_BF16
     if setting is not True and _quantized(model) and _quantized_kernel_allowed():
         if quant_linear.swap_quantized_linears(model, widen_rest=True) > 0:
             return QUANTIZED_KERNEL
