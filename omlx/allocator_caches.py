@@ -90,13 +90,6 @@ def configure_mlx_cache(memory_budget: int | None) -> int | None:
     return limit
 
 
-def heap_free_bytes() -> int | None:
-    """Bytes glibc's malloc holds in free chunks of its arenas (None where unknown)."""
-    if _LIBC is None or not hasattr(_LIBC, "mallinfo2"):
-        return None
-    return int(_LIBC.mallinfo2().fordblks)
-
-
 def release_freed() -> int:
     """Give MLX's cached buffers and malloc's free pages back to the system; returns the
     resident bytes that went (0 where unknown).  Costs a few ms per hundred MiB of free

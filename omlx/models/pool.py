@@ -233,7 +233,7 @@ class ModelPool:
     def _load_sync(self, info: DiscoveredModel) -> Resident:
         model = self.loaders.load(info)
         # What loading read and dropped (float32 weights packed to bf16, file buffers) would
-        # stay resident on malloc's free lists: 150 MiB for an 85M float32 llama.
+        # stay resident on malloc's free lists (50-150 MiB measured on bench/soak.py's 85M llama).
         release_freed()
         return model
 
