@@ -6,7 +6,8 @@ floor (the same layers with tiny dims, where the matmuls are nearly free).
 
 For the model and for its floor twin (same layer count and architecture; hidden 64, 2 heads,
 vocabulary 512) it loads one copy per variant, packed bf16, and times decode steps side by
-side, interleaved (best of `--repeats`), with the engine's StepProfile:
+side, variants taking turns step by step (the fastest of `--rounds` steps each), with the
+engine's StepProfile:
 - packed: the packed bf16 layers alone (the form before this work);
 - +fused: q/k/v and gate/up in one kernel call each (omlx/models/fused_projections.py);
 - +rope: RoPE's table once a pass, its rotation one node (omlx/models/shared_rope.py);
@@ -52,6 +53,15 @@ VARIANTS = {
 }
 
 
+def engine_for(model, rows: int, context: int):
+    """step_breakdown's engine without speculation: every step decodes one token per row."""
+    from omlx.scheduler import EngineConfig, LLMEngine
+
+    blocks = rows * (-(-(context + 64) // 32)) + 8
+    return LLMEngine(model, EngineConfig(block_size=32, num_blocks=blocks, max_num_seqs=rows, max_num_batched_tokens=2048,
+                                         prefix_cache=False, speculative=False), 16384)
+
+
 def load_variant(path: Path, swaps: tuple[str, ...]):
     """The model packed bf16 with only `swaps` of the load-time graph reductions applied."""
     model, tokenizer = load(str(path))
@@ -79,24 +89,28 @@ def floor_twin(path: Path, work: Path) -> Path:
     return build_model(work / "floor", spec)
 
 
-def one_stream(path: Path, repeats: int, tokens: int = 48) -> dict[str, float]:
-    """tok/s of one greedy stream through the engine (200-token prompt), per variant,
-    interleaved, best of `repeats`."""
+def one_stream(path: Path, rounds: int = 3, tokens: int = 48) -> dict[str, float]:
+    """tok/s of one greedy stream through the engine (200-token prompt, no speculation), per
+    variant: 1 / the median time per generated token, the variants' streams stepping in
+    turn (`rounds` streams each), so a burst of other work hits them alike."""
     from omlx.scheduler import GenerationRequest
 
     prompt = np.random.default_rng(1).integers(10, 500, size=200).tolist()
     models = {name: load_variant(path, swaps)[0] for name, swaps in VARIANTS.items()}
-    best = {name: 0.0 for name in models}
-    for _ in range(repeats):
+    times = {name: [] for name in models}
+    for _ in range(rounds):
+        engines = {}
         for name, model in models.items():
-            engine = step_breakdown.engine_for(model, 1, 400)
-            engine.add_request(GenerationRequest("one", prompt, max_tokens=tokens + 1))
-            engine.step()  # prefill + first token
-            started, produced = time.perf_counter(), 0
-            while engine.has_work:
-                produced += sum(1 for _, e in engine.step() if e.token_id is not None)
-            best[name] = max(best[name], produced / (time.perf_counter() - started))
-    return best
+            engines[name] = engine_for(model, 1, 400)
+            engines[name].add_request(GenerationRequest("one", prompt, max_tokens=tokens + 1))
+            engines[name].step()  # prefill + first token
+        for _ in range(tokens):
+            for name, engine in engines.items():
+                started = time.perf_counter()
+                produced = sum(1 for _, e in engine.step() if e.token_id is not None)
+                assert produced == 1, produced
+                times[name].append(time.perf_counter() - started)
+    return {name: 1.0 / float(np.median(t)) for name, t in times.items()}
 
 
 def mlx_lm_rate(path: Path, tokens: int = 40) -> float:
@@ -108,24 +122,56 @@ def mlx_lm_rate(path: Path, tokens: int = 40) -> float:
     return last.generation_tps
 
 
-def measure(path: Path, rows_list: list[int], context: int, steps: int, repeats: int) -> dict:
+def measure(path: Path, rows_list: list[int], context: int, rounds: int) -> dict:
+    """Per variant, the fastest of `rounds` single decode steps, variants taking turns step by
+    step (on a machine shared with other work a step that was preempted is simply not the
+    fastest; medians of whole runs swing 2x there)."""
     models = {name: load_variant(path, swaps)[0] for name, swaps in VARIANTS.items()}
     rng = np.random.default_rng(0)
     results = {}
     for rows in rows_list:
         engines = {}
         for name, model in models.items():
-            engines[name] = step_breakdown.engine_for(model, rows, context)
+            engines[name] = engine_for(model, rows, context)
             step_breakdown.fill(engines[name], rows, context, rng)
+            engines[name].step()  # warm
         best = {name: None for name in models}
-        for _ in range(repeats):
+        for _ in range(rounds):  # fill's requests allow 60 tokens: rounds stay below
             for name, engine in engines.items():
-                mean = step_breakdown.timed_steps(engine, steps)
+                engine.profile.reset()
+                engine.step()
+                mean = engine.profile.report()["mean_ms"]
+                assert engine.profile.steps == 1 and engine.has_work
                 if best[name] is None or sum(mean.values()) < sum(best[name].values()):
                     best[name] = mean
         results[rows] = best
         del engines
     return results
+
+
+def graph_nodes(path: Path) -> dict[str, int]:
+    """Operations in one decode step's graph (one row), per variant: the count the per-node
+    cost multiplies, and unlike a time, the same on a loaded machine."""
+    import re
+
+    import mlx.core as mx
+
+    counts = {}
+    for name, swaps in VARIANTS.items():
+        model = load_variant(path, swaps)[0]
+        engine = engine_for(model, 1, 256)
+        step_breakdown.fill(engine, 1, 256, np.random.default_rng(0))
+        runner, real = engine.runner, engine.runner._forward_ragged
+        with tempfile.NamedTemporaryFile(suffix=".dot") as dot:
+            def export(*args, **kwargs):
+                logits, written = real(*args, **kwargs)
+                mx.export_to_dot(dot.name, logits)
+                return logits, written
+
+            runner._forward_ragged = export
+            engine.step()
+            counts[name] = len(re.findall(r"shape=rectangle", Path(dot.name).read_text()))
+    return counts
 
 
 def op_costs(rows_list: list[int], calls: int = 60, repeats: int = 7) -> None:
@@ -171,20 +217,29 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=HERE / "models" / "smollm2-135m-f32")
     parser.add_argument("--rows", default="1,32")
     parser.add_argument("--context", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=40, help="decode steps timed per variant (at most 55)")
+    parser.add_argument("--repeats", type=int, default=3, help="one-stream runs per variant")
     args = parser.parse_args()
     if not matmul_path().bf16:
         sys.exit(f"no packed bf16 path here: {matmul_path().reason}")
     rows_list = [int(r) for r in args.rows.split(",")]
+    import os
+
+    from omlx.kernels.cpu_features import cpu_features
+
+    print(f"CPU: {cpu_features().summary()}; load average at start {os.getloadavg()[0]:.1f}\n")
     op_costs(rows_list)
     with tempfile.TemporaryDirectory(prefix="omlx-floor-") as work:
         shapes = {args.model.name: args.model, "floor (tiny dims)": floor_twin(args.model, Path(work))}
         print(f"# Per-token graph: {args.model.name} and its floor twin, packed bf16, context {args.context}\n")
+        for label, path in shapes.items():
+            nodes = graph_nodes(path)
+            print(f"graph nodes of one decode step, {label}: " + ", ".join(f"{n} {c}" for n, c in nodes.items()))
+        print()
         print("| model | rows | variant | step ms | prepare | compute | vs packed |")
         print("|---|---|---|---|---|---|---|")
         for label, path in shapes.items():
-            for rows, best in measure(path, rows_list, args.context, args.steps, args.repeats).items():
+            for rows, best in measure(path, rows_list, args.context, min(args.rounds, 55)).items():
                 base = sum(best["packed"].values())
                 for name, mean in best.items():
                     total = sum(mean.values())
@@ -193,7 +248,7 @@ def main() -> None:
         print()
         for label, path in shapes.items():
             rates = one_stream(path, args.repeats)
-            print(f"one stream, {label}: " + ", ".join(f"{name} {rate:.1f} tok/s" for name, rate in rates.items())
+            print(f"one stream (median token), {label}: " + ", ".join(f"{name} {rate:.1f} tok/s" for name, rate in rates.items())
                   + f" ({rates['+norm'] / rates['packed']:.2f}x)", flush=True)
         for label, path in shapes.items():
             started = time.perf_counter()
