@@ -245,6 +245,30 @@ def test_anthropic_routes_refuse_a_hostile_body_in_their_shape(anthropic_client,
     assert counted.value.body["error"]["type"] == "invalid_request_error"
 
 
+def test_a_body_declared_over_the_size_limit_is_refused_before_it_is_sent(server):
+    """Headers that declare more than --max-request-size (64 MiB) get the API-shaped 413 at
+    once: the server does not wait for a body this client never sends."""
+    from urllib.parse import urlsplit
+
+    address = urlsplit(server.root)
+
+    async def exchange() -> tuple[bytes, bytes]:
+        reader, writer = await asyncio.open_connection(address.hostname, address.port)
+        writer.write(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {(64 << 20) + 1}\r\n\r\n{{\"model\"".encode())
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+        body = await asyncio.wait_for(reader.readexactly(length), 30)
+        writer.close()
+        return head, body
+
+    head, body = asyncio.run(exchange())
+    assert head.split()[1] == b"413", head
+    error = orjson.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and "too large" in error["message"]
+
+
 def test_a_small_request_is_not_stalled_by_eight_hostile_bodies(server):
     result = asyncio.run(measure_stall(server.root, "tiny", hostile=8, samples=5))
     assert set(result.hostile_statuses) == {400}, result.hostile_statuses
