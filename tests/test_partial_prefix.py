@@ -357,10 +357,11 @@ def test_n_greater_than_one_siblings_and_partial_reuse(tiny):
     assert_no_leaks(engine)
 
 
-@pytest.mark.parametrize("family", ["qwen3_5", "gemma3_text"])
-def test_layer_kinds_with_their_own_storage_fall_back(family, tmp_path):
-    """Recurrent state resumes only at its snapshots and a window pool is keyed by whole
-    blocks: those models keep today's whole-block reuse, and stay exact."""
+@pytest.mark.parametrize("family, reuses", [("qwen3_5", False), ("gemma3_text", True), ("gpt_oss", True)])
+def test_layer_kinds(family, reuses, tmp_path):
+    """Sliding windows in a pool of their own copy their part of the block too (gpt_oss: with
+    attention sinks); recurrent state resumes only at its snapshots, so a hybrid model keeps
+    whole-block reuse.  Exact either way, and every block comes back."""
     path = build_family_model(tmp_path / family, family, seed=2)
     model, tokenizer = load(str(path))
     eos = frozenset(tokenizer.eos_token_ids)
@@ -368,8 +369,13 @@ def test_layer_kinds_with_their_own_storage_fall_back(family, tmp_path):
     assert engine.layers
     first, second = SYSTEM + [1, 2, 3], SYSTEM + [4, 5]
     out = run(engine, {0: [request("a", first, eos)]})
+    agents = {f"agent{i}": SYSTEM + [40 + i, 5] for i in range(3)}
     out.update(run(engine, {0: [request("b", second, eos)]}))
-    assert engine.scheduler.partial_prefix.reused_tokens == 0
-    assert out["a"] == greedy_reference(model, first, MAX_NEW, eos)
-    assert out["b"] == greedy_reference(model, second, MAX_NEW, eos)
+    out.update(run(engine, {0: [request(rid, p, eos) for rid, p in agents.items()]}))
+    reused = engine.scheduler.partial_prefix.reused_tokens
+    assert reused == (4 * 5 if reuses else 0)
+    for rid, prompt in {"a": first, "b": second, **agents}.items():
+        assert out[rid] == greedy_reference(model, prompt, MAX_NEW, eos), rid
     assert engine.blocks.leaked_blocks() == []
+    if engine.window is not None:
+        assert engine.window.stats()["held_blocks"] == 0  # the copies' window blocks came back too

@@ -44,6 +44,18 @@ class LayerManagers:
         for manager in self.managers:
             manager.fork(parent, child, copied)
 
+    @property
+    def copy_partial_blocks(self) -> bool:
+        """Whether every kind can give a new sequence a copy of another block's storage for
+        the tokens they share (partial_prefix); recurrent state cannot: it resumes only at
+        its snapshots."""
+        return all(hasattr(m, "copy_partial") for m in self.managers)
+
+    def copy_partial(self, seq, src: int, dst: int) -> bool:
+        """A new sequence's next block `dst` (a copy of the main pool's `src`) gets `src`'s
+        storage in every kind that keeps its own; False when one no longer has it."""
+        return all(m.copy_partial(seq, src, dst) for m in self.managers)
+
     def after_step(self, plan, seqs: list) -> None:
         for manager in self.managers:
             manager.after_step(plan, seqs)

@@ -19,11 +19,11 @@ with a new message thus resumes inside the block where its last turn ended.  SGL
 cache does the same at token granularity throughout; here full blocks stay the unit of
 sharing and only the boundary block is copied.
 
-Where it does not apply, the sequence starts at its full blocks as before: layer kinds with
-storage of their own (sliding-window pools, recurrent state: a state can only resume at its
-snapshots), a block where an image starts (its tokens are placeholders, the pixels may
-differ), the prefix cache off, and a float sequence under `--quantized-kv-start` that would
-reach the threshold.
+A sliding-window pool (window_kv) copies its part of the block too, when it still holds the
+source's.  Where it does not apply, the sequence starts at its full blocks as before:
+recurrent state (a state can only resume at its snapshots), a block where an image starts
+(its tokens are placeholders, the pixels may differ), the prefix cache off; a float sequence
+under `--quantized-kv-start` copies no further than the token before its threshold.
 """
 
 from __future__ import annotations
@@ -104,12 +104,13 @@ class PartialPrefix:
         self.copies = 0
 
     def extend(
-        self, seq: Sequence, pool, running: list[Sequence], copy: Callable[[int, int], None],
+        self, seq: Sequence, pool, running: list[Sequence], copy: Callable[[int, int], bool],
         limit: int,
     ) -> int:
         """Give a freshly matched `seq` (its computed tokens are its full cached blocks) the
         KV of up to `limit` more tokens from the best source block; returns the tokens added.
-        `pool` is the sequence's BlockManager, `copy(src, dst)` copies a block within it."""
+        `pool` is the sequence's BlockManager; `copy(src, dst)` copies a block within it (and
+        in the layer kinds' own storage), False when it could not."""
         bs = pool.block_size
         index = len(seq.block_table)
         start = index * bs
@@ -133,7 +134,8 @@ class PartialPrefix:
         target = pool.take_copy_target(seq, best_block)
         if target is None:
             return 0  # no free block now: it computes the tokens itself
-        copy(best_block, target)
+        if not copy(best_block, target):
+            return 0  # the block stays the sequence's next one, computed by its prefill
         seq.num_computed_tokens = start + best
         self.reused_tokens += best
         self.copies += 1

@@ -247,9 +247,9 @@ class Scheduler(TwoPoolMoves):
 
     def _extend_partial(self, seq: Sequence) -> int:
         """The tokens a new sequence shares past its cached full blocks, copied from a block
-        that has them (see partial_prefix); 0 where that cannot apply: layer kinds with
-        storage of their own resume only at their own blocks and snapshots."""
-        if self.partial_prefix is None or self.layers or self.copy_within is None:
+        that has them (see partial_prefix); 0 where that cannot apply: a window pool copies
+        its part of the block too, recurrent state resumes only at its snapshots."""
+        if self.partial_prefix is None or self.copy_within is None:
             return 0
         if self._kv_ops.migrations:
             # Another rank applies copies before migrations: a block moved this step must
@@ -258,8 +258,16 @@ class Scheduler(TwoPoolMoves):
         limit = seq.num_tokens - 1 - seq.num_computed_tokens  # the last token is always fed
         if seq.in_float_pool:  # a float sequence must reach its threshold by computing
             limit = min(limit, self.quantized_kv_start - 1 - seq.num_computed_tokens)
-        return self.partial_prefix.extend(
-            seq, self.pool_of(seq), self.running, lambda src, dst: self._copy_block(seq.pool, src, dst), limit)
+        if not self.layers.copy_partial_blocks:
+            return 0
+
+        def copy(src: int, dst: int) -> bool:
+            if not self.layers.copy_partial(seq, src, dst):
+                return False
+            self._copy_block(seq.pool, src, dst)
+            return True
+
+        return self.partial_prefix.extend(seq, self.pool_of(seq), self.running, copy, limit)
 
     def _copy_block(self, pool: int, src: int, dst: int) -> None:
         """Copy a whole block within a pool now, and tell other ranks (a KV operation)."""

@@ -247,6 +247,17 @@ class WindowKV:
         self._hold(id(seq), dst_logical)
         self.storage.copy_blocks([src], [phys])
 
+    def copy_partial(self, seq, src_logical: int, dst_logical: int) -> bool:
+        """The window KV of a new sequence's next block, copied from `src_logical`'s
+        (partial_prefix); False, copying nothing, when this pool no longer has it."""
+        if src_logical not in self.phys_of:
+            return False
+        try:
+            self.copy_block(seq, src_logical, dst_logical)
+        except WindowPoolExhausted:
+            return False
+        return True
+
     # ------------------------------------------------------------------ admission
     def admit(self, seq, blocks, hit: int) -> int:
         return self.usable_prefix(seq, hit)
