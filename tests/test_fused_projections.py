@@ -130,6 +130,10 @@ def test_engine_tokens_are_the_unfused_ones(model_pair):
     prompts = [rng.integers(5, 500, size=n).tolist() for n in (3, 17, 40, 9)]
     limits = [12, 6, 10, 14]
     assert run_engine(fused, eos, prompts, limits) == run_engine(plain, eos, prompts, limits)
+    # Every group handed out all its parts each pass: no fused result (nor the activations
+    # and pool writes its graph reaches) is held past the step.
+    calls = {id(m._call): m._call for _, m in fused.named_modules() if isinstance(m, ProjectionSlice)}
+    assert calls and all(getattr(call.local, "last", None) is None for call in calls.values())
 
 
 class CrossInputs(nn.Module):
