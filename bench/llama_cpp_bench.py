@@ -234,6 +234,9 @@ def llama_version(binary: Path) -> str:
     except OSError as exc:
         return f"? ({exc})"
     lines = [l for l in (proc.stdout + proc.stderr).splitlines() if l.startswith(("version", "built with"))]
+    source = binary.with_name("llama-server.source")  # written by bench/install_llama_server.sh
+    if source.is_file():
+        lines.append(source.read_text().strip())
     return "; ".join(lines) or "?"
 
 
@@ -318,7 +321,7 @@ def report(rows: list[dict], meta: dict) -> str:
     for c in meta["concurrency"]:
         agg = _ratio(_best(rows, OMLX, c, "agg_tok_s"), _best(rows, LLAMA, c, "agg_tok_s"))
         ttft = _ratio(_best(rows, LLAMA, c, "ttft_p50", min), _best(rows, OMLX, c, "ttft_p50", min))
-        out.append(f"| {c} | {fmt(agg, 2)}x | {fmt(ttft, 2)}x |")
+        out.append(f"| {c} | {fmt(agg, 2)}{'x' if agg else ''} | {fmt(ttft, 2)}{'x' if ttft else ''} |")
     bw = meta["bandwidth"]
     out += ["", f"Memory read bandwidth (same run, best of before/after the rounds): {bw['gb_s']:.1f} GB/s "
                 f"(one thread {bw['one_thread_gb_s']:.1f}, {meta['cpu']['cores']} threads {bw['all_threads_gb_s']:.1f})."]
