@@ -105,3 +105,34 @@ def test_float32_engine_stays_token_exact_with_mlx_lm(tmp_path):
                 outputs[int(request_id)].append(event.token_id)
     for i, prompt in enumerate(prompts):
         assert outputs[i] == greedy_reference(reference_model, prompt, 10, eos)
+
+
+@pytest.mark.parametrize("traditional", [False, True])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_llama3_scaled_rope_is_bit_identical_and_shared(traditional, dtype):
+    from mlx_lm.models.rope_utils import Llama3RoPE
+
+    config = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 64}
+    references = [Llama3RoPE(32, 4096, traditional, 500000.0, config) for _ in range(2)]
+    shared = [SharedRoPE.from_rope(r) for r in references]
+    x = mx.array(RNG.standard_normal((5, 3, 1, 32)).astype(np.float32)).astype(dtype)
+    offsets = mx.array(RNG.integers(0, 4000, size=5), dtype=mx.int32)
+    for reference, rope in zip(references, shared):
+        assert mx.array_equal(rope(x, offset=offsets), reference(x, offset=offsets)).item()
+    assert len(shared_rope._tables.last[1]) == 1  # two layers' equal frequencies: one table
+    shared_rope.forget()
+
+
+def test_a_llama3_scaled_model_swaps_its_ropes(tmp_path):
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    path = build_model(tmp_path / "m", TinyModelSpec(model_type="llama", seed=3, extra_config={"rope_scaling": scaling}))
+    model, _ = load(str(path))
+    tokens = mx.array([[5, 9, 200, 31, 7, 8, 400]])
+    before = np.array(model(tokens))
+    from mlx_lm.models.rope_utils import Llama3RoPE
+
+    assert all(type(layer.self_attn.rope) is Llama3RoPE for layer in model.model.layers)
+    assert share_rope_tables(model) == len(model.model.layers)
+    assert np.array_equal(np.array(model(tokens)), before)

@@ -4,7 +4,7 @@ On the CPU `mx.fast.rope` has no kernel: MLX builds its fallback graph at every 
 twenty nodes (positions, inverse frequencies, theta, cos, sin, the rotation), and that is the
 single largest share of a decode step's "other ops" on a 30-layer model (q and k of every
 layer: 60 calls a token, all with the same offsets).  `SharedRoPE` stands in for `nn.RoPE`
-(swapped at load; mlx-lm's model code is unchanged): the first call of a pass with given
+and mlx-lm's `Llama3RoPE` (swapped at load; mlx-lm's model code is unchanged): the first call of a pass with given
 offsets computes the cos / sin table, every later call with the same offsets array (every
 layer's q and k: the paged cache hands them all one array) reuses it and only rotates.
 
@@ -25,6 +25,7 @@ import threading
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from omlx.kernels import fused_ops
 
@@ -42,26 +43,38 @@ def _probe(dims: int, traditional: bool) -> mx.array:
 class SharedRoPE(nn.Module):
     """`nn.RoPE` (same parameters, same results) with its table shared across calls."""
 
-    def __init__(self, dims: int, traditional: bool = False, base: float = 10000, scale: float = 1.0):
+    def __init__(self, dims: int, traditional: bool = False, base: float | None = 10000, scale: float = 1.0,
+                 freqs: mx.array | None = None):
         super().__init__()
         self.dims = dims
         self.traditional = traditional
         self.base = base
         self.scale = scale
+        # Llama 3's scaled frequencies (mx.fast.rope's `freqs`; base is None then).  A plain
+        # attribute: a constant of the layer, not a parameter to load or count.
+        object.__setattr__(self, "_freqs", freqs)
+        # By value, so every layer's copy of the same frequencies shares one table.
+        object.__setattr__(self, "_freqs_key", None if freqs is None else np.array(freqs, dtype=np.float32).tobytes())
         # A plain attribute, not a parameter: a constant, built once.
         object.__setattr__(self, "_pattern", _probe(dims, traditional))
 
     @classmethod
     def from_rope(cls, rope: nn.RoPE) -> "SharedRoPE":
-        return cls(rope.dims, rope.traditional, rope.base, rope.scale)
+        if type(rope) is nn.RoPE:
+            return cls(rope.dims, rope.traditional, rope.base, rope.scale)
+        return cls(rope.dims, rope.traditional, None, 1.0, rope._freqs)  # Llama3RoPE
 
     def _extra_repr(self) -> str:
         return f"{self.dims}, traditional={self.traditional}, table shared per pass"
 
+    def _fast_rope(self, x: mx.array, offset) -> mx.array:
+        return mx.fast.rope(x, self.dims, traditional=self.traditional, base=self.base, scale=self.scale,
+                            offset=offset, freqs=self._freqs)
+
     def table(self, x: mx.array, offset) -> tuple[mx.array, mx.array, mx.array]:
         """(cos, sin, both), cos and sin shaped as the fallback's: (B, 1, T, dims / 2) for
         per-row offsets, (T, dims / 2) for one offset; both: (B or 1, T, dims) for the kernel."""
-        key = (self.dims, self.traditional, self.base, self.scale, x.shape[2], x.dtype)
+        key = (self.dims, self.traditional, self.base, self.scale, self._freqs_key, x.shape[2], x.dtype)
         last = getattr(_tables, "last", None)
         if last is None or not _same_offset(last[0], offset):
             last = _tables.last = (offset, {})
@@ -70,8 +83,7 @@ class SharedRoPE(nn.Module):
             return found
         rows = x.shape[0] if isinstance(offset, mx.array) and offset.size > 1 else 1
         probe = mx.broadcast_to(self._pattern.astype(x.dtype), (rows, 1, x.shape[2], self.dims))
-        rotated = mx.fast.rope(probe, self.dims, traditional=self.traditional, base=self.base,
-                               scale=self.scale, offset=offset)
+        rotated = self._fast_rope(probe, offset)
         if self.traditional:
             cos, sin = rotated[..., 0::2], rotated[..., 1::2]
         else:
@@ -86,8 +98,7 @@ class SharedRoPE(nn.Module):
 
     def __call__(self, x: mx.array, offset=0) -> mx.array:
         if x.ndim != 4:  # the fallback reshapes other ranks; leave those to it
-            return mx.fast.rope(x, self.dims, traditional=self.traditional, base=self.base,
-                                scale=self.scale, offset=offset)
+            return self._fast_rope(x, offset)
         cos, sin, both = self.table(x, offset)
         fused = fused_ops.kernel()
         if fused is not None and x.dtype == mx.float32:
@@ -116,15 +127,26 @@ def _same_offset(cached, offset) -> bool:
     return cached == offset
 
 
+def _swappable() -> tuple[type, ...]:
+    """nn.RoPE and mlx-lm's Llama3RoPE (mx.fast.rope with fixed `freqs`, nothing else); the
+    other scaled ropes scale x first or compute their own frequencies per call."""
+    try:
+        from mlx_lm.models.rope_utils import Llama3RoPE
+    except ImportError:
+        return (nn.RoPE,)
+    return (nn.RoPE, Llama3RoPE)
+
+
 def share_rope_tables(model: nn.Module) -> int:
-    """Swap the model's `nn.RoPE` layers (exact type: subclasses and mlx-lm's scaled ropes
-    keep theirs) for `SharedRoPE`, on the CPU only.  Returns how many were swapped."""
+    """Swap the model's `nn.RoPE` / `Llama3RoPE` layers (exact types: subclasses and the other
+    scaled ropes keep theirs) for `SharedRoPE`, on the CPU only.  Returns how many."""
     if mx.default_device() != mx.cpu:
         return 0
+    kinds = _swappable()
     swapped = 0
     for _, parent in model.named_modules():
         for name, child in list(parent.children().items()):
-            if type(child) is nn.RoPE:
+            if type(child) in kinds:
                 parent[name] = SharedRoPE.from_rope(child)
                 swapped += 1
     return swapped
