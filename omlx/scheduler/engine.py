@@ -270,6 +270,10 @@ class LLMEngine(EngineRequests):
         stats = self._kv_pool_stats()
         stats["layer_kinds"] = self._kinds_described
         stats.update(self.layers.stats())
+        partial = self.scheduler.partial_prefix
+        if partial is not None:
+            # Prompt tokens copied from a shared partial block (part of prefix_cache_hit_tokens).
+            stats["prefix_cache_partial_tokens"] = partial.reused_tokens
         stats["bytes"], stats["max_bytes"] = self.kv_bytes, self.max_kv_bytes
         return stats
 
