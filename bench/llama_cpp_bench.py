@@ -264,7 +264,8 @@ def run_round(kind: str, workload: Workload, args, factory, log_dir: Path, index
         row["other_load_before"] = round(wait_for_quiet(args.quiet_wait), 2)
         log(f"{kind} ready in {server.ready_s:.1f}s; {workload.concurrency} client(s), {workload.num_requests} requests")
         meter = CpuMeter(pid)
-        row.update(asyncio.run(run_workload(server.base_url, server.model_id, workload, args.request_timeout)))
+        row.update(asyncio.run(run_workload(server.base_url, server.model_id, workload, args.request_timeout,
+                                            force_close=kind == LLAMA)))
         row["cpu"] = {k: round(v, 2) for k, v in meter.read().items()}
         row["peak_rss_mib"] = proc_status(pid).get("VmHWM")
         if kind == OMLX:

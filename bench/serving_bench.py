@@ -270,12 +270,16 @@ async def stream_chat(session, url: str, model: str, messages: list[dict], max_t
     return result
 
 
-async def run_workload(base_url: str, model: str, workload: Workload, request_timeout: float) -> dict:
+async def run_workload(base_url: str, model: str, workload: Workload, request_timeout: float,
+                       force_close: bool = False) -> dict:
+    """`force_close`: a new connection per request, for servers that close a connection after
+    a streamed response without saying so (llama.cpp's llama-server): reusing it fails the
+    next request with "Can not write request body"."""
     import aiohttp
 
     url = base_url + "/v1/chat/completions"
     timeout = aiohttp.ClientTimeout(total=request_timeout)
-    connector = aiohttp.TCPConnector(limit=workload.concurrency + 4)
+    connector = aiohttp.TCPConnector(limit=workload.concurrency + 4, force_close=force_close)
     results: list[RequestResult] = []
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
 
