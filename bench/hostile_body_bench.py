@@ -23,6 +23,11 @@ alternating: `--source` runs first, then this checkout.
 `--rounds N` (with --source) runs both servers at once and alternates between them, round by
 round (one small request alone, then one during 8 hostile clients, per server and round): on a
 machine whose load from other work comes and goes, both see the same drift.
+
+`--floor N` measures what the machine itself allows: two servers of the checkout, the small
+request always on the first, alone, while 8 hostile clients post to the second (uploading and
+refusing 160 MiB costs the machine CPU whoever refuses it), and while they post to the first
+(the server's own share), alternating for N rounds.
 """
 
 from __future__ import annotations
@@ -159,6 +164,9 @@ def main() -> None:
                         help="with --source: the hostile counts for the old checkout (1: each stall there lasts minutes)")
     parser.add_argument("--rounds", type=int, default=0,
                         help="with --source: both servers up at once, stall pairs alternating for N rounds")
+    parser.add_argument("--floor", type=int, default=0,
+                        help="two servers of this checkout: the small request during hostile clients on the other "
+                             "one and on its own, alternating for N rounds")
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args()
     counts = [int(n) for n in args.hostile.split(",")]
@@ -175,6 +183,10 @@ def main() -> None:
             sources = ([("before", args.source)] if args.source else []) + [("this checkout", REPO)]
             if args.rounds:
                 results = asyncio.run(_interleave_servers(sources, Path(tmp), models, args, counts))
+                sources = []
+            elif args.floor:
+                results = asyncio.run(_floor_servers(Path(tmp), models, args, max(counts)))
+                print(json.dumps(results, indent=2))
                 sources = []
             for name, source in sources:
                 work = Path(tmp) / name.replace(" ", "-")
@@ -197,6 +209,44 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=2))
 
 
+async def floor(first: str, second: str, mib: int, rounds: int, hostile: int) -> dict:
+    """The small request on `first`: alone, during hostile clients on `second`, during them on
+    `first` (see --floor)."""
+    import statistics
+
+    import aiohttp
+
+    from omlx.testing.hostile_bodies import _hostile_process, small_body
+
+    body = hostile_body("/v1/chat/completions", MODEL, mib << 20)
+    loop = asyncio.get_running_loop()
+    times: dict[str, list[float]] = {"alone": [], "hostile_on_other_server": [], "hostile_on_this_server": []}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+
+        async def small() -> float:
+            status, reply, elapsed = await post(session, first + "/v1/chat/completions", small_body(MODEL))
+            assert status == 200, reply
+            return elapsed
+
+        await small()
+        with _hostile_process(second + "/v1/chat/completions", body, hostile) as other, \
+                _hostile_process(first + "/v1/chat/completions", body, hostile) as this:
+            for round_ in range(rounds):
+                times["alone"].append(await small())
+                order = [("hostile_on_other_server", other), ("hostile_on_this_server", this)]
+                for key, conn in order if round_ % 2 == 0 else order[::-1]:
+                    conn.send("attack")
+                    await loop.run_in_executor(None, conn.recv)
+                    await asyncio.sleep(0.05)
+                    times[key].append(await small())
+                    conn.send("stop")
+                    await loop.run_in_executor(None, conn.recv)
+    alone = statistics.median(times["alone"])
+    return {key: {"median_s": round(statistics.median(values), 3),
+                  "ratio_to_alone": round(statistics.median(values) / alone, 2),
+                  "samples_s": [round(v, 3) for v in values]} for key, values in times.items()}
+
+
 async def _interleave_servers(sources, tmp: Path, models: Path, args, counts: list[int]) -> dict:
     processes, roots = [], {}
     try:
@@ -210,6 +260,21 @@ async def _interleave_servers(sources, tmp: Path, models: Path, args, counts: li
             results[f"small_during_{hostile}"] = await interleaved(roots, args.mib, args.rounds, hostile)
             print(json.dumps(results[f"small_during_{hostile}"], indent=2), flush=True)
         return results
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+async def _floor_servers(tmp: Path, models: Path, args, hostile: int) -> dict:
+    processes, roots = [], []
+    try:
+        for _ in range(2):
+            work = Path(tempfile.mkdtemp(dir=tmp))
+            process, root = start_server(REPO, models, work)
+            processes.append(process)
+            roots.append(root)
+        return {"floor": await floor(roots[0], roots[1], args.mib, args.floor, hostile)}
     finally:
         for process in processes:
             process.terminate()
