@@ -7,7 +7,7 @@ on the tests' tiny model, after one small request loaded it:
     apart (from /proc, Linux);
   * with 8 hostile clients posting such bodies back to back for `--seconds`: the bodies
     answered and the server's GIL-held time per body, by thread (py-spy `--gil`, when
-    `py-spy` is on PATH or given with --py-spy; `pip install py-spy`).  GIL time is what
+    `py-spy` is on PATH or given with --py-spy; `pip install -e ".[profile-bench]"`).  GIL time is what
     every other request's Python work (the event loop's, the engine thread's) waits behind.
 Checkouts alternate, `--repeat` times.
 
