@@ -161,20 +161,21 @@ def create_app(config: ServerConfig) -> web.Application:
     return app
 
 
+def quiet_since(pool: ModelPool) -> float | None:
+    """When the last request using a model ended (the residency's idle clock), or None while
+    one runs: leases are held from a request's start to its last byte."""
+    residences = [r for r in map(pool.resident, list(pool.loaded)) if r is not None]
+    if any(r.leases for r in residences):
+        return None
+    return max((r.last_used for r in residences), default=0.0)
+
+
 async def trimming_heap(app):
     """While serving: malloc's free pages go back to the system as they pile up, and when
     the server goes quiet (see omlx.allocator_caches)."""
     pool: ModelPool = app[POOL]
-
-    def quiet_since() -> float | None:
-        # Leases are held from a request's start to its last byte; the latest end is when
-        # the quiet began (on the residency's idle clock, as HeapTrimmer is given).
-        residences = [r for r in map(pool.resident, list(pool.loaded)) if r is not None]
-        if any(r.leases for r in residences):
-            return None
-        return max((r.last_used for r in residences), default=0.0)
-
-    task = asyncio.create_task(HeapTrimmer(quiet_since, clock=lambda: residency.idle_clock()).run())
+    trimmer = HeapTrimmer(lambda: quiet_since(pool), clock=lambda: residency.idle_clock())
+    task = asyncio.create_task(trimmer.run())
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):

@@ -17,9 +17,10 @@ from aiohttp.test_utils import TestServer
 
 from omlx import allocator_caches
 from omlx.allocator_caches import HeapTrimmer, allocator_stats, configure_mlx_cache
+from omlx.models.residency import Residence
 from omlx.scheduler import EngineConfig
 from omlx.scheduler.kv_cache import KVLayout, PagedKVStorage
-from omlx.server import ServerConfig, create_app
+from omlx.server import ServerConfig, create_app, quiet_since
 
 GLIBC = allocator_caches._LIBC is not None
 REPO = Path(__file__).resolve().parent.parent
@@ -180,3 +181,24 @@ async def test_health_reports_each_allocator_cache_with_its_bound(app_server):
                                "trim_seconds"}
         assert malloc["arena_bytes"] >= malloc["in_use_bytes"] > 0
         assert malloc["trims"] >= 0 and malloc["trimmed_bytes"] >= 0 and malloc["trim_seconds"] >= 0
+
+
+class _Pool:
+    def __init__(self, residences: dict):
+        self.residences = residences
+
+    @property
+    def loaded(self) -> dict:
+        return dict.fromkeys(self.residences)
+
+    def resident(self, model_id: str):
+        return self.residences.get(model_id)
+
+
+def test_the_server_is_quiet_when_no_request_holds_a_model():
+    assert quiet_since(_Pool({})) == 0.0  # nothing loaded: quiet since ever
+    a, b = Residence(model=None, last_used=10.0), Residence(model=None, last_used=12.5)
+    pool = _Pool({"a": a, "b": b})
+    assert quiet_since(pool) == 12.5  # the latest end of a request
+    a.leases = 1
+    assert quiet_since(pool) is None  # a request running on any model
