@@ -17,10 +17,13 @@ from aiohttp.test_utils import TestServer
 
 from omlx import allocator_caches
 from omlx.allocator_caches import HeapTrimmer, allocator_stats, configure_mlx_cache
+from omlx.models.pool import ModelPool
 from omlx.models.residency import Residence
 from omlx.scheduler import EngineConfig
 from omlx.scheduler.kv_cache import KVLayout, PagedKVStorage
 from omlx.server import ServerConfig, create_app, quiet_since
+from omlx.settings import SettingsStore
+from omlx.testing.tiny_models import TinyModelSpec, build_model
 
 GLIBC = allocator_caches._LIBC is not None
 REPO = Path(__file__).resolve().parent.parent
@@ -202,3 +205,20 @@ def test_the_server_is_quiet_when_no_request_holds_a_model():
     assert quiet_since(pool) == 12.5  # the latest end of a request
     a.leases = 1
     assert quiet_since(pool) is None  # a request running on any model
+
+
+async def test_a_model_load_and_unload_each_give_freed_memory_back(tmp_path, monkeypatch):
+    build_model(tmp_path / "models" / "tiny", TinyModelSpec())
+    calls = []
+    monkeypatch.setattr("omlx.models.pool.release_freed", lambda: calls.append("load") or 0)
+    monkeypatch.setattr("omlx.models.residency.release_freed", lambda: calls.append("unload") or 0)
+    (tmp_path / "home").mkdir()
+    pool = ModelPool([tmp_path / "models"], EngineConfig(block_size=16, num_blocks=32), memory_budget=1 << 30,
+                     settings=SettingsStore(tmp_path / "home"))
+    try:
+        async with pool.lease("tiny"):
+            assert calls == ["load"]
+        assert await pool.unload("tiny") is True
+        assert calls == ["load", "unload"]
+    finally:
+        await pool.close()
