@@ -225,7 +225,7 @@ class LlamaServer(Server):
         cmd = [str(a.llama_server), "-m", str(a.gguf), "--host", "127.0.0.1", "--port", str(self.port),
                "--alias", MODEL_ID, "-np", str(a.slots), "-c", str(a.slots * a.slot_context),
                "--cont-batching", "-t", str(a.threads), "-tb", str(a.threads), *a.llama_arg]
-        return cmd, dict(os.environ)
+        return cmd, {**os.environ, **dict(kv.split("=", 1) for kv in a.llama_env)}
 
 
 def llama_version(binary: Path) -> str:
@@ -377,6 +377,8 @@ def parse_args(argv=None):
                         " warm-up prompt, plus 96 output tokens); -c is slots x this")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="llama-server -t / -tb (cores)")
     p.add_argument("--llama-arg", action="append", default=[], help="extra llama-server flag (repeatable)")
+    p.add_argument("--llama-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="environment variable for llama-server only (repeatable), e.g. OMP_WAIT_POLICY=passive")
     p.add_argument("--omlx-arg", action="append", default=[], help="extra omlx serve flag (repeatable)")
     p.add_argument("--quiet-wait", type=float, default=15.0,
                    help="before each round, wait up to this many seconds for other processes to go idle")
@@ -457,7 +459,8 @@ def main(argv=None) -> int:
         "omlx_weights": weights,
         "gguf_bytes_per_token": gguf_bytes_per_token(args.gguf),
         "llama_version": llama_version(args.llama_server),
-        "llama_cmd": " ".join(LlamaServer(args, log_dir, "cmd").command()[0][1:]).replace(str(args.gguf), "GGUF"),
+        "llama_cmd": " ".join(args.llama_env + LlamaServer(args, log_dir, "cmd").command()[0][1:]).replace(
+            str(args.gguf), "GGUF"),
         "bandwidth": max(bandwidth, key=lambda b: b["gb_s"]),
         "bandwidth_runs": bandwidth,
         "max_tokens": args.max_tokens,
