@@ -2,7 +2,7 @@
 """Eight agents on one cached prompt, in-process: warm TTFT p50 against one cold prompt's TTFT.
 
     python bench/shared_prompt_ttft.py [--model-path bench/models/bench-200m] [--agents 8]
-        [--shared-tokens 1800] [--weights auto|float32] [--modes partial,full-blocks]
+        [--shared-tokens 1800] [--weights auto|float32] [--modes partial,full-blocks] [--cold-bursts]
 
 The engine-level twin of agents_bench.py's shared-prompt workload, without HTTP: one engine
 (the server's defaults: 32-token blocks, 512 tokens per step), a cold request (system prompt
@@ -12,6 +12,8 @@ their own short messages added together, each timed from its add to its first to
 token-granular reuse of the partial last block (omlx.scheduler.partial_prefix) and whole
 blocks only, on the same engine after the same cold prompt, so both ratios come from one
 process and one cold TTFT.  It also prints the prompt tokens each warm wave computed.
+`--cold-bursts` adds, per mode, the agents arriving together on a system prompt nothing has
+cached: with partial reuse on, the first computes it and the others wait for its blocks.
 """
 
 from __future__ import annotations
@@ -96,6 +98,17 @@ def waves(model, tokenizer, args) -> tuple[dict, list[dict]]:
                   f"tokens computed) -> {cold['ttft'] / row['warm_ttft_p50']:.2f}x cold | one warm alone "
                   f"{row['alone_ttft']:.3f} s ({alone_computed} computed) -> {cold['ttft'] / row['alone_ttft']:.1f}x",
                   flush=True)
+    if args.cold_bursts:
+        # The agents arrive together on a system prompt nothing has cached yet: with partial
+        # reuse on, the first computes it and the others wait for its blocks (computed once).
+        for mode in args.modes.split(","):
+            engine.scheduler.partial_prefix = partial if mode == "partial" else None
+            fresh = factory.text(args.shared_tokens)
+            burst = [GenerationRequest(f"burst-{mode}-{i}", chat_ids(tokenizer, fresh, f"agent {i} " + words(16)),
+                                       args.max_tokens) for i in range(args.agents)]
+            first, computed = run_until_first_tokens(engine, burst)
+            print(f"{mode:12s} cold burst of {args.agents}: TTFT p50 {statistics.median(first.values()):.3f} s, "
+                  f"max {max(first.values()):.3f} s, {computed} prompt tokens computed", flush=True)
     assert engine.blocks.leaked_blocks() == []
     return cold, rows
 
@@ -110,6 +123,8 @@ def main(argv=None) -> int:
                    help="auto: the form the server picks here (packed bf16 on a CPU with a bf16 unit)")
     p.add_argument("--modes", default="partial,full-blocks")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--cold-bursts", action="store_true",
+                   help="also the agents arriving together on an uncached system prompt, once per mode")
     args = p.parse_args(argv)
     ensure_model(args.model_path)
     model, tokenizer = load(str(args.model_path))

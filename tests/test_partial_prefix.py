@@ -239,6 +239,26 @@ def test_agents_admitted_together_all_reuse_the_cached_block(tiny):
     assert_no_leaks(engine)
 
 
+def test_requests_arriving_together_compute_their_new_shared_prompt_once(tiny):
+    """Nothing cached yet: the first request computes the shared prompt, the others wait for
+    its blocks rather than compute the same tokens beside it in the same step."""
+    model, eos, reference = tiny
+    shared = [_rng.randrange(5, 500) for _ in range(43)]  # 5 full blocks + 3 tokens
+    prompts = {f"r{i}": shared + [90 + i, 7] for i in range(4)}
+    computed = {}
+    for partial in (True, False):
+        engine = engine_for(model, partial=partial, max_num_batched_tokens=64)
+        out = run(engine, {0: [request(rid, p, eos) for rid, p in prompts.items()]})
+        for rid, prompt in prompts.items():
+            assert out[rid] == reference(prompt), rid
+        assert_no_leaks(engine)
+        computed[partial] = engine.counters.prefill_tokens
+    # Once: the 45 tokens of the first prompt, then 2 tokens of each other one (the 3 shared
+    # tokens of the sixth block are copied).
+    assert computed[True] == 45 + 3 * 2
+    assert computed[False] > computed[True]
+
+
 def test_many_requests_through_a_small_pool_never_leak(tiny):
     """Reuse under eviction pressure and preemption: a pool just big enough for a few
     sequences, prompts sharing prefixes of every length; every block comes back and every

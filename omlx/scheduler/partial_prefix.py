@@ -95,6 +95,27 @@ def common_length(tokens: np.ndarray, wanted: np.ndarray) -> int:
     return int(differ[0]) if len(differ) else n
 
 
+def computes_shared_blocks(seq: Sequence, running: list[Sequence], block_size: int) -> bool:
+    """Whether a running sequence part-way through its prompt has yet to compute a whole
+    block that waiting `seq` shares with it.  Admitting `seq` now would compute those tokens a
+    second time in the same steps (requests arriving together with one new system prompt);
+    waiting, it takes them from the prefix cache once computed, then the rest of the boundary
+    block by copy: the shared part is computed once."""
+    if getattr(seq.request, "multimodal", None) is not None:
+        return False  # equal placeholder tokens say nothing about the images
+    wanted = np.asarray(seq.token_ids[: seq.num_tokens - 1], dtype=np.int64)  # what a cache hit can cover
+    for other in running:
+        if not other.is_prefilling or getattr(other.request, "multimodal", None) is not None:
+            continue
+        next_block_end = (other.num_computed_tokens // block_size + 1) * block_size
+        if next_block_end > len(wanted) or next_block_end > other.num_prompt_tokens:
+            continue
+        head = np.asarray(other.token_ids[:next_block_end], dtype=np.int64)
+        if common_length(head, wanted) >= next_block_end:
+            return True
+    return False
+
+
 class PartialPrefix:
     """The scheduler's side: at admission, extend a sequence's cached prefix into its next
     block by copying another block's KV for the tokens they share."""

@@ -28,7 +28,7 @@ from .block_manager import BlockManager
 from .emission import emit_token
 from .layer_managers import LayerManagers
 from .multimodal import needs_vision
-from .partial_prefix import PartialPrefix
+from .partial_prefix import PartialPrefix, computes_shared_blocks
 from .request import FinishReason, TokenEvent
 from .sequence import MAIN_POOL, Sequence, SequenceStatus
 from .step import KVOps, RunnerOutput, ScheduledRow, SchedulerOutput
@@ -214,6 +214,11 @@ class Scheduler(TwoPoolMoves):
             if not batch.empty and self._prefetching(seq):
                 # Its prefix is still being read ahead from disk: admitting it now would
                 # stall this step's other sequences on those reads.  A later step, then.
+                break
+            if not batch.empty and self.partial_prefix is not None and computes_shared_blocks(
+                    seq, self.running, self.pool_of(seq).block_size):
+                # A sequence ahead of it is computing the prompt they share: it takes those
+                # blocks from the cache once they are there instead of computing them too.
                 break
             hit = self._match_prefix(seq)
             if hit >= 0:
