@@ -7,7 +7,9 @@ before the answer.  A canary client asks the same greedy question throughout; it
 never change.  Afterwards the engine must go idle with no sequence left and no KV block held
 (blocks kept by the prefix cache are free), no request may have got a 5xx or a broken stream,
 and the server's RSS must be back within a margin of what it was after warm-up (less the KV
-pools, which grow up to their configured cap when the prefix cache fills them).
+pools, which grow up to their configured cap when the prefix cache fills them; both figures
+read after `SETTLE_S` of quiet).  The report follows the memory along the way (RSS, MLX's
+arrays and cache, malloc's free chunks: `memory_timeline_mib`).
 
     python bench/soak.py --minutes 30 --clients 32           # builds a tiny model, starts omlx
     python bench/soak.py --minutes 10 --clients 64 --shape llama-85m
