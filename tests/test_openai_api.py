@@ -506,6 +506,7 @@ async def test_client_disconnect_frees_blocks_at_once(server):
         "stream": True,
     }
     before = model_health(server, "tiny")["generated_tokens"]
+    log_before = server.log_path.stat().st_size
     async with aiohttp.ClientSession() as session:
         response = await session.post(server.base_url + "/chat/completions", json=body)
         assert response.status == 200
@@ -524,6 +525,11 @@ async def test_client_disconnect_frees_blocks_at_once(server):
     assert health["running"] == 0 and health["kv_cache"]["used_blocks"] == 0
     # It was aborted, not run to the end.
     assert health["generated_tokens"] - before < max_tokens // 2
+    # An everyday event: one log line, not an error with a traceback.
+    with open(server.log_path, "rb") as log:
+        log.seek(log_before)
+        written = log.read().decode(errors="replace")
+    assert "Error handling request" not in written and "Traceback" not in written, written[-3000:]
 
 
 async def test_client_disconnect_during_non_streaming_request(server):

@@ -13,6 +13,7 @@ usage to the closing.  Each family's module only says how its events look (`Even
 
 from __future__ import annotations
 
+import logging
 from contextlib import aclosing
 from typing import Protocol
 
@@ -21,6 +22,8 @@ from aiohttp import web
 from . import sse
 from .assistant_turn import ChoiceStep
 from .generation import EngineFailure, Usage
+
+log = logging.getLogger(__name__)
 
 
 class TurnSource(Protocol):
@@ -49,6 +52,21 @@ class EventFormat(Protocol):
 
 async def pump(request: web.Request, source: TurnSource, fmt: EventFormat) -> web.StreamResponse:
     response = await sse.open_stream(request)
+    try:
+        await _stream(request, response, source, fmt)
+    except ConnectionError as exc:
+        # The client went away (or stopped reading past the write timeout): closing the
+        # turn's steps above aborted its request.  An everyday event for a server of many
+        # agents, so one line, not aiohttp's "Error handling request" traceback; the
+        # transport is closed so a stalled reader's half-written stream ends here too.
+        log.info("stream to %s ended early: %s", request.remote, exc or type(exc).__name__)
+        if request.transport is not None:
+            request.transport.close()
+    return response
+
+
+async def _stream(request: web.Request, response: web.StreamResponse, source: TurnSource,
+                  fmt: EventFormat) -> None:
     await _send(response, fmt.opening())
     try:
         steps = sse.with_keepalive(source.steps(), sse.keepalive_interval(request))
@@ -60,9 +78,8 @@ async def pump(request: web.Request, source: TurnSource, fmt: EventFormat) -> we
                     await _send(response, fmt.step(step))
     except EngineFailure as exc:
         await _send(response, fmt.failure(exc))
-        return response
+        return
     await _send(response, await fmt.closing(source.usage))
-    return response
 
 
 async def _send(response: web.StreamResponse, data: bytes) -> None:
