@@ -297,6 +297,19 @@ def _best(rows: list[dict], kind: str, clients: int, key: str, pick=max):
     return pick(values) if values else None
 
 
+def fastest_decode(row: dict) -> float | None:
+    """The fastest single request's decode rate in a round: what a server does when no other
+    process happened to take a core from it (a loaded machine slows some requests only)."""
+    rates = []
+    for q in row.get("per_request") or []:
+        tokens = q.get("completion_tokens") or q.get("content_chunks") or 0
+        if q.get("first_token_at") is not None and q.get("last_token_at") is not None and tokens > 1:
+            span = q["last_token_at"] - q["first_token_at"]
+            if span > 0:
+                rates.append((tokens - 1) / span)
+    return max(rates) if rates else None
+
+
 def _ratio(a, b):
     return a / b if a is not None and b else None
 
@@ -308,14 +321,14 @@ def report(rows: list[dict], meta: dict) -> str:
            f"- llama-server: {meta['llama_version']}; {meta['llama_cmd']}",
            f"- {meta['max_tokens']} output tokens max, temperature 0, short real questions; "
            f"{meta['repeats']} round(s) per server and client count (best shown); load average at start {meta['loadavg']}",
-           "", "| clients | server | agg tok/s | TTFT p50 | TTFT p99 | decode tok/s/stream | ITL p50 | output tok | peak RSS MiB |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "", "| clients | server | agg tok/s | TTFT p50 | TTFT p99 | decode tok/s/stream | fastest request | ITL p50 | output tok |"
+           " peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("failed"):
-            out.append(f"| {r['concurrency']} | {r['server']} | FAILED: {r['failed'].splitlines()[0][:90]} |||||||")
+            out.append(f"| {r['concurrency']} | {r['server']} | FAILED: {r['failed'].splitlines()[0][:90]} ||||||||")
             continue
         out.append(f"| {r['concurrency']} | {r['server']} | {fmt(r.get('agg_tok_s'))} | {fmt_ms(r.get('ttft_p50'))} | "
-                   f"{fmt_ms(r.get('ttft_p99'))} | {fmt(r.get('decode_tok_s_per_stream_p50'))} | "
+                   f"{fmt_ms(r.get('ttft_p99'))} | {fmt(r.get('decode_tok_s_per_stream_p50'))} | {fmt(fastest_decode(r))} | "
                    f"{fmt_ms(r.get('itl_p50'))} | {r.get('output_tokens')} | {fmt(r.get('peak_rss_mib'), 0)} |")
     out += ["", "| clients | omlx / llama.cpp agg tok/s | TTFT p50, llama.cpp / omlx (above 1: omlx better) |",
             "|---|---|---|"]
@@ -338,6 +351,12 @@ def report(rows: list[dict], meta: dict) -> str:
     out.append(f"llama.cpp (Q4_1 as stored): {meta['gguf_bytes_per_token'] / 1e6:.1f} MB per token -> bound "
                f"{llama_bound:.1f} tok/s; one stream decodes {fmt(llama_one)} tok/s = "
                f"{fmt(_ratio(llama_one, llama_bound) and 100 * _ratio(llama_one, llama_bound), 0)}% of its bound.")
+    fast = {k: max((fastest_decode(r) or 0 for r in rows if r["server"] == k and r["concurrency"] == 1), default=0)
+            for k in (OMLX, LLAMA)}
+    if fast[OMLX] and fast[LLAMA]:
+        out.append(f"Fastest single request, one client: omlx {fast[OMLX]:.1f} tok/s ({100 * fast[OMLX] / omlx_bound:.0f}% of"
+                   f" its bound), llama.cpp {fast[LLAMA]:.1f} tok/s ({100 * fast[LLAMA] / llama_bound:.0f}%);"
+                   f" omlx / llama.cpp {fast[OMLX] / fast[LLAMA]:.2f}x.")
     spec = [r.get("speculative_decoding") for r in rows if r["server"] == OMLX and r.get("speculative_decoding")]
     if spec:
         out.append(f"omlx speculative decoding (last round's /health): {json.dumps(spec[-1])}")
@@ -385,6 +404,7 @@ def parse_args(argv=None):
     p.add_argument("--ready-timeout", type=float, default=600.0)
     p.add_argument("--request-timeout", type=float, default=900.0)
     p.add_argument("--out-dir", type=Path, default=HERE / "results")
+    p.add_argument("--report-from", type=Path, help="print the report of an earlier run's JSON and exit")
     p.add_argument("--_weight-bytes-worker", nargs=2, metavar=("GGUF", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
@@ -397,6 +417,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args._weight_bytes_worker:
         omlx_weight_bytes_worker(*args._weight_bytes_worker)
+        return 0
+    if args.report_from:
+        data = json.loads(args.report_from.read_text())
+        print(report(data["rows"], data["meta"]))
         return 0
     if LLAMA in args.servers and not args.llama_server.is_file():
         found = shutil.which("llama-server")
