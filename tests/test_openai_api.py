@@ -322,7 +322,10 @@ def test_prefix_cache_reuses_blocks(client, server):
     first = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=20)
     second = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=20)
 
-    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    # Earlier requests to this server share at most the chat template's opening tokens with
+    # it (copied from their first block), never a whole block.
+    first_cached = first.usage.prompt_tokens_details.cached_tokens
+    assert first_cached < BLOCK_SIZE
     cached = second.usage.prompt_tokens_details.cached_tokens
     # Every full block of the prompt is reused, and the tokens of its partial last block are
     # copied from the first request's (omlx.scheduler.partial_prefix): only the last prompt
@@ -333,7 +336,7 @@ def test_prefix_cache_reuses_blocks(client, server):
     assert second.usage.prompt_tokens == first.usage.prompt_tokens == len(prompt_ids)
     assert second.usage.completion_tokens == first.usage.completion_tokens
     after = model_health(server, "tiny")["kv_cache"]["prefix_cache_hit_tokens"]
-    assert after - before == cached
+    assert after - before == first_cached + cached
 
 
 # ---------------------------------------------------------------------------- stop strings
