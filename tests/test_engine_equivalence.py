@@ -23,7 +23,8 @@ from omlx.testing.tiny_models import TinyModelSpec, build_model
 pytestmark = pytest.mark.usefixtures("attention_kernel")
 
 MAX_NEW = 20
-SHARED_PREFIX = [random.Random(7).randrange(5, 500) for _ in range(70)]
+_PREFIX_RNG = random.Random(7)  # one generator: a new one per token would repeat one token 70 times
+SHARED_PREFIX = [_PREFIX_RNG.randrange(5, 500) for _ in range(70)]
 
 
 @pytest.fixture(scope="module", params=["qwen3", "llama"])

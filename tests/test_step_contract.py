@@ -28,7 +28,8 @@ from omlx.testing.tiny_models import TinyModelSpec, build_model
 pytestmark = pytest.mark.usefixtures("attention_kernel")
 
 MAX_NEW = 12
-PREFIX = [random.Random(11).randrange(5, 500) for _ in range(40)]
+_PREFIX_RNG = random.Random(11)  # one generator: a new one per token would repeat one token 40 times
+PREFIX = [_PREFIX_RNG.randrange(5, 500) for _ in range(40)]
 
 
 @pytest.fixture(scope="module")
