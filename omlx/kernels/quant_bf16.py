@@ -23,22 +23,20 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .affine_quant import (SUPPORTED_BITS, SUPPORTED_GROUPS, QuantDims, QuantDimsAccessors, affine_layout_supported,
+                           load_cpu_extension, padded_codes, require_module)
 from .cpu_features import cpu_features
-from .quant_linear import unpack_codes
 
 log = logging.getLogger("omlx.kernels")
 
 MODULE = "_quant_bf16_cpu"
 PANEL = 64  # output columns per panel: must equal PANEL in quant_bf16.cpp
-SUPPORTED_BITS = (4, 8)
-SUPPORTED_GROUPS = (32, 64, 128)
 SCALE_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 
 
@@ -53,20 +51,9 @@ class Availability:
 def availability() -> Availability:
     """Whether the kernel runs here: built for this MLX and source, on a CPU with AVX512-BF16
     (without it the module's portable loop is far slower than the other forms)."""
-    if mx.default_device() != mx.cpu:
-        return Availability(False, f"the quantized bf16 kernel is CPU-only (device: {mx.default_device()})")
-    from . import build
-
-    if build.built_module(MODULE) is None:
-        return Availability(False, f"{MODULE} is not built (run: python -m omlx.kernels.build)")
-    if not build.is_current(MODULE):
-        return Availability(False, f"{MODULE} was built for another MLX version or source "
-                                   "(run: python -m omlx.kernels.build)")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see backend.py: idle threads must sleep
-    try:
-        from . import _quant_bf16_cpu as module  # type: ignore[attr-defined]
-    except ImportError as exc:
-        return Availability(False, f"{MODULE} failed to load: {exc}")
+    module, why_not = load_cpu_extension(MODULE, "the quantized bf16 kernel")
+    if module is None:
+        return Availability(False, why_not)
     if module.PANEL != PANEL:
         return Availability(False, f"{MODULE}'s panel width differs from omlx/kernels/quant_bf16.py's")
     if module.isa() != "avx512_bf16" or not cpu_features().avx512_bf16:
@@ -77,9 +64,7 @@ def availability() -> Availability:
 def kernel():
     """The extension module, or raise with the reason it cannot be used."""
     avail = availability()
-    if avail.module is None:
-        raise RuntimeError(avail.reason)
-    return avail.module
+    return require_module(avail.module, avail.reason)
 
 
 # ---------------------------------------------------------------------------- repacking
@@ -121,18 +106,8 @@ def _panel_groups(a: mx.array, n_pad: int) -> mx.array:
 def repack(weight: mx.array, scales: mx.array, biases: mx.array | None, bits: int, group_size: int) -> QuantBf16Weights:
     """MLX affine-quantized (weight, scales, biases) -> the kernel's panels (same bytes, N padded
     to a multiple of 64)."""
-    if bits not in SUPPORTED_BITS or group_size not in SUPPORTED_GROUPS:
-        raise ValueError(f"quant_bf16 supports bits {SUPPORTED_BITS} and group sizes {SUPPORTED_GROUPS}, "
-                         f"not bits={bits} group_size={group_size}")
-    if biases is None:
-        raise ValueError("quant_bf16 needs affine biases (mode='affine')")
-    codes = unpack_codes(weight, bits)
-    n, k = codes.shape
-    if k % group_size:
-        raise ValueError(f"K={k} is not a multiple of group_size={group_size}")
-    n_pad = -(-n // PANEL) * PANEL
-    if n_pad != n:
-        codes = np.concatenate([codes, np.zeros((n_pad - n, k), np.uint8)])
+    codes, n, k = padded_codes(weight, biases, bits, group_size, PANEL, "quant_bf16")
+    n_pad = codes.shape[0]
     dtype = scales.dtype if scales.dtype in SCALE_DTYPES else mx.float32
     if biases.dtype != dtype:  # one dtype for both; widening to float32 is exact
         dtype = mx.float32
@@ -170,19 +145,11 @@ def dequantized_rows(w: QuantBf16Weights, rows: mx.array) -> mx.array:
 
 
 # ---------------------------------------------------------------------------- layers
-@dataclass(frozen=True)
-class _Dims:
-    n: int
-    k: int
-    bits: int
-    group_size: int
-
-
 def _install(layer: nn.Module, w: QuantBf16Weights) -> None:
     # The arrays are parameters (update() / parameters() / the memory ledger see them), named
     # apart from a quantized layer's `scales` (code that finds those dequantizes `.weight`); the
     # dims are a plain attribute.
-    layer._dims = _Dims(w.n, w.k, w.bits, w.group_size)
+    layer._dims = QuantDims(w.n, w.k, w.bits, w.group_size)
     layer.codes, layer.panel_scales, layer.panel_biases = w.codes, w.scales, w.biases
 
 
@@ -191,7 +158,7 @@ def _weights(layer: nn.Module) -> QuantBf16Weights:
     return QuantBf16Weights(layer["codes"], layer["panel_scales"], layer["panel_biases"], d.n, d.k, d.bits, d.group_size)
 
 
-class QuantBf16Linear(nn.Module):
+class QuantBf16Linear(QuantDimsAccessors, nn.Module):
     """Drop-in for `nn.QuantizedLinear` (affine, 4 / 8 bits, groups 32 / 64 / 128) computing
     exactly what `PackedLinear` of its dequantized weight computes."""
 
@@ -235,14 +202,6 @@ class QuantBf16Linear(nn.Module):
         mx.eval(fused.parameters())
         return fused
 
-    @property
-    def bits(self) -> int:
-        return self._dims.bits
-
-    @property
-    def group_size(self) -> int:
-        return self._dims.group_size
-
     def _extra_repr(self) -> str:
         d = self._dims
         return (f"input_dims={d.k}, output_dims={d.n}, bias={'bias' in self}, bits={d.bits}, "
@@ -255,7 +214,7 @@ class QuantBf16Linear(nn.Module):
                                out_features=d.n, bits=d.bits, group_size=d.group_size)
 
 
-class QuantBf16Embedding(nn.Module):
+class QuantBf16Embedding(QuantDimsAccessors, nn.Module):
     """Drop-in for `nn.QuantizedEmbedding`, held once in the kernel's panels: lookups
     dequantize the picked rows, `as_linear` (a tied LM head) runs the kernel over the same bytes."""
 
@@ -268,14 +227,6 @@ class QuantBf16Embedding(nn.Module):
     @classmethod
     def from_quantized(cls, layer: nn.QuantizedEmbedding) -> "QuantBf16Embedding":
         return cls(repack(layer.weight, layer.scales, layer.get("biases"), layer.bits, layer.group_size))
-
-    @property
-    def bits(self) -> int:
-        return self._dims.bits
-
-    @property
-    def group_size(self) -> int:
-        return self._dims.group_size
 
     def _extra_repr(self) -> str:
         d = self._dims
@@ -293,7 +244,4 @@ class QuantBf16Embedding(nn.Module):
 def supports(layer: nn.Module) -> bool:
     """Whether a layer (exactly an `nn.QuantizedLinear` / `nn.QuantizedEmbedding`: subclasses
     may read .weight) can run through this kernel."""
-    return (type(layer) in (nn.QuantizedLinear, nn.QuantizedEmbedding)
-            and getattr(layer, "mode", "affine") == "affine" and layer.get("biases") is not None
-            and layer.bits in SUPPORTED_BITS and layer.group_size in SUPPORTED_GROUPS
-            and (layer.weight.shape[1] * 32 // layer.bits) % layer.group_size == 0)
+    return type(layer) in (nn.QuantizedLinear, nn.QuantizedEmbedding) and affine_layout_supported(layer)

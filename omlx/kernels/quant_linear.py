@@ -42,14 +42,15 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .affine_quant import (SUPPORTED_BITS, SUPPORTED_GROUPS, QuantDims, QuantDimsAccessors, affine_layout_supported,
+                           load_cpu_extension, padded_codes, require_module, unpack_codes)
+
 log = logging.getLogger("omlx.kernels")
 
 MODULE = "_quant_linear_cpu"
 TILE = 16  # output rows per tile (one zmm of lanes); N is padded to a multiple of it
 ENV = "OMLX_QUANT_MATMUL"  # auto (default): AVX512-VNNI or AVX2 | portable: the scalar path too | off
 FAST_ISAS = ("avx512-vnni", "avx2")  # the paths measured faster than float32 (bench/README.md)
-SUPPORTED_BITS = (4, 8)
-SUPPORTED_GROUPS = (32, 64, 128)
 # x is quantized per weight group to integer codes v = round(x * levels / max|x|):
 #   1: int8 (levels 127), one VNNI dot per weight vector, as llama.cpp's Q8_1 activations;
 #   2: ~15 bits (levels 127 * 128) held as two int8 parts, two VNNI dots per weight vector;
@@ -80,20 +81,9 @@ def availability() -> Availability:
     mode = os.environ.get(ENV, "auto").strip().lower()
     if mode == "off":
         return Availability(False, f"{ENV}=off")
-    if mx.default_device() != mx.cpu:
-        return Availability(False, f"the quantized-weight kernel is CPU-only (device: {mx.default_device()})")
-    from . import build
-
-    if build.built_module(MODULE) is None:
-        return Availability(False, f"{MODULE} is not built (run: python -m omlx.kernels.build)")
-    if not build.is_current(MODULE):
-        return Availability(False, f"{MODULE} was built for another MLX version or source "
-                                   "(run: python -m omlx.kernels.build)")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see backend.py: idle threads must sleep
-    try:
-        from . import _quant_linear_cpu as module  # type: ignore[attr-defined]
-    except ImportError as exc:
-        return Availability(False, f"{MODULE} failed to load: {exc}")
+    module, why_not = load_cpu_extension(MODULE, "the quantized-weight kernel")
+    if module is None:
+        return Availability(False, why_not)
     isa = module.isa()
     if isa not in FAST_ISAS and mode != "portable":
         return Availability(False, f"this CPU has neither AVX512-VNNI nor AVX2 (the scalar path is slower than "
@@ -104,9 +94,7 @@ def availability() -> Availability:
 def kernel():
     """The extension module, or raise with the reason it cannot be used."""
     avail = availability()
-    if avail.module is None:
-        raise RuntimeError(avail.reason)
-    return avail.module
+    return require_module(avail.module, avail.reason)
 
 
 # ---------------------------------------------------------------------------- repacking
@@ -123,18 +111,6 @@ class PackedWeights:
     @property
     def nbytes(self) -> int:
         return self.packed.nbytes + self.scales.nbytes + self.biases.nbytes
-
-
-def unpack_codes(weight: mx.array, bits: int) -> np.ndarray:
-    """MLX's packed uint32 words (N, K * bits / 32) -> codes (N, K) uint8 (values packed
-    little end first: in bytes, 4-bit value 2i is byte i's low nibble)."""
-    raw = np.ascontiguousarray(np.array(weight, copy=False).astype(np.uint32, copy=False)).view(np.uint8)
-    if bits == 8:
-        return raw
-    codes = np.empty((raw.shape[0], raw.shape[1] * 2), np.uint8)
-    codes[:, 0::2] = raw & 0x0F
-    codes[:, 1::2] = raw >> 4
-    return codes
 
 
 def _as_numpy_float(a: mx.array) -> np.ndarray:
@@ -154,19 +130,9 @@ def _scale_storage(scales: np.ndarray, biases: np.ndarray) -> np.dtype:
 
 def repack(weight: mx.array, scales: mx.array, biases: mx.array | None, bits: int, group_size: int) -> PackedWeights:
     """MLX affine-quantized (weight, scales, biases) -> the kernel's tiled layout."""
-    if bits not in SUPPORTED_BITS or group_size not in SUPPORTED_GROUPS:
-        raise ValueError(f"quant_linear supports bits {SUPPORTED_BITS} and group sizes {SUPPORTED_GROUPS}, "
-                         f"not bits={bits} group_size={group_size}")
-    if biases is None:
-        raise ValueError("quant_linear needs affine biases (mode='affine')")
-    codes = unpack_codes(weight, bits)
-    n, k = codes.shape
-    if k % group_size:
-        raise ValueError(f"K={k} is not a multiple of group_size={group_size}")
-    tiles = -(-n // TILE)
-    padded_n = tiles * TILE
-    if padded_n != n:
-        codes = np.concatenate([codes, np.zeros((padded_n - n, k), np.uint8)])
+    codes, n, k = padded_codes(weight, biases, bits, group_size, TILE, "quant_linear")
+    padded_n = codes.shape[0]
+    tiles = padded_n // TILE
     if bits == 4:
         # [tile, row, k/8, half, 4]: low nibble k..k+3, high nibble k+4..k+7.
         c = codes.reshape(tiles, TILE, k // 8, 2, 4)
@@ -207,18 +173,10 @@ def precision_for(rows: int, bits: int) -> int:
     return PRECISION
 
 
-@dataclass(frozen=True)
-class _Dims:
-    n: int
-    k: int
-    bits: int
-    group_size: int
-
-
 def _install(layer: nn.Module, packed: PackedWeights) -> None:
     # The arrays are parameters (so update() / parameters() / memory accounting see them);
     # the dims are a plain attribute.
-    layer._dims = _Dims(packed.n, packed.k, packed.bits, packed.group_size)
+    layer._dims = QuantDims(packed.n, packed.k, packed.bits, packed.group_size)
     layer.packed, layer.packed_scales, layer.packed_biases = packed.packed, packed.scales, packed.biases
 
 
@@ -231,7 +189,7 @@ def _apply(layer: nn.Module, x: mx.array, bias: mx.array | None) -> mx.array:
     return y if x.dtype == mx.float32 else y.astype(x.dtype)
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(QuantDimsAccessors, nn.Module):
     """Drop-in for `nn.QuantizedLinear` (affine, 4 / 8 bits, groups 32 / 64 / 128)."""
 
     def __init__(self, packed: PackedWeights, bias: mx.array | None = None):
@@ -245,14 +203,6 @@ class QuantLinear(nn.Module):
     def from_quantized(cls, layer: nn.QuantizedLinear) -> "QuantLinear":
         packed = repack(layer.weight, layer.scales, layer.get("biases"), layer.bits, layer.group_size)
         return cls(packed, layer.get("bias"))
-
-    @property
-    def bits(self) -> int:
-        return self._dims.bits
-
-    @property
-    def group_size(self) -> int:
-        return self._dims.group_size
 
     def _extra_repr(self) -> str:
         d = self._dims
@@ -285,10 +235,7 @@ class QuantEmbedding(nn.QuantizedEmbedding):
 
 def supports(layer: nn.Module) -> bool:
     return (isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-            and not isinstance(layer, QuantEmbedding)
-            and getattr(layer, "mode", "affine") == "affine" and layer.get("biases") is not None
-            and layer.bits in SUPPORTED_BITS and layer.group_size in SUPPORTED_GROUPS
-            and (layer.weight.shape[1] * 32 // layer.bits) % layer.group_size == 0)
+            and not isinstance(layer, QuantEmbedding) and affine_layout_supported(layer))
 
 
 def swap_quantized_linears(model: nn.Module, *, embeddings: bool = True, widen_rest: bool = False,
