@@ -19,11 +19,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_map_with_path, tree_unflatten
 
 from omlx.kernels.linear import PackedLinear, matmul_path
+from omlx.models.layer_swap import swap_checked, widen_unswapped
 
 log = logging.getLogger("omlx.pool")
 
@@ -46,26 +45,9 @@ def pack_encoder(module: nn.Module, probe: Callable[[], object]) -> int:
         if type(layer) in (nn.Linear, nn.QuantizedLinear):
             originals.append((name, layer))
             replacements.append((name, PackedLinear.from_linear(layer)))
-    if not replacements:
-        return 0
-    module.update_modules(tree_unflatten(replacements))
-    for _, layer in replacements:  # one layer's transient copies freed before the next
-        mx.eval(layer.parameters())
-    try:
-        mx.eval(probe())
-    except Exception as exc:  # noqa: BLE001 - any failure: the encoder keeps its own layers
-        module.update_modules(tree_unflatten(originals))
-        log.warning("bf16 packing skipped: the encoder fails with packed layers (%s: %s)", type(exc).__name__, exc)
+    if not replacements or not swap_checked(module, originals, replacements, probe, "encoder"):
         return 0
     del originals
-    packed = {name for name, _ in replacements}
-
-    def widen(path: str, value: mx.array) -> mx.array:
-        if path.rsplit(".", 1)[0] in packed or value.dtype not in (mx.float16, mx.bfloat16):
-            return value
-        return value.astype(mx.float32)
-
-    module.update(tree_map_with_path(widen, module.parameters()))
-    mx.eval(module.parameters())
+    widen_unswapped(module, {name for name, _ in replacements})
     log.debug("packed %d encoder layer(s) in bf16", len(replacements))
     return len(replacements)

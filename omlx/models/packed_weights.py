@@ -24,12 +24,12 @@ from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_map_with_path, tree_unflatten
 
 from omlx.kernels.expert_linear import PackedSwitchLinear, switch_linear_types
 from omlx.kernels.linear import PackedEmbedding, PackedLinear, matmul_path
 from omlx.models.fused_projections import fuse_projections
 from omlx.models.kernel_norms import swap_rms_norms
+from omlx.models.layer_swap import swap_checked, widen_unswapped
 from omlx.models.shared_rope import share_rope_tables
 
 log = logging.getLogger("omlx.pool")
@@ -72,30 +72,11 @@ def pack_model(model: nn.Module, experts: bool = True,
         elif type(module) in switches:
             originals.append((name, module))
             replacements.append((name, PackedSwitchLinear.from_switch(module)))
-    if not replacements:
-        return 0
-    model.update_modules(tree_unflatten(replacements))
-    # Evaluate layer by layer so the transient dequantized / padded copies of one layer
-    # are freed before the next is built.
-    for _, module in replacements:
-        mx.eval(module.parameters())
-    try:
-        mx.eval(model(mx.array([[1, 2]])))
-    except Exception as exc:  # noqa: BLE001 - any failure: this model keeps its own layers
-        model.update_modules(tree_unflatten(originals))
-        log.warning("bf16 packing skipped: the model fails with packed layers (%s: %s)", type(exc).__name__, exc)
+    probe = lambda: model(mx.array([[1, 2]]))  # noqa: E731 - a forward pass of two tokens
+    if not replacements or not swap_checked(model, originals, replacements, probe, "model"):
         return 0
     del originals
-    packed = {name for name, _ in replacements}
-
-    def widen(path: str, value: mx.array) -> mx.array:
-        owner = path.rsplit(".", 1)[0]
-        if owner in packed or value.dtype not in (mx.float16, mx.bfloat16):
-            return value
-        return value.astype(mx.float32)
-
-    model.update(tree_map_with_path(widen, model.parameters()))
-    mx.eval(model.parameters())
+    widen_unswapped(model, {name for name, _ in replacements})
     # Fewer graph nodes a token: q/k/v and gate/up of one input in one kernel call each
     # (omlx/models/fused_projections.py), RoPE's table once a pass and its rotation one node
     # (omlx/models/shared_rope.py), RMSNorm one node (omlx/models/kernel_norms.py).
