@@ -107,3 +107,20 @@ class QuantDimsAccessors:
     @property
     def group_size(self) -> int:
         return self._dims.group_size
+
+
+@dataclass
+class AffineQuantWeights:
+    """One layer's weights repacked for a kernel: `data` the codes in that kernel's layout,
+    `scales` / `biases` per (block of output rows, group), N (unpadded) and K."""
+    data: mx.array
+    scales: mx.array
+    biases: mx.array
+    n: int
+    k: int
+    bits: int
+    group_size: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.scales.nbytes + self.biases.nbytes

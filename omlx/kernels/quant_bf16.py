@@ -29,8 +29,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .affine_quant import (SUPPORTED_BITS, SUPPORTED_GROUPS, QuantDims, QuantDimsAccessors, affine_layout_supported,
-                           load_cpu_extension, padded_codes, require_module)
+from .affine_quant import (
+    SUPPORTED_BITS, SUPPORTED_GROUPS, AffineQuantWeights, QuantDims, QuantDimsAccessors,
+    affine_layout_supported, load_cpu_extension, padded_codes, require_module,
+)
 from .cpu_features import cpu_features
 
 log = logging.getLogger("omlx.kernels")
@@ -68,19 +70,13 @@ def kernel():
 
 
 # ---------------------------------------------------------------------------- repacking
-@dataclass
-class QuantBf16Weights:
-    codes: mx.array  # uint8 (N_pad / 64, K / 2, 64 | 128)
-    scales: mx.array  # stored dtype, (N_pad / 64, K / group_size, 64)
-    biases: mx.array
-    n: int
-    k: int
-    bits: int
-    group_size: int
+class QuantBf16Weights(AffineQuantWeights):
+    """codes: uint8 (N_pad / 64, K / 2, 64 | 128); scales, biases: stored dtype,
+    (N_pad / 64, K / group_size, 64)."""
 
     @property
-    def nbytes(self) -> int:
-        return self.codes.nbytes + self.scales.nbytes + self.biases.nbytes
+    def codes(self) -> mx.array:
+        return self.data
 
 
 def _panel_order(codes: np.ndarray, bits: int) -> np.ndarray:

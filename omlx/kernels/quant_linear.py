@@ -42,8 +42,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .affine_quant import (SUPPORTED_BITS, SUPPORTED_GROUPS, QuantDims, QuantDimsAccessors, affine_layout_supported,
-                           load_cpu_extension, padded_codes, require_module, unpack_codes)
+from .affine_quant import (
+    SUPPORTED_BITS, SUPPORTED_GROUPS, AffineQuantWeights, QuantDims, QuantDimsAccessors,
+    affine_layout_supported, load_cpu_extension, padded_codes, require_module, unpack_codes,
+)
 
 log = logging.getLogger("omlx.kernels")
 
@@ -98,19 +100,13 @@ def kernel():
 
 
 # ---------------------------------------------------------------------------- repacking
-@dataclass
-class PackedWeights:
-    packed: mx.array  # uint8, tiles * 16 * K * bits / 8
-    scales: mx.array  # float16 or float32, (tiles, groups, 16)
-    biases: mx.array
-    n: int
-    k: int
-    bits: int
-    group_size: int
+class PackedWeights(AffineQuantWeights):
+    """packed: uint8, tiles * 16 * K * bits / 8; scales, biases: float16 or float32,
+    (tiles, groups, 16)."""
 
     @property
-    def nbytes(self) -> int:
-        return self.packed.nbytes + self.scales.nbytes + self.biases.nbytes
+    def packed(self) -> mx.array:
+        return self.data
 
 
 def _as_numpy_float(a: mx.array) -> np.ndarray:
