@@ -78,6 +78,12 @@ def padded_codes(weight: mx.array, biases: mx.array | None, bits: int, group_siz
     return codes, n, k
 
 
+def stored_quantization(layer: nn.Module) -> tuple:
+    """A quantized layer's (weight, scales, biases, bits, group_size), the arguments of a
+    kernel's `repack`."""
+    return layer.weight, layer.scales, layer.get("biases"), layer.bits, layer.group_size
+
+
 def affine_layout_supported(layer: nn.Module) -> bool:
     """Whether a quantized layer's weights are affine, 4 / 8 bits, in groups the kernels take
     (the layer's type is each kernel's own question)."""

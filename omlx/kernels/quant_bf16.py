@@ -31,7 +31,7 @@ import numpy as np
 
 from .affine_quant import (
     SUPPORTED_BITS, SUPPORTED_GROUPS, AffineQuantWeights, QuantDims, QuantDimsAccessors,
-    affine_layout_supported, load_cpu_extension, padded_codes, require_module,
+    affine_layout_supported, load_cpu_extension, padded_codes, require_module, stored_quantization,
 )
 from .cpu_features import cpu_features
 
@@ -168,8 +168,7 @@ class QuantBf16Linear(QuantDimsAccessors, nn.Module):
 
     @classmethod
     def from_quantized(cls, layer: nn.QuantizedLinear) -> "QuantBf16Linear":
-        w = repack(layer.weight, layer.scales, layer.get("biases"), layer.bits, layer.group_size)
-        return cls(w, layer.get("bias"))
+        return cls(repack(*stored_quantization(layer)), layer.get("bias"))
 
     @staticmethod
     def can_concatenate(parts: list) -> bool:
@@ -222,7 +221,7 @@ class QuantBf16Embedding(QuantDimsAccessors, nn.Module):
 
     @classmethod
     def from_quantized(cls, layer: nn.QuantizedEmbedding) -> "QuantBf16Embedding":
-        return cls(repack(layer.weight, layer.scales, layer.get("biases"), layer.bits, layer.group_size))
+        return cls(repack(*stored_quantization(layer)))
 
     def _extra_repr(self) -> str:
         d = self._dims

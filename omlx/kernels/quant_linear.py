@@ -44,7 +44,8 @@ import numpy as np
 
 from .affine_quant import (
     SUPPORTED_BITS, SUPPORTED_GROUPS, AffineQuantWeights, QuantDims, QuantDimsAccessors,
-    affine_layout_supported, load_cpu_extension, padded_codes, require_module, unpack_codes,
+    affine_layout_supported, load_cpu_extension, padded_codes, require_module, stored_quantization,
+    unpack_codes,
 )
 
 log = logging.getLogger("omlx.kernels")
@@ -197,8 +198,7 @@ class QuantLinear(QuantDimsAccessors, nn.Module):
 
     @classmethod
     def from_quantized(cls, layer: nn.QuantizedLinear) -> "QuantLinear":
-        packed = repack(layer.weight, layer.scales, layer.get("biases"), layer.bits, layer.group_size)
-        return cls(packed, layer.get("bias"))
+        return cls(repack(*stored_quantization(layer)), layer.get("bias"))
 
     def _extra_repr(self) -> str:
         d = self._dims
@@ -221,7 +221,7 @@ class QuantEmbedding(nn.QuantizedEmbedding):
         new.weight, new.scales = layer.weight, layer.scales
         if layer.get("biases") is not None:
             new.biases = layer.biases
-        _install(new, repack(layer.weight, layer.scales, layer.get("biases"), layer.bits, layer.group_size))
+        _install(new, repack(*stored_quantization(layer)))
         new.freeze()
         return new
 
