@@ -19,6 +19,7 @@ from omlx.models.facts import parameter_bytes
 from omlx.models.fused_projections import FusedCall, ProjectionSlice, fuse_group, fuse_projections, is_fused
 from omlx.scheduler import EngineConfig, GenerationRequest, LLMEngine
 from omlx.testing.tiny_models import TinyModelSpec, build_model
+from model_helpers import pack_model_without
 
 pytestmark = pytest.mark.skipif(cpu_features.cpu_features().bf16_isa is None,
                                 reason="the packed path runs only where the CPU has a bf16 unit")
@@ -83,12 +84,7 @@ def model_pair(request, tmp_path_factory):
     fused, tokenizer = load(str(path))
     packed_weights.pack_model(fused)
     plain, _ = load(str(path))
-    original = packed_weights.fuse_projections
-    packed_weights.fuse_projections = lambda model: 0
-    try:
-        packed_weights.pack_model(plain)
-    finally:
-        packed_weights.fuse_projections = original
+    pack_model_without(plain, "fuse_projections")
     return fused, plain, frozenset(tokenizer.eos_token_ids), extra
 
 

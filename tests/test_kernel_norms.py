@@ -11,10 +11,10 @@ import pytest
 from mlx_lm import load
 
 from omlx.kernels import fused_ops
-from omlx.models import packed_weights
 from omlx.models.kernel_norms import KernelRMSNorm, swap_rms_norms
 from omlx.models.shared_rope import SharedRoPE
 from omlx.testing.tiny_models import TinyModelSpec, build_model
+from model_helpers import pack_model_without
 
 pytestmark = pytest.mark.skipif(fused_ops.kernel() is None, reason="the fused-ops kernel is not built here")
 RNG = np.random.default_rng(0)
@@ -76,12 +76,7 @@ def test_a_packed_model_runs_one_node_norms(tmp_path):
     swapped; the logits stay those of MLX's norms to float32 rounding."""
     path = build_model(tmp_path / "m", TinyModelSpec(model_type="qwen3", seed=6))
     model, _ = load(str(path))
-    original = packed_weights.swap_rms_norms
-    packed_weights.swap_rms_norms = lambda m: 0
-    try:
-        packed_weights.pack_model(model)
-    finally:
-        packed_weights.swap_rms_norms = original
+    pack_model_without(model, "swap_rms_norms")
     tokens = mx.array([[5, 9, 200, 31, 7, 8, 400]])
     before = np.array(model(tokens))
     norms = sum(type(m) is nn.RMSNorm for _, m in model.named_modules())

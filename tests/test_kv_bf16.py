@@ -30,6 +30,7 @@ from omlx.scheduler.kv_sizing import pool_plans
 from omlx.testing.reference import greedy_reference
 from omlx.testing.tiny_families import build_family_model
 from omlx.testing.tiny_models import TinyModelSpec, build_model
+from model_helpers import tiny_model_pool
 
 requires_bf16_unit = pytest.mark.skipif(
     cpu_features().bf16_isa is None, reason="the packed path runs only where the CPU has a bf16 unit")
@@ -335,16 +336,9 @@ def test_flag_env_and_model_settings(tmp_path, monkeypatch):
 async def test_models_status_and_health_report_the_kv_dtype(tiny_path, tmp_path, monkeypatch):
     """Through the real loading path on the packed path: the engine's pool is bf16 and the
     serving info that /health and /v1/models/status carry says so."""
-    from omlx.models.pool import ModelPool
-    from omlx.settings import SettingsStore
-
     monkeypatch.setenv(linear.ENV, "bf16")
     linear.matmul_path.cache_clear()
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "m").symlink_to(tiny_path)
-    (tmp_path / "home").mkdir()
-    pool = ModelPool([tmp_path / "models"], EngineConfig(block_size=16, num_blocks=32, max_num_batched_tokens=64),
-                     memory_budget=1 << 30, settings=SettingsStore(tmp_path / "home"))
+    pool = tiny_model_pool(tiny_path, tmp_path)
     try:
         async with pool.lease("m"):
             pass

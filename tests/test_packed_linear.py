@@ -23,6 +23,7 @@ from omlx.models import packed_weights
 from omlx.models.facts import parameter_bytes
 from omlx.scheduler import EngineConfig, GenerationRequest, LLMEngine
 from omlx.testing.tiny_models import TinyModelSpec, build_model
+from model_helpers import tiny_model_pool
 
 FEATURES = cpu_features.cpu_features()
 requires_bf16_unit = pytest.mark.skipif(
@@ -367,15 +368,8 @@ def test_packed_model_is_batch_invariant_in_the_engine(packed_tiny, requests, bl
 async def test_pool_loads_packed_and_counts_the_packed_bytes(tiny_path, tmp_path, matmul_env):
     """Through the real loading path: the model's layers are packed, and the ledger holds
     the packed weight bytes, about half of the float32 file's."""
-    from omlx.models.pool import ModelPool
-    from omlx.settings import SettingsStore
-
     assert matmul_env("bf16").bf16
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "m").symlink_to(tiny_path)
-    (tmp_path / "home").mkdir()
-    pool = ModelPool([tmp_path / "models"], EngineConfig(block_size=16, num_blocks=32, max_num_batched_tokens=64),
-                     memory_budget=1 << 30, settings=SettingsStore(tmp_path / "home"))
+    pool = tiny_model_pool(tiny_path, tmp_path)
     try:
         async with pool.lease("m") as leased:
             assert leased.model_id == "m"

@@ -19,9 +19,9 @@ from omlx.kernels.linear import PackedEmbedding, PackedLinear, dense_weight, pac
 from omlx.models import quantized_bf16
 from omlx.models.facts import parameter_bytes
 from omlx.models.packed_weights import pack_model
-from omlx.scheduler import EngineConfig, GenerationRequest, LLMEngine
 from omlx.scheduler.kv_dtype import runs_packed_bf16
 from omlx.testing.tiny_models import TinyModelSpec, build_model
+from model_helpers import engine_outputs
 
 pytestmark = pytest.mark.skipif(not qb.availability().ok, reason=f"quant_bf16 does not run here: "
                                                                  f"{qb.availability().reason}")
@@ -203,21 +203,6 @@ def test_model_in_the_form_keeps_stored_bytes_and_computes_the_packed_models_bit
     assert_same_bits(ours(ids), packed(ids))
 
 
-def run_engine(model, prompts, max_tokens) -> list[list[int]]:
-    engine = LLMEngine(model, EngineConfig(block_size=8, num_blocks=64, max_num_batched_tokens=32), context_window=2048)
-    outputs = [[] for _ in prompts]
-    for i, prompt in enumerate(prompts):
-        engine.add_request(GenerationRequest(str(i), prompt, max_tokens))
-    for _ in range(2000):
-        for request_id, event in engine.step():
-            if event.token_id is not None:
-                outputs[int(request_id)].append(event.token_id)
-        if not engine.has_work:
-            break
-    assert engine.blocks.leaked_blocks() == []
-    return outputs
-
-
 def test_engine_gives_each_request_the_same_tokens_alone_and_batched(tiny_path):
     """Batch invariance on a tiny quantized model in this form: the step's rows go through the
     register path or the scratch path depending on how many there are, and both compute the
@@ -226,9 +211,9 @@ def test_engine_gives_each_request_the_same_tokens_alone_and_batched(tiny_path):
     assert quantized_bf16.swap_model(model) > 0
     rng = np.random.default_rng(11)
     prompts = [[int(t) for t in rng.integers(5, 400, n)] for n in (3, 17, 9, 30, 1, 6)]
-    together = run_engine(model, prompts, 10)
+    together = engine_outputs(model, prompts, 10)
     for i, prompt in enumerate(prompts):
-        assert run_engine(model, [prompt], 10)[0] == together[i], f"request {i} changed in a batch"
+        assert engine_outputs(model, [prompt], 10)[0] == together[i], f"request {i} changed in a batch"
 
 
 def test_real_smollm2_q4_1_answers_in_this_form(tmp_path_factory):
@@ -245,5 +230,5 @@ def test_real_smollm2_q4_1_answers_in_this_form(tmp_path_factory):
     assert parameter_bytes(model) == stored_bytes
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                            add_generation_prompt=True)
-    answer = tokenizer.decode(run_engine(model, [prompt], 12)[0])
+    answer = tokenizer.decode(engine_outputs(model, [prompt], 12)[0])
     assert "Paris" in answer, answer

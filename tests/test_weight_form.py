@@ -14,9 +14,10 @@ from omlx.kernels.linear import PackedLinear, matmul_path
 from omlx.kernels.quant_bf16 import QuantBf16Linear
 from omlx.kernels.quant_linear import QuantLinear
 from omlx.models import weight_form
-from omlx.scheduler import EngineConfig, GenerationRequest, LLMEngine
+from omlx.scheduler import EngineConfig, LLMEngine
 from omlx.scheduler.fallback_engine import FallbackEngine
 from omlx.testing.tiny_models import TinyModelSpec, build_model
+from model_helpers import engine_outputs
 
 
 @pytest.fixture(scope="module")
@@ -116,21 +117,6 @@ def test_a_float_model_is_never_given_the_quantized_kernel(tiny_path, matmul_mod
     assert weight_form.apply(model, None, 1 << 30) == (weight_form.BF16_PACKED if path.bf16 else weight_form.STORED)
 
 
-def run_engine(model, prompts, max_tokens) -> list[list[int]]:
-    engine = LLMEngine(model, EngineConfig(block_size=8, num_blocks=64, max_num_batched_tokens=32), context_window=2048)
-    outputs = [[] for _ in prompts]
-    for i, prompt in enumerate(prompts):
-        engine.add_request(GenerationRequest(str(i), prompt, max_tokens))
-    for _ in range(2000):
-        for request_id, event in engine.step():
-            if event.token_id is not None:
-                outputs[int(request_id)].append(event.token_id)
-        if not engine.has_work:
-            break
-    assert engine.blocks.leaked_blocks() == []
-    return outputs
-
-
 @pytest.mark.skipif(not quant_linear.availability().ok, reason="the quantized-weight kernel does not run on this CPU")
 def test_quantized_kernel_model_is_batch_invariant_in_the_engine(tiny_path, matmul_mode):
     """Its rows are computed alone (no batch-size-dependent path), so a request's greedy
@@ -140,9 +126,9 @@ def test_quantized_kernel_model_is_batch_invariant_in_the_engine(tiny_path, matm
     assert weight_form.apply(model, False, 1 << 30) == weight_form.QUANTIZED_KERNEL
     rng = np.random.default_rng(3)
     prompts = [[int(t) for t in rng.integers(5, 400, n)] for n in (3, 17, 9, 30, 1)]
-    together = run_engine(model, prompts, 12)
+    together = engine_outputs(model, prompts, 12)
     for i, prompt in enumerate(prompts):
-        assert run_engine(model, [prompt], 12)[0] == together[i], f"request {i} changed in a batch"
+        assert engine_outputs(model, [prompt], 12)[0] == together[i], f"request {i} changed in a batch"
 
 
 @pytest.mark.skipif(not quant_linear.availability().ok, reason="the quantized-weight kernel does not run on this CPU")
