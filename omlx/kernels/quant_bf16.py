@@ -30,8 +30,8 @@ import mlx.nn as nn
 import numpy as np
 
 from .affine_quant import (
-    SUPPORTED_BITS, SUPPORTED_GROUPS, AffineQuantWeights, QuantDims, QuantDimsAccessors,
-    affine_layout_supported, load_cpu_extension, padded_codes, require_module, stored_quantization,
+    AffineQuantWeights, QuantDims, QuantDimsAccessors, affine_layout_supported, load_cpu_extension, padded_codes,
+    require_module, stored_quantization,
 )
 from .cpu_features import cpu_features
 

@@ -43,10 +43,10 @@ import mlx.nn as nn
 import numpy as np
 
 from .affine_quant import (
-    SUPPORTED_BITS, SUPPORTED_GROUPS, AffineQuantWeights, QuantDims, QuantDimsAccessors,
-    affine_layout_supported, load_cpu_extension, padded_codes, require_module, stored_quantization,
-    unpack_codes,
+    AffineQuantWeights, QuantDims, QuantDimsAccessors, affine_layout_supported, load_cpu_extension, padded_codes,
+    require_module, stored_quantization,
 )
+from .affine_quant import unpack_codes  # noqa: F401 - read here by tests/test_quant_linear.py
 
 log = logging.getLogger("omlx.kernels")
 
