@@ -201,6 +201,24 @@ def attention_kernel(request, monkeypatch):
     backend.attention_backend.cache_clear()
 
 
+@pytest.fixture
+def matmul_env(monkeypatch):
+    """`matmul_env(mode)` sets OMLX_MATMUL to `mode` (None: unset, the default choice) for this
+    test and returns the matmul path then chosen; the choice is recomputed after the test."""
+    from omlx.kernels import linear
+
+    def choose(mode: str | None):
+        if mode is None:
+            monkeypatch.delenv(linear.ENV, raising=False)
+        else:
+            monkeypatch.setenv(linear.ENV, mode)
+        linear.matmul_path.cache_clear()
+        return linear.matmul_path()
+
+    yield choose
+    linear.matmul_path.cache_clear()
+
+
 # ---------------------------------------------------------------------------- the real SmolLM2
 
 

@@ -11,8 +11,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from omlx.kernels import linear
-from omlx.kernels.linear import PackedLinear, matmul_path
+from omlx.kernels.linear import PackedLinear
 from omlx.models.discovery import inspect_model_folder
 from omlx.models.facts import parameter_bytes
 
@@ -24,17 +23,6 @@ SENTENCES = [
     "Stock markets fell sharply on Tuesday after the central bank signalled higher rates for longer.",
     "To install the package, run the setup script from the repository root and restart your shell.",
 ]
-
-
-@pytest.fixture
-def matmul_mode(monkeypatch):
-    def choose(mode: str):
-        monkeypatch.setenv(linear.ENV, mode)
-        matmul_path.cache_clear()
-        return matmul_path()
-
-    yield choose
-    matmul_path.cache_clear()
 
 
 def packed_layers(module) -> int:
@@ -60,13 +48,13 @@ def minilm_info():
     return found[0]
 
 
-def test_embedder_packed_agrees_with_float32(minilm_info, matmul_mode):
+def test_embedder_packed_agrees_with_float32(minilm_info, matmul_env):
     from omlx.embeddings.model import load_embedder
 
-    matmul_mode("float32")
+    matmul_env("float32")
     float32 = load_embedder(minilm_info)
     assert packed_layers(float32.model) == 0
-    assert matmul_mode("bf16").bf16
+    assert matmul_env("bf16").bf16
     packed = load_embedder(minilm_info)
     assert packed_layers(packed.model) > 0 and plain_linears(packed.model) == 0
     assert packed.weights_bytes == parameter_bytes(packed.model) < float32.weights_bytes
@@ -82,15 +70,15 @@ def test_embedder_packed_agrees_with_float32(minilm_info, matmul_mode):
 
 
 # ----------------------------------------------------------------------------- rerank
-def test_cross_encoder_with_a_trained_encoder_keeps_the_order(tmp_path, matmul_mode):
+def test_cross_encoder_with_a_trained_encoder_keeps_the_order(tmp_path, matmul_env):
     from omlx.rerank.cross_encoder import load_cross_encoder
     from omlx.testing.minilm_cross_encoder import build_minilm_cross_encoder
 
     info = inspect_model_folder("minilm-rerank", build_minilm_cross_encoder(tmp_path / "ce"))
-    matmul_mode("float32")
+    matmul_env("float32")
     float32 = load_cross_encoder(info)
     assert packed_layers(float32.model) == 0
-    matmul_mode("bf16")
+    matmul_env("bf16")
     packed = load_cross_encoder(info)
     assert packed_layers(packed.model) > 0 and plain_linears(packed.model) == 0
     assert packed.weights_bytes < float32.weights_bytes
@@ -102,14 +90,14 @@ def test_cross_encoder_with_a_trained_encoder_keeps_the_order(tmp_path, matmul_m
 
 
 @pytest.mark.parametrize("family", ["bert", "xlm-roberta", "modernbert"])
-def test_every_cross_encoder_family_packs_and_stays_close(tmp_path, matmul_mode, family):
+def test_every_cross_encoder_family_packs_and_stays_close(tmp_path, matmul_env, family):
     from omlx.rerank.cross_encoder import load_cross_encoder
     from omlx.testing.tiny_rerankers import TinyCrossEncoderSpec, build_cross_encoder_folder
 
     info = inspect_model_folder("ce", build_cross_encoder_folder(tmp_path / family, TinyCrossEncoderSpec(family)))
-    matmul_mode("float32")
+    matmul_env("float32")
     float32 = load_cross_encoder(info)
-    matmul_mode("bf16")
+    matmul_env("bf16")
     packed = load_cross_encoder(info)
     assert packed_layers(packed.model) > 0
     rows, _ = float32.encode_pairs("alpha beta", ["gamma delta epsilon", "beta alpha", "zeta"])
@@ -119,7 +107,7 @@ def test_every_cross_encoder_family_packs_and_stays_close(tmp_path, matmul_mode,
 
 # ----------------------------------------------------------------------------- vision towers
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
-def test_vision_tower_packs_and_its_features_stay_close(tmp_path, matmul_mode, family):
+def test_vision_tower_packs_and_its_features_stay_close(tmp_path, matmul_env, family):
     from omlx.testing.tiny_vlm import TinyVLMSpec, build_vlm
     from omlx.vision.loader import load_vision_model
     from omlx.vision.tower_weights import image_probe, pack_tower
@@ -132,9 +120,9 @@ def test_vision_tower_packs_and_its_features_stay_close(tmp_path, matmul_mode, f
     want = np.array(probe())
     language_linears = plain_linears(side.vlm.language_model)
 
-    matmul_mode("float32")
+    matmul_env("float32")
     assert pack_tower(side) == 0 and packed_layers(side.vlm) == 0
-    matmul_mode("bf16")
+    matmul_env("bf16")
     assert pack_tower(side) > 0
     assert packed_layers(side.vlm.vision_tower) > 0 and plain_linears(side.vlm.vision_tower) == 0
     assert plain_linears(side.vlm.language_model) == language_linears  # the tower only
@@ -144,7 +132,7 @@ def test_vision_tower_packs_and_its_features_stay_close(tmp_path, matmul_mode, f
     assert np.abs(want - got).max() <= 0.02 * np.abs(want).max()
 
 
-def test_a_vlm_loaded_by_the_pool_runs_its_tower_packed(tmp_path, matmul_mode, monkeypatch):
+def test_a_vlm_loaded_by_the_pool_runs_its_tower_packed(tmp_path, matmul_env, monkeypatch):
     """Through the loader: the tower and the language model are packed, and the prefix
     cache's scope says so (blocks computed by float32 weights or image features are not
     reused for bf16 ones)."""
@@ -168,7 +156,7 @@ def test_a_vlm_loaded_by_the_pool_runs_its_tower_packed(tmp_path, matmul_mode, m
                       max_num_batched_tokens=64), 1 << 30, kv_budget=lambda _: (lambda _: True),
                       resolve=lambda name: None)
     for mode in ("float32", "bf16"):
-        matmul_mode(mode)
+        matmul_env(mode)
         loaded = loaders.load(info)
         try:
             vlm = loaded.vision.vlm
@@ -182,7 +170,7 @@ def test_a_vlm_loaded_by_the_pool_runs_its_tower_packed(tmp_path, matmul_mode, m
     assert scopes[1] == scopes[0] + b":bf16-packed:tower-bf16"
 
 
-def test_a_packed_vlm_answers_images_the_same_alone_and_batched(tmp_path, matmul_mode):
+def test_a_packed_vlm_answers_images_the_same_alone_and_batched(tmp_path, matmul_env):
     """Language model and tower packed: each image request's greedy tokens are the ones it
     gets alone in the engine, with another image request and a text one beside it."""
     import io
@@ -199,7 +187,7 @@ def test_a_packed_vlm_answers_images_the_same_alone_and_batched(tmp_path, matmul
     from omlx.vision.prompt import prepare
     from omlx.vision.tower_weights import pack_tower
 
-    matmul_mode("bf16")
+    matmul_env("bf16")
     path = build_vlm(tmp_path / "vlm", TinyVLMSpec(family="qwen2_vl"))
     language, _, _, side = load_vision_model(str(path), json.loads((path / "config.json").read_text()), "vlm")
     assert weight_form.apply(language, None, 1 << 30) == weight_form.BF16_PACKED

@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 from mlx_lm import load
 
 from omlx.kernels import cpu_features, linear
-from omlx.kernels.linear import PackedEmbedding, PackedLinear, matmul_path, pack_bf16, packed_linear
+from omlx.kernels.linear import PackedEmbedding, PackedLinear, pack_bf16, packed_linear
 from omlx.models import packed_weights
 from omlx.models.facts import parameter_bytes
 from omlx.scheduler import EngineConfig, GenerationRequest, LLMEngine
@@ -198,20 +198,6 @@ def test_cpuinfo_flags_decide_the_bf16_unit():
     assert cpu_features.parse_cpuinfo(epyc).bf16_isa == "avx512_bf16"
     assert cpu_features.parse_cpuinfo(older).bf16_isa is None
     assert cpu_features.parse_cpuinfo("").bf16_isa is None
-
-
-@pytest.fixture
-def matmul_env(monkeypatch):
-    def choose(mode: str | None):
-        if mode is None:
-            monkeypatch.delenv(linear.ENV, raising=False)
-        else:
-            monkeypatch.setenv(linear.ENV, mode)
-        matmul_path.cache_clear()
-        return matmul_path()
-
-    yield choose
-    matmul_path.cache_clear()
 
 
 def test_float32_is_forced_by_the_environment(matmul_env):

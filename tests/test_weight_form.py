@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from mlx_lm import load
 
-from omlx.kernels import linear, quant_bf16, quant_linear
-from omlx.kernels.linear import PackedLinear, matmul_path
+from omlx.kernels import quant_bf16, quant_linear
+from omlx.kernels.linear import PackedLinear
 from omlx.kernels.quant_bf16 import QuantBf16Linear
 from omlx.kernels.quant_linear import QuantLinear
 from omlx.models import weight_form
@@ -32,23 +32,12 @@ def quantized(path) -> nn.Module:
     return model
 
 
-@pytest.fixture
-def matmul_mode(monkeypatch):
-    def choose(mode: str):
-        monkeypatch.setenv(linear.ENV, mode)
-        matmul_path.cache_clear()
-        return matmul_path()
-
-    yield choose
-    matmul_path.cache_clear()
-
-
 def layer_types(model) -> set[type]:
     return {type(m) for _, m in model.named_modules()}
 
 
-def test_auto_runs_a_quantized_model_in_the_fastest_serving_form_here(tiny_path, matmul_mode):
-    path = matmul_mode("auto")
+def test_auto_runs_a_quantized_model_in_the_fastest_serving_form_here(tiny_path, matmul_env):
+    path = matmul_env("auto")
     model = quantized(tiny_path)
     form = weight_form.apply(model, None, 1 << 30)
     if path.bf16:
@@ -59,11 +48,11 @@ def test_auto_runs_a_quantized_model_in_the_fastest_serving_form_here(tiny_path,
         assert form == weight_form.FLOAT32 and nn.QuantizedLinear not in layer_types(model)
 
 
-def test_auto_keeps_a_quantized_model_too_large_to_dequantize_in_its_stored_bytes(tiny_path, matmul_mode):
+def test_auto_keeps_a_quantized_model_too_large_to_dequantize_in_its_stored_bytes(tiny_path, matmul_env):
     """A budget whose quarter cannot hold the float32 weights: not dequantized, so on a bf16 CPU
     the stored codes run through the quantized-bf16 kernel (ahead of the int8 kernel at many
     rows), elsewhere through the int8 kernel."""
-    path = matmul_mode("auto")
+    path = matmul_env("auto")
     model = quantized(tiny_path)
     form = weight_form.apply(model, None, 1 << 20)
     types = layer_types(model)
@@ -77,8 +66,8 @@ def test_auto_keeps_a_quantized_model_too_large_to_dequantize_in_its_stored_byte
         assert form == weight_form.STORED and nn.QuantizedLinear in types
 
 
-def test_false_reads_the_stored_weights_through_the_kernel(tiny_path, matmul_mode):
-    matmul_mode("auto")
+def test_false_reads_the_stored_weights_through_the_kernel(tiny_path, matmul_env):
+    matmul_env("auto")
     model = quantized(tiny_path)
     form = weight_form.apply(model, False, 1 << 30)
     if quant_linear.availability().ok:
@@ -90,16 +79,16 @@ def test_false_reads_the_stored_weights_through_the_kernel(tiny_path, matmul_mod
         assert form == weight_form.STORED and nn.QuantizedLinear in layer_types(model)
 
 
-def test_true_dequantizes(tiny_path, matmul_mode):
-    path = matmul_mode("auto")
+def test_true_dequantizes(tiny_path, matmul_env):
+    path = matmul_env("auto")
     model = quantized(tiny_path)
     form = weight_form.apply(model, True, 1 << 30)
     assert form == (weight_form.BF16_PACKED if path.bf16 else weight_form.FLOAT32)
     assert nn.QuantizedLinear not in layer_types(model) and QuantLinear not in layer_types(model)
 
 
-def test_float32_environment_keeps_the_old_path_for_every_model(tiny_path, matmul_mode):
-    matmul_mode("float32")
+def test_float32_environment_keeps_the_old_path_for_every_model(tiny_path, matmul_env):
+    matmul_env("float32")
     model = quantized(tiny_path)
     assert weight_form.apply(model, None, 1 << 30) == weight_form.FLOAT32
     assert weight_form.runs_exactly(model)
@@ -108,8 +97,8 @@ def test_float32_environment_keeps_the_old_path_for_every_model(tiny_path, matmu
     assert nn.QuantizedLinear in layer_types(kept)
 
 
-def test_a_float_model_is_never_given_the_quantized_kernel(tiny_path, matmul_mode):
-    path = matmul_mode("auto")
+def test_a_float_model_is_never_given_the_quantized_kernel(tiny_path, matmul_env):
+    path = matmul_env("auto")
     model, _ = load(str(tiny_path))
     form = weight_form.apply(model, False, 1 << 30)
     assert form == weight_form.STORED and QuantLinear not in layer_types(model)
@@ -118,10 +107,10 @@ def test_a_float_model_is_never_given_the_quantized_kernel(tiny_path, matmul_mod
 
 
 @pytest.mark.skipif(not quant_linear.availability().ok, reason="the quantized-weight kernel does not run on this CPU")
-def test_quantized_kernel_model_is_batch_invariant_in_the_engine(tiny_path, matmul_mode):
+def test_quantized_kernel_model_is_batch_invariant_in_the_engine(tiny_path, matmul_env):
     """Its rows are computed alone (no batch-size-dependent path), so a request's greedy
     tokens are the same alone and among others."""
-    matmul_mode("auto")
+    matmul_env("auto")
     model = quantized(tiny_path)
     assert weight_form.apply(model, False, 1 << 30) == weight_form.QUANTIZED_KERNEL
     rng = np.random.default_rng(3)
@@ -132,7 +121,7 @@ def test_quantized_kernel_model_is_batch_invariant_in_the_engine(tiny_path, matm
 
 
 @pytest.mark.skipif(not quant_linear.availability().ok, reason="the quantized-weight kernel does not run on this CPU")
-async def test_pool_serves_a_quantized_kernel_model_on_the_paged_engine(tmp_path, matmul_mode):
+async def test_pool_serves_a_quantized_kernel_model_on_the_paged_engine(tmp_path, matmul_env):
     """Through the real loading path with `dequantize: false`: the layers read the stored
     4-bit codes, the load-time self-check accepts the kernel's rounding (the paged engine
     serves it, not the fallback), and the ledger counts the quantized bytes."""
@@ -144,7 +133,7 @@ async def test_pool_serves_a_quantized_kernel_model_on_the_paged_engine(tmp_path
     from omlx.models.pool import ModelPool
     from omlx.settings import SettingsStore
 
-    matmul_mode("auto")
+    matmul_env("auto")
     source = build_model(tmp_path / "float", TinyModelSpec(seed=6))
     model = quantized(source)
     folder = tmp_path / "models" / "q4"
