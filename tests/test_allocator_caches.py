@@ -13,7 +13,6 @@ import aiohttp
 import mlx.core as mx
 import pytest
 import pytest_asyncio
-from aiohttp.test_utils import TestServer
 
 from omlx import allocator_caches
 from omlx.allocator_caches import HeapTrimmer, allocator_stats, configure_mlx_cache
@@ -21,9 +20,10 @@ from omlx.models.pool import ModelPool
 from omlx.models.residency import Residence
 from omlx.scheduler import EngineConfig
 from omlx.scheduler.kv_cache import KVLayout, PagedKVStorage
-from omlx.server import ServerConfig, create_app, quiet_since
+from omlx.server import ServerConfig, quiet_since
 from omlx.settings import SettingsStore
 from omlx.testing.tiny_models import TinyModelSpec, build_model
+from in_process_server import running_app
 
 GLIBC = allocator_caches._LIBC is not None
 REPO = Path(__file__).resolve().parent.parent
@@ -159,12 +159,8 @@ async def app_server(tmp_path, restore_cache_limit):
     config = ServerConfig(model_dirs=[tmp_path / "models"], engine=EngineConfig(), settings_home=tmp_path / "home",
                           packaged_models=False, memory_budget=1 << 30)
     (tmp_path / "models").mkdir()
-    server = TestServer(create_app(config))
-    await server.start_server()
-    try:
+    async with running_app(config) as server:
         yield server
-    finally:
-        await server.close()
 
 
 async def test_health_reports_each_allocator_cache_with_its_bound(app_server):

@@ -13,13 +13,13 @@ import aiohttp
 import openai
 import pytest
 import pytest_asyncio
-from aiohttp.test_utils import TestServer
 
 from omlx.api.auth import is_open_path, match_key
 from omlx.api.errors import is_anthropic_route
 from omlx.scheduler import EngineConfig
-from omlx.server import ServerConfig, create_app
+from omlx.server import ServerConfig
 from omlx.testing.tiny_models import TinyModelSpec, build_model
+from in_process_server import running_app
 
 MAIN_KEY = "sk-main-0123456789abcdef"
 NAMED_KEY = "sk-ci-fedcba9876543210"
@@ -39,12 +39,8 @@ async def app_server(model_dir, tmp_path):
     (home / "settings.json").write_text(json.dumps({"api_keys": {"ci": NAMED_KEY}}))
     config = ServerConfig(model_dirs=[model_dir], engine=EngineConfig(block_size=16, num_blocks=64),
                           settings_home=home, api_key=MAIN_KEY, packaged_models=False)
-    server = TestServer(create_app(config))
-    await server.start_server()
-    try:
+    async with running_app(config) as server:
         yield server
-    finally:
-        await server.close()
 
 
 def routes(app) -> list[tuple[str, str]]:

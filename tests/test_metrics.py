@@ -15,12 +15,12 @@ import anthropic
 import openai
 import pytest
 import pytest_asyncio
-from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from omlx.scheduler import EngineConfig
-from omlx.server import ServerConfig, create_app
+from omlx.server import ServerConfig
 from omlx.testing.tiny_models import TinyModelSpec, build_model
+from in_process_server import running_app
 
 KEY = "sk-metrics-0123456789"
 BLOCK = 16
@@ -58,12 +58,8 @@ async def app_server(model_dir, tmp_path, request):
     config = ServerConfig(model_dirs=[model_dir], engine=EngineConfig(block_size=BLOCK, num_blocks=KV_BLOCKS),
                           settings_home=tmp_path / "home", api_key=KEY, packaged_models=budget is None,
                           memory_budget=budget)
-    server = TestServer(create_app(config))
-    await server.start_server()
-    try:
+    async with running_app(config) as server:
         yield server
-    finally:
-        await server.close()
 
 
 async def scrape(server) -> dict[tuple[str, tuple], float]:
