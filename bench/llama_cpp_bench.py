@@ -22,7 +22,6 @@ a fraction of that bound; llama.cpp's against its own (the GGUF's tensor bytes).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -38,15 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serving_bench import (  # noqa: E402  (the bench directory is not a package)
     DEFAULT_BLAS,
     OMLX,
-    CpuMeter,
     Server,
     Workload,
     fmt,
     fmt_ms,
     log,
+    measure_round,
     omlx_fingerprint,
-    proc_status,
-    run_workload,
     wait_for_quiet,
 )
 
@@ -256,18 +253,11 @@ def run_round(kind: str, workload: Workload, args, factory, log_dir: Path, index
     server = Server(OMLX, args, log_dir, tag) if kind == OMLX else LlamaServer(args, log_dir, tag)
     row = {"server": kind, "concurrency": workload.concurrency, "requests": workload.num_requests,
            "log": str(server.log_path)}
-    try:
-        server.start()
-        server.wait_ready(timeout=args.ready_timeout)
-        server.warm_up(factory)
-        pid = server.proc.pid
-        row["other_load_before"] = round(wait_for_quiet(args.quiet_wait), 2)
-        log(f"{kind} ready in {server.ready_s:.1f}s; {workload.concurrency} client(s), {workload.num_requests} requests")
-        meter = CpuMeter(pid)
-        row.update(asyncio.run(run_workload(server.base_url, server.model_id, workload, args.request_timeout,
-                                            force_close=kind == LLAMA)))
-        row["cpu"] = {k: round(v, 2) for k, v in meter.read().items()}
-        row["peak_rss_mib"] = proc_status(pid).get("VmHWM")
+
+    def ready_line(pid: int) -> str:
+        return f"{kind} ready in {server.ready_s:.1f}s; {workload.concurrency} client(s), {workload.num_requests} requests"
+
+    def after(pid: int) -> None:
         if kind == OMLX:
             health = server.health() or {}
             row["compute"] = health.get("compute")
@@ -275,17 +265,15 @@ def run_round(kind: str, workload: Workload, args, factory, log_dir: Path, index
             row["speculative_decoding"] = loaded.get("speculative_decoding")
             row["weight_form_logged"] = omlx_weight_form_logged(server.log_path)
             row["omlx_source"] = omlx_fingerprint()
-        log(f"  -> {fmt(row.get('agg_tok_s'))} tok/s, TTFT p50 {fmt_ms(row.get('ttft_p50'))}, decode/stream "
-            f"{fmt(row.get('decode_tok_s_per_stream_p50'))} tok/s, {row['errors']} errors, wall {row['wall_s']:.1f}s,"
-            f" finish {row.get('finish_reasons')}, other processes {row['cpu']['other_cores']:.2f} cores")
-        if row["errors"]:
-            log(f"  !! errors: {row['error_samples']}\n--- server log tail ---\n{server.log_tail()}")
-    except Exception as exc:  # noqa: BLE001 - one broken round must not lose the others
-        row["failed"] = f"{type(exc).__name__}: {exc}"
-        log(f"  !! round failed: {row['failed']}")
-    finally:
-        server.stop()
-    return row
+
+    def result_line() -> str:
+        return (f"  -> {fmt(row.get('agg_tok_s'))} tok/s, TTFT p50 {fmt_ms(row.get('ttft_p50'))}, decode/stream "
+                f"{fmt(row.get('decode_tok_s_per_stream_p50'))} tok/s, {row['errors']} errors, wall {row['wall_s']:.1f}s,"
+                f" finish {row.get('finish_reasons')}, other processes {row['cpu']['other_cores']:.2f} cores")
+
+    # llama-server closes a connection after a streamed response: a new one per request.
+    return measure_round(server, row, workload, args, factory, ready_line=ready_line, after=after,
+                         result_line=result_line, ready_timeout=args.ready_timeout, force_close=kind == LLAMA)
 
 
 # ----------------------------------------------------------------------------- report

@@ -541,6 +541,41 @@ def omlx_fingerprint() -> str:
     return digest.hexdigest()[:12]
 
 
+def measure_round(server, row: dict, workload: Workload, args, factory, *, ready_line, result_line, after=None,
+                  ready_timeout: float = 300.0, force_close: bool = False) -> dict:
+    """One measured round on `server`, filling `row`: start it, warm it up, wait for a quiet
+    machine, run `workload` under a CPU meter, then the server's memory and the errors.  The
+    callers' own parts: `ready_line(pid)` logs (and may note in `row`) what is about to run,
+    `after(pid)` adds their fields once the workload is done, `result_line()` is the summary
+    logged.  A failure is recorded in the row rather than raised (one broken round must not
+    lose the others), and the server is stopped whatever happens."""
+    try:
+        server.start()
+        server.wait_ready(timeout=ready_timeout)
+        server.warm_up(factory)
+        pid = server.proc.pid
+        row["other_load_before"] = round(wait_for_quiet(args.quiet_wait), 2)
+        log(ready_line(pid))
+        meter = CpuMeter(pid)
+        row.update(asyncio.run(run_workload(server.base_url, server.model_id, workload, args.request_timeout,
+                                            force_close=force_close)))
+        row["cpu"] = {k: round(v, 2) for k, v in meter.read().items()}
+        mem = proc_status(pid)
+        row["peak_rss_mib"] = mem.get("VmHWM")
+        row["rss_end_mib"] = mem.get("VmRSS")
+        if after is not None:
+            after(pid)
+        log(result_line())
+        if row["errors"]:
+            log(f"  !! errors from {server.kind}: {row['error_samples']}\n--- server log tail ---\n{server.log_tail()}")
+    except Exception as exc:  # noqa: BLE001 - one broken round must not lose the others
+        row["failed"] = f"{type(exc).__name__}: {exc}"
+        log(f"  !! round failed: {row['failed']}")
+    finally:
+        server.stop()
+    return row
+
+
 def run_round(kind: str, workload: Workload, args, factory: PromptFactory, log_dir: Path, index: int,
               attempt: int = 1) -> dict:
     label = workload.name + (f" ({workload.variant})" if workload.variant else "")
@@ -551,41 +586,29 @@ def run_round(kind: str, workload: Workload, args, factory: PromptFactory, log_d
            "requests": workload.num_requests, "max_tokens": workload.max_tokens, "log": str(server.log_path)}
     if kind == OMLX:
         row["omlx_source"] = omlx_fingerprint()
-    try:
-        server.start()
-        server.wait_ready()
-        server.warm_up(factory)
-        pid = server.proc.pid
-        row["other_load_before"] = round(wait_for_quiet(args.quiet_wait), 2)
+
+    def ready_line(pid: int) -> str:
         row["blas_mapped"] = mapped_blas(pid)
         row["ready_s"] = round(server.ready_s, 1)
-        log(f"{kind} ready in {server.ready_s:.1f}s (pid {pid}, BLAS {row['blas_mapped'] or 'none mapped!'});"
-            f" running {label} c={workload.concurrency}, {workload.num_requests} requests")
-        meter = CpuMeter(pid)
-        summary = asyncio.run(run_workload(server.base_url, server.model_id, workload, args.request_timeout))
-        row["cpu"] = {k: round(v, 2) for k, v in meter.read().items()}
-        mem = proc_status(pid)
-        row.update(summary)
-        row["peak_rss_mib"] = mem.get("VmHWM")
-        row["rss_end_mib"] = mem.get("VmRSS")
+        return (f"{kind} ready in {server.ready_s:.1f}s (pid {pid}, BLAS {row['blas_mapped'] or 'none mapped!'});"
+                f" running {label} c={workload.concurrency}, {workload.num_requests} requests")
+
+    def after(pid: int) -> None:
         if kind == OMLX:
             health = server.health() or {}
             row["omlx_health"] = (health.get("models_loaded") or {}).get(server.model_id)
             row["omlx_compute"] = health.get("compute")
         if not server.alive():
             row["server_died"] = True
-        log(f"  -> {fmt(row.get('agg_tok_s'), 1)} tok/s, TTFT p50 {fmt_ms(row.get('ttft_p50'))},"
-            f" ITL p50 {fmt_ms(row.get('itl_p50'))}, peak RSS {fmt(row['peak_rss_mib'], 0)} MiB,"
-            f" {row['errors']} errors, wall {row['wall_s']:.1f}s, CPU: server {row['cpu']['server_cores']:.2f}"
-            f" / bench client {row['cpu']['bench_client_cores']:.2f} / others {row['cpu']['other_cores']:.2f} cores")
-        if row["errors"]:
-            log(f"  !! errors from {kind}: {row['error_samples']}\n--- server log tail ---\n{server.log_tail()}")
-    except Exception as exc:  # noqa: BLE001 - one broken round must not lose the others
-        row["failed"] = f"{type(exc).__name__}: {exc}"
-        log(f"  !! round failed: {row['failed']}")
-    finally:
-        server.stop()
-    return row
+
+    def result_line() -> str:
+        return (f"  -> {fmt(row.get('agg_tok_s'), 1)} tok/s, TTFT p50 {fmt_ms(row.get('ttft_p50'))},"
+                f" ITL p50 {fmt_ms(row.get('itl_p50'))}, peak RSS {fmt(row['peak_rss_mib'], 0)} MiB,"
+                f" {row['errors']} errors, wall {row['wall_s']:.1f}s, CPU: server {row['cpu']['server_cores']:.2f}"
+                f" / bench client {row['cpu']['bench_client_cores']:.2f} / others {row['cpu']['other_cores']:.2f} cores")
+
+    return measure_round(server, row, workload, args, factory, ready_line=ready_line, after=after,
+                         result_line=result_line)
 
 
 def _other_load(row: dict) -> float:
