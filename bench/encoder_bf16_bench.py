@@ -34,11 +34,11 @@ ensure_optimized_blas(sys.argv)  # before MLX loads: OpenBLAS in place of the re
 import argparse  # noqa: E402
 import random  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
+from alternating import best_of  # noqa: E402  (bench/, the script's own folder)
 from omlx.blas import blas_info  # noqa: E402
 from omlx.kernels.cpu_features import cpu_features  # noqa: E402
 from omlx.models.packed_encoders import pack_encoder  # noqa: E402
@@ -54,18 +54,6 @@ SENTENCES = [
     "To install the package, run the setup script from the repository root and then restart your shell so "
     "that the new environment variables are picked up by every terminal you open afterwards.",
 ]
-
-
-def best_of(a, b, repeats: int) -> tuple[float, float]:
-    """Best time of each of two calls, alternated so both see the same machine state."""
-    mx.eval(a(), b())
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        for fn, out in ((a, times[0]), (b, times[1])):
-            start = time.perf_counter()
-            mx.eval(fn())
-            out.append(time.perf_counter() - start)
-    return min(times[0]), min(times[1])
 
 
 def load_as(mode: str, loader, *args):

@@ -32,12 +32,12 @@ ensure_optimized_blas(sys.argv)  # before MLX loads: OpenBLAS in place of the re
 
 import argparse  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
+from alternating import best_of  # noqa: E402  (bench/, the script's own folder)
 from omlx.blas import blas_info  # noqa: E402
 from omlx.kernels.cpu_features import cpu_features  # noqa: E402
 from omlx.kernels.expert_linear import PackedSwitchLinear, switch_linear_types  # noqa: E402
@@ -55,18 +55,6 @@ TINY_MOE = {
     "num_experts_per_tok": 2, "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
     "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 4096, "tie_word_embeddings": False,
 }
-
-
-def best_of(a, b, repeats: int) -> tuple[float, float]:
-    """Best time of each of two calls, alternated so both see the same machine state."""
-    mx.eval(a(), b())  # warm
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        for fn, out in ((a, times[0]), (b, times[1])):
-            start = time.perf_counter()
-            mx.eval(fn())
-            out.append(time.perf_counter() - start)
-    return min(times[0]), min(times[1])
 
 
 def pack_experts_of(module: nn.Module) -> None:
