@@ -39,11 +39,14 @@
 #endif
 
 #include "common.h"
+#include "bf16_panel.h"
 
 namespace {
 
-constexpr int PANEL = 64;  // output columns per packed panel (four 16-lane registers)
-constexpr int ROWS = 6;    // rows per micro-kernel call: 6 x 4 accumulators + 4 weights + 1 <= 32 zmm
+constexpr int PANEL = omlx_cpu::BF16_PANEL;  // output columns per packed panel (four 16-lane registers)
+using omlx_cpu::convert_rows;
+using omlx_cpu::from_bf16;
+using omlx_cpu::gather_rows;
 
 struct Problem {
   const float* x;          // (M, K) float32
@@ -55,101 +58,12 @@ struct Problem {
   int64_t bias_stride = 1;
 };
 
-// x's rows gathered through its strides (any rank; broadcast axes have stride 0).
-std::vector<float> gather_rows(const Problem& p) {
-  std::vector<float> rows(size_t(p.m * p.k));
-  const int nd = int(p.x_shape.size());
-  std::vector<int64_t> index(nd, 0);
-  for (int64_t i = 0; i < p.m * p.k; ++i) {
-    int64_t at = 0;
-    for (int d = 0; d < nd; ++d) at += index[d] * p.x_strides[d];
-    rows[i] = p.x[at];
-    for (int d = nd - 1; d >= 0 && ++index[d] == p.x_shape[d]; --d) index[d] = 0;
-  }
-  return rows;
-}
-
-// float32 -> bf16, round to nearest even (what vcvtneps2bf16 and MLX's astype do), NaN kept NaN.
-inline uint16_t to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-}
-
-inline float from_bf16(uint16_t h) {
-  uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-// x rows as bf16 pairs (one uint32 per (x[k], x[k+1])), K padded to even with a zero.
-void convert_rows(const Problem& p, uint32_t* pairs) {
-  const int64_t k = p.k, kp = p.k_pairs;
-  for (int64_t r = 0; r < p.m; ++r) {
-    const float* src = p.x + r * k;
-    uint16_t* dst = reinterpret_cast<uint16_t*>(pairs + r * kp);
-    int64_t i = 0;
 #if OMLX_DPBF16
-    for (; i + 16 <= k; i += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
-#endif
-    for (; i < k; ++i) dst[i] = to_bf16(src[i]);
-    if (k & 1) dst[k] = 0;
-  }
-}
-
-#if OMLX_DPBF16
-template <int R>
-inline void micro(const uint32_t* x, int64_t kp, const uint16_t* panel, float* y, int64_t n_stride, int cols,
-                  const float* bias) {
-  __m512 acc[R][4];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < 4; ++t) acc[r][t] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < kp; ++k) {
-    const uint16_t* wk = panel + k * (2 * PANEL);
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wk);
-    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wk + 32);
-    const __m512bh w2 = (__m512bh)_mm512_loadu_si512(wk + 64);
-    const __m512bh w3 = (__m512bh)_mm512_loadu_si512(wk + 96);
-    for (int r = 0; r < R; ++r) {
-      const __m512bh xb = (__m512bh)_mm512_set1_epi32(int(x[r * kp + k]));
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xb, w0);
-      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xb, w1);
-      acc[r][2] = _mm512_dpbf16_ps(acc[r][2], xb, w2);
-      acc[r][3] = _mm512_dpbf16_ps(acc[r][3], xb, w3);
-    }
-  }
-  for (int t = 0; t < 4; ++t) {
-    const int left = cols - 16 * t;
-    if (left <= 0) break;
-    const __mmask16 mask = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + 16 * t) : _mm512_setzero_ps();
-    for (int r = 0; r < R; ++r)
-      _mm512_mask_storeu_ps(y + r * n_stride + 16 * t, mask, _mm512_add_ps(acc[r][t], b));
-  }
-}
-
 void panel_rows(const Problem& p, const uint32_t* pairs, int64_t panel) {
-  const uint16_t* w = p.w + panel * p.k_pairs * (2 * PANEL);
   const int64_t col0 = panel * PANEL;
   const int cols = int(std::min<int64_t>(PANEL, p.n - col0));
-  const float* bias = p.bias ? p.bias + col0 : nullptr;
-  int64_t r = 0;
-  for (; r + ROWS <= p.m; r += ROWS)
-    micro<ROWS>(pairs + r * p.k_pairs, p.k_pairs, w, p.y + r * p.n + col0, p.n, cols, bias);
-  const uint32_t* x = pairs + r * p.k_pairs;
-  float* y = p.y + r * p.n + col0;
-  switch (p.m - r) {
-    case 1: micro<1>(x, p.k_pairs, w, y, p.n, cols, bias); break;
-    case 2: micro<2>(x, p.k_pairs, w, y, p.n, cols, bias); break;
-    case 3: micro<3>(x, p.k_pairs, w, y, p.n, cols, bias); break;
-    case 4: micro<4>(x, p.k_pairs, w, y, p.n, cols, bias); break;
-    case 5: micro<5>(x, p.k_pairs, w, y, p.n, cols, bias); break;
-    default: break;
-  }
+  omlx_cpu::panel_micro_rows(pairs, p.m, p.k_pairs, p.w + panel * p.k_pairs * (2 * PANEL), p.y + col0, p.n, cols,
+                             p.bias ? p.bias + col0 : nullptr);
 }
 #else
 void panel_rows(const Problem& p, const uint32_t* pairs, int64_t panel) {
@@ -173,21 +87,8 @@ void panel_rows(const Problem& p, const uint32_t* pairs, int64_t panel) {
 void run(const Problem& given) {
   Problem p = given;
   std::vector<float> gathered, bias;
-  if (!p.x_shape.empty()) {
-    gathered = gather_rows(p);
-    p.x = gathered.data();
-  }
-  if (p.bias && p.bias_stride != 1) {
-    bias.resize(size_t(p.n));
-    for (int64_t j = 0; j < p.n; ++j) bias[j] = p.bias[j * p.bias_stride];
-    p.bias = bias.data();
-  }
-  std::vector<uint32_t> pairs(size_t(p.m * p.k_pairs));
-  convert_rows(p, pairs.data());
-  // Threads only pay off past a few hundred kFLOP (waking a sleeping OpenMP pool costs tens of
-  // microseconds); below that one thread streams the weights alone.
-  const bool parallel = p.panels > 1 && p.m * p.n * p.k >= (int64_t(1) << 19);
-#pragma omp parallel for schedule(static) if (parallel)
+  const std::vector<uint32_t> pairs = omlx_cpu::prepare_rows(p, gathered, bias);
+#pragma omp parallel for schedule(static) if (omlx_cpu::worth_threads(p))
   for (int64_t panel = 0; panel < p.panels; ++panel) panel_rows(p, pairs.data(), panel);
 }
 

@@ -48,11 +48,13 @@
 #include "mlx/types/half_types.h"
 
 #include "common.h"
+#include "bf16_panel.h"
 
 namespace {
 
-constexpr int PANEL = 64;  // output columns per panel: four 16-lane registers (as linear_bf16.cpp)
-constexpr int ROWS = 6;  // rows per scratch micro-kernel call: 6 x 4 accumulators + 4 weights + 1 <= 32 zmm
+constexpr int PANEL = omlx_cpu::BF16_PANEL;  // output columns per panel: four 16-lane registers (as linear_bf16.cpp)
+using omlx_cpu::from_bf16;
+using omlx_cpu::to_bf16;
 constexpr int FUSED_ROWS = 4;  // up to this many rows unpack in registers, each pair used R times
 
 enum ScaleType { kF16 = 0, kBF16 = 1, kF32 = 2 };
@@ -74,36 +76,6 @@ struct Problem {
   }
 };
 
-// x's rows gathered through its strides (any rank; broadcast axes have stride 0).
-std::vector<float> gather_rows(const Problem& p) {
-  std::vector<float> rows(size_t(p.m * p.k));
-  const int nd = int(p.x_shape.size());
-  std::vector<int64_t> index(nd, 0);
-  for (int64_t i = 0; i < p.m * p.k; ++i) {
-    int64_t at = 0;
-    for (int d = 0; d < nd; ++d) at += index[d] * p.x_strides[d];
-    rows[i] = p.x[at];
-    for (int d = nd - 1; d >= 0 && ++index[d] == p.x_shape[d]; --d) index[d] = 0;
-  }
-  return rows;
-}
-
-// float32 -> bf16, round to nearest even (what vcvtneps2bf16 and MLX's astype do), NaN kept NaN.
-inline uint16_t to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-}
-
-inline float from_bf16(uint16_t h) {
-  uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
 inline float scale_value(const void* base, int type, int64_t i) {
   if (type == kF32) return static_cast<const float*>(base)[i];
   const uint16_t h = static_cast<const uint16_t*>(base)[i];
@@ -111,22 +83,6 @@ inline float scale_value(const void* base, int type, int64_t i) {
   mx::float16_t v;
   std::memcpy(&v, &h, 2);
   return static_cast<float>(v);
-}
-
-// x rows as bf16 pairs (one uint32 per (x[k], x[k+1])): the same conversion as linear_bf16.cpp.
-void convert_rows(const Problem& p, uint32_t* pairs) {
-  const int64_t k = p.k, kp = p.k_pairs;
-  for (int64_t r = 0; r < p.m; ++r) {
-    const float* src = p.x + r * k;
-    uint16_t* dst = reinterpret_cast<uint16_t*>(pairs + r * kp);
-    int64_t i = 0;
-#if OMLX_DPBF16
-    for (; i + 16 <= k; i += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
-#endif
-    for (; i < k; ++i) dst[i] = to_bf16(src[i]);
-    if (k & 1) dst[k] = 0;
-  }
 }
 
 #if OMLX_DPBF16
@@ -193,23 +149,6 @@ inline __m512bh unpack(const uint8_t* src, int t, const Scales& s) {
   return _mm512_cvtne2ps_pbh(dequant(qa, s.sa, s.oa, s.ba), dequant(qb, s.sb, s.ob, s.bb));
 }
 
-inline __mmask16 column_mask(int cols, int t) {
-  const int left = cols - 16 * t;
-  return left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
-}
-
-// Writes R rows' accumulators + bias as linear_bf16.cpp's micro-kernel ends (a missing bias
-// adds zero there too).
-template <int R>
-inline void store_rows(__m512 (&acc)[R][4], float* y, int64_t n_stride, int cols, const float* bias) {
-  for (int t = 0; t < 4; ++t) {
-    const __mmask16 mask = column_mask(cols, t);
-    if (!mask) break;
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + 16 * t) : _mm512_setzero_ps();
-    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + r * n_stride + 16 * t, mask, _mm512_add_ps(acc[r][t], b));
-  }
-}
-
 // Register T's columns through group g for R rows: each k pair unpacked once in registers
 // and used by all R rows.  A column's pairs are still accumulated in k order.
 template <int BITS, int R, int T>
@@ -236,7 +175,7 @@ void fused_rows(const Problem& p, const uint32_t* x, int64_t panel, float* y, in
     if (cols > 32) fused_register<BITS, R, 2>(p, x, panel, g, acc);
     if (cols > 48) fused_register<BITS, R, 3>(p, x, panel, g, acc);
   }
-  store_rows<R>(acc, y, p.n, cols, bias);
+  omlx_cpu::store_rows<R>(acc, y, p.n, cols, bias);
 }
 
 // A whole panel unpacked into `scratch` in linear_bf16.cpp's packed layout (k pairs x 64
@@ -253,30 +192,6 @@ void unpack_panel(const Problem& p, int64_t panel, uint16_t* scratch) {
         _mm512_store_si512(dst, (__m512i)unpack<BITS>(src, t, s));
     }
   }
-}
-
-// R rows against an unpacked panel: linear_bf16.cpp's micro-kernel, instruction for instruction.
-template <int R>
-void micro(const uint32_t* x, int64_t kp, const uint16_t* panel, float* y, int64_t n_stride, int cols,
-           const float* bias) {
-  __m512 acc[R][4];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < 4; ++t) acc[r][t] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < kp; ++k) {
-    const uint16_t* wk = panel + k * (2 * PANEL);
-    const __m512bh w0 = (__m512bh)_mm512_load_si512(wk);
-    const __m512bh w1 = (__m512bh)_mm512_load_si512(wk + 32);
-    const __m512bh w2 = (__m512bh)_mm512_load_si512(wk + 64);
-    const __m512bh w3 = (__m512bh)_mm512_load_si512(wk + 96);
-    for (int r = 0; r < R; ++r) {
-      const __m512bh xb = (__m512bh)_mm512_set1_epi32(int(x[r * kp + k]));
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xb, w0);
-      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xb, w1);
-      acc[r][2] = _mm512_dpbf16_ps(acc[r][2], xb, w2);
-      acc[r][3] = _mm512_dpbf16_ps(acc[r][3], xb, w3);
-    }
-  }
-  store_rows<R>(acc, y, n_stride, cols, bias);
 }
 
 template <int BITS>
@@ -297,19 +212,7 @@ template <int BITS>
 void panel_scratch(const Problem& p, const uint32_t* pairs, int64_t panel, float* y0, int cols, const float* bias,
                    uint16_t* scratch) {
   unpack_panel<BITS>(p, panel, scratch);
-  const int64_t kp = p.k_pairs;
-  int64_t r = 0;
-  for (; r + ROWS <= p.m; r += ROWS) micro<ROWS>(pairs + r * kp, kp, scratch, y0 + r * p.n, p.n, cols, bias);
-  const uint32_t* x = pairs + r * kp;
-  float* y = y0 + r * p.n;
-  switch (p.m - r) {
-    case 1: micro<1>(x, kp, scratch, y, p.n, cols, bias); break;
-    case 2: micro<2>(x, kp, scratch, y, p.n, cols, bias); break;
-    case 3: micro<3>(x, kp, scratch, y, p.n, cols, bias); break;
-    case 4: micro<4>(x, kp, scratch, y, p.n, cols, bias); break;
-    case 5: micro<5>(x, kp, scratch, y, p.n, cols, bias); break;
-    default: break;
-  }
+  omlx_cpu::panel_micro_rows(pairs, p.m, p.k_pairs, scratch, y0, p.n, cols, bias);
 }
 
 // `scratch` (k_pairs x 128 bf16, 64-byte aligned) is the calling thread's, used past FUSED_ROWS rows.
@@ -362,20 +265,8 @@ void panel_rows(const Problem& p, const uint32_t* pairs, int64_t panel, uint16_t
 void run(const Problem& given) {
   Problem p = given;
   std::vector<float> gathered, bias;
-  if (!p.x_shape.empty()) {
-    gathered = gather_rows(p);
-    p.x = gathered.data();
-  }
-  if (p.bias && p.bias_stride != 1) {
-    bias.resize(size_t(p.n));
-    for (int64_t j = 0; j < p.n; ++j) bias[j] = p.bias[j * p.bias_stride];
-    p.bias = bias.data();
-  }
-  std::vector<uint32_t> pairs(size_t(p.m * p.k_pairs));
-  convert_rows(p, pairs.data());
-  // Threads pay off past a few hundred kFLOP (waking a sleeping OpenMP pool costs tens of
-  // microseconds), as for linear_bf16.cpp.
-  const bool parallel = p.panels > 1 && p.m * p.n * p.k >= (int64_t(1) << 19);
+  const std::vector<uint32_t> pairs = omlx_cpu::prepare_rows(p, gathered, bias);
+  const bool parallel = omlx_cpu::worth_threads(p);  // as for linear_bf16.cpp
   const size_t scratch_size = p.m > FUSED_ROWS ? size_t(p.k_pairs) * 2 * PANEL : 0;
 #pragma omp parallel if (parallel)
   {
