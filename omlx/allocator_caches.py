@@ -23,6 +23,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import logging
+import os
 import sys
 import threading
 import time
@@ -94,20 +95,27 @@ def release_freed() -> int:
     """Give MLX's cached buffers and malloc's free pages back to the system; returns the
     resident bytes that went (0 where unknown).  Costs a few ms per hundred MiB of free
     chunks: call it after something big was freed, not on every step."""
-    try:
-        import mlx.core as mx
-
-        mx.clear_cache()
-    except Exception:  # no MLX, or an allocator without a cache to clear
-        pass
+    mx = sys.modules.get("mlx.core")  # a process that never loaded MLX has no cache to clear
+    if mx is not None:
+        try:
+            mx.clear_cache()
+        except Exception:  # an allocator without a cache to clear
+            pass
     return trim_heap()
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set now (None where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def trim_heap() -> int:
     """malloc_trim(0): every arena's free pages back to the system (MLX's cache untouched);
     returns the resident bytes that went."""
-    from omlx.memory_watch import resident_bytes
-
     if _LIBC is None:
         return 0
     with _lock:  # one trim at a time: a second one meanwhile would find nothing to do
@@ -155,8 +163,6 @@ class HeapTrimmer:
                  step_bytes: int = TRIM_STEP_BYTES, interval_s: float = TRIM_INTERVAL_S,
                  quiet_s: float = TRIM_QUIET_S, clock: Callable[[], float] | None = None,
                  rss: Callable[[], int | None] | None = None, trim: Callable[[], int] = trim_heap):
-        from omlx.memory_watch import resident_bytes
-
         self.quiet_since = quiet_since
         self.step_bytes = step_bytes
         self.interval_s = interval_s

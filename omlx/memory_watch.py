@@ -13,7 +13,7 @@ import os
 import resource
 import sys
 
-from omlx.allocator_caches import allocator_stats
+from omlx.allocator_caches import allocator_stats, resident_bytes
 
 RESERVE_FRACTION = 0.05
 RESERVE_FLOOR_BYTES = 1 << 30
@@ -31,15 +31,6 @@ def _meminfo() -> dict[str, int]:
     except OSError:
         pass
     return out
-
-
-def resident_bytes() -> int | None:
-    """This process's resident set now (None where /proc is missing)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def process_memory() -> dict:

@@ -38,6 +38,7 @@ from omlx.kernels.backend import attention_backend
 from omlx.kernels.linear import matmul_path
 from omlx.metrics import ServerMetrics
 from omlx.models import residency
+from omlx.app_keys import POOL  # noqa: F401  (omlx.server.POOL: what callers import)
 from omlx.models.pool import ModelPool
 from omlx.scheduler import EngineConfig
 from omlx.serving_limits import LIMITS, ServingLimits, limits_of
@@ -45,7 +46,6 @@ from omlx.settings import SettingsStore, omlx_home
 
 log = logging.getLogger("omlx.server")
 
-POOL = web.AppKey("pool", ModelPool)
 STARTED = web.AppKey("started", float)
 STOP = web.AppKey("stop", GracefulStop)
 METRICS = web.AppKey("metrics", ServerMetrics)

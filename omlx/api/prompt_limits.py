@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from omlx.app_keys import POOL
+
 from .json_child import PromptLimits, TooLong
 from .prompt_bound import PromptTooLong, longest_token_chars, renders_user_text
 
@@ -27,9 +29,6 @@ ROUTE_PROMPTS = {
 
 
 def pool_of(app: web.Application):
-    # Imported here: the server module imports every route module, this one among them.
-    from omlx.server import POOL
-
     return app.get(POOL)
 
 
