@@ -32,11 +32,12 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=200)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--prefix-cache", action="store_true")
+    parser.add_argument("--blocks", type=int, default=0, help="KV pool blocks of 32 tokens (default: just enough)")
     args = parser.parse_args()
     model, _ = load(args.model)
     form = weight_form.apply(model, None, 8 << 30)
     prompt = np.random.default_rng(0).integers(10, 30000, size=args.prompt_tokens).tolist()
-    blocks = -(-(args.prompt_tokens + args.tokens + 16) // 32) + 4
+    blocks = args.blocks or -(-(args.prompt_tokens + args.tokens + 16) // 32) + 4
     engine = LLMEngine(model, EngineConfig(block_size=32, num_blocks=blocks, max_num_seqs=1,
                                            max_num_batched_tokens=2048, prefix_cache=args.prefix_cache), 16384)
     engine.add_request(GenerationRequest("one", prompt, max_tokens=args.tokens + 6))
