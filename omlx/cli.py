@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-dtype", choices=KV_DTYPES,
                        help="what KV blocks store keys and values in (auto: bfloat16 where a float32 "
                             "model's matmuls run packed bf16 on this CPU, else the model's dtype)")
+    serve.add_argument("--kv-cache-dtype", dest="kv_dtype", choices=KV_DTYPES,
+                       help="same as --kv-dtype (vLLM's name for it)")
     serve.add_argument("--quantized-kv-start", type=_non_negative, metavar="TOKENS",
                        help="with --kv-bits, keep each sequence's KV in the model's dtype until it "
                             "holds this many tokens, then quantize it (0: from the first token)")

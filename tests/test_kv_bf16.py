@@ -324,6 +324,8 @@ def test_flag_env_and_model_settings(tmp_path, monkeypatch):
     assert resolve_options(build_parser().parse_args(["serve"]))["kv_dtype"] == "auto"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--kv-dtype", "int4"])
+    # vLLM's name for the option works the same.
+    assert resolve_options(build_parser().parse_args(["serve", "--kv-cache-dtype", "float16"]))["kv_dtype"] == "float16"
     # One model's setting over the server's.
     base = EngineConfig(kv_dtype="auto")
     assert EngineConfig.from_settings({"kv_dtype": "float32"}, base=base).kv_dtype == "float32"
