@@ -363,8 +363,10 @@ def ragged_attention(queries: mx.array, pool_k, pool_v, plan: RaggedPlan, scale:
         limits = {}
         if window or chunk or sinks is not None:  # the default call stays what it always was
             limits = dict(window=window, chunk=chunk, sinks=None if sinks is None else sinks.astype(mx.float32))
+        # The kernel takes the layer's (T, Hq, 1, D) queries as they are, views included, and
+        # answers in that shape: no reshape or copy node on either side (nodes cost per step).
         out = kernel.paged_attention(
-            queries.reshape(tokens, q_heads, dim),
+            queries,
             pool_k.parts() if quantized else [pool_k],
             pool_v.parts() if quantized else [pool_v],
             plan.tables, plan.seqs, plan.groups,
@@ -372,7 +374,7 @@ def ragged_attention(queries: mx.array, pool_k, pool_v, plan: RaggedPlan, scale:
             bits=pool_k.bits if quantized else 0, group_size=pool_k.group_size if quantized else 64,
             **limits,
         )
-        return out.astype(queries.dtype).reshape(tokens, q_heads, 1, -1)
+        return out.astype(queries.dtype)
     view = plan.portable
     padded = queries[:, :, 0, :][view.query_index]  # (S, Lmax, Hq, D)
     padded = padded.transpose(0, 2, 1, 3)

@@ -37,6 +37,8 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include <nanobind/stl/vector.h>
@@ -190,7 +192,8 @@ struct Pool {
 
 // ---------------------------------------------------------------------------- the step
 struct Step {
-  const float* q;  // (T, Hq, Dk)
+  const float* q;  // (T, Hq, Dk), read through its strides (a view needs no copy)
+  int64_t q_token_stride, q_head_stride, q_dim_stride;  // in floats
   float* out;  // (T, Hq, Dv)
   Pool k, v;
   const int32_t* tables;  // (S, W)
@@ -327,8 +330,12 @@ void attend(const Step& st, Scratch& sc, int head, int t0, int nt, int64_t pos0,
     for (int j = 0; j < rep; ++j) {
       const int r = i * rep + j;
       const int qh = head * rep + j;
-      const float* src = st.q + (int64_t(t0 + i) * st.q_heads + qh) * dk;
-      for (int d = 0; d < dk; ++d) Q[r * dk + d] = src[d] * st.scale;
+      const float* src = st.q + int64_t(t0 + i) * st.q_token_stride + int64_t(qh) * st.q_head_stride;
+      if (st.q_dim_stride == 1) {
+        for (int d = 0; d < dk; ++d) Q[r * dk + d] = src[d] * st.scale;
+      } else {
+        for (int d = 0; d < dk; ++d) Q[r * dk + d] = src[d * st.q_dim_stride] * st.scale;
+      }
       const int64_t sidx = int64_t(t0 + i) * st.q_heads + qh;
       if (init) {
         M[r] = st.state_m[sidx];
@@ -591,6 +598,62 @@ Kind kind_of(mx::Dtype t) {
   throw std::invalid_argument("paged_attention: pool dtype must be float32, float16 or bfloat16");
 }
 
+// ---------------------------------------------------------------------------- operands
+// The node is built on its inputs as they come: a `contiguous` node per input cost six graph
+// nodes a layer (180 a SmolLM2 decode step), each paid every step, for arrays that are
+// nearly always row-contiguous already.  An input that is not (a view) is copied into rows
+// here, inside the step's task, where its data is ready.
+
+// A strided array's elements in row-major order, `T` of the element's size (a bit copy).
+template <typename T>
+void copy_rows(const T* src, T* dst, const mx::Shape& shape, const mx::Strides& strides) {
+  const int nd = int(shape.size());
+  if (nd == 0) {
+    *dst = *src;
+    return;
+  }
+  const int64_t inner = shape[nd - 1], step = strides[nd - 1];
+  int64_t outer = 1;
+  for (int k = 0; k < nd - 1; ++k) outer *= shape[k];
+  std::vector<int64_t> index(std::max(nd - 1, 1), 0);
+  for (int64_t o = 0; o < outer; ++o) {
+    int64_t at = 0;
+    for (int k = 0; k < nd - 1; ++k) at += index[k] * strides[k];
+    for (int64_t i = 0; i < inner; ++i) dst[i] = src[at + i * step];
+    dst += inner;
+    for (int k = nd - 2; k >= 0 && ++index[k] == shape[k]; --k) index[k] = 0;
+  }
+}
+
+struct RowCopy {
+  const void* src;  // data<void>(): the view's offset included
+  void* dst;
+  size_t itemsize;
+  mx::Shape shape;
+  mx::Strides strides;
+
+  void run() const {
+    switch (itemsize) {
+      case 1: copy_rows(static_cast<const uint8_t*>(src), static_cast<uint8_t*>(dst), shape, strides); break;
+      case 2: copy_rows(static_cast<const uint16_t*>(src), static_cast<uint16_t*>(dst), shape, strides); break;
+      case 4: copy_rows(static_cast<const uint32_t*>(src), static_cast<uint32_t*>(dst), shape, strides); break;
+      case 8: copy_rows(static_cast<const uint64_t*>(src), static_cast<uint64_t*>(dst), shape, strides); break;
+      default: throw std::runtime_error("paged_attention: unsupported element size");
+    }
+  }
+};
+
+// `a` itself when row-contiguous (read in place); else a buffer of its shape, registered with
+// the encoder so it lives until the task has run, and the copy that fills it in the task.
+mx::array rows_of(const mx::array& a, mx::cpu::CommandEncoder& enc, std::vector<RowCopy>& copies) {
+  if (a.flags().row_contiguous) return a;
+  mx::array tmp(a.shape(), a.dtype(), nullptr, {});
+  tmp.set_data(mx::allocator::malloc(tmp.nbytes()));
+  copies.push_back({a.data<void>(), tmp.data<void>(), a.itemsize(), a.shape(), a.strides()});
+  enc.add_temporary(tmp);
+  return tmp;
+}
+
 // ---------------------------------------------------------------------------- primitive
 class PagedAttention : public mx::Primitive {
  public:
@@ -601,31 +664,42 @@ class PagedAttention : public mx::Primitive {
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     // inputs: q, tables, seqs, groups, k parts (1 or 3), v parts (1 or 3), [sinks]
+    // q is (T, Hq, Dk) or (T, Hq, 1, Dk), any strides; the rest are read as rows.
     auto& out = outputs[0];
     auto& enc = omlx_cpu::begin_cpu_eval(stream(), inputs, out);
+    std::vector<RowCopy> copies;
+    std::vector<mx::array> in = {inputs[0]};
+    for (size_t i = 1; i < inputs.size(); ++i) in.push_back(rows_of(inputs[i], enc, copies));
 
-    const auto& q = inputs[0];
+    const auto& q = in[0];
+    const int dim_axis = q.ndim() - 1;
     Step st{};
     st.q = q.data<float>();
+    st.q_token_stride = q.strides(0);
+    st.q_head_stride = q.strides(1);
+    st.q_dim_stride = q.strides(dim_axis);
     st.out = out.data<float>();
-    st.tables = inputs[1].data<int32_t>();
-    st.seqs = inputs[2].data<int32_t>();
-    st.groups = inputs[3].data<int32_t>();
-    st.width = int(inputs[1].shape(1));
-    st.num_seqs = int(inputs[2].shape(0));
-    st.num_groups = int(inputs[3].shape(0));
+    st.tables = in[1].data<int32_t>();
+    st.seqs = in[2].data<int32_t>();
+    st.groups = in[3].data<int32_t>();
+    st.width = int(in[1].shape(1));
+    st.num_seqs = int(in[2].shape(0));
+    st.num_groups = int(in[3].shape(0));
     st.q_heads = int(q.shape(1));
-    st.dk = int(q.shape(2));
-    st.dv = int(out.shape(2));
+    st.dk = int(q.shape(dim_axis));
+    st.dv = int(out.shape(dim_axis));
     st.kv_heads = kv_heads_;
     st.block_size = block_size_;
     st.scale = scale_;
-    st.k = pool_of(inputs, 4, st.dk);
-    st.v = pool_of(inputs, 4 + k_parts_, st.dv);
+    st.k = pool_of(in, 4, st.dk);
+    st.v = pool_of(in, 4 + k_parts_, st.dv);
     st.window = window_;
     st.chunk = chunk_;
-    if (has_sinks_) st.sinks = inputs.back().data<float>();
-    enc.dispatch([st]() { run_step(st); });
+    if (has_sinks_) st.sinks = in.back().data<float>();
+    enc.dispatch([st, copies = std::move(copies)]() {
+      for (const RowCopy& c : copies) c.run();
+      run_step(st);
+    });
   }
 
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
@@ -669,12 +743,13 @@ class PagedAttention : public mx::Primitive {
   bool has_sinks_;
 };
 
-mx::array check_rows(const mx::array& a, const char* what) {
+const mx::array& check_rows(const mx::array& a, const char* what) {
   if (a.ndim() != 2) throw std::invalid_argument(std::string("paged_attention: ") + what + " must be 2-D");
-  return mx::contiguous(a);
+  return a;
 }
 
-// q (T, Hq, Dk); pools as lists: [rows] for float, [packed, scales, biases] for quantized.
+// q (T, Hq, Dk), or (T, Hq, 1, Dk) as an attention layer holds it (the output then has that
+// rank too: no reshape node on either side); any strides.  Pools as lists: [rows] for float, [packed, scales, biases] for quantized.
 // window / chunk: 0 for none; sinks: (Hq,) logits (used as float32; round them to the
 // attention's dtype first to match mx.fast.scaled_dot_product_attention).
 mx::array paged_attention(const mx::array& q, const std::vector<mx::array>& k_pool,
@@ -682,7 +757,8 @@ mx::array paged_attention(const mx::array& q, const std::vector<mx::array>& k_po
                           const mx::array& seqs, const mx::array& groups, int kv_heads, int block_size,
                           float scale, int bits, int group_size, int window, int chunk,
                           const std::optional<mx::array>& sinks, mx::StreamOrDevice s) {
-  if (q.ndim() != 3) throw std::invalid_argument("paged_attention: queries must be (tokens, heads, dim)");
+  if (q.ndim() != 3 && !(q.ndim() == 4 && q.shape(2) == 1))
+    throw std::invalid_argument("paged_attention: queries must be (tokens, heads, dim) or (tokens, heads, 1, dim)");
   if (k_pool.size() != v_pool.size() || (k_pool.size() != 1 && k_pool.size() != 3))
     throw std::invalid_argument("paged_attention: pools are [rows] or [packed, scales, biases]");
   const bool quantized = k_pool.size() == 3;
@@ -695,29 +771,34 @@ mx::array paged_attention(const mx::array& q, const std::vector<mx::array>& k_po
   if (sinks && (sinks->ndim() != 1 || sinks->shape(0) != q.shape(1)))
     throw std::invalid_argument("paged_attention: sinks must have shape (query heads,)");
   const auto stream = mx::to_stream(s, mx::Device::cpu);
+  // astype adds a node only where the dtype differs (its output is row-contiguous).
   std::vector<mx::array> inputs = {
-      mx::contiguous(mx::astype(q, mx::float32, stream), false, stream),
-      mx::contiguous(mx::astype(tables, mx::int32, stream), false, stream),
-      mx::contiguous(mx::astype(seqs, mx::int32, stream), false, stream),
-      mx::contiguous(mx::astype(groups, mx::int32, stream), false, stream),
+      mx::astype(q, mx::float32, stream),
+      mx::astype(tables, mx::int32, stream),
+      mx::astype(seqs, mx::int32, stream),
+      mx::astype(groups, mx::int32, stream),
   };
+  for (auto* pool : {&k_pool, &v_pool})
+    for (const auto& part : *pool) check_rows(part, "pool arrays");
+  const int dk = int(q.shape(-1));
   int dv;
   if (quantized) {
     dv = int(v_pool[0].shape(1)) * 32 / bits;
-    if (int(k_pool[0].shape(1)) * 32 / bits != q.shape(2))
+    if (int(k_pool[0].shape(1)) * 32 / bits != dk)
       throw std::invalid_argument("paged_attention: key pool width does not match the query dim");
   } else {
     dv = int(v_pool[0].shape(1));
-    if (k_pool[0].shape(1) != q.shape(2))
+    if (k_pool[0].shape(1) != dk)
       throw std::invalid_argument("paged_attention: key pool width does not match the query dim");
   }
   for (auto* pool : {&k_pool, &v_pool})
-    for (const auto& part : *pool) inputs.push_back(check_rows(part, "pool arrays"));
+    for (const auto& part : *pool) inputs.push_back(part);
   if (inputs[2].ndim() != 2 || inputs[2].shape(1) != 4 || inputs[3].ndim() != 2 || inputs[3].shape(1) != 4 ||
       inputs[1].ndim() != 2)
     throw std::invalid_argument("paged_attention: tables (S, W), seqs (S, 4), groups (G, 4)");
-  if (sinks) inputs.push_back(mx::contiguous(mx::astype(*sinks, mx::float32, stream), false, stream));
-  mx::Shape shape = {q.shape(0), q.shape(1), dv};
+  if (sinks) inputs.push_back(mx::astype(*sinks, mx::float32, stream));
+  mx::Shape shape = q.shape();
+  shape.back() = dv;
   return mx::array(shape, mx::float32,
                    std::make_shared<PagedAttention>(stream, kv_heads, block_size, scale, bits, group_size,
                                                     int(k_pool.size()), window, chunk, sinks.has_value()),
