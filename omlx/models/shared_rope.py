@@ -74,15 +74,19 @@ class SharedRoPE(nn.Module):
     def table(self, x: mx.array, offset) -> tuple[mx.array, mx.array, mx.array]:
         """(cos, sin, both), cos and sin shaped as the fallback's: (B, 1, T, dims / 2) for
         per-row offsets, (T, dims / 2) for one offset; both: (B or 1, T, dims) for the kernel."""
-        key = (self.dims, self.traditional, self.base, self.scale, self._freqs_key, x.shape[2], x.dtype)
+        return self.table_for(x.shape[0], x.shape[2], x.dtype, offset)
+
+    def table_for(self, batch: int, length: int, dtype: mx.Dtype, offset) -> tuple[mx.array, mx.array, mx.array]:
+        """`table` for an input of `batch` rows of `length` positions in `dtype`."""
+        key = (self.dims, self.traditional, self.base, self.scale, self._freqs_key, length, dtype)
         last = getattr(_tables, "last", None)
         if last is None or not _same_offset(last[0], offset):
             last = _tables.last = (offset, {})
         found = last[1].get(key)
         if found is not None:
             return found
-        rows = x.shape[0] if isinstance(offset, mx.array) and offset.size > 1 else 1
-        probe = mx.broadcast_to(self._pattern.astype(x.dtype), (rows, 1, x.shape[2], self.dims))
+        rows = batch if isinstance(offset, mx.array) and offset.size > 1 else 1
+        probe = mx.broadcast_to(self._pattern.astype(dtype), (rows, 1, length, self.dims))
         rotated = self._fast_rope(probe, offset)
         if self.traditional:
             cos, sin = rotated[..., 0::2], rotated[..., 1::2]

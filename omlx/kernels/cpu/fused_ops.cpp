@@ -20,8 +20,11 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
+
+#include <nanobind/stl/vector.h>
 
 #include "common.h"
 
@@ -228,6 +231,164 @@ mx::array rope_rotate(const mx::array& x, const mx::array& table, int dims, bool
   return mx::array(x.shape(), mx::float32, std::make_shared<RopeRotate>(stream, dims, traditional), {x, table});
 }
 
+// ------------------------------------------------------------------------------ rope_split
+
+// The step between a llama-style attention's fused q/k/v projection and the paged pool:
+// q and k rotated (the same `rotate_row` as rope_rotate, so bit-identical to it), k and v
+// rounded to the pool's dtype as MLX's astype does (float32 -> bfloat16: round to nearest
+// even, NaN to 0x7FC0), laid out as the pool's rows.  One node instead of the ~20 (slices,
+// reshapes, transposes, two rotations, two casts) mlx-lm's attention and the paged cache's
+// write build per layer.
+struct Split {
+  const float* qkv;
+  const float* table;
+  float* q;     // (T, Hq, D) float32
+  void* k;      // (T * Hkv, D) pool dtype
+  void* v;      // (T * Hkv, D) pool dtype
+  int64_t t, hq, hkv, d, dims;
+  int64_t row;  // qkv's stride between tokens (its columns are contiguous)
+  int64_t tr, tt, tc;
+  bool traditional;
+  int kind;  // 0: float32, 1: bfloat16, 2: float16
+};
+
+inline uint16_t to_bf16(float x) {
+  if (std::isnan(x)) return 0x7FC0;
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  u += ((u >> 16) & 1) + 0x7FFFu;
+  return uint16_t(u >> 16);
+}
+
+void store_row(const Split& p, const float* src, void* dst, int64_t at) {
+  if (p.kind == 0) {
+    std::memcpy(static_cast<float*>(dst) + at * p.d, src, sizeof(float) * p.d);
+  } else if (p.kind == 1) {
+    uint16_t* out = static_cast<uint16_t*>(dst) + at * p.d;
+    for (int64_t i = 0; i < p.d; ++i) out[i] = to_bf16(src[i]);
+  } else {
+    mx::float16_t* out = static_cast<mx::float16_t*>(dst) + at * p.d;
+    for (int64_t i = 0; i < p.d; ++i) out[i] = mx::float16_t(src[i]);
+  }
+}
+
+// One (token, head) of q, k or v, through `rotate_row` with this token's row of qkv and of
+// the table as its whole input (b = n = t = 1), so its output row is the destination row.
+void split_head(const Split& p, int64_t token, int64_t head) {
+  const float* x = p.qkv + token * p.row;
+  if (head >= p.hq + p.hkv) {  // a value head: rounded into the pool's dtype as it is
+    const int64_t h = head - p.hq - p.hkv;
+    store_row(p, x + (p.hq + p.hkv + h) * p.d, p.v, token * p.hkv + h);
+    return;
+  }
+  Rotation r{};
+  r.x = x + head * p.d;
+  r.table = p.table + token * p.tr;
+  r.b = r.n = r.t = 1, r.d = p.d, r.dims = p.dims;
+  r.sd = 1, r.tc = p.tc;
+  r.traditional = p.traditional;
+  if (head < p.hq) {  // a query head: rotated into q
+    r.y = p.q + (token * p.hq + head) * p.d;
+    rotate_row(r, 0, 0, 0);
+    return;
+  }
+  float rotated[1024];  // a key head: rotated, then rounded into the pool's dtype
+  r.y = rotated;
+  rotate_row(r, 0, 0, 0);
+  store_row(p, rotated, p.k, token * p.hkv + head - p.hq);
+}
+
+class RopeSplit : public mx::Primitive {
+ public:
+  RopeSplit(mx::Stream stream, int hq, int hkv, int d, int dims, bool traditional)
+      : mx::Primitive(stream), hq_(hq), hkv_(hkv), d_(d), dims_(dims), traditional_(traditional) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& o : outputs) {
+      o.set_data(mx::allocator::malloc(o.nbytes()));
+      enc.set_output_array(o);
+    }
+    for (auto& a : inputs) enc.set_input_array(a);
+    const auto& qkv = inputs[0];
+    const auto& table = inputs[1];
+    Split p{};
+    // A qkv whose columns are strided (not a packed projection's output) is gathered into
+    // rows first, inside the task, rather than by a copy node.
+    std::shared_ptr<std::vector<float>> rows;
+    if (qkv.strides(2) != 1 && qkv.size() > 0) {
+      rows = std::make_shared<std::vector<float>>(gather(qkv.data<float>(), {qkv.shape(0), qkv.shape(1), qkv.shape(2)},
+                                                         {qkv.strides(0), qkv.strides(1), qkv.strides(2)}));
+    }
+    p.qkv = rows ? rows->data() : qkv.data<float>();
+    p.table = table.data<float>();
+    p.q = outputs[0].data<float>();
+    p.k = outputs[1].data<void>();
+    p.v = outputs[2].data<void>();
+    p.t = qkv.shape(0), p.hq = hq_, p.hkv = hkv_, p.d = d_, p.dims = dims_;
+    p.row = rows ? qkv.shape(2) : qkv.strides(0);
+    p.tr = table.shape(0) > 1 ? table.strides(0) : 0, p.tt = table.strides(1), p.tc = table.strides(2);
+    p.traditional = traditional_;
+    const auto dt = outputs[1].dtype();
+    p.kind = dt == mx::float32 ? 0 : dt == mx::bfloat16 ? 1 : 2;
+    if (p.t == 0) return;
+    enc.dispatch([p, rows]() {
+      const int64_t heads = p.hq + 2 * p.hkv, total = p.t * heads;
+      const bool parallel = total * p.d >= (int64_t(1) << 16);
+#pragma omp parallel for schedule(static) if (parallel)
+      for (int64_t i = 0; i < total; ++i) split_head(p, i / heads, i % heads);
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("omlx rope_split: this extension runs on the CPU only");
+  }
+
+  const char* name() const override { return "OmlxRopeSplit"; }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    const int t = inputs[0].shape(0);
+    return {{t, hq_, d_}, {t * hkv_, d_}, {t * hkv_, d_}};
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto* o = dynamic_cast<const RopeSplit*>(&other);
+    return o && o->hq_ == hq_ && o->hkv_ == hkv_ && o->d_ == d_ && o->dims_ == dims_ &&
+           o->traditional_ == traditional_;
+  }
+
+ private:
+  int hq_, hkv_, d_, dims_;
+  bool traditional_;
+};
+
+// qkv (T, 1, (hq + 2 hkv) * d) float32, its last axis contiguous (a packed projection's
+// output); table (1 or T, 1, dims) float32 as shared_rope.py builds it for one-token rows.
+// Returns q (T, hq, d) float32 rotated, and k, v (T * hkv, d) in kv_dtype, k rotated: rows
+// ordered (token, head), as the paged pool's write indices are.
+std::vector<mx::array> rope_split(const mx::array& qkv, const mx::array& table, int q_heads, int kv_heads,
+                                  int head_dim, int dims, bool traditional, mx::Dtype kv_dtype,
+                                  mx::StreamOrDevice s) {
+  if (qkv.ndim() != 3 || qkv.shape(1) != 1 || qkv.dtype() != mx::float32 ||
+      qkv.shape(2) != int64_t(q_heads + 2 * kv_heads) * head_dim)
+    throw std::invalid_argument("omlx rope_split: qkv must be float32 (T, 1, (q_heads + 2 kv_heads) * head_dim)");
+  if (q_heads <= 0 || kv_heads <= 0 || head_dim <= 0 || head_dim > 1024)
+    throw std::invalid_argument("omlx rope_split: heads and head_dim must be positive, head_dim <= 1024");
+  if (dims <= 0 || dims % 2 || dims > head_dim || dims / 2 > MAX_HALF)
+    throw std::invalid_argument("omlx rope_split: dims must be even and at most head_dim");
+  if (table.ndim() != 3 || table.dtype() != mx::float32 || table.shape(1) != 1 || table.shape(2) != dims ||
+      (table.shape(0) != 1 && table.shape(0) != qkv.shape(0)))
+    throw std::invalid_argument("omlx rope_split: table must be float32 (1 or T, 1, dims)");
+  if (kv_dtype != mx::float32 && kv_dtype != mx::bfloat16 && kv_dtype != mx::float16)
+    throw std::invalid_argument("omlx rope_split: kv_dtype must be float32, bfloat16 or float16");
+  const auto stream = mx::to_stream(s, mx::Device::cpu);
+  const int t = qkv.shape(0);
+  return mx::array::make_arrays(
+      {{t, q_heads, head_dim}, {t * kv_heads, head_dim}, {t * kv_heads, head_dim}},
+      {mx::float32, kv_dtype, kv_dtype},
+      std::make_shared<RopeSplit>(stream, q_heads, kv_heads, head_dim, dims, traditional), {qkv, table});
+}
+
 }  // namespace
 
 NB_MODULE(_fused_ops_cpu, m) {
@@ -236,5 +397,8 @@ NB_MODULE(_fused_ops_cpu, m) {
         "x / sqrt(mean(x^2, -1) + eps) * weight, one node, rows batch-invariant.");
   m.def("rope_rotate", &rope_rotate, "x"_a, "table"_a, "dims"_a, "traditional"_a, nb::kw_only(),
         "stream"_a = nb::none(), "RoPE's rotation of x by a precomputed cos / sin table (bit-identical to mx.fast.rope on CPU).");
+  m.def("rope_split", &rope_split, "qkv"_a, "table"_a, "q_heads"_a, "kv_heads"_a, "head_dim"_a, "dims"_a,
+        "traditional"_a, "kv_dtype"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "A fused q/k/v projection's q and k rotated (as rope_rotate) and k, v in the pool's dtype and row order.");
   m.def("num_threads", &omlx_cpu::openmp_threads);
 }

@@ -1,0 +1,205 @@
+"""The routed attention layer (omlx/models/ragged_attention.py): a llama-style attention's
+ragged pass as a fused q/k/v call, one `rope_split` node, the pool writes, the paged kernel and
+o_proj - bit-identical to the layer's own path, in every step mix and pool dtype, with every
+other call left to mlx-lm's code."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm import load
+
+from omlx.kernels import cpu_features, fused_ops
+from omlx.models import packed_weights
+from omlx.models.ragged_attention import is_routed, route_ragged_attention
+from omlx.models.shared_rope import SharedRoPE, share_rope_tables
+from omlx.scheduler import EngineConfig, GenerationRequest, LLMEngine
+from omlx.scheduler import runner as runner_module
+from omlx.testing.tiny_models import TinyModelSpec, build_model
+
+pytestmark = [
+    pytest.mark.skipif(cpu_features.cpu_features().bf16_isa is None,
+                       reason="the packed path runs only where the CPU has a bf16 unit"),
+]
+
+
+def kernel():
+    module = fused_ops.kernel()
+    assert module is not None and hasattr(module, "rope_split"), "the fused ops kernel is built by scripts/setup.sh"
+    return module
+
+
+# --------------------------------------------------------------------------- rope_split
+@pytest.mark.parametrize("traditional", [False, True])
+@pytest.mark.parametrize("dims, head_dim", [(16, 16), (8, 16), (64, 64)])
+@pytest.mark.parametrize("tokens, one_offset", [(1, False), (7, False), (5, True)])
+@pytest.mark.parametrize("kv_dtype", [mx.float32, mx.bfloat16, mx.float16])
+def test_rope_split_equals_rope_and_cast(traditional, dims, head_dim, tokens, one_offset, kv_dtype):
+    hq, hkv = 6, 2
+    rng = np.random.default_rng(tokens * 31 + dims)
+    qkv = mx.array(rng.standard_normal((tokens, 1, (hq + 2 * hkv) * head_dim)).astype(np.float32) * 4)
+    offsets = 11 if one_offset else mx.array(rng.integers(0, 3000, size=tokens).astype(np.int32))
+    rope = SharedRoPE(dims, traditional, 10000.0, 1.0)
+
+    def heads(lo, n):  # mlx-lm's layout: (B, H, L, D) views of the projection
+        part = qkv[..., lo * head_dim:(lo + n) * head_dim]
+        return part.reshape(tokens, 1, n, head_dim).transpose(0, 2, 1, 3)
+
+    queries, keys, values = heads(0, hq), heads(hq, hkv), heads(hq + hkv, hkv)
+    want_q, want_k = rope(queries, offsets), rope(keys, offsets)
+    _, _, table = rope.table_for(tokens, 1, mx.float32, offsets)
+    q, k, v = kernel().rope_split(qkv, table, hq, hkv, head_dim, dims, traditional, kv_dtype)
+    assert q.shape == (tokens, hq, head_dim) and q.dtype == mx.float32
+    assert k.shape == v.shape == (tokens * hkv, head_dim) and k.dtype == v.dtype == kv_dtype
+    assert np.array_equal(np.array(q), np.array(want_q.reshape(tokens, hq, head_dim)))
+    assert np.array_equal(np.array(k.astype(mx.float32)), np.array(want_k.reshape(-1, head_dim).astype(kv_dtype).astype(mx.float32)))
+    assert np.array_equal(np.array(v.astype(mx.float32)), np.array(values.reshape(-1, head_dim).astype(kv_dtype).astype(mx.float32)))
+
+
+def test_rope_split_rounds_like_astype_at_the_edges():
+    """Ties, NaN, infinities and subnormals round into bf16 exactly as MLX's astype does."""
+    specials = np.array([1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -1.0 - 2 ** -8, np.nan, np.inf, -np.inf, 1e-40, -0.0,
+                         3.4e38, 65519.0, 65520.0, 1e-8], dtype=np.float32)
+    hq, hkv, d = 1, 1, 16
+    values = np.resize(specials, (2, 1, d)).astype(np.float32)
+    qkv = mx.array(np.concatenate([np.zeros((2, 1, 2 * d), np.float32), values], axis=-1))
+    rope = SharedRoPE(d, False, 10000.0, 1.0)
+    _, _, table = rope.table_for(2, 1, mx.float32, mx.array([0, 1], dtype=mx.int32))
+    for dtype in (mx.bfloat16, mx.float16):
+        _, _, v = kernel().rope_split(qkv, table, hq, hkv, d, d, False, dtype)
+        want = mx.array(values.reshape(-1, d)).astype(dtype)
+        assert np.array_equal(np.array(v.astype(mx.float32)), np.array(want.astype(mx.float32)), equal_nan=True)
+
+
+@pytest.mark.parametrize("bad", ["shape", "heads", "dims", "table", "dtype"])
+def test_rope_split_refuses_bad_input(bad):
+    qkv = mx.zeros((3, 1, 8 * 16))
+    table = mx.zeros((3, 1, 16))
+    args = dict(qkv=qkv, table=table, q_heads=4, kv_heads=2, head_dim=16, dims=16, traditional=False,
+                kv_dtype=mx.float32)
+    args.update({"shape": {"qkv": mx.zeros((3, 8 * 16))}, "heads": {"kv_heads": 3},
+                 "dims": {"dims": 15}, "table": {"table": mx.zeros((2, 1, 16))},
+                 "dtype": {"kv_dtype": mx.int32}}[bad])
+    with pytest.raises(ValueError):
+        kernel().rope_split(**args)
+
+
+# ------------------------------------------------------------------------- whole models
+def packed_model(path, route: bool):
+    model, tokenizer = load(str(path))
+    packed_weights.pack_model(model)
+    share_rope_tables(model)
+    routed = route_ragged_attention(model) if route else 0
+    return model, routed, frozenset(tokenizer.eos_token_ids)
+
+
+@pytest.fixture(scope="module", params=[
+    ("llama", {}),
+    ("llama", {"attention_bias": True, "mlp_bias": True, "rope_traditional": True}),
+    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+], ids=["llama", "llama-bias-traditional", "llama3-rope"])
+def llama_pair(request, tmp_path_factory):
+    model_type, extra = request.param
+    spec = TinyModelSpec(model_type=model_type, hidden_size=96, intermediate_size=136, head_dim=32,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=509, seed=11,
+                         extra_config=extra)
+    path = build_model(tmp_path_factory.mktemp("routed") / "m", spec)
+    routed, count, eos = packed_model(path, True)
+    plain, none, _ = packed_model(path, False)
+    assert count == spec.num_hidden_layers and none == 0
+    return routed, plain, eos
+
+
+def step_logits(model, eos, prompts, max_tokens, **config):
+    """Every step's logits (numpy) and every request's tokens from one engine serving the
+    prompts together: chunked prefill beside decodes, several sequences per pass."""
+    seen = []
+    forward = runner_module.ModelRunner.forward
+
+    def recording(self, *args, **kwargs):
+        logits = forward(self, *args, **kwargs)
+        if logits is not None:
+            seen.append(np.array(logits))
+        return logits
+
+    engine = LLMEngine(model, EngineConfig(block_size=8, num_blocks=96, max_num_batched_tokens=24, **config),
+                       context_window=1024)
+    for i, (prompt, limit) in enumerate(zip(prompts, max_tokens)):
+        engine.add_request(GenerationRequest(str(i), prompt, limit, stop_token_ids=eos))
+    tokens = {i: [] for i in range(len(prompts))}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner_module.ModelRunner, "forward", recording)
+        while engine.has_work:
+            for request_id, event in engine.step():
+                if event.token_id is not None:
+                    tokens[int(request_id)].append(event.token_id)
+    assert engine.blocks.leaked_blocks() == []
+    return seen, tokens
+
+
+@pytest.mark.parametrize("config", [
+    {"kv_dtype": "float32"},
+    {"kv_dtype": "bfloat16"},
+    {"kv_dtype": "float16", "speculative": False},
+    # A quantized pool: the layer's own path (the routed one needs a plain pool) ...
+    {"kv_bits": 8, "kv_group_size": 32, "quantized_kv_start": 0},
+    # ... and sequences in a float pool first, then migrated: passes of either pool and of both.
+    {"kv_bits": 8, "kv_group_size": 32, "quantized_kv_start": 16},
+], ids=["f32-kv", "bf16-kv", "f16-kv", "q8-kv", "q8-kv-after-16"])
+def test_routed_layers_are_bit_identical_in_every_step(llama_pair, config, attention_kernel, monkeypatch):
+    routed, plain, eos = llama_pair
+    from omlx.models import ragged_attention
+
+    taken = []
+    check = ragged_attention._ragged_fast_path
+    monkeypatch.setattr(ragged_attention, "_ragged_fast_path", lambda *a: taken.append(check(*a)) or taken[-1])
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(5, 500, size=n).tolist() for n in (3, 19, 41, 9)]
+    prompts.append(prompts[1][:12] + [7, 7, 7])  # shares a cached prefix with another request
+    limits = [12, 6, 10, 14, 8]
+    got_logits, got_tokens = step_logits(routed, eos, prompts, limits, **config)
+    want_logits, want_tokens = step_logits(plain, eos, prompts, limits, **config)
+    # The routed path ran wherever it can: the fused kernel's plan and a plain pool.
+    assert any(taken) == (attention_kernel.name == "fused-cpu" and config.get("quantized_kv_start") != 0)
+    assert got_tokens == want_tokens
+    assert len(got_logits) == len(want_logits) > 10
+    for got, want in zip(got_logits, want_logits):
+        assert got.shape == want.shape and np.array_equal(got, want)
+
+
+def test_outside_a_ragged_pass_the_layer_runs_mlx_lms_code(llama_pair):
+    """No cache, or mlx-lm's own KV cache: the routed layer is the layer it was."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    routed, plain, _ = llama_pair
+    tokens = mx.array([[5, 9, 200, 31, 7, 8, 400]])
+    assert np.array_equal(np.array(routed(tokens)), np.array(plain(tokens)))
+    caches = make_prompt_cache(routed), make_prompt_cache(plain)
+    for step in (tokens, mx.array([[17]]), mx.array([[23]])):
+        outs = [np.array(m(step, cache=c)) for m, c in zip((routed, plain), caches)]
+        assert np.array_equal(outs[0], outs[1])
+
+
+def test_layers_it_cannot_compute_exactly_are_left_alone(tmp_path):
+    """qwen3's q / k norms sit between the projection and RoPE; a float32 (unpacked) model
+    has no fused projection: neither is routed."""
+    qwen3 = build_model(tmp_path / "q3", TinyModelSpec(model_type="qwen3", seed=2))
+    model, count, _ = packed_model(qwen3, True)
+    assert count == 0 and not is_routed(model)
+    llama = build_model(tmp_path / "ll", TinyModelSpec(model_type="llama", seed=2))
+    unpacked, _ = load(str(llama))
+    share_rope_tables(unpacked)
+    assert route_ragged_attention(unpacked) == 0
+
+
+def test_parameters_and_names_are_unchanged(llama_pair):
+    from mlx.utils import tree_flatten
+
+    routed, plain, _ = llama_pair
+    assert is_routed(routed) and not is_routed(plain)
+    names = [name for name, _ in tree_flatten(routed.parameters())]
+    assert names == [name for name, _ in tree_flatten(plain.parameters())]
+    layer = routed.model.layers[0].self_attn
+    assert type(layer).__name__ == "Attention" and isinstance(layer, type(plain.model.layers[0].self_attn))
