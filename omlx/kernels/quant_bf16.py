@@ -80,15 +80,18 @@ class QuantBf16Weights(AffineQuantWeights):
 
 
 def _panel_order(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Codes (N_pad, K) -> per (panel, k pair) the four 16-column registers' bytes: register t's
-    b half is columns 16t .. 16t+7, its a half 16t+8 .. 16t+15, each lane pair (k, k+1) of one
-    column (see quant_bf16.cpp); 4-bit packs a's code in the high nibble of b's byte."""
+    """Codes (N_pad, K) -> the kernel's blocks (quant_bf16_kernel.h): per panel, blocks of
+    32 / bits k pairs; in a block, per 16-column register t its b half (columns 16t .. 16t+7)
+    then its a half (16t+8 .. 16t+15), one little-endian 32-bit word per float lane (column,
+    k parity) holding that lane's code for each pair of the block, the first in the low bits."""
     n_pad, k = codes.shape
-    # [panel, t, half, column in half, k pair, k in pair] -> [panel, k pair, t, half, column, k]
-    c = codes.reshape(n_pad // PANEL, 4, 2, 8, k // 2, 2).transpose(0, 4, 1, 2, 3, 5)
-    if bits == 4:
-        c = c[:, :, :, 0] | (c[:, :, :, 1] << 4)
-    return np.ascontiguousarray(c).reshape(n_pad // PANEL, k // 2, -1)
+    per_word = 32 // bits
+    # [panel, t, half, column in half, block, pair in block, k in pair]
+    #   -> [panel, block, t, half, column in half, k in pair, pair in block]
+    c = codes.reshape(n_pad // PANEL, 4, 2, 8, k // 2 // per_word, per_word, 2).transpose(0, 4, 1, 2, 3, 6, 5)
+    shifts = (np.arange(per_word, dtype=np.uint32) * bits)
+    words = np.bitwise_or.reduce(c.astype(np.uint32) << shifts, axis=-1).astype("<u4")
+    return np.ascontiguousarray(words).view(np.uint8).reshape(n_pad // PANEL, k // 2, -1)
 
 
 def _panel_groups(a: mx.array, n_pad: int) -> mx.array:
@@ -124,17 +127,17 @@ def dequantized_rows(w: QuantBf16Weights, rows: mx.array) -> mx.array:
     from the panels the tied LM head already holds.  Computed as mx.dequantize does (scale * q,
     then + bias), so it equals the packed bf16 embedding's rows."""
     panels = w.codes.shape[0]
+    per_word = 32 // w.bits
+    blocks = w.k // 2 // per_word
     panel, column = rows // PANEL, rows % PANEL
     t, half, lane = column // 16, (column % 16) // 8, column % 8
-    if w.bits == 4:
-        grid = w.codes.reshape(panels, w.k // 2, 4, 8, 2)
-        picked = grid[panel, :, t, lane, :]  # rows.shape + (k pairs, 2)
-        shift = (4 * half).astype(mx.uint8).reshape(*rows.shape, 1, 1)
-        codes = mx.right_shift(picked, shift) & 0x0F
-    else:
-        grid = w.codes.reshape(panels, w.k // 2, 4, 2, 8, 2)
-        codes = grid[panel, :, t, half, lane, :]
-    codes = codes.reshape(*rows.shape, w.k).astype(mx.float32)
+    # [panel, block, t, half, column in half, k in pair, word byte]: see _panel_order
+    grid = w.codes.reshape(panels, blocks, 4, 2, 8, 2, 4)
+    picked = grid[panel, :, t, half, lane]  # rows.shape + (blocks, k in pair, 4 bytes)
+    if w.bits == 4:  # byte j holds pair 2j's code in its low nibble, pair 2j + 1's in its high
+        picked = mx.stack([picked & 0x0F, mx.right_shift(picked, 4)], axis=-1)
+    picked = picked.reshape(*rows.shape, blocks, 2, per_word)
+    codes = mx.swapaxes(picked, -1, -2).reshape(*rows.shape, w.k).astype(mx.float32)
     scales = mx.repeat(w.scales[panel, :, column].astype(mx.float32), w.group_size, axis=-1)
     biases = mx.repeat(w.biases[panel, :, column].astype(mx.float32), w.group_size, axis=-1)
     return (codes * scales + biases).astype(mx.bfloat16).astype(mx.float32)
