@@ -40,7 +40,10 @@ def test_auto_runs_a_quantized_model_in_the_fastest_serving_form_here(tiny_path,
     path = matmul_env("auto")
     model = quantized(tiny_path)
     form = weight_form.apply(model, None, 1 << 30)
-    if path.bf16:
+    if path.bf16 and quant_bf16.availability().ok:  # both bit-identical copies, picked per call by rows
+        assert form == weight_form.DUAL and QuantBf16Linear in layer_types(model)
+        assert all("packed_weight" in m for _, m in model.named_modules() if isinstance(m, QuantBf16Linear))
+    elif path.bf16:
         assert form == weight_form.BF16_PACKED and PackedLinear in layer_types(model)
     elif quant_linear.availability().ok:
         assert form == weight_form.QUANTIZED_KERNEL and QuantLinear in layer_types(model)

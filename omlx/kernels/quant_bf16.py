@@ -122,6 +122,23 @@ def quant_bf16_matmul(x: mx.array, w: QuantBf16Weights, bias: mx.array | None = 
                            group_size=w.group_size)
 
 
+def packed_panels(w: QuantBf16Weights, chunk: int = 8192) -> mx.array:
+    """The same weights as `PackedLinear` packs them (omlx/kernels/linear.py's pack_bf16 of the
+    dequantized weight): the bf16 values are equal bit for bit, so the packed kernel computes
+    what this one does.  Dequantized a chunk of rows at a time (a 49152-row head would
+    otherwise take a float32 copy of itself)."""
+    from .linear import pack_bf16
+
+    parts = []
+    for start in range(0, w.n, chunk):
+        rows = dequantized_rows(w, mx.arange(start, min(start + chunk, w.n))).astype(mx.bfloat16)
+        mx.eval(rows)
+        parts.append(rows)
+    packed = pack_bf16(mx.concatenate(parts) if len(parts) > 1 else parts[0])
+    mx.eval(packed)
+    return packed
+
+
 def dequantized_rows(w: QuantBf16Weights, rows: mx.array) -> mx.array:
     """Rows `rows` of dequant(W) rounded to bf16, as float32 (..., K): an embedding lookup read
     from the panels the tied LM head already holds.  Computed as mx.dequantize does (scale * q,
@@ -157,7 +174,34 @@ def _weights(layer: nn.Module) -> QuantBf16Weights:
     return QuantBf16Weights(layer["codes"], layer["panel_scales"], layer["panel_biases"], d.n, d.k, d.bits, d.group_size)
 
 
-class QuantBf16Linear(QuantDimsAccessors, nn.Module):
+class HoldsPacked:
+    """A quantized-bf16 layer that may also hold its weights packed bf16 (the dual form,
+    omlx/models/dual_form.py): a call of `packed_from_rows` rows or more then reads the packed
+    panels, fewer rows the stored codes.  The kernel picks at evaluation from the call's rows
+    (quant_bf16.cpp), and both give the same bits, so a row's result never depends on it."""
+
+    _packed_from_rows = 0  # 0: no packed copy held
+
+    def hold_packed(self, from_rows: int) -> None:
+        if from_rows < 1:
+            raise ValueError("from_rows must be at least 1")
+        if "packed_weight" not in self:
+            self.packed_weight = packed_panels(_weights(self))
+        self._packed_from_rows = from_rows
+
+    @property
+    def packed_from_rows(self) -> int:
+        return self._packed_from_rows
+
+    def _linear(self, x: mx.array, bias: mx.array | None) -> mx.array:
+        # Kept to a few Python operations: a decode step makes hundreds of these calls.
+        d = self._dims
+        return kernel().linear(x, self["codes"], self["panel_scales"], self["panel_biases"], bias,
+                               out_features=d.n, bits=d.bits, group_size=d.group_size,
+                               packed=self.get("packed_weight"), packed_from_rows=self._packed_from_rows)
+
+
+class QuantBf16Linear(HoldsPacked, QuantDimsAccessors, nn.Module):
     """Drop-in for `nn.QuantizedLinear` (affine, 4 / 8 bits, groups 32 / 64 / 128) computing
     exactly what `PackedLinear` of its dequantized weight computes."""
 
@@ -197,22 +241,22 @@ class QuantBf16Linear(QuantDimsAccessors, nn.Module):
         if any("bias" in p for p in parts):
             bias = mx.concatenate([p["bias"] if "bias" in p else mx.zeros((p._dims.n,), mx.float32) for p in parts])
         fused = cls(w, bias)
+        if all("packed_weight" in p for p in parts):  # dual-form parts: their packed panels, joined the same way
+            fused.packed_weight = mx.concatenate([p["packed_weight"] for p in parts])
+            fused._packed_from_rows = parts[0].packed_from_rows
         mx.eval(fused.parameters())
         return fused
 
     def _extra_repr(self) -> str:
         d = self._dims
         return (f"input_dims={d.k}, output_dims={d.n}, bias={'bias' in self}, bits={d.bits}, "
-                f"group_size={d.group_size}, bf16 compute")
+                f"group_size={d.group_size}, bf16 compute" + _dual_repr(self))
 
     def __call__(self, x: mx.array) -> mx.array:
-        # Kept to a few Python operations: a decode step makes hundreds of these calls.
-        d = self._dims
-        return kernel().linear(x, self["codes"], self["panel_scales"], self["panel_biases"], self.get("bias"),
-                               out_features=d.n, bits=d.bits, group_size=d.group_size)
+        return self._linear(x, self.get("bias"))
 
 
-class QuantBf16Embedding(QuantDimsAccessors, nn.Module):
+class QuantBf16Embedding(HoldsPacked, QuantDimsAccessors, nn.Module):
     """Drop-in for `nn.QuantizedEmbedding`, held once in the kernel's panels: lookups
     dequantize the picked rows, `as_linear` (a tied LM head) runs the kernel over the same bytes."""
 
@@ -228,15 +272,17 @@ class QuantBf16Embedding(QuantDimsAccessors, nn.Module):
 
     def _extra_repr(self) -> str:
         d = self._dims
-        return f"{d.n}, {d.k}, bits={d.bits}, group_size={d.group_size}, bf16 compute"
+        return f"{d.n}, {d.k}, bits={d.bits}, group_size={d.group_size}, bf16 compute" + _dual_repr(self)
 
     def __call__(self, ids: mx.array) -> mx.array:
         return dequantized_rows(_weights(self), ids)
 
     def as_linear(self, x: mx.array) -> mx.array:
-        d = self._dims
-        return kernel().linear(x, self["codes"], self["panel_scales"], self["panel_biases"], None, out_features=d.n,
-                               bits=d.bits, group_size=d.group_size)
+        return self._linear(x, None)
+
+
+def _dual_repr(layer: HoldsPacked) -> str:
+    return f", packed bf16 from {layer.packed_from_rows} rows" if layer.packed_from_rows else ""
 
 
 def supports(layer: nn.Module) -> bool:

@@ -1,20 +1,29 @@
 """The form a loaded model's weights run in on this machine, chosen once at load.
 
-Five forms, one per model (never mixed by batch size: a row's numbers would then depend on
-how many other rows share its step, and batching must not change a request's tokens):
+Six forms, one per model (never two that round differently mixed by batch size: a row's
+numbers would then depend on how many other rows share its step, and batching must not change
+a request's tokens):
 
   bf16-packed      linear layers packed bf16 for the CPU's bf16 dot-product unit
                    (omlx/kernels/linear.py); half the bytes of float32
   quantized-bf16   4- / 8-bit layers held as stored, unpacked to bf16 inside the kernel
                    (omlx/kernels/quant_bf16.py): bit-identical to bf16-packed, with the
                    stored bytes (a quarter of bf16's for 4-bit)
+  bf16-packed+quantized-decode
+                   both of the above in each layer, picked per call by its rows (few: the
+                   stored codes, many: packed bf16); they compute the same bits, so this mix
+                   is batch-invariant (omlx/models/dual_form.py)
   quantized-kernel 4- / 8-bit layers read as stored by omlx's VNNI / AVX2 kernel
                    (omlx/kernels/quant_linear.py); a quarter of bf16's bytes
   float32          dequantized / widened, MLX's matmul through OpenBLAS (the old CPU path)
   stored           as loaded (MLX's own kernels: Metal, CUDA, or a setting that asks for it)
 
 The per-model `dequantize` setting decides with the CPU:
-  - unset (auto): what bench/weight_form_bench.py measured fastest for serving here.  On
+  - unset (auto): a quantized model small enough to dequantize, on a CPU where the
+    quantized-bf16 kernel runs, holds both bit-identical forms (bf16-packed+quantized-decode):
+    decode steps of a few rows read the stored bytes, larger ones packed bf16
+    (bench/README.md, "One stream reads the stored 4-bit bytes").  Before that form, and
+    where it does not apply: what bench/weight_form_bench.py measured fastest for serving here.  On
     SmolLM2 Q4_1 (AMD EPYC, AVX512-BF16 + VNNI) packed bf16 won the 32-row decode step and
     prefill against the int8 quantized kernel, which won one stream; the server's workload
     is many streams, so a CPU with a bf16 unit runs a quantized model packed bf16 when it
@@ -46,7 +55,7 @@ from omlx.kernels.expert_linear import PackedSwitchLinear
 
 from omlx.kernels import quant_bf16
 
-from . import packed_weights, quantized_bf16
+from . import dual_form, packed_weights, quantized_bf16
 from .cpu_weights import should_dequantize, to_float32
 from .ragged_attention import route_ragged_attention
 from .shared_rope import share_rope_tables
@@ -54,6 +63,7 @@ from .shared_rope import share_rope_tables
 log = logging.getLogger("omlx.pool")
 
 BF16_PACKED = "bf16-packed"
+DUAL = "bf16-packed+quantized-decode"
 QUANTIZED_BF16 = "quantized-bf16"
 QUANTIZED_KERNEL = "quantized-kernel"
 FLOAT32 = "float32"
@@ -75,6 +85,8 @@ def apply(model: nn.Module, setting: bool | None, memory_budget: int) -> str:
 
 def _apply(model: nn.Module, setting: bool | None, memory_budget: int) -> str:
     dequantize = should_dequantize(setting, model, memory_budget)
+    if dual_form.should_hold_both(model, setting, dequantize) and dual_form.convert(model) > 0:
+        return DUAL
     if packed_weights.prepare(model, setting, dequantize):
         return BF16_PACKED
     if setting is None and quantized_bf16.available() and quantized_bf16.has_supported_layers(model):
@@ -101,6 +113,8 @@ def runs_exactly(model: nn.Module) -> bool:
 def describe(form: str) -> str:
     return {
         BF16_PACKED: f"bf16 weights packed for this CPU ({linear_kernel.matmul_path().isa})",
+        DUAL: (f"bf16 weights packed for this CPU, and the quantized weights as stored for calls of up to "
+               f"{dual_form.decode_rows()} rows, computed in bf16 ({linear_kernel.matmul_path().isa})"),
         QUANTIZED_BF16: f"quantized weights held as stored, computed in bf16 ({linear_kernel.matmul_path().isa})",
         QUANTIZED_KERNEL: f"quantized weights read as stored ({quant_linear.availability().isa})",
         FLOAT32: "dequantized in float32 (model setting 'dequantize': false keeps the stored weights)",
