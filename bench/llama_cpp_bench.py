@@ -171,7 +171,11 @@ def omlx_weight_bytes_worker(gguf: str, out: str) -> None:
 
     def own_bytes(module) -> int:
         arrays = tree_flatten(module.parameters())
-        if any(name.startswith("packed") for name, _ in arrays):
+        if getattr(module, "packed_from_rows", 0) > 1:
+            # The dual form (omlx/models/dual_form.py): a one-row call reads the stored codes,
+            # not the packed copy held beside them for larger calls.
+            arrays = [(name, v) for name, v in arrays if name != "packed_weight"]
+        elif any(name.startswith("packed") for name, _ in arrays):
             # omlx's QuantEmbedding keeps MLX's layout for lookups beside the packed copy
             # its LM-head product reads: only the packed arrays count.
             arrays = [(name, v) for name, v in arrays if name not in ("weight", "scales", "biases")]
@@ -184,7 +188,8 @@ def omlx_weight_bytes_worker(gguf: str, out: str) -> None:
             embedding += own_bytes(module)
         elif name.endswith("lm_head"):
             head += own_bytes(module)
-        elif isinstance(module, (nn.Linear, nn.QuantizedLinear)) or kind in ("PackedLinear", "QuantLinear"):
+        elif isinstance(module, (nn.Linear, nn.QuantizedLinear)) or kind in ("PackedLinear", "QuantLinear",
+                                                                               "QuantBf16Linear"):
             linear += own_bytes(module)
     # A tied model's embedding is its LM head: the whole matrix is read every token.
     tied = head == 0

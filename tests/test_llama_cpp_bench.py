@@ -51,12 +51,28 @@ def test_float32_form_reads_four_bytes_per_weight(tmp_path, monkeypatch):
 @pytest.mark.skipif(cpu_features().bf16_isa is None, reason="the packed bf16 form needs a CPU bf16 unit")
 def test_packed_form_reads_two_bytes_per_weight(tmp_path, monkeypatch):
     monkeypatch.delenv("OMLX_MATMUL", raising=False)
+    monkeypatch.setenv("OMLX_DECODE_ROWS", "0")  # packed bf16 alone, not the dual form
     counted = llama_cpp_bench.omlx_weight_bytes(GGUF, tmp_path)
     assert counted["form"] == "bf16-packed"
     assert counted["bytes_per_token"] == 2 * matrix_elements()
     # The norm weights (float32) are the only parameters a token's matmuls do not read.
     norms = sum(t.count for t in read_header(GGUF).tensors if len(t.shape) == 1)
     assert counted["parameter_bytes"] - counted["bytes_per_token"] == 4 * norms
+
+
+@pytest.mark.skipif(cpu_features().bf16_isa is None, reason="the dual form needs a CPU bf16 unit")
+def test_dual_form_reads_the_stored_bytes_on_one_stream(tmp_path, monkeypatch):
+    """The default on a bf16 CPU: one row reads the stored codes (MLX's affine layout: Q4_1's
+    bytes exactly, Q8_0's with a float16 bias beside each scale: 36 bytes a block, not 34),
+    while the packed bf16 copy is held as well."""
+    monkeypatch.delenv("OMLX_MATMUL", raising=False)
+    monkeypatch.delenv("OMLX_DECODE_ROWS", raising=False)
+    counted = llama_cpp_bench.omlx_weight_bytes(GGUF, tmp_path)
+    assert counted["form"] == "bf16-packed+quantized-decode"
+    stored = sum(t.count // 32 * (36 if t.type_name == "Q8_0" else BLOCKS[t.type_name][1])
+                 for t in read_header(GGUF).tensors if len(t.shape) == 2)
+    assert counted["bytes_per_token"] == stored
+    assert counted["parameter_bytes"] >= stored + 2 * matrix_elements()
 
 
 def test_fastest_decode_is_the_best_request():
