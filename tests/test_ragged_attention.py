@@ -12,6 +12,7 @@ from mlx_lm import load
 
 from omlx.kernels import cpu_features, fused_ops
 from omlx.models import packed_weights
+from omlx.models.fused_mlp import fuse_mlps, is_fused_mlp
 from omlx.models.ragged_attention import is_routed, route_ragged_attention
 from omlx.models.shared_rope import SharedRoPE, share_rope_tables
 from omlx.scheduler import EngineConfig, GenerationRequest, LLMEngine
@@ -85,12 +86,39 @@ def test_rope_split_refuses_bad_input(bad):
         kernel().rope_split(**args)
 
 
+# -------------------------------------------------------------------------- swiglu_split
+@pytest.mark.parametrize("shape", [(1, 1, 2 * 1536), (5, 1, 2 * 40), (3, 4, 2 * 24), (9, 2 * 33), (2 * 8,)])
+def test_swiglu_split_equals_mlx_lms_compiled_swiglu(shape):
+    from mlx_lm.models.activations import swiglu
+
+    values = np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32) * 12
+    values.flat[:12] = [0.0, -0.0, np.nan, np.inf, -np.inf, 88.5, -88.5, 1e-40, -1e-40, 87.9, -87.9, 1e-8]
+    gate_up = mx.array(values)
+    half = shape[-1] // 2
+    want = swiglu(gate_up[..., :half], gate_up[..., half:])
+    got = kernel().swiglu_split(gate_up)
+    assert got.shape == want.shape
+    assert np.array_equal(np.array(got), np.array(want), equal_nan=True)
+    # A strided view (every other row) is read through its strides.
+    if len(shape) > 1 and shape[0] > 2:
+        view = gate_up[::2]
+        want = swiglu(view[..., :half], view[..., half:])
+        assert np.array_equal(np.array(kernel().swiglu_split(view)), np.array(want), equal_nan=True)
+
+
+def test_swiglu_split_refuses_an_odd_width():
+    with pytest.raises(ValueError):
+        kernel().swiglu_split(mx.zeros((2, 7)))
+
+
 # ------------------------------------------------------------------------- whole models
 def packed_model(path, route: bool):
     model, tokenizer = load(str(path))
     packed_weights.pack_model(model)
     share_rope_tables(model)
     routed = route_ragged_attention(model) if route else 0
+    if route:
+        assert fuse_mlps(model) == len(model.model.layers)
     return model, routed, frozenset(tokenizer.eos_token_ids)
 
 
@@ -199,6 +227,7 @@ def test_parameters_and_names_are_unchanged(llama_pair):
 
     routed, plain, _ = llama_pair
     assert is_routed(routed) and not is_routed(plain)
+    assert is_fused_mlp(routed) and not is_fused_mlp(plain)
     names = [name for name, _ in tree_flatten(routed.parameters())]
     assert names == [name for name, _ in tree_flatten(plain.parameters())]
     layer = routed.model.layers[0].self_attn

@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -389,6 +390,115 @@ std::vector<mx::array> rope_split(const mx::array& qkv, const mx::array& table, 
       std::make_shared<RopeSplit>(stream, q_heads, kv_heads, head_dim, dims, traditional), {qkv, table});
 }
 
+// ----------------------------------------------------------------------------- swiglu_split
+
+// mlx-lm's SwiGLU MLP computes silu(gate) * up from two slices of the fused gate/up
+// projection: two slice nodes and MLX's compiled kernel.  `swiglu_split` takes the fused
+// output itself and computes the compiled kernel's exact sequence per element:
+// sigmoid(g) (MLX's: 1 / (1 + exp(|g|)), then 1 - y for g >= 0, its Cephes exp with explicit
+// fused multiply-adds), g * sigmoid(g), then that times u.  MLX compiles that kernel without
+// -march (no FMA unit: nothing is contracted); this file is built with FMA and
+// -ffp-contract=fast, so every product that an add follows passes a register barrier, which
+// keeps it rounded on its own.
+template <typename T>
+inline T keep(T v) {
+  asm volatile("" : "+x"(v));
+  return v;
+}
+
+inline float mlx_exp(float x_init) {
+  float x = keep(x_init * 1.442695f);
+  const float ipart = std::floor(x + 0.5f);
+  const float fpart = x - ipart;
+  x = 1.535336188319500e-4f;
+  x = std::fma(x, fpart, 1.339887440266574e-3f);
+  x = std::fma(x, fpart, 9.618437357674640e-3f);
+  x = std::fma(x, fpart, 5.550332471162809e-2f);
+  x = std::fma(x, fpart, 2.402264791363012e-1f);
+  x = std::fma(x, fpart, 6.931472028550421e-1f);
+  x = std::fma(x, fpart, 1.000000000000000f);
+  const int32_t epart = (static_cast<int32_t>(ipart) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &epart, 4);
+  float result = std::isnan(x_init) ? x_init : keep(scale * x);
+  if (x_init > 88.0f) result = std::numeric_limits<float>::infinity();
+  if (x_init < -88.0f) result = 0.0f;
+  return result;
+}
+
+inline float mlx_sigmoid(float x) {
+  const float y = 1.0f / (1.0f + mlx_exp(std::fabs(x)));
+  return x < 0.0f ? y : 1.0f - y;
+}
+
+class SwigluSplit : public mx::Primitive {
+ public:
+  explicit SwigluSplit(mx::Stream stream) : mx::Primitive(stream) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& out = outputs[0];
+    auto& enc = omlx_cpu::begin_cpu_eval(stream(), inputs, out);
+    const auto& gu = inputs[0];
+    const int64_t width = out.shape(-1), rows = width ? int64_t(out.size()) / width : 0;
+    if (rows == 0) return;
+    // Rows of the fused output: contiguous, or a uniform stride between rows of contiguous
+    // columns (one-token rows of a ragged pass); anything else is gathered inside the task.
+    std::shared_ptr<std::vector<float>> copy;
+    const int nd = gu.ndim();
+    int64_t stride = 2 * width;
+    if (!gu.flags().row_contiguous) {
+      if (gu.strides(nd - 1) == 1 && (nd == 2 || (nd == 3 && gu.shape(1) == 1))) {
+        stride = gu.strides(0);
+      } else {
+        std::vector<int64_t> shape(gu.shape().begin(), gu.shape().end()), strides(gu.strides().begin(), gu.strides().end());
+        copy = std::make_shared<std::vector<float>>(gather(gu.data<float>(), shape, strides));
+      }
+    }
+    const float* src = copy ? copy->data() : gu.data<float>();
+    float* y = out.data<float>();
+    enc.dispatch([=]() {
+      const bool parallel = rows * width >= (int64_t(1) << 15);
+#pragma omp parallel for schedule(static) if (parallel)
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* g = src + r * stride;
+        const float* u = g + width;
+        float* yr = y + r * width;
+        for (int64_t i = 0; i < width; ++i) {
+          const float silu = keep(g[i] * mlx_sigmoid(g[i]));
+          yr[i] = silu * u[i];
+        }
+      }
+      (void)copy;
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("omlx swiglu_split: this extension runs on the CPU only");
+  }
+
+  const char* name() const override { return "OmlxSwigluSplit"; }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    auto shape = inputs[0].shape();
+    shape.back() /= 2;
+    return {shape};
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return dynamic_cast<const SwigluSplit*>(&other) != nullptr;
+  }
+};
+
+// gate_up (..., 2 I) float32: the fused gate / up projection, gate columns first.  Returns
+// silu(gate) * up (..., I), bit-identical to mlx-lm's compiled swiglu on the two halves.
+mx::array swiglu_split(const mx::array& gate_up, mx::StreamOrDevice s) {
+  if (gate_up.ndim() < 1 || gate_up.ndim() > 3 || gate_up.dtype() != mx::float32 || gate_up.shape(-1) % 2)
+    throw std::invalid_argument("omlx swiglu_split: gate_up must be float32 (..., 2 I), at most 3 axes");
+  auto shape = gate_up.shape();
+  shape.back() /= 2;
+  return mx::array(shape, mx::float32, std::make_shared<SwigluSplit>(mx::to_stream(s, mx::Device::cpu)), {gate_up});
+}
+
 }  // namespace
 
 NB_MODULE(_fused_ops_cpu, m) {
@@ -400,5 +510,7 @@ NB_MODULE(_fused_ops_cpu, m) {
   m.def("rope_split", &rope_split, "qkv"_a, "table"_a, "q_heads"_a, "kv_heads"_a, "head_dim"_a, "dims"_a,
         "traditional"_a, "kv_dtype"_a, nb::kw_only(), "stream"_a = nb::none(),
         "A fused q/k/v projection's q and k rotated (as rope_rotate) and k, v in the pool's dtype and row order.");
+  m.def("swiglu_split", &swiglu_split, "gate_up"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "silu(gate) * up of a fused gate / up projection, bit-identical to mlx-lm's compiled swiglu.");
   m.def("num_threads", &omlx_cpu::openmp_threads);
 }
