@@ -58,6 +58,31 @@ def test_rope_split_equals_rope_and_cast(traditional, dims, head_dim, tokens, on
     assert np.array_equal(np.array(v.astype(mx.float32)), np.array(values.reshape(-1, head_dim).astype(kv_dtype).astype(mx.float32)))
 
 
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_rope_split_with_head_norms_equals_kernel_norm_then_rope(tokens):
+    """qwen3: q and k pass a per-head RMSNorm (the one-node kernel norm) before RoPE."""
+    from omlx.models.kernel_norms import KernelRMSNorm
+
+    hq, hkv, d = 4, 2, 32
+    rng = np.random.default_rng(tokens)
+    qkv = mx.array(rng.standard_normal((tokens, 1, (hq + 2 * hkv) * d)).astype(np.float32) * 3)
+    q_norm = KernelRMSNorm(mx.array(rng.standard_normal(d).astype(np.float32)), 1e-6)
+    k_norm = KernelRMSNorm(mx.array(rng.standard_normal(d).astype(np.float32)), 1e-5)
+    offsets = mx.array(rng.integers(0, 500, size=tokens).astype(np.int32))
+    rope = SharedRoPE(d, False, 1e6, 1.0)
+
+    def heads(lo, n):
+        return qkv[..., lo * d:(lo + n) * d].reshape(tokens, 1, n, d)
+
+    want_q = rope(q_norm(heads(0, hq)).transpose(0, 2, 1, 3), offsets)
+    want_k = rope(k_norm(heads(hq, hkv)).transpose(0, 2, 1, 3), offsets)
+    _, _, table = rope.table_for(tokens, 1, mx.float32, offsets)
+    q, k, _ = kernel().rope_split(qkv, table, hq, hkv, d, d, False, mx.float32, q_norm=q_norm.weight,
+                                  k_norm=k_norm.weight, q_eps=1e-6, k_eps=1e-5)
+    assert np.array_equal(np.array(q), np.array(want_q.reshape(tokens, hq, d)))
+    assert np.array_equal(np.array(k), np.array(want_k.reshape(-1, d)))
+
+
 def test_rope_split_rounds_like_astype_at_the_edges():
     """Ties, NaN, infinities and subnormals round into bf16 exactly as MLX's astype does."""
     specials = np.array([1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -1.0 - 2 ** -8, np.nan, np.inf, -np.inf, 1e-40, -0.0,
@@ -127,7 +152,8 @@ def packed_model(path, route: bool):
     ("llama", {"attention_bias": True, "mlp_bias": True, "rope_traditional": True}),
     ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
-], ids=["llama", "llama-bias-traditional", "llama3-rope"])
+    ("qwen3", {}),  # q / k RMSNorm per head before RoPE, inside rope_split
+], ids=["llama", "llama-bias-traditional", "llama3-rope", "qwen3"])
 def llama_pair(request, tmp_path_factory):
     model_type, extra = request.param
     spec = TinyModelSpec(model_type=model_type, hidden_size=96, intermediate_size=136, head_dim=32,
@@ -211,11 +237,15 @@ def test_outside_a_ragged_pass_the_layer_runs_mlx_lms_code(llama_pair):
 
 
 def test_layers_it_cannot_compute_exactly_are_left_alone(tmp_path):
-    """qwen3's q / k norms sit between the projection and RoPE; a float32 (unpacked) model
-    has no fused projection: neither is routed."""
+    """qwen3's q / k norms left as MLX's (not the one-node kernel rope_split reproduces); a
+    float32 (unpacked) model, with no fused projection: neither is routed."""
+    from model_helpers import pack_model_without
+
     qwen3 = build_model(tmp_path / "q3", TinyModelSpec(model_type="qwen3", seed=2))
-    model, count, _ = packed_model(qwen3, True)
-    assert count == 0 and not is_routed(model)
+    model, _ = load(str(qwen3))
+    pack_model_without(model, "swap_rms_norms")
+    share_rope_tables(model)
+    assert route_ragged_attention(model) == 0 and not is_routed(model)
     llama = build_model(tmp_path / "ll", TinyModelSpec(model_type="llama", seed=2))
     unpacked, _ = load(str(llama))
     share_rope_tables(unpacked)

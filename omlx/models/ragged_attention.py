@@ -1,6 +1,6 @@
 """A llama-style attention layer's ragged pass in a handful of graph nodes.
 
-mlx-lm's attention (llama, qwen2, granite, phi3) builds ~33 MLX nodes per layer call on the
+mlx-lm's attention (llama, qwen2, qwen3, granite, phi3) builds ~33 MLX nodes per layer call on the
 paged path: three projections (or one fused call and three slices), three reshapes and
 three transposes, two RoPE rotations, the paged cache's two reshapes, two casts to the pool's
 dtype and two scatters, the attention, a transpose and a reshape.  On the CPU every node
@@ -11,7 +11,8 @@ Here, in a ragged pass (every token a row of length one, attention routed to the
 omlx/scheduler/kv_cache.py) the layer runs as:
 
     qkv = fused q/k/v projection (one packed call)
-    q, k, v = rope_split(qkv)     one node: q, k rotated; k, v in the pool's dtype and row order
+    q, k, v = rope_split(qkv)     one node: q, k rotated (after qwen3's per-head RMSNorm,
+                                  where the layer has one); k, v in the pool's dtype and row order
     pool_k[rows] = k; pool_v[rows] = v
     out = paged attention(q)      one node
     o_proj(out.reshape(...))
@@ -37,36 +38,40 @@ import mlx.nn as nn
 from omlx.kernels import fused_ops
 from omlx.kernels.linear import PackedLinear
 from omlx.kernels.quant_bf16 import QuantBf16Linear
+from .kernel_norms import KernelRMSNorm
 from .shared_rope import SharedRoPE
 
-# (mlx-lm module, attention class, the attribute holding the fused q/k/v projection): layers
-# whose __call__ is mlx-lm's llama attention (projections, reshape + transpose, rope of q and k
-# with the cache's offset, update_and_fetch, scaled_dot_product_attention, o_proj) and nothing
-# else - no q / k norms, no sinks, no softcapping.
+# (mlx-lm module, attention class, the attribute holding the fused q/k/v projection, whether
+# q and k pass a per-head RMSNorm before RoPE): layers whose __call__ is mlx-lm's llama
+# attention (projections, reshape + transpose, [q_norm / k_norm,] rope of q and k with the
+# cache's offset, update_and_fetch, scaled_dot_product_attention, o_proj) and nothing else -
+# no sinks, no softcapping, no gates.
 _LAYERS = (
-    ("mlx_lm.models.llama", "Attention", "fused_qkv"),
-    ("mlx_lm.models.qwen2", "Attention", "fused_qkv"),
-    ("mlx_lm.models.granite", "Attention", "fused_qkv"),
-    ("mlx_lm.models.phi3", "Attention", "qkv_proj"),
+    ("mlx_lm.models.llama", "Attention", "fused_qkv", False),
+    ("mlx_lm.models.qwen2", "Attention", "fused_qkv", False),
+    ("mlx_lm.models.granite", "Attention", "fused_qkv", False),
+    ("mlx_lm.models.phi3", "Attention", "qkv_proj", False),
+    ("mlx_lm.models.qwen3", "Attention", "fused_qkv", True),
+    ("mlx_lm.models.qwen3_moe", "Attention", "fused_qkv", True),
 )
 
 _FAST_KERNELS = (PackedLinear, QuantBf16Linear)
 
 
-def _known_layers() -> dict[type, str]:
+def _known_layers() -> dict[type, tuple[str, bool]]:
     import importlib
 
     known = {}
-    for module_name, class_name, qkv_name in _LAYERS:
+    for module_name, class_name, qkv_name, normed in _LAYERS:
         try:
             cls = getattr(importlib.import_module(module_name), class_name)
         except (ImportError, AttributeError):
             continue
-        known[cls] = qkv_name
+        known[cls] = (qkv_name, normed)
     return known
 
 
-def _routed_call(qkv_name: str):
+def _routed_call(qkv_name: str, normed: bool):
     def __call__(self, x: mx.array, mask: mx.array | None = None, cache=None) -> mx.array:
         if not _ragged_fast_path(self, x, cache):
             return super(type(self), self).__call__(x, mask=mask, cache=cache)
@@ -75,9 +80,13 @@ def _routed_call(qkv_name: str):
         pool_k, pool_v = storage.keys[layer], storage.values[layer]
         rope: SharedRoPE = self.rope
         _, _, table = rope.table_for(tokens, 1, mx.float32, cache.offset)
+        norms = {}
+        if normed:
+            norms = dict(q_norm=self.q_norm.weight, k_norm=self.k_norm.weight, q_eps=self.q_norm.eps,
+                         k_eps=self.k_norm.eps)
         q, k, v = fused_ops.kernel().rope_split(
             getattr(self, qkv_name)(x), table, self.n_heads, self.n_kv_heads, self._omlx_head_dim,
-            rope.dims, rope.traditional, pool_k.dtype)
+            rope.dims, rope.traditional, pool_k.dtype, **norms)
         rows = cache.batch.write_rows
         pool_k[rows] = k  # in place: the pool's previous array has no other reference
         pool_v[rows] = v
@@ -108,14 +117,14 @@ def _paged_layer_cache() -> type:
     return PagedLayerCache
 
 
-def _subclass(cls: type, qkv_name: str, made: dict) -> type:
+def _subclass(cls: type, qkv_name: str, normed: bool, made: dict) -> type:
     if cls not in made:
-        made[cls] = type(cls.__name__, (cls,), {"__call__": _routed_call(qkv_name),
+        made[cls] = type(cls.__name__, (cls,), {"__call__": _routed_call(qkv_name, normed),
                                                 "__module__": __name__, "_omlx_routed": True})
     return made[cls]
 
 
-def _eligible(layer: nn.Module, qkv_name: str) -> bool:
+def _eligible(layer: nn.Module, qkv_name: str, normed: bool) -> bool:
     fused = layer.get(qkv_name) if isinstance(layer, dict) else None
     if not isinstance(fused, _FAST_KERNELS) or not isinstance(layer.get("o_proj"), _FAST_KERNELS):
         return False
@@ -129,6 +138,9 @@ def _eligible(layer: nn.Module, qkv_name: str) -> bool:
     q_proj = layer.get("q_proj")
     if q_proj is not None and getattr(q_proj, "out_features", heads * head_dim) != heads * head_dim:
         return False
+    if normed and not all(isinstance(layer.get(name), KernelRMSNorm) and layer[name].weight.dtype == mx.float32
+                          and layer[name].weight.shape == (head_dim,) for name in ("q_norm", "k_norm")):
+        return False  # rope_split computes the per-head norm as the one-node kernel norm does
     return layer.rope.dims <= head_dim and head_dim <= 1024
 
 
@@ -143,12 +155,12 @@ def route_ragged_attention(model: nn.Module) -> int:
     known = _known_layers()
     swapped = 0
     for _, layer in model.named_modules():
-        qkv_name = known.get(type(layer))
-        if qkv_name is None or not _eligible(layer, qkv_name):
+        kind = known.get(type(layer))
+        if kind is None or not _eligible(layer, *kind):
             continue
-        fused = layer[qkv_name]
+        fused = layer[kind[0]]
         object.__setattr__(layer, "_omlx_head_dim", fused.out_features // (layer.n_heads + 2 * layer.n_kv_heads))
-        layer.__class__ = _subclass(type(layer), qkv_name, _made)
+        layer.__class__ = _subclass(type(layer), *kind, _made)
         swapped += 1
     return swapped
 

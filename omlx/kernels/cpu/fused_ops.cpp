@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -251,6 +252,9 @@ struct Split {
   int64_t tr, tt, tc;
   bool traditional;
   int kind;  // 0: float32, 1: bfloat16, 2: float16
+  const float* q_norm;  // qwen3's per-head RMSNorm of q and k before RoPE (nullptr: none)
+  const float* k_norm;
+  float q_eps, k_eps;
 };
 
 inline uint16_t to_bf16(float x) {
@@ -284,11 +288,20 @@ void split_head(const Split& p, int64_t token, int64_t head) {
   }
   Rotation r{};
   r.x = x + head * p.d;
+  // The head's RMSNorm first where the layer has one: `rms_rows`, the rms_norm node's own
+  // row function, so the normed head is the bits that node gives.
+  float normed[1024];
+  const bool query = head < p.hq;
+  const float* norm = query ? p.q_norm : p.k_norm;
+  if (norm != nullptr) {
+    rms_rows(r.x, norm, normed, 1, p.d, query ? p.q_eps : p.k_eps);
+    r.x = normed;
+  }
   r.table = p.table + token * p.tr;
   r.b = r.n = r.t = 1, r.d = p.d, r.dims = p.dims;
   r.sd = 1, r.tc = p.tc;
   r.traditional = p.traditional;
-  if (head < p.hq) {  // a query head: rotated into q
+  if (query) {  // a query head: rotated into q
     r.y = p.q + (token * p.hq + head) * p.d;
     rotate_row(r, 0, 0, 0);
     return;
@@ -301,8 +314,10 @@ void split_head(const Split& p, int64_t token, int64_t head) {
 
 class RopeSplit : public mx::Primitive {
  public:
-  RopeSplit(mx::Stream stream, int hq, int hkv, int d, int dims, bool traditional)
-      : mx::Primitive(stream), hq_(hq), hkv_(hkv), d_(d), dims_(dims), traditional_(traditional) {}
+  RopeSplit(mx::Stream stream, int hq, int hkv, int d, int dims, bool traditional, bool q_norm, bool k_norm,
+            float q_eps, float k_eps)
+      : mx::Primitive(stream), hq_(hq), hkv_(hkv), d_(d), dims_(dims), traditional_(traditional),
+        q_norm_(q_norm), k_norm_(k_norm), q_eps_(q_eps), k_eps_(k_eps) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& enc = mx::cpu::get_command_encoder(stream());
@@ -332,6 +347,10 @@ class RopeSplit : public mx::Primitive {
     p.traditional = traditional_;
     const auto dt = outputs[1].dtype();
     p.kind = dt == mx::float32 ? 0 : dt == mx::bfloat16 ? 1 : 2;
+    size_t next = 2;
+    p.q_norm = q_norm_ ? inputs[next++].data<float>() : nullptr;
+    p.k_norm = k_norm_ ? inputs[next++].data<float>() : nullptr;
+    p.q_eps = q_eps_, p.k_eps = k_eps_;
     if (p.t == 0) return;
     enc.dispatch([p, rows]() {
       const int64_t heads = p.hq + 2 * p.hkv, total = p.t * heads;
@@ -355,12 +374,14 @@ class RopeSplit : public mx::Primitive {
   bool is_equivalent(const mx::Primitive& other) const override {
     auto* o = dynamic_cast<const RopeSplit*>(&other);
     return o && o->hq_ == hq_ && o->hkv_ == hkv_ && o->d_ == d_ && o->dims_ == dims_ &&
-           o->traditional_ == traditional_;
+           o->traditional_ == traditional_ && o->q_norm_ == q_norm_ && o->k_norm_ == k_norm_ &&
+           o->q_eps_ == q_eps_ && o->k_eps_ == k_eps_;
   }
 
  private:
   int hq_, hkv_, d_, dims_;
-  bool traditional_;
+  bool traditional_, q_norm_, k_norm_;
+  float q_eps_, k_eps_;
 };
 
 // qkv (T, 1, (hq + 2 hkv) * d) float32, its last axis contiguous (a packed projection's
@@ -369,7 +390,8 @@ class RopeSplit : public mx::Primitive {
 // ordered (token, head), as the paged pool's write indices are.
 std::vector<mx::array> rope_split(const mx::array& qkv, const mx::array& table, int q_heads, int kv_heads,
                                   int head_dim, int dims, bool traditional, mx::Dtype kv_dtype,
-                                  mx::StreamOrDevice s) {
+                                  const std::optional<mx::array>& q_norm, const std::optional<mx::array>& k_norm,
+                                  float q_eps, float k_eps, mx::StreamOrDevice s) {
   if (qkv.ndim() != 3 || qkv.shape(1) != 1 || qkv.dtype() != mx::float32 ||
       qkv.shape(2) != int64_t(q_heads + 2 * kv_heads) * head_dim)
     throw std::invalid_argument("omlx rope_split: qkv must be float32 (T, 1, (q_heads + 2 kv_heads) * head_dim)");
@@ -382,12 +404,20 @@ std::vector<mx::array> rope_split(const mx::array& qkv, const mx::array& table, 
     throw std::invalid_argument("omlx rope_split: table must be float32 (1 or T, 1, dims)");
   if (kv_dtype != mx::float32 && kv_dtype != mx::bfloat16 && kv_dtype != mx::float16)
     throw std::invalid_argument("omlx rope_split: kv_dtype must be float32, bfloat16 or float16");
+  for (const auto* norm : {&q_norm, &k_norm})
+    if (norm->has_value() && ((*norm)->ndim() != 1 || (*norm)->shape(0) != head_dim || (*norm)->dtype() != mx::float32))
+      throw std::invalid_argument("omlx rope_split: q_norm / k_norm must be float32 of shape (head_dim,)");
   const auto stream = mx::to_stream(s, mx::Device::cpu);
   const int t = qkv.shape(0);
+  std::vector<mx::array> inputs{qkv, table};
+  if (q_norm) inputs.push_back(omlx_cpu::as_rows(*q_norm, stream));
+  if (k_norm) inputs.push_back(omlx_cpu::as_rows(*k_norm, stream));
   return mx::array::make_arrays(
       {{t, q_heads, head_dim}, {t * kv_heads, head_dim}, {t * kv_heads, head_dim}},
       {mx::float32, kv_dtype, kv_dtype},
-      std::make_shared<RopeSplit>(stream, q_heads, kv_heads, head_dim, dims, traditional), {qkv, table});
+      std::make_shared<RopeSplit>(stream, q_heads, kv_heads, head_dim, dims, traditional, q_norm.has_value(),
+                                  k_norm.has_value(), q_eps, k_eps),
+      inputs);
 }
 
 // ----------------------------------------------------------------------------- swiglu_split
@@ -508,7 +538,8 @@ NB_MODULE(_fused_ops_cpu, m) {
   m.def("rope_rotate", &rope_rotate, "x"_a, "table"_a, "dims"_a, "traditional"_a, nb::kw_only(),
         "stream"_a = nb::none(), "RoPE's rotation of x by a precomputed cos / sin table (bit-identical to mx.fast.rope on CPU).");
   m.def("rope_split", &rope_split, "qkv"_a, "table"_a, "q_heads"_a, "kv_heads"_a, "head_dim"_a, "dims"_a,
-        "traditional"_a, "kv_dtype"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "traditional"_a, "kv_dtype"_a, nb::kw_only(), "q_norm"_a = nb::none(), "k_norm"_a = nb::none(),
+        "q_eps"_a = 0.0f, "k_eps"_a = 0.0f, "stream"_a = nb::none(),
         "A fused q/k/v projection's q and k rotated (as rope_rotate) and k, v in the pool's dtype and row order.");
   m.def("swiglu_split", &swiglu_split, "gate_up"_a, nb::kw_only(), "stream"_a = nb::none(),
         "silu(gate) * up of a fused gate / up projection, bit-identical to mlx-lm's compiled swiglu.");
