@@ -1,17 +1,21 @@
 #!/usr/bin/env python
-"""One stream's decode through `LLMEngine` alone, in-process: the engine's own tok/s for a
-model folder in the weight form the server would choose, without the HTTP server around it.
+"""One stream's decode through `LLMEngine` alone, in-process: the engine's own per-token time
+for a model folder in the weight form the server would choose, without the HTTP server.
 
     OMLX_MATMUL=auto python bench/engine_one_stream.py --model bench/models/smollm2-135m-f32
     OMLX_MATMUL=auto python bench/engine_one_stream.py --model ~/.omlx/cache/gguf/<digest>-v3
 
-Compare with the served figure (bench/llama_cpp_bench.py, one client) to split a stream's
-per-token time between the engine step and the serving path around it.
+A real question in the model's chat template, greedy, speculation off unless asked: a random
+prompt makes SmolLM2 repeat itself, and prompt-lookup speculation then accepts several tokens a
+step, which once made this bench report twice the served rate (bench/README.md).  Per-step
+times are noisy on a shared 2-core machine, so it prints the median and the 10th / 90th
+percentiles of the decode steps, and where a step's time goes (the engine's StepProfile).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 
@@ -19,35 +23,46 @@ from omlx.blas import ensure_optimized_blas
 
 ensure_optimized_blas(sys.argv)
 
-import numpy as np  # noqa: E402
 from mlx_lm import load  # noqa: E402
 
 from omlx.models import weight_form  # noqa: E402
 from omlx.scheduler import EngineConfig, GenerationRequest, LLMEngine  # noqa: E402
 
+QUESTIONS = ["Why is the sky blue?", "How do bees make honey?", "Explain how a rainbow forms."]
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--prompt-tokens", type=int, default=200)
-    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=128, help="tokens decoded per question")
+    parser.add_argument("--questions", type=int, default=3)
+    parser.add_argument("--speculative", action="store_true", help="prompt-lookup speculation on")
     parser.add_argument("--prefix-cache", action="store_true")
-    parser.add_argument("--blocks", type=int, default=0, help="KV pool blocks of 32 tokens (default: just enough)")
+    parser.add_argument("--blocks", type=int, default=64, help="KV pool blocks of 32 tokens")
     args = parser.parse_args()
-    model, _ = load(args.model)
+    model, tokenizer = load(args.model)
     form = weight_form.apply(model, None, 8 << 30)
-    prompt = np.random.default_rng(0).integers(10, 30000, size=args.prompt_tokens).tolist()
-    blocks = args.blocks or -(-(args.prompt_tokens + args.tokens + 16) // 32) + 4
-    engine = LLMEngine(model, EngineConfig(block_size=32, num_blocks=blocks, max_num_seqs=1,
-                                           max_num_batched_tokens=2048, prefix_cache=args.prefix_cache), 16384)
-    engine.add_request(GenerationRequest("one", prompt, max_tokens=args.tokens + 6))
-    for _ in range(6):  # prefill, then a few warm decode steps
-        engine.step()
-    start, produced = time.perf_counter(), 0
-    while engine.has_work:
-        produced += sum(1 for _, event in engine.step() if event.token_id is not None)
-    elapsed = time.perf_counter() - start
-    print(f"{args.model}: form {form}, {produced / elapsed:.1f} tok/s ({elapsed / produced * 1e3:.1f} ms a token)")
+    engine = LLMEngine(model, EngineConfig(block_size=32, num_blocks=args.blocks, max_num_seqs=1,
+                                           max_num_batched_tokens=2048, prefix_cache=args.prefix_cache,
+                                           speculative=args.speculative), 16384)
+    steps, produced = [], 0
+    for i in range(args.questions):
+        question = QUESTIONS[i % len(QUESTIONS)]
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+        engine.add_request(GenerationRequest(f"q{i}", prompt, max_tokens=args.tokens))
+        engine.step()  # the prefill
+        engine.profile.reset()
+        while engine.has_work:
+            start = time.perf_counter()
+            produced += sum(1 for _, event in engine.step() if event.token_id is not None)
+            steps.append(time.perf_counter() - start)
+    steps = steps[5:]  # the first decode steps of the run warm MLX's caches
+    deciles = statistics.quantiles(steps, n=10)
+    profile = engine.profile.report()["mean_ms"]
+    print(f"{args.model}: form {form}, speculation {'on' if args.speculative else 'off'}: "
+          f"median step {statistics.median(steps) * 1e3:.2f} ms (p10 {deciles[0] * 1e3:.2f}, p90 {deciles[-1] * 1e3:.2f}), "
+          f"{1 / statistics.median(steps):.1f} steps/s, {produced} tokens in {len(steps) + 5} steps")
+    print("  last question's mean ms per step:", {k: v for k, v in profile.items() if v})
 
 
 if __name__ == "__main__":
