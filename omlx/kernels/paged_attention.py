@@ -352,7 +352,7 @@ def ragged_attention(queries: mx.array, pool_k, pool_v, plan: RaggedPlan, scale:
     """
     if window < 0 or chunk < 0:
         raise ValueError(f"window and chunk must be >= 0, got {window}, {chunk}")
-    tokens, q_heads, _, dim = queries.shape
+    tokens, q_heads = queries.shape[:2]
     if sinks is not None:
         if sinks.shape != (q_heads,):
             raise ValueError(f"sinks must have shape ({q_heads},), got {sinks.shape}")
