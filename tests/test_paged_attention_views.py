@@ -13,6 +13,8 @@ import re
 import mlx.core as mx
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from omlx.kernels import backend
 from omlx.kernels.paged_attention import QuantizedRows, RaggedPlan, ragged_attention
@@ -188,3 +190,61 @@ def test_queries_of_a_wrong_shape_are_refused():
                                **kw)
     with pytest.raises(ValueError, match="queries must be"):
         KERNEL.paged_attention(q[0], k, v, plan.tables, plan.seqs, plan.groups, **kw)
+
+
+sequence = st.tuples(
+    st.integers(0, 2),  # prefix family (sequences of one family share its cached blocks)
+    st.integers(0, 40),  # tokens already in the cache past the shared prefix
+    st.sampled_from([1, 1, 1, 3, 17, 40]),  # new tokens: decode or a prefill chunk
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seqs=st.lists(sequence, min_size=1, max_size=6),
+    shared_blocks=st.integers(0, 3),
+    block_size=st.sampled_from([4, 8, 16, 32]),
+    kv_heads=st.sampled_from([1, 2, 4]),
+    ratio=st.sampled_from([1, 2, 3, 4]),
+    dims=st.sampled_from([(64, 64), (32, 32), (64, 32), (8, 8), (20, 20)]),
+    form=st.sampled_from(FORMS),
+    limit=st.sampled_from(list(LIMITS)),
+    seed=st.integers(0, 2**16),
+)
+def test_random_plans_read_views_bit_identically(seqs, shared_blocks, block_size, kv_heads, ratio, dims, form,
+                                                 limit, seed):
+    """Random ragged plans (decode rows, prefill chunks at any offset, shared prefixes, GQA,
+    head dims off the vector width): queries as a (T, Hq, 1, D) transposed view and every
+    other input as a view give the bits of contiguous inputs."""
+    key_dim, value_dim = dims
+    if form in ("q4", "q8") and (key_dim % 32 or value_dim % 32):
+        form = "float32"
+    rng = np.random.default_rng(seed)
+    prefixes = [list(range(1 + f * shared_blocks, 1 + (f + 1) * shared_blocks)) for f in range(3)]
+    next_block = 1 + 3 * shared_blocks
+    tables, q_lens, pos0 = [], [], []
+    for family, cached, new in seqs:
+        start = shared_blocks * block_size + cached
+        own = -(-(start + new) // block_size) - shared_blocks
+        tables.append(prefixes[family] + list(range(next_block, next_block + own)))
+        next_block += own
+        q_lens.append(new)
+        pos0.append(start)
+    rows = next_block * kv_heads * block_size
+    k, bits = pool_parts(rng, rows, key_dim, form)
+    v, _ = pool_parts(rng, rows, value_dim, form)
+    _, plan = RaggedPlan.for_sequences(tables, q_lens, pos0, kv_heads, block_size, kernel=KERNEL)
+    tokens, q_heads = sum(q_lens), kv_heads * ratio
+    q = mx.array(rng.standard_normal((tokens, q_heads, key_dim)).astype(np.float32))
+    sinks = mx.array(rng.standard_normal(q_heads).astype(np.float32))
+    kw = dict(kv_heads=kv_heads, block_size=block_size, scale=key_dim**-0.5, bits=bits, group_size=32)
+    limits = LIMITS[limit]
+    reference = call(q, k, v, plan, kw, limits, sinks)
+    # (T, 1, Hq, D) as a projection's output is reshaped, transposed to the layer's form
+    layer_view = mx.contiguous(q[:, None]).transpose(0, 2, 1, 3)
+    groups = column_view(plan.groups) if plan.groups.shape[0] else plan.groups
+    out = call(layer_view, [column_view(p) for p in k], [row_view(p) for p in v], plan, kw, limits, sinks,
+               tables=column_view(plan.tables), seqs=row_view(plan.seqs), groups=groups,
+               sink_values=mx.stack([mx.zeros_like(sinks), sinks], axis=1)[:, 1])
+    assert out.shape == (tokens, q_heads, 1, reference.shape[-1])
+    assert np.array_equal(bits_of(out[:, :, 0, :]), bits_of(reference))
