@@ -743,13 +743,9 @@ class PagedAttention : public mx::Primitive {
   bool has_sinks_;
 };
 
-const mx::array& check_rows(const mx::array& a, const char* what) {
-  if (a.ndim() != 2) throw std::invalid_argument(std::string("paged_attention: ") + what + " must be 2-D");
-  return a;
-}
-
 // q (T, Hq, Dk), or (T, Hq, 1, Dk) as an attention layer holds it (the output then has that
-// rank too: no reshape node on either side); any strides.  Pools as lists: [rows] for float, [packed, scales, biases] for quantized.
+// rank too: no reshape node on either side); any strides.  Pools as lists: [rows] for float,
+// [packed, scales, biases] for quantized; views are accepted (copied into rows in the task).
 // window / chunk: 0 for none; sinks: (Hq,) logits (used as float32; round them to the
 // attention's dtype first to match mx.fast.scaled_dot_product_attention).
 mx::array paged_attention(const mx::array& q, const std::vector<mx::array>& k_pool,
@@ -779,7 +775,10 @@ mx::array paged_attention(const mx::array& q, const std::vector<mx::array>& k_po
       mx::astype(groups, mx::int32, stream),
   };
   for (auto* pool : {&k_pool, &v_pool})
-    for (const auto& part : *pool) check_rows(part, "pool arrays");
+    for (const auto& part : *pool) {
+      if (part.ndim() != 2) throw std::invalid_argument("paged_attention: pool arrays must be 2-D");
+      inputs.push_back(part);
+    }
   const int dk = int(q.shape(-1));
   int dv;
   if (quantized) {
@@ -791,8 +790,6 @@ mx::array paged_attention(const mx::array& q, const std::vector<mx::array>& k_po
     if (k_pool[0].shape(1) != dk)
       throw std::invalid_argument("paged_attention: key pool width does not match the query dim");
   }
-  for (auto* pool : {&k_pool, &v_pool})
-    for (const auto& part : *pool) inputs.push_back(part);
   if (inputs[2].ndim() != 2 || inputs[2].shape(1) != 4 || inputs[3].ndim() != 2 || inputs[3].shape(1) != 4 ||
       inputs[1].ndim() != 2)
     throw std::invalid_argument("paged_attention: tables (S, W), seqs (S, 4), groups (G, 4)");
