@@ -98,6 +98,49 @@ def test_rope_split_rounds_like_astype_at_the_edges():
         assert np.array_equal(np.array(v.astype(mx.float32)), np.array(want.astype(mx.float32)), equal_nan=True)
 
 
+@pytest.mark.parametrize("kv_dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("held", [False, True])
+def test_rope_store_writes_the_split_rows_into_the_pools_in_place(kv_dtype, held):
+    """`rope_store` is rope_split then `pool[rows] = k` / `= v`: the pool arrays become the new
+    pools (same Python objects); a pool someone else still holds is copied, never changed."""
+    hq, hkv, d, tokens = 4, 2, 16, 3
+    rng = np.random.default_rng(9)
+    qkv = mx.array(rng.standard_normal((tokens, 1, (hq + 2 * hkv) * d)).astype(np.float32))
+    offsets = mx.array([4, 9, 0], dtype=mx.int32)
+    rope = SharedRoPE(d, False, 10000.0, 1.0)
+    _, _, table = rope.table_for(tokens, 1, mx.float32, offsets)
+    rows = mx.array([5, 6, 11, 12, 30, 31], dtype=mx.int32)
+    start = rng.standard_normal((40, d)).astype(np.float32)
+    pool_k, pool_v = mx.array(start).astype(kv_dtype), mx.array(start[::-1].copy()).astype(kv_dtype)
+    mx.eval(pool_k, pool_v)
+    want_k, want_v = mx.array(pool_k), mx.array(pool_v)
+    q_want, k_new, v_new = kernel().rope_split(qkv, table, hq, hkv, d, d, False, kv_dtype)
+    want_k[rows] = k_new
+    want_v[rows] = v_new
+    before = (np.array(pool_k.astype(mx.float32)), mx.array(pool_k)) if held else None
+    k_object = pool_k
+    q = kernel().rope_store(qkv, table, rows, pool_k, pool_v, hq, hkv, d, d, False)
+    mx.eval(q, pool_k, pool_v)
+    assert pool_k is k_object and pool_k.shape == (40, d) and pool_k.dtype == kv_dtype
+    assert np.array_equal(np.array(q), np.array(q_want))
+    assert np.array_equal(np.array(pool_k.astype(mx.float32)), np.array(want_k.astype(mx.float32)))
+    assert np.array_equal(np.array(pool_v.astype(mx.float32)), np.array(want_v.astype(mx.float32)))
+    if held:  # the held array still has the old contents
+        assert np.array_equal(np.array(before[1].astype(mx.float32)), before[0])
+
+
+def test_rope_store_refuses_mismatched_pools_and_rows():
+    qkv, table = mx.zeros((2, 1, 8 * 16)), mx.zeros((2, 1, 16))
+    rows = mx.zeros((4,), dtype=mx.int32)
+    good = dict(q_heads=4, kv_heads=2, head_dim=16, dims=16, traditional=False)
+    with pytest.raises(ValueError):  # value pool of another dtype
+        kernel().rope_store(qkv, table, rows, mx.zeros((8, 16)), mx.zeros((8, 16), mx.bfloat16), **good)
+    with pytest.raises(ValueError):  # one row per (token, kv head)
+        kernel().rope_store(qkv, table, mx.zeros((3,), dtype=mx.int32), mx.zeros((8, 16)), mx.zeros((8, 16)), **good)
+    with pytest.raises(ValueError):  # pools of another head width
+        kernel().rope_store(qkv, table, rows, mx.zeros((8, 8)), mx.zeros((8, 8)), **good)
+
+
 @pytest.mark.parametrize("bad", ["shape", "heads", "dims", "table", "dtype"])
 def test_rope_split_refuses_bad_input(bad):
     qkv = mx.zeros((3, 1, 8 * 16))

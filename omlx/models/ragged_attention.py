@@ -11,17 +11,17 @@ Here, in a ragged pass (every token a row of length one, attention routed to the
 omlx/scheduler/kv_cache.py) the layer runs as:
 
     qkv = fused q/k/v projection (one packed call)
-    q, k, v = rope_split(qkv)     one node: q, k rotated (after qwen3's per-head RMSNorm,
-                                  where the layer has one); k, v in the pool's dtype and row order
-    pool_k[rows] = k; pool_v[rows] = v
+    q = rope_store(qkv, pools)    one node: q, k rotated (after qwen3's per-head RMSNorm, where
+                                  the layer has one); k, v rounded to the pool's dtype and
+                                  written into the pools in place, as `pool[rows] = k` does
     out = paged attention(q)      one node
     o_proj(out.reshape(...))
 
-Seven nodes instead of ~33, **bit-identical** to the layer's own path: the same packed
+Five nodes instead of ~33, **bit-identical** to the layer's own path: the same packed
 projections (the fused call computes every column as the separate calls do), the same
 rotation (`rope_split` reuses `rope_rotate`'s instruction sequence and the shared cos / sin
 table of omlx/models/shared_rope.py), the same rounding to the pool's dtype (MLX's astype),
-the same scatters and the same attention kernel with the same inputs.
+the same rows written and the same attention kernel with the same inputs.
 
 Every other call - mlx-lm's own caches, the padded path, a quantized or second KV pool, a
 sliding window, a portable (kernel-less) plan, a float16 / bfloat16 activation - goes to the
@@ -84,12 +84,11 @@ def _routed_call(qkv_name: str, normed: bool):
         if normed:
             norms = dict(q_norm=self.q_norm.weight, k_norm=self.k_norm.weight, q_eps=self.q_norm.eps,
                          k_eps=self.k_norm.eps)
-        q, k, v = fused_ops.kernel().rope_split(
-            getattr(self, qkv_name)(x), table, self.n_heads, self.n_kv_heads, self._omlx_head_dim,
-            rope.dims, rope.traditional, pool_k.dtype, **norms)
-        rows = cache.batch.write_rows
-        pool_k[rows] = k  # in place: the pool's previous array has no other reference
-        pool_v[rows] = v
+        # k and v go straight into the pools, in place (as `pool[rows] = k` does): the pool
+        # arrays become this node's outputs, reusing their buffers.
+        q = fused_ops.kernel().rope_store(
+            getattr(self, qkv_name)(x), table, cache.batch.write_rows, pool_k, pool_v, self.n_heads,
+            self.n_kv_heads, self._omlx_head_dim, rope.dims, rope.traditional, **norms)
         out = plan.kernel.paged_attention(
             q, [pool_k], [pool_v], plan.tables, plan.seqs, plan.groups,
             kv_heads=plan.num_kv_heads, block_size=plan.block_size, scale=self.scale, bits=0, group_size=64)

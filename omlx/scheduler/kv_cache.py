@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
 from omlx.allocator_caches import release_freed
@@ -271,12 +272,14 @@ class BatchLayout:
     @classmethod
     def build_ragged(cls, positions, token_blocks, token_offsets, plan: RaggedPlan, num_heads: int, block_size: int):
         """numpy inputs, one entry per token: positions, its block and offset in it."""
+        # The write rows computed on the host (write_indices' formula, in numpy): an evaluated
+        # array, not a few graph nodes every pass, that the pool writes read as it is.
+        heads = np.arange(num_heads, dtype=np.int64)[None, :]
+        rows = (np.asarray(token_blocks, dtype=np.int64)[:, None] * num_heads + heads) * block_size \
+            + np.asarray(token_offsets, dtype=np.int64)[:, None]
         return cls(
             offsets=mx.array(positions, dtype=mx.int32),
-            write_rows=write_indices(
-                mx.array(token_blocks, dtype=mx.int32)[:, None], mx.array(token_offsets, dtype=mx.int32)[:, None],
-                num_heads, block_size,
-            ),
+            write_rows=mx.array(rows.reshape(-1).astype(np.int32)),
             tiles=None, mask=None, hooked=True, ragged=plan,
         )
 

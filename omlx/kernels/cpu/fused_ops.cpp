@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <optional>
 #include <limits>
 #include <stdexcept>
@@ -252,6 +253,8 @@ struct Split {
   int64_t tr, tt, tc;
   bool traditional;
   int kind;  // 0: float32, 1: bfloat16, 2: float16
+  const int32_t* rows;  // store mode: each (token, kv head)'s pool row (nullptr: k, v dense)
+  int64_t pool_rows;
   const float* q_norm;  // qwen3's per-head RMSNorm of q and k before RoPE (nullptr: none)
   const float* k_norm;
   float q_eps, k_eps;
@@ -266,6 +269,10 @@ inline uint16_t to_bf16(float x) {
 }
 
 void store_row(const Split& p, const float* src, void* dst, int64_t at) {
+  if (p.rows != nullptr) {
+    at = p.rows[at];
+    if (at < 0 || at >= p.pool_rows) return;  // never from write_indices; never out of the pool
+  }
   if (p.kind == 0) {
     std::memcpy(static_cast<float*>(dst) + at * p.d, src, sizeof(float) * p.d);
   } else if (p.kind == 1) {
@@ -315,17 +322,32 @@ void split_head(const Split& p, int64_t token, int64_t head) {
 class RopeSplit : public mx::Primitive {
  public:
   RopeSplit(mx::Stream stream, int hq, int hkv, int d, int dims, bool traditional, bool q_norm, bool k_norm,
-            float q_eps, float k_eps)
+            float q_eps, float k_eps, bool store)
       : mx::Primitive(stream), hq_(hq), hkv_(hkv), d_(d), dims_(dims), traditional_(traditional),
-        q_norm_(q_norm), k_norm_(k_norm), q_eps_(q_eps), k_eps_(k_eps) {}
+        q_norm_(q_norm), k_norm_(k_norm), q_eps_(q_eps), k_eps_(k_eps), store_(store) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& o : outputs) {
-      o.set_data(mx::allocator::malloc(o.nbytes()));
+    for (auto& a : inputs) enc.set_input_array(a);
+    outputs[0].set_data(mx::allocator::malloc(outputs[0].nbytes()));
+    // Store mode: the new pools are the old ones with this step's rows written - in place
+    // where the old pool has no other reference (as MLX's scatter donates its input),
+    // else a copy of the pool first.
+    for (int i = 1; i < 3; ++i) {
+      auto& o = outputs[i];
+      if (store_) {
+        const auto& pool = inputs[2 + i - 1];
+        if (!pool.flags().row_contiguous) throw std::runtime_error("omlx rope_split: a KV pool must be row-contiguous");
+        if (pool.is_donatable()) {
+          o.copy_shared_buffer(pool);
+        } else {
+          o.set_data(mx::allocator::malloc(o.nbytes()));  // filled from the pool in the task
+        }
+      } else {
+        o.set_data(mx::allocator::malloc(o.nbytes()));
+      }
       enc.set_output_array(o);
     }
-    for (auto& a : inputs) enc.set_input_array(a);
     const auto& qkv = inputs[0];
     const auto& table = inputs[1];
     Split p{};
@@ -348,11 +370,22 @@ class RopeSplit : public mx::Primitive {
     const auto dt = outputs[1].dtype();
     p.kind = dt == mx::float32 ? 0 : dt == mx::bfloat16 ? 1 : 2;
     size_t next = 2;
+    if (store_) {
+      p.pool_rows = inputs[2].shape(0);
+      next = 4;
+      p.rows = inputs[next++].data<int32_t>();
+    }
     p.q_norm = q_norm_ ? inputs[next++].data<float>() : nullptr;
     p.k_norm = k_norm_ ? inputs[next++].data<float>() : nullptr;
     p.q_eps = q_eps_, p.k_eps = k_eps_;
-    if (p.t == 0) return;
-    enc.dispatch([p, rows]() {
+    std::vector<std::tuple<void*, const void*, size_t>> pending;
+    for (int i = 1; i < 3 && store_; ++i)
+      if (outputs[i].data<void>() != inputs[i + 1].data<void>())
+        pending.emplace_back(outputs[i].data<void>(), inputs[i + 1].data<void>(), inputs[i + 1].nbytes());
+    enc.dispatch([p, rows, pending]() {
+      // A pool that could not be donated: its contents first, then this step's rows.
+      for (const auto& [dst, src, bytes] : pending) std::memcpy(dst, src, bytes);
+      if (p.t == 0) return;
       const int64_t heads = p.hq + 2 * p.hkv, total = p.t * heads;
       const bool parallel = total * p.d >= (int64_t(1) << 16);
 #pragma omp parallel for schedule(static) if (parallel)
@@ -368,6 +401,7 @@ class RopeSplit : public mx::Primitive {
 
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     const int t = inputs[0].shape(0);
+    if (store_) return {{t, hq_, d_}, inputs[2].shape(), inputs[3].shape()};
     return {{t, hq_, d_}, {t * hkv_, d_}, {t * hkv_, d_}};
   }
 
@@ -375,13 +409,14 @@ class RopeSplit : public mx::Primitive {
     auto* o = dynamic_cast<const RopeSplit*>(&other);
     return o && o->hq_ == hq_ && o->hkv_ == hkv_ && o->d_ == d_ && o->dims_ == dims_ &&
            o->traditional_ == traditional_ && o->q_norm_ == q_norm_ && o->k_norm_ == k_norm_ &&
-           o->q_eps_ == q_eps_ && o->k_eps_ == k_eps_;
+           o->q_eps_ == q_eps_ && o->k_eps_ == k_eps_ && o->store_ == store_;
   }
 
  private:
   int hq_, hkv_, d_, dims_;
   bool traditional_, q_norm_, k_norm_;
   float q_eps_, k_eps_;
+  bool store_;
 };
 
 // qkv (T, 1, (hq + 2 hkv) * d) float32, its last axis contiguous (a packed projection's
@@ -416,8 +451,40 @@ std::vector<mx::array> rope_split(const mx::array& qkv, const mx::array& table, 
       {{t, q_heads, head_dim}, {t * kv_heads, head_dim}, {t * kv_heads, head_dim}},
       {mx::float32, kv_dtype, kv_dtype},
       std::make_shared<RopeSplit>(stream, q_heads, kv_heads, head_dim, dims, traditional, q_norm.has_value(),
-                                  k_norm.has_value(), q_eps, k_eps),
+                                  k_norm.has_value(), q_eps, k_eps, false),
       inputs);
+}
+
+// rope_split, with k and v written straight into the layer's KV pools at `rows` (int32,
+// (T * kv_heads,): the pool row of each (token, kv head), as write_indices orders them)
+// instead of returned: one node where the split, two reshapes and two scatters were.  Like
+// `pool[rows] = k` in Python, the pools are updated in place: each argument's array becomes
+// the new pool (the node's output), which reuses the old buffer when nothing else holds it.
+// Returns q.
+mx::array rope_store(const mx::array& qkv, const mx::array& table, const mx::array& rows, mx::array& pool_k,
+                     mx::array& pool_v, int q_heads, int kv_heads, int head_dim, int dims, bool traditional,
+                     const std::optional<mx::array>& q_norm, const std::optional<mx::array>& k_norm, float q_eps,
+                     float k_eps, mx::StreamOrDevice s) {
+  // The same checks as rope_split, through it on an empty probe of the same shapes.
+  if (pool_k.ndim() != 2 || pool_v.ndim() != 2 || pool_k.shape(1) != head_dim || pool_v.shape(1) != head_dim ||
+      pool_k.dtype() != pool_v.dtype() || pool_k.shape(0) != pool_v.shape(0))
+    throw std::invalid_argument("omlx rope_store: pools must be (rows, head_dim) of one dtype and size");
+  if (rows.ndim() != 1 || rows.dtype() != mx::int32 || rows.shape(0) != int64_t(qkv.ndim() ? qkv.shape(0) : 0) * kv_heads)
+    throw std::invalid_argument("omlx rope_store: rows must be int32 (T * kv_heads,)");
+  auto checked = rope_split(qkv, table, q_heads, kv_heads, head_dim, dims, traditional, pool_k.dtype(), q_norm,
+                            k_norm, q_eps, k_eps, s);
+  const auto stream = mx::to_stream(s, mx::Device::cpu);
+  std::vector<mx::array> inputs{qkv, table, pool_k, pool_v, omlx_cpu::as_rows(rows, stream)};
+  if (q_norm) inputs.push_back(omlx_cpu::as_rows(*q_norm, stream));
+  if (k_norm) inputs.push_back(omlx_cpu::as_rows(*k_norm, stream));
+  auto outs = mx::array::make_arrays(
+      {checked[0].shape(), pool_k.shape(), pool_v.shape()}, {mx::float32, pool_k.dtype(), pool_v.dtype()},
+      std::make_shared<RopeSplit>(stream, q_heads, kv_heads, head_dim, dims, traditional, q_norm.has_value(),
+                                  k_norm.has_value(), q_eps, k_eps, true),
+      inputs);
+  pool_k.overwrite_descriptor(outs[1]);
+  pool_v.overwrite_descriptor(outs[2]);
+  return outs[0];
 }
 
 // ----------------------------------------------------------------------------- swiglu_split
@@ -541,6 +608,10 @@ NB_MODULE(_fused_ops_cpu, m) {
         "traditional"_a, "kv_dtype"_a, nb::kw_only(), "q_norm"_a = nb::none(), "k_norm"_a = nb::none(),
         "q_eps"_a = 0.0f, "k_eps"_a = 0.0f, "stream"_a = nb::none(),
         "A fused q/k/v projection's q and k rotated (as rope_rotate) and k, v in the pool's dtype and row order.");
+  m.def("rope_store", &rope_store, "qkv"_a, "table"_a, "rows"_a, "pool_k"_a, "pool_v"_a, "q_heads"_a, "kv_heads"_a,
+        "head_dim"_a, "dims"_a, "traditional"_a, nb::kw_only(), "q_norm"_a = nb::none(), "k_norm"_a = nb::none(),
+        "q_eps"_a = 0.0f, "k_eps"_a = 0.0f, "stream"_a = nb::none(),
+        "rope_split with k and v written into the pools in place (as pool[rows] = k); returns q.");
   m.def("swiglu_split", &swiglu_split, "gate_up"_a, nb::kw_only(), "stream"_a = nb::none(),
         "silu(gate) * up of a fused gate / up projection, bit-identical to mlx-lm's compiled swiglu.");
   m.def("num_threads", &omlx_cpu::openmp_threads);
