@@ -72,11 +72,16 @@ def kernel():
 # ---------------------------------------------------------------------------- repacking
 class QuantBf16Weights(AffineQuantWeights):
     """codes: uint8 (N_pad / 64, K / 2, 64 | 128); scales, biases: stored dtype,
-    (N_pad / 64, K / group_size, 64)."""
+    (N_pad / 64, K / group_size, 64), or (`offsets`) half-precision scales with float32
+    c = bias - 2^bits * scale in place of the biases."""
 
     @property
     def codes(self) -> mx.array:
         return self.data
+
+    @property
+    def offsets(self) -> bool:
+        return self.scales.dtype != mx.float32 and self.biases.dtype == mx.float32
 
 
 def _panel_order(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -102,15 +107,42 @@ def _panel_groups(a: mx.array, n_pad: int) -> mx.array:
     return mx.contiguous(a.reshape(n_pad // PANEL, PANEL, groups).transpose(0, 2, 1))
 
 
-def repack(weight: mx.array, scales: mx.array, biases: mx.array | None, bits: int, group_size: int) -> QuantBf16Weights:
-    """MLX affine-quantized (weight, scales, biases) -> the kernel's panels (same bytes, N padded
-    to a multiple of 64)."""
+def exact_offsets(scales: mx.array, biases: mx.array, bits: int) -> mx.array | None:
+    """float32 c = bias - 2^bits * scale per group where that is exact for every group (then
+    the kernel's one fma of 2^bits + q, a float built by integer ops, gives mx.dequantize's
+    twice-rounded weight: scale * q is exact for half-precision scales, so rounding it first
+    changes nothing), else None.  Tiny magnitudes are refused: a flush-to-zero mode could
+    treat them differently from the reference."""
+    if scales.dtype not in (mx.float16, mx.bfloat16) or biases.dtype not in (mx.float16, mx.bfloat16):
+        return None
+    s = np.array(scales.astype(mx.float32)).astype(np.float64)
+    b = np.array(biases.astype(mx.float32)).astype(np.float64)
+    c = b - float(1 << bits) * s
+    c32 = c.astype(np.float32)
+    tiny = 2.0 ** -100
+    if not (np.all(np.isfinite(c32)) and np.array_equal(c32.astype(np.float64), c)):
+        return None
+    if np.any((np.abs(c) < tiny) & (c != 0)) or np.any((np.abs(s) < tiny) & (s != 0)):
+        return None
+    return mx.array(c32)
+
+
+def repack(weight: mx.array, scales: mx.array, biases: mx.array | None, bits: int, group_size: int, *,
+           allow_offsets: bool = True) -> QuantBf16Weights:
+    """MLX affine-quantized (weight, scales, biases) -> the kernel's panels (same codes, N padded
+    to a multiple of 64); half-precision scales keep their dtype, with float32 offsets in place
+    of the biases where those are exact (a cheaper unpack, 2 more bytes per group)."""
     codes, n, k = padded_codes(weight, biases, bits, group_size, PANEL, "quant_bf16")
     n_pad = codes.shape[0]
+    panels = mx.array(_panel_order(codes, bits))
+    offsets = exact_offsets(scales, biases, bits) if allow_offsets else None
+    if offsets is not None:
+        return QuantBf16Weights(panels, _panel_groups(scales, n_pad), _panel_groups(offsets, n_pad), n, k, bits,
+                                group_size)
     dtype = scales.dtype if scales.dtype in SCALE_DTYPES else mx.float32
     if biases.dtype != dtype:  # one dtype for both; widening to float32 is exact
         dtype = mx.float32
-    return QuantBf16Weights(mx.array(_panel_order(codes, bits)), _panel_groups(scales.astype(dtype), n_pad),
+    return QuantBf16Weights(panels, _panel_groups(scales.astype(dtype), n_pad),
                             _panel_groups(biases.astype(dtype), n_pad), n, k, bits, group_size)
 
 
@@ -155,8 +187,12 @@ def dequantized_rows(w: QuantBf16Weights, rows: mx.array) -> mx.array:
         picked = mx.stack([picked & 0x0F, mx.right_shift(picked, 4)], axis=-1)
     picked = picked.reshape(*rows.shape, blocks, 2, per_word)
     codes = mx.swapaxes(picked, -1, -2).reshape(*rows.shape, w.k).astype(mx.float32)
-    scales = mx.repeat(w.scales[panel, :, column].astype(mx.float32), w.group_size, axis=-1)
-    biases = mx.repeat(w.biases[panel, :, column].astype(mx.float32), w.group_size, axis=-1)
+    scales = w.scales[panel, :, column].astype(mx.float32)
+    biases = w.biases[panel, :, column].astype(mx.float32)
+    if w.offsets:  # the stored bias is c + 2^bits * scale, exactly (it is representable)
+        biases = biases + float(1 << w.bits) * scales
+    scales = mx.repeat(scales, w.group_size, axis=-1)
+    biases = mx.repeat(biases, w.group_size, axis=-1)
     return (codes * scales + biases).astype(mx.bfloat16).astype(mx.float32)
 
 
@@ -225,7 +261,8 @@ class QuantBf16Linear(HoldsPacked, QuantDimsAccessors, nn.Module):
         if not parts or not all(type(p) is QuantBf16Linear for p in parts):
             return False
         first = parts[0]
-        same = {(p._dims.k, p._dims.bits, p._dims.group_size, p["panel_scales"].dtype) for p in parts}
+        same = {(p._dims.k, p._dims.bits, p._dims.group_size, p["panel_scales"].dtype, p["panel_biases"].dtype)
+                for p in parts}
         return len(same) == 1 and all(p._dims.n % PANEL == 0 for p in parts[:-1]) and first._dims.n > 0
 
     @classmethod

@@ -96,9 +96,11 @@ class QuantBf16Linear : public mx::Primitive {
     p.scales = inputs[2].data<void>();
     p.biases = inputs[3].data<void>();
     const auto dtype = inputs[2].dtype();
-    p.scale_type = dtype == mx::float16    ? omlx_quant_bf16::kF16
-                   : dtype == mx::bfloat16 ? omlx_quant_bf16::kBF16
-                                           : omlx_quant_bf16::kF32;
+    const bool offsets = dtype != mx::float32 && inputs[3].dtype() == mx::float32;  // c = bias - 2^bits * scale
+    using namespace omlx_quant_bf16;
+    p.scale_type = dtype == mx::float16    ? (offsets ? kF16Offsets : kF16)
+                   : dtype == mx::bfloat16 ? (offsets ? kBF16Offsets : kBF16)
+                                           : kF32;
     p.y = out.data<float>();
     p.k = x.shape(-1);
     p.m = p.k ? int64_t(x.size()) / p.k : 0;
@@ -155,7 +157,8 @@ class QuantBf16Linear : public mx::Primitive {
 };
 
 // x (..., K) any float dtype; codes (N_pad / 64, K / 2, 64 or 128) uint8; scales and biases
-// (N_pad / 64, K / group_size, 64) float16, bfloat16 or float32; bias (N,) or None; packed
+// (N_pad / 64, K / group_size, 64) float16, bfloat16 or float32 (float32 biases beside half
+// scales are the offsets bias - 2^bits * scale); bias (N,) or None; packed
 // (N_pad / 64, K / 2, 128) bfloat16, the same weights dequantized and packed as linear_bf16.cpp
 // packs them, or None: with it, calls of packed_from_rows rows or more read it instead.
 mx::array linear(const mx::array& x, const mx::array& codes, const mx::array& scales, const mx::array& biases,
@@ -180,8 +183,10 @@ mx::array linear(const mx::array& x, const mx::array& codes, const mx::array& sc
     if (a->dtype() != mx::float16 && a->dtype() != mx::bfloat16 && a->dtype() != mx::float32)
       throw std::invalid_argument("quantized bf16 linear: scales / biases must be float16, bfloat16 or float32");
   }
-  if (scales.dtype() != biases.dtype())
-    throw std::invalid_argument("quantized bf16 linear: scales and biases differ in dtype");
+  // One dtype for both, or half-precision scales with float32 offsets (quant_bf16_kernel.h).
+  if (scales.dtype() != biases.dtype() && (scales.dtype() == mx::float32 || biases.dtype() != mx::float32))
+    throw std::invalid_argument("quantized bf16 linear: scales and biases must share a dtype, or be half-precision "
+                                "scales with float32 offsets");
   if (bias && (bias->ndim() != 1 || bias->shape(0) != out_features))
     throw std::invalid_argument("quantized bf16 linear: bias must have shape (out_features,)");
   if (packed && (packed->dtype() != mx::bfloat16 || packed->ndim() != 3 || packed->shape(0) != codes.shape(0) ||

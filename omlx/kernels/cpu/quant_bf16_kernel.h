@@ -39,6 +39,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "mlx/types/half_types.h"
@@ -55,7 +56,9 @@ constexpr int BLOCK_BYTES = 512;  // one block of 32 / bits k pairs: 4 registers
 // it, once per step into the scratch panel (bench/quant_bf16_decode_bench.py measured both).
 constexpr int FUSED_ROWS = 8;
 
-enum ScaleType { kF16 = 0, kBF16 = 1, kF32 = 2 };
+// How the scales and biases are stored: both in one dtype, or (the offsets form) half-precision
+// scales with float32 offsets c = bias - 2^bits * scale.
+enum ScaleType { kF16 = 0, kBF16 = 1, kF32 = 2, kF16Offsets = 3, kBF16Offsets = 4 };
 
 struct Problem {
   const float* x;  // (M, K) float32
@@ -93,22 +96,34 @@ inline int code_at(const Problem& p, const uint8_t* panel_codes, int c, int64_t 
   return int((word >> (p.bits * i)) & ((1u << p.bits) - 1));
 }
 
+// Whether a layer's biases are offsets (see quant_bf16_kernel.h's head and quant_bf16.py's
+// repack): float32 c = bias - 2^bits * scale beside half-precision scales.
+constexpr bool offsets(int st) {
+  return st == kF16Offsets || st == kBF16Offsets;
+}
+constexpr int scale_load(int st) {
+  return st == kF16Offsets ? kF16 : st == kBF16Offsets ? kBF16 : st;
+}
+constexpr int bias_load(int st) {
+  return offsets(st) ? kF32 : st;
+}
+
 #if OMLX_DPBF16
 constexpr int ROUND = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 
-// One group's scales and biases for one 16-column register of a panel, spread to the lane pairs
-// of its b / a halves.
+// One group's scales and biases (or offsets) for one 16-column register of a panel, spread to
+// the lane pairs of its b / a halves.
 struct Affine {
   __m512 sb, sa, bb, ba;
 };
 
-template <int ST>
+template <int LT>
 inline __m512 load16(const void* base, int64_t at) {
-  if constexpr (ST == kF32) {
+  if constexpr (LT == kF32) {
     return _mm512_loadu_ps(static_cast<const float*>(base) + at);
   } else {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + at));
-    if constexpr (ST == kF16) return _mm512_cvtph_ps(h);
+    if constexpr (LT == kF16) return _mm512_cvtph_ps(h);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
 }
@@ -118,24 +133,41 @@ inline Affine load_affine(const Problem& p, int64_t panel, int64_t g, int t) {
   const __m512i low = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
   const __m512i high = _mm512_add_epi32(low, _mm512_set1_epi32(8));
   const int64_t at = (panel * p.groups + g) * PANEL + 16 * t;
-  const __m512 sc = load16<ST>(p.scales, at);
-  const __m512 bi = load16<ST>(p.biases, at);
+  const __m512 sc = load16<scale_load(ST)>(p.scales, at);
+  const __m512 bi = load16<bias_load(ST)>(p.biases, at);
   return {_mm512_permutexvar_ps(low, sc), _mm512_permutexvar_ps(high, sc), _mm512_permutexvar_ps(low, bi),
           _mm512_permutexvar_ps(high, bi)};
 }
 
-// The current k pair's codes of a word register (its low bits) as exact floats.
-template <int BITS>
+// Pair I's codes of a block's word register as floats.  With offsets: the code moved to the
+// mantissa bits just above ulp 1 of [2^bits, 2^(bits+1)) and the exponent of 2^bits OR-ed in
+// (integer ops only), so the float is 2^bits + q, and fma(2^bits + q, scale, c) is exactly
+// scale * q + bias rounded once.  Without: q itself (a 16-entry permute for 4 bits; vpermps
+// reads only an index's low 4 bits; a mask and a conversion for 8).
+template <int BITS, int ST, int I>
 inline __m512 codes_as_floats(__m512i word) {
-  if constexpr (BITS == 4) {
-    const __m512 values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    return _mm512_permutexvar_ps(word, values);  // only the index's low 4 bits are read
+  if constexpr (offsets(ST)) {
+    constexpr int P = 23 - BITS;
+    constexpr int SHIFT = P - BITS * I;
+    __m512i v = word;
+    if constexpr (SHIFT > 0) v = _mm512_slli_epi32(word, SHIFT);
+    if constexpr (SHIFT < 0) v = _mm512_srli_epi32(word, -SHIFT);
+    const __m512i mask = _mm512_set1_epi32(((1 << BITS) - 1) << P);
+    const __m512i exponent = _mm512_set1_epi32((127 + BITS) << 23);
+    return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(v, mask, exponent, 0xEA));  // (v & mask) | exponent
   } else {
-    return _mm512_cvtepi32_ps(_mm512_and_si512(word, _mm512_set1_epi32(0xFF)));
+    const __m512i v = I ? _mm512_srli_epi32(word, BITS * I) : word;
+    if constexpr (BITS == 4) {
+      const __m512 values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+      return _mm512_permutexvar_ps(v, values);
+    } else {
+      return _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xFF)));
+    }
   }
 }
 
-// mx.dequantize's float32 scale * q + bias, two roundings (exact product for half scales).
+// mx.dequantize's float32 scale * q + bias, two roundings: one fused multiply-add where the
+// product is exact (half-precision scales) or the offsets make it so.
 template <int ST>
 inline __m512 dequant(__m512 q, __m512 scale, __m512 bias) {
   if constexpr (ST == kF32)
@@ -144,19 +176,24 @@ inline __m512 dequant(__m512 q, __m512 scale, __m512 bias) {
     return _mm512_fmadd_ps(q, scale, bias);
 }
 
-// The bf16 weight register of the current k pair from its b / a words, which then move on to
-// the next pair's codes.
-template <int BITS, int ST>
-inline __m512bh next_weights(__m512i& wb, __m512i& wa, const Affine& s) {
-  const __m512 fb = dequant<ST>(codes_as_floats<BITS>(wb), s.sb, s.bb);
-  const __m512 fa = dequant<ST>(codes_as_floats<BITS>(wa), s.sa, s.ba);
-  wb = _mm512_srli_epi32(wb, BITS);
-  wa = _mm512_srli_epi32(wa, BITS);
+// Pair I's bf16 weight register from its block's b / a words.
+template <int BITS, int ST, int I>
+inline __m512bh weights_at(__m512i wb, __m512i wa, const Affine& s) {
+  const __m512 fb = dequant<ST>(codes_as_floats<BITS, ST, I>(wb), s.sb, s.bb);
+  const __m512 fa = dequant<ST>(codes_as_floats<BITS, ST, I>(wa), s.sa, s.ba);
   return _mm512_cvtne2ps_pbh(fa, fb);
 }
 
 inline __m512i load_word(const uint8_t* block, int t, int half) {
   return _mm512_loadu_si512(block + t * 128 + half * 64);
+}
+
+// f<I>() for I = 0 .. N - 1, in order, each I a compile-time constant (shift counts are
+// immediates).
+template <int N, class F>
+inline void for_each_pair(F&& f) {
+  [&]<int... I>(std::integer_sequence<int, I...>) { (f.template operator()<I>(), ...); }(
+      std::make_integer_sequence<int, N>{});
 }
 
 // Registers T0 .. T0 + TG - 1 of a panel through group g for R rows: each k pair's weights
@@ -176,15 +213,14 @@ inline void fused_registers(const Problem& p, const uint32_t* x, int64_t panel, 
       wb[j] = load_word(block, T0 + j, 0);
       wa[j] = load_word(block, T0 + j, 1);
     }
-#pragma GCC unroll 8
-    for (int i = 0; i < W; ++i) {
+    for_each_pair<W>([&]<int I>() {
       __m512bh w[TG];
-      for (int j = 0; j < TG; ++j) w[j] = next_weights<BITS, ST>(wb[j], wa[j], s[j]);
+      for (int j = 0; j < TG; ++j) w[j] = weights_at<BITS, ST, I>(wb[j], wa[j], s[j]);
       for (int r = 0; r < R; ++r) {
-        const __m512bh xb = (__m512bh)_mm512_set1_epi32(int(x[r * p.k_pairs + kb + i]));
+        const __m512bh xb = (__m512bh)_mm512_set1_epi32(int(x[r * p.k_pairs + kb + I]));
         for (int j = 0; j < TG; ++j) acc[r][T0 + j] = _mm512_dpbf16_ps(acc[r][T0 + j], xb, w[j]);
       }
-    }
+    });
   }
 }
 
@@ -221,11 +257,11 @@ void unpack_panel(const Problem& p, int64_t panel, uint16_t* scratch) {
       const int64_t kp0 = g * p.group_pairs;
       const uint8_t* block = p.codes + (panel * p.k_pairs + kp0) * p.pair_bytes();
       uint16_t* dst = scratch + kp0 * (2 * PANEL) + 32 * t;
-      for (int64_t kb = 0; kb < p.group_pairs; kb += W, block += BLOCK_BYTES) {
-        __m512i wb = load_word(block, t, 0), wa = load_word(block, t, 1);
-#pragma GCC unroll 8
-        for (int i = 0; i < W; ++i, dst += 2 * PANEL)
-          _mm512_store_si512(dst, (__m512i)next_weights<BITS, ST>(wb, wa, s));
+      for (int64_t kb = 0; kb < p.group_pairs; kb += W, block += BLOCK_BYTES, dst += W * (2 * PANEL)) {
+        const __m512i wb = load_word(block, t, 0), wa = load_word(block, t, 1);
+        for_each_pair<W>([&]<int I>() {
+          _mm512_store_si512(dst + I * (2 * PANEL), (__m512i)weights_at<BITS, ST, I>(wb, wa, s));
+        });
       }
     }
   }
@@ -266,6 +302,8 @@ void panel_rows_bits(const Problem& p, const uint32_t* pairs, int64_t panel, uin
   switch (p.scale_type) {
     case kF16: panel_rows_typed<BITS, kF16>(p, pairs, panel, scratch); break;
     case kBF16: panel_rows_typed<BITS, kBF16>(p, pairs, panel, scratch); break;
+    case kF16Offsets: panel_rows_typed<BITS, kF16Offsets>(p, pairs, panel, scratch); break;
+    case kBF16Offsets: panel_rows_typed<BITS, kBF16Offsets>(p, pairs, panel, scratch); break;
     default: panel_rows_typed<BITS, kF32>(p, pairs, panel, scratch); break;
   }
 }
@@ -290,7 +328,9 @@ inline void panel_rows(const Problem& p, const uint32_t* pairs, int64_t panel, u
       float acc = 0.f;
       for (int64_t k = 0; k < 2 * p.k_pairs; ++k) {
         const int64_t at = (panel * p.groups + k / (2 * p.group_pairs)) * PANEL + c;
-        const float s = scale_value(p.scales, p.scale_type, at), b = scale_value(p.biases, p.scale_type, at);
+        const float s = scale_value(p.scales, scale_load(p.scale_type), at);
+        float b = scale_value(p.biases, bias_load(p.scale_type), at);
+        if (offsets(p.scale_type)) b += float(1 << p.bits) * s;  // the stored bias, exactly
         const volatile float scaled = s * float(code_at(p, src, c, k));  // rounded before the bias add, as MLX does
         acc += omlx_cpu::from_bf16(xr[k]) * omlx_cpu::from_bf16(omlx_cpu::to_bf16(scaled + b));
       }
