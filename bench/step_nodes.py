@@ -2,7 +2,7 @@
 """The nodes of one decode step's graph, by primitive, in the form omlx serves.
 
     OMLX_MATMUL=auto python bench/step_nodes.py [--model bench/models/smollm2-135m-f32] [--rows 1]
-                                                [--time STEPS] [--per-call]
+                                                [--time STEPS] [--per-call] [--floor]
 
 Loads the model as the server does (packed weights and the load-time graph reductions),
 admits `--rows` sequences of `--context` tokens, and exports the graph of one ragged decode
@@ -16,6 +16,7 @@ with the graph it was built as before (every input wrapped in a `contiguous` nod
 reshaped to 3-D and the output back: the same kernel, only those nodes added), one engine,
 the two forms taking turns step by step; prints each form's median step and their ratio.
 `--per-call`: one layer's decode attention call (build + eval, 30 a step) in the two forms.
+`--floor`: the model's floor twin (step_floor.py: its layers with tiny dims) instead.
 """
 
 from __future__ import annotations
@@ -151,7 +152,13 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--time", type=int, default=0, metavar="STEPS")
     parser.add_argument("--per-call", action="store_true")
+    parser.add_argument("--floor", action="store_true")
     args = parser.parse_args()
+    if args.floor:
+        import step_floor
+
+        work = tempfile.TemporaryDirectory()
+        args.model = str(step_floor.floor_twin(Path(args.model), Path(work.name)))
     model, _ = load(args.model)
     packed_weights.pack_model(model)
     counts = step_primitives(model, args.rows, args.context)
