@@ -82,6 +82,11 @@ def test_scales_keep_their_stored_dtype_and_give_the_same_bits(scale_dtype, allo
     way, on the register path and the scratch path."""
     for bits in (4, 8):
         layer = quantized_linear(96, 256, bits, 64, seed=3, scale_dtype=scale_dtype)
+        # Biases as GGUF's Q4_1 / Q8_0 conversions give them (a group's minimum, a few scales
+        # below zero), for which the offsets are exact; random ones often are not (test below).
+        rng = np.random.default_rng(bits)
+        minimum = -np.abs(np.array(layer.scales.astype(mx.float32))) * rng.uniform(0, 2 ** bits, layer.scales.shape)
+        layer.biases = mx.array(minimum.astype(np.float32)).astype(scale_dtype)
         w = qb.repack(*qb.stored_quantization(layer), allow_offsets=allow_offsets)
         offsets = allow_offsets and scale_dtype != mx.float32
         assert w.scales.dtype == scale_dtype and w.offsets == offsets
@@ -266,3 +271,22 @@ def test_real_smollm2_q4_1_answers_in_this_form(tmp_path_factory):
                                            add_generation_prompt=True)
     answer = tokenizer.decode(engine_outputs(model, [prompt], 12)[0])
     assert "Paris" in answer, answer
+
+
+def test_parts_in_both_bias_forms_concatenate_with_the_same_bits():
+    """A part whose offsets are exact beside one whose are not: the joined layer holds the
+    stored biases for both (recovered exactly from the offsets) and computes the same bits."""
+    exact = quantized_linear(128, 256, 4, 32, seed=21)
+    exact.biases = (-mx.abs(exact.scales.astype(mx.float32)) * 7).astype(mx.float16)
+    inexact = quantized_linear(64, 256, 4, 32, seed=22)
+    scales, biases = np.array(inexact.scales.astype(mx.float32)), np.array(inexact.biases.astype(mx.float32))
+    scales[5, 2], biases[5, 2] = 1000.0, 2.0 ** -20 * 1.5
+    inexact.scales, inexact.biases = mx.array(scales).astype(mx.float16), mx.array(biases).astype(mx.float16)
+    parts = [qb.QuantBf16Linear.from_quantized(layer) for layer in (exact, inexact)]
+    assert [qb._weights(p).offsets for p in parts] == [True, False]
+    assert qb.QuantBf16Linear.can_concatenate(parts)
+    fused = qb.QuantBf16Linear.concatenate(parts)
+    assert not qb._weights(fused).offsets
+    for m in (1, 9):
+        x = mx.array(np.random.default_rng(m).standard_normal((m, 256)).astype(np.float32))
+        assert_same_bits(fused(x), mx.concatenate([packed_reference(x, exact), packed_reference(x, inexact)], axis=-1))

@@ -84,19 +84,34 @@ class QuantBf16Weights(AffineQuantWeights):
         return self.scales.dtype != mx.float32 and self.biases.dtype == mx.float32
 
 
+BLOCK_PAIRS = 4  # k pairs per block of codes: must equal BLOCK_PAIRS in quant_bf16_kernel.h
+
+
 def _panel_order(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Codes (N_pad, K) -> the kernel's blocks (quant_bf16_kernel.h): per panel, blocks of
-    32 / bits k pairs; in a block, per 16-column register t its b half (columns 16t .. 16t+7)
-    then its a half (16t+8 .. 16t+15), one little-endian 32-bit word per float lane (column,
-    k parity) holding that lane's code for each pair of the block, the first in the low bits."""
+    """Codes (N_pad, K) -> the kernel's blocks (quant_bf16_kernel.h): per panel, blocks of 4 k
+    pairs; in a block, per 16-column register t one little-endian 32-bit word per float lane
+    (column in half, k parity), pair i in byte i: 4-bit, both halves in one word (the b half,
+    columns 16t .. 16t+7, in the low nibble, the a half, 16t+8 .. 16t+15, in the high one);
+    8-bit, the b half's words then the a half's."""
     n_pad, k = codes.shape
-    per_word = 32 // bits
     # [panel, t, half, column in half, block, pair in block, k in pair]
-    #   -> [panel, block, t, half, column in half, k in pair, pair in block]
-    c = codes.reshape(n_pad // PANEL, 4, 2, 8, k // 2 // per_word, per_word, 2).transpose(0, 4, 1, 2, 3, 6, 5)
-    shifts = (np.arange(per_word, dtype=np.uint32) * bits)
-    words = np.bitwise_or.reduce(c.astype(np.uint32) << shifts, axis=-1).astype("<u4")
-    return np.ascontiguousarray(words).view(np.uint8).reshape(n_pad // PANEL, k // 2, -1)
+    c = codes.reshape(n_pad // PANEL, 4, 2, 8, k // 2 // BLOCK_PAIRS, BLOCK_PAIRS, 2).astype(np.uint32)
+    if bits == 4:  # -> [panel, block, t, column in half, k in pair, pair, half]
+        c = c.transpose(0, 4, 1, 3, 6, 5, 2)
+        shifts = 8 * np.arange(BLOCK_PAIRS, dtype=np.uint32)[:, None] + 4 * np.arange(2, dtype=np.uint32)
+        words = np.bitwise_or.reduce((c << shifts).reshape(*c.shape[:-2], -1), axis=-1)
+    else:  # -> [panel, block, t, half, column in half, k in pair, pair]
+        c = c.transpose(0, 4, 1, 2, 3, 6, 5)
+        words = np.bitwise_or.reduce(c << (8 * np.arange(BLOCK_PAIRS, dtype=np.uint32)), axis=-1)
+    return np.ascontiguousarray(words.astype("<u4")).view(np.uint8).reshape(n_pad // PANEL, k // 2, -1)
+
+
+def magic(bits: int, columns: np.ndarray) -> np.ndarray:
+    """M per output column (quant_bf16_kernel.h's magic): 256, but 16 for the a halves of
+    4-bit registers (columns 16t+8 .. 16t+15)."""
+    if bits == 8:
+        return np.full(columns.shape, 256.0)
+    return np.where(columns % 16 < 8, 256.0, 16.0)
 
 
 def _panel_groups(a: mx.array, n_pad: int) -> mx.array:
@@ -108,8 +123,8 @@ def _panel_groups(a: mx.array, n_pad: int) -> mx.array:
 
 
 def exact_offsets(scales: mx.array, biases: mx.array, bits: int) -> mx.array | None:
-    """float32 c = bias - 2^bits * scale per group where that is exact for every group (then
-    the kernel's one fma of 2^bits + q, a float built by integer ops, gives mx.dequantize's
+    """float32 c = bias - M * scale per group (M = magic(bits, column)) where that is exact for
+    every group (then the kernel's one fma of M + q, a float built by integer ops, gives mx.dequantize's
     twice-rounded weight: scale * q is exact for half-precision scales, so rounding it first
     changes nothing), else None.  Tiny magnitudes are refused: a flush-to-zero mode could
     treat them differently from the reference."""
@@ -117,7 +132,7 @@ def exact_offsets(scales: mx.array, biases: mx.array, bits: int) -> mx.array | N
         return None
     s = np.array(scales.astype(mx.float32)).astype(np.float64)
     b = np.array(biases.astype(mx.float32)).astype(np.float64)
-    c = b - float(1 << bits) * s
+    c = b - magic(bits, np.arange(s.shape[0]))[:, None] * s
     c32 = c.astype(np.float32)
     tiny = 2.0 ** -100
     if not (np.all(np.isfinite(c32)) and np.array_equal(c32.astype(np.float64), c)):
@@ -176,21 +191,23 @@ def dequantized_rows(w: QuantBf16Weights, rows: mx.array) -> mx.array:
     from the panels the tied LM head already holds.  Computed as mx.dequantize does (scale * q,
     then + bias), so it equals the packed bf16 embedding's rows."""
     panels = w.codes.shape[0]
-    per_word = 32 // w.bits
-    blocks = w.k // 2 // per_word
+    blocks = w.k // 2 // BLOCK_PAIRS
     panel, column = rows // PANEL, rows % PANEL
     t, half, lane = column // 16, (column % 16) // 8, column % 8
-    # [panel, block, t, half, column in half, k in pair, word byte]: see _panel_order
-    grid = w.codes.reshape(panels, blocks, 4, 2, 8, 2, 4)
-    picked = grid[panel, :, t, half, lane]  # rows.shape + (blocks, k in pair, 4 bytes)
-    if w.bits == 4:  # byte j holds pair 2j's code in its low nibble, pair 2j + 1's in its high
-        picked = mx.stack([picked & 0x0F, mx.right_shift(picked, 4)], axis=-1)
-    picked = picked.reshape(*rows.shape, blocks, 2, per_word)
+    if w.bits == 4:  # [panel, block, t, column in half, k in pair, pair]: b / a in low / high nibbles
+        grid = w.codes.reshape(panels, blocks, 4, 8, 2, BLOCK_PAIRS)
+        shift = (4 * half).astype(mx.uint8).reshape(*rows.shape, 1, 1, 1)
+        picked = mx.right_shift(grid[panel, :, t, lane], shift) & 0x0F
+    else:  # [panel, block, t, half, column in half, k in pair, pair]
+        grid = w.codes.reshape(panels, blocks, 4, 2, 8, 2, BLOCK_PAIRS)
+        picked = grid[panel, :, t, half, lane]
+    # rows.shape + (blocks, k in pair, pair) -> (blocks, pair, k in pair): k order
     codes = mx.swapaxes(picked, -1, -2).reshape(*rows.shape, w.k).astype(mx.float32)
     scales = w.scales[panel, :, column].astype(mx.float32)
     biases = w.biases[panel, :, column].astype(mx.float32)
-    if w.offsets:  # the stored bias is c + 2^bits * scale, exactly (it is representable)
-        biases = biases + float(1 << w.bits) * scales
+    if w.offsets:  # the stored bias is c + M * scale, exactly (it is representable)
+        m = mx.where(column % 16 < 8, 256.0, 16.0) if w.bits == 4 else mx.array(256.0)
+        biases = biases + m.reshape(*m.shape, 1) * scales
     scales = mx.repeat(scales, w.group_size, axis=-1)
     biases = mx.repeat(biases, w.group_size, axis=-1)
     return (codes * scales + biases).astype(mx.bfloat16).astype(mx.float32)
@@ -203,6 +220,17 @@ def _install(layer: nn.Module, w: QuantBf16Weights) -> None:
     # dims are a plain attribute.
     layer._dims = QuantDims(w.n, w.k, w.bits, w.group_size)
     layer.codes, layer.panel_scales, layer.panel_biases = w.codes, w.scales, w.biases
+
+
+def _without_offsets(w: QuantBf16Weights) -> QuantBf16Weights:
+    """The same weights with their stored biases in place of offsets (c + M * scale is the
+    stored bias exactly, so it goes back to the scales' dtype unchanged)."""
+    if not w.offsets:
+        return w
+    column = mx.arange(PANEL)
+    m = mx.where(column % 16 < 8, 256.0, 16.0) if w.bits == 4 else mx.full((PANEL,), 256.0)
+    biases = (w.biases + m * w.scales.astype(mx.float32)).astype(w.scales.dtype)
+    return QuantBf16Weights(w.codes, w.scales, biases, w.n, w.k, w.bits, w.group_size)
 
 
 def _weights(layer: nn.Module) -> QuantBf16Weights:
@@ -261,8 +289,7 @@ class QuantBf16Linear(HoldsPacked, QuantDimsAccessors, nn.Module):
         if not parts or not all(type(p) is QuantBf16Linear for p in parts):
             return False
         first = parts[0]
-        same = {(p._dims.k, p._dims.bits, p._dims.group_size, p["panel_scales"].dtype, p["panel_biases"].dtype)
-                for p in parts}
+        same = {(p._dims.k, p._dims.bits, p._dims.group_size, p["panel_scales"].dtype) for p in parts}
         return len(same) == 1 and all(p._dims.n % PANEL == 0 for p in parts[:-1]) and first._dims.n > 0
 
     @classmethod
@@ -272,7 +299,10 @@ class QuantBf16Linear(HoldsPacked, QuantDimsAccessors, nn.Module):
         unchanged, since the kernel computes every column alone."""
         d = parts[0]._dims
         n = sum(p._dims.n for p in parts)
-        w = QuantBf16Weights(*(mx.concatenate([p[key] for p in parts]) for key in ("codes", "panel_scales", "panel_biases")),
+        weights = [_weights(p) for p in parts]
+        if len({w.offsets for w in weights}) > 1:  # one form for the joined layer: the stored biases
+            weights = [_without_offsets(w) for w in weights]
+        w = QuantBf16Weights(*(mx.concatenate([getattr(w, key) for w in weights]) for key in ("codes", "scales", "biases")),
                              n, d.k, d.bits, d.group_size)
         bias = None
         if any("bias" in p for p in parts):

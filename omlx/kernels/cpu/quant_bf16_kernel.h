@@ -25,14 +25,22 @@
 // Layout (omlx/kernels/quant_bf16.py repacks it at load), N padded to a multiple of the panel.
 // A panel's weight register t (columns 16t .. 16t+15) for one k pair is vcvtne2ps2bf16(a, b):
 // b's float lanes 2j, 2j+1 are column 16t+j at k, k+1 (j < 8), a's the same for column 16t+8+j.
-// The codes come in blocks of W = 32 / bits k pairs (512 bytes): per register t, b then a, one
-// 32-bit word per float lane holding that lane's code for each of the block's W k pairs, the
-// first in the low bits.  So a lane's codes arrive in its own lane: 4-bit codes go to floats by
-// a 16-entry permute (vpermps reads only an index's low 4 bits, so no mask), 8-bit by a mask and
-// a conversion, and a shift moves the next pair's code down; no widening loads, no cross-lane
-// shuffles of the codes.  Scales and biases per (panel, group) as 64 contiguous values in their
-// stored dtype (float16, bfloat16 or float32), widened exactly and spread to the lane pairs
-// once per group.
+// The codes come in blocks of 4 k pairs: one 32-bit word per float lane holds that lane's codes
+// for the block's 4 pairs (pair i in byte i), so a lane's codes arrive in its own lane: no
+// widening loads, no cross-lane shuffles.  4-bit: one word per register t holds both halves
+// (b's code in byte i's low nibble, a's in its high one), 256 bytes a block; 8-bit: b's word,
+// then a's, 512 bytes a block.  Scales and biases per (panel, group) as 64 contiguous values in
+// their stored dtype (float16, bfloat16 or float32), widened exactly and spread to the lane
+// pairs once per group.
+//
+// The offsets form (quant_bf16.py's repack chooses it where exact for every group): with
+// half-precision scales, float32 c = bias - M * scale in place of the biases, M = 256 for 8-bit
+// codes and 4-bit b halves, 16 for 4-bit a halves.  One shift puts a code at the mantissa bits
+// above ulp 1 of [M, 2M) and a ternary-logic op ORs in M's exponent: the float M + q, built by
+// integer ops, and fma(M + q, scale, c) = scale * q + bias rounded once.  Otherwise a 4-bit code
+// becomes a float by a 16-entry vpermps (it reads only an index's low 4 bits), an 8-bit one by a
+// mask and a conversion, and the dequantization is fma(q, scale, bias) (half scales) or the
+// explicitly rounded multiply and add (float32 scales).
 #pragma once
 
 #include <algorithm>
@@ -51,7 +59,17 @@ namespace omlx_quant_bf16 {
 namespace mx = mlx::core;
 
 constexpr int PANEL = omlx_cpu::BF16_PANEL;  // output columns per panel: four 16-lane registers (as linear_bf16.cpp)
-constexpr int BLOCK_BYTES = 512;  // one block of 32 / bits k pairs: 4 registers x (b, a) x 16 lanes x 4 bytes
+constexpr int BLOCK_PAIRS = 4;  // k pairs per block of codes: one 32-bit word per lane holds them
+// Where pair i's code of half h (0: b, 1: a) sits in its lane's word: 4-bit words hold both
+// halves (b's in the low nibble of byte i, a's in the high one), 8-bit words one half (byte i).
+constexpr int code_bit(int bits, int i, int h) {
+  return bits == 4 ? 8 * i + 4 * h : 8 * i;
+}
+// Byte offset of register t's word (half h) in a block: 4-bit, one word per register (64 bytes,
+// a block 256); 8-bit, b's then a's (128 bytes per register, a block 512).
+constexpr int word_offset(int bits, int t, int h) {
+  return bits == 4 ? 64 * t : 128 * t + 64 * h;
+}
 // Up to this many rows the weights are unpacked in registers and each used by every row; past
 // it, once per step into the scratch panel (bench/quant_bf16_decode_bench.py measured both).
 constexpr int FUSED_ROWS = 8;
@@ -88,16 +106,15 @@ inline float scale_value(const void* base, int type, int64_t i) {
 
 // The code of column `c` at k index `k` of a panel whose codes start at `panel_codes`.
 inline int code_at(const Problem& p, const uint8_t* panel_codes, int c, int64_t k) {
-  const int per_word = 32 / p.bits;
-  const int64_t kp = k / 2, block = kp / per_word, i = kp % per_word;
-  const int t = c / 16, half = (c % 16) / 8, lane = 2 * (c % 8) + int(k % 2);
+  const int64_t kp = k / 2, block = kp / BLOCK_PAIRS;
+  const int i = int(kp % BLOCK_PAIRS), t = c / 16, half = (c % 16) / 8, lane = 2 * (c % 8) + int(k % 2);
   uint32_t word;
-  std::memcpy(&word, panel_codes + block * BLOCK_BYTES + t * 128 + half * 64 + lane * 4, 4);
-  return int((word >> (p.bits * i)) & ((1u << p.bits) - 1));
+  std::memcpy(&word, panel_codes + block * BLOCK_PAIRS * p.pair_bytes() + word_offset(p.bits, t, half) + lane * 4, 4);
+  return int((word >> code_bit(p.bits, i, half)) & ((1u << p.bits) - 1));
 }
 
-// Whether a layer's biases are offsets (see quant_bf16_kernel.h's head and quant_bf16.py's
-// repack): float32 c = bias - 2^bits * scale beside half-precision scales.
+// Whether a layer's biases are offsets (see quant_bf16.py's repack): float32 c = bias - M *
+// scale beside half-precision scales, M = magic(bits, half) of the column's register half.
 constexpr bool offsets(int st) {
   return st == kF16Offsets || st == kBF16Offsets;
 }
@@ -106,6 +123,15 @@ constexpr int scale_load(int st) {
 }
 constexpr int bias_load(int st) {
   return offsets(st) ? kF32 : st;
+}
+// The code's lowest bit goes to mantissa bit magic_bit (ulp 1 of [M, 2M), M = 2^(23 -
+// magic_bit)): 4-bit b codes to bit 15 and a codes to bit 19, so one shift of a word that holds
+// both (4 bits apart) places both; 8-bit codes to bit 15.
+constexpr int magic_bit(int bits, int h) {
+  return bits == 4 ? 15 + 4 * h : 15;
+}
+constexpr float magic(int bits, int h) {
+  return float(1 << (23 - magic_bit(bits, h)));
 }
 
 #if OMLX_DPBF16
@@ -139,24 +165,29 @@ inline Affine load_affine(const Problem& p, int64_t panel, int64_t g, int t) {
           _mm512_permutexvar_ps(high, bi)};
 }
 
-// Pair I's codes of a block's word register as floats.  With offsets: the code moved to the
-// mantissa bits just above ulp 1 of [2^bits, 2^(bits+1)) and the exponent of 2^bits OR-ed in
-// (integer ops only), so the float is 2^bits + q, and fma(2^bits + q, scale, c) is exactly
-// scale * q + bias rounded once.  Without: q itself (a 16-entry permute for 4 bits; vpermps
-// reads only an index's low 4 bits; a mask and a conversion for 8).
-template <int BITS, int ST, int I>
+// Pair I's codes of half H of a block's word register as floats.  With offsets: the code moved
+// to mantissa bit magic_bit and M's exponent OR-ed in (integer ops only), so the float is M + q,
+// and fma(M + q, scale, c) is exactly scale * q + bias rounded once.  Without: q itself (a
+// 16-entry permute for 4 bits: vpermps reads only an index's low 4 bits; a mask and a
+// conversion for 8).
+template <int SHIFT>
+inline __m512i shifted(__m512i word) {
+  if constexpr (SHIFT > 0) return _mm512_slli_epi32(word, SHIFT);
+  if constexpr (SHIFT < 0) return _mm512_srli_epi32(word, -SHIFT);
+  return word;
+}
+
+template <int BITS, int ST, int I, int H>
 inline __m512 codes_as_floats(__m512i word) {
+  constexpr int AT = code_bit(BITS, I, H);
   if constexpr (offsets(ST)) {
-    constexpr int P = 23 - BITS;
-    constexpr int SHIFT = P - BITS * I;
-    __m512i v = word;
-    if constexpr (SHIFT > 0) v = _mm512_slli_epi32(word, SHIFT);
-    if constexpr (SHIFT < 0) v = _mm512_srli_epi32(word, -SHIFT);
+    constexpr int P = magic_bit(BITS, H);
+    const __m512i v = shifted<P - AT>(word);
     const __m512i mask = _mm512_set1_epi32(((1 << BITS) - 1) << P);
-    const __m512i exponent = _mm512_set1_epi32((127 + BITS) << 23);
+    const __m512i exponent = _mm512_set1_epi32((127 + 23 - P) << 23);
     return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(v, mask, exponent, 0xEA));  // (v & mask) | exponent
   } else {
-    const __m512i v = I ? _mm512_srli_epi32(word, BITS * I) : word;
+    const __m512i v = shifted<-AT>(word);
     if constexpr (BITS == 4) {
       const __m512 values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
       return _mm512_permutexvar_ps(v, values);
@@ -179,13 +210,14 @@ inline __m512 dequant(__m512 q, __m512 scale, __m512 bias) {
 // Pair I's bf16 weight register from its block's b / a words.
 template <int BITS, int ST, int I>
 inline __m512bh weights_at(__m512i wb, __m512i wa, const Affine& s) {
-  const __m512 fb = dequant<ST>(codes_as_floats<BITS, ST, I>(wb), s.sb, s.bb);
-  const __m512 fa = dequant<ST>(codes_as_floats<BITS, ST, I>(wa), s.sa, s.ba);
+  const __m512 fb = dequant<ST>(codes_as_floats<BITS, ST, I, 0>(wb), s.sb, s.bb);
+  const __m512 fa = dequant<ST>(codes_as_floats<BITS, ST, I, 1>(wa), s.sa, s.ba);
   return _mm512_cvtne2ps_pbh(fa, fb);
 }
 
+template <int BITS>
 inline __m512i load_word(const uint8_t* block, int t, int half) {
-  return _mm512_loadu_si512(block + t * 128 + half * 64);
+  return _mm512_loadu_si512(block + word_offset(BITS, t, half));
 }
 
 // f<I>() for I = 0 .. N - 1, in order, each I a compile-time constant (shift counts are
@@ -202,7 +234,8 @@ inline void for_each_pair(F&& f) {
 // column's pairs are still accumulated in k order.
 template <int BITS, int ST, int R, int T0, int TG>
 inline void fused_registers(const Problem& p, const uint32_t* x, int64_t panel, int64_t g, __m512 (&acc)[R][4]) {
-  constexpr int W = 32 / BITS;  // k pairs per block
+  constexpr int W = BLOCK_PAIRS;
+  constexpr int BLOCK_BYTES = W * (BITS == 4 ? PANEL : 2 * PANEL);
   Affine s[TG];
   for (int j = 0; j < TG; ++j) s[j] = load_affine<ST>(p, panel, g, T0 + j);
   const int64_t kp0 = g * p.group_pairs;
@@ -210,8 +243,8 @@ inline void fused_registers(const Problem& p, const uint32_t* x, int64_t panel, 
   for (int64_t kb = kp0; kb < kp0 + p.group_pairs; kb += W, block += BLOCK_BYTES) {
     __m512i wb[TG], wa[TG];
     for (int j = 0; j < TG; ++j) {
-      wb[j] = load_word(block, T0 + j, 0);
-      wa[j] = load_word(block, T0 + j, 1);
+      wb[j] = load_word<BITS>(block, T0 + j, 0);
+      wa[j] = BITS == 4 ? wb[j] : load_word<BITS>(block, T0 + j, 1);
     }
     for_each_pair<W>([&]<int I>() {
       __m512bh w[TG];
@@ -250,7 +283,8 @@ void fused_rows(const Problem& p, const uint32_t* x, int64_t panel, float* y, in
 // columns x 2 bf16).
 template <int BITS, int ST>
 void unpack_panel(const Problem& p, int64_t panel, uint16_t* scratch) {
-  constexpr int W = 32 / BITS;
+  constexpr int W = BLOCK_PAIRS;
+  constexpr int BLOCK_BYTES = W * (BITS == 4 ? PANEL : 2 * PANEL);
   for (int64_t g = 0; g < p.groups; ++g) {
     for (int t = 0; t < 4; ++t) {
       const Affine s = load_affine<ST>(p, panel, g, t);
@@ -258,7 +292,7 @@ void unpack_panel(const Problem& p, int64_t panel, uint16_t* scratch) {
       const uint8_t* block = p.codes + (panel * p.k_pairs + kp0) * p.pair_bytes();
       uint16_t* dst = scratch + kp0 * (2 * PANEL) + 32 * t;
       for (int64_t kb = 0; kb < p.group_pairs; kb += W, block += BLOCK_BYTES, dst += W * (2 * PANEL)) {
-        const __m512i wb = load_word(block, t, 0), wa = load_word(block, t, 1);
+        const __m512i wb = load_word<BITS>(block, t, 0), wa = BITS == 4 ? wb : load_word<BITS>(block, t, 1);
         for_each_pair<W>([&]<int I>() {
           _mm512_store_si512(dst + I * (2 * PANEL), (__m512i)weights_at<BITS, ST, I>(wb, wa, s));
         });
@@ -330,7 +364,7 @@ inline void panel_rows(const Problem& p, const uint32_t* pairs, int64_t panel, u
         const int64_t at = (panel * p.groups + k / (2 * p.group_pairs)) * PANEL + c;
         const float s = scale_value(p.scales, scale_load(p.scale_type), at);
         float b = scale_value(p.biases, bias_load(p.scale_type), at);
-        if (offsets(p.scale_type)) b += float(1 << p.bits) * s;  // the stored bias, exactly
+        if (offsets(p.scale_type)) b += magic(p.bits, (c % 16) / 8) * s;  // the stored bias, exactly
         const volatile float scaled = s * float(code_at(p, src, c, k));  // rounded before the bias add, as MLX does
         acc += omlx_cpu::from_bf16(xr[k]) * omlx_cpu::from_bf16(omlx_cpu::to_bf16(scaled + b));
       }
