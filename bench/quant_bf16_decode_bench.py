@@ -44,8 +44,12 @@ def random_quantized(n: int, k: int, bits: int, rng):
 
     layer = nn.QuantizedLinear(k, n, bias=False, group_size=32, bits=bits)
     layer.weight = mx.array(rng.integers(0, 2**32, layer.weight.shape, dtype=np.uint64).astype(np.uint32))
-    layer.scales = mx.array(rng.standard_normal((n, k // 32)).astype(np.float32) * 0.02).astype(mx.float16)
-    layer.biases = mx.array(rng.standard_normal((n, k // 32)).astype(np.float32) * 0.1).astype(mx.float16)
+    # GGUF-like groups (Q4_1 / Q8_0 as converted: positive scale, the minimum a few scales below
+    # zero), so the kernel takes its offsets form as it does on SmolLM2.
+    scales = np.abs(rng.standard_normal((n, k // 32)).astype(np.float32)) * 0.02 + 1e-3
+    layer.scales = mx.array(scales).astype(mx.float16)
+    below = rng.uniform(0, 16, scales.shape).astype(np.float32) if bits == 4 else np.float32(128)  # Q8_0: -128 * scale
+    layer.biases = mx.array(-scales * below).astype(mx.float16)
     mx.eval(layer.parameters())
     return layer
 

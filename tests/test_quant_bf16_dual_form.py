@@ -160,7 +160,7 @@ def test_auto_holds_both_for_a_quantized_model_small_enough_to_dequantize(tiny_p
     form = weight_form.apply(model, None, 1 << 30)
     if path.bf16:
         assert form == weight_form.DUAL and dual_form.is_dual(model)
-        assert "4 rows" in weight_form.describe(form)
+        assert f"{dual_form.DECODE_ROWS} rows" in weight_form.describe(form)
         assert not weight_form.runs_exactly(model)
 
 

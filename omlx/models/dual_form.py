@@ -39,7 +39,7 @@ log = logging.getLogger("omlx.pool")
 ENV = "OMLX_DECODE_ROWS"
 # Calls of up to this many rows read the stored codes (bench/README.md, "One stream reads the
 # stored 4-bit bytes": quantized-bf16 per call against packed bf16 at SmolLM2's shapes).
-DECODE_ROWS = 4
+DECODE_ROWS = 2
 
 
 def decode_rows() -> int:

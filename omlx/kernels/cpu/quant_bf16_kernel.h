@@ -374,12 +374,14 @@ inline void panel_rows(const Problem& p, const uint32_t* pairs, int64_t panel, u
 }
 #endif
 
-// Threads pay off earlier than for packed bf16 (bf16_panel.h's worth_threads): at a few rows
-// each weight costs a dozen vector ops to unpack, not one load, so a call is compute, not
-// bytes, and a second core halves it once the pool's wake-up is small beside it.
+// A second thread pays only past about a million weight-rows: omlx's OpenMP threads sleep between
+// calls (OMP_WAIT_POLICY=PASSIVE, omlx/kernels/linear.py), and waking one costs ~20 us a call,
+// about what one core takes to unpack 1M weights at one row (~20 Gweights/s a core); decode's
+// 576 x 576 and 576 x 960 projections run faster on one.  Past FUSED_ROWS rows the scratch path
+// streams the unpacked panel like packed bf16, and packed bf16's rule applies.
 inline bool worth_threads(const Problem& p) {
-  const int64_t work = p.n * p.k * std::max<int64_t>(p.m, 4);
-  return p.panels > 1 && work >= (int64_t(1) << 19);
+  if (p.m > FUSED_ROWS) return omlx_cpu::worth_threads(p);
+  return p.panels > 1 && p.n * p.k * std::max<int64_t>(p.m, 2) >= (int64_t(1) << 21);
 }
 
 inline void run(const Problem& given) {
