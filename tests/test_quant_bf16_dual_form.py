@@ -124,6 +124,21 @@ def test_dual_models_logits_equal_the_packed_models(tiny_path, rows):
     assert_same_bits(dual(ids), packed(ids))
 
 
+def test_loaded_forms_agree_to_the_bit(tiny_path, matmul_env, monkeypatch):
+    """As the loader puts them (weight_form.apply: routed attention, fused MLP, shared RoPE),
+    the dual model and the packed bf16 model give the same logits below and past the threshold."""
+    if not matmul_env("auto").bf16:
+        pytest.skip("no packed bf16 path here")
+    dual = quantized_model(tiny_path)
+    assert weight_form.apply(dual, None, 1 << 30) == weight_form.DUAL
+    monkeypatch.setenv(dual_form.ENV, "0")
+    packed = quantized_model(tiny_path)
+    assert weight_form.apply(packed, None, 1 << 30) == weight_form.BF16_PACKED
+    for rows in (1, 2, 3, 33):
+        ids = mx.array(np.random.default_rng(rows).integers(3, 400, (1, rows)))
+        assert_same_bits(dual(ids), packed(ids))
+
+
 def test_dual_model_holds_both_copies_fused_and_tied(tiny_path):
     model = quantized_model(tiny_path)
     stored = parameter_bytes(quantized_model(tiny_path))

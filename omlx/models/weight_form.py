@@ -77,7 +77,7 @@ def apply(model: nn.Module, setting: bool | None, memory_budget: int) -> str:
     # RoPE's cos / sin once a pass instead of per call: bit-identical to mx.fast.rope, so
     # every form takes it, the token-exact float32 path included (omlx/models/shared_rope.py).
     share_rope_tables(model)
-    if form in (BF16_PACKED, QUANTIZED_BF16):
+    if form in (BF16_PACKED, DUAL, QUANTIZED_BF16):
         # llama-style attention in a ragged pass: a few nodes instead of ~33, bit-identical
         # (omlx/models/ragged_attention.py); needs the packed fused q/k/v and the shared rope.
         route_ragged_attention(model)
