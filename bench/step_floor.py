@@ -11,7 +11,9 @@ engine's StepProfile:
 - packed: the packed bf16 layers alone (the form before this work);
 - +fused: q/k/v and gate/up in one kernel call each (omlx/models/fused_projections.py);
 - +rope: RoPE's table once a pass, its rotation one node (omlx/models/shared_rope.py);
-- +norm: RMSNorm one node (omlx/models/kernel_norms.py): what omlx serves now.
+- +norm: RMSNorm one node (omlx/models/kernel_norms.py);
+- +routed: attention's ragged pass in five nodes and the MLP's SwiGLU in two
+  (omlx/models/ragged_attention.py, omlx/models/fused_mlp.py): what omlx serves now.
 First, per call: RMSNorm and RoPE as MLX's CPU fallback graph, under mx.compile, and as the
 one-node kernels.  Last, mlx-lm's own decode (stream_generate, float32) on both shapes, the
 reference the issue measured.  Needs a CPU with a bf16 unit and the kernels built.
@@ -37,19 +39,24 @@ import step_breakdown  # noqa: E402
 
 from omlx.kernels.linear import matmul_path  # noqa: E402
 from omlx.models import packed_weights  # noqa: E402
+from omlx.models.fused_mlp import fuse_mlps  # noqa: E402
 from omlx.models.fused_projections import fuse_projections  # noqa: E402
 from omlx.models.kernel_norms import swap_rms_norms  # noqa: E402
+from omlx.models.ragged_attention import route_ragged_attention  # noqa: E402
 from omlx.models.shared_rope import share_rope_tables  # noqa: E402
 from omlx.testing.tiny_models import TinyModelSpec, build_model  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SWAPS = {"fuse_projections": fuse_projections, "share_rope_tables": share_rope_tables,
-         "swap_rms_norms": swap_rms_norms}
+         "swap_rms_norms": swap_rms_norms, "route_ragged_attention": route_ragged_attention, "fuse_mlps": fuse_mlps}
 VARIANTS = {
     "packed": (),
     "+fused": ("fuse_projections",),
     "+rope": ("fuse_projections", "share_rope_tables"),
     "+norm": ("fuse_projections", "share_rope_tables", "swap_rms_norms"),
+    # The attention's ragged pass and the SwiGLU MLP in a few nodes (omlx/models/ragged_attention.py,
+    # omlx/models/fused_mlp.py): what omlx serves now.
+    "+routed": ("fuse_projections", "share_rope_tables", "swap_rms_norms", "route_ragged_attention", "fuse_mlps"),
 }
 
 

@@ -129,6 +129,28 @@ def test_rope_store_writes_the_split_rows_into_the_pools_in_place(kv_dtype, held
         assert np.array_equal(np.array(before[1].astype(mx.float32)), before[0])
 
 
+def test_rope_store_reuses_the_pool_buffer():
+    """Each pool is its own node's single output, so its old buffer is donated, not copied:
+    a big pool costs nothing extra to write (measured by memory, not time: the peak grows by
+    far less than a pool's bytes over many writes)."""
+    hq, hkv, d = 4, 2, 64
+    rows_total = 1 << 18  # 32 MiB a float32 pool
+    pool_k, pool_v = mx.zeros((rows_total, d)), mx.zeros((rows_total, d))
+    mx.eval(pool_k, pool_v)
+    rope = SharedRoPE(d, False, 10000.0, 1.0)
+    qkv = mx.ones((1, 1, (hq + 2 * hkv) * d))
+    rows = mx.array([7, 8], dtype=mx.int32)
+    mx.eval(qkv, rows)
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    for step in range(8):
+        _, _, table = rope.table_for(1, 1, mx.float32, mx.array([step], dtype=mx.int32))
+        q = kernel().rope_store(qkv, table, rows, pool_k, pool_v, hq, hkv, d, d, False)
+        mx.eval(q, pool_k, pool_v)
+    assert mx.get_peak_memory() - before < rows_total * d * 4 // 4
+    assert float(pool_v[8, 0].item()) == 1.0 and float(pool_v[9, 0].item()) == 0.0
+
+
 def test_rope_store_refuses_mismatched_pools_and_rows():
     qkv, table = mx.zeros((2, 1, 8 * 16)), mx.zeros((2, 1, 16))
     rows = mx.zeros((4,), dtype=mx.int32)

@@ -11,13 +11,14 @@ Here, in a ragged pass (every token a row of length one, attention routed to the
 omlx/scheduler/kv_cache.py) the layer runs as:
 
     qkv = fused q/k/v projection (one packed call)
-    q = rope_store(qkv, pools)    one node: q, k rotated (after qwen3's per-head RMSNorm, where
-                                  the layer has one); k, v rounded to the pool's dtype and
-                                  written into the pools in place, as `pool[rows] = k` does
+    q = rope_store(qkv, pools)    three nodes: q rotated; k rotated, rounded to the pool's dtype
+                                  and written into the key pool in place (as `pool[rows] = k`
+                                  does); v likewise - each after qwen3's per-head RMSNorm where
+                                  the layer has one
     out = paged attention(q)      one node
     o_proj(out.reshape(...))
 
-Five nodes instead of ~33, **bit-identical** to the layer's own path: the same packed
+Seven nodes instead of ~33, **bit-identical** to the layer's own path: the same packed
 projections (the fused call computes every column as the separate calls do), the same
 rotation (`rope_split` reuses `rope_rotate`'s instruction sequence and the shared cos / sin
 table of omlx/models/shared_rope.py), the same rounding to the pool's dtype (MLX's astype),

@@ -322,30 +322,15 @@ void split_head(const Split& p, int64_t token, int64_t head) {
 class RopeSplit : public mx::Primitive {
  public:
   RopeSplit(mx::Stream stream, int hq, int hkv, int d, int dims, bool traditional, bool q_norm, bool k_norm,
-            float q_eps, float k_eps, bool store)
+            float q_eps, float k_eps)
       : mx::Primitive(stream), hq_(hq), hkv_(hkv), d_(d), dims_(dims), traditional_(traditional),
-        q_norm_(q_norm), k_norm_(k_norm), q_eps_(q_eps), k_eps_(k_eps), store_(store) {}
+        q_norm_(q_norm), k_norm_(k_norm), q_eps_(q_eps), k_eps_(k_eps) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& enc = mx::cpu::get_command_encoder(stream());
     for (auto& a : inputs) enc.set_input_array(a);
-    outputs[0].set_data(mx::allocator::malloc(outputs[0].nbytes()));
-    // Store mode: the new pools are the old ones with this step's rows written - in place
-    // where the old pool has no other reference (as MLX's scatter donates its input),
-    // else a copy of the pool first.
-    for (int i = 1; i < 3; ++i) {
-      auto& o = outputs[i];
-      if (store_) {
-        const auto& pool = inputs[2 + i - 1];
-        if (!pool.flags().row_contiguous) throw std::runtime_error("omlx rope_split: a KV pool must be row-contiguous");
-        if (pool.is_donatable()) {
-          o.copy_shared_buffer(pool);
-        } else {
-          o.set_data(mx::allocator::malloc(o.nbytes()));  // filled from the pool in the task
-        }
-      } else {
-        o.set_data(mx::allocator::malloc(o.nbytes()));
-      }
+    for (auto& o : outputs) {
+      o.set_data(mx::allocator::malloc(o.nbytes()));
       enc.set_output_array(o);
     }
     const auto& qkv = inputs[0];
@@ -370,22 +355,11 @@ class RopeSplit : public mx::Primitive {
     const auto dt = outputs[1].dtype();
     p.kind = dt == mx::float32 ? 0 : dt == mx::bfloat16 ? 1 : 2;
     size_t next = 2;
-    if (store_) {
-      p.pool_rows = inputs[2].shape(0);
-      next = 4;
-      p.rows = inputs[next++].data<int32_t>();
-    }
     p.q_norm = q_norm_ ? inputs[next++].data<float>() : nullptr;
     p.k_norm = k_norm_ ? inputs[next++].data<float>() : nullptr;
     p.q_eps = q_eps_, p.k_eps = k_eps_;
-    std::vector<std::tuple<void*, const void*, size_t>> pending;
-    for (int i = 1; i < 3 && store_; ++i)
-      if (outputs[i].data<void>() != inputs[i + 1].data<void>())
-        pending.emplace_back(outputs[i].data<void>(), inputs[i + 1].data<void>(), inputs[i + 1].nbytes());
-    enc.dispatch([p, rows, pending]() {
-      // A pool that could not be donated: its contents first, then this step's rows.
-      for (const auto& [dst, src, bytes] : pending) std::memcpy(dst, src, bytes);
-      if (p.t == 0) return;
+    if (p.t == 0) return;
+    enc.dispatch([p, rows]() {
       const int64_t heads = p.hq + 2 * p.hkv, total = p.t * heads;
       const bool parallel = total * p.d >= (int64_t(1) << 16);
 #pragma omp parallel for schedule(static) if (parallel)
@@ -401,7 +375,6 @@ class RopeSplit : public mx::Primitive {
 
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     const int t = inputs[0].shape(0);
-    if (store_) return {{t, hq_, d_}, inputs[2].shape(), inputs[3].shape()};
     return {{t, hq_, d_}, {t * hkv_, d_}, {t * hkv_, d_}};
   }
 
@@ -409,14 +382,13 @@ class RopeSplit : public mx::Primitive {
     auto* o = dynamic_cast<const RopeSplit*>(&other);
     return o && o->hq_ == hq_ && o->hkv_ == hkv_ && o->d_ == d_ && o->dims_ == dims_ &&
            o->traditional_ == traditional_ && o->q_norm_ == q_norm_ && o->k_norm_ == k_norm_ &&
-           o->q_eps_ == q_eps_ && o->k_eps_ == k_eps_ && o->store_ == store_;
+           o->q_eps_ == q_eps_ && o->k_eps_ == k_eps_;
   }
 
  private:
   int hq_, hkv_, d_, dims_;
   bool traditional_, q_norm_, k_norm_;
   float q_eps_, k_eps_;
-  bool store_;
 };
 
 // qkv (T, 1, (hq + 2 hkv) * d) float32, its last axis contiguous (a packed projection's
@@ -451,40 +423,140 @@ std::vector<mx::array> rope_split(const mx::array& qkv, const mx::array& table, 
       {{t, q_heads, head_dim}, {t * kv_heads, head_dim}, {t * kv_heads, head_dim}},
       {mx::float32, kv_dtype, kv_dtype},
       std::make_shared<RopeSplit>(stream, q_heads, kv_heads, head_dim, dims, traditional, q_norm.has_value(),
-                                  k_norm.has_value(), q_eps, k_eps, false),
+                                  k_norm.has_value(), q_eps, k_eps),
       inputs);
 }
 
-// rope_split, with k and v written straight into the layer's KV pools at `rows` (int32,
+// One part of rope_split as a single-output node: q (rotated), or the key pool with this
+// step's rotated keys written at their rows, or the value pool with its values written.  A
+// pool part's output is the pool: it takes the old pool's buffer where nothing else holds it
+// (as MLX's scatter donates its input), else copies the pool first.  Single outputs matter:
+// MLX gives every output of a multi-output node its own copy of the inputs, so a pool that is
+// the input of such a node is never donatable and would be copied whole every layer and step.
+class RopePart : public mx::Primitive {
+ public:
+  enum Part { Q = 0, K = 1, V = 2 };
+
+  RopePart(mx::Stream stream, Part part, int hq, int hkv, int d, int dims, bool traditional, bool norm, float eps)
+      : mx::Primitive(stream), part_(part), hq_(hq), hkv_(hkv), d_(d), dims_(dims), traditional_(traditional),
+        norm_(norm), eps_(eps) {}
+
+  // Inputs: qkv, table, then for K / V the pool and the rows, then the head norm's weight.
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& out = outputs[0];
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : inputs) enc.set_input_array(a);
+    const void* copy_from = nullptr;
+    if (part_ == Q) {
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+    } else {
+      const auto& pool = inputs[2];
+      if (!pool.flags().row_contiguous) throw std::runtime_error("omlx rope_store: a KV pool must be row-contiguous");
+      if (pool.is_donatable()) {
+        out.copy_shared_buffer(pool);
+      } else {
+        out.set_data(mx::allocator::malloc(out.nbytes()));
+        copy_from = pool.data<void>();
+      }
+    }
+    enc.set_output_array(out);
+    const auto& qkv = inputs[0];
+    const auto& table = inputs[1];
+    std::shared_ptr<std::vector<float>> rows_copy;
+    if (qkv.strides(2) != 1 && qkv.size() > 0)
+      rows_copy = std::make_shared<std::vector<float>>(gather(qkv.data<float>(), {qkv.shape(0), qkv.shape(1), qkv.shape(2)},
+                                                              {qkv.strides(0), qkv.strides(1), qkv.strides(2)}));
+    Split p{};
+    p.qkv = rows_copy ? rows_copy->data() : qkv.data<float>();
+    p.table = table.data<float>();
+    p.t = qkv.shape(0), p.hq = hq_, p.hkv = hkv_, p.d = d_, p.dims = dims_;
+    p.row = rows_copy ? qkv.shape(2) : qkv.strides(0);
+    p.tr = table.shape(0) > 1 ? table.strides(0) : 0, p.tt = table.strides(1), p.tc = table.strides(2);
+    p.traditional = traditional_;
+    size_t next = 2;
+    if (part_ == Q) {
+      p.q = out.data<float>();
+    } else {
+      const auto dt = out.dtype();
+      p.kind = dt == mx::float32 ? 0 : dt == mx::bfloat16 ? 1 : 2;
+      p.pool_rows = inputs[2].shape(0);
+      (part_ == K ? p.k : p.v) = out.data<void>();
+      p.rows = inputs[3].data<int32_t>();
+      next = 4;
+    }
+    if (norm_) (part_ == Q ? p.q_norm : p.k_norm) = inputs[next].data<float>();
+    p.q_eps = p.k_eps = eps_;
+    const int64_t first = part_ == Q ? 0 : part_ == K ? hq_ : hq_ + hkv_;
+    const int64_t heads = part_ == Q ? hq_ : hkv_;
+    const size_t pool_bytes = part_ == Q ? 0 : inputs[2].nbytes();
+    void* dst = out.data<void>();
+    enc.dispatch([p, rows_copy, first, heads, copy_from, dst, pool_bytes]() {
+      if (copy_from != nullptr) std::memcpy(dst, copy_from, pool_bytes);  // an undonatable pool
+      const int64_t total = p.t * heads;
+      const bool parallel = total * p.d >= (int64_t(1) << 16);
+#pragma omp parallel for schedule(static) if (parallel)
+      for (int64_t i = 0; i < total; ++i) split_head(p, i / heads, first + i % heads);
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("omlx rope_store: this extension runs on the CPU only");
+  }
+
+  const char* name() const override { return part_ == Q ? "OmlxRopeQ" : part_ == K ? "OmlxRopeStoreK" : "OmlxStoreV"; }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    if (part_ == Q) return {{inputs[0].shape(0), hq_, d_}};
+    return {inputs[2].shape()};
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto* o = dynamic_cast<const RopePart*>(&other);
+    return o && o->part_ == part_ && o->hq_ == hq_ && o->hkv_ == hkv_ && o->d_ == d_ && o->dims_ == dims_ &&
+           o->traditional_ == traditional_ && o->norm_ == norm_ && o->eps_ == eps_;
+  }
+
+ private:
+  Part part_;
+  int hq_, hkv_, d_, dims_;
+  bool traditional_, norm_;
+  float eps_;
+};
+
+// rope_split with k and v written straight into the layer's KV pools at `rows` (int32,
 // (T * kv_heads,): the pool row of each (token, kv head), as write_indices orders them)
-// instead of returned: one node where the split, two reshapes and two scatters were.  Like
-// `pool[rows] = k` in Python, the pools are updated in place: each argument's array becomes
-// the new pool (the node's output), which reuses the old buffer when nothing else holds it.
-// Returns q.
+// instead of returned: three single-output nodes where the split, two reshapes and two
+// scatters were.  Like `pool[rows] = k` in Python, the pools are updated in place: each pool
+// argument's array becomes the new pool (its node's output), which reuses the old buffer when
+// nothing else holds it.  Returns q.
 mx::array rope_store(const mx::array& qkv, const mx::array& table, const mx::array& rows, mx::array& pool_k,
                      mx::array& pool_v, int q_heads, int kv_heads, int head_dim, int dims, bool traditional,
                      const std::optional<mx::array>& q_norm, const std::optional<mx::array>& k_norm, float q_eps,
                      float k_eps, mx::StreamOrDevice s) {
-  // The same checks as rope_split, through it on an empty probe of the same shapes.
   if (pool_k.ndim() != 2 || pool_v.ndim() != 2 || pool_k.shape(1) != head_dim || pool_v.shape(1) != head_dim ||
       pool_k.dtype() != pool_v.dtype() || pool_k.shape(0) != pool_v.shape(0))
     throw std::invalid_argument("omlx rope_store: pools must be (rows, head_dim) of one dtype and size");
   if (rows.ndim() != 1 || rows.dtype() != mx::int32 || rows.shape(0) != int64_t(qkv.ndim() ? qkv.shape(0) : 0) * kv_heads)
     throw std::invalid_argument("omlx rope_store: rows must be int32 (T * kv_heads,)");
-  auto checked = rope_split(qkv, table, q_heads, kv_heads, head_dim, dims, traditional, pool_k.dtype(), q_norm,
-                            k_norm, q_eps, k_eps, s);
+  // rope_split's checks of everything else (it builds a node that is never evaluated).
+  rope_split(qkv, table, q_heads, kv_heads, head_dim, dims, traditional, pool_k.dtype(), q_norm, k_norm, q_eps, k_eps, s);
   const auto stream = mx::to_stream(s, mx::Device::cpu);
-  std::vector<mx::array> inputs{qkv, table, pool_k, pool_v, omlx_cpu::as_rows(rows, stream)};
-  if (q_norm) inputs.push_back(omlx_cpu::as_rows(*q_norm, stream));
-  if (k_norm) inputs.push_back(omlx_cpu::as_rows(*k_norm, stream));
-  auto outs = mx::array::make_arrays(
-      {checked[0].shape(), pool_k.shape(), pool_v.shape()}, {mx::float32, pool_k.dtype(), pool_v.dtype()},
-      std::make_shared<RopeSplit>(stream, q_heads, kv_heads, head_dim, dims, traditional, q_norm.has_value(),
-                                  k_norm.has_value(), q_eps, k_eps, true),
-      inputs);
-  pool_k.overwrite_descriptor(outs[1]);
-  pool_v.overwrite_descriptor(outs[2]);
-  return outs[0];
+  const auto row_array = omlx_cpu::as_rows(rows, stream);
+  auto part = [&](RopePart::Part which, std::vector<mx::array> inputs, const std::optional<mx::array>& norm, float eps,
+                  mx::Shape shape, mx::Dtype dtype) {
+    if (norm) inputs.push_back(omlx_cpu::as_rows(*norm, stream));
+    return mx::array(std::move(shape), dtype,
+                     std::make_shared<RopePart>(stream, which, q_heads, kv_heads, head_dim, dims, traditional,
+                                                norm.has_value(), eps),
+                     std::move(inputs));
+  };
+  const std::optional<mx::array> none;
+  auto q = part(RopePart::Q, {qkv, table}, q_norm, q_eps, {qkv.shape(0), q_heads, head_dim}, mx::float32);
+  auto k = part(RopePart::K, {qkv, table, pool_k, row_array}, k_norm, k_eps, pool_k.shape(), pool_k.dtype());
+  auto v = part(RopePart::V, {qkv, table, pool_v, row_array}, none, 0.0f, pool_v.shape(), pool_v.dtype());
+  pool_k.overwrite_descriptor(k);
+  pool_v.overwrite_descriptor(v);
+  return q;
 }
 
 // ----------------------------------------------------------------------------- swiglu_split
