@@ -207,3 +207,46 @@ def test_the_form_is_not_chosen_outside_the_rule(tiny_path, matmul_env, monkeypa
     matmul_env("float32")
     model = quantized_model(tiny_path)
     assert weight_form.apply(model, None, 1 << 30) == weight_form.FLOAT32
+
+
+async def test_pool_loads_the_dual_form_and_counts_both_copies(tmp_path, matmul_env):
+    """Through the real loading path with no setting: the paged engine serves the dual model
+    (the load-time self-check accepts it), and the ledger's weight bytes are both copies."""
+    import json
+
+    from mlx_lm.utils import save_model
+
+    from omlx.models.pool import ModelPool
+    from omlx.scheduler import EngineConfig, LLMEngine
+    from omlx.scheduler.fallback_engine import FallbackEngine
+    from omlx.settings import SettingsStore
+
+    if not matmul_env("auto").bf16:
+        pytest.skip("no packed bf16 path here")
+    source = build_model(tmp_path / "float", TinyModelSpec(seed=8))
+    folder = tmp_path / "models" / "q4"
+    folder.mkdir(parents=True)
+    save_model(folder, quantized_model(source))
+    config = json.loads((source / "config.json").read_text())
+    config["quantization"] = {"group_size": 32, "bits": 4}
+    (folder / "config.json").write_text(json.dumps(config))
+    for extra in source.iterdir():
+        if extra.name.startswith("tokenizer") or extra.name.endswith(".jinja") or extra.name == "special_tokens_map.json":
+            (folder / extra.name).write_bytes(extra.read_bytes())
+    home = tmp_path / "home"
+    home.mkdir()
+    pool = ModelPool([tmp_path / "models"], EngineConfig(block_size=16, num_blocks=32, max_num_batched_tokens=64),
+                     memory_budget=1 << 30, settings=SettingsStore(home))
+    try:
+        async with pool.lease("q4"):
+            pass
+        resident = pool.resident("q4")
+        engine = resident.model.engine.engine
+        assert isinstance(engine, LLMEngine) and not isinstance(engine, FallbackEngine), type(engine)
+        assert dual_form.is_dual(engine.model)
+        packed_bytes = sum(m["packed_weight"].nbytes for _, m in engine.model.named_modules()
+                           if isinstance(m, qb.HoldsPacked))
+        assert packed_bytes > 0 and resident.model.weights_bytes == parameter_bytes(engine.model)
+        assert resident.model.weights_bytes > packed_bytes
+    finally:
+        await pool.close()
