@@ -5,9 +5,9 @@ omlx/kernels/linear.py, and the int8 kernel, omlx/kernels/quant_linear.py): MLX'
 groups (`nn.QuantizedLinear`, `nn.QuantizedEmbedding` and its tied LM head; GGUF Q4_0 / Q4_1 /
 Q8_0 arrive in this form) stay in their codes, scales and biases, and `_quant_bf16_cpu`
 (omlx/kernels/cpu/quant_bf16.cpp) unpacks each 64-column panel to bf16 on the fly and runs the
-packed bf16 path's `vdpbf16ps` micro-kernel on it.  Resident bytes are the stored bytes (a
-4-bit model holds a quarter of its packed bf16 bytes) and a decode step reads them, not 2
-bytes per weight.
+packed bf16 path's `vdpbf16ps` micro-kernel on it.  Resident bytes are about the stored bytes
+(a 4-bit model holds under a third of its packed bf16 bytes) and a decode step reads them, not
+2 bytes per weight.
 
 Its results are bit-identical to packing the dequantized weights bf16 (`PackedLinear`): the
 same dequantization (mx.dequantize's scale * q + bias), the same bf16 rounding of weights and
@@ -15,8 +15,12 @@ activations, the same float32 accumulation order.  So a model in this form answe
 the packed bf16 model does, and a row's output does not depend on its batch.
 
 The weights are repacked once, at load (`repack`), into the kernel's panel order; the scales
-and biases keep their stored dtype (float16, bfloat16 or float32).  `supports(layer)` says
-which layers it takes: affine mode, 4 or 8 bits, groups of 32 / 64 / 128.
+keep their stored dtype (float16, bfloat16 or float32), and so do the biases, except that
+half-precision biases become float32 offsets (bias - M * scale, 2 more bytes a group) where
+those are exact for every group: the kernel's cheapest unpack (quant_bf16_kernel.h).
+`supports(layer)` says which layers it takes: affine mode, 4 or 8 bits, groups of 32 / 64 / 128.
+A layer may also hold its packed bf16 panels (`HoldsPacked`, the dual form of
+omlx/models/dual_form.py) for the calls with many rows.
 """
 
 from __future__ import annotations

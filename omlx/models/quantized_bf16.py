@@ -6,8 +6,8 @@ layer (`nn.QuantizedLinear`, `nn.QuantizedEmbedding` with its tied LM head) beco
 scales and biases and unpacks them to bf16 inside the kernel; everything else is packed bf16
 exactly as the bf16-packed form packs it (float layers, MoE experts, quantized layers the
 kernel does not take) and the small parameters are widened to float32.  The model then
-computes the same bits as the bf16-packed form of the same checkpoint, with the resident
-weight bytes of the stored checkpoint.
+computes the same bits as the bf16-packed form of the same checkpoint, with about the resident
+weight bytes of the stored checkpoint (omlx/models/dual_form.py adds the packed copy beside).
 """
 
 from __future__ import annotations
