@@ -47,13 +47,20 @@ def dual_model(path, rows: int = 4, **quant) -> nn.Module:
 
 # ---------------------------------------------------------------------------- the layer
 def test_packed_copy_is_the_packed_forms_weight_bit_for_bit():
-    for bits, scale_dtype in ((4, mx.float16), (8, mx.bfloat16), (4, mx.float32)):
-        layer = quantized_linear(200, 256, bits, 64, seed=bits, scale_dtype=scale_dtype)
-        ours = qb.QuantBf16Linear.from_quantized(layer)
-        ours.hold_packed(5)
-        want = pack_bf16(dense_weight(layer))
-        assert ours["packed_weight"].dtype == mx.bfloat16
-        assert np.array_equal(np.array(ours["packed_weight"].view(mx.uint16)), np.array(want.view(mx.uint16)))
+    """From every bias form (offsets, from GGUF-like minimums, and the stored biases), both bit
+    widths, each scale dtype, a partial last panel."""
+    for bits in (4, 8):
+        for scale_dtype in (mx.float16, mx.bfloat16, mx.float32):
+            layer = quantized_linear(200, 256, bits, 64, seed=bits, scale_dtype=scale_dtype)
+            layer.biases = (-mx.abs(layer.scales.astype(mx.float32)) * (7 if bits == 4 else 128)).astype(scale_dtype)
+            want = pack_bf16(dense_weight(layer))
+            for allow_offsets in (True, False):
+                w = qb.repack(*qb.stored_quantization(layer), allow_offsets=allow_offsets)
+                assert w.offsets == (allow_offsets and scale_dtype != mx.float32)
+                ours = qb.QuantBf16Linear(w)
+                ours.hold_packed(5)
+                assert ours["packed_weight"].dtype == mx.bfloat16
+                assert np.array_equal(np.array(ours["packed_weight"].view(mx.uint16)), np.array(want.view(mx.uint16)))
 
 
 def test_the_kernel_reads_the_packed_copy_from_the_threshold_on():

@@ -98,16 +98,27 @@ def _panel_order(codes: np.ndarray, bits: int) -> np.ndarray:
     columns 16t .. 16t+7, in the low nibble, the a half, 16t+8 .. 16t+15, in the high one);
     8-bit, the b half's words then the a half's."""
     n_pad, k = codes.shape
-    # [panel, t, half, column in half, block, pair in block, k in pair]
-    c = codes.reshape(n_pad // PANEL, 4, 2, 8, k // 2 // BLOCK_PAIRS, BLOCK_PAIRS, 2).astype(np.uint32)
-    if bits == 4:  # -> [panel, block, t, column in half, k in pair, pair, half]
+    # [panel, t, half, column in half, block, pair in block, k in pair]; a word's byte i is pair i
+    c = codes.reshape(n_pad // PANEL, 4, 2, 8, k // 2 // BLOCK_PAIRS, BLOCK_PAIRS, 2)
+    if bits == 4:  # -> [panel, block, t, column in half, k in pair, pair]: b | a << 4
         c = c.transpose(0, 4, 1, 3, 6, 5, 2)
-        shifts = 8 * np.arange(BLOCK_PAIRS, dtype=np.uint32)[:, None] + 4 * np.arange(2, dtype=np.uint32)
-        words = np.bitwise_or.reduce((c << shifts).reshape(*c.shape[:-2], -1), axis=-1)
+        words = c[..., 0] | (c[..., 1] << 4)
     else:  # -> [panel, block, t, half, column in half, k in pair, pair]
-        c = c.transpose(0, 4, 1, 2, 3, 6, 5)
-        words = np.bitwise_or.reduce(c << (8 * np.arange(BLOCK_PAIRS, dtype=np.uint32)), axis=-1)
-    return np.ascontiguousarray(words.astype("<u4")).view(np.uint8).reshape(n_pad // PANEL, k // 2, -1)
+        words = c.transpose(0, 4, 1, 2, 3, 6, 5)
+    return np.ascontiguousarray(words).reshape(n_pad // PANEL, k // 2, -1)
+
+
+def _dense_codes(w: "QuantBf16Weights") -> mx.array:
+    """The codes back in (N_pad, K) order: _panel_order undone by reshapes and transposes."""
+    panels, blocks = w.codes.shape[0], w.k // 2 // BLOCK_PAIRS
+    if w.bits == 4:  # [panel, block, t, column in half, k in pair, pair] bytes of (b, a) nibbles
+        grid = w.codes.reshape(panels, blocks, 4, 8, 2, BLOCK_PAIRS)
+        grid = mx.stack([grid & 0x0F, mx.right_shift(grid, 4)], axis=-1)
+        # -> [panel, t, half, column in half, block, pair, k in pair]
+        grid = grid.transpose(0, 2, 6, 3, 1, 5, 4)
+    else:  # [panel, block, t, half, column in half, k in pair, pair]
+        grid = w.codes.reshape(panels, blocks, 4, 2, 8, 2, BLOCK_PAIRS).transpose(0, 2, 3, 4, 1, 6, 5)
+    return grid.reshape(panels * PANEL, w.k)
 
 
 def magic(bits: int, columns: np.ndarray) -> np.ndarray:
@@ -180,11 +191,20 @@ def packed_panels(w: QuantBf16Weights, chunk: int = 8192) -> mx.array:
     otherwise take a float32 copy of itself)."""
     from .linear import pack_bf16
 
+    panels, groups = w.scales.shape[:2]
+    codes = _dense_codes(w)
+    scales = w.scales.transpose(0, 2, 1).reshape(panels * PANEL, groups).astype(mx.float32)
+    biases = w.biases.transpose(0, 2, 1).reshape(panels * PANEL, groups).astype(mx.float32)
+    if w.offsets:  # the stored bias is c + M * scale, exactly (it is representable)
+        biases = biases + mx.array(np.tile(magic(w.bits, np.arange(PANEL)), panels), mx.float32)[:, None] * scales
     parts = []
     for start in range(0, w.n, chunk):
-        rows = dequantized_rows(w, mx.arange(start, min(start + chunk, w.n))).astype(mx.bfloat16)
+        stop = min(start + chunk, w.n)
+        # mx.dequantize's order: scale * q rounded, then + bias rounded (two MLX ops, not fused)
+        q = codes[start:stop].reshape(stop - start, groups, w.group_size).astype(mx.float32)
+        rows = (q * scales[start:stop, :, None] + biases[start:stop, :, None]).astype(mx.bfloat16)
         mx.eval(rows)
-        parts.append(rows)
+        parts.append(rows.reshape(stop - start, w.k))
     packed = pack_bf16(mx.concatenate(parts) if len(parts) > 1 else parts[0])
     mx.eval(packed)
     return packed
