@@ -71,7 +71,8 @@ constexpr int word_offset(int bits, int t, int h) {
   return bits == 4 ? 64 * t : 128 * t + 64 * h;
 }
 // Up to this many rows the weights are unpacked in registers and each used by every row; past
-// it, once per step into the scratch panel (bench/quant_bf16_decode_bench.py measured both).
+// it, once per step into the scratch panel.  One 1536 x 576 4-bit call, one thread, in cache:
+// in registers 7% faster than the scratch path at 5 and 6 rows, 10% at 7, level at 8.
 constexpr int FUSED_ROWS = 8;
 
 // How the scales and biases are stored: both in one dtype, or (the offsets form) half-precision
