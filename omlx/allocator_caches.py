@@ -13,7 +13,9 @@ clears MLX's cache and then asks glibc to return its free pages (`malloc_trim(0)
 the events that free a lot at once: a model loaded (its float32 weights packed to bf16) or
 unloaded, a KV pool resized.  `HeapTrimmer` gives back what serving scatters over the arenas:
 when the server goes quiet, and under load when the RSS keeps growing.  Elsewhere (macOS,
-musl) the trim is a no-op and MLX's cache is cleared as before.  `/health` reports both
+musl) the trim is a no-op and MLX's cache is cleared as before.  Where omlx.process_tuning
+preloaded jemalloc in glibc's place, the same calls purge jemalloc's arenas and read its
+counters instead (omlx.malloc_control), and /health names the allocator they are of.  `/health` reports both
 caches (`process.allocator_caches`): bytes held, the bound, and what trims gave back.
 """
 
@@ -28,6 +30,8 @@ import sys
 import threading
 import time
 from typing import Callable
+
+from omlx import malloc_control, process_tuning
 
 log = logging.getLogger("omlx.memory")
 
@@ -68,6 +72,10 @@ def _load_libc():
 
 
 _LIBC = _load_libc()
+# What serves malloc here (glibc's, or jemalloc preloaded by omlx.process_tuning): trims and
+# heap figures go through it, so what /health says is true of the allocator that runs.
+_MALLOC = malloc_control.current()
+_ALLOCATOR = process_tuning.allocator_info()
 _lock = threading.Lock()
 _released = {"count": 0, "bytes": 0, "seconds": 0.0}  # trims done, the resident bytes they gave back, their time
 _mlx_cache_limit: int | None = None
@@ -114,13 +122,13 @@ def resident_bytes() -> int | None:
 
 
 def trim_heap() -> int:
-    """malloc_trim(0): every arena's free pages back to the system (MLX's cache untouched);
-    returns the resident bytes that went."""
-    if _LIBC is None:
+    """Every arena's free pages back to the system (glibc's malloc_trim(0), jemalloc's purge;
+    MLX's cache untouched); returns the resident bytes that went."""
+    if _MALLOC is None or not _MALLOC.releases:
         return 0
     with _lock:  # one trim at a time: a second one meanwhile would find nothing to do
         before, started = resident_bytes() or 0, time.perf_counter()
-        _LIBC.malloc_trim(0)
+        _MALLOC.release()
         _released["seconds"] += time.perf_counter() - started
         released = max(0, before - (resident_bytes() or 0))
         _released["count"] += 1
@@ -137,12 +145,11 @@ def allocator_stats() -> dict:
     if mx is not None:
         out["mlx"] = {"active_bytes": mx.get_active_memory(), "cache_bytes": mx.get_cache_memory(),
                       "cache_limit_bytes": _mlx_cache_limit, "peak_bytes": mx.get_peak_memory()}
-    if _LIBC is not None and hasattr(_LIBC, "mallinfo2"):
-        info = _LIBC.mallinfo2()
-        out["malloc"] = {"arena_bytes": int(info.arena), "in_use_bytes": int(info.uordblks),
-                         "free_bytes": int(info.fordblks), "mmapped_bytes": int(info.hblkhd),
-                         "trims": _released["count"], "trimmed_bytes": _released["bytes"],
+    heap = _MALLOC.stats() if _MALLOC is not None else None
+    if heap is not None:
+        out["malloc"] = {**heap, "trims": _released["count"], "trimmed_bytes": _released["bytes"],
                          "trim_seconds": round(_released["seconds"], 4)}
+    out["allocator"] = _ALLOCATOR  # which malloc the figures above are of
     return out
 
 
@@ -193,8 +200,8 @@ class HeapTrimmer:
 
     async def run(self) -> None:
         """Check every `interval_s`, off the event loop, until cancelled."""
-        if _LIBC is None:
-            return  # nothing to trim with on this C library
+        if _MALLOC is None or not _MALLOC.releases:
+            return  # nothing to trim with under this allocator
         while True:
             await asyncio.sleep(self.interval_s)
             try:

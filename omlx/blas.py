@@ -13,6 +13,8 @@ import os
 import sys
 import time
 
+from omlx.process_tuning import start_preloads
+
 logger = logging.getLogger("omlx.blas")
 
 # Debian's pthread OpenBLAS first: its libblas.so.3 is a drop-in for the reference library.
@@ -88,14 +90,15 @@ def _reexec_with_blas(argv: list[str]) -> None:
             "OpenBLAS library path.",
             BLAS_LIBRARY_ENV,
         )
-        return
-    if _is_preloaded(library):
+    # The same start-up also swaps in a faster malloc where one is installed (process_tuning).
+    missing = [lib for lib in ([library] if library else []) + start_preloads() if not _is_preloaded(lib)]
+    if not missing:
         return
 
     previous_preload = os.environ.get("LD_PRELOAD")
-    os.environ["LD_PRELOAD"] = " ".join([library, *_preload_entries()])
+    os.environ["LD_PRELOAD"] = " ".join([*missing, *_preload_entries()])
     os.environ[REEXEC_MARKER_ENV] = "1"
-    logger.info("re-executing with LD_PRELOAD=%s for faster matmul", library)
+    logger.info("re-executing with LD_PRELOAD=%s (faster matmul and malloc)", " ".join(missing))
     # Buffered output would be lost when the process image is replaced.
     sys.stdout.flush()
     sys.stderr.flush()

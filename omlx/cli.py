@@ -359,6 +359,9 @@ def serve(args, options: dict) -> None:
     info = blas_info()
     log.info("compute: %s, BLAS: %s%s", info["backend"], info["blas"],
              f" ({info['blas_library']})" if info.get("blas_library") else "")
+    from omlx.process_tuning import log_allocator
+
+    log_allocator()  # which malloc serves the process (preloaded with the BLAS), and why
     from omlx.kernels.backend import attention_backend
 
     attention_backend()  # logs which attention implementation runs, and why

@@ -32,6 +32,7 @@ from omlx.api.response_store import ResponseStore
 from omlx.api.responses import ResponsesRoutes
 from omlx.allocator_caches import HeapTrimmer, configure_mlx_cache
 from omlx.blas import blas_info
+from omlx.process_tuning import tuning_info
 from omlx.graceful_stop import GracefulStop, exit_process
 from omlx.memory_watch import machine_memory, process_memory
 from omlx.kernels.backend import attention_backend
@@ -219,7 +220,8 @@ async def health(request: web.Request) -> web.Response:
         "uptime_s": round(time.time() - request.app[STARTED], 1),
         "loaded_model": latest.info.settings_id if latest else None,
         "loaded_adapter": latest.adapter_path if latest else None,
-        "compute": {**blas_info(), "kernels": attention_backend().info(), "matmul": matmul_path().info()},
+        "compute": {**blas_info(), "kernels": attention_backend().info(), "matmul": matmul_path().info(),
+                    "process_tuning": tuning_info()},
         "models_available": [m.model_id for m in pool.servable()],
         "models_loaded": models,
         "embedding_models_loaded": others.pop("embedding", {}),

@@ -16,6 +16,20 @@ if [ "$(uname -s)" = "Linux" ]; then
             echo "note: install libopenblas0-pthread (apt) for fast CPU matmul" >&2
         fi
     fi
+    # gperftools' tcmalloc serves malloc in omlx's server process in glibc's place (preloaded with
+    # OpenBLAS, omlx/process_tuning.py): a decode step's thousands of small allocations cost ~10%
+    # of its CPU in glibc's malloc (bench/README.md).  Without it glibc's malloc runs, and the
+    # log says so.
+    if ! [ -e /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 ] \
+        && ! [ -e /usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4 ]; then
+        if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+            export DEBIAN_FRONTEND=noninteractive
+            apt-get update -qq
+            apt-get install -y -qq libtcmalloc-minimal4 >/dev/null
+        else
+            echo "note: install libtcmalloc-minimal4 (apt) for a faster malloc in the server" >&2
+        fi
+    fi
     MLX_EXTRA="cpu,"
 else
     MLX_EXTRA=""

@@ -75,6 +75,7 @@ def test_no_candidate_warns_and_returns(monkeypatch, caplog) -> None:
     monkeypatch.setattr(blas, "OPENBLAS_CANDIDATES", [])
     for name in (blas.BLAS_LIBRARY_ENV, blas.NO_REEXEC_ENV, blas.REEXEC_MARKER_ENV):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OMLX_ALLOCATOR", "glibc")  # nothing else to preload either (see test_process_tuning)
     exec_calls: list[tuple] = []
     # Recorded rather than raised: ensure_optimized_blas swallows every exception.
     monkeypatch.setattr(blas.os, "execv", lambda *args: exec_calls.append(args))
