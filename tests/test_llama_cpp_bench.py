@@ -62,14 +62,15 @@ def test_packed_form_reads_two_bytes_per_weight(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(cpu_features().bf16_isa is None, reason="the dual form needs a CPU bf16 unit")
 def test_dual_form_reads_the_stored_bytes_on_one_stream(tmp_path, monkeypatch):
-    """The default on a bf16 CPU: one row reads the stored codes (MLX's affine layout: Q4_1's
-    bytes exactly, Q8_0's with a float16 bias beside each scale: 36 bytes a block, not 34),
-    while the packed bf16 copy is held as well."""
+    """The default on a bf16 CPU: one row reads the stored codes in the quantized-bf16 kernel's
+    offsets form (MLX's affine layout with each group's float16 bias held as a float32 offset:
+    Q4_1's 20 bytes a block of 32 become 22; Q8_0's 34 become 32 codes + float16 scale +
+    float32 offset = 38), while the packed bf16 copy is held as well."""
     monkeypatch.delenv("OMLX_MATMUL", raising=False)
     monkeypatch.delenv("OMLX_DECODE_ROWS", raising=False)
     counted = llama_cpp_bench.omlx_weight_bytes(GGUF, tmp_path)
     assert counted["form"] == "bf16-packed+quantized-decode"
-    stored = sum(t.count // 32 * (36 if t.type_name == "Q8_0" else BLOCKS[t.type_name][1])
+    stored = sum(t.count // 32 * {"Q4_1": 22, "Q8_0": 38}[t.type_name]
                  for t in read_header(GGUF).tensors if len(t.shape) == 2)
     assert counted["bytes_per_token"] == stored
     assert counted["parameter_bytes"] >= stored + 2 * matrix_elements()
