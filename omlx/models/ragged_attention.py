@@ -15,10 +15,10 @@ omlx/scheduler/kv_cache.py) the layer runs as:
                                   and written into the key pool in place (as `pool[rows] = k`
                                   does); v likewise - each after qwen3's per-head RMSNorm where
                                   the layer has one
-    out = paged attention(q)      one node
-    o_proj(out.reshape(...))
+    out = paged attention(q)      one node, its output already (T, 1, Hq * Dv)
+    o_proj(out)
 
-Seven nodes instead of ~33, **bit-identical** to the layer's own path: the same packed
+Six nodes instead of ~33, **bit-identical** to the layer's own path: the same packed
 projections (the fused call computes every column as the separate calls do), the same
 rotation (`rope_split` reuses `rope_rotate`'s instruction sequence and the shared cos / sin
 table of omlx/models/shared_rope.py), the same rounding to the pool's dtype (MLX's astype),
@@ -92,8 +92,9 @@ def _routed_call(qkv_name: str, normed: bool):
             self.n_kv_heads, self._omlx_head_dim, rope.dims, rope.traditional, **norms)
         out = plan.kernel.paged_attention(
             q, [pool_k], [pool_v], plan.tables, plan.seqs, plan.groups,
-            kv_heads=plan.num_kv_heads, block_size=plan.block_size, scale=self.scale, bits=0, group_size=64)
-        return self.o_proj(out.reshape(tokens, 1, -1))
+            kv_heads=plan.num_kv_heads, block_size=plan.block_size, scale=self.scale, bits=0, group_size=64,
+            merge_heads=True)  # (T, 1, Hq * Dv): o_proj's input, no reshape node
+        return self.o_proj(out)
 
     return __call__
 

@@ -658,9 +658,10 @@ mx::array rows_of(const mx::array& a, mx::cpu::CommandEncoder& enc, std::vector<
 class PagedAttention : public mx::Primitive {
  public:
   PagedAttention(mx::Stream stream, int kv_heads, int block_size, float scale, int bits, int group_size,
-                 int k_parts, int window, int chunk, bool has_sinks)
+                 int k_parts, int window, int chunk, bool has_sinks, bool merge_heads = false)
       : mx::Primitive(stream), kv_heads_(kv_heads), block_size_(block_size), scale_(scale), bits_(bits),
-        group_size_(group_size), k_parts_(k_parts), window_(window), chunk_(chunk), has_sinks_(has_sinks) {}
+        group_size_(group_size), k_parts_(k_parts), window_(window), chunk_(chunk), has_sinks_(has_sinks),
+        merge_heads_(merge_heads) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     // inputs: q, tables, seqs, groups, k parts (1 or 3), v parts (1 or 3), [sinks]
@@ -687,7 +688,8 @@ class PagedAttention : public mx::Primitive {
     st.num_groups = int(in[3].shape(0));
     st.q_heads = int(q.shape(1));
     st.dk = int(q.shape(dim_axis));
-    st.dv = int(out.shape(dim_axis));
+    // A merged output (T, 1, Hq * Dv) is laid out as (T, Hq, Dv): the same rows.
+    st.dv = merge_heads_ ? int(out.shape(-1)) / st.q_heads : int(out.shape(dim_axis));
     st.kv_heads = kv_heads_;
     st.block_size = block_size_;
     st.scale = scale_;
@@ -714,7 +716,8 @@ class PagedAttention : public mx::Primitive {
     auto* o = dynamic_cast<const PagedAttention*>(&other);
     return o && o->kv_heads_ == kv_heads_ && o->block_size_ == block_size_ && o->scale_ == scale_ &&
            o->bits_ == bits_ && o->group_size_ == group_size_ && o->k_parts_ == k_parts_ &&
-           o->window_ == window_ && o->chunk_ == chunk_ && o->has_sinks_ == has_sinks_;
+           o->window_ == window_ && o->chunk_ == chunk_ && o->has_sinks_ == has_sinks_ &&
+           o->merge_heads_ == merge_heads_;
   }
 
  private:
@@ -741,6 +744,7 @@ class PagedAttention : public mx::Primitive {
   int bits_, group_size_, k_parts_;
   int window_, chunk_;
   bool has_sinks_;
+  bool merge_heads_;
 };
 
 // q (T, Hq, Dk), or (T, Hq, 1, Dk) as an attention layer holds it (the output then has that
@@ -752,7 +756,7 @@ mx::array paged_attention(const mx::array& q, const std::vector<mx::array>& k_po
                           const std::vector<mx::array>& v_pool, const mx::array& tables,
                           const mx::array& seqs, const mx::array& groups, int kv_heads, int block_size,
                           float scale, int bits, int group_size, int window, int chunk,
-                          const std::optional<mx::array>& sinks, mx::StreamOrDevice s) {
+                          const std::optional<mx::array>& sinks, bool merge_heads, mx::StreamOrDevice s) {
   if (q.ndim() != 3 && !(q.ndim() == 4 && q.shape(2) == 1))
     throw std::invalid_argument("paged_attention: queries must be (tokens, heads, dim) or (tokens, heads, 1, dim)");
   if (k_pool.size() != v_pool.size() || (k_pool.size() != 1 && k_pool.size() != 3))
@@ -796,9 +800,12 @@ mx::array paged_attention(const mx::array& q, const std::vector<mx::array>& k_po
   if (sinks) inputs.push_back(mx::astype(*sinks, mx::float32, stream));
   mx::Shape shape = q.shape();
   shape.back() = dv;
+  // merge_heads: (T, 1, Hq * Dv), the shape the layer's output projection takes (no reshape
+  // node after the attention).
+  if (merge_heads) shape = {q.shape(0), 1, q.shape(1) * dv};
   return mx::array(shape, mx::float32,
                    std::make_shared<PagedAttention>(stream, kv_heads, block_size, scale, bits, group_size,
-                                                    int(k_pool.size()), window, chunk, sinks.has_value()),
+                                                    int(k_pool.size()), window, chunk, sinks.has_value(), merge_heads),
                    std::move(inputs));
 }
 
@@ -808,7 +815,7 @@ NB_MODULE(_paged_attention_cpu, m) {
   m.doc() = "omlx fused paged attention (MLX CPU primitive)";
   m.def("paged_attention", &paged_attention, "q"_a, "k_pool"_a, "v_pool"_a, "tables"_a, "seqs"_a, "groups"_a,
         nb::kw_only(), "kv_heads"_a, "block_size"_a, "scale"_a, "bits"_a = 0, "group_size"_a = 64,
-        "window"_a = 0, "chunk"_a = 0, "sinks"_a = nb::none(), "stream"_a = nb::none(),
+        "window"_a = 0, "chunk"_a = 0, "sinks"_a = nb::none(), "merge_heads"_a = false, "stream"_a = nb::none(),
         "Attention of ragged query tokens over a paged KV pool (see omlx/kernels/paged_attention.py).");
   m.def("num_threads", &omlx_cpu::openmp_threads);
 }
