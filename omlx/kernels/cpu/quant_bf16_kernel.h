@@ -302,11 +302,20 @@ void unpack_panel(const Problem& p, int64_t panel, uint16_t* scratch) {
   }
 }
 
+// One or two rows with every call inlined: the accumulators stay in registers across groups
+// (one 1536 x 576 call in cache, one thread: 6% faster at one row, 4% at two; inlined for 8
+// rows the body spilled and lost 28%).
+template <int BITS, int ST, int R>
+__attribute__((flatten)) void fused_rows_inlined(const Problem& p, const uint32_t* x, int64_t panel, float* y,
+                                                 int cols, const float* bias) {
+  fused_rows<BITS, ST, R>(p, x, panel, y, cols, bias);
+}
+
 template <int BITS, int ST>
 void panel_fused(const Problem& p, const uint32_t* x, int64_t panel, float* y, int cols, const float* bias) {
   switch (p.m) {
-    case 1: fused_rows<BITS, ST, 1>(p, x, panel, y, cols, bias); break;
-    case 2: fused_rows<BITS, ST, 2>(p, x, panel, y, cols, bias); break;
+    case 1: fused_rows_inlined<BITS, ST, 1>(p, x, panel, y, cols, bias); break;
+    case 2: fused_rows_inlined<BITS, ST, 2>(p, x, panel, y, cols, bias); break;
     case 3: fused_rows<BITS, ST, 3>(p, x, panel, y, cols, bias); break;
     case 4: fused_rows<BITS, ST, 4>(p, x, panel, y, cols, bias); break;
     case 5: fused_rows<BITS, ST, 5>(p, x, panel, y, cols, bias); break;
