@@ -37,10 +37,10 @@ QUESTIONS = ["Why is the sky blue?", "What is the capital of France?", "How many
              "Who wrote Hamlet?", "Name three primary colors.", "What does a bee make?",
              "Explain rain in one sentence.", "What is two plus two?"]
 
-# Today's behaviour (before omlx tuned its process) is `glibc`: glibc's malloc, libgomp's own wait
-# policy.  The others change one thing each from there, or two where named so; `omlx-default` is
-# what `omlx serve` now starts with (omlx.process_tuning).
-TODAY = {"OMLX_ALLOCATOR": "glibc", "OMLX_OMP_WAIT_POLICY": "libgomp"}
+# Today's behaviour (before omlx tuned its process) is `glibc`: glibc's malloc, and the OpenMP
+# wait policy omlx's kernels set (PASSIVE).  The others change one thing each from there, or two
+# where named so; `omlx-default` is what `omlx serve` now starts with (omlx.process_tuning).
+TODAY = {"OMLX_ALLOCATOR": "glibc"}
 TUNABLES = ("glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=1073741824"
             ":glibc.malloc.top_pad=67108864:glibc.malloc.arena_max=2")
 PRESETS: dict[str, dict[str, str]] = {
@@ -59,7 +59,9 @@ PRESETS: dict[str, dict[str, str]] = {
     # (omlx's kernels already set OMP_WAIT_POLICY=PASSIVE before libgomp loads: omlx/kernels/backend.py)
     "omp-passive": {**TODAY, "OMP_WAIT_POLICY": "passive"},
     "omp-active": {**TODAY, "OMP_WAIT_POLICY": "active"},
+    # An explicit spin count overrides the PASSIVE policy's 0: spin briefly, then sleep.
     "gomp-spin-10k": {**TODAY, "GOMP_SPINCOUNT": "10000"},
+    "gomp-spin-100k": {**TODAY, "GOMP_SPINCOUNT": "100000"},
     "tunables+passive": {**TODAY, "GLIBC_TUNABLES": TUNABLES, "OMP_WAIT_POLICY": "passive"},
     "tcmalloc+passive": {**TODAY, "LD_PRELOAD": f"{LIBDIR}/libtcmalloc_minimal.so.4", "OMP_WAIT_POLICY": "passive"},
 }
