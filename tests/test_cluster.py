@@ -10,7 +10,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from free_ports import consecutive_free_ports
 from omlx.cluster import HEALTH_CHECK_INTERVAL_S
 from omlx.testing.tiny_models import TinyModelSpec, build_endless_model
 
@@ -33,29 +33,6 @@ START_TIMEOUT_S = 90.0
 # A system prompt of well over a thousand tokens, shared by every agent of a test.
 SYSTEM_PROMPT = "You are a careful agent. " + " ".join(
     f"Rule {i}: check item {i * 7} before touching item {i * 7 + 1}." for i in range(60))
-
-
-def _consecutive_free_ports(count: int) -> int:
-    """The first of `count` consecutive ports nothing listens on now."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            first = probe.getsockname()[1]
-        if first + count >= 65535:
-            continue
-        sockets = []
-        try:
-            for port in range(first, first + count):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no run of free ports")
 
 
 def _counters(replica_url: str) -> dict[str, float]:
@@ -97,7 +74,7 @@ class RunningCluster:
 def cluster(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster")
     build_endless_model(root / "models" / MODEL, TinyModelSpec())
-    router_port = _consecutive_free_ports(4)  # router, two replicas, the router's metrics
+    router_port = consecutive_free_ports(4)  # router, two replicas, the router's metrics
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMLX_")}
     env["OMLX_HOME"] = str(root / "home")
     log_dir = root / "logs"

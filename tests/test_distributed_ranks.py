@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from mlx_lm import load
 
+from free_ports import ring_port_flags
 from omlx.testing.rank_processes import rank_pids
 from omlx.testing.reference import greedy_reference
 from omlx.testing.tiny_models import TinyModelSpec, build_model
@@ -38,7 +39,7 @@ def _requests(seed: int) -> list[dict]:
 def _launch(tmp_path: Path, model: Path, requests: list[dict], *flags: str) -> dict:
     (tmp_path / "requests.json").write_text(json.dumps(requests))
     out = tmp_path / "tokens.json"
-    command = [str(LAUNCH), "--backend", "ring", "-n", "2", "--python", sys.executable, "--",
+    command = [str(LAUNCH), "--backend", "ring", "-n", "2", *ring_port_flags(), "--python", sys.executable, "--",
                "-m", "omlx.distributed.generate", "--model", str(model), "--requests", str(tmp_path / "requests.json"),
                "--out", str(out), *flags]
     # Its own session: on a timeout the launcher and both ranks go together.
@@ -79,7 +80,7 @@ def test_a_killed_rank_ends_the_group_without_a_hang(tmp_path):
     requests = [{"id": f"r{i}", "prompt": [5 + i, 9, 33, 70], "max_tokens": 4000, "arrival": 0} for i in range(32)]
     (tmp_path / "requests.json").write_text(json.dumps(requests))
     out = tmp_path / "tokens.json"
-    command = [str(LAUNCH), "--backend", "ring", "-n", "2", "--python", sys.executable, "--",
+    command = [str(LAUNCH), "--backend", "ring", "-n", "2", *ring_port_flags(), "--python", sys.executable, "--",
                "-m", "omlx.distributed.generate", "--model", str(path), "--requests", str(tmp_path / "requests.json"),
                "--out", str(out), "--num-blocks", "16400"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -20,6 +20,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from free_ports import ring_port_flags
 from omlx.testing.rank_processes import rank_pids
 from omlx.testing.tiny_models import TinyModelSpec, build_model
 from conftest import chat_prompt_ids, reference_greedy, tokenizer_of
@@ -43,7 +44,7 @@ class Group:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OMLX_")}
         env.update(OMLX_HOME=str(tmp_path / "home"), OMLX_MATMUL="float32",
                    PYTHONPATH=str(Path(__file__).parents[1]))
-        command = [str(LAUNCH), "--backend", "ring", "-n", "2", "--python", sys.executable, "--",
+        command = [str(LAUNCH), "--backend", "ring", "-n", "2", *ring_port_flags(), "--python", sys.executable, "--",
                    "-m", "omlx", "serve", "--distributed", "--model-dir", str(model_dir), "--no-demo",
                    "--no-hf-cache", "--port", str(self.port), "--block-size", "16", *flags]
         self.log_file = open(self.log_path, "wb")
