@@ -62,6 +62,7 @@ PRESETS: dict[str, dict[str, str]] = {
     # An explicit spin count overrides the PASSIVE policy's 0: spin briefly, then sleep.
     "gomp-spin-10k": {**TODAY, "GOMP_SPINCOUNT": "10000"},
     "gomp-spin-100k": {**TODAY, "GOMP_SPINCOUNT": "100000"},
+    "tcmalloc+spin-10k": {**TODAY, "LD_PRELOAD": f"{LIBDIR}/libtcmalloc_minimal.so.4", "GOMP_SPINCOUNT": "10000"},
     "tunables+passive": {**TODAY, "GLIBC_TUNABLES": TUNABLES, "OMP_WAIT_POLICY": "passive"},
     "tcmalloc+passive": {**TODAY, "LD_PRELOAD": f"{LIBDIR}/libtcmalloc_minimal.so.4", "OMP_WAIT_POLICY": "passive"},
 }
