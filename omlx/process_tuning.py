@@ -1,10 +1,11 @@
 """Which malloc this process runs on, chosen before it starts, and what actually serves it.
 
 A decode step builds and frees thousands of small objects (MLX's array descriptors, shape
-vectors, graph nodes) on the engine thread and MLX's stream thread; glibc's malloc spends
-10-15% of the step in them (`_int_malloc`, `malloc_consolidate`, frees of chunks another
-thread allocated).  A thread-caching allocator does the same work in far fewer cycles; which
-one, and whether it beats glibc at all, is measured by bench/decode_step_env.py (figures in
+vectors, graph nodes) on the engine thread and MLX's stream thread, and many are freed by the
+thread that did not allocate them; glibc's malloc (`_int_malloc`, `malloc_consolidate`,
+`unlink_chunk`) took 4-10% of a one-row step's CPU samples here.  tcmalloc, a thread-caching
+allocator, measured a ~10% shorter one-row step than glibc and no loss at 32 rows; jemalloc,
+mimalloc and glibc's own tunables measured worse (bench/decode_step_env.py, figures in
 bench/README.md).  An allocator replaces malloc only when it is preloaded at process start,
 so `omlx.blas.ensure_optimized_blas`, which already re-executes the server with OpenBLAS
 preloaded, adds it to the same LD_PRELOAD (`start_preloads`).
