@@ -94,6 +94,9 @@ def start_preloads() -> list[str]:
     path, why = allocator_to_preload()
     if path is None and requested_allocator() != GLIBC and sys.platform.startswith("linux"):
         log.warning("allocator: %s", why)
+    running = malloc_library()
+    if path and running and allocator_name(running) not in (GLIBC, "unknown") and requested_allocator() == "auto":
+        return []  # the user preloaded an allocator of their own: theirs stays in charge
     return [path] if path else []
 
 
@@ -140,8 +143,10 @@ def allocator_info() -> dict:
     if wanted is None:
         info["reason"] = why
     elif not (library and os.path.realpath(wanted) == library):
-        # Asked for but not serving malloc: started without omlx's re-exec (e.g. OMLX_NO_BLAS_REEXEC).
-        info["reason"] = f"{wanted} is not preloaded in this process"
+        # Asked for but not serving malloc: the user preloaded another allocator, or the process
+        # started without omlx's re-exec (e.g. OMLX_NO_BLAS_REEXEC).
+        info["reason"] = (f"{name} was preloaded by the user" if name not in (GLIBC, "unknown")
+                          else f"{wanted} is not preloaded in this process")
     return info
 
 

@@ -117,6 +117,17 @@ def test_glibc_requested_keeps_todays_malloc():
 
 
 @linux_only
+@pytest.mark.skipif(find_allocator_library("jemalloc") is None or find_allocator_library(AUTO_ALLOCATOR) is None,
+                    reason="needs two allocators installed")
+def test_an_allocator_the_user_preloaded_stays():
+    jemalloc = find_allocator_library("jemalloc")
+    out = _child(LD_PRELOAD=jemalloc)
+    assert out["allocator"]["name"] == "jemalloc", out["allocator"]
+    assert out["allocator"]["reason"] == "jemalloc was preloaded by the user"
+    assert out["stats"]["malloc"]["in_use_bytes"] > 1 << 20  # jemalloc's own counters
+
+
+@linux_only
 def test_a_missing_library_path_starts_on_glibc():
     out = _child(**{ALLOCATOR_ENV: "/nonexistent/libmalloc.so"})
     assert out["allocator"]["name"] == "glibc"
