@@ -359,15 +359,17 @@ def serve(args, options: dict) -> None:
     info = blas_info()
     log.info("compute: %s, BLAS: %s%s", info["backend"], info["blas"],
              f" ({info['blas_library']})" if info.get("blas_library") else "")
-    from omlx.process_tuning import log_allocator
-
-    log_allocator()  # which malloc serves the process (preloaded with the BLAS), and why
     from omlx.kernels.backend import attention_backend
 
     attention_backend()  # logs which attention implementation runs, and why
     from omlx.kernels.linear import matmul_path
 
     matmul_path()  # logs which matmul path the weights run on, and why
+    from omlx.process_tuning import log_allocator
+
+    # Which malloc serves the process (preloaded with the BLAS) and the OpenMP wait policy the
+    # kernels just set, before their libgomp loads.
+    log_allocator()
     log.info("serving on http://%s:%d/v1 (models from %s)%s", options["host"], options["port"],
              ", ".join(str(d) for d in model_dirs), "; API key required" if options.get("api_key") else "")
     mcp_config = _mcp_config(options)
