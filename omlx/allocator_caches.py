@@ -14,9 +14,10 @@ the events that free a lot at once: a model loaded (its float32 weights packed t
 unloaded, a KV pool resized.  `HeapTrimmer` gives back what serving scatters over the arenas:
 when the server goes quiet, and under load when the RSS keeps growing.  Elsewhere (macOS,
 musl) the trim is a no-op and MLX's cache is cleared as before.  Where omlx.process_tuning
-preloaded jemalloc in glibc's place, the same calls purge jemalloc's arenas and read its
-counters instead (omlx.malloc_control), and /health names the allocator they are of.  `/health` reports both
-caches (`process.allocator_caches`): bytes held, the bound, and what trims gave back.
+preloaded tcmalloc (or jemalloc) in glibc's place, the same calls release that allocator's free
+pages and read its counters instead (omlx.malloc_control), and /health names the allocator.
+`/health` reports both caches (`process.allocator_caches`): bytes held, the bound, and what
+trims gave back.
 """
 
 from __future__ import annotations
@@ -49,12 +50,6 @@ TRIM_INTERVAL_S = 2.0
 TRIM_QUIET_S = 4.0
 
 
-class _MallInfo2(ctypes.Structure):
-    # glibc >= 2.33: struct mallinfo2, every field a size_t.
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
 def _load_libc():
     if not sys.platform.startswith("linux"):
         return None
@@ -64,15 +59,11 @@ def _load_libc():
         return None
     if not hasattr(libc, "malloc_trim"):  # musl and other C libraries
         return None
-    libc.malloc_trim.argtypes = [ctypes.c_size_t]
-    libc.malloc_trim.restype = ctypes.c_int
-    if hasattr(libc, "mallinfo2"):
-        libc.mallinfo2.restype = _MallInfo2
     return libc
 
 
-_LIBC = _load_libc()
-# What serves malloc here (glibc's, or jemalloc preloaded by omlx.process_tuning): trims and
+_LIBC = _load_libc()  # glibc itself (tests tune it with mallopt); trims go through _MALLOC
+# What serves malloc here (glibc's, or tcmalloc preloaded by omlx.process_tuning): trims and
 # heap figures go through it, so what /health says is true of the allocator that runs.
 _MALLOC = malloc_control.current()
 _ALLOCATOR = process_tuning.allocator_info()
