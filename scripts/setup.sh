@@ -20,12 +20,16 @@ if [ "$(uname -s)" = "Linux" ]; then
     # OpenBLAS, omlx/process_tuning.py): a decode step's thousands of small allocations cost ~10%
     # of its CPU in glibc's malloc (bench/README.md).  Without it glibc's malloc runs, and the
     # log says so.
-    if ! [ -e /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 ] \
-        && ! [ -e /usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4 ]; then
+    # jemalloc is installed beside it only so the tests can check that an allocator the user
+    # preloads stays in charge (tests/test_process_tuning.py); omlx never picks it.
+    if { ! [ -e /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 ] \
+        && ! [ -e /usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4 ]; } \
+        || { ! [ -e /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 ] \
+        && ! [ -e /usr/lib/aarch64-linux-gnu/libjemalloc.so.2 ]; }; then
         if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
             export DEBIAN_FRONTEND=noninteractive
             apt-get update -qq
-            apt-get install -y -qq libtcmalloc-minimal4 >/dev/null
+            apt-get install -y -qq libtcmalloc-minimal4 libjemalloc2 >/dev/null
         else
             echo "note: install libtcmalloc-minimal4 (apt) for a faster malloc in the server" >&2
         fi

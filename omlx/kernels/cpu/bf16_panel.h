@@ -9,6 +9,8 @@
 // x_shape / x_strides (set when x is not row-contiguous), bias and bias_stride.
 #pragma once
 
+#include <cstdlib>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -85,11 +87,26 @@ std::vector<uint32_t> prepare_rows(P& p, std::vector<float>& gathered, std::vect
   return pairs;
 }
 
-// Threads only pay off past a few hundred kFLOP (waking a sleeping OpenMP pool costs tens of
-// microseconds); below that one thread streams the weights alone.
+// Threads pay off only where a call's work outweighs waking the sleeping OpenMP pool (tens of
+// microseconds a call) and a second core adds throughput.  At decode row counts packed bf16 is
+// bound by memory, and on a 2-core machine one core already streams it at the machine's
+// bandwidth (31.1 GB/s one thread, 29.5 two, bench/llama_cpp_bench.py): there a second thread
+// adds only its wake-up, so calls below 8M multiply-adds (a one-row SmolLM2 step's every call
+// but the LM head) run on one (bench/decode_step_env.py: one-row step 0.84-0.87x, 4 rows 0.95x,
+// 32 rows unchanged).  With more cores one core no longer saturates memory: the threshold stays
+// a few hundred kFLOP.  OMLX_THREAD_MIN_WORK (m * n * k) overrides it (read once).
+inline int64_t thread_min_work() {
+  static const int64_t value = [] {
+    const char* env = std::getenv("OMLX_THREAD_MIN_WORK");
+    if (env != nullptr && *env) return std::max<int64_t>(1, std::atoll(env));
+    return openmp_threads() <= 2 ? int64_t(1) << 23 : int64_t(1) << 19;
+  }();
+  return value;
+}
+
 template <class P>
 bool worth_threads(const P& p) {
-  return p.panels > 1 && p.m * p.n * p.k >= (int64_t(1) << 19);
+  return p.panels > 1 && p.m * p.n * p.k >= thread_min_work();
 }
 
 #if OMLX_DPBF16
