@@ -353,17 +353,32 @@ void attend(const Step& st, Scratch& sc, int head, int t0, int nt, int64_t pos0,
 
   float* S = sc.s.data();
   float* Kt = sc.kt.data();
-  for (int kb = k0; kb < k1; kb += NT) {
+  // Key tiles sit on the absolute grid of NT positions whatever the unit's first key, so a
+  // token meets the same tiles (the online softmax rescales at the same keys) alone, in a
+  // shared-prefix group or in a chunk of any length: its result does not depend on its batch.
+  // Keys of the first tile below k0 are below every row's window start (or k0 is on the
+  // grid): they are masked, never counted.
+  for (int kb = k0 - k0 % NT; kb < k1; kb += NT) {
     const int n = std::min(NT, k1 - kb);
     // Keys of this tile: transposed (dk, NT) for many rows, else as row pointers; values as
     // row pointers (converted / dequantised into scratch when the pool is not float32).
-    const bool transpose = rows > DOT_ROWS;
+    // Always the transposed tile: `scores_dot` sums a score in another order, and choosing by
+    // the unit's row count (which depends on how the step chunked the prompt) made a token's
+    // bits depend on its batch.
+    constexpr bool transpose = true;
     int block_index = kb / st.block_size, offset = kb % st.block_size;  // walked, not divided per key
     for (int j = 0; j < n; ++j) {
       const int64_t prow = (int64_t(table[block_index]) * st.kv_heads + head) * st.block_size + offset;
       if (++offset == st.block_size) {
         offset = 0;
         ++block_index;
+      }
+      if (kb + j < k0) {  // before the unit's first key: never read (it may be out of reach)
+        for (int d = 0; d < dk; ++d) Kt[d * NT + j] = 0.f;
+        float* zero = sc.vrows.data() + size_t(j) * dv;
+        std::fill(zero, zero + dv, 0.f);
+        sc.vptr[j] = zero;  // its score is masked: p = 0 times a zero value adds exactly 0
+        continue;
       }
       if (transpose) {
         const float* krow = st.k.row(prow, sc.tmp.data());
@@ -549,7 +564,9 @@ void run_step(Step st) {
       const int first = gi[0], count = gi[1];
       const int t_begin = st.seqs[first * 4];
       const int t_end = st.seqs[(first + count - 1) * 4] + st.seqs[(first + count - 1) * 4 + 1];
-      const int k1 = gi[3] * st.block_size;
+      // The shared keys end on the NT grid (their own phase picks up the rest), so the tiles
+      // are those a member meets alone.
+      const int k1 = gi[3] * st.block_size / NT * NT;
       for (int h = 0; h < st.kv_heads; ++h)
         for (int t = t_begin; t < t_end; t += tile) {
           const int nt = std::min(tile, t_end - t);
@@ -573,7 +590,7 @@ void run_step(Step st) {
   for (int s = 0; s < st.num_seqs; ++s) {
     const int32_t* si = st.seqs + s * 4;
     const int q_start = si[0], q_len = si[1], pos0 = si[2], group = si[3];
-    const int k0 = group >= 0 ? st.groups[group * 4 + 3] * st.block_size : 0;
+    const int k0 = group >= 0 ? st.groups[group * 4 + 3] * st.block_size / NT * NT : 0;
     for (int h = 0; h < st.kv_heads; ++h)
       for (int i = 0, nt; i < q_len; i += nt) {
         nt = std::min(tile, q_len - i);
