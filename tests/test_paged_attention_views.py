@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 
 from omlx.kernels import backend
 from omlx.kernels.paged_attention import QuantizedRows, RaggedPlan, ragged_attention
+from test_attention_windows import build_step  # the same random step: families sharing prefixes
+from test_fused_attention import sequence
 
 KERNEL = backend.attention_backend().module
 FORMS = ["float32", "float16", "bfloat16", "q4", "q8"]
@@ -192,13 +194,6 @@ def test_queries_of_a_wrong_shape_are_refused():
         KERNEL.paged_attention(q[0], k, v, plan.tables, plan.seqs, plan.groups, **kw)
 
 
-sequence = st.tuples(
-    st.integers(0, 2),  # prefix family (sequences of one family share its cached blocks)
-    st.integers(0, 40),  # tokens already in the cache past the shared prefix
-    st.sampled_from([1, 1, 1, 3, 17, 40]),  # new tokens: decode or a prefill chunk
-)
-
-
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seqs=st.lists(sequence, min_size=1, max_size=6),
@@ -220,16 +215,7 @@ def test_random_plans_read_views_bit_identically(seqs, shared_blocks, block_size
     if form in ("q4", "q8") and (key_dim % 32 or value_dim % 32):
         form = "float32"
     rng = np.random.default_rng(seed)
-    prefixes = [list(range(1 + f * shared_blocks, 1 + (f + 1) * shared_blocks)) for f in range(3)]
-    next_block = 1 + 3 * shared_blocks
-    tables, q_lens, pos0 = [], [], []
-    for family, cached, new in seqs:
-        start = shared_blocks * block_size + cached
-        own = -(-(start + new) // block_size) - shared_blocks
-        tables.append(prefixes[family] + list(range(next_block, next_block + own)))
-        next_block += own
-        q_lens.append(new)
-        pos0.append(start)
+    tables, q_lens, pos0, next_block = build_step(seqs, shared_blocks, block_size)
     rows = next_block * kv_heads * block_size
     k, bits = pool_parts(rng, rows, key_dim, form)
     v, _ = pool_parts(rng, rows, value_dim, form)
