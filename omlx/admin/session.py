@@ -33,11 +33,20 @@ def load_secret(home: Path) -> bytes:
         pass
     secret = secrets.token_bytes(32)
     home.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secret.hex())
-    os.replace(tmp, path)
+    # Written whole under a name of this call's own, then linked into place: link never
+    # replaces, so when two processes start on a fresh home at once the first secret wins and
+    # the other reads it (complete) instead of signing with one that is not on disk.
+    tmp = path.with_name(f"admin_secret.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(secret.hex())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return bytes.fromhex(path.read_text().strip())
+    finally:
+        tmp.unlink(missing_ok=True)
     return secret
 
 
