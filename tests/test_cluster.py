@@ -28,7 +28,7 @@ from omlx.testing.tiny_models import TinyModelSpec, build_endless_model
 # One model (smg routes one model per cluster), which never stops by itself: every answer runs to
 # max_tokens, so the kill test's streams are surely in flight when a replica dies.
 MODEL = "tiny-endless"
-KILL_TEST_TOKENS = 400
+KILL_TEST_TOKENS = 2000  # long enough that no stream ends between the last one starting and the kill
 START_TIMEOUT_S = 90.0
 # A system prompt of well over a thousand tokens, shared by every agent of a test.
 SYSTEM_PROMPT = "You are a careful agent. " + " ".join(
