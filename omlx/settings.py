@@ -453,6 +453,9 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     # draft tokens a sequence verifies per step (mlx-lm's --num-draft-tokens).
     Option("speculative_decoding", ("OMLX_SPECULATIVE_DECODING",), bool_text, True),
     Option("num_draft_tokens", ("OMLX_NUM_DRAFT_TOKENS",), non_negative_int_text, 8),
+    # Overlapped decode steps (omlx.scheduler.lookahead): the next step is built and queued
+    # while this one computes.  Off only to measure it.
+    Option("overlap_steps", ("OMLX_OVERLAP_STEPS",), bool_text, True),
     Option("draft_model", ("OMLX_DRAFT_MODEL",), str),
     Option("max_tokens", ("OMLX_MAX_TOKENS",), int),
     Option("ttl", ("OMLX_TTL",), float),

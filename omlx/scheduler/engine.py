@@ -40,6 +40,8 @@ from .draft_model import DraftModelDrafter
 from .speculation import SpeculationConfig, Speculator
 from .engine_stats import EngineStats, StepCounters
 from .step_profile import StepProfile
+from .lookahead import Lookahead
+from .step import SchedulerOutput
 
 log = logging.getLogger("omlx.engine")
 
@@ -147,6 +149,8 @@ class LLMEngine(EngineRequests):
         self.sequences: dict[str, Sequence] = {}
         self._stepping: set[str] | None = None  # request ids of the step being run
         self.counters = StepCounters()
+        # Plain decode steps overlapped with the next one's building (omlx.scheduler.lookahead).
+        self.lookahead = Lookahead(self) if config.overlap_steps else None
         self.profile = StepProfile()
         self.runner.profile = self.profile
         self.scheduler.profile = self.profile
@@ -205,6 +209,7 @@ class LLMEngine(EngineRequests):
             limits.append("windowed layers keep every block of a sequence (the window is applied by attention)")
         return {"engine": "paged", "layer_kinds": describe(self.kinds), "limits": limits,
                 "speculative_decoding": self.scheduler.speculator is not None,
+                "overlap_steps": self.lookahead.stats() if self.lookahead is not None else None,
                 "kv_dtype": dtype_name(self.storage.layout.dtype), "kv_dtype_reason": self.kv_dtype_reason}
 
     # Views of the pools that the scheduler, the server and tests use.
@@ -340,6 +345,9 @@ class LLMEngine(EngineRequests):
             # route attention away from the cache to compare the per-pool passes).
             self.scheduler.speculator.active = self.runner.ragged
         self._stepping = None
+        launched = self.lookahead.take() if self.lookahead is not None else None
+        if launched is not None:
+            return self._step_overlapped(launched, [])
         out = self.scheduler.schedule()  # timed by the scheduler (a draft model's pass apart)
         # The requests this step runs: the ones a failed step ends (see fail_step).
         self._stepping = out.request_ids
@@ -349,9 +357,30 @@ class LLMEngine(EngineRequests):
         if out.empty:
             self.publish_stats()
             return ended
+        if self.lookahead is not None and self.lookahead.eligible(out):
+            seqs = [self.scheduler.scheduled(r.request_id, r.index) for r in out.rows]
+            return self._step_overlapped(self.lookahead.launch(out, seqs, None, ahead=False), ended)
         result = self.runner.execute(out)
         with self.profile.phase("postprocess"):
             events = self.scheduler.update_from_output(out, result)
+        return self._account(out, events, ended)
+
+    def _step_overlapped(self, launched, ended: list) -> list[tuple[str, TokenEvent]]:
+        """A launched step of plain decodes: the step after it is built and queued first
+        (when it may be), then this one's tokens are read back and applied (lookahead)."""
+        lookahead = self.lookahead
+        following = None if lookahead.hold else lookahead.launch_ahead(launched)
+        self._stepping = launched.out.request_ids | (following.out.request_ids if following else set())
+        events, _ = lookahead.complete(launched)
+        self.scheduler._scheduled = {}
+        # A sequence that would draft now cannot while pipelined: the step after the one
+        # queued is scheduled normally.
+        lookahead.hold = following is not None and lookahead.would_draft(following.seqs)
+        lookahead.inflight = following
+        return self._account(launched.out, events, ended)
+
+    def _account(self, out: SchedulerOutput, events, ended: list) -> list[tuple[str, TokenEvent]]:
+        """Count a step that ran and collect its events (and the requests that ended)."""
         self.counters.prefill_tokens += out.num_prefill_tokens
         self.counters.steps += 1
         self.profile.steps += 1

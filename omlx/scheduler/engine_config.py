@@ -59,6 +59,8 @@ class EngineConfig:
     # request that does not opt out, verified in the step's one ragged pass.
     speculative: bool = option_default("speculative_decoding")
     num_draft_tokens: int = option_default("num_draft_tokens")  # the most draft tokens one sequence verifies per step
+    # Plain decode steps overlapped: the next one built while this one computes (lookahead).
+    overlap_steps: bool = option_default("overlap_steps")
     # A smaller model (its id in the model dirs) with the same tokenizer that drafts instead
     # of prompt lookup; the model pool loads it and hands it to the engine.
     draft_model: str | None = None
@@ -125,4 +127,5 @@ _FROM_SETTINGS = {
     "speculative_decoding": ("speculative", _same),
     "num_draft_tokens": ("num_draft_tokens", _same),
     "draft_model": ("draft_model", _same),
+    "overlap_steps": ("overlap_steps", _same),
 }

@@ -192,6 +192,18 @@ class ModelRunner:
             self.profile.add("compute", time.perf_counter() - built)
         return logits
 
+    def decode_pass(self, rows: list[ScheduledRow], fed: mx.array | None) -> mx.array:
+        """The logits of a step of plain one-token decodes in the main pool, built but not
+        evaluated (omlx.scheduler.lookahead queues it behind the step in flight).  `fed`:
+        each row's input token as a lazy array (the previous step's samples, not yet read
+        back), or None to feed the rows' own tokens.  Ragged runners only."""
+        started = time.perf_counter()
+        logits, _ = self._forward_ragged([RowView(r) for r in rows], [1] * len(rows), [1] * len(rows),
+                                         [(self.storage, len(rows))], fed=fed)
+        if self.profile is not None:
+            self.profile.add("prepare", time.perf_counter() - started)
+        return logits
+
     def _layer_caches(self, pools, layouts, splits, offsets: mx.array, state_plan: StatePlan | None = None,
                       window_layout: BatchLayout | None = None):
         """Each cache slot's object, in the model's order: an attention layer's reads and writes
@@ -219,7 +231,7 @@ class ModelRunner:
                     splits, offsets))
         return caches
 
-    def _forward_ragged(self, seqs, num_new_tokens, want_logits, pools):
+    def _forward_ragged(self, seqs, num_new_tokens, want_logits, pools, fed: mx.array | None = None):
         """Every new token is a batch row of length one, with its own RoPE offset: the
         model's matmuls see `(tokens, 1, hidden)` whatever mix of decodes and prefill chunks
         the step holds, so nothing is padded and the weights are read once per step.  The
@@ -284,7 +296,10 @@ class ModelRunner:
         if self.window is not None:
             written += self.window.storage.arrays()
 
-        inputs = mx.array(tokens)[:, None]
+        if fed is None:
+            inputs = mx.array(tokens)[:, None]
+        else:  # one token a sequence, each still being sampled by the step before (lookahead)
+            inputs = fed[mx.array(order, dtype=mx.int32)].astype(mx.int32)[:, None]
         extra = self.vision.for_pass(seqs, order, num_new_tokens, tokens, positions) if self.vision else {}
         wanted = [np.arange(last_row[i] - m + 1, last_row[i] + 1) for i, m in enumerate(want_logits) if m]
         picks = mx.array(np.concatenate(wanted)) if wanted else None

@@ -114,6 +114,31 @@ class Sampler:
         return tokens, entries
 
 
+    @staticmethod
+    def samples_lazily(seq: Sequence) -> bool:
+        """Whether `sample_lazy` can pick this sequence's token: nothing read back from the
+        host between steps (no constraint, penalty, logit bias or log-probabilities)."""
+        sampling = seq.request.sampling
+        return (seq.constraint is None and not sampling.has_penalties and not sampling.logit_bias
+                and seq.request.logprobs is None)
+
+    def sample_lazy(self, logits: mx.array, seqs: list[Sequence]) -> mx.array:
+        """Each row's token as an unevaluated array, the same tokens `sample` returns (for
+        rows where `samples_lazily`): a step can then be fed them before they are read back.
+        A seeded row's uniform is drawn now, once per step, as `sample` draws it."""
+        ids = mx.argmax(logits, axis=-1).astype(mx.int32)
+        random_rows = [r for r, s in enumerate(seqs) if not s.request.sampling.greedy]
+        if random_rows:
+            params = [seqs[r].request.sampling for r in random_rows]
+            uniforms = [self._uniform(seqs[r]) for r in random_rows]
+            picked = logits if len(random_rows) == len(seqs) else logits[mx.array(random_rows)]
+            sampled = _sample_rows(picked, params, uniforms).astype(mx.int32)
+            if len(random_rows) == len(seqs):
+                return sampled
+            ids[mx.array(random_rows)] = sampled
+        return ids
+
+
 def _apply_constraints(logits: mx.array, seqs: list[Sequence], rows: list[int]) -> mx.array:
     """Forbid, in the constrained rows, every token their constraint does not allow now."""
     from omlx.constrained import allowed_tokens

@@ -193,6 +193,14 @@ class Speculator:
         seq.draft = self.drafter.propose(seq, want)
         return len(seq.draft)
 
+    def would_draft(self, seq: Sequence) -> bool:
+        """Whether `plan` would draft for `seq` now (an immediate drafter; nothing reserved)."""
+        if not self.active or not self.drafter.immediate or not can_speculate(seq):
+            return False
+        if seq.speculation is None:
+            seq.speculation = SequenceSpeculation(self.config)
+        return seq.speculation.policy.wanted() > 0 and bool(self.drafter.propose(seq, 1))
+
     def draft(self, seqs: list[Sequence], limits: list[int]) -> None:
         """Fill the drafts of a drafter that needs a batched pass (a draft model)."""
         if not self.drafter.immediate and seqs:
