@@ -10,7 +10,12 @@ MLX's dispatch, not Python's graph building), forms alternated round by round.  
 median per-call time of each form and quantized-bf16's time as a fraction of packed bf16's
 (below 1: quantized-bf16 is faster), and the bytes each call reads.
 
-    python bench/quant_bf16_decode_bench.py [--rows 1,4,8] [--rounds 15] [--shapes qkv,head]
+With `--spin 0,100` each form is also timed at each setting of the kernels' worker spin
+(OMLX_KERNEL_SPIN_US, omlx/kernels/cpu/spin_pool.h: 0 is OpenMP's sleeping threads), settings
+alternated round by round in one process, and each setting's time is printed as a ratio to the
+first's (below 1: faster than the first setting).
+
+    python bench/quant_bf16_decode_bench.py [--rows 1,4,8] [--rounds 15] [--shapes qkv,head] [--spin 0,100]
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--calls", type=int, default=40, help="calls per timed evaluation")
     parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--spin", default="", help="worker spin settings (us) to alternate, e.g. 0,100")
     args = parser.parse_args()
 
     import mlx.core as mx
@@ -71,11 +77,14 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     rows = [int(r) for r in args.rows.split(",")]
+    module = quant_bf16.kernel()
+    spins = [int(v) for v in args.spin.split(",")] if args.spin else [module.spin_us()]
     print(f"CPU: {cpu_features().model} ({cpu_features().summary()}); MLX {mx.__version__}; "
-          f"OpenMP threads {quant_bf16.kernel().num_threads()}; load average {os.getloadavg()[0]:.1f}; "
+          f"OpenMP threads {module.num_threads()}; worker spin {spins} us; load average {os.getloadavg()[0]:.1f}; "
           f"{args.rounds} alternated rounds of {args.calls} calls")
-    print(f"{'shape':>8} {'N x K':>12} {'rows':>4} | {'packed bf16 us':>14} {'quant-bf16 us':>13} | "
-          f"{'time ratio':>10} | {'bytes ratio':>11}")
+    spin_head = "".join(f" | {'spin ' + str(v) + ' us: packed':>20} {'quant':>7}" for v in spins)
+    ratio_head = "".join(f" | {'vs spin ' + str(spins[0]) + ': p / q':>20}" for v in spins[1:])
+    print(f"{'shape':>8} {'N x K':>12} {'rows':>4}{spin_head} | {'q / p':>6} | {'bytes q / p':>11}{ratio_head}")
     for name in args.shapes.split(","):
         n, k, bits = SHAPES[name]
         copies = max(2, -(-RING_BYTES // (2 * n * k)))
@@ -90,19 +99,34 @@ def main() -> None:
         for m in rows:
             x = mx.array(rng.standard_normal((m, k)).astype(np.float32))
             mx.eval(x)
-            times = {"packed": [], "quant": []}
+            times = {(form, spin): [] for spin in spins for form in ("packed", "quant")}
             at = 0
             for _ in range(args.rounds + 1):
                 picks = [(at + i) % copies for i in range(args.calls)]
                 at += args.calls
-                for form, layers in (("packed", packed), ("quant", quant)):
-                    start = time.perf_counter()
-                    mx.eval([layers[i](x) for i in picks])
-                    times[form].append((time.perf_counter() - start) / args.calls * 1e6)
-            p, q = (statistics.median(times[f][1:]) for f in ("packed", "quant"))
-            print(f"{name:>8} {n:>5} x {k:<5} {m:>4} | {p:>14.1f} {q:>13.1f} | {q / p:>9.2f}x | "
-                  f"{q_bytes / p_bytes:>10.2f}x", flush=True)
+                for spin in spins:
+                    set_spin(spin)
+                    for form, layers in (("packed", packed), ("quant", quant)):
+                        start = time.perf_counter()
+                        mx.eval([layers[i](x) for i in picks])
+                        times[form, spin].append((time.perf_counter() - start) / args.calls * 1e6)
+            med = {key: statistics.median(values[1:]) for key, values in times.items()}
+            cells = "".join(f" | {med['packed', v]:>20.1f} {med['quant', v]:>7.1f}" for v in spins)
+            first = spins[0]
+            ratios = "".join(f" | {med['packed', v] / med['packed', first]:>11.2f}x {med['quant', v] / med['quant', first]:>6.2f}x"
+                             for v in spins[1:])
+            print(f"{name:>8} {n:>5} x {k:<5} {m:>4}{cells} | {med['quant', first] / med['packed', first]:>5.2f}x | "
+                  f"{q_bytes / p_bytes:>10.2f}x{ratios}", flush=True)
         del packed, quant
+    set_spin(spins[0])
+
+
+def set_spin(us: int) -> None:
+    """Both kernel modules' worker spin (each extension module has its own pool)."""
+    from omlx.kernels import linear, quant_bf16
+
+    quant_bf16.kernel().set_spin_us(us)
+    linear.kernel().set_spin_us(us)
 
 
 if __name__ == "__main__":

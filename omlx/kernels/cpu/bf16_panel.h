@@ -16,6 +16,8 @@
 #include <cstring>
 #include <vector>
 
+#include "spin_pool.h"
+
 namespace omlx_cpu {
 
 constexpr int BF16_PANEL = 64;  // output columns per panel (four 16-lane registers)
@@ -107,6 +109,39 @@ inline int64_t thread_min_work() {
 template <class P>
 bool worth_threads(const P& p) {
   return p.panels > 1 && p.m * p.n * p.k >= thread_min_work();
+}
+
+// f(panel) for every panel of a call: split over the spin pool's hot worker (spin_pool.h) past
+// its small bar, or by OpenMP's rule above when the pool is off (OMLX_KERNEL_SPIN_US=0).  Panels
+// are independent, so the split never changes a bit.
+template <class P, class F>
+void for_panels(const P& p, F&& f) {
+  if (pool_enabled()) {
+    auto panels = [&](int64_t begin, int64_t end) {
+      for (int64_t panel = begin; panel < end; ++panel) f(panel);
+    };
+    if (p.panels > 1 && p.m * p.n * p.k >= pool_min_work())
+      SpinPool::instance().for_ranges(p.panels, 1, panels);
+    else
+      panels(0, p.panels);
+    return;
+  }
+#pragma omp parallel for schedule(static) if (worth_threads(p))
+  for (int64_t panel = 0; panel < p.panels; ++panel) f(panel);
+}
+
+// The pool's counters and the test hook, as module functions (each module has its own pool).
+template <class Module>
+void bind_pool_tools(Module& m) {
+  m.def("pool_stats", [] {
+    const auto s = SpinPool::instance().stats();
+    return nb::make_tuple(s.workers, s.jobs, s.fallbacks, s.worker_tasks);
+  }, "The kernel pool's (workers, jobs shared, calls that ran alone on a held pool, tasks the workers ran).");
+  m.def("hold_pool", [](bool hold) {
+    if (hold) return SpinPool::instance().try_hold();
+    SpinPool::instance().release();
+    return true;
+  }, "hold"_a, "Tests: hold the pool as a concurrent call would (True if it was free), or release it.");
 }
 
 #if OMLX_DPBF16

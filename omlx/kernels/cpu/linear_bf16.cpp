@@ -88,8 +88,7 @@ void run(const Problem& given) {
   Problem p = given;
   std::vector<float> gathered, bias;
   const std::vector<uint32_t> pairs = omlx_cpu::prepare_rows(p, gathered, bias);
-#pragma omp parallel for schedule(static) if (omlx_cpu::worth_threads(p))
-  for (int64_t panel = 0; panel < p.panels; ++panel) panel_rows(p, pairs.data(), panel);
+  omlx_cpu::for_panels(p, [&](int64_t panel) { panel_rows(p, pairs.data(), panel); });
 }
 
 class PackedLinear : public mx::Primitive {
@@ -193,4 +192,7 @@ NB_MODULE(_linear_cpu, m) {
   m.attr("PANEL") = PANEL;
   m.def("isa", []() { return std::string(OMLX_DPBF16 ? "avx512_bf16" : "portable"); });
   m.def("num_threads", &omlx_cpu::openmp_threads);
+  m.def("spin_us", &omlx_cpu::kernel_spin_us, "How long the kernels' pool worker spins after a task (0: OpenMP).");
+  m.def("set_spin_us", &omlx_cpu::set_kernel_spin_us, "us"_a, "Change it at run time (benches, tests).");
+  omlx_cpu::bind_pool_tools(m);
 }

@@ -65,13 +65,12 @@ void run_packed(const Problem& given, const uint16_t* packed) {
   std::vector<float> gathered, bias;
   const std::vector<uint32_t> pairs = omlx_cpu::prepare_rows(p, gathered, bias);
 #if OMLX_DPBF16
-#pragma omp parallel for schedule(static) if (omlx_cpu::worth_threads(p))
-  for (int64_t panel = 0; panel < p.panels; ++panel) {
+  omlx_cpu::for_panels(p, [&](int64_t panel) {
     const int64_t col0 = panel * PANEL;
     const int cols = int(std::min<int64_t>(PANEL, p.n - col0));
     omlx_cpu::panel_micro_rows(pairs.data(), p.m, p.k_pairs, packed + panel * p.k_pairs * (2 * PANEL), p.y + col0,
                                p.n, cols, p.bias ? p.bias + col0 : nullptr);
-  }
+  });
 #else
   (void)packed;
   throw std::runtime_error("quantized bf16 linear: the packed rows need AVX512-BF16 in the build");
@@ -223,4 +222,7 @@ NB_MODULE(_quant_bf16_cpu, m) {
   m.attr("FUSED_ROWS") = FUSED_ROWS;
   m.def("isa", []() { return std::string(OMLX_DPBF16 ? "avx512_bf16" : "portable"); });
   m.def("num_threads", &omlx_cpu::openmp_threads);
+  m.def("spin_us", &omlx_cpu::kernel_spin_us, "How long the kernels' pool worker spins after a task (0: OpenMP).");
+  m.def("set_spin_us", &omlx_cpu::set_kernel_spin_us, "us"_a, "Change it at run time (benches, tests).");
+  omlx_cpu::bind_pool_tools(m);
 }

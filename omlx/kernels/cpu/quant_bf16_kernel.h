@@ -53,6 +53,7 @@
 #include "mlx/types/half_types.h"
 
 #include "bf16_panel.h"
+#include "spin_pool.h"
 
 namespace omlx_quant_bf16 {
 
@@ -384,14 +385,23 @@ inline void panel_rows(const Problem& p, const uint32_t* pairs, int64_t panel, u
 }
 #endif
 
-// A second thread pays only past about a million weight-rows: omlx's OpenMP threads sleep between
-// calls (OMP_WAIT_POLICY=PASSIVE, omlx/kernels/linear.py), and waking one costs ~20 us a call,
-// about what one core takes to unpack 1M weights at one row (~20 Gweights/s a core); decode's
-// 576 x 576 and 576 x 960 projections run faster on one.  Past FUSED_ROWS rows the scratch path
-// streams the unpacked panel like packed bf16, and packed bf16's rule applies.
+// OpenMP's rule (OMLX_KERNEL_SPIN_US=0): a second thread pays only past about a million
+// weight-rows: omlx's OpenMP threads sleep between calls (OMP_WAIT_POLICY=PASSIVE,
+// omlx/kernels/linear.py), and waking one costs ~20 us a call, about what one core takes to
+// unpack 1M weights at one row (~20 Gweights/s a core); decode's 576 x 576 and 576 x 960
+// projections run faster on one.  Past FUSED_ROWS rows the scratch path streams the unpacked
+// panel like packed bf16, and packed bf16's rule applies.
 inline bool worth_threads(const Problem& p) {
   if (p.m > FUSED_ROWS) return omlx_cpu::worth_threads(p);
   return p.panels > 1 && p.n * p.k * std::max<int64_t>(p.m, 2) >= (int64_t(1) << 21);
+}
+
+// The calling thread's scratch panel (k_pairs x 128 bf16, 64-byte aligned), kept between calls.
+inline uint16_t* thread_scratch(size_t elements) {
+  thread_local std::vector<uint16_t> scratch;
+  if (scratch.size() < elements + 32) scratch.resize(elements + 32);  // + 32: room to align to 64 bytes
+  const auto at = reinterpret_cast<uintptr_t>(scratch.data());
+  return scratch.data() + ((64 - at % 64) % 64) / 2;
 }
 
 inline void run(const Problem& given) {
@@ -399,13 +409,23 @@ inline void run(const Problem& given) {
   std::vector<float> gathered, bias;
   const std::vector<uint32_t> pairs = omlx_cpu::prepare_rows(p, gathered, bias);
   const size_t scratch_size = p.m > FUSED_ROWS ? size_t(p.k_pairs) * 2 * PANEL : 0;
+  if (omlx_cpu::pool_enabled()) {
+    // Decode's calls split over the spinning worker too (spin_pool.h); one panel a task.
+    auto panels = [&](int64_t begin, int64_t end) {
+      uint16_t* scratch = scratch_size ? thread_scratch(scratch_size) : nullptr;
+      for (int64_t panel = begin; panel < end; ++panel) panel_rows(p, pairs.data(), panel, scratch);
+    };
+    if (p.panels > 1 && p.m * p.n * p.k >= omlx_cpu::pool_min_work())
+      omlx_cpu::SpinPool::instance().for_ranges(p.panels, 1, panels);
+    else
+      panels(0, p.panels);
+    return;
+  }
 #pragma omp parallel if (worth_threads(p))
   {
-    std::vector<uint16_t> scratch(scratch_size + 32);  // + 32: room to align to 64 bytes
-    const auto at = reinterpret_cast<uintptr_t>(scratch.data());
-    uint16_t* aligned = scratch.data() + ((64 - at % 64) % 64) / 2;
+    uint16_t* scratch = thread_scratch(scratch_size);
 #pragma omp for schedule(static)
-    for (int64_t panel = 0; panel < p.panels; ++panel) panel_rows(p, pairs.data(), panel, aligned);
+    for (int64_t panel = 0; panel < p.panels; ++panel) panel_rows(p, pairs.data(), panel, scratch);
   }
 }
 
