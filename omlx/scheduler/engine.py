@@ -369,8 +369,8 @@ class LLMEngine(EngineRequests):
         """A launched step of plain decodes: the step after it is built and queued first
         (when it may be), then this one's tokens are read back and applied (lookahead)."""
         lookahead = self.lookahead
+        self._stepping = launched.out.request_ids  # the step ahead's rows are some of these
         following = None if lookahead.hold else lookahead.launch_ahead(launched)
-        self._stepping = launched.out.request_ids | (following.out.request_ids if following else set())
         events, _ = lookahead.complete(launched)
         self.scheduler._scheduled = {}
         # A sequence that would draft now cannot while pipelined: the step after the one
