@@ -196,6 +196,24 @@ def test_swiglu_split_equals_mlx_lms_compiled_swiglu(shape):
         assert np.array_equal(np.array(kernel().swiglu_split(view)), np.array(want), equal_nan=True)
 
 
+def test_swiglu_split_vector_lanes_equal_mlx_over_every_kind_of_float():
+    """The 16-lane path (rows of 1536) against MLX's compiled swiglu on 3M values: normal ones
+    at several scales, the +-88 cut-offs' neighbourhood, and raw bit patterns (NaNs, infinities,
+    subnormals, huge magnitudes)."""
+    from mlx_lm.models.activations import swiglu
+
+    rng = np.random.default_rng(23)
+    parts = [rng.standard_normal(1 << 20).astype(np.float32) * scale for scale in (1, 12, 40)]
+    parts.append(rng.uniform(-90, 90, 1 << 19).astype(np.float32))
+    parts.append(rng.integers(0, 1 << 32, 1 << 19, dtype=np.uint64).astype(np.uint32).view(np.float32))
+    values = np.concatenate(parts)
+    values = values[: len(values) // 3072 * 3072].reshape(-1, 1, 3072)
+    gate_up = mx.array(values)
+    want = swiglu(gate_up[..., :1536], gate_up[..., 1536:])
+    got = kernel().swiglu_split(gate_up)
+    assert np.array_equal(np.array(got), np.array(want), equal_nan=True)
+
+
 def test_swiglu_split_refuses_an_odd_width():
     with pytest.raises(ValueError):
         kernel().swiglu_split(mx.zeros((2, 7)))

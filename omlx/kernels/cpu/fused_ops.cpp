@@ -19,6 +19,7 @@
 //   multiply-adds is turned off for it, so it is bit-identical to `mx.fast.rope` on the CPU.
 
 #include <cmath>
+#include <immintrin.h>
 #include <cstdint>
 #include <cstring>
 #include <tuple>
@@ -600,6 +601,58 @@ inline float mlx_sigmoid(float x) {
   return x < 0.0f ? y : 1.0f - y;
 }
 
+inline float swiglu_one(float g, float u) {
+  const float silu = keep(g * mlx_sigmoid(g));
+  return silu * u;
+}
+
+#if defined(__AVX512F__)
+inline __m512 keep512(__m512 v) {
+  asm volatile("" : "+v"(v));
+  return v;
+}
+
+// swiglu_one on 16 lanes: every lane runs the scalar sequence's IEEE operations in its order
+// (products kept rounded by the same barriers, floor by roundscale, the float -> int
+// conversion truncating, the NaN / +-88 overrides, a correctly rounded division), so the bits
+// are the scalar path's; the scalar one took ~3-7 ns an element, a prefill's 30 layers x 512
+// rows x 1536 columns ~0.1-0.2 s a chunk.
+inline __m512 swiglu16(__m512 g, __m512 u) {
+  const __m512 a = _mm512_abs_ps(g);
+  const __m512 x = keep512(_mm512_mul_ps(a, _mm512_set1_ps(1.442695f)));
+  const __m512 ipart = _mm512_roundscale_ps(_mm512_add_ps(x, _mm512_set1_ps(0.5f)), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 fpart = _mm512_sub_ps(x, ipart);
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  p = _mm512_fmadd_ps(p, fpart, _mm512_set1_ps(1.339887440266574e-3f));
+  p = _mm512_fmadd_ps(p, fpart, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, fpart, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, fpart, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, fpart, _mm512_set1_ps(6.931472028550421e-1f));
+  p = _mm512_fmadd_ps(p, fpart, _mm512_set1_ps(1.000000000000000f));
+  const __m512i epart = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(ipart), _mm512_set1_epi32(127)), 23);
+  __m512 e = keep512(_mm512_mul_ps(_mm512_castsi512_ps(epart), p));
+  e = _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), a);
+  e = _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(a, _mm512_set1_ps(88.0f), _CMP_GT_OQ),
+                         _mm512_set1_ps(std::numeric_limits<float>::infinity()));
+  e = _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(a, _mm512_set1_ps(-88.0f), _CMP_LT_OQ), _mm512_setzero_ps());
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 y = _mm512_div_ps(one, _mm512_add_ps(one, e));
+  const __m512 sigmoid = _mm512_mask_mov_ps(_mm512_sub_ps(one, y), _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ), y);
+  const __m512 silu = keep512(_mm512_mul_ps(g, sigmoid));
+  return _mm512_mul_ps(silu, u);
+}
+#endif
+
+// One row: y[i] = silu(g[i]) * u[i].
+inline void swiglu_row(const float* g, const float* u, float* y, int64_t width) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= width; i += 16)
+    _mm512_storeu_ps(y + i, swiglu16(_mm512_loadu_ps(g + i), _mm512_loadu_ps(u + i)));
+#endif
+  for (; i < width; ++i) y[i] = swiglu_one(g[i], u[i]);
+}
+
 class SwigluSplit : public mx::Primitive {
  public:
   explicit SwigluSplit(mx::Stream stream) : mx::Primitive(stream) {}
@@ -632,10 +685,7 @@ class SwigluSplit : public mx::Primitive {
         const float* g = src + r * stride;
         const float* u = g + width;
         float* yr = y + r * width;
-        for (int64_t i = 0; i < width; ++i) {
-          const float silu = keep(g[i] * mlx_sigmoid(g[i]));
-          yr[i] = silu * u[i];
-        }
+        swiglu_row(g, u, yr, width);
       }
       (void)copy;
     });
