@@ -46,6 +46,7 @@
 #include "mlx/types/half_types.h"
 
 #include "common.h"
+#include "paged_attention_bf16.h"
 
 namespace {
 
@@ -215,22 +216,39 @@ struct Step {
   }
 };
 
-// Per-thread scratch, sized once per call.
+// Per-thread scratch, kept by each thread across calls (a decode call is a few microseconds
+// of arithmetic: allocating and zeroing ~40 KB of scratch every call was a visible share of it).
+// Nothing here is read before the unit writes it.
 struct Scratch {
   std::vector<float> q, s, kt, krows, vrows, o, m, l, tmp;
   std::vector<const float*> kptr, vptr;
+  // bf16 pools (paged_attention_bf16.h): queries / probabilities as bf16 pairs, packed tiles,
+  // the tile's key / value rows, and a zero row for keys a unit does not read.
+  std::vector<uint32_t> qp, pp, kp, vp;
+  std::vector<const uint16_t*> krow16, vrow16;
+  std::vector<uint16_t> zero16;
   void size(const Step& st, int max_rows) {
-    q.assign(size_t(max_rows) * st.dk, 0.f);
-    s.assign(size_t(max_rows) * NT, 0.f);
-    kt.assign(size_t(st.dk) * NT, 0.f);
-    krows.assign(size_t(NT) * st.dk, 0.f);
-    vrows.assign(size_t(NT) * st.dv, 0.f);
-    o.assign(size_t(max_rows) * st.dv, 0.f);
-    m.assign(max_rows, 0.f);
-    l.assign(max_rows, 0.f);
-    tmp.assign(std::max(st.dk, st.dv), 0.f);
-    kptr.assign(NT, nullptr);
-    vptr.assign(NT, nullptr);
+    auto grow = [](auto& v, size_t n) {
+      if (v.size() < n) v.resize(n);
+    };
+    grow(q, size_t(max_rows) * st.dk);
+    grow(s, size_t(max_rows) * NT);
+    grow(kt, size_t(st.dk) * NT);
+    grow(krows, size_t(NT) * st.dk);
+    grow(vrows, size_t(NT) * st.dv);
+    grow(o, size_t(max_rows) * st.dv);
+    grow(m, max_rows);
+    grow(l, max_rows);
+    grow(tmp, std::max(st.dk, st.dv));
+    grow(kptr, NT);
+    grow(vptr, NT);
+    grow(qp, size_t(max_rows) * st.dk / 2);
+    grow(pp, size_t(max_rows) * NT / 2);
+    grow(kp, size_t(st.dk) / 2 * NT);
+    grow(vp, size_t(NT) / 2 * st.dv);
+    grow(krow16, NT);
+    grow(vrow16, NT);
+    grow(zero16, std::max(st.dk, st.dv));  // value-initialised: zeros, never written
   }
 };
 
@@ -316,7 +334,9 @@ inline void pv_block(const float* p, const float* const* vrow, float* o, int n, 
 // `finish`: write normalised outputs; else save the state for a later unit.
 // `LIMITED`: a window, chunk or sinks may be set; the plain instantiation is the kernel as it
 // was before those existed, without a single added test in its loops.
-template <bool LIMITED>
+// `BF16`: both pools bf16 and the bf16 unit present (paged_attention_bf16.h): chosen per call
+// by the pools' form and head dims alone, never by the unit's size.
+template <bool LIMITED, bool BF16>
 void attend(const Step& st, Scratch& sc, int head, int t0, int nt, int64_t pos0,
             const int32_t* table, int k0, int k1, bool init, bool finish) {
   const int rep = st.rep(), dk = st.dk, dv = st.dv;
@@ -347,6 +367,12 @@ void attend(const Step& st, Scratch& sc, int head, int t0, int nt, int64_t pos0,
         std::memset(O + r * dv, 0, sizeof(float) * dv);
       }
     }
+#ifdef OMLX_ATTENTION_BF16
+  uint32_t* Qp = sc.qp.data();
+  uint32_t* Pp = sc.pp.data();
+  if constexpr (BF16)
+    for (int r = 0; r < rows; ++r) bf16_tiles::round_rows(Q + r * dk, Qp + r * dk / 2, dk);
+#endif
   // Keys past the last token's position are never seen by any row of this unit.
   const int64_t last_pos = pos0 + nt - 1;
   if (int64_t(k1) > last_pos + 1) k1 = int(last_pos + 1);
@@ -360,46 +386,73 @@ void attend(const Step& st, Scratch& sc, int head, int t0, int nt, int64_t pos0,
   // grid): they are masked, never counted.
   for (int kb = k0 - k0 % NT; kb < k1; kb += NT) {
     const int n = std::min(NT, k1 - kb);
-    // Keys of this tile: transposed (dk, NT) for many rows, else as row pointers; values as
-    // row pointers (converted / dequantised into scratch when the pool is not float32).
-    // Always the transposed tile: `scores_dot` sums a score in another order, and choosing by
-    // the unit's row count (which depends on how the step chunked the prompt) made a token's
-    // bits depend on its batch.
-    constexpr bool transpose = true;
-    int block_index = kb / st.block_size, offset = kb % st.block_size;  // walked, not divided per key
-    for (int j = 0; j < n; ++j) {
-      const int64_t prow = (int64_t(table[block_index]) * st.kv_heads + head) * st.block_size + offset;
-      if (++offset == st.block_size) {
-        offset = 0;
-        ++block_index;
+    if constexpr (BF16) {
+#ifdef OMLX_ATTENTION_BF16
+      // Row pointers into the pool (a zero row for keys not read), packed for vdpbf16ps.
+      const uint16_t* kpool = static_cast<const uint16_t*>(st.k.data);
+      const uint16_t* vpool = static_cast<const uint16_t*>(st.v.data);
+      const uint16_t* zero = sc.zero16.data();
+      int block_index = kb / st.block_size, offset = kb % st.block_size;
+      for (int j = 0; j < NT; ++j) {
+        if (j >= n) {
+          sc.krow16[j] = sc.vrow16[j] = zero;
+          continue;
+        }
+        const int64_t prow = (int64_t(table[block_index]) * st.kv_heads + head) * st.block_size + offset;
+        if (++offset == st.block_size) {
+          offset = 0;
+          ++block_index;
+        }
+        const bool read = kb + j >= k0;  // before the unit's first key: never read, masked
+        sc.krow16[j] = read ? kpool + prow * dk : zero;
+        sc.vrow16[j] = read ? vpool + prow * dv : zero;
       }
-      if (kb + j < k0) {  // before the unit's first key: never read (it may be out of reach)
-        for (int d = 0; d < dk; ++d) Kt[d * NT + j] = 0.f;
-        float* zero = sc.vrows.data() + size_t(j) * dv;
-        std::fill(zero, zero + dv, 0.f);
-        sc.vptr[j] = zero;  // its score is masked: p = 0 times a zero value adds exactly 0
-        continue;
-      }
-      if (transpose) {
-        const float* krow = st.k.row(prow, sc.tmp.data());
-        for (int d = 0; d < dk; ++d) Kt[d * NT + j] = krow[d];
-      } else {
-        sc.kptr[j] = st.k.row(prow, sc.krows.data() + size_t(j) * dk);
-      }
-      sc.vptr[j] = st.v.row(prow, sc.vrows.data() + size_t(j) * dv);
-    }
-    int r = 0;
-    if (transpose) {
-      for (int j = n; j < NT; ++j)
-        for (int d = 0; d < dk; ++d) Kt[d * NT + j] = 0.f;
-      for (; r + 4 <= rows; r += 4) scores_rows<4>(Q + r * dk, Kt, S + r * NT, dk);
-      for (; r < rows; ++r) scores_rows<1>(Q + r * dk, Kt, S + r * NT, dk);
+      bf16_tiles::pack_keys(sc.krow16.data(), sc.kp.data(), dk);
+      bf16_tiles::scores_block(Qp, sc.kp.data(), S, rows, dk);
+      bf16_tiles::pack_values(sc.vrow16.data(), sc.vp.data(), dv);
+#endif
     } else {
-      for (; r + 4 <= rows; r += 4) scores_dot<4>(Q + r * dk, sc.kptr.data(), S + r * NT, n, dk);
-      switch (rows - r) {  // GQA groups of 2 or 3 heads read each key once, not per head
-        case 3: scores_dot<3>(Q + r * dk, sc.kptr.data(), S + r * NT, n, dk); break;
-        case 2: scores_dot<2>(Q + r * dk, sc.kptr.data(), S + r * NT, n, dk); break;
-        case 1: scores_dot<1>(Q + r * dk, sc.kptr.data(), S + r * NT, n, dk); break;
+      // Keys of this tile: transposed (dk, NT) for many rows, else as row pointers; values as
+      // row pointers (converted / dequantised into scratch when the pool is not float32).
+      // Always the transposed tile: `scores_dot` sums a score in another order, and choosing by
+      // the unit's row count (which depends on how the step chunked the prompt) made a token's
+      // bits depend on its batch.
+      constexpr bool transpose = true;
+      int block_index = kb / st.block_size, offset = kb % st.block_size;  // walked, not divided per key
+      for (int j = 0; j < n; ++j) {
+        const int64_t prow = (int64_t(table[block_index]) * st.kv_heads + head) * st.block_size + offset;
+        if (++offset == st.block_size) {
+          offset = 0;
+          ++block_index;
+        }
+        if (kb + j < k0) {  // before the unit's first key: never read (it may be out of reach)
+          for (int d = 0; d < dk; ++d) Kt[d * NT + j] = 0.f;
+          float* zero = sc.vrows.data() + size_t(j) * dv;
+          std::fill(zero, zero + dv, 0.f);
+          sc.vptr[j] = zero;  // its score is masked: p = 0 times a zero value adds exactly 0
+          continue;
+        }
+        if (transpose) {
+          const float* krow = st.k.row(prow, sc.tmp.data());
+          for (int d = 0; d < dk; ++d) Kt[d * NT + j] = krow[d];
+        } else {
+          sc.kptr[j] = st.k.row(prow, sc.krows.data() + size_t(j) * dk);
+        }
+        sc.vptr[j] = st.v.row(prow, sc.vrows.data() + size_t(j) * dv);
+      }
+      int r = 0;
+      if (transpose) {
+        for (int j = n; j < NT; ++j)
+          for (int d = 0; d < dk; ++d) Kt[d * NT + j] = 0.f;
+        for (; r + 4 <= rows; r += 4) scores_rows<4>(Q + r * dk, Kt, S + r * NT, dk);
+        for (; r < rows; ++r) scores_rows<1>(Q + r * dk, Kt, S + r * NT, dk);
+      } else {
+        for (; r + 4 <= rows; r += 4) scores_dot<4>(Q + r * dk, sc.kptr.data(), S + r * NT, n, dk);
+        switch (rows - r) {  // GQA groups of 2 or 3 heads read each key once, not per head
+          case 3: scores_dot<3>(Q + r * dk, sc.kptr.data(), S + r * NT, n, dk); break;
+          case 2: scores_dot<2>(Q + r * dk, sc.kptr.data(), S + r * NT, n, dk); break;
+          case 1: scores_dot<1>(Q + r * dk, sc.kptr.data(), S + r * NT, n, dk); break;
+        }
       }
     }
 
@@ -438,12 +491,19 @@ void attend(const Step& st, Scratch& sc, int head, int t0, int nt, int64_t pos0,
       float* srow = S + rr * NT;
       if (M[rr] == NEG_INF) std::memset(srow, 0, sizeof(float) * NT);
     }
-    r = 0;
-    for (; r + 4 <= rows; r += 4) pv_block<4>(S + r * NT, sc.vptr.data(), O + r * dv, n, dv);
-    switch (rows - r) {
-      case 3: pv_block<3>(S + r * NT, sc.vptr.data(), O + r * dv, n, dv); break;
-      case 2: pv_block<2>(S + r * NT, sc.vptr.data(), O + r * dv, n, dv); break;
-      case 1: pv_block<1>(S + r * NT, sc.vptr.data(), O + r * dv, n, dv); break;
+    if constexpr (BF16) {
+#ifdef OMLX_ATTENTION_BF16
+      for (int rr = 0; rr < rows; ++rr) bf16_tiles::round_rows(S + rr * NT, Pp + rr * bf16_tiles::PAIRS, NT);
+      bf16_tiles::pv_block(Pp, sc.vp.data(), O, rows, dv);
+#endif
+    } else {
+      int r = 0;
+      for (; r + 4 <= rows; r += 4) pv_block<4>(S + r * NT, sc.vptr.data(), O + r * dv, n, dv);
+      switch (rows - r) {
+        case 3: pv_block<3>(S + r * NT, sc.vptr.data(), O + r * dv, n, dv); break;
+        case 2: pv_block<2>(S + r * NT, sc.vptr.data(), O + r * dv, n, dv); break;
+        case 1: pv_block<1>(S + r * NT, sc.vptr.data(), O + r * dv, n, dv); break;
+      }
     }
   }
 
@@ -491,36 +551,60 @@ int tile_tokens(int rep) {
   return std::max(1, 48 / rep);
 }
 
+// The bf16 tile path serves a call when both pools are bf16, their head dims fill whole
+// vectors, and the kernel was built for a CPU with the bf16 unit.
+bool bf16_tiles_serve(const Step& st) {
+#ifdef OMLX_ATTENTION_BF16
+  return st.k.kind == Kind::BF16 && st.v.kind == Kind::BF16 && st.dk % 32 == 0 && st.dv % 32 == 0;
+#else
+  return false;
+#endif
+}
+
+template <bool LIMITED, bool BF16>
+void run_unit(const Step& st, Scratch& sc, const Unit& w) {
+  const int32_t* table = st.tables + int64_t(w.table_row) * st.width;
+  attend<LIMITED, BF16>(st, sc, w.head, w.t0, w.nt, w.pos0, table, w.k0, w.k1, w.init, w.finish);
+}
+
+// The scratch of the calling thread (MLX's stream thread, or an OpenMP worker), kept for its
+// next call.
+Scratch& thread_scratch(const Step& st, int max_rows) {
+  thread_local Scratch sc;
+  sc.size(st, max_rows);
+  return sc;
+}
+
 void run_units(const Step& st, std::vector<Unit>& units, int max_rows) {
   // Longest first, so the dynamic schedule ends balanced.
   std::sort(units.begin(), units.end(), [](const Unit& a, const Unit& b) { return a.cost > b.cost; });
   const int count = int(units.size());
   const bool limited = st.lo != nullptr || st.sinks != nullptr;
-  auto body = [&](Scratch& sc, int u) {
-    const Unit& w = units[u];
-    const int32_t* table = st.tables + int64_t(w.table_row) * st.width;
-    if (limited)
-      attend<true>(st, sc, w.head, w.t0, w.nt, w.pos0, table, w.k0, w.k1, w.init, w.finish);
-    else
-      attend<false>(st, sc, w.head, w.t0, w.nt, w.pos0, table, w.k0, w.k1, w.init, w.finish);
+  const bool bf16 = bf16_tiles_serve(st);
+  auto unit_runner = [&]() {
+    if (limited) return bf16 ? &run_unit<true, true> : &run_unit<true, false>;
+    return bf16 ? &run_unit<false, true> : &run_unit<false, false>;
   };
-#ifdef _OPENMP
+  const auto run = unit_runner();
   int64_t total = 0;
   for (const Unit& w : units) total += w.cost;
-  // Threads pay only above ~0.2 ms of work (waking a sleeping thread costs ~10-50 us); a
-  // unit of cost is one key against one token's query heads, tens of cycles.
-  const bool parallel = count > 1 && total > (1 << 14);
-#pragma omp parallel if (parallel)
-  {
-    Scratch sc;
-    sc.size(st, max_rows);
-#pragma omp for schedule(dynamic, 1)
-    for (int u = 0; u < count; ++u) body(sc, u);
+  // Threads pay only above ~0.2 ms of work: waking a sleeping thread costs ~10-50 us (and an
+  // OpenMP region for one thread still costs its setup).  A unit of cost is one key against
+  // one token's query heads: tens of cycles from float rows, a few on the bf16 unit.
+  const int64_t worth_threads = bf16 ? (int64_t(1) << 16) : (int64_t(1) << 14);
+  const bool parallel = omlx_cpu::openmp_threads() > 1 && count > 1 && total > worth_threads;
+  if (!parallel) {
+    Scratch& sc = thread_scratch(st, max_rows);
+    for (int u = 0; u < count; ++u) run(st, sc, units[u]);
+    return;
   }
-#else
-  Scratch sc;
-  sc.size(st, max_rows);
-  for (int u = 0; u < count; ++u) body(sc, u);
+#ifdef _OPENMP
+#pragma omp parallel
+  {
+    Scratch& sc = thread_scratch(st, max_rows);
+#pragma omp for schedule(dynamic, 1)
+    for (int u = 0; u < count; ++u) run(st, sc, units[u]);
+  }
 #endif
 }
 
