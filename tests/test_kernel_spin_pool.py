@@ -52,13 +52,14 @@ def rows(m: int, k: int, seed: int) -> mx.array:
 
 
 # 1 .. 8 panels' worth of columns and a partial last panel: every split of panels between the
-# caller and the workers; rows: the register path (1, 2, 5), the scratch path (9, 32).
+# caller and the workers; rows: the register path (1, 2, 5, 8: on the pool), the scratch path
+# (9, 32: OpenMP, also with the pool on).
 @pytest.mark.parametrize("n", [64, 128, 192, 256, 320, 384, 448, 512, 200])
 def test_the_pool_and_openmp_give_the_same_bits(spin, n):
     k = 1536  # large enough that every one of these calls passes the pool's bar
     source, quant, packed = layers(n, k, seed=n)
     jobs_before = qb.kernel().pool_stats()[1]
-    for m in (1, 2, 5, 9, 32):
+    for m in (1, 2, 5, 8, 9, 32):
         x = rows(m, k, seed=m)
         spin(0)
         off = (np.array(quant(x)), np.array(packed(x)))
@@ -129,7 +130,7 @@ def test_the_workers_take_part_in_big_calls(spin):
     if module.pool_stats()[0] == 0:
         pytest.skip("one OpenMP thread: the pool has no workers")
     _, quant, _ = layers(8192, 576, bits=8, seed=3)
-    x = rows(32, 576, seed=3)
+    x = rows(8, 576, seed=3)  # the pool takes calls of up to 8 rows
     before = module.pool_stats()[3]
     # On a machine other processes load, a woken worker may find every task taken for a while:
     # up to 200 calls (~2 ms each) for it to take one.

@@ -111,16 +111,18 @@ bool worth_threads(const P& p) {
   return p.panels > 1 && p.m * p.n * p.k >= thread_min_work();
 }
 
-// f(panel) for every panel of a call: split over the spin pool's hot worker (spin_pool.h) past
-// its small bar, or by OpenMP's rule above when the pool is off (OMLX_KERNEL_SPIN_US=0).  Panels
+// f(panel) for every panel of a call: decode's small calls split over the spin pool's hot worker
+// (spin_pool.h: pool_runs / pool_splits), the rest by OpenMP's rule above (all of them when the
+// pool is off: OMLX_KERNEL_SPIN_US=0).  Panels
 // are independent, so the split never changes a bit.
 template <class P, class F>
 void for_panels(const P& p, F&& f) {
-  if (pool_enabled()) {
+  const int64_t work = p.m * p.n * p.k;
+  if (pool_runs(p.m)) {
     auto panels = [&](int64_t begin, int64_t end) {
       for (int64_t panel = begin; panel < end; ++panel) f(panel);
     };
-    if (p.panels > 1 && p.m * p.n * p.k >= pool_min_work())
+    if (pool_splits(p.panels, work))
       SpinPool::instance().for_ranges(p.panels, 1, panels);
     else
       panels(0, p.panels);

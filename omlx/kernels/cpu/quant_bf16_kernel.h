@@ -409,13 +409,14 @@ inline void run(const Problem& given) {
   std::vector<float> gathered, bias;
   const std::vector<uint32_t> pairs = omlx_cpu::prepare_rows(p, gathered, bias);
   const size_t scratch_size = p.m > FUSED_ROWS ? size_t(p.k_pairs) * 2 * PANEL : 0;
-  if (omlx_cpu::pool_enabled()) {
+  const int64_t work = p.m * p.n * p.k;
+  if (omlx_cpu::pool_runs(p.m)) {
     // Decode's calls split over the spinning worker too (spin_pool.h); one panel a task.
     auto panels = [&](int64_t begin, int64_t end) {
       uint16_t* scratch = scratch_size ? thread_scratch(scratch_size) : nullptr;
       for (int64_t panel = begin; panel < end; ++panel) panel_rows(p, pairs.data(), panel, scratch);
     };
-    if (p.panels > 1 && p.m * p.n * p.k >= omlx_cpu::pool_min_work())
+    if (omlx_cpu::pool_splits(p.panels, work))
       omlx_cpu::SpinPool::instance().for_ranges(p.panels, 1, panels);
     else
       panels(0, p.panels);

@@ -270,20 +270,41 @@ class SpinPool {
 
 static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t), "the futex word is the atomic's storage");
 
-// Whether a call of `work` multiply-adds goes to the pool: with a hot worker a hand-off costs
-// well under a microsecond, and a cold one costs the caller only the wake-up syscall, so the
-// bar is far below OpenMP's.  OMLX_POOL_MIN_WORK (m * n * k) overrides it (read once).
+// Whether a call goes to the pool: at most pool_max_rows() rows (decode's calls: tens of
+// microseconds each, where OpenMP's wake-up costs as much as the work) and at least
+// pool_min_work() multiply-adds.  With a hot worker a hand-off costs well under a microsecond,
+// and a cold one costs the caller only the wake-up syscall, so the bar is far below OpenMP's.
+// Bigger calls (a 32-row step's) keep OpenMP's sleeping threads: there the wake-up is small
+// beside the call, and a worker spinning after them took the core from the attention kernel's
+// OpenMP threads and the Python thread (a 32-row step up to 2x slower in some turns).
+// OMLX_POOL_MIN_WORK (m * n * k) and OMLX_POOL_MAX_ROWS override them (read once).
+inline int64_t env_setting(const char* name, int64_t fallback) {
+  const char* env = std::getenv(name);
+  return env != nullptr && *env ? std::max<int64_t>(1, std::atoll(env)) : fallback;
+}
+
 inline int64_t pool_min_work() {
-  static const int64_t value = [] {
-    const char* env = std::getenv("OMLX_POOL_MIN_WORK");
-    if (env != nullptr && *env) return std::max<int64_t>(1, std::atoll(env));
-    return int64_t(1) << 17;
-  }();
+  static const int64_t value = env_setting("OMLX_POOL_MIN_WORK", int64_t(1) << 17);
+  return value;
+}
+
+inline int64_t pool_max_rows() {
+  static const int64_t value = env_setting("OMLX_POOL_MAX_ROWS", 8);
   return value;
 }
 
 inline bool pool_enabled() {
   return kernel_spin_us() > 0;
+}
+
+// Whether a call of m rows runs on the pool (false: by OpenMP's rule), and whether the pool
+// splits one of `panels` panels and m * n * k multiply-adds (false: all on the caller).
+inline bool pool_runs(int64_t m) {
+  return pool_enabled() && m <= pool_max_rows();
+}
+
+inline bool pool_splits(int64_t panels, int64_t work) {
+  return panels > 1 && work >= pool_min_work();
 }
 
 }  // namespace omlx_cpu
