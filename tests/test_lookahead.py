@@ -19,8 +19,8 @@ def model(tmp_path_factory):
     return load(str(path))[0]
 
 
-def make_engine(model, overlap: bool, speculative: bool = False, num_blocks: int = 64) -> LLMEngine:
-    config = EngineConfig(block_size=8, num_blocks=num_blocks, max_num_seqs=8, max_num_batched_tokens=64,
+def make_engine(model, overlap: bool, speculative: bool = False, num_blocks: int = 64, max_num_seqs: int = 8) -> LLMEngine:
+    config = EngineConfig(block_size=8, num_blocks=num_blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=64,
                           speculative=speculative, overlap_steps=overlap, prefix_cache=True)
     return LLMEngine(model, config, context_window=4096)
 
@@ -130,4 +130,15 @@ def test_no_step_ahead_without_a_free_block(model):
     engine = make_engine(model, True, num_blocks=12)
     got, _ = run(engine, requests())
     assert got == expected
+    assert_blocks_back(engine)
+
+
+def test_a_full_batch_keeps_overlapping_while_requests_queue(model):
+    # Two slots, four requests: the queued ones wait for a slot, and the two running ones
+    # keep overlapping meanwhile (a waiting request that cannot be admitted stops nothing).
+    expected, _ = run(make_engine(model, False, max_num_seqs=2), requests())
+    engine = make_engine(model, True, max_num_seqs=2)
+    got, _ = run(engine, requests())
+    assert got == expected
+    assert engine.lookahead.steps_ahead > 30
     assert_blocks_back(engine)

@@ -103,8 +103,8 @@ class Lookahead:
         """The step after `current`, fed `current`'s tokens unread, if it may be built now."""
         engine = self.engine
         scheduler = engine.scheduler
-        if scheduler.waiting or not self.runner_allows():
-            return None  # a prompt waits for a step of its own: no step ahead
+        if not self.runner_allows() or (scheduler.waiting and len(scheduler.running) < scheduler.config.max_num_seqs):
+            return None  # a prompt can be admitted: the next step is scheduled (with its prefill)
         rows, seqs, picks = [], [], []
         for k, seq in enumerate(current.seqs):
             if seq.status is not SequenceStatus.RUNNING:
