@@ -220,7 +220,7 @@ struct Step {
 // of arithmetic: allocating and zeroing ~40 KB of scratch every call was a visible share of it).
 // Nothing here is read before the unit writes it.
 struct Scratch {
-  std::vector<float> q, s, kt, krows, vrows, o, m, l, tmp;
+  std::vector<float> q, s, kt, krows, vrows, o, m, l, tmp, m_new, corr;
   std::vector<const float*> kptr, vptr;
   // bf16 pools (paged_attention_bf16.h): queries / probabilities as bf16 pairs, packed tiles,
   // the tile's key / value rows, and a zero row for keys a unit does not read.
@@ -237,8 +237,11 @@ struct Scratch {
     grow(krows, size_t(NT) * st.dk);
     grow(vrows, size_t(NT) * st.dv);
     grow(o, size_t(max_rows) * st.dv);
-    grow(m, max_rows);
-    grow(l, max_rows);
+    const size_t padded_rows = (size_t(max_rows) + VW - 1) / VW * VW;  // read in whole vectors
+    grow(m, padded_rows);
+    grow(l, padded_rows);
+    grow(m_new, padded_rows);
+    grow(corr, padded_rows);
     grow(tmp, std::max(st.dk, st.dv));
     grow(kptr, NT);
     grow(vptr, NT);
@@ -325,6 +328,59 @@ inline void pv_block(const float* p, const float* const* vrow, float* o, int n, 
     }
 }
 
+// Scores a row may not count in tile [kb, kb + n): keys past its token's position `qpos`
+// (and the tile's tail past n), and with a window / chunk those below the token's first
+// visible key `lo`.
+template <bool LIMITED>
+inline void mask_row(float* srow, int64_t qpos, int kb, int n, const int32_t* lo) {
+  const int64_t visible = std::min<int64_t>(n, qpos - kb + 1);  // keys kb..kb+visible-1
+  for (int j = std::max<int64_t>(visible, 0); j < NT; ++j) srow[j] = NEG_INF;
+  if (LIMITED && lo) {
+    const int64_t hidden = std::min<int64_t>(n, int64_t(*lo) - kb);
+    for (int j = 0; j < hidden; ++j) srow[j] = NEG_INF;
+  }
+}
+
+#ifdef OMLX_ATTENTION_BF16
+// The online-softmax step of a bf16 unit's tile: mask, each row's new running max, the
+// rescale factors of all rows in 16-lane vectors (one exp per 16 rows, not one per row), then
+// each row's probabilities (written as bf16 pairs for the value product) and sum.  A row that
+// has seen nothing yet keeps its state: factor 1, probabilities 0.
+template <bool LIMITED>
+inline void softmax_tile_bf16(const Step& st, Scratch& sc, int rows, int t0, int64_t pos0, int kb, int n) {
+  const int rep = st.rep();
+  float* S = sc.s.data();
+  float* M = sc.m.data();
+  float* L = sc.l.data();
+  float* M_new = sc.m_new.data();
+  float* corr = sc.corr.data();
+  for (int rr = 0; rr < rows; ++rr) {
+    float* srow = S + rr * NT;
+    mask_row<LIMITED>(srow, pos0 + rr / rep, kb, n, st.lo ? st.lo + t0 + rr / rep : nullptr);
+    const float tile_max = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_loadu_ps(srow), _mm512_loadu_ps(srow + 16)));
+    M_new[rr] = std::max(M[rr], tile_max);
+  }
+  for (int r0 = 0; r0 < rows; r0 += VW) {  // lanes past `rows` are padding, never read
+    const vf m = vload(M + r0), m_new = vload(M_new + r0);
+    vstore(corr + r0, vexp(m_new == NEG_INF ? splat(0.f) : m - m_new));
+  }
+  for (int rr = 0; rr < rows; ++rr) {
+    const float* srow = S + rr * NT;
+    uint32_t* prow = sc.pp.data() + rr * bf16_tiles::PAIRS;
+    const float m_new = M_new[rr];
+    if (m_new == NEG_INF) {
+      std::memset(prow, 0, sizeof(uint32_t) * bf16_tiles::PAIRS);
+      continue;
+    }
+    const vf mn = splat(m_new);
+    const vf p0 = vexp(vload(srow) - mn), p1 = vexp(vload(srow + VW) - mn);
+    L[rr] = L[rr] * corr[rr] + hsum(p0 + p1);
+    M[rr] = m_new;
+    bf16_tiles::store_pairs(p0, p1, prow);
+  }
+}
+#endif
+
 // One work unit: query tokens [t0, t0 + nt) (all of KV head `head`'s query heads) against
 // key positions [k0, k1) of `table`.  Token i sits at absolute position `pos0 + i` and sees
 // keys at positions <= its own (pos0 = INT_MAX: no causal limit, a shared prefix), and none
@@ -369,7 +425,7 @@ void attend(const Step& st, Scratch& sc, int head, int t0, int nt, int64_t pos0,
     }
 #ifdef OMLX_ATTENTION_BF16
   uint32_t* Qp = sc.qp.data();
-  uint32_t* Pp = sc.pp.data();
+  const uint32_t* Pp = sc.pp.data();
   if constexpr (BF16)
     for (int r = 0; r < rows; ++r) bf16_tiles::round_rows(Q + r * dk, Qp + r * dk / 2, dk);
 #endif
@@ -456,47 +512,41 @@ void attend(const Step& st, Scratch& sc, int head, int t0, int nt, int64_t pos0,
       }
     }
 
-    // Causal mask and tile tail, then the online-softmax update of each row.
-    for (int rr = 0; rr < rows; ++rr) {
-      float* srow = S + rr * NT;
-      const int64_t qpos = pos0 + rr / rep;
-      const int64_t visible = std::min<int64_t>(n, qpos - kb + 1);  // keys kb..kb+visible-1
-      for (int j = std::max<int64_t>(visible, 0); j < NT; ++j) srow[j] = NEG_INF;
-      if (LIMITED && st.lo) {  // keys below this token's window / chunk start
-        const int64_t hidden = std::min<int64_t>(n, int64_t(st.lo[t0 + rr / rep]) - kb);
-        for (int j = 0; j < hidden; ++j) srow[j] = NEG_INF;
-      }
-      vf mv = vload(srow);
-      for (int v = 1; v < NV; ++v) mv = mv > vload(srow + v * VW) ? mv : vload(srow + v * VW);
-      const float tile_max = hmax(mv);
-      const float m_new = std::max(M[rr], tile_max);
-      if (m_new == NEG_INF) continue;  // nothing visible yet
-      const float corr = sexp(M[rr] - m_new);
-      vf sum = splat(0.f);
-      const vf mn = splat(m_new);
-      for (int v = 0; v < NV; ++v) {
-        vf p = vexp(vload(srow + v * VW) - mn);
-        vstore(srow + v * VW, p);
-        sum += p;
-      }
-      L[rr] = L[rr] * corr + hsum(sum);
-      M[rr] = m_new;
-      if (corr != 1.f) {
-        float* orow = O + rr * dv;
-        for (int d = 0; d < dv; ++d) orow[d] *= corr;
-      }
-    }
-    // Rows whose tile was all masked hold -inf scores: their probabilities must be zero.
-    for (int rr = 0; rr < rows; ++rr) {
-      float* srow = S + rr * NT;
-      if (M[rr] == NEG_INF) std::memset(srow, 0, sizeof(float) * NT);
-    }
     if constexpr (BF16) {
 #ifdef OMLX_ATTENTION_BF16
-      for (int rr = 0; rr < rows; ++rr) bf16_tiles::round_rows(S + rr * NT, Pp + rr * bf16_tiles::PAIRS, NT);
-      bf16_tiles::pv_block(Pp, sc.vp.data(), O, rows, dv);
+      softmax_tile_bf16<LIMITED>(st, sc, rows, t0, pos0, kb, n);
+      bf16_tiles::pv_block(Pp, sc.vp.data(), sc.corr.data(), O, rows, dv);
 #endif
     } else {
+      // Causal mask and tile tail, then the online-softmax update of each row.
+      for (int rr = 0; rr < rows; ++rr) {
+        float* srow = S + rr * NT;
+        mask_row<LIMITED>(srow, pos0 + rr / rep, kb, n, st.lo ? st.lo + t0 + rr / rep : nullptr);
+        vf mv = vload(srow);
+        for (int v = 1; v < NV; ++v) mv = mv > vload(srow + v * VW) ? mv : vload(srow + v * VW);
+        const float tile_max = hmax(mv);
+        const float m_new = std::max(M[rr], tile_max);
+        if (m_new == NEG_INF) continue;  // nothing visible yet
+        const float corr = sexp(M[rr] - m_new);
+        vf sum = splat(0.f);
+        const vf mn = splat(m_new);
+        for (int v = 0; v < NV; ++v) {
+          vf p = vexp(vload(srow + v * VW) - mn);
+          vstore(srow + v * VW, p);
+          sum += p;
+        }
+        L[rr] = L[rr] * corr + hsum(sum);
+        M[rr] = m_new;
+        if (corr != 1.f) {
+          float* orow = O + rr * dv;
+          for (int d = 0; d < dv; ++d) orow[d] *= corr;
+        }
+      }
+      // Rows whose tile was all masked hold -inf scores: their probabilities must be zero.
+      for (int rr = 0; rr < rows; ++rr) {
+        float* srow = S + rr * NT;
+        if (M[rr] == NEG_INF) std::memset(srow, 0, sizeof(float) * NT);
+      }
       int r = 0;
       for (; r + 4 <= rows; r += 4) pv_block<4>(S + r * NT, sc.vptr.data(), O + r * dv, n, dv);
       switch (rows - r) {

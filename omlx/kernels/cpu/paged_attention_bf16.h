@@ -98,6 +98,11 @@ inline void round_rows(const float* src, uint32_t* dst, int n) {
   }
 }
 
+// 32 probabilities (two vectors) as bf16 pairs.
+inline void store_pairs(__m512 lo, __m512 hi, uint32_t* dst) {
+  _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+}
+
 // S[r, 0:NT] = Q[r] . K[0:NT] for R rows: qp rows of dk / 2 pairs, kp from pack_keys.
 template <int R>
 inline void scores(const uint32_t* qp, const uint32_t* kp, float* s, int dk) {
@@ -136,13 +141,15 @@ inline void scores_block(const uint32_t* qp, const uint32_t* kp, float* s, int r
   }
 }
 
-// O[r, c0:c0 + 16 C] += sum_j P[r, j] V[j, c0:...] for R rows: pp rows of PAIRS probability
-// pairs, vp from pack_values.
+// O[r, c0:c0 + 16 C] = corr[r] O[r, ...] + sum_j P[r, j] V[j, c0:...] for R rows: pp rows of
+// PAIRS probability pairs, vp from pack_values, corr the online softmax's rescale factors.
 template <int R, int C>
-inline void pv(const uint32_t* pp, const uint32_t* vp, float* o, int dv, int c0) {
+inline void pv(const uint32_t* pp, const uint32_t* vp, const float* corr, float* o, int dv, int c0) {
   __m512 acc[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_loadu_ps(o + r * dv + c0 + 16 * c);
+  for (int r = 0; r < R; ++r) {
+    const __m512 f = _mm512_set1_ps(corr[r]);
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(o + r * dv + c0 + 16 * c), f);
+  }
   for (int j2 = 0; j2 < PAIRS; ++j2) {
     __m512bh v[C];
     for (int c = 0; c < C; ++c) v[c] = as_bh(_mm512_loadu_si512(vp + j2 * dv + c0 + 16 * c));
@@ -156,19 +163,19 @@ inline void pv(const uint32_t* pp, const uint32_t* vp, float* o, int dv, int c0)
 }
 
 template <int R>
-inline void pv_rows(const uint32_t* pp, const uint32_t* vp, float* o, int dv) {
+inline void pv_rows(const uint32_t* pp, const uint32_t* vp, const float* corr, float* o, int dv) {
   int c0 = 0;
-  for (; c0 + 64 <= dv; c0 += 64) pv<R, 4>(pp, vp, o, dv, c0);
-  if (c0 < dv) pv<R, 2>(pp, vp, o, dv, c0);  // dv % 32 == 0
+  for (; c0 + 64 <= dv; c0 += 64) pv<R, 4>(pp, vp, corr, o, dv, c0);
+  if (c0 < dv) pv<R, 2>(pp, vp, corr, o, dv, c0);  // dv % 32 == 0
 }
 
-inline void pv_block(const uint32_t* pp, const uint32_t* vp, float* o, int rows, int dv) {
+inline void pv_block(const uint32_t* pp, const uint32_t* vp, const float* corr, float* o, int rows, int dv) {
   int r = 0;
-  for (; r + 4 <= rows; r += 4) pv_rows<4>(pp + r * PAIRS, vp, o + r * dv, dv);
+  for (; r + 4 <= rows; r += 4) pv_rows<4>(pp + r * PAIRS, vp, corr + r, o + r * dv, dv);
   switch (rows - r) {
-    case 3: pv_rows<3>(pp + r * PAIRS, vp, o + r * dv, dv); break;
-    case 2: pv_rows<2>(pp + r * PAIRS, vp, o + r * dv, dv); break;
-    case 1: pv_rows<1>(pp + r * PAIRS, vp, o + r * dv, dv); break;
+    case 3: pv_rows<3>(pp + r * PAIRS, vp, corr + r, o + r * dv, dv); break;
+    case 2: pv_rows<2>(pp + r * PAIRS, vp, corr + r, o + r * dv, dv); break;
+    case 1: pv_rows<1>(pp + r * PAIRS, vp, corr + r, o + r * dv, dv); break;
   }
 }
 
