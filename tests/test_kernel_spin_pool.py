@@ -58,7 +58,7 @@ def rows(m: int, k: int, seed: int) -> mx.array:
 def test_the_pool_and_openmp_give_the_same_bits(spin, n):
     k = 1536  # large enough that every one of these calls passes the pool's bar
     source, quant, packed = layers(n, k, seed=n)
-    jobs_before = qb.kernel().pool_stats()[1]
+    jobs_before = qb.kernel().pool_stats()["jobs"]
     for m in (1, 2, 5, 8, 9, 32):
         x = rows(m, k, seed=m)
         spin(0)
@@ -68,8 +68,8 @@ def test_the_pool_and_openmp_give_the_same_bits(spin, n):
         assert_same_bits(on[0], mx.array(off[0]))
         assert_same_bits(on[1], mx.array(off[1]))
         assert_same_bits(on[0], packed_reference(x, source))
-    if n > 64 and qb.kernel().pool_stats()[0] > 0:
-        assert qb.kernel().pool_stats()[1] > jobs_before  # the calls did go through the pool
+    if n > 64 and qb.kernel().pool_stats()["workers"] > 0:
+        assert qb.kernel().pool_stats()["jobs"] > jobs_before  # the calls did go through the pool
 
 
 def test_calls_from_several_threads_at_once_finish_with_their_own_bits(spin):
@@ -119,26 +119,26 @@ def test_a_call_that_finds_the_pool_held_runs_on_its_own_thread(spin, kernel):
     finally:
         module.hold_pool(False)
     assert_same_bits(held, mx.array(expected))
-    if after[0] > 0:
-        assert after[2] == before[2] + 1 and after[1] == before[1]  # a fallback, not a shared job
+    if after['workers'] > 0:
+        assert after['fallbacks'] == before['fallbacks'] + 1 and after['jobs'] == before['jobs']  # a fallback, not a shared job
     assert_same_bits(held, packed_reference(x, source))
 
 
 def test_the_workers_take_part_in_big_calls(spin):
     spin(100)
     module = qb.kernel()
-    if module.pool_stats()[0] == 0:
+    if module.pool_stats()["workers"] == 0:
         pytest.skip("one OpenMP thread: the pool has no workers")
     _, quant, _ = layers(8192, 576, bits=8, seed=3)
     x = rows(8, 576, seed=3)  # the pool takes calls of up to 8 rows
-    before = module.pool_stats()[3]
+    before = module.pool_stats()["worker_tasks"]
     # On a machine other processes load, a woken worker may find every task taken for a while:
     # up to 200 calls (~2 ms each) for it to take one.
     for _ in range(200):
         mx.eval(quant(x))
-        if module.pool_stats()[3] > before:
+        if module.pool_stats()["worker_tasks"] > before:
             break
-    assert module.pool_stats()[3] > before
+    assert module.pool_stats()["worker_tasks"] > before
 
 
 CHILD = r"""
@@ -146,7 +146,7 @@ import numpy as np, mlx.core as mx, threading, sys
 sys.path.insert(0, {tests!r})
 from test_kernel_spin_pool import layers, rows
 from omlx.kernels import quant_bf16 as qb, linear
-workers = qb.kernel().pool_stats()[0]
+workers = qb.kernel().pool_stats()["workers"]
 assert workers == 5, workers
 for n in (64, 320, 960, 3072):
     _, quant, packed = layers(n, 576, seed=n)

@@ -38,8 +38,8 @@ MODULES: dict[str, str] = {
     "_fused_ops_cpu": "fused_ops",
 }
 # Sources every module builds with (cpu/common.h is included by each module's .cpp;
-# cpu/bf16_panel.h and cpu/spin_pool.h by the two bf16 panel kernels), so each module's stamp covers them too.
-SHARED_SOURCES = ("CMakeLists.txt", "common.h", "bf16_panel.h", "spin_pool.h")
+# cpu/bf16_panel.h and cpu/spin_pool*.h by the two bf16 panel kernels), so each module's stamp covers them too.
+SHARED_SOURCES = ("CMakeLists.txt", "common.h", "bf16_panel.h", "spin_pool.h", "spin_pool_bindings.h")
 MODULE = ATTENTION  # the attention kernel, for callers that predate several modules
 STAMP = KERNEL_DIR / f"{ATTENTION}.stamp"
 

@@ -132,20 +132,6 @@ void for_panels(const P& p, F&& f) {
   for (int64_t panel = 0; panel < p.panels; ++panel) f(panel);
 }
 
-// The pool's counters and the test hook, as module functions (each module has its own pool).
-template <class Module>
-void bind_pool_tools(Module& m) {
-  m.def("pool_stats", [] {
-    const auto s = SpinPool::instance().stats();
-    return nb::make_tuple(s.workers, s.jobs, s.fallbacks, s.worker_tasks);
-  }, "The kernel pool's (workers, jobs shared, calls that ran alone on a held pool, tasks the workers ran).");
-  m.def("hold_pool", [](bool hold) {
-    if (hold) return SpinPool::instance().try_hold();
-    SpinPool::instance().release();
-    return true;
-  }, "hold"_a, "Tests: hold the pool as a concurrent call would (True if it was free), or release it.");
-}
-
 #if OMLX_DPBF16
 inline __mmask16 column_mask(int cols, int t) {
   const int left = cols - 16 * t;

@@ -40,6 +40,7 @@
 
 #include "common.h"
 #include "bf16_panel.h"
+#include "spin_pool_bindings.h"
 
 namespace {
 
@@ -192,7 +193,5 @@ NB_MODULE(_linear_cpu, m) {
   m.attr("PANEL") = PANEL;
   m.def("isa", []() { return std::string(OMLX_DPBF16 ? "avx512_bf16" : "portable"); });
   m.def("num_threads", &omlx_cpu::openmp_threads);
-  m.def("spin_us", &omlx_cpu::kernel_spin_us, "How long the kernels' pool worker spins after a task (0: OpenMP).");
-  m.def("set_spin_us", &omlx_cpu::set_kernel_spin_us, "us"_a, "Change it at run time (benches, tests).");
   omlx_cpu::bind_pool_tools(m);
 }

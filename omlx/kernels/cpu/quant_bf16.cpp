@@ -51,6 +51,7 @@
 
 #include "common.h"
 #include "quant_bf16_kernel.h"
+#include "spin_pool_bindings.h"
 
 namespace {
 
@@ -222,7 +223,5 @@ NB_MODULE(_quant_bf16_cpu, m) {
   m.attr("FUSED_ROWS") = FUSED_ROWS;
   m.def("isa", []() { return std::string(OMLX_DPBF16 ? "avx512_bf16" : "portable"); });
   m.def("num_threads", &omlx_cpu::openmp_threads);
-  m.def("spin_us", &omlx_cpu::kernel_spin_us, "How long the kernels' pool worker spins after a task (0: OpenMP).");
-  m.def("set_spin_us", &omlx_cpu::set_kernel_spin_us, "us"_a, "Change it at run time (benches, tests).");
   omlx_cpu::bind_pool_tools(m);
 }

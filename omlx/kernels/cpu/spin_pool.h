@@ -109,15 +109,15 @@ class SpinPool {
     return workers_;
   }
 
-  // What ran where since start (for tests and /health): jobs shared with the workers, calls
-  // that found the pool held by another and ran alone, tasks the workers ran.
+  // What ran where since start (for tests and benches): jobs shared with the workers and their
+  // tasks, calls that found the pool held by another and ran alone, tasks the workers ran.
   struct Stats {
     int workers;
-    int64_t jobs, fallbacks, worker_tasks;
+    int64_t jobs, tasks, fallbacks, worker_tasks;
   };
   Stats stats() const {
-    return {workers_, jobs_.load(std::memory_order_relaxed), fallbacks_.load(std::memory_order_relaxed),
-            worker_tasks_.load(std::memory_order_relaxed)};
+    return {workers_, jobs_.load(std::memory_order_relaxed), tasks_.load(std::memory_order_relaxed),
+            fallbacks_.load(std::memory_order_relaxed), worker_tasks_.load(std::memory_order_relaxed)};
   }
 
   // Tests hold the pool as another call would, to see a call fall back to its own thread.
@@ -137,6 +137,7 @@ class SpinPool {
       return;
     }
     jobs_.fetch_add(1, std::memory_order_relaxed);
+    tasks_.fetch_add(count, std::memory_order_relaxed);
     task_ = task;
     context_ = context;
     done_.store(0, std::memory_order_relaxed);
@@ -264,7 +265,7 @@ class SpinPool {
   alignas(64) std::atomic<uint32_t> epoch_{0};
   std::atomic<int> sleepers_{0};
   alignas(64) std::atomic<bool> owned_{false};
-  std::atomic<int64_t> jobs_{0}, fallbacks_{0};
+  std::atomic<int64_t> jobs_{0}, tasks_{0}, fallbacks_{0};
   alignas(64) std::atomic<int64_t> worker_tasks_{0};
 };
 
