@@ -91,7 +91,7 @@ def _choose() -> MatmulPath:
     unused_amx = " (AMX-BF16 present, not used yet)" if features.amx_bf16 else ""
     reason = f"{ENV}=bf16" if mode == "bf16" else "this CPU has a bf16 dot-product unit"
     library = f"omlx {MODULE} ({'vdpbf16ps' if built_for == 'avx512_bf16' else 'portable loop'}, " \
-              f"{module.num_threads()} threads), mlx {mx.__version__}"
+              f"{module.num_threads()} threads, decode calls' worker spin {module.spin_us()} us), mlx {mx.__version__}"
     return MatmulPath("bf16-packed", reason, built_for + unused_amx, library, module)
 
 
