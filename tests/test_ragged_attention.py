@@ -254,11 +254,17 @@ def step_logits(model, eos, prompts, max_tokens, **config):
     prompts together: chunked prefill beside decodes, several sequences per pass."""
     seen = []
     forward = runner_module.ModelRunner.forward
+    decode_pass = runner_module.ModelRunner.decode_pass  # overlapped decode steps (lookahead)
 
     def recording(self, *args, **kwargs):
         logits = forward(self, *args, **kwargs)
         if logits is not None:
             seen.append(np.array(logits))
+        return logits
+
+    def recording_decode(self, *args, **kwargs):
+        logits = decode_pass(self, *args, **kwargs)
+        seen.append(np.array(logits))
         return logits
 
     engine = LLMEngine(model, EngineConfig(block_size=8, num_blocks=96, max_num_batched_tokens=24, **config),
@@ -268,6 +274,7 @@ def step_logits(model, eos, prompts, max_tokens, **config):
     tokens = {i: [] for i in range(len(prompts))}
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(runner_module.ModelRunner, "forward", recording)
+        patch.setattr(runner_module.ModelRunner, "decode_pass", recording_decode)
         while engine.has_work:
             for request_id, event in engine.step():
                 if event.token_id is not None:

@@ -34,6 +34,27 @@ def test_bit_identical_to_fast_rope(traditional, dims, head_dim, b, n, t, dtype)
         shared_rope.forget()
 
 
+@pytest.mark.parametrize("traditional", [False, True])
+def test_host_position_table_equals_the_graphs_table_everywhere(traditional):
+    """Per-row offsets read their cos / sin rows from the host table of every position (grown
+    by doubling); past MAX_HOST_POSITIONS the table is built in the graph.  Both are
+    fast.rope's bits, at positions either side of every growth and of the cap."""
+    reference = nn.RoPE(64, traditional=traditional, base=500000.0)
+    shared = SharedRoPE.from_rope(reference)
+    cap = shared_rope.MAX_HOST_POSITIONS
+    edges = [0, 1, 1023, 1024, 1025, 2047, 2048, 4095, 4096, cap - 2, cap - 1, cap, cap + 5]
+    for positions in (edges, RNG.integers(0, cap + 1000, size=300).tolist(), list(range(3000, 3100))):
+        offset = mx.array(positions, dtype=mx.int32)
+        x = mx.array(RNG.standard_normal((len(positions), 3, 1, 64)).astype(np.float32))
+        assert mx.array_equal(shared(x, offset=offset), reference(x, offset=offset)).item()
+        shared_rope.forget()
+    # A chunk of several positions per row (the padded pass) reads the same rows.
+    offset = mx.array([7, 2040], dtype=mx.int32)
+    x = mx.array(RNG.standard_normal((2, 2, 12, 64)).astype(np.float32))
+    assert mx.array_equal(shared(x, offset=offset), reference(x, offset=offset)).item()
+    shared_rope.forget()
+
+
 def test_one_table_per_offsets_array():
     rope = SharedRoPE(16, base=10000.0)
     offsets = mx.array([3, 70], dtype=mx.int32)

@@ -86,6 +86,11 @@ class SharedRoPE(nn.Module):
         if found is not None:
             return found
         rows = batch if isinstance(offset, mx.array) and offset.size > 1 else 1
+        if isinstance(offset, mx.array) and offset.ndim <= 1 and dtype in (mx.float32, mx.float16):
+            tables = self._from_positions(key[:5] + (dtype,), offset, length, rows)
+            if tables is not None:
+                last[1][key] = tables
+                return tables
         probe = mx.broadcast_to(self._pattern.astype(dtype), (rows, 1, length, self.dims))
         rotated = self._fast_rope(probe, offset)
         if self.traditional:
@@ -99,6 +104,32 @@ class SharedRoPE(nn.Module):
         tables = (cos, sin, rotated[:, 0])
         last[1][key] = tables
         return tables
+
+    def _from_positions(self, config: tuple, offset: mx.array, length: int, rows: int):
+        """The tables of per-row offsets read from the host table of every position (no graph
+        nodes: a step's cos / sin cost ~35 nodes otherwise, 8% of a one-row decode step's);
+        None past the positions it holds."""
+        positions = np.asarray(offset, dtype=np.int64).reshape(-1)
+        if rows > 1 and positions.size != rows:
+            return None
+        if positions.size == 0:
+            return None
+        wanted = positions[:, None] + np.arange(length)
+        top = int(wanted.max()) + 1
+        if int(wanted.min()) < 0 or top > MAX_HOST_POSITIONS:
+            return None
+        host = _position_table(self, config, top)
+        both = mx.array(host[wanted])  # (rows, T, dims): the kernel's form
+        if self.traditional:
+            cos, sin = both[..., 0::2], both[..., 1::2]
+        else:
+            half = self.dims // 2
+            cos, sin = both[..., :half], both[..., half:]
+        if rows == 1:
+            cos, sin = cos[0], sin[0]
+        else:
+            cos, sin = cos[:, None], sin[:, None]
+        return cos, sin, both
 
     def __call__(self, x: mx.array, offset=0) -> mx.array:
         if x.ndim != 4:  # the fallback reshapes other ranks; leave those to it
@@ -123,6 +154,33 @@ class SharedRoPE(nn.Module):
         if dims < x.shape[-1]:
             parts.append(x[..., dims:])
         return mx.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+
+
+# Positions a host table holds at most (a 64-wide rotation: 16 MiB); a pass past it builds its
+# table in the graph as before.
+MAX_HOST_POSITIONS = 1 << 16
+_host_tables: dict[tuple, np.ndarray] = {}
+_host_lock = threading.Lock()
+
+
+def _position_table(rope: SharedRoPE, config: tuple, needed: int) -> np.ndarray:
+    """The rotated probe (the kernel's cos / sin row) of every position below `needed`, for
+    one rope configuration, computed by MLX's own fallback with the positions as per-row
+    offsets: the same elementwise computation a ragged pass makes for them, so the same bits.
+    Grown by doubling, shared by every layer and thread."""
+    with _host_lock:
+        table = _host_tables.get(config)
+        if table is not None and len(table) >= needed:
+            return table
+        size = max(1024, 1 << (needed - 1).bit_length())
+        start = 0 if table is None else len(table)
+        offsets = mx.arange(start, size, dtype=mx.int32)
+        dtype = config[-1]
+        probe = mx.broadcast_to(rope._pattern.astype(dtype), (size - start, 1, 1, rope.dims))
+        rotated = np.array(rope._fast_rope(probe, offsets)[:, 0, 0])
+        table = rotated if table is None else np.concatenate([table, rotated])
+        _host_tables[config] = table
+        return table
 
 
 def _same_offset(cached, offset) -> bool:
