@@ -216,6 +216,13 @@ struct Step {
   }
 };
 
+// Floats of a row's running softmax sum: bf16 units keep a vector of partial sums (one
+// horizontal add when the row is finished, not one a tile); the float path keeps its scalar.
+// The saved state of a shared-prefix unit holds the same, so the sums carry over exactly.
+constexpr int sum_lanes(bool bf16) {
+  return bf16 ? VW : 1;
+}
+
 // Per-thread scratch, kept by each thread across calls (a decode call is a few microseconds
 // of arithmetic: allocating and zeroing ~40 KB of scratch every call was a visible share of it).
 // Nothing here is read before the unit writes it.
@@ -239,7 +246,7 @@ struct Scratch {
     grow(o, size_t(max_rows) * st.dv);
     const size_t padded_rows = (size_t(max_rows) + VW - 1) / VW * VW;  // read in whole vectors
     grow(m, padded_rows);
-    grow(l, padded_rows);
+    grow(l, padded_rows * VW);  // bf16 units: a vector of partial sums a row
     grow(m_new, padded_rows);
     grow(corr, padded_rows);
     grow(tmp, std::max(st.dk, st.dv));
@@ -344,8 +351,8 @@ inline void mask_row(float* srow, int64_t qpos, int kb, int n, const int32_t* lo
 #ifdef OMLX_ATTENTION_BF16
 // The online-softmax step of a bf16 unit's tile: mask, each row's new running max, the
 // rescale factors of all rows in 16-lane vectors (one exp per 16 rows, not one per row), then
-// each row's probabilities (written as bf16 pairs for the value product) and sum.  A row that
-// has seen nothing yet keeps its state: factor 1, probabilities 0.
+// each row's probabilities (written as bf16 pairs for the value product) and partial sums.
+// A row that has seen nothing yet keeps its state: factor 1, probabilities 0.
 template <bool LIMITED>
 inline void softmax_tile_bf16(const Step& st, Scratch& sc, int rows, int t0, int64_t pos0, int kb, int n) {
   const int rep = st.rep();
@@ -374,7 +381,7 @@ inline void softmax_tile_bf16(const Step& st, Scratch& sc, int rows, int t0, int
     }
     const vf mn = splat(m_new);
     const vf p0 = vexp(vload(srow) - mn), p1 = vexp(vload(srow + VW) - mn);
-    L[rr] = L[rr] * corr[rr] + hsum(p0 + p1);
+    vstore(L + rr * VW, vload(L + rr * VW) * corr[rr] + (p0 + p1));
     M[rr] = m_new;
     bf16_tiles::store_pairs(p0, p1, prow);
   }
@@ -395,6 +402,7 @@ inline void softmax_tile_bf16(const Step& st, Scratch& sc, int rows, int t0, int
 template <bool LIMITED, bool BF16>
 void attend(const Step& st, Scratch& sc, int head, int t0, int nt, int64_t pos0,
             const int32_t* table, int k0, int k1, bool init, bool finish) {
+  constexpr int LW = sum_lanes(BF16);
   const int rep = st.rep(), dk = st.dk, dv = st.dv;
   const int rows = nt * rep;
   float* Q = sc.q.data();
@@ -415,11 +423,11 @@ void attend(const Step& st, Scratch& sc, int head, int t0, int nt, int64_t pos0,
       const int64_t sidx = int64_t(t0 + i) * st.q_heads + qh;
       if (init) {
         M[r] = st.state_m[sidx];
-        L[r] = st.state_l[sidx];
+        std::memcpy(L + r * LW, st.state_l + sidx * LW, sizeof(float) * LW);
         std::memcpy(O + r * dv, st.state_o + sidx * dv, sizeof(float) * dv);
       } else {
         M[r] = NEG_INF;
-        L[r] = 0.f;
+        std::fill(L + r * LW, L + (r + 1) * LW, 0.f);
         std::memset(O + r * dv, 0, sizeof(float) * dv);
       }
     }
@@ -562,7 +570,7 @@ void attend(const Step& st, Scratch& sc, int head, int t0, int nt, int64_t pos0,
       const int rr = i * rep + j;
       const int64_t sidx = int64_t(t0 + i) * st.q_heads + head * rep + j;
       if (finish) {
-        float l = L[rr], corr = 1.f;
+        float l = BF16 ? hsum(vload(L + rr * LW)) : L[rr], corr = 1.f;
         if (LIMITED && st.sinks) {
           // softmax over [sink, scores]: the sink joins the running max and the sum, with
           // no value.  A row that saw no key gives zeros (the sink takes all the weight),
@@ -581,7 +589,7 @@ void attend(const Step& st, Scratch& sc, int head, int t0, int nt, int64_t pos0,
         for (int d = 0; d < dv; ++d) dst[d] = O[rr * dv + d] * inv;
       } else {
         st.state_m[sidx] = M[rr];
-        st.state_l[sidx] = L[rr];
+        std::memcpy(st.state_l + sidx * LW, L + rr * LW, sizeof(float) * LW);
         std::memcpy(st.state_o + sidx * dv, O + rr * dv, sizeof(float) * dv);
       }
     }
@@ -687,7 +695,7 @@ void run_step(Step st) {
   std::vector<Unit> shared;
   if (st.num_groups > 0) {
     sm.assign(T * st.q_heads, 0.f);
-    sl.assign(T * st.q_heads, 0.f);
+    sl.assign(T * st.q_heads * sum_lanes(bf16_tiles_serve(st)), 0.f);
     so.assign(T * st.q_heads * st.dv, 0.f);
     st.state_m = sm.data();
     st.state_l = sl.data();
