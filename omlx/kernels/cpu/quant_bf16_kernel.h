@@ -259,22 +259,6 @@ inline void fused_registers(const Problem& p, const uint32_t* x, int64_t panel, 
   }
 }
 
-// Decode streams each call's codes from memory once (a step's weights are ~3x the L3), and the
-// unpack is compute-bound enough that the hardware prefetcher falls behind: asking for the
-// codes two groups ahead (1 KiB of 4-bit codes a group; past a panel's end they are the next
-// panel's; none past the last) made a one-row 3072 x 576 call from memory 0.78-0.82x
-// the time, one thread (in cache it costs ~4%).  The scales and biases (384 bytes a group) gained
-// nothing measurable.
-constexpr int PREFETCH_GROUPS = 2;
-
-template <int BITS>
-inline void prefetch_group(const Problem& p, int64_t panel, int64_t g) {
-  constexpr int PAIR_BYTES = BITS == 4 ? PANEL : 2 * PANEL;
-  if ((panel * p.k_pairs + (g + 1) * p.group_pairs) > p.panels * p.k_pairs) return;  // past the last panel
-  const auto* ahead = reinterpret_cast<const char*>(p.codes + (panel * p.k_pairs + g * p.group_pairs) * PAIR_BYTES);
-  for (int64_t at = 0; at < p.group_pairs * PAIR_BYTES; at += 64) _mm_prefetch(ahead + at, _MM_HINT_T0);
-}
-
 // Few rows: the weights unpacked in registers, never stored.  Two registers at a time up to 4
 // rows (2R chains, 8 scale registers), one at a time past that (R chains, 4 scale registers:
 // 8 rows' 16 accumulators would not fit beside two registers' state).
@@ -284,7 +268,6 @@ void fused_rows(const Problem& p, const uint32_t* x, int64_t panel, float* y, in
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < 4; ++t) acc[r][t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < p.groups; ++g) {
-    prefetch_group<BITS>(p, panel, g + PREFETCH_GROUPS);
     if constexpr (R <= 4) {
       fused_registers<BITS, ST, R, 0, 2>(p, x, panel, g, acc);
       if (cols > 32) fused_registers<BITS, ST, R, 2, 2>(p, x, panel, g, acc);
