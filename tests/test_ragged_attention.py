@@ -13,6 +13,7 @@ from mlx_lm import load
 from omlx.kernels import cpu_features, fused_ops
 from omlx.models import packed_weights
 from omlx.models.fused_mlp import fuse_mlps, is_fused_mlp
+from omlx.models.fused_residual import PendingRMSNorm, fuse_residual_norms
 from omlx.models.ragged_attention import is_routed, route_ragged_attention
 from omlx.models.shared_rope import SharedRoPE, share_rope_tables
 from omlx.scheduler import EngineConfig, GenerationRequest, LLMEngine
@@ -214,6 +215,42 @@ def test_swiglu_split_vector_lanes_equal_mlx_over_every_kind_of_float():
     assert np.array_equal(np.array(got), np.array(want), equal_nan=True)
 
 
+# ------------------------------------------------------------------------- add_rms_norm
+@pytest.mark.parametrize("shape", [(1, 1, 576), (33, 1, 96), (4, 7), (5, 3, 40)])
+def test_add_rms_norm_equals_the_add_and_the_norm_nodes(shape):
+    rng = np.random.default_rng(sum(shape))
+    x = mx.array(rng.standard_normal(shape).astype(np.float32) * 3)
+    r = mx.array(rng.standard_normal(shape).astype(np.float32))
+    w = mx.array(rng.standard_normal(shape[-1]).astype(np.float32))
+    h, y = kernel().add_rms_norm(x, r, w, 1e-6)
+    assert mx.array_equal(h, x + r).item() and mx.array_equal(y, kernel().rms_norm(x + r, w, 1e-6)).item()
+    # Views are read through their strides.
+    wide = mx.array(rng.standard_normal((shape[0] * 2,) + shape[1:]).astype(np.float32))
+    h, y = kernel().add_rms_norm(wide[::2], r, w, 1e-5)
+    assert mx.array_equal(h, wide[::2] + r).item() and mx.array_equal(y, kernel().rms_norm(wide[::2] + r, w, 1e-5)).item()
+
+
+def test_add_rms_norm_refuses_mismatched_operands():
+    with pytest.raises(ValueError):
+        kernel().add_rms_norm(mx.zeros((2, 8)), mx.zeros((2, 4)), mx.ones((8,)), 1e-5)
+    with pytest.raises(ValueError):
+        kernel().add_rms_norm(mx.zeros((2, 8)), mx.zeros((2, 8)), mx.ones((4,)), 1e-5)
+
+
+def test_a_fused_block_on_another_input_computes_its_own_norm(llama_pair):
+    """The next block takes the normed sum only when handed the very array it belongs to."""
+    routed, plain, _ = llama_pair
+    x = mx.array(np.random.default_rng(2).standard_normal((1, 3, 96)).astype(np.float32))
+    first, second = routed.model.layers[0], routed.model.layers[1]
+    first(x)  # leaves its sum's normed form for the next block
+    other = x * 2  # not that sum
+    want = plain.model.layers[1](other)
+    assert mx.array_equal(second(other), want).item()
+    # And a whole forward pass equals the plain model's, bit for bit.
+    tokens = mx.array([[5, 9, 33, 70, 2]])
+    assert mx.array_equal(routed(tokens), plain(tokens)).item()
+
+
 def test_swiglu_split_refuses_an_odd_width():
     with pytest.raises(ValueError):
         kernel().swiglu_split(mx.zeros((2, 7)))
@@ -227,6 +264,10 @@ def packed_model(path, route: bool):
     routed = route_ragged_attention(model) if route else 0
     if route:
         assert fuse_mlps(model) == len(model.model.layers)
+        # Residual adds with the norms after them (omlx/models/fused_residual.py): the routed
+        # model's steps below are compared bit for bit with the plain one's.
+        assert fuse_residual_norms(model) == len(model.model.layers)
+        assert type(model.model.norm) is PendingRMSNorm
     return model, routed, frozenset(tokenizer.eos_token_ids)
 
 

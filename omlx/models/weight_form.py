@@ -58,6 +58,7 @@ from omlx.kernels import quant_bf16
 from . import dual_form, packed_weights, quantized_bf16
 from .cpu_weights import should_dequantize, to_float32
 from .fused_mlp import fuse_mlps
+from .fused_residual import fuse_residual_norms
 from .ragged_attention import route_ragged_attention
 from .shared_rope import share_rope_tables
 
@@ -82,6 +83,7 @@ def apply(model: nn.Module, setting: bool | None, memory_budget: int) -> str:
         # (omlx/models/ragged_attention.py); needs the packed fused q/k/v and the shared rope.
         route_ragged_attention(model)
         fuse_mlps(model)  # SwiGLU over the fused gate / up call, two nodes (omlx/models/fused_mlp.py)
+        fuse_residual_norms(model)  # each residual add and the norm after it, one node (fused_residual.py)
     return form
 
 

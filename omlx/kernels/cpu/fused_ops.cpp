@@ -134,6 +134,90 @@ mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::S
                    {x, omlx_cpu::as_rows(weight, stream)});
 }
 
+// ----------------------------------------------------------------------------- add_rms_norm
+
+// A decoder layer's residual add and the RMSNorm that reads its sum (the next sublayer's, or
+// the next layer's, or the model's final norm): h = x + r, y = rms_norm(h) * w, both outputs of
+// one node (omlx/models/fused_residual.py).  The sum is one float add per element and the norm
+// runs rms_rows, so both are bit-identical to the Add node and OmlxRMSNorm they replace.
+class AddRMSNorm : public mx::Primitive {
+ public:
+  AddRMSNorm(mx::Stream stream, float eps) : mx::Primitive(stream), eps_(eps) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& sum = outputs[0];
+    auto& normed = outputs[1];
+    sum.set_data(mx::allocator::malloc(sum.nbytes()));
+    normed.set_data(mx::allocator::malloc(normed.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : inputs) enc.set_input_array(a);
+    enc.set_output_array(sum);
+    enc.set_output_array(normed);
+    const int64_t d = sum.shape(-1);
+    const int64_t rows = d ? int64_t(sum.size()) / d : 0;
+    if (rows == 0) return;
+    const float eps = eps_;
+    // A strided operand (a view) is gathered into rows inside the task, as rms_norm does.
+    auto layout = [](const mx::array& a) {
+      std::pair<std::vector<int64_t>, std::vector<int64_t>> out;
+      if (!a.flags().row_contiguous) {
+        out.first.assign(a.shape().begin(), a.shape().end());
+        out.second.assign(a.strides().begin(), a.strides().end());
+      }
+      return out;
+    };
+    const auto x_layout = layout(inputs[0]), r_layout = layout(inputs[1]);
+    enc.dispatch([=, x_src = inputs[0].data<float>(), r_src = inputs[1].data<float>(), w = inputs[2].data<float>(),
+                  h = sum.data<float>(), y = normed.data<float>()]() {
+      std::vector<float> x_rows, r_rows;
+      const float* x = x_src;
+      const float* r = r_src;
+      if (!x_layout.first.empty()) x = (x_rows = gather(x_src, x_layout.first, x_layout.second)).data();
+      if (!r_layout.first.empty()) r = (r_rows = gather(r_src, r_layout.first, r_layout.second)).data();
+      const bool parallel = rows * d >= (int64_t(1) << 16);
+#pragma omp parallel for schedule(static) if (parallel)
+      for (int64_t row = 0; row < rows; ++row) {
+        const float* xr = x + row * d;
+        const float* rr = r + row * d;
+        float* hr = h + row * d;
+        for (int64_t i = 0; i < d; ++i) hr[i] = xr[i] + rr[i];
+        rms_rows(hr, w, y + row * d, 1, d, eps);
+      }
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("omlx add_rms_norm: this extension runs on the CPU only");
+  }
+
+  const char* name() const override { return "OmlxAddRMSNorm"; }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape(), inputs[0].shape()};
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto* o = dynamic_cast<const AddRMSNorm*>(&other);
+    return o && o->eps_ == eps_;
+  }
+
+ private:
+  float eps_;
+};
+
+// (x + r, rms_norm(x + r) * weight) for float32 x and r of one shape (views read through their
+// strides) and weight (features,).
+std::vector<mx::array> add_rms_norm(const mx::array& x, const mx::array& r, const mx::array& weight, float eps,
+                                    mx::StreamOrDevice s) {
+  if (x.ndim() < 1 || x.dtype() != mx::float32 || r.dtype() != mx::float32 || r.shape() != x.shape())
+    throw std::invalid_argument("omlx add_rms_norm: x and r must be float32 arrays of one shape");
+  if (weight.ndim() != 1 || weight.shape(0) != x.shape(-1) || weight.dtype() != mx::float32)
+    throw std::invalid_argument("omlx add_rms_norm: weight must be float32 of shape (features,)");
+  const auto stream = mx::to_stream(s, mx::Device::cpu);
+  return mx::array::make_arrays({x.shape(), x.shape()}, {mx::float32, mx::float32},
+                                std::make_shared<AddRMSNorm>(stream, eps), {x, r, omlx_cpu::as_rows(weight, stream)});
+}
+
 // ----------------------------------------------------------------------------- rope_rotate
 
 struct Rotation {
@@ -722,6 +806,8 @@ mx::array swiglu_split(const mx::array& gate_up, mx::StreamOrDevice s) {
 
 NB_MODULE(_fused_ops_cpu, m) {
   m.doc() = "omlx per-token elementwise primitives (MLX CPU): rms_norm, rope_rotate";
+  m.def("add_rms_norm", &add_rms_norm, "x"_a, "r"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "(x + r, rms_norm(x + r) * weight): a residual add and the norm that reads it, in one node.");
   m.def("rms_norm", &rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none(),
         "x / sqrt(mean(x^2, -1) + eps) * weight, one node, rows batch-invariant.");
   m.def("rope_rotate", &rope_rotate, "x"_a, "table"_a, "dims"_a, "traditional"_a, nb::kw_only(),
