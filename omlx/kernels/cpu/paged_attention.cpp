@@ -227,13 +227,14 @@ constexpr int sum_lanes(bool bf16) {
 // of arithmetic: allocating and zeroing ~40 KB of scratch every call was a visible share of it).
 // Nothing here is read before the unit writes it.
 struct Scratch {
-  std::vector<float> q, s, kt, krows, vrows, o, m, l, tmp, m_new, corr;
+  std::vector<float> q, s, kt, vrows, o, m, l, tmp, m_new, corr;
   std::vector<const float*> kptr, vptr;
   // bf16 pools (paged_attention_bf16.h): queries / probabilities as bf16 pairs, packed tiles,
   // the tile's key / value rows, and a zero row for keys a unit does not read.
   std::vector<uint32_t> qp, pp, kp, vp;
   std::vector<const uint16_t*> krow16, vrow16;
   std::vector<uint16_t> zero16;
+  std::vector<float> zero32;
   void size(const Step& st, int max_rows) {
     auto grow = [](auto& v, size_t n) {
       if (v.size() < n) v.resize(n);
@@ -241,7 +242,6 @@ struct Scratch {
     grow(q, size_t(max_rows) * st.dk);
     grow(s, size_t(max_rows) * NT);
     grow(kt, size_t(st.dk) * NT);
-    grow(krows, size_t(NT) * st.dk);
     grow(vrows, size_t(NT) * st.dv);
     grow(o, size_t(max_rows) * st.dv);
     const size_t padded_rows = (size_t(max_rows) + VW - 1) / VW * VW;  // read in whole vectors
@@ -259,6 +259,7 @@ struct Scratch {
     grow(krow16, NT);
     grow(vrow16, NT);
     grow(zero16, std::max(st.dk, st.dv));  // value-initialised: zeros, never written
+    grow(zero32, std::max(st.dk, st.dv));
   }
 };
 
@@ -278,30 +279,6 @@ inline void scores_rows(const float* q, const float* kt, float* s, int dk) {
   }
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) vstore(s + r * NT + v * VW, acc[r][v]);
-}
-
-// The same scores without the transposed copy, one key row at a time (dot products folded
-// across the head dim): cheaper when few rows share each key (decode), where copying a tile
-// transposed costs more than the arithmetic it feeds.
-template <int R>
-inline void scores_dot(const float* q, const float* const* krow, float* s, int n, int dk) {
-  const int dv = dk - dk % VW;
-  for (int j = 0; j < n; ++j) {
-    const float* k = krow[j];
-    vf acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = splat(0.f);
-    for (int d = 0; d < dv; d += VW) {
-      const vf kv = vload(k + d);
-      for (int r = 0; r < R; ++r) acc[r] += vload(q + r * dk + d) * kv;
-    }
-    for (int r = 0; r < R; ++r) {
-      float sum = hsum(acc[r]);
-      for (int d = dv; d < dk; ++d) sum += q[r * dk + d] * k[d];
-      s[r * NT + j] = sum;
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int j = n; j < NT; ++j) s[r * NT + j] = 0.f;
 }
 
 // O[r, c0:c0+C*VW] += sum_j P[r, j] * V[j, c0:...] for R rows, over n keys.
@@ -476,12 +453,18 @@ void attend(const Step& st, Scratch& sc, int head, int t0, int nt, int64_t pos0,
       bf16_tiles::pack_values(sc.vrow16.data(), sc.vp.data(), dv);
 #endif
     } else {
-      // Keys of this tile: transposed (dk, NT) for many rows, else as row pointers; values as
-      // row pointers (converted / dequantised into scratch when the pool is not float32).
-      // Always the transposed tile: `scores_dot` sums a score in another order, and choosing by
-      // the unit's row count (which depends on how the step chunked the prompt) made a token's
-      // bits depend on its batch.
-      constexpr bool transpose = true;
+      // Keys of this tile transposed (dk, NT), values as row pointers (converted / dequantised
+      // into scratch when the pool is not float32).  Always the transposed tile, whatever the
+      // unit's row count: a dot product per key row sums a score in another order, and
+      // choosing by the row count (which depends on how the step chunked the prompt) made a
+      // token's bits depend on its batch.  A float32 pool's rows are transposed in registers
+      // (the same bits as the scalar copy).
+#ifdef OMLX_ATTENTION_TRANSPOSE
+      const bool in_registers = st.k.kind == Kind::F32 && dk % 16 == 0;
+#else
+      constexpr bool in_registers = false;
+#endif
+      const float* zero = sc.zero32.data();
       int block_index = kb / st.block_size, offset = kb % st.block_size;  // walked, not divided per key
       for (int j = 0; j < n; ++j) {
         const int64_t prow = (int64_t(table[block_index]) * st.kv_heads + head) * st.block_size + offset;
@@ -490,34 +473,33 @@ void attend(const Step& st, Scratch& sc, int head, int t0, int nt, int64_t pos0,
           ++block_index;
         }
         if (kb + j < k0) {  // before the unit's first key: never read (it may be out of reach)
-          for (int d = 0; d < dk; ++d) Kt[d * NT + j] = 0.f;
-          float* zero = sc.vrows.data() + size_t(j) * dv;
-          std::fill(zero, zero + dv, 0.f);
+          if (in_registers)
+            sc.kptr[j] = zero;
+          else
+            for (int d = 0; d < dk; ++d) Kt[d * NT + j] = 0.f;
           sc.vptr[j] = zero;  // its score is masked: p = 0 times a zero value adds exactly 0
           continue;
         }
-        if (transpose) {
+        if (in_registers) {
+          sc.kptr[j] = static_cast<const float*>(st.k.data) + prow * dk;
+        } else {
           const float* krow = st.k.row(prow, sc.tmp.data());
           for (int d = 0; d < dk; ++d) Kt[d * NT + j] = krow[d];
-        } else {
-          sc.kptr[j] = st.k.row(prow, sc.krows.data() + size_t(j) * dk);
         }
         sc.vptr[j] = st.v.row(prow, sc.vrows.data() + size_t(j) * dv);
       }
-      int r = 0;
-      if (transpose) {
+      if (in_registers) {
+#ifdef OMLX_ATTENTION_TRANSPOSE
+        for (int j = n; j < NT; ++j) sc.kptr[j] = zero;
+        tile_transpose::transpose_tile(sc.kptr.data(), Kt, dk);
+#endif
+      } else {
         for (int j = n; j < NT; ++j)
           for (int d = 0; d < dk; ++d) Kt[d * NT + j] = 0.f;
-        for (; r + 4 <= rows; r += 4) scores_rows<4>(Q + r * dk, Kt, S + r * NT, dk);
-        for (; r < rows; ++r) scores_rows<1>(Q + r * dk, Kt, S + r * NT, dk);
-      } else {
-        for (; r + 4 <= rows; r += 4) scores_dot<4>(Q + r * dk, sc.kptr.data(), S + r * NT, n, dk);
-        switch (rows - r) {  // GQA groups of 2 or 3 heads read each key once, not per head
-          case 3: scores_dot<3>(Q + r * dk, sc.kptr.data(), S + r * NT, n, dk); break;
-          case 2: scores_dot<2>(Q + r * dk, sc.kptr.data(), S + r * NT, n, dk); break;
-          case 1: scores_dot<1>(Q + r * dk, sc.kptr.data(), S + r * NT, n, dk); break;
-        }
       }
+      int r = 0;
+      for (; r + 4 <= rows; r += 4) scores_rows<4>(Q + r * dk, Kt, S + r * NT, dk);
+      for (; r < rows; ++r) scores_rows<1>(Q + r * dk, Kt, S + r * NT, dk);
     }
 
     if constexpr (BF16) {

@@ -1,6 +1,9 @@
 // The paged attention kernel's tile arithmetic for bfloat16 pools on CPUs with AVX512-BF16
 // (vdpbf16ps: 32 bf16 products a zmm, float32 accumulation, twice an fp32 FMA's work).
 //
+// The float path borrows the tile transpose (tile_transpose below) for float32 pools: its
+// transposed key tile as before, bit for bit, without 32 x dk scalar strided stores a tile.
+//
 // Why a path of its own: a bf16 pool widened to float32 key by key and transposed with scalar
 // stores cost ~150 cycles a key and KV head, most of a one-row decode call's time, and a
 // prefill's scores ran at fp32 FMA speed.  Here a tile of 32 keys is packed once into the
@@ -20,17 +23,15 @@
 
 #include <immintrin.h>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
-#define OMLX_ATTENTION_BF16 1
+#if defined(__AVX512F__)
+#define OMLX_ATTENTION_TRANSPOSE 1
 
-namespace bf16_tiles {
+// A tile's key rows into dim-major order with in-register transposes, for any 32-bit element
+// (a float, or a pair of bf16): the float path's transposed tile (bit copies: its arithmetic
+// and bits are unchanged) and the bf16 path's dim-pair tile.
+namespace tile_transpose {
 
 constexpr int NT = 32;  // keys per tile (paged_attention.cpp's grid)
-constexpr int PAIRS = NT / 2;  // key pairs per tile
-
-inline __m512bh as_bh(__m512i v) {
-  return (__m512bh)v;
-}
 
 // 16 rows of 16 dwords transposed in registers (unpack 32 / 64-bit, then 128-bit lanes).
 inline void transpose16(__m512i r[16]) {
@@ -59,17 +60,40 @@ inline void transpose16(__m512i r[16]) {
   for (int i = 0; i < 16; ++i) r[i] = t[i];
 }
 
+// NT rows of `words` dwords each (`row[j]`; a zero row where a key is not read) into
+// out[w * NT + j] = row[j][w].  words % 16 == 0.
+template <typename T>
+inline void transpose_tile(const T* const* row, void* out_tile, int words) {
+  static_assert(sizeof(T) <= 4 && 4 % sizeof(T) == 0);
+  uint32_t* out = static_cast<uint32_t*>(out_tile);
+  __m512i r[16];
+  for (int jb = 0; jb < NT; jb += 16)
+    for (int wb = 0; wb < words; wb += 16) {
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(row[jb + i] + wb * (4 / sizeof(T)));
+      transpose16(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(out + (wb + i) * NT + jb, r[i]);
+    }
+}
+
+}  // namespace tile_transpose
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define OMLX_ATTENTION_BF16 1
+
+namespace bf16_tiles {
+
+constexpr int NT = tile_transpose::NT;
+constexpr int PAIRS = NT / 2;  // key pairs per tile
+
+inline __m512bh as_bh(__m512i v) {
+  return (__m512bh)v;
+}
+
 // Keys of a tile, `krow[j]` (dk bf16 each; a zero row where a key is not read), into dim-pair
 // major order: kp[d2 * NT + j] = (k[j][2 d2], k[j][2 d2 + 1]).  dk % 32 == 0.
 inline void pack_keys(const uint16_t* const* krow, uint32_t* kp, int dk) {
-  const int pairs = dk / 2;
-  __m512i r[16];
-  for (int jb = 0; jb < NT; jb += 16)
-    for (int db = 0; db < pairs; db += 16) {
-      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(krow[jb + i] + 2 * db);
-      transpose16(r);
-      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(kp + (db + i) * NT + jb, r[i]);
-    }
+  tile_transpose::transpose_tile(krow, kp, dk / 2);
 }
 
 // Values of a tile, `vrow[j]` (dv bf16 each), into key-pair major order:
