@@ -12,7 +12,10 @@
 // offset (causal within the chunk), and shared-prefix groups (sequences whose block tables
 // start with the same blocks attend to those blocks together, once, before each attends to
 // its own rest; the softmax state carries over exactly).  Pools may be float32, float16,
-// bfloat16, or MLX's affine 4/8-bit quantized layout (dequantised a tile at a time).
+// bfloat16, or MLX's affine 4/8-bit quantized layout (dequantised a tile at a time).  Over a
+// bfloat16 pool on a CPU with AVX512-BF16 both products run on the bf16 unit, queries and
+// probabilities rounded to bf16 (paged_attention_bf16.h); every other pool keeps float32
+// arithmetic, bit for bit what it was.
 //
 // Layers that see less than the whole context: a sliding window (the query at position p
 // sees keys p - window < k <= p: Gemma 3, gpt-oss, OLMo 3) or chunked attention (keys k <= p
@@ -227,7 +230,7 @@ constexpr int sum_lanes(bool bf16) {
 // of arithmetic: allocating and zeroing ~40 KB of scratch every call was a visible share of it).
 // Nothing here is read before the unit writes it.
 struct Scratch {
-  std::vector<float> q, s, kt, vrows, o, m, l, tmp, m_new, corr;
+  std::vector<float> q, s, kt, krows, vrows, o, m, l, tmp, m_new, corr;
   std::vector<const float*> kptr, vptr;
   // bf16 pools (paged_attention_bf16.h): queries / probabilities as bf16 pairs, packed tiles,
   // the tile's key / value rows, and a zero row for keys a unit does not read.
@@ -242,6 +245,7 @@ struct Scratch {
     grow(q, size_t(max_rows) * st.dk);
     grow(s, size_t(max_rows) * NT);
     grow(kt, size_t(st.dk) * NT);
+    grow(krows, size_t(NT) * st.dk);
     grow(vrows, size_t(NT) * st.dv);
     grow(o, size_t(max_rows) * st.dv);
     const size_t padded_rows = (size_t(max_rows) + VW - 1) / VW * VW;  // read in whole vectors
@@ -457,10 +461,10 @@ void attend(const Step& st, Scratch& sc, int head, int t0, int nt, int64_t pos0,
       // into scratch when the pool is not float32).  Always the transposed tile, whatever the
       // unit's row count: a dot product per key row sums a score in another order, and
       // choosing by the row count (which depends on how the step chunked the prompt) made a
-      // token's bits depend on its batch.  A float32 pool's rows are transposed in registers
-      // (the same bits as the scalar copy).
+      // token's bits depend on its batch.  Rows are transposed in registers (the same bits as
+      // the scalar copy): a float32 pool's in place, others' once widened / dequantised.
 #ifdef OMLX_ATTENTION_TRANSPOSE
-      const bool in_registers = st.k.kind == Kind::F32 && dk % 16 == 0;
+      const bool in_registers = dk % 16 == 0;
 #else
       constexpr bool in_registers = false;
 #endif
@@ -481,7 +485,7 @@ void attend(const Step& st, Scratch& sc, int head, int t0, int nt, int64_t pos0,
           continue;
         }
         if (in_registers) {
-          sc.kptr[j] = static_cast<const float*>(st.k.data) + prow * dk;
+          sc.kptr[j] = st.k.row(prow, sc.krows.data() + size_t(j) * dk);
         } else {
           const float* krow = st.k.row(prow, sc.tmp.data());
           for (int d = 0; d < dk; ++d) Kt[d * NT + j] = krow[d];
