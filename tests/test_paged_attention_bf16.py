@@ -3,7 +3,8 @@
 accumulation on vdpbf16ps) against a float64 reference, and a token's output bit-identical
 however the step around it is made: alone or chunked, beside other sequences, as a decode
 row, or attending a shared prefix with a group.  The float32 pool is held to the same
-invariance (its arithmetic is the one token-exact tests compare with mlx-lm)."""
+invariance (its arithmetic is the one token-exact tests compare with mlx-lm), and so are
+float16 and 8-bit pools."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from omlx.kernels import backend
-from omlx.kernels.paged_attention import RaggedPlan, ragged_attention
+from omlx.kernels.paged_attention import QuantizedRows, RaggedPlan, ragged_attention
 
 KERNEL = backend.attention_backend().module
 pytestmark = pytest.mark.skipif(KERNEL is None, reason="the fused CPU kernel is not built")
@@ -37,8 +38,11 @@ def reference(queries: np.ndarray, keys: np.ndarray, values: np.ndarray, positio
     return out
 
 
-def build_pool(rng, rows: int, dim: int, dtype) -> mx.array:
-    return mx.array(rng.standard_normal((rows, dim)).astype(np.float32)).astype(dtype)
+def build_pool(rng, rows: int, dim: int, dtype):
+    data = mx.array(rng.standard_normal((rows, dim)).astype(np.float32))
+    if dtype == "q8":
+        return QuantizedRows(*mx.quantize(data, group_size=32, bits=8), group_size=32, bits=8)
+    return data.astype(getattr(mx, dtype) if isinstance(dtype, str) else dtype)
 
 
 def contiguous(pool: mx.array, table: list[int], length: int, kv_heads: int, block_size: int) -> np.ndarray:
@@ -100,9 +104,9 @@ def outputs(queries, pool_k, pool_v, calls, kv_heads, bs, scale) -> dict[tuple[i
     return got
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    dtype=st.sampled_from(["bfloat16", "float32"]),
+    dtype=st.sampled_from(["bfloat16", "float32", "float16", "q8"]),
     bs=st.sampled_from([4, 16, 32]),
     kv_heads=st.sampled_from([1, 3]),
     ratio=st.sampled_from([1, 3]),
@@ -125,8 +129,7 @@ def test_a_tokens_output_does_not_depend_on_its_step(dtype, bs, kv_heads, ratio,
     table_b = prefix + [300, 301, 302]
     table_c = [400, 401, 402]
     rows = 410 * kv_heads * bs
-    pool_k = build_pool(rng, rows, dk, getattr(mx, dtype))
-    pool_v = build_pool(rng, rows, dk, getattr(mx, dtype))
+    pool_k, pool_v = (build_pool(rng, rows, dk, dtype) for _ in range(2))
     queries = mx.array(rng.standard_normal((own + 2, kv_heads * ratio, 1, dk)).astype(np.float32))
     queries = np.array(queries)  # rows: A's own tokens, then B's and C's decode queries
     a_tokens = list(range(own))
