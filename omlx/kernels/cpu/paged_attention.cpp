@@ -634,8 +634,11 @@ void run_units(const Step& st, std::vector<Unit>& units, int max_rows) {
   for (const Unit& w : units) total += w.cost;
   // Threads pay only above ~0.2 ms of work: waking a sleeping thread costs ~10-50 us (and an
   // OpenMP region for one thread still costs its setup).  A unit of cost is one key against
-  // one token's query heads: tens of cycles from float rows, a few on the bf16 unit.
-  const int64_t worth_threads = bf16 ? (int64_t(1) << 16) : (int64_t(1) << 14);
+  // one token's query heads: tens of cycles from float rows; on the bf16 unit ~35 cycles in
+  // a decode row (its tile's packing serves one token: 1.3 us a tile of 32 keys and 3 KV
+  // heads here), ~20 in a prefill unit.  One row of SmolLM2 stays on the calling thread up
+  // to ~5K keys; 32 decode rows at 300 keys take both.
+  const int64_t worth_threads = int64_t(1) << 14;
   const bool parallel = omlx_cpu::openmp_threads() > 1 && count > 1 && total > worth_threads;
   if (!parallel) {
     Scratch& sc = thread_scratch(st, max_rows);
