@@ -13,7 +13,8 @@ median per-call time of each form and quantized-bf16's time as a fraction of pac
 With `--spin 0,100` each form is also timed at each setting of the kernels' worker spin
 (OMLX_KERNEL_SPIN_US, omlx/kernels/cpu/spin_pool.h: 0 is OpenMP's sleeping threads), settings
 alternated round by round in one process, and each setting's time is printed as a ratio to the
-first's (below 1: faster than the first setting).
+first's (below 1: faster than the first setting), with the share of quantized-bf16's pool tasks
+the worker ran at each setting (the rest ran on MLX's stream thread).
 
     python bench/quant_bf16_decode_bench.py [--rows 1,4,8] [--rounds 15] [--shapes qkv,head] [--spin 0,100]
 """
@@ -100,6 +101,7 @@ def main() -> None:
             x = mx.array(rng.standard_normal((m, k)).astype(np.float32))
             mx.eval(x)
             times = {(form, spin): [] for spin in spins for form in ("packed", "quant")}
+            shared = {spin: [0, 0] for spin in spins}  # quant calls' pool tasks: (the worker's, all)
             at = 0
             for _ in range(args.rounds + 1):
                 picks = [(at + i) % copies for i in range(args.calls)]
@@ -107,16 +109,22 @@ def main() -> None:
                 for spin in spins:
                     set_spin(spin)
                     for form, layers in (("packed", packed), ("quant", quant)):
+                        before = module.pool_stats()
                         start = time.perf_counter()
                         mx.eval([layers[i](x) for i in picks])
                         times[form, spin].append((time.perf_counter() - start) / args.calls * 1e6)
+                        if form == "quant":
+                            after = module.pool_stats()
+                            shared[spin][0] += after["worker_tasks"] - before["worker_tasks"]
+                            shared[spin][1] += after["tasks"] - before["tasks"]
             med = {key: statistics.median(values[1:]) for key, values in times.items()}
             cells = "".join(f" | {med['packed', v]:>20.1f} {med['quant', v]:>7.1f}" for v in spins)
             first = spins[0]
             ratios = "".join(f" | {med['packed', v] / med['packed', first]:>11.2f}x {med['quant', v] / med['quant', first]:>6.2f}x"
                              for v in spins[1:])
+            share = "".join(f" {spin}: {w / t:.2f}" for spin, (w, t) in shared.items() if t)
             print(f"{name:>8} {n:>5} x {k:<5} {m:>4}{cells} | {med['quant', first] / med['packed', first]:>5.2f}x | "
-                  f"{q_bytes / p_bytes:>10.2f}x{ratios}", flush=True)
+                  f"{q_bytes / p_bytes:>10.2f}x{ratios}{' | worker share' + share if share else ''}", flush=True)
         del packed, quant
     set_spin(spins[0])
 
