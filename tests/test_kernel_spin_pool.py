@@ -180,9 +180,10 @@ print("ok", qb.kernel().pool_stats())
 
 
 def test_more_workers_than_cores_give_the_same_bits_and_finish():
-    """OMP_NUM_THREADS=6: five workers (on two cores: preempted mid-task, late to every job)."""
+    """OMP_NUM_THREADS=6 and OMLX_POOL_WORKERS=8: five workers (on two cores: preempted
+    mid-task, late to every job)."""
     tests = str(Path(__file__).resolve().parent)
-    env = dict(os.environ, OMP_NUM_THREADS="6", OMLX_KERNEL_SPIN_US="100")
+    env = dict(os.environ, OMP_NUM_THREADS="6", OMLX_KERNEL_SPIN_US="100", OMLX_POOL_WORKERS="8")
     try:
         done = subprocess.run([sys.executable, "-c", CHILD.format(tests=tests)], env=env, capture_output=True,
                               text=True, timeout=300, cwd=Path(tests).parent)

@@ -88,9 +88,14 @@ class SpinPool {
   // worker's overshoot past the count (a few increments) must not carry into the generation.
   static constexpr int64_t MAX_TASKS = 0x7fff;
 
+  // At most this many workers (OMLX_POOL_WORKERS overrides): decode's calls are 10-150 us, a
+  // few cores' unpack already reaches a socket's memory bandwidth, and every worker spins after
+  // each call; measured on 2 cores only (one worker).
+  static constexpr int MAX_WORKERS = 3;
+
   // The process's pool (one per extension module: each is its own shared object), started on
-  // first use with one worker per OpenMP thread beyond the caller's.  Never destroyed: detached
-  // workers asleep on a futex end with the process.
+  // first use with one worker per OpenMP thread beyond the caller's, up to MAX_WORKERS.  Never
+  // destroyed: detached workers asleep on a futex end with the process.
   static SpinPool& instance() {
     static SpinPool* pool = [] {
 #ifdef _OPENMP
@@ -98,7 +103,9 @@ class SpinPool {
 #else
       const int threads = int(std::thread::hardware_concurrency());
 #endif
-      auto* made = new SpinPool(std::max(0, threads - 1));
+      const char* env = std::getenv("OMLX_POOL_WORKERS");
+      const int most = env != nullptr && *env ? std::max(0, std::atoi(env)) : MAX_WORKERS;
+      auto* made = new SpinPool(std::clamp(threads - 1, 0, most));
       pthread_atfork(nullptr, nullptr, [] { forked_child() = true; });
       return made;
     }();
