@@ -361,10 +361,12 @@ inline void softmax_tile_bf16(const Step& st, Scratch& sc, int rows, int t0, int
       continue;
     }
     const vf mn = splat(m_new);
+    // The sum counts the probabilities as rounded for the value product: the output is then
+    // a weighted mean of the values with exactly the weights used.
     const vf p0 = vexp(vload(srow) - mn), p1 = vexp(vload(srow + VW) - mn);
-    vstore(L + rr * VW, vload(L + rr * VW) * corr[rr] + (p0 + p1));
-    M[rr] = m_new;
     bf16_tiles::store_pairs(p0, p1, prow);
+    vstore(L + rr * VW, vload(L + rr * VW) * corr[rr] + bf16_tiles::pair_sums<vf>(prow));
+    M[rr] = m_new;
   }
 }
 #endif

@@ -127,6 +127,19 @@ inline void store_pairs(__m512 lo, __m512 hi, uint32_t* dst) {
   _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
 }
 
+// The sum of the 32 values store_pairs wrote (as rounded), in 16 lanes: lane i holds keys
+// 2i and 2i + 1 (a bf16 is the top half of its float32).
+template <typename V>
+inline V pair_sums(const uint32_t* src) {
+  const __m512i v = _mm512_loadu_si512(src);
+  const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int(0xFFFF0000u))));
+  const __m512 sum = _mm512_add_ps(even, odd);
+  V out;
+  std::memcpy(&out, &sum, sizeof(V));
+  return out;
+}
+
 // S[r, 0:NT] = Q[r] . K[0:NT] for R rows: qp rows of dk / 2 pairs, kp from pack_keys.
 template <int R>
 inline void scores(const uint32_t* qp, const uint32_t* kp, float* s, int dk) {
