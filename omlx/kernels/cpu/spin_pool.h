@@ -50,7 +50,7 @@
 
 namespace omlx_cpu {
 
-// The measured default (bench/README.md, "A bounded-spin worker for decode's calls").
+// The measured default (bench/README.md, "A bounded-spin worker for decode's weight calls").
 constexpr int64_t DEFAULT_SPIN_US = 100;
 
 // How long a worker keeps looking for the next job after its last one before it sleeps;
