@@ -4,6 +4,7 @@
 tokens a second after the first token per request.  `glibc-again` is an A/A control.
 
     python bench/served_env_check.py --requests 24 --model-dir bench/models --model smollm2-135m-f32
+    python bench/served_env_check.py --variant "overlap-off:OMLX_OVERLAP_STEPS=0" --variant "default:"
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 
 import openai  # noqa: E402
-from decode_step_env import PRESETS, QUESTIONS  # noqa: E402
+from decode_step_env import QUESTIONS, _variant  # noqa: E402
 from omlx_process import omlx_server  # noqa: E402
 
 
@@ -41,16 +42,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", default=str(REPO / "bench/models"))
     parser.add_argument("--model", default="smollm2-135m-f32")
-    parser.add_argument("--variant", action="append", help="a decode_step_env.py preset (first is the baseline)")
+    parser.add_argument("--variant", action="append",
+                        help="a decode_step_env.py preset or name:KEY=VALUE ... (first is the baseline)")
     parser.add_argument("--requests", type=int, default=24, help="requests per server")
     parser.add_argument("--tokens", type=int, default=96)
     args = parser.parse_args()
-    names = args.variant or ["glibc", "glibc-again", "omlx-default"]
+    variants = dict(_variant(v) for v in (args.variant or ["glibc", "glibc-again", "omlx-default"]))
+    names = list(variants)
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as work:
         clients = {}
         for name in names:
             server = stack.enter_context(omlx_server(Path(args.model_dir), Path(work) / name,
-                                                     env={"OMLX_MATMUL": "auto", **PRESETS[name]}))
+                                                     env={"OMLX_MATMUL": "auto", **variants[name]}))
             allocator = server.health()["process"]["allocator_caches"]["allocator"]["name"]
             print(f"{name}: allocator {allocator}", flush=True)
             clients[name] = openai.OpenAI(base_url=server.base_url, api_key="unused")
