@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_breakdown  # noqa: E402
 
 from omlx.kernels import backend  # noqa: E402
-from omlx.models import packed_weights  # noqa: E402
+from omlx.models import packed_weights, weight_form  # noqa: E402
 from omlx.scheduler import EngineConfig, LLMEngine  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -153,6 +153,8 @@ def main() -> None:
     parser.add_argument("--time", type=int, default=0, metavar="STEPS")
     parser.add_argument("--per-call", action="store_true")
     parser.add_argument("--floor", action="store_true")
+    parser.add_argument("--packed-only", action="store_true",
+                        help="packed weights alone (the load-time swaps of weight_form.apply left out)")
     args = parser.parse_args()
     if args.floor:
         import step_floor
@@ -160,9 +162,13 @@ def main() -> None:
         work = tempfile.TemporaryDirectory()
         args.model = str(step_floor.floor_twin(Path(args.model), Path(work.name)))
     model, _ = load(args.model)
-    packed_weights.pack_model(model)
+    if args.packed_only:
+        packed_weights.pack_model(model)
+        form = "bf16-packed, no load-time graph reductions"
+    else:  # as the server loads it: routed attention, fused MLP / residual norms, shared RoPE
+        form = weight_form.apply(model, None, 8 << 30)
     counts = step_primitives(model, args.rows, args.context)
-    print(f"{args.model}: {args.rows} row(s), context {args.context}: {sum(counts.values())} nodes per step")
+    print(f"{args.model} ({form}): {args.rows} row(s), context {args.context}: {sum(counts.values())} nodes per step")
     for name, n in counts.most_common():
         print(f"  {name:32s} {n:5d}")
     if args.time:
