@@ -158,6 +158,7 @@ GLOBAL_KEYS: dict[str, Callable] = {
     "speculative_decoding": typed(bool),
     "num_draft_tokens": optional_non_negative_int,
     "draft_model": typed(str),
+    "overlap_steps": typed(bool),
     "max_model_len": optional_positive_int,
     "ttl": optional_positive,
     "hf_cache": typed(bool),

@@ -160,6 +160,7 @@ class GlobalSettings(_Settings):
     speculative_decoding: bool | None = None
     num_draft_tokens: int | None = None
     draft_model: str | None = None
+    overlap_steps: bool | None = None
     max_model_len: int | None = None
     ttl: float | None = None
     hf_cache: bool | None = None

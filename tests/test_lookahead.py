@@ -66,6 +66,9 @@ def test_greedy_tokens_equal_without_overlap(model):
     got, reasons = run(overlapped, requests())
     assert got == expected
     assert overlapped.lookahead.steps_ahead > 20  # the decodes did overlap
+    # /v1/models/status shows it (serving.overlap_steps); off, it says so.
+    assert overlapped.serving_info()["overlap_steps"]["steps_ahead"] == overlapped.lookahead.steps_ahead
+    assert plain.serving_info()["overlap_steps"] is None
     assert set(reasons.values()) == {"length"}
     assert_blocks_back(overlapped)
 
