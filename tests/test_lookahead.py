@@ -127,21 +127,23 @@ def test_speculation_still_drafts_between_pipelined_steps(model):
     assert_blocks_back(engine)
 
 
-def test_no_step_ahead_without_a_free_block(model):
-    # A pool just large enough: the step ahead never preempts; tokens are unchanged.
-    expected, _ = run(make_engine(model, False, num_blocks=12), requests())
-    engine = make_engine(model, True, num_blocks=12)
+def overlapped_like_plain(model, **sizes) -> LLMEngine:
+    """Run `requests()` without and with overlap on engines of these sizes: the same tokens,
+    every block back.  Returns the overlapped engine."""
+    expected, _ = run(make_engine(model, False, **sizes), requests())
+    engine = make_engine(model, True, **sizes)
     got, _ = run(engine, requests())
     assert got == expected
     assert_blocks_back(engine)
+    return engine
+
+
+def test_no_step_ahead_without_a_free_block(model):
+    # A pool just large enough: the step ahead never preempts; tokens are unchanged.
+    overlapped_like_plain(model, num_blocks=12)
 
 
 def test_a_full_batch_keeps_overlapping_while_requests_queue(model):
     # Two slots, four requests: the queued ones wait for a slot, and the two running ones
     # keep overlapping meanwhile (a waiting request that cannot be admitted stops nothing).
-    expected, _ = run(make_engine(model, False, max_num_seqs=2), requests())
-    engine = make_engine(model, True, max_num_seqs=2)
-    got, _ = run(engine, requests())
-    assert got == expected
-    assert engine.lookahead.steps_ahead > 30
-    assert_blocks_back(engine)
+    assert overlapped_like_plain(model, max_num_seqs=2).lookahead.steps_ahead > 30

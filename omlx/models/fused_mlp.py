@@ -14,14 +14,14 @@ and the parameter names are unchanged).
 
 from __future__ import annotations
 
-import importlib
-
 import mlx.core as mx
 import mlx.nn as nn
 
 from omlx.kernels import fused_ops
 from omlx.kernels.linear import PackedLinear
 from omlx.kernels.quant_bf16 import QuantBf16Linear
+
+from .call_swap import CallSwap, known_classes
 
 # mlx-lm MLP classes whose __call__ is exactly `down_proj(swiglu(gate_proj(x), up_proj(x)))`.
 _LAYERS = (
@@ -35,13 +35,7 @@ _LAYERS = (
 
 
 def _known_layers() -> set[type]:
-    known = set()
-    for module_name, class_name in _LAYERS:
-        try:
-            known.add(getattr(importlib.import_module(module_name), class_name))
-        except (ImportError, AttributeError):
-            continue
-    return known
+    return known_classes(_LAYERS)
 
 
 def _fused_call(self, x: mx.array) -> mx.array:
@@ -50,14 +44,7 @@ def _fused_call(self, x: mx.array) -> mx.array:
     return self.down_proj(fused_ops.kernel().swiglu_split(self.fused_gate_up(x)))
 
 
-_made: dict[type, type] = {}
-
-
-def _subclass(cls: type) -> type:
-    if cls not in _made:
-        _made[cls] = type(cls.__name__, (cls,), {"__call__": _fused_call, "__module__": __name__,
-                                                 "_omlx_fused_mlp": True})
-    return _made[cls]
+_swap = CallSwap(_fused_call, "_omlx_fused_mlp", __name__)
 
 
 def fuse_mlps(model: nn.Module) -> int:
@@ -76,10 +63,10 @@ def fuse_mlps(model: nn.Module) -> int:
         widths = {getattr(layer.get(name), "out_features", None) for name in ("gate_proj", "up_proj")}
         if widths != {fused.out_features // 2} or fused.out_features % 2:
             continue  # gate columns first, then up, of one width: what swiglu_split reads
-        layer.__class__ = _subclass(type(layer))
+        layer.__class__ = _swap.subclass(type(layer))
         swapped += 1
     return swapped
 
 
 def is_fused_mlp(model: nn.Module) -> bool:
-    return any(getattr(type(m), "_omlx_fused_mlp", False) for _, m in model.named_modules())
+    return any(_swap.swapped(m) for _, m in model.named_modules())

@@ -22,7 +22,6 @@ microseconds whatever its size.  The block's class becomes a subclass whose only
 
 from __future__ import annotations
 
-import importlib
 import threading
 
 import mlx.core as mx
@@ -30,6 +29,7 @@ import mlx.nn as nn
 
 from omlx.kernels import fused_ops
 
+from .call_swap import CallSwap, known_classes
 from .kernel_norms import KernelRMSNorm
 
 # mlx-lm decoder blocks whose __call__ is exactly
@@ -46,16 +46,6 @@ _BLOCKS = (
 # The last block's sum and its normed form, waiting for the next block (per thread: a draft
 # model's pass on another engine thread keeps its own).
 _pending = threading.local()
-
-
-def _known_blocks() -> set[type]:
-    known = set()
-    for module_name, class_name in _BLOCKS:
-        try:
-            known.add(getattr(importlib.import_module(module_name), class_name))
-        except (ImportError, AttributeError):
-            continue
-    return known
 
 
 def _fusable(x: mx.array, r: mx.array, norm) -> bool:
@@ -102,14 +92,7 @@ class PendingRMSNorm(KernelRMSNorm):
         return normed_input(x, self, lambda v: KernelRMSNorm.__call__(self, v))
 
 
-_made: dict[type, type] = {}
-
-
-def _subclass(cls: type) -> type:
-    if cls not in _made:
-        _made[cls] = type(cls.__name__, (cls,), {"__call__": _fused_block_call, "__module__": __name__,
-                                                 "_omlx_fused_residual": True})
-    return _made[cls]
+_swap = CallSwap(_fused_block_call, "_omlx_fused_residual", __name__)
 
 
 def fuse_residual_norms(model: nn.Module) -> int:
@@ -123,8 +106,8 @@ def fuse_residual_norms(model: nn.Module) -> int:
     final = getattr(body, "norm", None)
     if not isinstance(layers, list) or not layers:
         return 0
-    known = _known_blocks()
-    blocks = [layer for layer in layers if type(layer) in known or getattr(type(layer), "_omlx_fused_residual", False)]
+    known = known_classes(_BLOCKS)
+    blocks = [layer for layer in layers if type(layer) in known or _swap.swapped(layer)]
     if len(blocks) != len(layers) or not all(
             isinstance(b.input_layernorm, KernelRMSNorm) and isinstance(b.post_attention_layernorm, KernelRMSNorm)
             for b in blocks):
@@ -136,6 +119,6 @@ def fuse_residual_norms(model: nn.Module) -> int:
         if nxt is not None and not isinstance(nxt, KernelRMSNorm):
             nxt = None
         object.__setattr__(block, "_omlx_next_norm", nxt)
-        if not getattr(type(block), "_omlx_fused_residual", False):
-            block.__class__ = _subclass(type(block))
+        if not _swap.swapped(block):
+            block.__class__ = _swap.subclass(type(block))
     return len(blocks)
