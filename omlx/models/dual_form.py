@@ -80,3 +80,9 @@ def convert(model: nn.Module, rows: int | None = None) -> int:
 
 def is_dual(model: nn.Module) -> bool:
     return any(isinstance(m, HoldsPacked) and m.packed_from_rows for _, m in model.named_modules())
+
+
+def codes_rows(model: nn.Module) -> int | None:
+    """The most rows a call of every dual layer runs on the stored codes (None: no dual layer)."""
+    rows = [m.packed_from_rows for _, m in model.named_modules() if isinstance(m, HoldsPacked) and m.packed_from_rows]
+    return min(rows) - 1 if rows else None

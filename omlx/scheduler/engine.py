@@ -46,6 +46,13 @@ from .step import SchedulerOutput
 log = logging.getLogger("omlx.engine")
 
 
+def _cheap_rows(model) -> int | None:
+    """The most rows a step runs in a dual-form model's quantized decode form, else None."""
+    from omlx.models import dual_form
+
+    return dual_form.codes_rows(model)
+
+
 class LLMEngine(EngineRequests):
     def __init__(
         self, model, config: EngineConfig, context_window: int, scope: bytes = b"",
@@ -111,6 +118,7 @@ class LLMEngine(EngineRequests):
                 max_num_batched_tokens=config.max_num_batched_tokens,
                 max_model_len=self.max_model_len,
                 max_vision_prompts_per_step=config.max_vision_prompts_per_step,
+                cheap_rows=_cheap_rows(model),
             ),
             self.blocks,
             float_blocks=self.float_blocks,

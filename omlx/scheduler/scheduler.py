@@ -45,6 +45,11 @@ class SchedulerConfig:
     # on the step's decodes (their next token waits for it), so image prompts are taken in
     # one per step, each in the step after the last, instead of all at once.
     max_vision_prompts_per_step: int = 1
+    # The most rows a step may hold and still run the model's cheap decode form (a dual-form
+    # model reads its stored 4-bit codes up to this many rows, packed bf16 - 2.5x the bytes -
+    # past it: omlx.models.dual_form); None: no such form.  Drafts are capped to stay within
+    # it when the step would otherwise fit.
+    cheap_rows: int | None = None
 
 
 @dataclass
@@ -283,8 +288,14 @@ class Scheduler(TwoPoolMoves):
         """Draft rows for this step's decodes, within the token budget (half of what is left
         when prompts are waiting for it) and the blocks free now: a draft never preempts
         anyone.  Returns the rows reserved."""
-        if self.waiting or any(s.is_prefilling for s in self.running):
+        prompts = bool(self.waiting or any(s.is_prefilling for s in self.running))
+        if prompts:
             budget //= 2
+        cheap = self.config.cheap_rows
+        if cheap is not None and not prompts and len(batch.decodes) <= cheap:
+            # The step fits the cheap decode form: a draft that took it past would make every
+            # row of it read the expensive form's bytes, for tokens that may be rejected.
+            budget = min(budget, cheap - len(batch.decodes))
         reserved = 0
         for seq in batch.decodes:
             cap = min(self.speculator.config.max_draft_tokens, budget - reserved, self._draft_room(seq))
