@@ -165,36 +165,46 @@ def test_oracle_drafts_cut_steps_and_rejections_roll_back(tiny):
     assert steps["perfect"] < steps["noisy"] <= steps["off"]
 
 
-def test_drafts_keep_a_step_within_the_cheap_decode_form(tiny):
-    """A dual-form model reads its stored codes up to `cheap_rows` rows a call: a step of n
-    decodes alone drafts at most cheap_rows - n tokens (a longer draft would make the whole
-    step read the packed bytes); a step with a prompt chunk is past it anyway.  Tokens are
-    unchanged."""
+def cheap_rows_drafts(tiny, sequences: int, error_rate: float):
+    """Run `sequences` identical requests with an oracle drafter on an engine whose cheap
+    decode form holds 2 rows; returns (decodes in the step, draft tokens) of every draft of a
+    step of decodes alone (a step with a prompt chunk is past the cheap form anyway)."""
     path, model, eos = tiny
     prompt = BASE[:30]
     expected = reference_greedy(path, prompt, MAX_NEW)[0]
+    engine = LLMEngine(model, EngineConfig(block_size=4, num_blocks=80), context_window=4096)
+    engine.scheduler.config.cheap_rows = 2
+    engine.scheduler.speculator.drafter = OracleDrafter({f"r{i}": expected for i in range(sequences)}, error_rate, 1)
+    drafted = []
+    plan, scheduler = engine.scheduler.speculator.plan, engine.scheduler
+
+    def recording(seq, cap):
+        k = plan(seq, cap)
+        if not scheduler.waiting and not any(s.is_prefilling for s in scheduler.running):
+            drafted.append((sum(1 for s in scheduler.running if s.status.name == "RUNNING"), k))
+        return k
+
+    engine.scheduler.speculator.plan = recording
+    out = run_engine(engine, [GenerationRequest(f"r{i}", prompt, len(expected), stop_token_ids=eos)
+                              for i in range(sequences)])
+    assert all(tokens == expected for tokens in out.values())
+    return drafted
+
+
+def test_drafts_keep_a_step_within_the_cheap_decode_form(tiny):
+    """A dual-form model reads its stored codes up to `cheap_rows` rows a call: while drafts
+    are mostly rejected, a step of n decodes alone drafts at most cheap_rows - n tokens (a
+    longer draft would make every row of the step read the packed bytes).  Tokens unchanged."""
     for sequences in (1, 2):
-        engine = LLMEngine(model, EngineConfig(block_size=4, num_blocks=80), context_window=4096)
-        engine.scheduler.config.cheap_rows = 2
-        engine.scheduler.speculator.drafter = OracleDrafter({f"r{i}": expected for i in range(sequences)}, 0.0, 1)
-        drafted = []  # (decodes in the step, draft tokens) for steps of decodes alone
-        plan, scheduler = engine.scheduler.speculator.plan, engine.scheduler
-
-        def recording(seq, cap):
-            k = plan(seq, cap)
-            if not scheduler.waiting and not any(s.is_prefilling for s in scheduler.running):
-                drafted.append((sum(1 for s in scheduler.running if s.status.name == "RUNNING"), k))
-            return k
-
-        engine.scheduler.speculator.plan = recording
-        out = run_engine(engine, [GenerationRequest(f"r{i}", prompt, len(expected), stop_token_ids=eos)
-                                  for i in range(sequences)])
-        assert all(tokens == expected for tokens in out.values())
+        drafted = cheap_rows_drafts(tiny, sequences, error_rate=0.75)
         assert drafted and all(k <= max(0, 2 - n) for n, k in drafted)
-        if sequences == 1:
-            assert (1, 1) in drafted  # one sequence alone drafts one token
-        else:
-            assert (2, 0) in drafted  # two decoding together draft none
+        assert ((1, 1) if sequences == 1 else (2, 0)) in drafted
+
+
+def test_drafts_that_are_accepted_grow_past_the_cheap_form(tiny):
+    """Drafts accepted (>= 60% of 8 or more tokens) pay for the expensive form: they grow."""
+    drafted = cheap_rows_drafts(tiny, 1, error_rate=0.0)
+    assert drafted[0] == (1, 1) and max(k for _, k in drafted) > 1
 
 
 def test_prompt_lookup_speeds_up_a_repeating_output(tiny):

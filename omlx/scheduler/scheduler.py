@@ -292,13 +292,15 @@ class Scheduler(TwoPoolMoves):
         if prompts:
             budget //= 2
         cheap = self.config.cheap_rows
-        if cheap is not None and not prompts and len(batch.decodes) <= cheap:
-            # The step fits the cheap decode form: a draft that took it past would make every
-            # row of it read the expensive form's bytes, for tokens that may be rejected.
-            budget = min(budget, cheap - len(batch.decodes))
+        # The step fits the cheap decode form: a draft that took it past would make every row
+        # of it read the expensive form's bytes, which pays only for a sequence whose drafts
+        # are mostly accepted (Speculator.pays_past_cheap_rows).
+        cheap_room = cheap - len(batch.decodes) if cheap is not None and not prompts and len(batch.decodes) <= cheap else None
         reserved = 0
         for seq in batch.decodes:
             cap = min(self.speculator.config.max_draft_tokens, budget - reserved, self._draft_room(seq))
+            if cheap_room is not None and not self.speculator.pays_past_cheap_rows(seq):
+                cap = min(cap, cheap_room - reserved)
             k = self.speculator.plan(seq, cap)
             if k and not self.pool_of(seq).allocate(seq, 1 + k):
                 seq.draft = []

@@ -193,6 +193,14 @@ class Speculator:
         seq.draft = self.drafter.propose(seq, want)
         return len(seq.draft)
 
+    def pays_past_cheap_rows(self, seq: Sequence) -> bool:
+        """Whether the sequence's drafts are accepted often enough to pay for a step in the
+        model's expensive form (a dual-form model's packed bf16: ~1.5x the step): with
+        acceptance a, a draft of k yields (1 - a^(k+1)) / (1 - a) tokens, so a long draft beats
+        a one-token one in the cheap form from a ~ 0.6.  Judged on at least 8 drafted tokens."""
+        policy = seq.speculation.policy if seq.speculation is not None else None
+        return policy is not None and policy.drafted >= 8 and policy.accepted >= 0.6 * policy.drafted
+
     def would_draft(self, seq: Sequence) -> bool:
         """Whether `plan` would draft for `seq` now (an immediate drafter; nothing reserved)."""
         if not self.active or not self.drafter.immediate or not can_speculate(seq):
