@@ -144,6 +144,10 @@ class PromptLookupDrafter:
             context.extend(seq.token_ids[len(context) - spec.context_offset :])
         return spec.index.continuation(context, limit)
 
+    def can_propose(self, seq: Sequence) -> bool:
+        """Whether `propose` would draft anything now (the lookup is deterministic)."""
+        return bool(self.propose(seq, 1))
+
 
 class SequenceSpeculation:
     """A sequence's speculative-decoding state (on `Sequence.speculation`)."""
@@ -207,7 +211,14 @@ class Speculator:
             return False
         if seq.speculation is None:
             seq.speculation = SequenceSpeculation(self.config)
-        return seq.speculation.policy.wanted() > 0 and bool(self.drafter.propose(seq, 1))
+        # The step built ahead is a step of the sequence that `plan` never saw: counted here,
+        # so pauses run out in steps, pipelined or not.
+        if seq.speculation.policy.wanted() <= 0:
+            return False
+        # A drafter that can say so without side effects (prompt lookup) is asked; any other
+        # (one with its own random stream, say) is taken to draft whenever the policy wants.
+        probe = getattr(self.drafter, "can_propose", None)
+        return probe(seq) if probe is not None else True
 
     def draft(self, seqs: list[Sequence], limits: list[int]) -> None:
         """Fill the drafts of a drafter that needs a batched pass (a draft model)."""
