@@ -81,6 +81,19 @@ def test_seeded_sampling_replays_with_overlap(model):
     assert got == expected and engine.lookahead.steps_ahead > 0
 
 
+def test_greedy_and_sampled_rows_in_one_step(model):
+    def mixed():
+        reqs = requests()
+        for request in reqs[1::2]:
+            request.sampling = SamplingParams(temperature=0.8, seed=5)
+        return reqs
+
+    expected, _ = run(make_engine(model, False), mixed())
+    engine = make_engine(model, True)
+    got, _ = run(engine, mixed())
+    assert got == expected and engine.lookahead.steps_ahead > 0
+
+
 def test_stop_token_mid_pipeline_drops_the_row_ahead(model):
     reference, _ = run(make_engine(model, False), requests())
     # Each request stops at a token it produces mid-stream: the step built ahead of it is dropped.

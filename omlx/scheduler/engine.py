@@ -367,7 +367,7 @@ class LLMEngine(EngineRequests):
             return ended
         if self.lookahead is not None and self.lookahead.eligible(out):
             seqs = [self.scheduler.scheduled(r.request_id, r.index) for r in out.rows]
-            return self._step_overlapped(self.lookahead.launch(out, seqs, None, ahead=False), ended)
+            return self._step_overlapped(self.lookahead.launch(out, seqs), ended)
         result = self.runner.execute(out)
         with self.profile.phase("postprocess"):
             events = self.scheduler.update_from_output(out, result)
@@ -379,8 +379,8 @@ class LLMEngine(EngineRequests):
         lookahead = self.lookahead
         self._stepping = launched.out.request_ids  # the step ahead's rows are some of these
         following = None if lookahead.hold else lookahead.launch_ahead(launched)
-        events, _ = lookahead.complete(launched)
-        self.scheduler._scheduled = {}
+        events = lookahead.complete(launched)
+        self.scheduler.forget_scheduled()
         # A sequence that would draft now cannot while pipelined: the step after the one
         # queued is scheduled normally.
         lookahead.hold = following is not None and lookahead.would_draft(following.seqs)

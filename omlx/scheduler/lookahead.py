@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .sequence import MAIN_POOL, Sequence, SequenceStatus
-from .step import RunnerOutput, ScheduledRow, SchedulerOutput
+from .step import ScheduledRow, SchedulerOutput
 
 
 @dataclass
@@ -46,7 +46,6 @@ class Launched:
     out: SchedulerOutput
     seqs: list[Sequence]
     ids: mx.array  # each row's sampled token, lazy
-    ahead: bool  # built ahead of the step before it (its rows assumed every sequence goes on)
 
 
 class Lookahead:
@@ -92,12 +91,12 @@ class Lookahead:
         return True
 
     # ------------------------------------------------------------------ launching
-    def launch(self, out: SchedulerOutput, seqs: list[Sequence], fed: mx.array | None, ahead: bool) -> Launched:
+    def launch(self, out: SchedulerOutput, seqs: list[Sequence], fed: mx.array | None = None) -> Launched:
         runner = self.engine.runner
         logits = runner.decode_pass(out.rows, fed)
         ids = self.engine.sampler.sample_lazy(logits, seqs)
         mx.async_eval(ids)
-        return Launched(out, seqs, ids, ahead)
+        return Launched(out, seqs, ids)
 
     def launch_ahead(self, current: Launched) -> Launched | None:
         """The step after `current`, fed `current`'s tokens unread, if it may be built now."""
@@ -128,7 +127,7 @@ class Lookahead:
         out = SchedulerOutput(step=scheduler.steps, rows=rows, pool_blocks=[p.num_blocks for p in scheduler.pools])
         fed = current.ids if len(picks) == len(current.seqs) else current.ids[mx.array(picks)]
         self.steps_ahead += 1
-        return self.launch(out, seqs, fed, ahead=True)
+        return self.launch(out, seqs, fed)
 
     # ------------------------------------------------------------------ completing
     def complete(self, launched: Launched):
@@ -137,8 +136,7 @@ class Lookahead:
         engine = self.engine
         started = time.perf_counter()
         tokens = launched.ids.tolist()
-        if engine.profile is not None:
-            engine.profile.add("compute", time.perf_counter() - started)
+        engine.profile.add("compute", time.perf_counter() - started)
         live, live_tokens = [], {}
         for row, seq, token in zip(launched.out.rows, launched.seqs, tokens):
             if (seq.status is not SequenceStatus.RUNNING or seq.num_computed_tokens != row.start
@@ -149,7 +147,7 @@ class Lookahead:
             live.append(seq)
         with engine.profile.phase("postprocess"):
             events = engine.scheduler.postprocess(live, [1] * len(live), live_tokens)
-        return events, RunnerOutput(sampled=[[t] for t in tokens])
+        return events
 
     def would_draft(self, seqs: list[Sequence]) -> bool:
         """Whether speculation would draft for one of these sequences now (it cannot while

@@ -83,18 +83,8 @@ class Sampler:
         constrained_rows = [r for r, s in enumerate(seqs) if s.constraint is not None]
         if constrained_rows:
             logits = _apply_constraints(logits, seqs, constrained_rows)
-        greedy_rows = [r for r, s in enumerate(seqs) if s.request.sampling.greedy]
-        random_rows = [r for r, s in enumerate(seqs) if not s.request.sampling.greedy]
         tokens = [0] * len(seqs)
-        pending = []
-        if greedy_rows:
-            picked = logits if len(greedy_rows) == len(seqs) else logits[mx.array(greedy_rows)]
-            pending.append((greedy_rows, mx.argmax(picked, axis=-1)))
-        if random_rows:
-            params = [seqs[r].request.sampling for r in random_rows]
-            uniforms = [self._uniform(seqs[r]) for r in random_rows]
-            picked = logits if len(random_rows) == len(seqs) else logits[mx.array(random_rows)]
-            pending.append((random_rows, _sample_rows(picked, params, uniforms)))
+        pending = self._picks(logits, seqs)
         logprob_rows = [r for r, s in enumerate(seqs) if s.request.logprobs is not None]
         logprobs = _log_softmax_rows(logits, logprob_rows, len(seqs)) if logprob_rows else None
         mx.eval([ids for _, ids in pending] + ([logprobs] if logprobs is not None else []))
@@ -126,17 +116,28 @@ class Sampler:
         """Each row's token as an unevaluated array, the same tokens `sample` returns (for
         rows where `samples_lazily`): a step can then be fed them before they are read back.
         A seeded row's uniform is drawn now, once per step, as `sample` draws it."""
-        ids = mx.argmax(logits, axis=-1).astype(mx.int32)
+        pending = self._picks(logits, seqs)
+        if len(pending) == 1:
+            return pending[0][1].astype(mx.int32)
+        ids = mx.zeros((len(seqs),), dtype=mx.int32)
+        for rows, picked in pending:
+            ids[mx.array(rows)] = picked.astype(mx.int32)
+        return ids
+
+    def _picks(self, logits: mx.array, seqs: list[Sequence]) -> list[tuple[list[int], mx.array]]:
+        """(rows, their tokens, lazy): one argmax for the greedy rows, one pass for the sampled."""
+        greedy_rows = [r for r, s in enumerate(seqs) if s.request.sampling.greedy]
         random_rows = [r for r, s in enumerate(seqs) if not s.request.sampling.greedy]
+        pending = []
+        if greedy_rows:
+            picked = logits if len(greedy_rows) == len(seqs) else logits[mx.array(greedy_rows)]
+            pending.append((greedy_rows, mx.argmax(picked, axis=-1)))
         if random_rows:
             params = [seqs[r].request.sampling for r in random_rows]
             uniforms = [self._uniform(seqs[r]) for r in random_rows]
             picked = logits if len(random_rows) == len(seqs) else logits[mx.array(random_rows)]
-            sampled = _sample_rows(picked, params, uniforms).astype(mx.int32)
-            if len(random_rows) == len(seqs):
-                return sampled
-            ids[mx.array(random_rows)] = sampled
-        return ids
+            pending.append((random_rows, _sample_rows(picked, params, uniforms)))
+        return pending
 
 
 def _apply_constraints(logits: mx.array, seqs: list[Sequence], rows: list[int]) -> mx.array:

@@ -135,6 +135,10 @@ class Scheduler(TwoPoolMoves):
     def _phase(self, name: str):
         return self.profile.phase(name) if self.profile is not None else _no_phase()
 
+    def forget_scheduled(self) -> None:
+        """The step in flight was applied outside `update_from_output` (omlx.scheduler.lookahead)."""
+        self._scheduled = {}
+
     def scheduled(self, request_id: str, index: int = 0) -> Sequence:
         """A sequence of the step in flight (for the runner's sampler, and its layer managers)."""
         return self._scheduled[(request_id, index)]
