@@ -110,9 +110,7 @@ class SharedRoPE(nn.Module):
         nodes: a step's cos / sin cost ~35 nodes otherwise, 8% of a one-row decode step's);
         None past the positions it holds."""
         positions = np.asarray(offset, dtype=np.int64).reshape(-1)
-        if rows > 1 and positions.size != rows:
-            return None
-        if positions.size == 0:
+        if positions.size == 0 or (rows > 1 and positions.size != rows):
             return None
         wanted = positions[:, None] + np.arange(length)
         top = int(wanted.max()) + 1

@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+from omlx.models import dual_form
+
 from .block_manager import BlockManager
 from .kv_cache import PagedKVStorage, install_attention_hook
 from .engine_config import DRAFT_KV_CAP, INITIAL_KV_BYTES, EngineConfig  # noqa: F401 (re-exported)
@@ -44,13 +46,6 @@ from .lookahead import Lookahead
 from .step import SchedulerOutput
 
 log = logging.getLogger("omlx.engine")
-
-
-def _cheap_rows(model) -> int | None:
-    """The most rows a step runs in a dual-form model's quantized decode form, else None."""
-    from omlx.models import dual_form
-
-    return dual_form.codes_rows(model)
 
 
 class LLMEngine(EngineRequests):
@@ -118,7 +113,7 @@ class LLMEngine(EngineRequests):
                 max_num_batched_tokens=config.max_num_batched_tokens,
                 max_model_len=self.max_model_len,
                 max_vision_prompts_per_step=config.max_vision_prompts_per_step,
-                cheap_rows=_cheap_rows(model),
+                cheap_rows=dual_form.codes_rows(model),  # a dual-form model's codes form
             ),
             self.blocks,
             float_blocks=self.float_blocks,

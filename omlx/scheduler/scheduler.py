@@ -299,7 +299,8 @@ class Scheduler(TwoPoolMoves):
         # The step fits the cheap decode form: a draft that took it past would make every row
         # of it read the expensive form's bytes, which pays only for a sequence whose drafts
         # are mostly accepted (Speculator.pays_past_cheap_rows).
-        cheap_room = cheap - len(batch.decodes) if cheap is not None and not prompts and len(batch.decodes) <= cheap else None
+        fits = cheap is not None and not prompts and len(batch.decodes) <= cheap
+        cheap_room = cheap - len(batch.decodes) if fits else None
         reserved = 0
         for seq in batch.decodes:
             cap = min(self.speculator.config.max_draft_tokens, budget - reserved, self._draft_room(seq))
