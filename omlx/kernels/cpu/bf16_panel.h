@@ -112,11 +112,11 @@ bool worth_threads(const P& p) {
 }
 
 // f(panel) for every panel of a call: decode's small calls split over the spin pool's hot worker
-// (spin_pool.h: pool_runs / pool_splits), the rest by OpenMP's rule above (all of them when the
-// pool is off: OMLX_KERNEL_SPIN_US=0).  Panels
-// are independent, so the split never changes a bit.
+// (spin_pool.h: pool_runs / pool_splits), the rest over OpenMP's threads where `threads` (the
+// caller's rule: worth_threads above for packed panels; all calls when the pool is off,
+// OMLX_KERNEL_SPIN_US=0).  Panels are independent, so the split never changes a bit.
 template <class P, class F>
-void for_panels(const P& p, F&& f) {
+void for_panels(const P& p, bool threads, F&& f) {
   const int64_t work = p.m * p.n * p.k;
   if (pool_runs(p.m)) {
     auto panels = [&](int64_t begin, int64_t end) {
@@ -128,7 +128,7 @@ void for_panels(const P& p, F&& f) {
       panels(0, p.panels);
     return;
   }
-#pragma omp parallel for schedule(static) if (worth_threads(p))
+#pragma omp parallel for schedule(static) if (threads)
   for (int64_t panel = 0; panel < p.panels; ++panel) f(panel);
 }
 

@@ -54,6 +54,27 @@ std::vector<float> gather(const float* src, const std::vector<int64_t>& shape, c
   return out;
 }
 
+// An operand as a task reads it: a row-contiguous array in place, a strided one (a view)
+// gathered into rows inside the task (its layout captured at eval, no copy node).
+struct RowsOf {
+  const float* src;
+  std::vector<int64_t> shape, strides;  // empty: row-contiguous
+
+  explicit RowsOf(const mx::array& a) : src(a.data<float>()) {
+    if (!a.flags().row_contiguous) {
+      shape.assign(a.shape().begin(), a.shape().end());
+      strides.assign(a.strides().begin(), a.strides().end());
+    }
+  }
+
+  // The rows, in `keep` when they had to be gathered.
+  const float* read(std::vector<float>& keep) const {
+    if (shape.empty()) return src;
+    keep = gather(src, shape, strides);
+    return keep.data();
+  }
+};
+
 void rms_rows(const float* x, const float* w, float* y, int64_t rows, int64_t d, float eps) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * d;
@@ -84,19 +105,10 @@ class RMSNorm : public mx::Primitive {
     const int64_t rows = d ? int64_t(xa.size()) / d : 0;
     const float eps = eps_;
     if (rows == 0) return;
-    // A strided x (a view) is gathered into rows inside the task, not by a copy node.
-    std::vector<int64_t> shape, strides;
-    if (!xa.flags().row_contiguous) {
-      shape.assign(xa.shape().begin(), xa.shape().end());
-      strides.assign(xa.strides().begin(), xa.strides().end());
-    }
-    enc.dispatch([=, src = xa.data<float>()]() {
+    const RowsOf x_rows(xa);  // a strided x (a view) is gathered inside the task, not by a copy node
+    enc.dispatch([=]() {
       std::vector<float> gathered;
-      const float* x = src;
-      if (!shape.empty()) {
-        gathered = gather(src, shape, strides);
-        x = gathered.data();
-      }
+      const float* x = x_rows.read(gathered);
       // Rows are independent: split them across threads only when there are enough to pay
       // for waking the pool.
       const bool parallel = rows * d >= (int64_t(1) << 16);
@@ -157,23 +169,11 @@ class AddRMSNorm : public mx::Primitive {
     const int64_t rows = d ? int64_t(sum.size()) / d : 0;
     if (rows == 0) return;
     const float eps = eps_;
-    // A strided operand (a view) is gathered into rows inside the task, as rms_norm does.
-    auto layout = [](const mx::array& a) {
-      std::pair<std::vector<int64_t>, std::vector<int64_t>> out;
-      if (!a.flags().row_contiguous) {
-        out.first.assign(a.shape().begin(), a.shape().end());
-        out.second.assign(a.strides().begin(), a.strides().end());
-      }
-      return out;
-    };
-    const auto x_layout = layout(inputs[0]), r_layout = layout(inputs[1]);
-    enc.dispatch([=, x_src = inputs[0].data<float>(), r_src = inputs[1].data<float>(), w = inputs[2].data<float>(),
-                  h = sum.data<float>(), y = normed.data<float>()]() {
-      std::vector<float> x_rows, r_rows;
-      const float* x = x_src;
-      const float* r = r_src;
-      if (!x_layout.first.empty()) x = (x_rows = gather(x_src, x_layout.first, x_layout.second)).data();
-      if (!r_layout.first.empty()) r = (r_rows = gather(r_src, r_layout.first, r_layout.second)).data();
+    const RowsOf x_rows(inputs[0]), r_rows(inputs[1]);  // views gathered inside the task, as rms_norm's
+    enc.dispatch([=, w = inputs[2].data<float>(), h = sum.data<float>(), y = normed.data<float>()]() {
+      std::vector<float> x_kept, r_kept;
+      const float* x = x_rows.read(x_kept);
+      const float* r = r_rows.read(r_kept);
       const bool parallel = rows * d >= (int64_t(1) << 16);
 #pragma omp parallel for schedule(static) if (parallel)
       for (int64_t row = 0; row < rows; ++row) {

@@ -89,7 +89,7 @@ void run(const Problem& given) {
   Problem p = given;
   std::vector<float> gathered, bias;
   const std::vector<uint32_t> pairs = omlx_cpu::prepare_rows(p, gathered, bias);
-  omlx_cpu::for_panels(p, [&](int64_t panel) { panel_rows(p, pairs.data(), panel); });
+  omlx_cpu::for_panels(p, omlx_cpu::worth_threads(p), [&](int64_t panel) { panel_rows(p, pairs.data(), panel); });
 }
 
 class PackedLinear : public mx::Primitive {

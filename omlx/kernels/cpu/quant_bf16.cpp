@@ -66,7 +66,7 @@ void run_packed(const Problem& given, const uint16_t* packed) {
   std::vector<float> gathered, bias;
   const std::vector<uint32_t> pairs = omlx_cpu::prepare_rows(p, gathered, bias);
 #if OMLX_DPBF16
-  omlx_cpu::for_panels(p, [&](int64_t panel) {
+  omlx_cpu::for_panels(p, omlx_cpu::worth_threads(p), [&](int64_t panel) {  // packed bf16's rule
     const int64_t col0 = panel * PANEL;
     const int cols = int(std::min<int64_t>(PANEL, p.n - col0));
     omlx_cpu::panel_micro_rows(pairs.data(), p.m, p.k_pairs, packed + panel * p.k_pairs * (2 * PANEL), p.y + col0,

@@ -409,25 +409,9 @@ inline void run(const Problem& given) {
   std::vector<float> gathered, bias;
   const std::vector<uint32_t> pairs = omlx_cpu::prepare_rows(p, gathered, bias);
   const size_t scratch_size = p.m > FUSED_ROWS ? size_t(p.k_pairs) * 2 * PANEL : 0;
-  const int64_t work = p.m * p.n * p.k;
-  if (omlx_cpu::pool_runs(p.m)) {
-    // Decode's calls split over the spinning worker too (spin_pool.h); one panel a task.
-    auto panels = [&](int64_t begin, int64_t end) {
-      uint16_t* scratch = scratch_size ? thread_scratch(scratch_size) : nullptr;
-      for (int64_t panel = begin; panel < end; ++panel) panel_rows(p, pairs.data(), panel, scratch);
-    };
-    if (omlx_cpu::pool_splits(p.panels, work))
-      omlx_cpu::SpinPool::instance().for_ranges(p.panels, 1, panels);
-    else
-      panels(0, p.panels);
-    return;
-  }
-#pragma omp parallel if (worth_threads(p))
-  {
-    uint16_t* scratch = thread_scratch(scratch_size);
-#pragma omp for schedule(static)
-    for (int64_t panel = 0; panel < p.panels; ++panel) panel_rows(p, pairs.data(), panel, scratch);
-  }
+  omlx_cpu::for_panels(p, worth_threads(p), [&](int64_t panel) {
+    panel_rows(p, pairs.data(), panel, scratch_size ? thread_scratch(scratch_size) : nullptr);
+  });
 }
 
 }  // namespace omlx_quant_bf16
