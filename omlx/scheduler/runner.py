@@ -299,7 +299,9 @@ class ModelRunner:
         if fed is None:
             inputs = mx.array(tokens)[:, None]
         else:  # one token a sequence, each still being sampled by the step before (lookahead)
-            inputs = fed[mx.array(order, dtype=mx.int32)].astype(mx.int32)[:, None]
+            if order != list(range(len(order))):
+                fed = fed[mx.array(order, dtype=mx.int32)]
+            inputs = fed.astype(mx.int32)[:, None]
         extra = self.vision.for_pass(seqs, order, num_new_tokens, tokens, positions) if self.vision else {}
         wanted = [np.arange(last_row[i] - m + 1, last_row[i] + 1) for i, m in enumerate(want_logits) if m]
         picks = mx.array(np.concatenate(wanted)) if wanted else None
